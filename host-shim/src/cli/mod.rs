@@ -1,0 +1,4 @@
+//! The `husk` command line: a CRI client of huskd, like crictl.
+
+pub mod images;
+pub mod table;

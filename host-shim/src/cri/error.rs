@@ -1,0 +1,26 @@
+//! Domain errors → gRPC status codes, in one place.
+
+use tonic::{Code, Status};
+
+use crate::image::ImageError;
+
+impl From<ImageError> for Status {
+    fn from(e: ImageError) -> Self {
+        let code = match &e {
+            ImageError::Reference(_) | ImageError::InvalidArgument(_) => Code::InvalidArgument,
+            ImageError::NotFound(_) => Code::NotFound,
+            ImageError::Unauthorized(_) => Code::Unauthenticated,
+            ImageError::Unavailable(_) => Code::Unavailable,
+            ImageError::DigestMismatch { .. } | ImageError::BadContent(_) => Code::DataLoss,
+            ImageError::Unsupported(_) => Code::Unimplemented,
+            ImageError::Registry(_) => Code::Unknown,
+            ImageError::Config(_) => Code::FailedPrecondition,
+            ImageError::Store(_) | ImageError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+pub fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
