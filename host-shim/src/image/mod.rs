@@ -48,6 +48,27 @@ pub enum ImageError {
     Internal(String),
 }
 
+impl ImageError {
+    /// The same kind of error with `ctx` appended to its message.
+    pub fn with_context(self, ctx: &str) -> Self {
+        use ImageError as E;
+        match self {
+            E::Reference(r) => E::InvalidArgument(format!("{r} {ctx}")),
+            E::InvalidArgument(m) => E::InvalidArgument(format!("{m} {ctx}")),
+            E::NotFound(m) => E::NotFound(format!("{m} {ctx}")),
+            E::Unauthorized(m) => E::Unauthorized(format!("{m} {ctx}")),
+            E::Unavailable(m) => E::Unavailable(format!("{m} {ctx}")),
+            E::DigestMismatch { what, expected, actual } => E::DigestMismatch { what: format!("{what} {ctx}"), expected, actual },
+            E::BadContent(m) => E::BadContent(format!("{m} {ctx}")),
+            E::Unsupported(m) => E::Unsupported(format!("{m} {ctx}")),
+            E::Registry(m) => E::Registry(format!("{m} {ctx}")),
+            E::Config(m) => E::Config(format!("{m} {ctx}")),
+            E::Store(m) => E::Store(format!("{m} {ctx}")),
+            E::Internal(m) => E::Internal(format!("{m} {ctx}")),
+        }
+    }
+}
+
 impl From<StoreError> for ImageError {
     fn from(e: StoreError) -> Self {
         ImageError::Store(e.to_string())

@@ -106,20 +106,24 @@ impl Pull<'_> {
                 if by_digest { "pull" } else { "resolve" }
             )));
         }
-        let mut last = None;
-        for (i, host) in usable.iter().enumerate() {
+        let mut failures: Vec<(String, ImageError)> = Vec::new();
+        for host in &usable {
             match self.from_host(host).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     tracing::warn!(image = %self.image, host = %host.host, error = %e, "pull from host failed");
-                    if i + 1 < usable.len() {
-                        tracing::info!(image = %self.image, "trying the next configured host");
-                    }
-                    last = Some(e);
+                    failures.push((host.host.clone(), e));
                 }
             }
         }
-        Err(last.unwrap_or_else(|| ImageError::Internal("no host tried".into())))
+        // One host: its error as is. Several: the last host's kind, with
+        // every host's reason in the message.
+        let (_, last) = failures.pop().ok_or_else(|| ImageError::Internal("no host tried".into()))?;
+        if failures.is_empty() {
+            return Err(last);
+        }
+        let earlier: Vec<String> = failures.iter().map(|(h, e)| format!("{h}: {e}")).collect();
+        Err(last.with_context(&format!("after mirrors failed ({})", earlier.join("; "))))
     }
 
     async fn from_host(&self, host: &RegistryHost) -> Result<ImageRecord, ImageError> {

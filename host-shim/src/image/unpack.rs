@@ -84,8 +84,9 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, Unpa
         let header = entry.header().clone();
         let kind = header.entry_type();
         let mode = header.mode().map_err(UnpackError::Tar)? & 0o7777;
-        let uid = header.uid().map_err(UnpackError::Tar)?;
-        let gid = header.gid().map_err(UnpackError::Tar)?;
+        // Empty numeric fields read as 0, as Go's archive/tar does.
+        let uid = header.uid().unwrap_or(0);
+        let gid = header.gid().unwrap_or(0);
         let mtime = header.mtime().unwrap_or(0) as i64;
         let xattrs = read_xattrs(&mut entry).map_err(|e| match e {
             PaxError::TooLarge => rejected("PAX extension block too large"),

@@ -1,0 +1,44 @@
+//! Harness for husk's end-to-end tests: a real `docker-registry` on
+//! loopback, test images built and pushed by our own code, and a real
+//! huskd process driven through the CRI client.
+
+pub mod huskd;
+pub mod oci;
+pub mod registry;
+
+use std::path::PathBuf;
+
+/// Path of a workspace binary (`cargo build --workspace --bins` first).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not found: run `cargo build --workspace --bins` before the tests", p.display());
+    p
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Skips (with the reason printed) unless `cond` holds.
+#[macro_export]
+macro_rules! require {
+    ($cond:expr, $why:expr) => {
+        if !$cond {
+            eprintln!("skipped: {}", $why);
+            return;
+        }
+    };
+}

@@ -1,0 +1,86 @@
+//! A real OCI registry (Debian's `docker-registry`, distribution 2.8) on a
+//! loopback port, optionally with htpasswd basic auth.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Registry {
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    child: Child,
+    pub log: PathBuf,
+}
+
+pub const BINARY: &str = "/usr/bin/docker-registry";
+
+pub fn available() -> bool {
+    Path::new(BINARY).exists()
+}
+
+impl Registry {
+    /// Starts a registry; with `auth = Some((user, password))` it requires
+    /// basic auth (htpasswd with bcrypt from apache2-utils).
+    pub fn start(auth: Option<(&str, &str)>) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = crate::free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut auth_yaml = String::new();
+        if let Some((u, p)) = auth {
+            let out = Command::new("htpasswd").args(["-Bbn", u, p]).output()?;
+            anyhow::ensure!(out.status.success(), "htpasswd failed (apt-get install apache2-utils)");
+            let f = dir.path().join("htpasswd");
+            std::fs::write(&f, &out.stdout)?;
+            auth_yaml = format!("auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n", f.display());
+        }
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_yaml}",
+            dir.path().join("data").display()
+        );
+        let cfg_path = dir.path().join("config.yml");
+        std::fs::write(&cfg_path, cfg)?;
+        let log = dir.path().join("registry.log");
+        let child = Command::new(BINARY)
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("registry.out"))?)
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let r = Self { addr, dir, child, log };
+        r.wait_ready()?;
+        Ok(r)
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("registry on {} did not start; log:\n{}", self.addr, std::fs::read_to_string(&self.log)?)
+    }
+
+    /// Path of a blob's data file in the registry's storage (for tampering).
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+
+    /// How many times the registry served `GET` for this blob (from its log).
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET") && l.contains(digest))
+            .count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
