@@ -1,0 +1,175 @@
+//! The agent's state: one sandbox, its containers, the reaper and the cgroup
+//! hierarchy. Maps are behind short std mutexes that are never held across an
+//! await; each container and process has its own state.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::cgroup::{CgroupError, Hierarchy};
+use crate::container::Container;
+use crate::container::spawn::SpawnError;
+use crate::container::stdio::StdioError;
+use crate::reaper::Reaper;
+use crate::sandbox::Sandbox;
+
+/// The domain error of every agent operation; rpc.rs maps it to a ttrpc code.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("runner: {0}")]
+    Spawn(#[from] SpawnError),
+    #[error("stdio: {0}")]
+    Stdio(#[from] StdioError),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] nix::Error),
+}
+
+pub type Result<T> = std::result::Result<T, AgentError>;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Per-sandbox and per-container state (upper dirs, resolv.conf, ...).
+    pub state_dir: PathBuf,
+    /// Where the cgroup hierarchy is mounted.
+    pub cgroup_root: PathBuf,
+    /// True when PID 1 in a guest.
+    pub is_init: bool,
+}
+
+/// OOM kills seen by the monitor, waiting for GetOomEvent.
+#[derive(Default)]
+pub struct OomQueue {
+    events: Mutex<VecDeque<String>>,
+    notify: Notify,
+}
+
+impl OomQueue {
+    pub fn push(&self, id: String) {
+        let mut q = lock(&self.events);
+        if q.len() >= 1024 {
+            q.pop_front();
+        }
+        q.push_back(id);
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Cancel-safe: an event is removed only when returned.
+    pub async fn next(&self) -> String {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(id) = lock(&self.events).pop_front() {
+                return id;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Agent {
+    pub config: AgentConfig,
+    /// This binary, re-executed as the runner.
+    pub exe: PathBuf,
+    pub reaper: Arc<Reaper>,
+    pub cgroups: Hierarchy,
+    pub sandbox: Mutex<Option<Arc<Sandbox>>>,
+    pub containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids being created or removed (reserved, not yet/no longer in the map).
+    pub busy: Mutex<HashSet<String>>,
+    pub oom: OomQueue,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, reaper: Arc<Reaper>) -> std::result::Result<Arc<Self>, CgroupError> {
+        let cgroups = Hierarchy::detect(&config.cgroup_root)?;
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        Ok(Arc::new(Self {
+            config,
+            exe,
+            reaper,
+            cgroups,
+            sandbox: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashSet::new()),
+            oom: OomQueue::default(),
+        }))
+    }
+
+    pub fn sandbox(&self) -> Result<Arc<Sandbox>> {
+        lock(&self.sandbox).clone().ok_or_else(|| AgentError::FailedPrecondition("no sandbox: call CreateSandbox first".into()))
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.containers).get(id).cloned().ok_or_else(|| AgentError::NotFound(format!("container {id}")))
+    }
+
+    pub fn all_containers(&self) -> Vec<Arc<Container>> {
+        lock(&self.containers).values().cloned().collect()
+    }
+
+    /// Poll the OOM counters of every container (v1 has no portable event fd
+    /// without cgroup.event_control plumbing; a 500 ms poll is enough for CRI).
+    pub async fn oom_monitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            for c in self.all_containers() {
+                if c.check_oom() {
+                    tracing::info!(container = %c.id, "oom kill");
+                    self.oom.push(c.id.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Ids are path components and cgroup names: keep them boring.
+pub fn validate_id(kind: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !id.starts_with('.');
+    if ok { Ok(()) } else { Err(AgentError::InvalidArgument(format!("bad {kind} id {id:?}"))) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(validate_id("container", "abc-1_2.x").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(129)] {
+            assert!(matches!(validate_id("container", bad), Err(AgentError::InvalidArgument(_))), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn oom_queue_delivers_in_order() {
+        let q = OomQueue::default();
+        q.push("a".into());
+        q.push("b".into());
+        assert_eq!(q.next().await, "a");
+        assert_eq!(q.next().await, "b");
+        let r = tokio::time::timeout(std::time::Duration::from_millis(20), q.next()).await;
+        assert!(r.is_err());
+    }
+}

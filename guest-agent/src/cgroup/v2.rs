@@ -1,0 +1,156 @@
+//! cgroup v2 (unified hierarchy).
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::LinuxResources;
+
+use super::{CgroupError, Result, Stats, keyed, read_u64, shares_to_weight, write};
+
+const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "memory", "pids", "io"];
+
+#[derive(Debug, Clone)]
+pub struct V2 {
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    pub dir: PathBuf,
+}
+
+impl V2 {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub fn create(&self, rel: &Path) -> Result<Cgroup> {
+        let dir = self.root.join(rel);
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| CgroupError::Io { op: "mkdir", path: dir.display().to_string(), source })?;
+        // Delegate controllers down to the parent of the leaf.
+        let mut cur = self.root.clone();
+        let parts: Vec<_> = rel.components().collect();
+        for part in parts.iter().take(parts.len().saturating_sub(1)).map(|c| Some(*c)).chain([None]) {
+            let control = cur.join("cgroup.subtree_control");
+            if let Ok(available) = std::fs::read_to_string(cur.join("cgroup.controllers")) {
+                for c in CONTROLLERS.iter().filter(|c| available.split_whitespace().any(|a| a == **c)) {
+                    // Best effort: a controller may be busy in a threaded subtree.
+                    let _ = std::fs::write(&control, format!("+{c}"));
+                }
+            }
+            match part {
+                Some(p) => cur.push(p),
+                None => break,
+            }
+        }
+        Ok(Cgroup { dir })
+    }
+}
+
+impl Cgroup {
+    pub fn apply(&self, res: &LinuxResources) -> Result<()> {
+        let d = &self.dir;
+        if let Some(cpu) = res.cpu() {
+            if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
+                write(&d.join("cpu.weight"), &shares_to_weight(shares).to_string())?;
+            }
+            if cpu.quota().is_some() || cpu.period().is_some() {
+                let period = cpu.period().filter(|p| *p > 0).unwrap_or(100_000);
+                let quota = match cpu.quota() {
+                    Some(q) if q > 0 => q.to_string(),
+                    _ => "max".to_string(),
+                };
+                write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
+            }
+            if let Some(cpus) = cpu.cpus().as_deref().filter(|s| !s.is_empty()) {
+                write(&d.join("cpuset.cpus"), cpus)?;
+            }
+            if let Some(mems) = cpu.mems().as_deref().filter(|s| !s.is_empty()) {
+                write(&d.join("cpuset.mems"), mems)?;
+            }
+        }
+        if let Some(mem) = res.memory()
+            && let Some(limit) = mem.limit() {
+                let v = if limit > 0 { limit.to_string() } else { "max".into() };
+                write(&d.join("memory.max"), &v)?;
+                if let Some(swap) = mem.swap() {
+                    // OCI swap is memory+swap; v2 wants swap alone.
+                    let v = if swap > 0 && limit > 0 { (swap - limit).max(0).to_string() } else { "max".into() };
+                    let _ = write(&d.join("memory.swap.max"), &v);
+                }
+            }
+        if let Some(pids) = res.pids() {
+            let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
+            write(&d.join("pids.max"), &v)?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let d = &self.dir;
+        let cpu = std::fs::read_to_string(d.join("cpu.stat")).unwrap_or_default();
+        let mem_stat = std::fs::read_to_string(d.join("memory.stat")).unwrap_or_default();
+        let usage = read_u64(&d.join("memory.current")).unwrap_or(0);
+        let inactive = keyed(&mem_stat, "inactive_file").unwrap_or(0);
+        let (mut rd, mut wr) = (0, 0);
+        for line in std::fs::read_to_string(d.join("io.stat")).unwrap_or_default().lines() {
+            for kv in line.split_whitespace().skip(1) {
+                match kv.split_once('=') {
+                    Some(("rbytes", v)) => rd += v.parse::<u64>().unwrap_or(0),
+                    Some(("wbytes", v)) => wr += v.parse::<u64>().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        Stats {
+            cpu_usage_ns: keyed(&cpu, "usage_usec").unwrap_or(0) * 1000,
+            memory_usage: usage,
+            memory_working_set: usage.saturating_sub(inactive),
+            memory_limit: read_u64(&d.join("memory.max")).unwrap_or(0),
+            pids_current: read_u64(&d.join("pids.current")).unwrap_or(0),
+            pids_limit: read_u64(&d.join("pids.max")).unwrap_or(0),
+            io_read_bytes: rd,
+            io_write_bytes: wr,
+            oom_kills: self.oom_kills(),
+        }
+    }
+
+    pub fn oom_kills(&self) -> u64 {
+        let events = std::fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
+        keyed(&events, "oom_kill").unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_and_stats_on_a_fake_tree() {
+        let root = tempfile::tempdir().expect("tmp");
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").expect("w");
+        let h = V2::new(root.path().to_path_buf());
+        let cg = h.create(Path::new("husk/pod/c1")).expect("create");
+        assert_eq!(std::fs::read_to_string(root.path().join("cgroup.subtree_control")).expect("r"), "+pids");
+        let res: LinuxResources = serde_json::from_value(serde_json::json!({
+            "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0"},
+            "memory": {"limit": 67108864}, "pids": {"limit": 64}
+        }))
+        .expect("res");
+        cg.apply(&res).expect("apply");
+        let r = |f: &str| std::fs::read_to_string(cg.dir.join(f)).expect(f);
+        assert_eq!(r("cpu.weight"), "39");
+        assert_eq!(r("cpu.max"), "50000 100000");
+        assert_eq!(r("memory.max"), "67108864");
+        assert_eq!(r("pids.max"), "64");
+        assert_eq!(r("cpuset.cpus"), "0");
+        std::fs::write(cg.dir.join("cpu.stat"), "usage_usec 2000\nuser_usec 1\n").expect("w");
+        std::fs::write(cg.dir.join("memory.current"), "1000\n").expect("w");
+        std::fs::write(cg.dir.join("memory.stat"), "anon 1\ninactive_file 300\n").expect("w");
+        std::fs::write(cg.dir.join("memory.events"), "oom 1\noom_kill 2\n").expect("w");
+        std::fs::write(cg.dir.join("io.stat"), "8:0 rbytes=10 wbytes=20 rios=1\n8:16 rbytes=1 wbytes=2\n").expect("w");
+        let s = cg.stats();
+        assert_eq!((s.cpu_usage_ns, s.memory_usage, s.memory_working_set), (2_000_000, 1000, 700));
+        assert_eq!((s.io_read_bytes, s.io_write_bytes, s.oom_kills, s.pids_limit), (11, 22, 2, 64));
+    }
+}

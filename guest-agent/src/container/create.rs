@@ -1,0 +1,278 @@
+//! CreateContainer: validate the spec, prepare rootfs dirs and the cgroup,
+//! start the runner and leave it waiting for StartContainer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use nix::mount::MsFlags;
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
+
+use super::stdio;
+use super::{Container, Inner, Pending, Process, Status, spawn};
+use crate::agent::{Agent, AgentError, Result, lock, validate_id};
+use crate::runner::config::{ContainerInit, InitConfig, InitMode, Ns, NsJoin, RootfsMount};
+use crate::sandbox::Sandbox;
+
+/// Devices every container gets (bind-mounted from the agent's /dev).
+pub const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Where the rootfs comes from (wire `Rootfs` converted in rpc.rs).
+#[derive(Debug, Clone)]
+pub enum RootfsSource {
+    Overlay { lower_dirs: Vec<PathBuf> },
+    Block { device: PathBuf, fstype: String, options: Vec<String>, subpath: String, overlay: bool },
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub id: String,
+    pub spec_json: Vec<u8>,
+    pub rootfs: Option<RootfsSource>,
+    pub stdin: bool,
+    pub tty: bool,
+}
+
+/// Namespace plan of a container, from its spec and the sandbox.
+///
+/// net/ipc/uts are always the pod's (or an explicit path from the spec); the
+/// mount namespace is always new; pid is new when the spec lists it without a
+/// path, else the pod's; cgroup is new when listed.
+pub fn plan_namespaces(spec: &Spec, sandbox: &Sandbox) -> Result<(Vec<NsJoin>, Vec<Ns>)> {
+    let listed: HashMap<LinuxNamespaceType, Option<PathBuf>> = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| (n.typ(), n.path().clone()))
+        .collect();
+    if listed.contains_key(&LinuxNamespaceType::User) {
+        return Err(AgentError::InvalidArgument("user namespaces are not supported".into()));
+    }
+    let mut join = Vec::new();
+    let mut unshare = vec![Ns::Mnt];
+    for (typ, ns) in [
+        (LinuxNamespaceType::Network, Ns::Net),
+        (LinuxNamespaceType::Ipc, Ns::Ipc),
+        (LinuxNamespaceType::Uts, Ns::Uts),
+    ] {
+        let path = listed.get(&typ).cloned().flatten().unwrap_or_else(|| sandbox.ns_path(ns));
+        join.push(NsJoin { ns, path });
+    }
+    match listed.get(&LinuxNamespaceType::Pid) {
+        Some(Some(path)) => join.push(NsJoin { ns: Ns::Pid, path: path.clone() }),
+        Some(None) => unshare.push(Ns::Pid),
+        None => join.push(NsJoin { ns: Ns::Pid, path: sandbox.ns_path(Ns::Pid) }),
+    }
+    if listed.contains_key(&LinuxNamespaceType::Cgroup) {
+        unshare.push(Ns::Cgroup);
+    }
+    Ok((join, unshare))
+}
+
+fn has_mount(spec: &Spec, dest: &str) -> bool {
+    spec.mounts().iter().flatten().any(|m| m.destination() == Path::new(dest))
+}
+
+fn bind(dest: &str, source: &Path, ro: bool) -> Mount {
+    let mut opts = vec!["rbind".to_string(), "nosuid".to_string(), "nodev".to_string()];
+    if ro {
+        opts.push("ro".into());
+    }
+    let mut m = Mount::default();
+    m.set_destination(PathBuf::from(dest))
+        .set_typ(Some("bind".into()))
+        .set_source(Some(source.to_path_buf()))
+        .set_options(Some(opts));
+    m
+}
+
+/// Resolve "sandbox:NAME" sources, check bind sources, add the pod's /etc files
+/// and /dev/shm, and drop the hostname (the pod's UTS namespace has it).
+pub fn adjust_spec(spec: &mut Spec, sandbox: &Sandbox, joins_pod_ipc: bool) -> Result<()> {
+    let mut mounts: Vec<Mount> = Vec::new();
+    for mut m in spec.mounts().clone().unwrap_or_default() {
+        if !m.destination().is_absolute() {
+            return Err(AgentError::InvalidArgument(format!("mount destination {} is relative", m.destination().display())));
+        }
+        if joins_pod_ipc && m.destination() == Path::new("/dev/shm") {
+            continue;
+        }
+        let is_bind = m.typ().as_deref() == Some("bind")
+            || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
+        if let Some(src) = m.source().as_ref().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("sandbox:")) {
+            let path = sandbox
+                .mounts
+                .get(src)
+                .ok_or_else(|| AgentError::InvalidArgument(format!("no sandbox mount named {src}")))?
+                .clone();
+            m.set_source(Some(path));
+        } else if is_bind {
+            let src = m.source().clone().unwrap_or_default();
+            if !src.is_absolute() {
+                return Err(AgentError::InvalidArgument(format!("bind source {} is not absolute", src.display())));
+            }
+            if !src.exists() {
+                return Err(AgentError::InvalidArgument(format!("bind source {} does not exist", src.display())));
+            }
+        }
+        mounts.push(m);
+    }
+    if joins_pod_ipc && let Some(shm) = sandbox.mounts.get("shm") {
+        mounts.push(bind("/dev/shm", shm, false));
+    }
+    for f in ["resolv.conf", "hosts", "hostname"] {
+        let dest = format!("/etc/{f}");
+        if !has_mount(spec, &dest) {
+            mounts.push(bind(&dest, &sandbox.etc_file(f), false));
+        }
+    }
+    spec.set_mounts(Some(mounts));
+    spec.set_hostname(None);
+    Ok(())
+}
+
+fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> Result<PathBuf> {
+    let target = dir.join("block");
+    std::fs::create_dir_all(&target).map_err(|e| AgentError::Io(format!("mkdir {}", target.display()), e))?;
+    let o = crate::runner::rootfs::parse_options(options);
+    let data = o.data.join(",");
+    nix::mount::mount(
+        Some(device),
+        &target,
+        Some(if fstype.is_empty() { "ext4" } else { fstype }),
+        o.flags | MsFlags::MS_NODEV,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .map_err(|e| AgentError::Os("mount rootfs block device", e))?;
+    Ok(target)
+}
+
+pub async fn do_create(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Container>> {
+    validate_id("container", &req.id)?;
+    let sandbox = agent.sandbox()?;
+    if !sandbox.alive() {
+        return Err(AgentError::FailedPrecondition(format!("sandbox {} is not running", sandbox.id)));
+    }
+    if lock(&agent.containers).contains_key(&req.id) || !lock(&agent.busy).insert(req.id.clone()) {
+        return Err(AgentError::AlreadyExists(format!("container {}", req.id)));
+    }
+    let dir = agent.config.state_dir.join(&sandbox.id).join("containers").join(&req.id);
+    let result = create(agent, &sandbox, &req, &dir).await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else if let Ok(c) = &result {
+        lock(&agent.containers).insert(req.id.clone(), c.clone());
+    }
+    lock(&agent.busy).remove(&req.id);
+    result
+}
+
+async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest, dir: &Path) -> Result<Arc<Container>> {
+    let mut spec: Spec = serde_json::from_slice(&req.spec_json)
+        .map_err(|e| AgentError::InvalidArgument(format!("oci spec: {e}")))?;
+    if spec.process().as_ref().and_then(|p| p.args().as_ref()).is_none_or(|a| a.is_empty()) {
+        return Err(AgentError::InvalidArgument("oci spec: process.args is empty".into()));
+    }
+    let (join, unshare) = plan_namespaces(&spec, sandbox)?;
+    let joins_pod_ipc = join.iter().any(|j| j.ns == Ns::Ipc && j.path == sandbox.ns_path(Ns::Ipc));
+    adjust_spec(&mut spec, sandbox, joins_pod_ipc)?;
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    if let Some(r) = &resources {
+        crate::cgroup::validate(r).map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
+    }
+
+    std::fs::create_dir_all(dir).map_err(|e| AgentError::Io(format!("mkdir {}", dir.display()), e))?;
+    let mut agent_mounts = Vec::new();
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    let rootfs = match req.rootfs.clone() {
+        Some(RootfsSource::Overlay { lower_dirs }) => {
+            if lower_dirs.is_empty() {
+                return Err(AgentError::InvalidArgument("overlay rootfs without lower dirs".into()));
+            }
+            for l in &lower_dirs {
+                if !l.is_absolute() || !l.is_dir() {
+                    return Err(AgentError::InvalidArgument(format!("lower dir {} is not an absolute directory", l.display())));
+                }
+            }
+            RootfsMount::Overlay { lower: lower_dirs, upper: upper.clone(), work: work.clone() }
+        }
+        Some(RootfsSource::Path(path)) => {
+            if !path.is_absolute() || !path.is_dir() {
+                return Err(AgentError::InvalidArgument(format!("rootfs {} is not an absolute directory", path.display())));
+            }
+            RootfsMount::Bind { path }
+        }
+        Some(RootfsSource::Block { device, fstype, options, subpath, overlay }) => {
+            let mounted = block_rootfs(dir, &device, &fstype, &options)?;
+            agent_mounts.push(mounted.clone());
+            let root = crate::runner::rootfs::secure_join(&mounted, Path::new(&subpath));
+            if overlay {
+                RootfsMount::Overlay { lower: vec![root], upper: upper.clone(), work: work.clone() }
+            } else {
+                RootfsMount::Bind { path: root }
+            }
+        }
+        None => return Err(AgentError::InvalidArgument("rootfs is required".into())),
+    };
+    if matches!(rootfs, RootfsMount::Overlay { .. }) {
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(|e| AgentError::Io(format!("mkdir {}", d.display()), e))?;
+        }
+    }
+
+    let rel = match spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => sandbox.cgroup_parent.join(&req.id),
+    };
+    let cgroup = agent.cgroups.create(&rel)?;
+    let undo = |e: AgentError| {
+        let _ = cgroup.destroy();
+        for m in &agent_mounts {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        e
+    };
+    if let Some(r) = &resources {
+        cgroup.apply(r).map_err(|e| undo(e.into()))?;
+    }
+
+    let own_pid_ns = unshare.contains(&Ns::Pid);
+    let config = InitConfig {
+        cgroup_procs: cgroup.procs_files(),
+        join,
+        unshare,
+        mode: InitMode::Container(ContainerInit {
+            spec: spec.clone(),
+            rootfs,
+            rootfs_dir: dir.join("rootfs"),
+            tty: req.tty,
+            host_devices: DEFAULT_DEVICES.iter().map(|s| s.to_string()).collect(),
+            extra_env: Vec::new(),
+        }),
+    };
+    let (child, io) = stdio::make(req.stdin, req.tty).map_err(|e| undo(e.into()))?;
+    let spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, true).await.map_err(|e| undo(e.into()))?;
+    tracing::info!(container = %req.id, pid = spawned.pid, "container created");
+    let init = Arc::new(Process::new(String::new(), spawned.pid, io, spawned.exit));
+    Ok(Arc::new(Container {
+        id: req.id.clone(),
+        spec,
+        dir: dir.to_path_buf(),
+        cgroup,
+        init,
+        agent_mounts,
+        own_pid_ns,
+        created_at: SystemTime::now(),
+        inner: Mutex::new(Inner {
+            status: Status::Created,
+            pending: Some(Pending { start: spawned.start, sync: spawned.sync }),
+            execs: HashMap::new(),
+            oom_seen: 0,
+            oom_killed: false,
+        }),
+    }))
+}

@@ -1,0 +1,92 @@
+//! Wire (generated protobuf) <-> domain conversions.
+
+use std::path::PathBuf;
+
+use husk_proto::agent as pb;
+
+use crate::cgroup::Stats;
+use crate::container::create::RootfsSource;
+use crate::container::{Container, Status, unix_nanos};
+use crate::sandbox::{SandboxConfig, SandboxMount};
+
+pub fn sandbox_config(r: &pb::CreateSandboxRequest) -> SandboxConfig {
+    let ns = r.namespaces.as_ref();
+    let dns = r.dns.as_ref();
+    SandboxConfig {
+        id: r.sandbox_id.clone(),
+        hostname: r.hostname.clone(),
+        dns_servers: dns.map(|d| d.servers.clone()).unwrap_or_default(),
+        dns_searches: dns.map(|d| d.searches.clone()).unwrap_or_default(),
+        dns_options: dns.map(|d| d.options.clone()).unwrap_or_default(),
+        hosts: r.hosts.clone(),
+        new_net: ns.is_some_and(|n| n.network),
+        new_ipc: ns.is_some_and(|n| n.ipc),
+        new_uts: ns.is_some_and(|n| n.uts),
+        new_pid: ns.is_some_and(|n| n.pid),
+        mounts: r
+            .mounts
+            .iter()
+            .map(|m| SandboxMount {
+                name: m.name.clone(),
+                source: m.source.clone(),
+                fstype: m.fstype.clone(),
+                options: m.options.clone(),
+            })
+            .collect(),
+        shm_size: r.shm_size,
+        cgroup_parent: r.cgroup_parent.clone(),
+    }
+}
+
+pub fn rootfs(r: Option<&pb::Rootfs>) -> Option<RootfsSource> {
+    match r?.source.as_ref()? {
+        pb::rootfs::Source::Overlay(o) => {
+            Some(RootfsSource::Overlay { lower_dirs: o.lower_dirs.iter().map(PathBuf::from).collect() })
+        }
+        pb::rootfs::Source::Block(b) => Some(RootfsSource::Block {
+            device: PathBuf::from(&b.device),
+            fstype: b.fstype.clone(),
+            options: b.options.clone(),
+            subpath: b.subpath.clone(),
+            overlay: b.overlay,
+        }),
+        pb::rootfs::Source::Path(p) => Some(RootfsSource::Path(PathBuf::from(p))),
+        _ => None,
+    }
+}
+
+pub fn container_state(c: &Container) -> pb::ContainerStateResponse {
+    let exit = c.init.exited();
+    let status = match c.status() {
+        Status::Created => pb::ContainerStatus::CONTAINER_STATUS_CREATED,
+        Status::Running => pb::ContainerStatus::CONTAINER_STATUS_RUNNING,
+        Status::Stopped => pb::ContainerStatus::CONTAINER_STATUS_STOPPED,
+    };
+    pb::ContainerStateResponse {
+        container_id: c.id.clone(),
+        status: status.into(),
+        pid: c.init.pid as u32,
+        exit_code: exit.map(|e| e.code).unwrap_or(0),
+        created_at: unix_nanos(Some(c.created_at)),
+        started_at: unix_nanos(*crate::agent::lock(&c.init.started_at)),
+        finished_at: unix_nanos(exit.map(|e| e.at)),
+        oom_killed: c.oom_killed(),
+        ..Default::default()
+    }
+}
+
+pub fn stats(s: &Stats) -> pb::ContainerStatsResponse {
+    pb::ContainerStatsResponse {
+        timestamp: unix_nanos(Some(std::time::SystemTime::now())),
+        cpu_usage_ns: s.cpu_usage_ns,
+        memory_usage_bytes: s.memory_usage,
+        memory_working_set_bytes: s.memory_working_set,
+        memory_limit_bytes: s.memory_limit,
+        pids_current: s.pids_current,
+        pids_limit: s.pids_limit,
+        io_read_bytes: s.io_read_bytes,
+        io_write_bytes: s.io_write_bytes,
+        oom_kills: s.oom_kills,
+        ..Default::default()
+    }
+}

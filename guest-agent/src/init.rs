@@ -1,0 +1,93 @@
+//! PID-1 duties in a guest (mounts, subreaping, power-off) and the matching
+//! setup for a host process (subreaper, private mount namespace).
+
+use std::path::Path;
+
+use nix::mount::MsFlags;
+
+use crate::syscall::{Syscall, SyscallError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Sys(#[from] SyscallError),
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] nix::Error),
+}
+
+/// (source, target, fstype, flags, data) of the guest's early mounts.
+const MOUNTS: &[(&str, &str, &str, MsFlags, Option<&str>)] = &[
+    ("proc", "/proc", "proc", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), None),
+    ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), None),
+    ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+    ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC), Some("newinstance,ptmxmode=0666,mode=0620")),
+    ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), Some("mode=1777")),
+    ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), Some("mode=0755")),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), None),
+];
+
+/// Mount the guest's pseudo filesystems. A mount that already exists (EBUSY,
+/// e.g. devtmpfs mounted by the kernel) is fine.
+pub fn mount_guest_filesystems(sys: &dyn Syscall) -> Result<(), InitError> {
+    for (source, target, fstype, flags, data) in MOUNTS {
+        let target = Path::new(target);
+        sys.create_dir_all(target)?;
+        match sys.mount(Some(Path::new(source)), target, Some(fstype), *flags, *data) {
+            Ok(()) => {}
+            Err(SyscallError::Nix { source: nix::Error::EBUSY, .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let ptmx = Path::new("/dev/ptmx");
+    if !sys.exists(ptmx) {
+        sys.symlink(Path::new("pts/ptmx"), ptmx)?;
+    }
+    Ok(())
+}
+
+/// Enable every cgroup v2 controller for children of the root.
+pub fn enable_cgroup_controllers(root: &Path) {
+    if let Ok(c) = std::fs::read_to_string(root.join("cgroup.controllers")) {
+        for ctrl in c.split_whitespace() {
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), format!("+{ctrl}"));
+        }
+    }
+}
+
+/// As a host process: become the subreaper of everything we spawn, and get a
+/// private mount namespace (call before any thread exists) so the agent's
+/// mounts (sandbox shm, block rootfs) never leak to the host.
+pub fn host_process_setup(private_mounts: bool) -> Result<(), InitError> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| InitError::Os("set child subreaper", e))?;
+    if private_mounts {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| InitError::Os("unshare mount ns", e))?;
+        nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+            .map_err(|e| InitError::Os("make / rslave", e))?;
+    }
+    Ok(())
+}
+
+/// PID 1 shutdown: stop everything, flush, power off. Never returns.
+pub fn poweroff() -> ! {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscall::RecordingSyscall;
+
+    #[test]
+    fn guest_mounts_in_order() {
+        let sys = RecordingSyscall::default();
+        mount_guest_filesystems(&sys).expect("mounts");
+        let targets: Vec<String> = sys.mounts().iter().map(|m| m.1.display().to_string()).collect();
+        assert_eq!(targets, ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/sys/fs/cgroup"]);
+        let cg = &sys.mounts()[6];
+        assert_eq!(cg.2.as_deref(), Some("cgroup2"));
+        assert!(sys.calls().contains(&crate::syscall::Call::Symlink("pts/ptmx".into(), "/dev/ptmx".into())));
+    }
+}

@@ -1,0 +1,294 @@
+//! The sandbox (pod): a namespace-holder process, the pod's /etc files,
+//! its /dev/shm and extra mounts, and the cgroup parent of its containers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::agent::{Agent, AgentError, Result, lock, validate_id};
+use crate::container::spawn;
+use crate::container::stdio;
+use crate::reaper::ExitWatch;
+use crate::runner::config::{InitConfig, InitMode, Ns, PauseInit};
+
+/// What CreateSandbox asked for (wire types converted in rpc.rs).
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    pub id: String,
+    pub hostname: String,
+    pub dns_servers: Vec<String>,
+    pub dns_searches: Vec<String>,
+    pub dns_options: Vec<String>,
+    pub hosts: String,
+    pub new_net: bool,
+    pub new_ipc: bool,
+    pub new_uts: bool,
+    pub new_pid: bool,
+    pub mounts: Vec<SandboxMount>,
+    pub shm_size: u64,
+    pub cgroup_parent: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SandboxMount {
+    pub name: String,
+    pub source: String,
+    pub fstype: String,
+    pub options: Vec<String>,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub holder_pid: i32,
+    holder_exit: ExitWatch,
+    pub has_pid_ns: bool,
+    pub cgroup_parent: PathBuf,
+    /// Named mounts (including "shm") containers can refer to as "sandbox:NAME".
+    pub mounts: HashMap<String, PathBuf>,
+}
+
+impl Sandbox {
+    /// /proc/PID/ns/NAME of the holder: what containers join.
+    pub fn ns_path(&self, ns: Ns) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/{}", self.holder_pid, ns.proc_name()))
+    }
+
+    pub fn etc_file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn alive(&self) -> bool {
+        self.holder_exit.borrow().is_none()
+    }
+}
+
+pub fn resolv_conf(c: &SandboxConfig) -> Option<String> {
+    if c.dns_servers.is_empty() && c.dns_searches.is_empty() && c.dns_options.is_empty() {
+        return None;
+    }
+    let mut s = String::new();
+    for server in &c.dns_servers {
+        s.push_str(&format!("nameserver {server}\n"));
+    }
+    if !c.dns_searches.is_empty() {
+        s.push_str(&format!("search {}\n", c.dns_searches.join(" ")));
+    }
+    if !c.dns_options.is_empty() {
+        s.push_str(&format!("options {}\n", c.dns_options.join(" ")));
+    }
+    Some(s)
+}
+
+pub fn hosts_file(c: &SandboxConfig) -> String {
+    if !c.hosts.is_empty() {
+        return c.hosts.clone();
+    }
+    let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if !c.hostname.is_empty() {
+        s.push_str(&format!("127.0.1.1\t{}\n", c.hostname));
+    }
+    s
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
+    move |e| AgentError::Io(what, e)
+}
+
+fn mount_opts(options: &[String]) -> (MsFlags, String) {
+    let o = crate::runner::rootfs::parse_options(options);
+    let mut flags = o.flags;
+    if o.bind {
+        flags |= MsFlags::MS_BIND;
+    }
+    if o.recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    (flags, o.data.join(","))
+}
+
+pub async fn do_create(agent: &Arc<Agent>, c: SandboxConfig) -> Result<Arc<Sandbox>> {
+    validate_id("sandbox", &c.id)?;
+    if let Some(s) = lock(&agent.sandbox).as_ref() {
+        return Err(AgentError::AlreadyExists(format!("sandbox {} (this agent serves one sandbox)", s.id)));
+    }
+    if !lock(&agent.busy).insert(format!("sandbox/{}", c.id)) {
+        return Err(AgentError::AlreadyExists(format!("sandbox {} (being created)", c.id)));
+    }
+    let result = create_inner(agent, &c).await;
+    lock(&agent.busy).remove(&format!("sandbox/{}", c.id));
+    let sandbox = Arc::new(result?);
+    *lock(&agent.sandbox) = Some(sandbox.clone());
+    Ok(sandbox)
+}
+
+async fn create_inner(agent: &Arc<Agent>, c: &SandboxConfig) -> Result<Sandbox> {
+    for m in &c.mounts {
+        validate_id("sandbox mount", &m.name)?;
+        if m.name == "shm" {
+            return Err(AgentError::InvalidArgument("sandbox mount name shm is reserved".into()));
+        }
+    }
+    let dir = agent.config.state_dir.join(&c.id);
+    if dir.exists() {
+        return Err(AgentError::AlreadyExists(format!("sandbox state {}", dir.display())));
+    }
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("mkdir {}", dir.display())))?;
+    let mut made = Made { dir: dir.clone(), mounts: Vec::new() };
+    match build(agent, c, &dir, &mut made).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            made.undo();
+            Err(e)
+        }
+    }
+}
+
+/// What a failed create must undo.
+struct Made {
+    dir: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl Made {
+    fn undo(&self) {
+        for m in self.mounts.iter().rev() {
+            let _ = nix::mount::umount2(m, MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Made) -> Result<Sandbox> {
+    let write = |name: &str, content: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, content).map_err(io_err(format!("write {}", p.display())))
+    };
+    let resolv = match resolv_conf(c) {
+        Some(r) => r,
+        None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    };
+    write("resolv.conf", &resolv)?;
+    write("hosts", &hosts_file(c))?;
+    write("hostname", &format!("{}\n", c.hostname))?;
+
+    let mut mounts = HashMap::new();
+    let shm = dir.join("shm");
+    std::fs::create_dir_all(&shm).map_err(io_err("mkdir shm".into()))?;
+    let size = if c.shm_size == 0 { 64 << 20 } else { c.shm_size };
+    nix::mount::mount(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("mode=1777,size={size}").as_str()),
+    )
+    .map_err(|e| AgentError::Os("mount sandbox shm", e))?;
+    made.mounts.push(shm.clone());
+    mounts.insert("shm".to_string(), shm);
+    for m in &c.mounts {
+        let target = dir.join("mounts").join(&m.name);
+        std::fs::create_dir_all(&target).map_err(io_err(format!("mkdir {}", target.display())))?;
+        let (flags, data) = mount_opts(&m.options);
+        let fstype = (!m.fstype.is_empty() && m.fstype != "bind").then_some(m.fstype.as_str());
+        let flags = if m.fstype == "bind" { flags | MsFlags::MS_BIND } else { flags };
+        nix::mount::mount(Some(m.source.as_str()), &target, fstype, flags, (!data.is_empty()).then_some(data.as_str()))
+            .map_err(|e| AgentError::InvalidArgument(format!("sandbox mount {}: {e}", m.name)))?;
+        made.mounts.push(target.clone());
+        mounts.insert(m.name.clone(), target);
+    }
+
+    let cgroup_parent = if c.cgroup_parent.is_empty() {
+        PathBuf::from("husk").join(&c.id)
+    } else {
+        PathBuf::from(c.cgroup_parent.trim_start_matches('/'))
+    };
+    if cgroup_parent.components().any(|p| matches!(p, std::path::Component::ParentDir)) {
+        return Err(AgentError::InvalidArgument(format!("cgroup parent {}", c.cgroup_parent)));
+    }
+    let cgroup = agent.cgroups.create(&cgroup_parent)?;
+
+    if agent.config.is_init && !c.hostname.is_empty() && !c.new_uts {
+        nix::unistd::sethostname(&c.hostname).map_err(|e| AgentError::Os("sethostname", e))?;
+    }
+    let mut unshare = Vec::new();
+    for (want, ns) in [(c.new_net, Ns::Net), (c.new_ipc, Ns::Ipc), (c.new_uts, Ns::Uts), (c.new_pid, Ns::Pid)] {
+        if want {
+            unshare.push(ns);
+        }
+    }
+    let config = InitConfig {
+        cgroup_procs: cgroup.procs_files(),
+        join: Vec::new(),
+        unshare,
+        mode: InitMode::Pause(PauseInit {
+            hostname: (c.new_uts && !c.hostname.is_empty()).then(|| c.hostname.clone()),
+            loopback_up: c.new_net,
+        }),
+    };
+    let (child, _io) = stdio::make(false, false)?;
+    let spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, false).await?;
+    tracing::info!(sandbox = %c.id, holder = spawned.pid, "sandbox created");
+    Ok(Sandbox {
+        id: c.id.clone(),
+        dir: dir.to_path_buf(),
+        holder_pid: spawned.pid,
+        holder_exit: spawned.exit,
+        has_pid_ns: c.new_pid,
+        cgroup_parent,
+        mounts,
+    })
+}
+
+/// Kill every container and the holder, undo mounts, remove state.
+pub async fn do_destroy(agent: &Arc<Agent>, id: &str) -> Result<()> {
+    let sandbox = agent.sandbox()?;
+    if sandbox.id != id {
+        return Err(AgentError::NotFound(format!("sandbox {id}")));
+    }
+    for c in agent.all_containers() {
+        crate::container::remove::do_remove(agent, &c.id, true).await?;
+    }
+    let _ = nix::sys::signal::kill(Pid::from_raw(sandbox.holder_pid), Signal::SIGKILL);
+    let mut exit = sandbox.holder_exit.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some)).await;
+    for m in sandbox.mounts.values() {
+        let _ = nix::mount::umount2(m, MntFlags::MNT_DETACH);
+    }
+    if let Ok(cg) = agent.cgroups.create(&sandbox.cgroup_parent) {
+        let _ = cg.destroy();
+    }
+    let _ = std::fs::remove_dir_all(&sandbox.dir);
+    *lock(&agent.sandbox) = None;
+    tracing::info!(sandbox = %id, "sandbox destroyed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etc_files() {
+        let c = SandboxConfig {
+            hostname: "web-0".into(),
+            dns_servers: vec!["10.0.0.10".into()],
+            dns_searches: vec!["ns.svc.cluster.local".into(), "svc.cluster.local".into()],
+            dns_options: vec!["ndots:5".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            resolv_conf(&c).expect("resolv"),
+            "nameserver 10.0.0.10\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
+        );
+        assert!(hosts_file(&c).contains("127.0.1.1\tweb-0\n"));
+        assert_eq!(resolv_conf(&SandboxConfig::default()), None);
+        let c = SandboxConfig { hosts: "1.2.3.4 x\n".into(), ..Default::default() };
+        assert_eq!(hosts_file(&c), "1.2.3.4 x\n");
+    }
+}

@@ -1,0 +1,96 @@
+//! The real implementation of the seam.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+
+use super::{Result, Syscall, SyscallError};
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSyscall;
+
+fn nix_err(op: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> SyscallError {
+    let path = path.display().to_string();
+    move |source| SyscallError::Nix { op, path, source }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SyscallError {
+    let path = path.display().to_string();
+    move |source| SyscallError::Io { op, path, source }
+}
+
+impl Syscall for LinuxSyscall {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<()> {
+        nix::mount::mount(source, target, fstype, flags, data).map_err(nix_err("mount", target))
+    }
+
+    fn umount2(&self, target: &Path, flags: MntFlags) -> Result<()> {
+        nix::mount::umount2(target, flags).map_err(nix_err("umount", target))
+    }
+
+    fn pivot_root(&self, new_root: &Path) -> Result<()> {
+        // pivot_root(".", ".") stacks the old root on top of the new one; a lazy
+        // unmount of "." then drops it without needing a put_old directory.
+        nix::unistd::chdir(new_root).map_err(nix_err("chdir", new_root))?;
+        nix::unistd::pivot_root(".", ".").map_err(nix_err("pivot_root", new_root))?;
+        nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(nix_err("umount old root", new_root))?;
+        nix::unistd::chdir("/").map_err(nix_err("chdir", Path::new("/")))
+    }
+
+    fn chdir(&self, path: &Path) -> Result<()> {
+        nix::unistd::chdir(path).map_err(nix_err("chdir", path))
+    }
+
+    fn sethostname(&self, name: &str) -> Result<()> {
+        nix::unistd::sethostname(name).map_err(nix_err("sethostname", Path::new(name)))
+    }
+
+    fn unshare(&self, flags: CloneFlags) -> Result<()> {
+        nix::sched::unshare(flags).map_err(nix_err("unshare", Path::new("")))
+    }
+
+    fn setns(&self, path: &Path, kind: CloneFlags) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(io_err("open namespace", path))?;
+        nix::sched::setns(file.as_fd(), kind).map_err(nix_err("setns", path))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> Result<()> {
+        std::fs::create_dir_all(path).map_err(io_err("mkdir", path))
+    }
+
+    fn touch(&self, path: &Path) -> Result<()> {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(parent) = path.parent() {
+            self.create_dir_all(parent)?;
+        }
+        OpenOptions::new().create(true).truncate(false).write(true).open(path).map(drop).map_err(io_err("create", path))
+    }
+
+    fn write_file(&self, path: &Path, data: &[u8]) -> Result<()> {
+        std::fs::write(path, data).map_err(io_err("write", path))
+    }
+
+    fn symlink(&self, target: &Path, link: &Path) -> Result<()> {
+        std::os::unix::fs::symlink(target, link).map_err(io_err("symlink", link))
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.symlink_metadata().is_ok()
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+}
