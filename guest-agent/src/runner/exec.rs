@@ -18,6 +18,8 @@ pub enum ExecError {
     NoArgs,
     #[error("executable {0} not found in $PATH")]
     NotFound(String),
+    #[error("{0} is not executable")]
+    NotExecutable(String),
     #[error("nul byte in {0}")]
     Nul(&'static str),
     #[error("{0}: {1}")]
@@ -212,8 +214,11 @@ pub fn exec(plan: &ExecPlan) -> Result<()> {
     {
         seccomp::load(filter)?;
     }
-    let err = nix::unistd::execve(&path, &args, &env).err().unwrap_or(nix::Error::UnknownErrno);
-    Err(ExecError::Os("execve", err))
+    match nix::unistd::execve(&path, &args, &env).err().unwrap_or(nix::Error::UnknownErrno) {
+        nix::Error::ENOENT => Err(ExecError::NotFound(exe.display().to_string())),
+        nix::Error::EACCES => Err(ExecError::NotExecutable(exe.display().to_string())),
+        err => Err(ExecError::Os("execve", err)),
+    }
 }
 
 /// `ip link set lo up` with two ioctls.

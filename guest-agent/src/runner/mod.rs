@@ -90,7 +90,7 @@ impl RunnerError {
             RunnerError::Rootfs(rootfs::RootfsError::MissingSource(_) | rootfs::RootfsError::RelativeDestination(_))
                 | RunnerError::User(_)
                 | RunnerError::Caps(caps::CapsError::Unknown(_))
-                | RunnerError::Exec(exec::ExecError::NoArgs | exec::ExecError::NotFound(_) | exec::ExecError::User(_))
+                | RunnerError::Exec(exec::ExecError::NoArgs | exec::ExecError::NotFound(_) | exec::ExecError::NotExecutable(_) | exec::ExecError::User(_))
                 | RunnerError::Seccomp(seccomp::SeccompError::Action(_) | seccomp::SeccompError::ArgIndex(_))
         )
     }
@@ -105,7 +105,7 @@ fn fds() -> (RawFd, RawFd, RawFd) {
     (v.first().copied().unwrap_or(-1), v.get(1).copied().unwrap_or(-1), v.get(2).copied().unwrap_or(-1))
 }
 
-/// Mark every fd above stderr close-on-exec except ours, so nothing of the
+/// Mark every fd above stderr close-on-exec except `keep`, so nothing of the
 /// agent leaks into a container.
 fn cloexec_others(keep: &[RawFd]) {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
@@ -123,7 +123,9 @@ pub fn main() -> ! {
         eprintln!("husk-agent {INIT_ARG} is started by the agent, not by hand");
         std::process::exit(2);
     }
-    cloexec_others(&[init_fd, sync_fd, start_fd]);
+    // Everything above stderr, ours included, closes on the container's execve:
+    // the agent reads EOF on the sync pipe as "exec succeeded".
+    cloexec_others(&[]);
     // SAFETY: the agent passed these fds to us (spawn.rs); we take ownership once.
     let mut sync = Sync { file: unsafe { File::from_raw_fd(sync_fd) } };
     // SAFETY: as above.

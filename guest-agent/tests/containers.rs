@@ -1,0 +1,323 @@
+//! Real containers on this host through a real agent over its unix socket.
+//! Needs root and /bin/busybox (busybox-static); skips with a reason otherwise.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestAgent, code, ctx, spec, unique};
+use husk_proto::agent as pb;
+use ttrpc::Code;
+
+#[tokio::test]
+async fn echo_hello_exit_code_and_state() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("echo");
+    a.run(&id, &spec(&["sh", "-c", "echo hello; echo oops >&2; exit 3"])).await;
+    let (out, err) = tokio::join!(a.read_all(&id, "", false), a.read_all(&id, "", true));
+    assert_eq!(out, "hello\n");
+    assert_eq!(err, "oops\n");
+    let w = a.wait(&id, "").await;
+    assert_eq!((w.exit_code, w.signal), (3, 0));
+    assert!(w.exited_at >= w.started_at && w.started_at > 0, "{w:?}");
+    let st = a.client.container_state(ctx(), &pb::ContainerStateRequest { container_id: id.clone(), ..Default::default() }).await.expect("state");
+    assert_eq!(st.status.enum_value(), Ok(pb::ContainerStatus::CONTAINER_STATUS_STOPPED));
+    assert_eq!(st.exit_code, 3);
+    assert!(st.created_at > 0 && st.finished_at >= st.started_at);
+    // Waiting again gives the same answer (exit codes are kept).
+    assert_eq!(a.wait(&id, "").await.exit_code, 3);
+    a.remove(&id, false).await.expect("remove");
+    let e = a.wait_err(&id).await;
+    assert_eq!(e, Code::NOT_FOUND);
+}
+
+impl TestAgent {
+    async fn wait_err(&self, id: &str) -> Code {
+        let req = pb::WaitProcessRequest { container_id: id.into(), ..Default::default() };
+        code(&self.client.wait_process(ctx(), &req).await.expect_err("should fail"))
+    }
+}
+
+#[tokio::test]
+async fn env_cwd_user_and_username() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let mut s = spec(&["sh", "-c", "echo $FOO; pwd; id -u; id -g; id -G; echo $HOME"]);
+    s["process"]["env"] = serde_json::json!(["PATH=/bin", "FOO=bar baz"]);
+    s["process"]["cwd"] = "/tmp".into();
+    s["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [5]});
+    let (out, err, code) = a.output(&unique("user"), &s).await;
+    assert_eq!(code, 0, "stderr: {err}");
+    assert_eq!(out, "bar baz\n/tmp\n1000\n1000\n1000 5 10\n/home/alice\n");
+
+    // A username is resolved against the image's /etc/passwd and /etc/group.
+    let mut s = spec(&["sh", "-c", "id -u; id -G"]);
+    s["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0, "username": "alice"});
+    let (out, _, code) = a.output(&unique("username"), &s).await;
+    assert_eq!((out.as_str(), code), ("1000\n1000 10\n", 0));
+
+    let mut s = spec(&["true"]);
+    s["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0, "username": "mallory"});
+    let e = a.create(&unique("nouser"), &s).await.expect_err("unknown user");
+    assert_eq!(common::code(&e), Code::INVALID_ARGUMENT, "{e:?}");
+}
+
+#[tokio::test]
+async fn readonly_rootfs_is_enforced_and_writable_one_is_private() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let mut s = spec(&["sh", "-c", "touch /newfile"]);
+    s["root"]["readonly"] = true.into();
+    let (_, err, code) = a.output(&unique("ro"), &s).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("Read-only file system"), "{err}");
+
+    let (out, err, code) = a.output(&unique("rw"), &spec(&["sh", "-c", "echo hi > /etc/motd && cat /etc/motd"])).await;
+    assert_eq!((out.as_str(), code), ("hi\n", 0), "{err}");
+    // The write went to the container's upper dir, not the image.
+    assert_eq!(std::fs::read_to_string(common::rootfs().join("etc/motd")).expect("motd"), "from the image\n");
+}
+
+#[tokio::test]
+async fn pid_namespace_hostname_and_etc_files() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let (out, err, code) = a
+        .output(&unique("pidns"), &spec(&["sh", "-c", "echo $$; hostname; cat /etc/hostname; grep nameserver /etc/resolv.conf; readlink /proc/self"]))
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (head, last) = out.trim_end().rsplit_once('\n').expect("lines");
+    assert_eq!(head, format!("1\n{h}\n{h}\nnameserver 10.96.0.10", h = a.hostname));
+    // Only this container's few processes exist in its pid namespace.
+    assert!(last.parse::<u32>().expect("pid") < 10, "{out}");
+    // The host's hostname is untouched.
+    assert_ne!(nix::unistd::gethostname().expect("hostname").to_string_lossy(), a.hostname);
+}
+
+#[tokio::test]
+async fn exec_into_running_container_with_stdin_and_tty() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("exec");
+    a.run(&id, &spec(&["sleep", "1000"])).await;
+
+    a.exec(&id, "e1", &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname"], false, false).await.expect("exec");
+    assert_eq!(a.read_all(&id, "e1", false).await, format!("sleep 1000 \n{}\n", a.hostname));
+    assert_eq!(a.wait(&id, "e1").await.exit_code, 0);
+
+    // stdin
+    a.exec(&id, "e2", &["cat"], true, false).await.expect("exec cat");
+    let w = pb::WriteStdinRequest { container_id: id.clone(), exec_id: "e2".into(), data: b"piped".to_vec(), ..Default::default() };
+    assert_eq!(a.client.write_stdin(ctx(), &w).await.expect("write").len, 5);
+    a.client.close_stdin(ctx(), &pb::CloseStdinRequest { container_id: id.clone(), exec_id: "e2".into(), ..Default::default() }).await.expect("close");
+    assert_eq!(a.read_all(&id, "e2", false).await, "piped");
+    assert_eq!(a.wait(&id, "e2").await.exit_code, 0);
+
+    // tty + resize: the shell waits for a line, then reports the size.
+    a.exec(&id, "e3", &["sh", "-c", "read x; stty size; exit 4"], true, true).await.expect("exec tty");
+    let r = pb::ResizeTtyRequest { container_id: id.clone(), exec_id: "e3".into(), rows: 33, cols: 111, ..Default::default() };
+    a.client.resize_tty(ctx(), &r).await.expect("resize");
+    let w = pb::WriteStdinRequest { container_id: id.clone(), exec_id: "e3".into(), data: b"go\n".to_vec(), ..Default::default() };
+    a.client.write_stdin(ctx(), &w).await.expect("write");
+    let out = a.read_all(&id, "e3", false).await;
+    assert!(out.contains("33 111"), "{out:?}");
+    assert_eq!(a.wait(&id, "e3").await.exit_code, 4);
+
+    // Bad exec requests.
+    let e = a.exec(&id, "e4", &["no-such-binary"], false, false).await.expect_err("missing binary");
+    assert_eq!(code(&e), Code::INVALID_ARGUMENT, "{e:?}");
+    let e = a.exec(&id, "e1", &["true"], false, false).await.expect_err("duplicate exec id");
+    assert_eq!(code(&e), Code::ALREADY_EXISTS);
+    let e = a.exec("nope", "x", &["true"], false, false).await.expect_err("unknown container");
+    assert_eq!(code(&e), Code::NOT_FOUND);
+
+    let procs = a.client.list_processes(ctx(), &pb::ListProcessesRequest { container_id: id.clone(), ..Default::default() }).await.expect("ps");
+    assert!(procs.processes.iter().any(|p| p.cmdline == "sleep 1000"), "{procs:?}");
+
+    let e = a.remove(&id, false).await.expect_err("running");
+    assert_eq!(code(&e), Code::FAILED_PRECONDITION);
+    a.remove(&id, true).await.expect("force remove");
+}
+
+#[tokio::test]
+async fn signals_reach_the_process() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("trap");
+    a.run(&id, &spec(&["sh", "-c", "trap 'exit 42' TERM; echo ready; while true; do sleep 0.05; done"])).await;
+    let first = a.client.read_stdout(ctx(), &pb::ReadStreamRequest { container_id: id.clone(), ..Default::default() }).await.expect("read");
+    assert_eq!(first.data, b"ready\n");
+    a.signal(&id, "", libc::SIGTERM).await.expect("term");
+    assert_eq!(a.wait(&id, "").await.exit_code, 42);
+    let e = a.signal(&id, "", libc::SIGTERM).await.expect_err("exited");
+    assert_eq!(code(&e), Code::FAILED_PRECONDITION);
+    a.remove(&id, false).await.expect("remove");
+
+    let id = unique("kill");
+    a.run(&id, &spec(&["sleep", "1000"])).await;
+    let e = a.signal(&id, "", 999).await.expect_err("bad signal");
+    assert_eq!(code(&e), Code::INVALID_ARGUMENT);
+    a.signal(&id, "", libc::SIGKILL).await.expect("kill");
+    let w = a.wait(&id, "").await;
+    assert_eq!((w.exit_code, w.signal), (137, 9));
+    a.remove(&id, false).await.expect("remove");
+}
+
+fn cgroup_file(a: &TestAgent, controller: &str, id: &str, file: &str) -> std::path::PathBuf {
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let base = if v2 { "/sys/fs/cgroup".to_string() } else { format!("/sys/fs/cgroup/{controller}") };
+    std::path::Path::new(&base).join(a.cgroup_parent()).join(id).join(file)
+}
+
+#[tokio::test]
+async fn cgroup_limits_stats_and_update() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("limits");
+    let mut s = spec(&["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo done; sleep 1000"]);
+    s["linux"]["resources"] = serde_json::json!({
+        "memory": {"limit": 67108864}, "cpu": {"shares": 512, "quota": 50000, "period": 100000}, "pids": {"limit": 64}
+    });
+    a.run(&id, &s).await;
+    let r = a.client.read_stdout(ctx(), &pb::ReadStreamRequest { container_id: id.clone(), ..Default::default() }).await.expect("read");
+    assert_eq!(r.data, b"done\n");
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let (mem_file, quota_file) = if v2 { ("memory.max", "cpu.max") } else { ("memory.limit_in_bytes", "cpu.cfs_quota_us") };
+    let read = |c, f| std::fs::read_to_string(cgroup_file(&a, c, &id, f)).unwrap_or_else(|e| panic!("{f}: {e}")).trim().to_string();
+    assert_eq!(read("memory", mem_file), "67108864");
+    assert!(read("cpu", quota_file).starts_with("50000"));
+    assert_eq!(read("pids", "pids.max"), "64");
+
+    let st = a.client.container_stats(ctx(), &pb::ContainerStatsRequest { container_id: id.clone(), ..Default::default() }).await.expect("stats");
+    assert!(st.cpu_usage_ns > 0, "{st:?}");
+    assert!(st.memory_usage_bytes > 0 && st.memory_working_set_bytes > 0, "{st:?}");
+    assert_eq!(st.memory_limit_bytes, 67108864);
+    assert!(st.pids_current >= 1 && st.pids_limit == 64, "{st:?}");
+
+    let res = serde_json::json!({"memory": {"limit": 134217728}, "pids": {"limit": 32}});
+    let u = pb::UpdateResourcesRequest { container_id: id.clone(), resources: serde_json::to_vec(&res).expect("json"), ..Default::default() };
+    a.client.update_resources(ctx(), &u).await.expect("update");
+    assert_eq!(read("memory", mem_file), "134217728");
+    assert_eq!(read("pids", "pids.max"), "32");
+    let bad = serde_json::json!({"cpu": {"shares": 1}});
+    let u = pb::UpdateResourcesRequest { container_id: id.clone(), resources: serde_json::to_vec(&bad).expect("json"), ..Default::default() };
+    assert_eq!(code(&a.client.update_resources(ctx(), &u).await.expect_err("bad shares")), Code::INVALID_ARGUMENT);
+
+    a.remove(&id, true).await.expect("remove");
+    assert!(!cgroup_file(&a, "memory", &id, "").exists(), "cgroup removed");
+}
+
+#[tokio::test]
+async fn mounts_masks_caps_and_seccomp() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let host = tempfile::tempdir().expect("tmp");
+    std::fs::write(host.path().join("file"), "host data\n").expect("write");
+    let mut s = spec(&["sh", "-c", "cat /data/file; touch /data/x 2>&1; echo $(wc -c < /proc/timer_list) $(ls /sys/firmware | wc -l); grep -E 'CapEff|NoNewPrivs' /proc/self/status; (echo x > /proc/sys/kernel/hostname) 2>&1; mkdir /tmp/d 2>&1; echo end"]);
+    s["mounts"].as_array_mut().expect("mounts").push(serde_json::json!(
+        {"destination": "/data", "type": "bind", "source": host.path(), "options": ["rbind", "ro"]}));
+    s["process"]["capabilities"] = serde_json::json!({"bounding": [], "effective": [], "permitted": []});
+    s["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let (out, err, code) = a.output(&unique("mounts"), &s).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "host data");
+    assert!(lines[1].contains("Read-only file system"), "{out}");
+    assert_eq!(lines[2].trim(), "0 0", "masked file reads empty, masked dir is empty: {out}");
+    assert!(lines[3].starts_with("CapEff:") && lines[3].ends_with("0000000000000000"), "{out}");
+    assert_eq!(lines[4].split_whitespace().collect::<Vec<_>>(), ["NoNewPrivs:", "1"]);
+    assert!(lines[5].contains("Read-only file system") || lines[5].contains("Permission denied"), "{out}");
+    assert!(lines[6].contains("Operation not permitted"), "seccomp: {out}");
+    assert_eq!(lines[7], "end");
+
+    // Bad mounts are rejected up front.
+    let mut s = spec(&["true"]);
+    s["mounts"].as_array_mut().expect("mounts").push(serde_json::json!(
+        {"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}));
+    assert_eq!(code_of(a.create(&unique("badmount"), &s).await), Code::INVALID_ARGUMENT);
+}
+
+fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> Code {
+    code(&r.expect_err("should fail"))
+}
+
+#[tokio::test]
+async fn api_errors_map_to_codes() {
+    require_root!();
+    let a = TestAgent::start().await;
+    let s = spec(&["true"]);
+    assert_eq!(code_of(a.create("c1", &s).await), Code::FAILED_PRECONDITION, "no sandbox yet");
+    a.create_sandbox(false).await;
+    assert_eq!(code_of(a.client.create_sandbox(ctx(), &pb::CreateSandboxRequest { sandbox_id: "other".into(), ..Default::default() }).await), Code::ALREADY_EXISTS);
+    assert_eq!(code_of(a.create("bad/id", &s).await), Code::INVALID_ARGUMENT);
+    let req = pb::CreateContainerRequest { container_id: "junk".into(), oci_spec: b"{not json".to_vec(), ..Default::default() };
+    assert_eq!(code_of(a.client.create_container(ctx(), &req).await), Code::INVALID_ARGUMENT);
+    let mut s2 = s.clone();
+    s2["linux"]["resources"] = serde_json::json!({"memory": {"limit": 12}});
+    assert_eq!(code_of(a.create("c0", &s2).await), Code::INVALID_ARGUMENT);
+    a.create("c1", &s).await.expect("create");
+    assert_eq!(code_of(a.create("c1", &s).await), Code::ALREADY_EXISTS);
+    assert_eq!(code_of(a.start_container("nope").await), Code::NOT_FOUND);
+    a.start_container("c1").await.expect("start");
+    assert_eq!(code_of(a.start_container("c1").await), Code::FAILED_PRECONDITION);
+    assert_eq!(a.wait("c1", "").await.exit_code, 0);
+    assert_eq!(code_of(a.client.resize_tty(ctx(), &pb::ResizeTtyRequest { container_id: "c1".into(), rows: 1, cols: 1, ..Default::default() }).await), Code::FAILED_PRECONDITION);
+    // A created (never started) container can be removed.
+    a.create("c2", &spec(&["sleep", "1000"])).await.expect("create");
+    a.remove("c2", false).await.expect("remove created");
+    let list = a.client.list_containers(ctx(), &pb::ListContainersRequest::new()).await.expect("list");
+    assert_eq!(list.containers.iter().map(|c| c.container_id.as_str()).collect::<Vec<_>>(), ["c1"]);
+    // A failed start: the binary does not exist.
+    a.create("c3", &spec(&["/bin/missing"])).await.expect("create");
+    assert_eq!(code_of(a.start_container("c3").await), Code::INVALID_ARGUMENT);
+    a.remove("c3", false).await.expect("remove failed");
+    a.client
+        .destroy_sandbox(ctx(), &pb::DestroySandboxRequest { sandbox_id: a.sandbox_id.clone(), ..Default::default() })
+        .await
+        .expect("destroy");
+    assert_eq!(code_of(a.container_state_of("c1").await), Code::NOT_FOUND);
+}
+
+impl TestAgent {
+    async fn container_state_of(&self, id: &str) -> ttrpc::Result<pb::ContainerStateResponse> {
+        self.client.container_state(ctx(), &pb::ContainerStateRequest { container_id: id.into(), ..Default::default() }).await
+    }
+}
+
+#[tokio::test]
+async fn shared_pod_pid_namespace() {
+    require_root!();
+    let a = TestAgent::start().await;
+    a.create_sandbox(true).await;
+    let mut s = spec(&["sh", "-c", "echo $$; cat /proc/1/cmdline | tr '\\0' ' '"]);
+    // No pid namespace in the spec: the container joins the pod's.
+    s["linux"]["namespaces"] = serde_json::json!([{"type": "mount"}]);
+    let (out, err, code) = a.output(&unique("sharedpid"), &s).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_ne!(lines[0], "1", "not the pod's init: {out}");
+    assert!(lines[1].contains("__init"), "pid 1 is the sandbox holder: {out}");
+}
+
+#[tokio::test]
+async fn oom_kill_is_reported() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("oom");
+    let mut s = spec(&["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"]);
+    s["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16777216, "swap": 16777216}});
+    a.run(&id, &s).await;
+    let ev = tokio::time::timeout(Duration::from_secs(60), a.client.get_oom_event(common::short_ctx(Duration::from_secs(60)), &pb::GetOomEventRequest::new()))
+        .await
+        .expect("oom event in time")
+        .expect("oom event");
+    assert_eq!(ev.container_id, id);
+    let w = a.wait(&id, "").await;
+    assert_ne!(w.exit_code, 0);
+    let st = a.container_state_of(&id).await.expect("state");
+    assert!(st.oom_killed);
+}
