@@ -1,5 +1,157 @@
-//! husk-vmm: placeholder entry point until the VMM issue lands.
+//! husk-vmm: runs one KVM micro-VM until the guest shuts down.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("husk-vmm is not built yet")
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use husk_vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use husk_vmm::devices::ExitReason;
+
+/// Boot a VM. Flags override the `--config` JSON file.
+#[derive(Parser, Debug)]
+#[command(name = "husk-vmm", version)]
+struct Cli {
+    /// JSON VM config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Disk: `id=ID,path=PATH[,ro]` (repeatable).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// Network interface: `tap=NAME[,mac=xx:xx:xx:xx:xx:xx]` (repeatable).
+    #[arg(long = "net")]
+    nets: Vec<String>,
+    /// vsock: `cid=N,uds=PATH`.
+    #[arg(long)]
+    vsock: Option<String>,
+    /// Serial output: `stdout`, `none` or `file:PATH`.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Print the time from process start to the guest's first boot-timer port write (stderr).
+    #[arg(long)]
+    boot_timer: bool,
+}
+
+fn kv(spec: &str) -> Vec<(String, String)> {
+    spec.split(',')
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (p.to_string(), String::new()),
+        })
+        .collect()
+}
+
+fn get(pairs: &[(String, String)], key: &str, what: &str) -> anyhow::Result<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .with_context(|| format!("{what}: missing {key}="))
+}
+
+fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
+    let mut cfg = match &cli.config {
+        Some(p) => VmConfig::from_file(p)?,
+        None => VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: "console=ttyS0 reboot=k panic=1".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            net: vec![],
+            vsock: None,
+            serial: SerialConfig::Stdout,
+            control_socket: None,
+        },
+    };
+    if let Some(k) = cli.kernel {
+        cfg.kernel = k;
+    }
+    if cli.initrd.is_some() {
+        cfg.initrd = cli.initrd;
+    }
+    if let Some(c) = cli.cmdline {
+        cfg.cmdline = c;
+    }
+    if let Some(v) = cli.vcpus {
+        cfg.vcpus = v;
+    }
+    if let Some(m) = cli.memory {
+        cfg.memory_mib = m;
+    }
+    for d in &cli.disks {
+        let p = kv(d);
+        cfg.disks.push(DiskConfig {
+            id: get(&p, "id", "--disk")?,
+            path: get(&p, "path", "--disk")?.into(),
+            read_only: p.iter().any(|(k, _)| k == "ro"),
+        });
+    }
+    for n in &cli.nets {
+        let p = kv(n);
+        cfg.net.push(NetConfig { tap: get(&p, "tap", "--net")?, mac: get(&p, "mac", "--net").ok() });
+    }
+    if let Some(v) = &cli.vsock {
+        let p = kv(v);
+        let cid = get(&p, "cid", "--vsock")?;
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: cid.parse().with_context(|| format!("--vsock: bad cid {cid:?}"))?,
+            uds_path: get(&p, "uds", "--vsock")?.into(),
+        });
+    }
+    if let Some(s) = cli.serial {
+        cfg.serial = match s.as_str() {
+            "stdout" => SerialConfig::Stdout,
+            "none" => SerialConfig::None,
+            f => SerialConfig::File(
+                f.strip_prefix("file:").context("--serial: want stdout, none or file:PATH")?.into(),
+            ),
+        };
+    }
+    Ok(cfg)
+}
+
+fn main() {
+    let t0 = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_VMM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let boot_timer = cli.boot_timer.then_some(t0);
+    let result = build_config(cli).and_then(|cfg| {
+        husk_vmm::vmm::run(&cfg, husk_vmm::vmm::RunOptions { boot_timer }).map_err(anyhow::Error::from)
+    });
+    let code = match result {
+        Ok(ExitReason::GuestShutdown) => 0,
+        Ok(r @ ExitReason::Stopped) => {
+            eprintln!("husk-vmm: stopped: guest did not shut down after Ctrl-Alt-Del");
+            r.exit_code()
+        }
+        Ok(ExitReason::Error(msg)) => {
+            eprintln!("husk-vmm: error: {msg}");
+            1
+        }
+        Err(e) => {
+            eprintln!("husk-vmm: error: {e:#}");
+            2
+        }
+    };
+    // vCPU threads may still be inside KVM_RUN: leave without joining them.
+    std::process::exit(code);
 }

@@ -1,0 +1,513 @@
+//! Firecracker-compatible hybrid vsock: maps guest stream connections onto host unix sockets.
+//! Host-initiated: a client connects to `<uds>` and writes `CONNECT <port>\n`; once the guest
+//! accepts, it reads `OK <host_port>\n`. Guest-initiated: a connection to host port P is
+//! forwarded to the unix socket `<uds>_P`. Credit-based flow control both ways.
+//!
+//! The muxer knows nothing about guest memory or virtqueues: it takes packets from the guest
+//! (`send_pkt`) and produces packets for it (`recv_pkt`), and exposes one epoll fd for readiness.
+//! That is what both the virtio-mmio device and a vhost-user backend need.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::packet::*;
+
+/// Bytes of guest data we buffer per connection (advertised to the guest as `buf_alloc`).
+pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+/// Send a credit update once this many consumed bytes have not been reported to the guest.
+const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
+/// First local port handed out for host-initiated connections.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+const MAX_CONNECT_LINE: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MuxerError {
+    #[error("cannot bind vsock socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vsock epoll: {0}")]
+    Epoll(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnKey {
+    local_port: u32,
+    peer_port: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    /// Host client connected and sent CONNECT; waiting for the guest's RESPONSE.
+    LocalInit,
+    Established,
+    /// We told the guest the host side closed; waiting for its RST.
+    Closing,
+}
+
+struct Connection {
+    stream: UnixStream,
+    state: ConnState,
+    /// Guest data not yet written to the host socket.
+    tx_buf: VecDeque<u8>,
+    fwd_cnt: Wrapping<u32>,
+    last_fwd_cnt_sent: Wrapping<u32>,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: Wrapping<u32>,
+    rx_cnt: Wrapping<u32>,
+    /// Waiting in `rx_ready` for a guest buffer.
+    rx_queued: bool,
+    peer_shut_send: bool,
+    interest: EventSet,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, state: ConnState) -> Self {
+        Self {
+            stream,
+            state,
+            tx_buf: VecDeque::new(),
+            fwd_cnt: Wrapping(0),
+            last_fwd_cnt_sent: Wrapping(0),
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: Wrapping(0),
+            rx_cnt: Wrapping(0),
+            rx_queued: false,
+            peer_shut_send: false,
+            interest: EventSet::empty(),
+        }
+    }
+
+    fn peer_credit(&self) -> u32 {
+        let in_flight = (self.rx_cnt - self.peer_fwd_cnt).0;
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    /// Writes buffered guest data to the host socket; returns false on a hard error.
+    fn flush(&mut self) -> bool {
+        while !self.tx_buf.is_empty() {
+            let (a, _) = self.tx_buf.as_slices();
+            match self.stream.write(a) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.tx_buf.drain(..n);
+                    self.fwd_cnt += Wrapping(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        if self.tx_buf.is_empty() && self.peer_shut_send {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
+        true
+    }
+}
+
+enum FdKind {
+    Listener,
+    /// Accepted host client that has not finished its `CONNECT <port>\n` line.
+    Pending(UnixStream, Vec<u8>),
+    Conn(ConnKey),
+}
+
+pub struct VsockMuxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    fds: HashMap<RawFd, FdKind>,
+    conns: HashMap<ConnKey, Connection>,
+    ctrl_rx: VecDeque<VsockHeader>,
+    rx_ready: VecDeque<ConnKey>,
+    next_local_port: u32,
+}
+
+impl VsockMuxer {
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
+        let bind_err = |source| MuxerError::Bind { path: uds_path.to_owned(), source };
+        match std::fs::remove_file(uds_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
+        let mut m = Self {
+            guest_cid,
+            uds_path: uds_path.to_owned(),
+            listener,
+            epoll,
+            fds: HashMap::new(),
+            conns: HashMap::new(),
+            ctrl_rx: VecDeque::new(),
+            rx_ready: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        };
+        let fd = m.listener.as_raw_fd();
+        m.epoll_ctl(ControlOperation::Add, fd, EventSet::IN).map_err(MuxerError::Epoll)?;
+        m.fds.insert(fd, FdKind::Listener);
+        Ok(m)
+    }
+
+    fn epoll_ctl(&self, op: ControlOperation, fd: RawFd, ev: EventSet) -> std::io::Result<()> {
+        self.epoll.ctl(op, fd, EpollEvent::new(ev, fd as u64))
+    }
+
+    /// Drops every connection (device reset).
+    pub fn reset(&mut self) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for k in keys {
+            self.remove(k);
+        }
+        self.ctrl_rx.clear();
+        self.rx_ready.clear();
+    }
+
+    pub fn has_rx(&self) -> bool {
+        !self.ctrl_rx.is_empty() || !self.rx_ready.is_empty()
+    }
+
+    fn header(&self, key: ConnKey, op: u16) -> VsockHeader {
+        VsockHeader {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.local_port,
+            dst_port: key.peer_port,
+            type_: TYPE_STREAM,
+            op,
+            ..Default::default()
+        }
+    }
+
+    fn push_ctrl(&mut self, key: ConnKey, op: u16, flags: u32) {
+        let mut h = self.header(key, op);
+        h.flags = flags;
+        self.ctrl_rx.push_back(h);
+    }
+
+    fn rst_for(&mut self, hdr: &VsockHeader) {
+        if hdr.op != OP_RST {
+            self.push_ctrl(ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port }, OP_RST, 0);
+        }
+    }
+
+    fn remove(&mut self, key: ConnKey) {
+        if let Some(c) = self.conns.remove(&key) {
+            let fd = c.stream.as_raw_fd();
+            let _ = self.epoll_ctl(ControlOperation::Delete, fd, EventSet::empty());
+            self.fds.remove(&fd);
+        }
+        self.rx_ready.retain(|k| *k != key);
+    }
+
+    /// Recomputes what we wait for on a connection's socket.
+    fn update_interest(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(&key) else { return };
+        let mut ev = EventSet::empty();
+        if c.state == ConnState::Established && !c.rx_queued && c.peer_credit() > 0 {
+            ev |= EventSet::IN | EventSet::READ_HANG_UP;
+        }
+        if !c.tx_buf.is_empty() {
+            ev |= EventSet::OUT;
+        }
+        if ev != c.interest {
+            c.interest = ev;
+            let fd = c.stream.as_raw_fd();
+            let _ = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(ev, fd as u64));
+        }
+    }
+
+    fn maybe_credit_update(&mut self, key: ConnKey) {
+        if let Some(c) = self.conns.get(&key)
+            && (c.fwd_cnt - c.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD
+        {
+            self.push_ctrl(key, OP_CREDIT_UPDATE, 0);
+        }
+    }
+
+    /// Handles one packet the guest sent.
+    pub fn send_pkt(&mut self, hdr: &VsockHeader, payload: &[u8]) {
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
+            tracing::debug!(?hdr, "vsock: dropping packet with bad addressing");
+            self.rst_for(hdr);
+            return;
+        }
+        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        if hdr.op == OP_REQUEST {
+            self.guest_connect(key, hdr);
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&key) else {
+            self.rst_for(hdr);
+            return;
+        };
+        c.peer_buf_alloc = hdr.buf_alloc;
+        c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        match hdr.op {
+            OP_RESPONSE if c.state == ConnState::LocalInit => {
+                c.state = ConnState::Established;
+                let line = format!("OK {}\n", key.local_port);
+                if c.stream.write_all(line.as_bytes()).is_err() {
+                    self.remove(key);
+                    self.push_ctrl(key, OP_RST, 0);
+                    return;
+                }
+            }
+            OP_RW if c.state == ConnState::Established => {
+                if c.tx_buf.len() + payload.len() > CONN_BUF_ALLOC as usize {
+                    tracing::warn!(?key, "vsock: guest overran its credit, resetting connection");
+                    self.remove(key);
+                    self.push_ctrl(key, OP_RST, 0);
+                    return;
+                }
+                c.tx_buf.extend(payload);
+                if !c.flush() {
+                    self.host_closed(key);
+                    return;
+                }
+                self.maybe_credit_update(key);
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => self.push_ctrl(key, OP_CREDIT_UPDATE, 0),
+            OP_SHUTDOWN => {
+                if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == (SHUTDOWN_RCV | SHUTDOWN_SEND)
+                    || c.state == ConnState::Closing
+                {
+                    c.flush();
+                    self.remove(key);
+                    self.push_ctrl(key, OP_RST, 0);
+                    return;
+                }
+                if hdr.flags & SHUTDOWN_SEND != 0 {
+                    c.peer_shut_send = true;
+                    c.flush();
+                }
+            }
+            OP_RST => {
+                self.remove(key);
+                return;
+            }
+            _ => {
+                self.remove(key);
+                self.push_ctrl(key, OP_RST, 0);
+                return;
+            }
+        }
+        self.update_interest(key);
+    }
+
+    fn guest_connect(&mut self, key: ConnKey, hdr: &VsockHeader) {
+        if self.conns.contains_key(&key) {
+            self.remove(key);
+            self.push_ctrl(key, OP_RST, 0);
+            return;
+        }
+        let path = format!("{}_{}", self.uds_path.display(), key.local_port);
+        let stream = match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%path, "vsock: guest connect refused: {e}");
+                self.push_ctrl(key, OP_RST, 0);
+                return;
+            }
+        };
+        let fd = stream.as_raw_fd();
+        if self.epoll_ctl(ControlOperation::Add, fd, EventSet::empty()).is_err() {
+            self.push_ctrl(key, OP_RST, 0);
+            return;
+        }
+        self.fds.insert(fd, FdKind::Conn(key));
+        let mut c = Connection::new(stream, ConnState::Established);
+        c.peer_buf_alloc = hdr.buf_alloc;
+        c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        self.conns.insert(key, c);
+        self.push_ctrl(key, OP_RESPONSE, 0);
+        self.update_interest(key);
+    }
+
+    /// The host side of a connection closed (EOF or error): tell the guest.
+    fn host_closed(&mut self, key: ConnKey) {
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.state = ConnState::Closing;
+            c.rx_queued = false;
+        }
+        self.rx_ready.retain(|k| *k != key);
+        self.push_ctrl(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+        self.update_interest(key);
+    }
+
+    /// Produces the next packet for the guest, its payload in `buf` (at most `max_payload`).
+    pub fn recv_pkt(&mut self, max_payload: usize, buf: &mut Vec<u8>) -> Option<VsockHeader> {
+        buf.clear();
+        if let Some(mut h) = self.ctrl_rx.pop_front() {
+            let key = ConnKey { local_port: h.src_port, peer_port: h.dst_port };
+            if let Some(c) = self.conns.get_mut(&key) {
+                h.buf_alloc = CONN_BUF_ALLOC;
+                h.fwd_cnt = c.fwd_cnt.0;
+                c.last_fwd_cnt_sent = c.fwd_cnt;
+            }
+            return Some(h);
+        }
+        while let Some(key) = self.rx_ready.pop_front() {
+            let Some(c) = self.conns.get_mut(&key) else { continue };
+            c.rx_queued = false;
+            let want = (c.peer_credit() as usize).min(max_payload).min(MAX_PKT_PAYLOAD);
+            if c.state != ConnState::Established || want == 0 {
+                self.update_interest(key);
+                continue;
+            }
+            buf.resize(want, 0);
+            match c.stream.read(buf) {
+                Ok(0) => {
+                    buf.clear();
+                    self.host_closed(key);
+                    return self.recv_pkt(max_payload, buf);
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    c.rx_cnt += Wrapping(n as u32);
+                    c.last_fwd_cnt_sent = c.fwd_cnt;
+                    let fwd_cnt = c.fwd_cnt.0;
+                    let mut h = self.header(key, OP_RW);
+                    h.len = n as u32;
+                    h.buf_alloc = CONN_BUF_ALLOC;
+                    h.fwd_cnt = fwd_cnt;
+                    self.update_interest(key);
+                    return Some(h);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    buf.clear();
+                    self.update_interest(key);
+                }
+                Err(_) => {
+                    buf.clear();
+                    self.host_closed(key);
+                    return self.recv_pkt(max_payload, buf);
+                }
+            }
+        }
+        None
+    }
+
+    /// Handles readiness on the muxer's sockets (non-blocking).
+    pub fn process_events(&mut self) {
+        let mut events = [EpollEvent::default(); 32];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("vsock epoll_wait: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let fd = ev.data() as RawFd;
+            let set = ev.event_set();
+            match self.fds.get(&fd) {
+                Some(FdKind::Listener) => self.accept(),
+                Some(FdKind::Pending(..)) => self.read_connect_line(fd),
+                Some(FdKind::Conn(key)) => {
+                    let key = *key;
+                    self.conn_event(key, set);
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    if s.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = s.as_raw_fd();
+                    if self.epoll_ctl(ControlOperation::Add, fd, EventSet::IN).is_ok() {
+                        self.fds.insert(fd, FdKind::Pending(s, Vec::new()));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Reads the `CONNECT <port>\n` line one byte at a time, so no payload byte is consumed.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(FdKind::Pending(s, line)) = self.fds.get_mut(&fd) else { return };
+        let mut b = [0u8; 1];
+        let port = loop {
+            match s.read(&mut b) {
+                Ok(1) if b[0] == b'\n' => {
+                    break std::str::from_utf8(line)
+                        .ok()
+                        .and_then(|l| l.strip_prefix("CONNECT "))
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                }
+                Ok(1) if line.len() < MAX_CONNECT_LINE => line.push(b[0]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                _ => break None,
+            }
+        };
+        let Some(FdKind::Pending(stream, _)) = self.fds.remove(&fd) else { return };
+        let Some(port) = port else {
+            let _ = self.epoll_ctl(ControlOperation::Delete, fd, EventSet::empty());
+            return; // dropping the stream closes it
+        };
+        let key = loop {
+            let k = ConnKey { local_port: self.next_local_port, peer_port: port };
+            self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&k) {
+                break k;
+            }
+        };
+        let _ = self.epoll_ctl(ControlOperation::Modify, fd, EventSet::empty());
+        self.fds.insert(fd, FdKind::Conn(key));
+        self.conns.insert(key, Connection::new(stream, ConnState::LocalInit));
+        self.push_ctrl(key, OP_REQUEST, 0);
+    }
+
+    fn conn_event(&mut self, key: ConnKey, set: EventSet) {
+        let Some(c) = self.conns.get_mut(&key) else { return };
+        if set.contains(EventSet::OUT) {
+            if !c.flush() {
+                self.host_closed(key);
+                return;
+            }
+            self.maybe_credit_update(key);
+        }
+        let Some(c) = self.conns.get_mut(&key) else { return };
+        if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+            && c.state == ConnState::Established
+            && !c.rx_queued
+        {
+            c.rx_queued = true;
+            self.rx_ready.push_back(key);
+        }
+        self.update_interest(key);
+    }
+}
+
+impl AsRawFd for VsockMuxer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+}
+
+impl Drop for VsockMuxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}

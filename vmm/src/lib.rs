@@ -1,0 +1,8 @@
+//! husk-vmm: a small KVM virtual machine monitor, one process per VM.
+
+pub mod boot;
+pub mod config;
+pub mod device_manager;
+pub mod devices;
+pub mod vmm;
+pub mod vstate;

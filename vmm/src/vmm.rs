@@ -1,0 +1,219 @@
+//! Builds a VM from a `VmConfig` and runs it: vCPU threads plus the device event loop on the
+//! calling thread, until the guest shuts down, a fatal error occurs, or SIGTERM's grace runs out.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+use crate::boot::{self, BootSpec};
+use crate::config::{SerialConfig, VmConfig, derive_mac, parse_mac};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::devices::bus::lock;
+use crate::devices::serial::LineWriter;
+use crate::devices::virtio::block::{BlockDevice, BlockError};
+use crate::devices::virtio::net::{self, NetDevice, Tap, TapError};
+use crate::devices::virtio::vsock::{self, MuxerError, VsockDevice};
+use crate::devices::{ExitReason, ExitSignal};
+use crate::vstate::kvm::{KvmContext, KvmError};
+use crate::vstate::memory::{MemoryError, create_guest_memory};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Vsock(#[from] MuxerError),
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+    #[error("signal setup: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// How long the guest gets to react to Ctrl-Alt-Del after SIGTERM before the VMM exits anyway.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub struct RunOptions {
+    /// Process start, for `--boot-timer` reporting.
+    pub boot_timer: Option<Instant>,
+}
+
+fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(LineWriter(std::io::stdout())),
+        SerialConfig::File(p) => Box::new(LineWriter(
+            File::create(p).map_err(|source| VmmError::SerialFile { path: p.clone(), source })?,
+        )),
+        SerialConfig::None => Box::new(std::io::sink()),
+    })
+}
+
+/// Blocks SIGTERM/SIGINT in this thread (and the threads it spawns later) and returns a signalfd.
+fn signal_fd() -> Result<File, VmmError> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; the calls only read
+    // and write the set we own and this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(VmmError::Signal(std::io::Error::last_os_error()));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(VmmError::Signal(std::io::Error::last_os_error()));
+        }
+        use std::os::fd::FromRawFd;
+        Ok(File::from_raw_fd(fd))
+    }
+}
+
+/// Watches the exit eventfd and the signalfd on the event loop.
+struct Control {
+    exit: Arc<ExitSignal>,
+    signals: File,
+    i8042: Arc<Mutex<crate::devices::i8042::I8042>>,
+    stop_deadline: Option<Instant>,
+}
+
+impl MutEventSubscriber for Control {
+    fn process(&mut self, events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        if events.data() == 1 {
+            let mut info = [0u8; 128];
+            use std::io::Read;
+            while self.signals.read(&mut info).is_ok_and(|n| n > 0) {
+                tracing::info!("SIGTERM: sending Ctrl-Alt-Del to the guest");
+                lock(&self.i8042).trigger_ctrl_alt_del();
+                self.stop_deadline.get_or_insert(Instant::now() + STOP_GRACE);
+            }
+        } else {
+            let _ = self.exit.evt.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        use event_manager::Events;
+        use vmm_sys_util::epoll::EventSet;
+        let _ = ops.add(Events::with_data(&self.exit.evt, 0, EventSet::IN));
+        let _ = ops.add(Events::with_data(&self.signals, 1, EventSet::IN));
+    }
+}
+
+/// Builds and runs the VM; returns why it stopped.
+pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
+    cfg.validate()?;
+    let signals = signal_fd()?;
+    let kvm = KvmContext::new()?;
+    let mem = create_guest_memory(cfg.memory_mib)?;
+    let vm = Vm::new(&kvm, &mem)?;
+    let exit = Arc::new(ExitSignal::new().map_err(VmmError::Signal)?);
+    let mut dm = DeviceManager::new(&vm.fd, exit.clone(), serial_output(&cfg.serial)?)?;
+
+    if let Some(v) = &cfg.vsock {
+        let slot = dm.allocate_virtio(&vm.fd, 3)?;
+        let muxer = VsockDevice::bind(v.guest_cid, &v.uds_path)?;
+        let evts = clone_evts(&slot.queue_evts)?;
+        let dev = VsockDevice::new(muxer, slot.channel.clone(), slot.interrupt.clone(), evts);
+        dm.attach_virtio(&slot, vsock::device_info(v.guest_cid), &mem, Arc::new(Mutex::new(dev)))?;
+    }
+    for d in &cfg.disks {
+        let slot = dm.allocate_virtio(&vm.fd, 1)?;
+        let evt = clone_evts(&slot.queue_evts)?.remove(0);
+        let dev = BlockDevice::open(&d.path, d.read_only, &d.id, slot.channel.clone(), slot.interrupt.clone(), evt)?;
+        let info = dev.info();
+        dm.attach_virtio(&slot, info, &mem, Arc::new(Mutex::new(dev)))?;
+    }
+    for n in &cfg.net {
+        let mac = match &n.mac {
+            Some(m) => parse_mac(m)?,
+            None => derive_mac(&n.tap),
+        };
+        let tap = Tap::open(&n.tap)?;
+        let slot = dm.allocate_virtio(&vm.fd, 2)?;
+        let dev = NetDevice::new(tap, slot.channel.clone(), slot.interrupt.clone(), clone_evts(&slot.queue_evts)?);
+        dm.attach_virtio(&slot, net::device_info(mac), &mem, Arc::new(Mutex::new(dev)))?;
+    }
+
+    let mut cmdline = cfg.cmdline.clone();
+    for d in &dm.cmdline_devices {
+        cmdline.push(' ');
+        cmdline.push_str(d);
+    }
+    let spec = BootSpec {
+        kernel: &cfg.kernel,
+        initrd: cfg.initrd.as_deref(),
+        cmdline: &cmdline,
+        mem_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+    };
+    let entry = boot::load(&mem, &spec)?;
+    tracing::debug!(?entry, %cmdline, "kernel loaded");
+
+    let mut evmgr: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(VmmError::EventLoop)?;
+    for s in dm.subscribers.drain(..) {
+        evmgr.add_subscriber(s);
+    }
+    let control = Arc::new(Mutex::new(Control { exit: exit.clone(), signals, i8042: dm.i8042.clone(), stop_deadline: None }));
+    evmgr.add_subscriber(control.clone());
+
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for id in 0..cfg.vcpus {
+        let v = Vcpu::new(&vm.fd, id)?;
+        v.configure(&kvm.supported_cpuid, cfg.vcpus, entry, &mem)?;
+        vcpus.push(v);
+    }
+    let shared = Arc::new(VcpuShared {
+        pio: std::mem::take(&mut dm.pio),
+        mmio: std::mem::take(&mut dm.mmio),
+        exit: exit.clone(),
+        boot_timer: opts.boot_timer,
+    });
+    for v in vcpus {
+        v.start(shared.clone())?;
+    }
+
+    loop {
+        evmgr.run_with_timeout(100).map_err(VmmError::EventLoop)?;
+        if let Some(r) = exit.reason() {
+            return Ok(r);
+        }
+        if lock(&control).stop_deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::warn!("guest did not stop within {STOP_GRACE:?} of Ctrl-Alt-Del");
+            return Ok(ExitReason::Stopped);
+        }
+    }
+}
+
+fn clone_evts(evts: &[vmm_sys_util::eventfd::EventFd]) -> Result<Vec<vmm_sys_util::eventfd::EventFd>, VmmError> {
+    evts.iter()
+        .map(|e| e.try_clone().map_err(|e| VmmError::Devices(DeviceManagerError::EventFd(e))))
+        .collect()
+}

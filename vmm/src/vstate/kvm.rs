@@ -1,0 +1,55 @@
+//! The `/dev/kvm` handle and the capability checks made before anything else.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    #[error("/dev/kvm is missing (no KVM on this host)")]
+    Missing,
+    #[error("/dev/kvm is unusable: {0}")]
+    Open(#[source] kvm_ioctls::Error),
+    #[error("unsupported KVM API version {0} (want 12)")]
+    ApiVersion(i32),
+    #[error("KVM lacks a required capability: {0:?}")]
+    MissingCap(Cap),
+    #[error("cannot query supported CPUID: {0}")]
+    Cpuid(#[source] kvm_ioctls::Error),
+}
+
+/// The capabilities this VMM relies on.
+const REQUIRED_CAPS: [Cap; 6] = [
+    Cap::Irqchip,
+    Cap::Ioeventfd,
+    Cap::Irqfd,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::Pit2,
+];
+
+pub struct KvmContext {
+    pub kvm: Kvm,
+    pub supported_cpuid: CpuId,
+}
+
+impl KvmContext {
+    pub fn new() -> Result<Self, KvmError> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return Err(KvmError::Missing);
+        }
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let v = kvm.get_api_version();
+        if v != 12 {
+            return Err(KvmError::ApiVersion(v));
+        }
+        for cap in REQUIRED_CAPS {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(cap));
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(KvmError::Cpuid)?;
+        Ok(Self { kvm, supported_cpuid })
+    }
+}

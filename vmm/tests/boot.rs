@@ -1,0 +1,131 @@
+//! Boots the bare-metal test guest: entry modes, SMP, exit codes, SIGTERM, and config errors.
+
+mod common;
+use common::*;
+
+#[test]
+fn pvh_entry_boots_and_guest_reset_exits_zero() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "console=ttyS0", &[]));
+    vm.expect_line("entry=pvh");
+    let l = vm.expect_line("cmdline:");
+    assert!(l.contains("console=ttyS0"), "cmdline reached the guest: {l}");
+    vm.expect_line("HUSK_GUEST_DONE");
+    let (code, err) = vm.wait();
+    assert_eq!(code, 0, "stderr: {err}");
+}
+
+#[test]
+fn linux64_entry_boots_through_zero_page() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = Vm::spawn(&args(GUEST_64, "hello-zero-page", &[]));
+    vm.expect_line("entry=linux64");
+    assert!(vm.expect_line("cmdline:").contains("hello-zero-page"));
+    vm.expect_line("HUSK_GUEST_DONE");
+    assert_eq!(vm.wait().0, 0);
+}
+
+#[test]
+fn smp_two_vcpus_mptable_and_ap_startup() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.smp", &["--vcpus", "2"]));
+    assert!(vm.expect_line("smp: mptable cpus=").ends_with("cpus=2"));
+    vm.expect_line("smp: ap 1 started");
+    assert_eq!(vm.wait().0, 0);
+}
+
+#[test]
+fn triple_fault_is_a_clear_error() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.crash", &[]));
+    vm.expect_line("crash:");
+    let (code, err) = vm.wait();
+    assert_ne!(code, 0);
+    assert!(err.contains("triple fault") || err.contains("internal error"), "stderr: {err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("husk-vmm: error")).count(), 1, "one-line error: {err}");
+}
+
+#[test]
+fn sigterm_sends_ctrl_alt_del_and_guest_shuts_down() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.wait", &[]));
+    vm.expect_line("waiting for ctrl-alt-del");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    vm.expect_line("got ctrl-alt-del");
+    let (code, err) = vm.wait();
+    assert_eq!(code, 0, "stderr: {err}");
+}
+
+fn run_err(a: Vec<String>) -> String {
+    let out = std::process::Command::new(VMM).args(&a).output().expect("run husk-vmm");
+    assert!(!out.status.success(), "expected failure for {a:?}");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.lines().count(), 1, "one-line error, got: {err}");
+    err
+}
+
+#[test]
+fn bad_configs_fail_with_one_line_errors() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempdir();
+    let missing = path_str(&dir.path().join("nope"));
+    assert!(run_err(args(&missing, "", &[])).contains("cannot be opened"));
+
+    let text = tmp_path(&dir, "text");
+    std::fs::write(&text, b"this is not a kernel at all, just some text to be long enough ...".repeat(20)).expect("w");
+    assert!(run_err(args(&path_str(&text), "", &[])).contains("not an ELF vmlinux or a bzImage"));
+
+    // An ELF whose segment is larger than guest memory.
+    let mut elf = std::fs::read(GUEST_PVH).expect("guest");
+    let phoff = u64::from_le_bytes(elf[32..40].try_into().expect("8")) as usize;
+    elf[phoff + 40..phoff + 48].copy_from_slice(&(64u64 << 20).to_le_bytes());
+    let big = tmp_path(&dir, "big.elf");
+    std::fs::write(&big, &elf).expect("w");
+    assert!(run_err(args(&path_str(&big), "", &[])).contains("too small for the kernel"));
+
+    let initrd = tmp_path(&dir, "initrd");
+    std::fs::write(&initrd, vec![0u8; 40 << 20]).expect("w");
+    let e = run_err(args(GUEST_PVH, "", &["--initrd", &path_str(&initrd)]));
+    assert!(e.contains("too small for the kernel and initrd"), "{e}");
+
+    assert!(run_err(args(GUEST_PVH, "", &["--vcpus", "0"])).contains("vcpus"));
+    // An existing non-tap interface cannot be attached as a tap (nothing is created).
+    assert!(run_err(args(GUEST_PVH, "", &["--net", "tap=lo"])).contains("cannot open tap lo"));
+
+    let cfg = tmp_path(&dir, "vm.json");
+    std::fs::write(&cfg, br#"{"kernel": "/k", "bogus": 1}"#).expect("w");
+    assert!(run_err(vec!["--config".into(), path_str(&cfg)]).contains("invalid config file"));
+}
+
+#[test]
+fn config_file_boots() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempdir();
+    let serial = tmp_path(&dir, "serial.log");
+    let cfg = tmp_path(&dir, "vm.json");
+    let json = format!(
+        r#"{{"kernel": "{GUEST_PVH}", "cmdline": "from-json", "vcpus": 1, "memory_mib": 16,
+            "serial": {{"kind": "file", "path": "{}"}}}}"#,
+        serial.display()
+    );
+    std::fs::write(&cfg, json).expect("w");
+    let out = std::process::Command::new(VMM).arg("--config").arg(&cfg).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = std::fs::read_to_string(&serial).expect("serial log");
+    assert!(log.contains("cmdline: from-json") && log.contains("HUSK_GUEST_DONE"), "{log}");
+}

@@ -1,0 +1,133 @@
+//! Shared helpers for the boot tests: run husk-vmm on the test guest and watch its serial output.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+pub const GUEST_PVH: &str = env!("HUSK_TEST_GUEST_PVH");
+pub const GUEST_64: &str = env!("HUSK_TEST_GUEST_64");
+pub const VMM: &str = env!("CARGO_BIN_EXE_husk-vmm");
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Returns false (after printing why) when KVM cannot be used here.
+pub fn kvm_usable() -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            println!("skipped: /dev/kvm unusable: {e}");
+            false
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub struct Vm {
+    pub child: Child,
+    lines: Receiver<(Instant, String)>,
+    pub seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Vm {
+    pub fn spawn(args: &[String]) -> Vm {
+        Self::spawn_cmd(Command::new(VMM).args(args))
+    }
+
+    pub fn spawn_cmd(cmd: &mut Command) -> Vm {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn husk-vmm");
+        let out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send((Instant::now(), l)).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Vm { child, lines: rx, seen: Vec::new(), stderr: Some(stderr) }
+    }
+
+    /// Waits for a serial line containing `needle`; returns it.
+    pub fn expect_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((_, l)) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no serial line containing {needle:?}; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for the VMM to exit; returns (exit code, stderr). Remaining serial lines are kept.
+    pub fn wait(&mut self) -> (i32, String) {
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("husk-vmm did not exit; serial so far: {:#?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        (status.code().unwrap_or(-1), stderr)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn args(kernel: &str, cmdline: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["--kernel", kernel, "--memory", "32", "--cmdline", cmdline]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+pub fn path_str(p: &std::path::Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+pub fn tmp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
