@@ -14,15 +14,14 @@ fn request(q: &mut Vq, kind: u32, sector: u64, data: u64, len: u32, write_to_gue
     wr32(HDR + 4, 0);
     wr64(HDR + 8, sector);
     wr8(STATUS, 0xff);
-    let (a, b, c) = (q.alloc(), q.alloc(), q.alloc());
+    let (a, b) = (q.alloc(), q.alloc());
     q.set_desc(a, HDR, 16, F_NEXT, b);
     if len > 0 {
+        let c = q.alloc();
         q.set_desc(b, data, len, F_NEXT | if write_to_guest { F_WRITE } else { 0 }, c);
         q.set_desc(c, STATUS, 1, F_WRITE, 0);
     } else {
         q.set_desc(b, STATUS, 1, F_WRITE, 0);
-        q.free_chain(c);
-        q.set_desc(c, 0, 0, 0, 0);
     }
     q.push(a);
     q.notify();

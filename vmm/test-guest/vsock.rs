@@ -64,6 +64,7 @@ struct Dev {
     tx_bytes: [u32; QSIZE as usize],
     chains: u32,
     closed: u32,
+    max_chain: u32,
 }
 
 fn buf_addr(b: usize) -> u64 {
@@ -168,6 +169,9 @@ impl Dev {
                 }
                 return; // wait for a credit update
             }
+            if total > self.max_chain {
+                self.max_chain = total;
+            }
             let head = self.tx.alloc();
             let at = VSOCK_TXHDR + head as u64 * 64;
             self.write_hdr(at, c, total, OP_RW, 0);
@@ -217,6 +221,8 @@ impl Dev {
         puts(why);
         puts(" echoed=");
         put_dec(self.conns[c].echoed);
+        puts(" max_tx_payload=");
+        put_dec(self.max_chain as u64);
         puts("\n");
         self.conns[c].active = false;
         self.closed += 1;
@@ -296,6 +302,7 @@ pub fn run(base: u64, area: u64, cmd: &'static [u8]) {
         tx_bytes: [0; QSIZE as usize],
         chains: 0,
         closed: 0,
+        max_chain: 0,
     };
     m.driver_ok();
     for b in 0..NBUF {
