@@ -106,7 +106,7 @@ fn net_frames_both_ways_through_tap() {
             break;
         }
     }
-    let mut pong = vec![0u8; 60];
+    let mut pong = [0u8; 60];
     pong[..6].copy_from_slice(&MAC);
     pong[6..12].copy_from_slice(&[0x06, 0, 0, 0, 0, 0x99]);
     pong[12..14].copy_from_slice(&[0x88, 0xb5]);

@@ -120,7 +120,7 @@ pub mod tests {
     use super::*;
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+    use virtio_queue::{Queue, QueueOwnedT};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;

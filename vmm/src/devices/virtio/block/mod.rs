@@ -102,7 +102,7 @@ impl BlockDevice {
                 .checked_mul(SECTOR_SIZE)
                 .and_then(|o| o.checked_add(len as u64))
                 .is_some_and(|end| end <= self.capacity_bytes)
-                && len % SECTOR_SIZE as usize == 0
+                && len.is_multiple_of(SECTOR_SIZE as usize)
                 && len <= MAX_REQUEST_BYTES
         };
         match kind {

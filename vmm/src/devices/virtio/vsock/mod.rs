@@ -100,8 +100,7 @@ impl VsockDevice {
     fn process_tx(&mut self) -> bool {
         let Some(a) = self.active.as_mut() else { return false };
         let mut used = false;
-        loop {
-            let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) else { break };
+        while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
             match Segments::from_chain(chain, &a.mem, HDR_SIZE + MAX_PKT_PAYLOAD) {
                 Ok(segs) => match parse_tx(&segs, &a.mem, &mut self.scratch) {
@@ -218,6 +217,7 @@ mod tests {
 
     #[test]
     fn tx_header_and_payload_split_over_many_descriptors() {
+        // Linux >= 6 sends payloads over 32 KiB like this; virtio-vsock's parser rejects it.
         let m = mem();
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
         let plen = 60_000usize;
@@ -226,32 +226,17 @@ mod tests {
         m.write_slice(&h[..10], GuestAddress(0x1_0000)).expect("w");
         m.write_slice(&h[10..], GuestAddress(0x1_1000)).expect("w");
         m.write_slice(&payload[..plen], GuestAddress(0x2_0000)).expect("w");
+        // 2 header descriptors + 8 payload descriptors of up to 8 KiB (the mock queue has 16).
         let mut descs = vec![desc(0x1_0000, 10, F_NEXT, 1), desc(0x1_1000, 34, F_NEXT, 2)];
         let mut off = 0;
         let mut i = 2;
         while off < plen {
-            let n = (plen - off).min(4096);
+            let n = (plen - off).min(8192);
             let last = off + n == plen;
             descs.push(desc(0x2_0000 + off as u64, n as u32, if last { 0 } else { F_NEXT }, i + 1));
             off += n;
             i += 1;
         }
-        // The mock queue has 16 entries; 2 + 15 descriptors would not fit, so use 8 KiB pieces.
-        let descs: Vec<_> = if descs.len() > 16 {
-            let mut d = vec![desc(0x1_0000, 10, F_NEXT, 1), desc(0x1_1000, 34, F_NEXT, 2)];
-            let mut off = 0;
-            let mut i = 2;
-            while off < plen {
-                let n = (plen - off).min(8192);
-                let last = off + n == plen;
-                d.push(desc(0x2_0000 + off as u64, n as u32, if last { 0 } else { F_NEXT }, i + 1));
-                off += n;
-                i += 1;
-            }
-            d
-        } else {
-            descs
-        };
         let segs = parse(&m, &descs, HDR_SIZE + MAX_PKT_PAYLOAD).expect("valid");
         let mut out = Vec::new();
         assert_eq!(parse_tx(&segs, &m, &mut out), TxParse::Packet(hdr(plen as u32)));

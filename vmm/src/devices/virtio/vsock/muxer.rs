@@ -511,3 +511,154 @@ impl Drop for VsockMuxer {
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID: u64 = 3;
+
+    fn muxer() -> (VsockMuxer, tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let uds = dir.path().join("v.sock");
+        (VsockMuxer::new(CID, &uds).expect("muxer"), dir, uds)
+    }
+
+    fn from_guest(src_port: u32, dst_port: u32, op: u16, buf_alloc: u32, fwd_cnt: u32) -> VsockHeader {
+        VsockHeader {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc,
+            fwd_cnt,
+            ..Default::default()
+        }
+    }
+
+    fn next(m: &mut VsockMuxer, buf: &mut Vec<u8>) -> Option<VsockHeader> {
+        for _ in 0..50 {
+            m.process_events();
+            if let Some(h) = m.recv_pkt(4096, buf) {
+                return Some(h);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        None
+    }
+
+    fn read_line(s: &mut UnixStream) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).expect("read") == 1 && b[0] != b'\n' {
+            out.push(b[0]);
+        }
+        String::from_utf8(out).expect("utf8")
+    }
+
+    #[test]
+    fn host_initiated_handshake_keeps_early_data_and_respects_credit() {
+        let (mut m, _d, uds) = muxer();
+        let mut c = UnixStream::connect(&uds).expect("connect");
+        c.write_all(b"CONNECT 52\nabcdefghij").expect("w");
+        let mut buf = Vec::new();
+        let req = next(&mut m, &mut buf).expect("request to guest");
+        assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 52, CID));
+        assert!(req.src_port >= FIRST_LOCAL_PORT);
+        // The guest accepts with a 4-byte receive window.
+        m.send_pkt(&from_guest(52, req.src_port, OP_RESPONSE, 4, 0), &[]);
+        assert_eq!(read_line(&mut c), format!("OK {}", req.src_port));
+        let rw = next(&mut m, &mut buf).expect("data");
+        assert_eq!((rw.op, rw.len), (OP_RW, 4));
+        assert_eq!(buf, b"abcd");
+        assert!(next(&mut m, &mut buf).is_none(), "no credit left");
+        // The guest consumed 4 bytes: 4 more may flow.
+        m.send_pkt(&from_guest(52, req.src_port, OP_CREDIT_UPDATE, 4, 4), &[]);
+        let rw = next(&mut m, &mut buf).expect("data after credit update");
+        assert_eq!(buf, b"efgh");
+        assert_eq!(rw.fwd_cnt, 0);
+        // Guest → host data, and the host sees it.
+        m.send_pkt(&from_guest(52, req.src_port, OP_RW, 4, 8), b"pong");
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"pong");
+        // Host closes: the guest is told, and its RST ends the connection.
+        drop(c);
+        m.send_pkt(&from_guest(52, req.src_port, OP_CREDIT_UPDATE, 4096, 8), &[]);
+        let mut saw_shutdown = false;
+        while let Some(h) = next(&mut m, &mut buf) {
+            if h.op == OP_SHUTDOWN {
+                saw_shutdown = true;
+                break;
+            }
+        }
+        assert!(saw_shutdown);
+        m.send_pkt(&from_guest(52, req.src_port, OP_RST, 0, 0), &[]);
+        assert!(m.conns.is_empty());
+    }
+
+    #[test]
+    fn guest_initiated_connect_refused_and_accepted() {
+        let (mut m, _d, uds) = muxer();
+        let mut buf = Vec::new();
+        m.send_pkt(&from_guest(1025, 99, OP_REQUEST, 4096, 0), &[]);
+        assert_eq!(next(&mut m, &mut buf).expect("reply").op, OP_RST, "nobody listens on _99");
+        let l = UnixListener::bind(format!("{}_99", uds.display())).expect("bind");
+        m.send_pkt(&from_guest(1025, 99, OP_REQUEST, 4096, 0), &[]);
+        let r = next(&mut m, &mut buf).expect("reply");
+        assert_eq!((r.op, r.src_port, r.dst_port), (OP_RESPONSE, 99, 1025));
+        let (mut s, _) = l.accept().expect("accept");
+        m.send_pkt(&from_guest(1025, 99, OP_RW, 4096, 0), b"hello");
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"hello");
+        s.write_all(b"back").expect("w");
+        let rw = next(&mut m, &mut buf).expect("rw");
+        assert_eq!((rw.op, rw.dst_port), (OP_RW, 1025));
+        assert_eq!(buf, b"back");
+        // A duplicate REQUEST for a live connection resets it.
+        m.send_pkt(&from_guest(1025, 99, OP_REQUEST, 4096, 0), &[]);
+        assert_eq!(next(&mut m, &mut buf).expect("rst").op, OP_RST);
+        assert!(m.conns.is_empty());
+    }
+
+    #[test]
+    fn malformed_guest_packets_get_rst_and_nothing_else() {
+        let (mut m, _d, _uds) = muxer();
+        let mut buf = Vec::new();
+        let mut h = from_guest(1, 2, OP_RW, 0, 0);
+        h.src_cid = 7; // spoofed source CID
+        m.send_pkt(&h, b"x");
+        assert_eq!(m.recv_pkt(4096, &mut buf).expect("rst").op, OP_RST);
+        let mut h = from_guest(1, 2, OP_RW, 0, 0);
+        h.type_ = 2; // SEQPACKET is not supported
+        m.send_pkt(&h, b"x");
+        assert_eq!(m.recv_pkt(4096, &mut buf).expect("rst").op, OP_RST);
+        // Data for a connection that does not exist.
+        m.send_pkt(&from_guest(1, 2, OP_RW, 0, 0), b"x");
+        assert_eq!(m.recv_pkt(4096, &mut buf).expect("rst").op, OP_RST);
+        // An RST for an unknown connection is not answered.
+        m.send_pkt(&from_guest(1, 2, OP_RST, 0, 0), &[]);
+        assert!(m.recv_pkt(4096, &mut buf).is_none());
+        assert!(m.conns.is_empty());
+    }
+
+    #[test]
+    fn bad_connect_lines_are_dropped() {
+        let (mut m, _d, uds) = muxer();
+        let mut buf = Vec::new();
+        for line in [&b"CONNECT x\n"[..], b"HELLO 5\n", &[b'A'; 64]] {
+            let mut c = UnixStream::connect(&uds).expect("connect");
+            c.write_all(line).expect("w");
+            assert!(next(&mut m, &mut buf).is_none());
+            c.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("t");
+            let mut b = [0u8; 1];
+            match c.read(&mut b) {
+                Ok(n) => assert_eq!(n, 0, "closed"),
+                Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+            }
+        }
+    }
+}
