@@ -131,6 +131,11 @@ impl pb::Agent for AgentService {
         Ok(pb::ExecProcessResponse { pid: p.pid as u32, ..Default::default() })
     }
 
+    async fn remove_process(&self, _: &TtrpcContext, r: pb::RemoveProcessRequest) -> R<pb::Empty> {
+        exec::do_remove_process(&self.agent, &r.container_id, &r.exec_id).map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
     async fn signal_process(&self, _: &TtrpcContext, r: pb::SignalProcessRequest) -> R<pb::Empty> {
         tracing::info!(container = %r.container_id, exec = %r.exec_id, signal = r.signal, "SignalProcess");
         signal::do_signal(&self.agent, &r.container_id, &r.exec_id, r.signal, r.all).map_err(status)?;

@@ -100,11 +100,16 @@ async fn exec_into_running_container_with_stdin_and_tty() {
     require_root!();
     let a = TestAgent::with_sandbox().await;
     let id = unique("exec");
-    a.run(&id, &spec(&["sleep", "1000"])).await;
+    let mut s = spec(&["sleep", "1000"]);
+    s["process"]["env"] = serde_json::json!(["PATH=/bin", "FROM_SPEC=yes"]);
+    a.run(&id, &s).await;
 
-    a.exec(&id, "e1", &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname"], false, false).await.expect("exec");
-    assert_eq!(a.read_all(&id, "e1", false).await, format!("sleep 1000 \n{}\n", a.hostname));
+    a.exec(&id, "e1", &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; echo $FROM_SPEC"], false, false).await.expect("exec");
+    assert_eq!(a.read_all(&id, "e1", false).await, format!("sleep 1000 \n{}\nyes\n", a.hostname));
     assert_eq!(a.wait(&id, "e1").await.exit_code, 0);
+    let rm = |e: &str| pb::RemoveProcessRequest { container_id: id.clone(), exec_id: e.into(), ..Default::default() };
+    a.client.remove_process(ctx(), &rm("e1")).await.expect("remove exec");
+    assert_eq!(code(&a.client.remove_process(ctx(), &rm("e1")).await.expect_err("gone")), Code::NOT_FOUND);
 
     // stdin
     a.exec(&id, "e2", &["cat"], true, false).await.expect("exec cat");
@@ -127,7 +132,7 @@ async fn exec_into_running_container_with_stdin_and_tty() {
     // Bad exec requests.
     let e = a.exec(&id, "e4", &["no-such-binary"], false, false).await.expect_err("missing binary");
     assert_eq!(code(&e), Code::INVALID_ARGUMENT, "{e:?}");
-    let e = a.exec(&id, "e1", &["true"], false, false).await.expect_err("duplicate exec id");
+    let e = a.exec(&id, "e2", &["true"], false, false).await.expect_err("duplicate exec id");
     assert_eq!(code(&e), Code::ALREADY_EXISTS);
     let e = a.exec("nope", "x", &["true"], false, false).await.expect_err("unknown container");
     assert_eq!(code(&e), Code::NOT_FOUND);
@@ -320,4 +325,46 @@ async fn oom_kill_is_reported() {
     assert_ne!(w.exit_code, 0);
     let st = a.container_state_of(&id).await.expect("state");
     assert!(st.oom_killed);
+}
+
+#[tokio::test]
+async fn pod_shares_shm_sandbox_mounts_and_netns_sysctls() {
+    require_root!();
+    let a = TestAgent::start().await;
+    let scratch = pb::SandboxMount {
+        name: "scratch".into(),
+        source: "tmpfs".into(),
+        fstype: "tmpfs".into(),
+        options: vec!["size=1m".into()],
+        ..Default::default()
+    };
+    a.create_sandbox_with(false, vec![scratch]).await;
+    let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("host sysctl");
+
+    let with_scratch = |args: &[&str]| {
+        let mut s = spec(args);
+        s["mounts"].as_array_mut().expect("mounts").push(serde_json::json!(
+            {"destination": "/scratch", "type": "bind", "source": "sandbox:scratch", "options": ["rbind"]}));
+        s
+    };
+    let mut s = with_scratch(&["sh", "-c", "echo shm > /dev/shm/x && echo sb > /scratch/y && ulimit -n && cat /proc/sys/net/ipv4/ip_forward"]);
+    s["linux"]["sysctl"] = serde_json::json!({"net.ipv4.ip_forward": (if host_forward.trim() == "1" { "0" } else { "1" })});
+    s["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 1000, "soft": 900}]);
+    let (out, err, code) = a.output(&unique("writer"), &s).await;
+    assert_eq!(code, 0, "{err}");
+    let pod_forward = if host_forward.trim() == "1" { "0" } else { "1" };
+    assert_eq!(out, format!("900\n{pod_forward}\n"));
+
+    let (out, err, code) = a.output(&unique("reader"), &with_scratch(&["sh", "-c", "cat /dev/shm/x /scratch/y /proc/sys/net/ipv4/ip_forward"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("shm\nsb\n{pod_forward}\n"));
+    // The sysctl was the pod network namespace's, not the host's.
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("host sysctl"), host_forward);
+
+    let mut s = spec(&["true"]);
+    s["linux"]["sysctl"] = serde_json::json!({"../../etc/x": "1"});
+    assert_eq!(code_of(a.create(&unique("badsysctl"), &s).await), Code::INVALID_ARGUMENT);
+    let mut s = spec(&["true"]);
+    s["process"]["capabilities"] = serde_json::json!({"bounding": ["CAP_NOPE"]});
+    assert_eq!(code_of(a.create(&unique("badcap"), &s).await), Code::INVALID_ARGUMENT);
 }

@@ -151,6 +151,26 @@ fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> 
     Ok(target)
 }
 
+/// Reject what the runner would reject, before spawning anything.
+pub fn validate_process(process: &oci_spec::runtime::Process, linux: Option<&oci_spec::runtime::Linux>) -> Result<()> {
+    let invalid = |e: String| AgentError::InvalidArgument(e);
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(invalid("process.args is empty".into()));
+    }
+    if let Some(c) = process.capabilities() {
+        crate::runner::caps::Caps::from_oci(c).map_err(|e| invalid(e.to_string()))?;
+    }
+    if let Some(l) = linux {
+        if let Some(s) = l.seccomp() {
+            crate::runner::seccomp::compile(s).map_err(|e| invalid(format!("seccomp: {e}")))?;
+        }
+        for key in l.sysctl().iter().flatten().map(|(k, _)| k) {
+            crate::runner::rootfs::sysctl_path(key).map_err(|e| invalid(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn do_create(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Container>> {
     validate_id("container", &req.id)?;
     let sandbox = agent.sandbox()?;
@@ -174,9 +194,8 @@ pub async fn do_create(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Con
 async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest, dir: &Path) -> Result<Arc<Container>> {
     let mut spec: Spec = serde_json::from_slice(&req.spec_json)
         .map_err(|e| AgentError::InvalidArgument(format!("oci spec: {e}")))?;
-    if spec.process().as_ref().and_then(|p| p.args().as_ref()).is_none_or(|a| a.is_empty()) {
-        return Err(AgentError::InvalidArgument("oci spec: process.args is empty".into()));
-    }
+    let process = spec.process().as_ref().ok_or_else(|| AgentError::InvalidArgument("oci spec: no process".into()))?;
+    validate_process(process, spec.linux().as_ref())?;
     let (join, unshare) = plan_namespaces(&spec, sandbox)?;
     let joins_pod_ipc = join.iter().any(|j| j.ns == Ns::Ipc && j.path == sandbox.ns_path(Ns::Ipc));
     adjust_spec(&mut spec, sandbox, joins_pod_ipc)?;

@@ -18,14 +18,43 @@ pub struct ExecRequest {
     pub tty: bool,
 }
 
+/// The exec request's top-level keys over the container's process.
+pub fn merge_process(base: Option<&OciProcess>, json: &[u8]) -> Result<OciProcess> {
+    let bad = |e: serde_json::Error| AgentError::InvalidArgument(format!("oci process: {e}"));
+    let overlay: serde_json::Value = serde_json::from_slice(json).map_err(bad)?;
+    let serde_json::Value::Object(overlay) = overlay else {
+        return Err(AgentError::InvalidArgument("oci process: not a JSON object".into()));
+    };
+    let mut merged = match base.map(serde_json::to_value).transpose().map_err(bad)? {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    merged.extend(overlay);
+    serde_json::from_value(serde_json::Value::Object(merged)).map_err(bad)
+}
+
+/// RemoveProcess: forget an exited exec.
+pub fn do_remove_process(agent: &Arc<Agent>, container_id: &str, exec_id: &str) -> Result<()> {
+    if exec_id.is_empty() {
+        return Err(AgentError::InvalidArgument("exec_id is empty (use RemoveContainer)".into()));
+    }
+    let c = agent.container(container_id)?;
+    let p = c.process(exec_id)?;
+    if p.exited().is_none() {
+        return Err(AgentError::FailedPrecondition(format!("exec {exec_id} is still running")));
+    }
+    lock(&c.inner).execs.remove(exec_id);
+    Ok(())
+}
+
 pub async fn do_exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<Arc<Process>> {
     validate_id("exec", &req.exec_id)?;
     let c = agent.container(&req.container_id)?;
     if c.status() != Status::Running {
         return Err(AgentError::FailedPrecondition(format!("container {} is not running", c.id)));
     }
-    let process: OciProcess = serde_json::from_slice(&req.process_json)
-        .map_err(|e| AgentError::InvalidArgument(format!("oci process: {e}")))?;
+    let process = merge_process(c.spec.process().as_ref(), &req.process_json)?;
+    super::create::validate_process(&process, c.spec.linux().as_ref())?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(AgentError::InvalidArgument("process.args is empty".into()));
     }
@@ -63,4 +92,26 @@ pub async fn do_exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<Arc<Process
     }
     lock(&agent.busy).remove(&key);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_process_inherits_unset_keys() {
+        let base: OciProcess = serde_json::from_value(serde_json::json!({
+            "args": ["sleep", "1"], "env": ["A=1"], "cwd": "/srv", "user": {"uid": 7, "gid": 8},
+            "noNewPrivileges": true
+        }))
+        .expect("base");
+        let p = merge_process(Some(&base), br#"{"args": ["ls"], "env": ["B=2"]}"#).expect("merge");
+        assert_eq!(p.args().as_deref(), Some(&["ls".to_string()][..]));
+        assert_eq!(p.env().as_deref(), Some(&["B=2".to_string()][..]));
+        assert_eq!(p.cwd(), std::path::Path::new("/srv"));
+        assert_eq!((p.user().uid(), p.user().gid()), (7, 8));
+        assert_eq!(p.no_new_privileges(), Some(true));
+        assert!(matches!(merge_process(Some(&base), b"[1]"), Err(AgentError::InvalidArgument(_))));
+        assert!(matches!(merge_process(None, br#"{"args": 5}"#), Err(AgentError::InvalidArgument(_))));
+    }
 }

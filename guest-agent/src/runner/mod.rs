@@ -87,7 +87,11 @@ impl RunnerError {
     pub fn is_invalid(&self) -> bool {
         matches!(
             self,
-            RunnerError::Rootfs(rootfs::RootfsError::MissingSource(_) | rootfs::RootfsError::RelativeDestination(_))
+            RunnerError::Rootfs(
+                rootfs::RootfsError::MissingSource(_)
+                    | rootfs::RootfsError::RelativeDestination(_)
+                    | rootfs::RootfsError::Sysctl(_),
+            )
                 | RunnerError::User(_)
                 | RunnerError::Caps(caps::CapsError::Unknown(_))
                 | RunnerError::Exec(exec::ExecError::NoArgs | exec::ExecError::NotFound(_) | exec::ExecError::NotExecutable(_) | exec::ExecError::User(_))

@@ -17,6 +17,8 @@ pub enum RootfsError {
     RelativeDestination(String),
     #[error("bind mount source {0} does not exist")]
     MissingSource(String),
+    #[error("bad sysctl name {0:?}")]
+    Sysctl(String),
     #[error("unknown rootfs propagation {0}")]
     Propagation(String),
 }
@@ -176,15 +178,15 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
     sys.pivot_root(dir)?;
 
     if let Some(linux) = linux {
+        // Sysctls first: /proc/sys is usually among the read-only paths.
+        for (key, value) in linux.sysctl().iter().flatten() {
+            sys.write_file(&sysctl_path(key)?, value.as_bytes())?;
+        }
         for p in linux.masked_paths().as_deref().unwrap_or_default() {
             mask_path(sys, Path::new(p))?;
         }
         for p in linux.readonly_paths().as_deref().unwrap_or_default() {
             readonly_path(sys, Path::new(p))?;
-        }
-        for (key, value) in linux.sysctl().iter().flatten() {
-            let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-            sys.write_file(&path, value.as_bytes())?;
         }
     }
     if let Some(h) = spec.hostname() {
@@ -194,6 +196,15 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
         sys.mount(None, Path::new("/"), None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)?;
     }
     Ok(())
+}
+
+/// /proc/sys path of a sysctl key ("net.ipv4.ip_forward" or "net/ipv4/ip_forward").
+pub fn sysctl_path(key: &str) -> Result<PathBuf> {
+    let parts: Vec<&str> = key.split(['.', '/']).collect();
+    if parts.iter().any(|p| p.is_empty() || *p == "..") {
+        return Err(RootfsError::Sysctl(key.to_string()));
+    }
+    Ok(Path::new("/proc/sys").join(parts.join("/")))
 }
 
 fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount) -> Result<()> {
@@ -336,6 +347,15 @@ mod tests {
     }
 
     #[test]
+    fn sysctl_names_cannot_escape() {
+        assert_eq!(sysctl_path("net.ipv4.ip_forward").expect("ok"), Path::new("/proc/sys/net/ipv4/ip_forward"));
+        assert_eq!(sysctl_path("net/ipv4/conf/eth0.1/rp_filter").expect("ok"), Path::new("/proc/sys/net/ipv4/conf/eth0/1/rp_filter"));
+        for bad in ["", "net..x", "../../etc/passwd", "/abs", "kernel/../x"] {
+            assert!(sysctl_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn secure_join_stays_inside_root() {
         let root = tempfile::tempdir().expect("tmp");
         std::os::unix::fs::symlink("/etc", root.path().join("evil")).expect("symlink");
@@ -395,7 +415,9 @@ mod tests {
         assert!(mounts.contains(&(Some("/dev/null".into()), "/proc/kcore".into(), None, MsFlags::MS_BIND)));
         assert!(mounts.contains(&(Some("tmpfs".into()), "/proc/acpi".into(), Some("tmpfs".into()), MsFlags::MS_RDONLY)));
         assert!(!targets.contains(&"/proc/missing".to_string()));
-        assert!(calls.contains(&Call::Write("/proc/sys/net/ipv4/ip_forward".into(), b"1".to_vec())));
+        let sysctl = calls.iter().position(|c| *c == Call::Write("/proc/sys/net/ipv4/ip_forward".into(), b"1".to_vec()));
+        let ro_sys = calls.iter().position(|c| matches!(c, Call::Mount { target, .. } if target == Path::new("/proc/sys")));
+        assert!(sysctl.expect("sysctl written") < ro_sys.expect("/proc/sys made read-only"));
         assert!(calls.contains(&Call::Sethostname("pod".into())));
         // Read-only root is the last step.
         assert_eq!(

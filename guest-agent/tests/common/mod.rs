@@ -138,7 +138,9 @@ impl TestAgent {
     pub async fn start() -> TestAgent {
         let dir = tempfile::Builder::new().prefix("husk-agent-test").tempdir().expect("tmp");
         let socket = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+        // HUSK_AGENT_BIN runs the suite against another build (e.g. the static one).
+        let bin = std::env::var("HUSK_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_husk-agent").to_string());
+        let child = Command::new(bin)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .arg("--state-dir")
@@ -177,7 +179,12 @@ impl TestAgent {
     }
 
     pub async fn create_sandbox(&self, pid_ns: bool) -> pb::CreateSandboxResponse {
+        self.create_sandbox_with(pid_ns, vec![]).await
+    }
+
+    pub async fn create_sandbox_with(&self, pid_ns: bool, mounts: Vec<pb::SandboxMount>) -> pb::CreateSandboxResponse {
         let req = pb::CreateSandboxRequest {
+            mounts,
             sandbox_id: self.sandbox_id.clone(),
             hostname: self.hostname.clone(),
             dns: Some(pb::DnsConfig { servers: vec!["10.96.0.10".into()], searches: vec!["svc.local".into()], ..Default::default() }).into(),
@@ -267,9 +274,8 @@ impl TestAgent {
     }
 
     pub async fn exec(&self, id: &str, exec_id: &str, args: &[&str], stdin: bool, tty: bool) -> ttrpc::Result<pb::ExecProcessResponse> {
-        let process = serde_json::json!({
-            "terminal": tty, "user": {"uid": 0, "gid": 0}, "args": args, "env": ["PATH=/bin"], "cwd": "/"
-        });
+        // Only args: the rest comes from the container's process.
+        let process = serde_json::json!({"args": args});
         let req = pb::ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
