@@ -1,1 +1,183 @@
-fn main() {}
+//! `cargo bench -p husk-vmm --bench startup`: husk-vmm startup and memory overhead, side by side
+//! with QEMU microvm booting the same test guest (when `qemu-system-x86_64` is installed), and
+//! 20 VMs started at once.
+//!
+//! Times are from just before the process is spawned (CLOCK_MONOTONIC) to: the guest's first
+//! instruction (its first port write, reported by `husk-vmm --boot-timer`), and the guest's
+//! `HUSK_GUEST_READY` serial line arriving on the pipe. RSS is read from /proc/PID/smaps while
+//! the guest idles, excluding the guest-memory mapping.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const VMM: &str = env!("CARGO_BIN_EXE_husk-vmm");
+const GUEST: &str = env!("HUSK_TEST_GUEST_PVH");
+const MEM_MIB: u64 = 128;
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    entry_ms: Option<f64>,
+    marker_ms: f64,
+    rss_kib: u64,
+    guest_rss_kib: u64,
+}
+
+/// (RSS outside the guest-memory mapping, RSS of the guest-memory mapping) in KiB.
+fn rss_split(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let guest_len = MEM_MIB << 20;
+    let (mut other, mut guest, mut in_guest) = (0, 0, false);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            in_guest = b - a == guest_len;
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            if in_guest { guest += kib } else { other += kib }
+        }
+    }
+    (other, guest)
+}
+
+fn wait_line(child: &mut Child, needle: &str) -> Option<u64> {
+    let out = child.stdout.take()?;
+    let mut r = BufReader::new(out);
+    let mut line = String::new();
+    let mut t = None;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            break;
+        }
+        if t.is_none() && line.contains(needle) {
+            t = Some(now_ns());
+        }
+        if line.contains("waiting for ctrl-alt-del") || line.contains("HUSK_GUEST_DONE") {
+            break;
+        }
+    }
+    // Keep draining so the VMM never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut r, &mut std::io::sink()));
+    t
+}
+
+fn husk(wait: bool) -> Option<Sample> {
+    let t0 = now_ns();
+    let cmdline = if wait { "husk.wait" } else { "quiet" };
+    let mut child = Command::new(VMM)
+        .args(["--kernel", GUEST, "--memory", &MEM_MIB.to_string(), "--cmdline", cmdline, "--boot-timer"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .ok()?;
+    let err = child.stderr.take()?;
+    let entry = std::thread::spawn(move || {
+        let mut l = String::new();
+        BufReader::new(err).read_line(&mut l).ok()?;
+        l.rsplit("monotonic ").next()?.trim().trim_end_matches("ns").trim().parse::<u64>().ok()
+    });
+    let marker = wait_line(&mut child, "HUSK_GUEST_READY")?;
+    let (rss_kib, guest_rss_kib) = if wait { rss_split(child.id()) } else { (0, 0) };
+    if wait {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
+    let status = child.wait().ok()?;
+    if !status.success() {
+        eprintln!("husk-vmm exited with {status}");
+        return None;
+    }
+    let entry_ms = entry.join().ok().flatten().map(|e| (e - t0) as f64 / 1e6);
+    Some(Sample { entry_ms, marker_ms: (marker - t0) as f64 / 1e6, rss_kib, guest_rss_kib })
+}
+
+fn qemu_bin() -> Option<String> {
+    let p = "/usr/bin/qemu-system-x86_64";
+    std::path::Path::new(p).exists().then(|| p.to_string())
+}
+
+fn qemu(bin: &str) -> Option<Sample> {
+    let t0 = now_ns();
+    let mut child = Command::new(bin)
+        .args(["-M", "microvm", "-accel", "kvm", "-m", &format!("{MEM_MIB}M"), "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args(["-kernel", GUEST, "-append", "husk.wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .ok()?;
+    let marker = wait_line(&mut child, "HUSK_GUEST_READY");
+    let (rss_kib, guest_rss_kib) = rss_split(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    Some(Sample { entry_ms: None, marker_ms: (marker? - t0) as f64 / 1e6, rss_kib, guest_rss_kib })
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (v[0], p(0.5), p(0.9), v[v.len() - 1])
+}
+
+fn row(name: &str, v: Vec<f64>) {
+    if v.is_empty() {
+        return;
+    }
+    let n = v.len();
+    let (min, med, p90, max) = stats(v);
+    println!("| {name} | {n} | {min:.2} | {med:.2} | {p90:.2} | {max:.2} |");
+}
+
+fn main() {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        println!("skipped: /dev/kvm unusable");
+        return;
+    }
+    let runs: usize = std::env::var("HUSK_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    for _ in 0..3 {
+        husk(false); // warm the page cache
+    }
+    let h: Vec<Sample> = (0..runs).filter_map(|_| husk(true)).collect();
+    let q: Vec<Sample> = match qemu_bin() {
+        Some(b) => (0..runs).filter_map(|_| qemu(&b)).collect(),
+        None => {
+            println!("note: qemu-system-x86_64 not installed, no QEMU comparison");
+            vec![]
+        }
+    };
+    // 20 VMs at once.
+    let handles: Vec<_> = (0..20).map(|_| std::thread::spawn(|| husk(false))).collect();
+    let conc: Vec<f64> = handles.into_iter().filter_map(|h| h.join().ok().flatten()).map(|s| s.marker_ms).collect();
+
+    println!("\n| measurement (ms) | n | min | median | p90 | max |");
+    println!("|---|---|---|---|---|---|");
+    row("husk-vmm: spawn → first guest instruction", h.iter().filter_map(|s| s.entry_ms).collect());
+    row("husk-vmm: spawn → serial marker", h.iter().map(|s| s.marker_ms).collect());
+    row("qemu microvm: spawn → serial marker", q.iter().map(|s| s.marker_ms).collect());
+    row("husk-vmm, 20 started at once: spawn → marker", conc.clone());
+    println!("\n| memory (KiB, guest idle, {MEM_MIB} MiB guest) | n | min | median | p90 | max |");
+    println!("|---|---|---|---|---|---|");
+    row("husk-vmm RSS excluding guest memory", h.iter().map(|s| s.rss_kib as f64).collect());
+    row("husk-vmm guest-memory RSS", h.iter().map(|s| s.guest_rss_kib as f64).collect());
+    row("qemu RSS excluding guest memory", q.iter().map(|s| s.rss_kib as f64).collect());
+    let med = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { stats(v).1 };
+    let hm = med(h.iter().map(|s| s.marker_ms).collect());
+    let qm = med(q.iter().map(|s| s.marker_ms).collect());
+    println!("\nratio qemu/husk (median marker): {:.1}x", qm / hm);
+    println!("20 concurrent: {} of 20 reached the marker; max {:.2} ms = {:.1}x single median", conc.len(), med(conc.clone()).max(conc.iter().cloned().fold(0.0, f64::max)), conc.iter().cloned().fold(0.0, f64::max) / hm);
+    std::thread::sleep(Duration::from_millis(10));
+}

@@ -2,7 +2,6 @@
 //! MMIO slots from the start of the MMIO hole, each with its own IRQ, ioeventfds for queue
 //! notifications, an irqfd for interrupts, and a `virtio_mmio.device=` command-line entry.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
@@ -12,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KBD_IRQ};
-use crate::devices::serial::{COM1_IRQ, COM1_PORT, SerialDevice};
+use crate::devices::serial::{COM1_IRQ, COM1_PORT, PendingFlush, SerialDevice};
 use crate::devices::virtio::mmio::{MMIO_SIZE, MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::{DeviceChannel, DeviceInfo, Interrupt};
 use crate::devices::ExitSignal;
@@ -59,6 +58,7 @@ pub struct DeviceManager {
     pub pio: Bus,
     pub mmio: Bus,
     pub i8042: Arc<Mutex<I8042>>,
+    pub serial: Arc<Mutex<SerialDevice>>,
     pub subscribers: Vec<Subscriber>,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub cmdline_devices: Vec<String>,
@@ -72,7 +72,7 @@ fn efd() -> Result<EventFd, DeviceManagerError> {
 
 impl DeviceManager {
     /// Creates the buses with COM1 and the i8042.
-    pub fn new(vm: &VmFd, exit: Arc<ExitSignal>, serial_out: Box<dyn Write + Send>) -> Result<Self, DeviceManagerError> {
+    pub fn new(vm: &VmFd, exit: Arc<ExitSignal>, serial_out: Box<dyn PendingFlush>) -> Result<Self, DeviceManagerError> {
         let serial_irq = efd()?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|source| DeviceManagerError::Irqfd { irq: COM1_IRQ, source })?;
@@ -80,13 +80,15 @@ impl DeviceManager {
         vm.register_irqfd(&kbd_irq, KBD_IRQ)
             .map_err(|source| DeviceManagerError::Irqfd { irq: KBD_IRQ, source })?;
         let mut pio = Bus::default();
-        pio.insert(Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out))), COM1_PORT, 8)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        pio.insert(serial.clone(), COM1_PORT, 8)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(exit, kbd_irq)));
         pio.insert(i8042.clone(), I8042_PORT, I8042_LEN)?;
         Ok(Self {
             pio,
             mmio: Bus::default(),
             i8042,
+            serial,
             subscribers: Vec::new(),
             cmdline_devices: Vec::new(),
             next_base: MMIO_HOLE_START,

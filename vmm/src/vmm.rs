@@ -2,7 +2,6 @@
 //! calling thread, until the guest shuts down, a fatal error occurs, or SIGTERM's grace runs out.
 
 use std::fs::File;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use crate::boot::{self, BootSpec};
 use crate::config::{SerialConfig, VmConfig, derive_mac, parse_mac};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::lock;
-use crate::devices::serial::LineWriter;
+use crate::devices::serial::{LineWriter, PendingFlush};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
 use crate::devices::virtio::net::{self, NetDevice, Tap, TapError};
 use crate::devices::virtio::vsock::{self, MuxerError, VsockDevice};
@@ -64,13 +63,13 @@ pub struct RunOptions {
     pub boot_timer: Option<Instant>,
 }
 
-fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn PendingFlush>, VmmError> {
     Ok(match cfg {
-        SerialConfig::Stdout => Box::new(LineWriter(std::io::stdout())),
-        SerialConfig::File(p) => Box::new(LineWriter(
+        SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+        SerialConfig::File(p) => Box::new(LineWriter::new(
             File::create(p).map_err(|source| VmmError::SerialFile { path: p.clone(), source })?,
         )),
-        SerialConfig::None => Box::new(std::io::sink()),
+        SerialConfig::None => Box::new(LineWriter::new(std::io::sink())),
     })
 }
 
@@ -200,8 +199,10 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         v.start(shared.clone())?;
     }
 
+    let serial = dm.serial.clone();
     loop {
         evmgr.run_with_timeout(100).map_err(VmmError::EventLoop)?;
+        lock(&serial).flush_pending();
         if let Some(r) = exit.reason() {
             return Ok(r);
         }

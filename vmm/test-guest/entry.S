@@ -18,20 +18,23 @@ pvh_start32:
     mov dx, 0x440
     mov al, 1
     out dx, al
+    /* Identity map with 2 MiB pages only what the guest touches (kept short: in 32-bit mode
+       the kvm-pvm host emulates each instruction): 0-16 MiB, the virtio MMIO window at
+       0xd0000000 and the IOAPIC/LAPIC at 0xfec00000/0xfee00000. */
     mov dword ptr [0x190000], 0x191003
     mov dword ptr [0x191000], 0x192003
-    mov dword ptr [0x191008], 0x193003
-    mov dword ptr [0x191010], 0x194003
     mov dword ptr [0x191018], 0x195003
     xor ecx, ecx
     mov eax, 0x83
 2:
     mov dword ptr [0x192000 + ecx*8], eax
-    mov dword ptr [0x192004 + ecx*8], 0
     add eax, 0x200000
     inc ecx
-    cmp ecx, 2048
+    cmp ecx, 8
     jne 2b
+    mov dword ptr [0x195000 + 128*8], 0xd0000083
+    mov dword ptr [0x195000 + 502*8], 0xfec00083
+    mov dword ptr [0x195000 + 503*8], 0xfee00083
     mov eax, cr4
     or eax, 0x620
     mov cr4, eax

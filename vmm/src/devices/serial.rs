@@ -20,30 +20,64 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Serial output sink that flushes on every newline, so markers reach readers promptly.
-pub struct LineWriter<W: Write + Send>(pub W);
+/// Serial output sink. The UART flushes after every byte; this buffers until a newline (or
+/// 4 KiB) so a line costs one write(2), and the event loop calls `flush_pending` periodically
+/// and at exit so partial lines are not held back.
+pub struct LineWriter<W: Write + Send> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write + Send> LineWriter<W> {
+    pub fn new(inner: W) -> Self {
+        Self { inner, buf: Vec::with_capacity(256) }
+    }
+}
+
+/// Output that may hold bytes back until asked.
+pub trait PendingFlush: Write + Send {
+    fn flush_pending(&mut self) -> std::io::Result<()>;
+}
+
+impl<W: Write + Send> PendingFlush for LineWriter<W> {
+    fn flush_pending(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let r = self.inner.write_all(&self.buf).and_then(|_| self.inner.flush());
+            self.buf.clear();
+            r?;
+        }
+        Ok(())
+    }
+}
 
 impl<W: Write + Send> Write for LineWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        if buf[..n].contains(&b'\n') {
-            self.0.flush()?;
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if data.contains(&b'\n') || self.buf.len() >= 4096 {
+            self.flush_pending()?;
         }
-        Ok(n)
+        Ok(data.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        Ok(())
     }
 }
 
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn PendingFlush>>,
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(irq: EventFd, out: Box<dyn PendingFlush>) -> Self {
         Self {
             uart: Serial::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// Writes out any partial line.
+    pub fn flush_pending(&mut self) {
+        if let Err(e) = self.uart.writer_mut().flush_pending() {
+            tracing::debug!("serial flush: {e}");
         }
     }
 }
@@ -86,12 +120,14 @@ mod tests {
     fn transmits_bytes_and_raises_thre_interrupt() {
         let sink = Sink::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let mut dev = SerialDevice::new(irq.try_clone().expect("clone"), Box::new(sink.clone()));
+        let mut dev = SerialDevice::new(irq.try_clone().expect("clone"), Box::new(LineWriter::new(sink.clone())));
         dev.write(1, &[0x02]); // IER: THR empty interrupt
-        for b in b"hi\n" {
+        for b in b"hi\nab" {
             dev.write(0, &[*b]);
         }
-        assert_eq!(&*sink.0.lock().expect("lock"), b"hi\n");
+        assert_eq!(&*sink.0.lock().expect("lock"), b"hi\n", "partial line held back");
+        dev.flush_pending();
+        assert_eq!(&*sink.0.lock().expect("lock"), b"hi\nab");
         assert!(irq.read().expect("interrupt raised") >= 1);
     }
 }

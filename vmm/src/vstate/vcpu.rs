@@ -37,6 +37,14 @@ pub enum VcpuError {
 /// prints when that happened, measured from process start.
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 
+/// CLOCK_MONOTONIC in nanoseconds (comparable across processes, unlike `Instant`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The lifecycle of one vCPU thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuRunState {
@@ -217,7 +225,11 @@ impl Vcpu {
                     if port == BOOT_TIMER_PORT && !boot_timer_seen {
                         boot_timer_seen = true;
                         if let Some(t0) = shared.boot_timer {
-                            eprintln!("husk-vmm: boot-timer guest-entry {} us", t0.elapsed().as_micros());
+                            eprintln!(
+                                "husk-vmm: boot-timer guest-entry {} us after main, monotonic {} ns",
+                                t0.elapsed().as_micros(),
+                                monotonic_ns()
+                            );
                         }
                     }
                     shared.pio.write(u64::from(port), data);
