@@ -27,6 +27,12 @@ async fn echo_hello_exit_code_and_state() {
     assert!(st.created_at > 0 && st.finished_at >= st.started_at);
     // Waiting again gives the same answer (exit codes are kept).
     assert_eq!(a.wait(&id, "").await.exit_code, 3);
+    // The runner's intermediate processes were reaped too (give the 1 s tick a chance).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !common::zombie_children(a.agent_pid).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(common::zombie_children(a.agent_pid), Vec::<i32>::new());
     a.remove(&id, false).await.expect("remove");
     let e = a.wait_err(&id).await;
     assert_eq!(e, Code::NOT_FOUND);

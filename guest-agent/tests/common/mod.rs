@@ -127,6 +127,8 @@ pub fn unique(prefix: &str) -> String {
 /// (SIGTERM: the agent destroys its sandbox), then cleans the temp dir.
 pub struct TestAgent {
     pub child: Child,
+    /// The agent's pid on the host (differs from `child` under a wrapper).
+    pub agent_pid: i32,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub client: pb::AgentClient,
@@ -136,11 +138,24 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub async fn start() -> TestAgent {
+        Self::start_wrapped(&[]).await
+    }
+
+    /// Start the agent under `wrapper` (e.g. `unshare --pid --fork ...`).
+    pub async fn start_wrapped(wrapper: &[&str]) -> TestAgent {
         let dir = tempfile::Builder::new().prefix("husk-agent-test").tempdir().expect("tmp");
         let socket = dir.path().join("agent.sock");
         // HUSK_AGENT_BIN runs the suite against another build (e.g. the static one).
         let bin = std::env::var("HUSK_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_husk-agent").to_string());
-        let child = Command::new(bin)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .arg("--state-dir")
@@ -164,7 +179,8 @@ impl TestAgent {
             assert!(Instant::now() < deadline, "agent did not come up: {}", std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default());
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        TestAgent { child, dir, socket, client, sandbox_id: unique("sb"), hostname: unique("host") }
+        let agent_pid = if wrapper.is_empty() { child.id() as i32 } else { children(child.id() as i32)[0] };
+        TestAgent { child, agent_pid, dir, socket, client, sandbox_id: unique("sb"), hostname: unique("host") }
     }
 
     /// Start an agent and create a sandbox with fresh net/ipc/uts namespaces.
@@ -287,6 +303,27 @@ impl TestAgent {
     }
 }
 
+/// Direct children of `pid`.
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    }
+    out
+}
+
+/// Children of `pid` that are zombies (exited, not reaped).
+pub fn zombie_children(pid: i32) -> Vec<i32> {
+    children(pid)
+        .into_iter()
+        .filter(|c| {
+            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')).unwrap_or(false)
+        })
+        .collect()
+}
+
 pub fn code(r: &ttrpc::Error) -> ttrpc::Code {
     match r {
         ttrpc::Error::RpcStatus(s) => s.code(),
@@ -296,7 +333,7 @@ pub fn code(r: &ttrpc::Error) -> ttrpc::Code {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(self.agent_pid);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
