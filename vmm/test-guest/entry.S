@@ -68,7 +68,9 @@ start64_from_pvh:
     hlt
     jmp 3b
 
-/* Linux boot protocol 64-bit entry: rsi = zero page. */
+/* Linux boot protocol 64-bit entry: rsi = zero page. In the bzImage build this section
+   is placed at load address + 0x200, where the 64-bit boot protocol enters. */
+.section .text.start64, "ax"
 .global _start64
 _start64:
     mov dx, 0x440
@@ -83,6 +85,8 @@ _start64:
 4:
     hlt
     jmp 4b
+
+.section .text.entry, "ax"
 
 /* Application-processor trampoline, copied to 0x8000 (SIPI vector 8). Real mode. */
 .code16

@@ -129,3 +129,15 @@ fn config_file_boots() {
     let log = std::fs::read_to_string(&serial).expect("serial log");
     assert!(log.contains("cmdline: from-json") && log.contains("HUSK_GUEST_DONE"), "{log}");
 }
+
+#[test]
+fn bzimage_boots_through_64bit_entry() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = Vm::spawn(&args(env!("HUSK_TEST_GUEST_BZIMAGE"), "from-bzimage", &[]));
+    vm.expect_line("entry=linux64");
+    assert!(vm.expect_line("cmdline:").contains("from-bzimage"));
+    vm.expect_line("HUSK_GUEST_DONE");
+    assert_eq!(vm.wait().0, 0);
+}
