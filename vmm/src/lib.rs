@@ -1,5 +1,6 @@
 //! husk-vmm: a small KVM virtual machine monitor, one process per VM.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod device_manager;

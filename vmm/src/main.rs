@@ -39,6 +39,9 @@ struct Cli {
     /// Serial output: `stdout`, `none` or `file:PATH`.
     #[arg(long)]
     serial: Option<String>,
+    /// Control socket (line protocol: status, stop, kill).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
     /// Print the time from process start to the guest's first boot-timer port write (stderr).
     #[arg(long)]
     boot_timer: bool,
@@ -112,6 +115,9 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             uds_path: get(&p, "uds", "--vsock")?.into(),
         });
     }
+    if cli.control_socket.is_some() {
+        cfg.control_socket = cli.control_socket;
+    }
     if let Some(s) = cli.serial {
         cfg.serial = match s.as_str() {
             "stdout" => SerialConfig::Stdout,
@@ -140,7 +146,7 @@ fn main() {
     let code = match result {
         Ok(ExitReason::GuestShutdown) => 0,
         Ok(r @ ExitReason::Stopped) => {
-            eprintln!("husk-vmm: stopped: guest did not shut down after Ctrl-Alt-Del");
+            eprintln!("husk-vmm: stopped before the guest shut down (stop grace period over, or kill)");
             r.exit_code()
         }
         Ok(ExitReason::Error(msg)) => {

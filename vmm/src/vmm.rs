@@ -3,10 +3,11 @@
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
+use crate::api::{Control, bind_control};
 use crate::boot::{self, BootSpec};
 use crate::config::{SerialConfig, VmConfig, derive_mac, parse_mac};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
@@ -51,12 +52,16 @@ pub enum VmmError {
     },
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    #[error("cannot bind control socket {path}: {source}")]
+    ControlSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("signal setup: {0}")]
     Signal(#[source] std::io::Error),
 }
 
-/// How long the guest gets to react to Ctrl-Alt-Del after SIGTERM before the VMM exits anyway.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub struct RunOptions {
     /// Process start, for `--boot-timer` reporting.
@@ -91,37 +96,6 @@ fn signal_fd() -> Result<File, VmmError> {
         }
         use std::os::fd::FromRawFd;
         Ok(File::from_raw_fd(fd))
-    }
-}
-
-/// Watches the exit eventfd and the signalfd on the event loop.
-struct Control {
-    exit: Arc<ExitSignal>,
-    signals: File,
-    i8042: Arc<Mutex<crate::devices::i8042::I8042>>,
-    stop_deadline: Option<Instant>,
-}
-
-impl MutEventSubscriber for Control {
-    fn process(&mut self, events: event_manager::Events, _ops: &mut event_manager::EventOps) {
-        if events.data() == 1 {
-            let mut info = [0u8; 128];
-            use std::io::Read;
-            while self.signals.read(&mut info).is_ok_and(|n| n > 0) {
-                tracing::info!("SIGTERM: sending Ctrl-Alt-Del to the guest");
-                lock(&self.i8042).trigger_ctrl_alt_del();
-                self.stop_deadline.get_or_insert(Instant::now() + STOP_GRACE);
-            }
-        } else {
-            let _ = self.exit.evt.read();
-        }
-    }
-
-    fn init(&mut self, ops: &mut event_manager::EventOps) {
-        use event_manager::Events;
-        use vmm_sys_util::epoll::EventSet;
-        let _ = ops.add(Events::with_data(&self.exit.evt, 0, EventSet::IN));
-        let _ = ops.add(Events::with_data(&self.signals, 1, EventSet::IN));
     }
 }
 
@@ -180,7 +154,12 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     for s in dm.subscribers.drain(..) {
         evmgr.add_subscriber(s);
     }
-    let control = Arc::new(Mutex::new(Control { exit: exit.clone(), signals, i8042: dm.i8042.clone(), stop_deadline: None }));
+    let api = match &cfg.control_socket {
+        Some(p) => Some(bind_control(p).map_err(|source| VmmError::ControlSocket { path: p.clone(), source })?),
+        None => None,
+    };
+    let status = format!("running vcpus={} memory_mib={}", cfg.vcpus, cfg.memory_mib);
+    let control = Arc::new(Mutex::new(Control::new(exit.clone(), signals, dm.i8042.clone(), api, status)));
     evmgr.add_subscriber(control.clone());
 
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
@@ -206,8 +185,8 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         if let Some(r) = exit.reason() {
             return Ok(r);
         }
-        if lock(&control).stop_deadline.is_some_and(|d| Instant::now() >= d) {
-            tracing::warn!("guest did not stop within {STOP_GRACE:?} of Ctrl-Alt-Del");
+        if lock(&control).stop_deadline().is_some_and(|d| Instant::now() >= d) {
+            tracing::warn!("guest did not stop within {:?} of Ctrl-Alt-Del", crate::api::STOP_GRACE);
             return Ok(ExitReason::Stopped);
         }
     }

@@ -141,3 +141,58 @@ fn bzimage_boots_through_64bit_entry() {
     vm.expect_line("HUSK_GUEST_DONE");
     assert_eq!(vm.wait().0, 0);
 }
+
+#[test]
+fn control_socket_status_stop_and_kill() {
+    if !kvm_usable() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempdir();
+    let sock = tmp_path(&dir, "ctl.sock");
+    let ask = |cmd: &str| {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect control socket");
+        s.write_all(format!("{cmd}\n").as_bytes()).expect("w");
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("reply");
+        line
+    };
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.wait", &["--control-socket", &path_str(&sock), "--vcpus", "2"]));
+    vm.expect_line("waiting for ctrl-alt-del");
+    assert_eq!(ask("status"), "running vcpus=2 memory_mib=32\n");
+    assert!(ask("bogus").starts_with("error"));
+    assert_eq!(ask("stop"), "ok\n");
+    vm.expect_line("got ctrl-alt-del");
+    assert_eq!(vm.wait().0, 0);
+
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.wait", &["--control-socket", &path_str(&sock)]));
+    vm.expect_line("waiting for ctrl-alt-del");
+    assert_eq!(ask("kill"), "ok\n");
+    let (code, _) = vm.wait();
+    assert_eq!(code, 143, "killed through the API");
+}
+
+#[test]
+fn missing_kvm_is_a_clear_error() {
+    if !kvm_usable() {
+        return;
+    }
+    if !is_root() || !std::path::Path::new("/usr/bin/unshare").exists() {
+        println!("skipped: needs root and unshare to hide /dev/kvm in a mount namespace");
+        return;
+    }
+    // Hide /dev/kvm in a private mount namespace: bind /dev/null over it (unusable), then
+    // over-mount /dev with an empty tmpfs (missing).
+    for (setup, want) in [
+        ("mount --bind /dev/null /dev/kvm", "/dev/kvm is unusable"),
+        ("mount -t tmpfs none /dev", "/dev/kvm is missing"),
+    ] {
+        let script = format!("{setup} && exec \"$0\" \"$@\"");
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script, VMM]).args(args(GUEST_PVH, "", &[]));
+        let out = cmd.output().expect("run");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "want {want:?}, got {err}");
+    }
+}

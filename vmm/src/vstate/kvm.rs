@@ -9,6 +9,8 @@ pub enum KvmError {
     Missing,
     #[error("/dev/kvm is unusable: {0}")]
     Open(#[source] kvm_ioctls::Error),
+    #[error("/dev/kvm is unusable: KVM_GET_API_VERSION failed (not a KVM device?)")]
+    NotKvm,
     #[error("unsupported KVM API version {0} (want 12)")]
     ApiVersion(i32),
     #[error("KVM lacks a required capability: {0:?}")]
@@ -39,6 +41,9 @@ impl KvmContext {
         }
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let v = kvm.get_api_version();
+        if v < 0 {
+            return Err(KvmError::NotKvm);
+        }
         if v != 12 {
             return Err(KvmError::ApiVersion(v));
         }

@@ -1,0 +1,156 @@
+//! The VM's control plane on the event loop: the exit eventfd, SIGTERM/SIGINT (Ctrl-Alt-Del to
+//! the guest, then exit after a grace period), and the optional control socket, a line protocol:
+//! `status` → `running vcpus=N memory_mib=M`, `stop` (like SIGTERM) and `kill` (exit now),
+//! each answered on one line.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::devices::bus::lock;
+use crate::devices::i8042::I8042;
+use crate::devices::{ExitReason, ExitSignal};
+
+/// How long the guest gets to react to Ctrl-Alt-Del before the VMM exits anyway.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+const TOKEN_EXIT: u32 = 0;
+const TOKEN_SIGNAL: u32 = 1;
+const TOKEN_LISTENER: u32 = 2;
+const MAX_LINE: usize = 256;
+
+pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let l = UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+pub struct Control {
+    exit: Arc<ExitSignal>,
+    signals: File,
+    i8042: Arc<Mutex<I8042>>,
+    listener: Option<UnixListener>,
+    clients: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    status: String,
+    stop_deadline: Option<Instant>,
+}
+
+impl Control {
+    pub fn new(
+        exit: Arc<ExitSignal>,
+        signals: File,
+        i8042: Arc<Mutex<I8042>>,
+        listener: Option<UnixListener>,
+        status: String,
+    ) -> Self {
+        Self { exit, signals, i8042, listener, clients: HashMap::new(), status, stop_deadline: None }
+    }
+
+    /// When the VMM exits if the guest has not shut down by itself.
+    pub fn stop_deadline(&self) -> Option<Instant> {
+        self.stop_deadline
+    }
+
+    fn request_stop(&mut self) {
+        tracing::info!("stop requested: sending Ctrl-Alt-Del to the guest");
+        lock(&self.i8042).trigger_ctrl_alt_del();
+        self.stop_deadline.get_or_insert(Instant::now() + STOP_GRACE);
+    }
+
+    fn command(&mut self, line: &str) -> String {
+        match line.trim() {
+            "status" => self.status.clone(),
+            "stop" => {
+                self.request_stop();
+                "ok".into()
+            }
+            "kill" => {
+                self.exit.exit(ExitReason::Stopped);
+                "ok".into()
+            }
+            other => format!("error unknown command {other:?}"),
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        let Some(l) = &self.listener else { return };
+        while let Ok((s, _)) = l.accept() {
+            if s.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let fd = s.as_raw_fd();
+            if ops.add(Events::with_data_raw(fd, fd as u32 + 16, EventSet::IN)).is_ok() {
+                self.clients.insert(fd, (s, Vec::new()));
+            }
+        }
+    }
+
+    fn client(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let mut reply = None;
+        let mut close = false;
+        if let Some((s, buf)) = self.clients.get_mut(&fd) {
+            let mut chunk = [0u8; 64];
+            match s.read(&mut chunk) {
+                Ok(0) => close = true,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                        reply = Some(String::from_utf8_lossy(&buf[..i]).to_string());
+                        buf.drain(..=i);
+                    } else if buf.len() > MAX_LINE {
+                        close = true;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => close = true,
+            }
+        }
+        if let Some(line) = reply {
+            let answer = self.command(&line);
+            if let Some((s, _)) = self.clients.get_mut(&fd) {
+                // A short reply into a fresh socket buffer; a client that cannot take it is dropped.
+                close |= s.write_all(format!("{answer}\n").as_bytes()).is_err();
+            }
+        }
+        if close && let Some((s, _)) = self.clients.remove(&fd) {
+            let _ = ops.remove(Events::with_data_raw(s.as_raw_fd(), fd as u32 + 16, EventSet::IN));
+        }
+    }
+}
+
+impl MutEventSubscriber for Control {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_EXIT => {
+                let _ = self.exit.evt.read();
+            }
+            TOKEN_SIGNAL => {
+                let mut info = [0u8; 128];
+                while self.signals.read(&mut info).is_ok_and(|n| n > 0) {
+                    self.request_stop();
+                }
+            }
+            TOKEN_LISTENER => self.accept(ops),
+            t => self.client((t - 16) as RawFd, ops),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::with_data(&self.exit.evt, TOKEN_EXIT, EventSet::IN));
+        let _ = ops.add(Events::with_data(&self.signals, TOKEN_SIGNAL, EventSet::IN));
+        if let Some(l) = &self.listener {
+            let _ = ops.add(Events::with_data(l, TOKEN_LISTENER, EventSet::IN));
+        }
+    }
+}
