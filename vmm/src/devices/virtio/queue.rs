@@ -119,7 +119,7 @@ fn gather(segs: &[(GuestAddress, u32)], mem: &GuestMemoryMmap, offset: &mut usiz
 pub mod tests {
     use super::*;
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
+    pub use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
@@ -137,6 +137,18 @@ pub mod tests {
         let mut q: Queue = vq.create_queue().expect("queue");
         let chain = q.iter(mem).expect("iter").next().expect("chain");
         Segments::from_chain(chain, mem, max)
+    }
+
+    /// The used ring of a mock queue as (id, len) pairs.
+    pub fn used(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
+        let base = vq.used_addr();
+        let idx: u16 = mem.read_obj(GuestAddress(base.0 + 2)).expect("used idx");
+        (0..idx as u64)
+            .map(|i| {
+                let e = base.0 + 4 + 8 * i;
+                (mem.read_obj(GuestAddress(e)).expect("id"), mem.read_obj(GuestAddress(e + 4)).expect("len"))
+            })
+            .collect()
     }
 
     #[test]

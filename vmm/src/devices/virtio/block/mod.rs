@@ -266,6 +266,43 @@ mod tests {
     }
 
     #[test]
+    fn queue_processing_survives_malformed_chains() {
+        use crate::devices::virtio::queue::tests::{MockSplitQueue, used};
+        let (mut dev, mem, _f) = setup(false);
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        dev.active = Some((mem.clone(), q.create_queue().expect("q")));
+        req(&mem, T_IN, 1);
+        q.add_desc_chains(
+            &[
+                // Good read of one sector.
+                desc(0x1000, 16, F_NEXT, 1),
+                desc(0x2000, 512, F_WRITE | F_NEXT, 2),
+                desc(0x3000, 1, F_WRITE, 0),
+                // Data descriptor outside guest memory.
+                desc(0x1000, 16, F_NEXT, 4),
+                desc(0xdead_0000, 512, F_WRITE | F_NEXT, 5),
+                desc(0x3000, 1, F_WRITE, 0),
+                // No status byte at all.
+                desc(0x1000, 16, 0, 0),
+                // A loop: 7 -> 8 -> 7 ...
+                desc(0x1000, 16, F_NEXT, 8),
+                desc(0x3000, 1, F_WRITE | F_NEXT, 7),
+            ],
+            0,
+        )
+        .expect("chains");
+        dev.process_queue();
+        let u = used(&mem, &q);
+        assert_eq!(u.len(), 4, "all chains returned: {u:?}");
+        assert_eq!(u[0], (0, 513));
+        assert_eq!((u[1].1, u[2].1), (0, 0));
+        let mut b = [0u8; 512];
+        mem.read_slice(&mut b, GuestAddress(0x2000)).expect("r");
+        assert!(b.iter().all(|x| *x == 1), "sector 1 read");
+        assert!(dev.interrupt.status.load(std::sync::atomic::Ordering::SeqCst) & 1 == 1);
+    }
+
+    #[test]
     fn refuses_bad_requests() {
         let (mut dev, mem, f) = setup(true);
         assert_ne!(dev.info().features & F_RO, 0);

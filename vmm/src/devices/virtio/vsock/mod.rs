@@ -206,6 +206,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::queue::tests::{F_NEXT, F_WRITE, desc, parse};
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem")
@@ -241,6 +242,66 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(parse_tx(&segs, &m, &mut out), TxParse::Packet(hdr(plen as u32)));
         assert_eq!(out, payload[..plen]);
+    }
+
+    #[test]
+    fn device_moves_packets_and_survives_malformed_chains() {
+        use crate::devices::virtio::queue::tests::{MockSplitQueue, used};
+        use std::os::unix::net::UnixListener;
+        let m = mem();
+        let dir = tempfile::tempdir().expect("tmp");
+        let uds = dir.path().join("v.sock");
+        let listener = UnixListener::bind(format!("{}_99", uds.display())).expect("bind");
+        let ch = Arc::new(DeviceChannel::new().expect("ch"));
+        let irq = Arc::new(Interrupt::new().expect("irq"));
+        let evts = (0..3).map(|_| EventFd::new(0).expect("e")).collect();
+        let mut dev = VsockDevice::new(VsockMuxer::new(3, &uds).expect("muxer"), ch.clone(), irq.clone(), evts);
+        let rxq = MockSplitQueue::create(&m, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        let evq = MockSplitQueue::create(&m, GuestAddress(0x2000), 16);
+        let queues = vec![rxq.create_queue().expect("q"), txq.create_queue().expect("q"), evq.create_queue().expect("q")];
+        ch.send(TransportMsg::Activate { queues, mem: m.clone() });
+        dev.handle_channel();
+
+        // RX: a chain with a device-readable descriptor (unusable), then a good split buffer.
+        rxq.add_desc_chains(
+            &[desc(0x2_0000, 64, 0, 0), desc(0x1_0000, 44, F_NEXT | F_WRITE, 2), desc(0x1_1000, 4096, F_WRITE, 0)],
+            0,
+        )
+        .expect("rx chains");
+        // TX: a REQUEST with its header over two descriptors, a descriptor outside guest memory,
+        // and a chain with a device-writable descriptor.
+        let mut req = hdr(0);
+        (req.op, req.src_port, req.dst_port) = (packet::OP_REQUEST, 1025, 99);
+        m.write_slice(&req.to_bytes(), GuestAddress(0x3_0000)).expect("w");
+        txq.add_desc_chains(
+            &[
+                desc(0x3_0000, 20, F_NEXT, 1),
+                desc(0x3_0014, 24, 0, 0),
+                desc(0x7000_0000, 44, 0, 0),
+                desc(0x3_0000, 44, F_NEXT, 4),
+                desc(0x3_1000, 8, F_WRITE, 0),
+            ],
+            0,
+        )
+        .expect("tx chains");
+        dev.run_queues();
+
+        assert_eq!(used(&m, &txq).len(), 3, "every TX chain is returned, malformed ones too");
+        assert_eq!(used(&m, &rxq), vec![(0, 0), (1, HDR_SIZE as u32)]);
+        let mut hb = [0u8; HDR_SIZE];
+        m.read_slice(&mut hb, GuestAddress(0x1_0000)).expect("r");
+        let resp = VsockHeader::from_bytes(&hb);
+        assert_eq!((resp.op, resp.src_port, resp.dst_port, resp.dst_cid), (packet::OP_RESPONSE, 99, 1025, 3));
+        assert_ne!(irq.status.load(std::sync::atomic::Ordering::SeqCst) & 1, 0);
+        listener.set_nonblocking(true).expect("nb");
+        assert!(listener.accept().is_ok(), "the guest's REQUEST reached <uds>_99");
+
+        // Reset drops the queues: later notifications are ignored without touching memory.
+        ch.send(TransportMsg::Reset);
+        dev.handle_channel();
+        dev.run_queues();
+        assert_eq!(used(&m, &txq).len(), 3);
     }
 
     #[test]
