@@ -4,6 +4,8 @@
 //! never waits for device I/O.
 
 pub mod block;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod mmio;
 pub mod net;
 pub mod queue;

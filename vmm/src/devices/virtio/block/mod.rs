@@ -150,7 +150,7 @@ impl BlockDevice {
         }
     }
 
-    fn process_queue(&mut self) {
+    pub(crate) fn process_queue(&mut self) {
         let Some((mem, mut q)) = self.active.take() else { return };
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(&mem) {
@@ -181,17 +181,23 @@ impl BlockDevice {
     }
 }
 
+impl BlockDevice {
+    pub(crate) fn handle_channel(&mut self) {
+        for m in self.channel.take() {
+            match m {
+                TransportMsg::Activate { mut queues, mem } => {
+                    self.active = queues.pop().map(|q| (mem, q));
+                }
+                TransportMsg::Reset => self.active = None,
+            }
+        }
+    }
+}
+
 impl MutEventSubscriber for BlockDevice {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.data() == 0 {
-            for m in self.channel.take() {
-                match m {
-                    TransportMsg::Activate { mut queues, mem } => {
-                        self.active = queues.pop().map(|q| (mem, q));
-                    }
-                    TransportMsg::Reset => self.active = None,
-                }
-            }
+            self.handle_channel();
         } else {
             let _ = self.queue_evt.read();
         }

@@ -78,7 +78,19 @@ impl<T: FrameIo> NetDevice<T> {
         }
     }
 
-    fn process_tx(&mut self) -> bool {
+    pub(crate) fn handle_channel(&mut self) {
+        for m in self.channel.take() {
+            match m {
+                TransportMsg::Activate { queues, mem } => self.active = Some((mem, queues)),
+                TransportMsg::Reset => {
+                    self.active = None;
+                    self.pending = None;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn process_tx(&mut self) -> bool {
         let Some((mem, queues)) = self.active.as_mut() else { return false };
         let mut used = false;
         while let Some(chain) = queues[TXQ].pop_descriptor_chain(&*mem) {
@@ -101,7 +113,7 @@ impl<T: FrameIo> NetDevice<T> {
     }
 
     /// Moves frames from the tap into guest RX buffers while both are available.
-    fn process_rx(&mut self) -> bool {
+    pub(crate) fn process_rx(&mut self) -> bool {
         let Some((mem, queues)) = self.active.as_mut() else { return false };
         let mut used = false;
         loop {
@@ -157,17 +169,7 @@ impl<T: FrameIo> NetDevice<T> {
 impl<T: FrameIo> MutEventSubscriber for NetDevice<T> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            TOKEN_CHANNEL => {
-                for m in self.channel.take() {
-                    match m {
-                        TransportMsg::Activate { queues, mem } => self.active = Some((mem, queues)),
-                        TransportMsg::Reset => {
-                            self.active = None;
-                            self.pending = None;
-                        }
-                    }
-                }
-            }
+            TOKEN_CHANNEL => self.handle_channel(),
             t @ (TOKEN_RXQ | TOKEN_TXQ) => {
                 let _ = self.queue_evts[(t - TOKEN_RXQ) as usize].read();
             }

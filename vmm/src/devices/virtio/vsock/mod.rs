@@ -150,7 +150,7 @@ impl VsockDevice {
         used
     }
 
-    fn run_queues(&mut self) {
+    pub(crate) fn run_queues(&mut self) {
         let tx = self.process_tx();
         let rx = self.process_rx();
         if tx || rx {
@@ -158,7 +158,7 @@ impl VsockDevice {
         }
     }
 
-    fn handle_channel(&mut self) {
+    pub(crate) fn handle_channel(&mut self) {
         for m in self.channel.take() {
             match m {
                 TransportMsg::Activate { queues, mem } => {
