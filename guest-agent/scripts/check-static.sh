@@ -8,9 +8,9 @@ target_dir="${CARGO_TARGET_DIR:-target}-static"
 RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
   cargo build -p husk-agent --target x86_64-unknown-linux-gnu
 bin="$target_dir/x86_64-unknown-linux-gnu/debug/husk-agent"
-if ldd "$bin" >/dev/null 2>&1; then
-  echo "FAIL: $bin is dynamically linked" >&2
-  ldd "$bin" >&2
+if readelf -d "$bin" | grep -q NEEDED; then
+  echo "FAIL: $bin needs shared libraries:" >&2
+  readelf -d "$bin" | grep NEEDED >&2
   exit 1
 fi
 file "$bin"

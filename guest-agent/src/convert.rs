@@ -35,6 +35,7 @@ pub fn sandbox_config(r: &pb::CreateSandboxRequest) -> SandboxConfig {
             .collect(),
         shm_size: r.shm_size,
         cgroup_parent: r.cgroup_parent.clone(),
+        resources: r.resources.clone(),
     }
 }
 

@@ -16,6 +16,9 @@ use crate::container::stdio;
 use crate::reaper::ExitWatch;
 use crate::runner::config::{InitConfig, InitMode, Ns, PauseInit};
 
+/// Leaf cgroup of the namespace holder below the pod cgroup.
+pub const PAUSE_CGROUP: &str = "pause";
+
 /// What CreateSandbox asked for (wire types converted in rpc.rs).
 #[derive(Debug, Clone, Default)]
 pub struct SandboxConfig {
@@ -32,6 +35,8 @@ pub struct SandboxConfig {
     pub mounts: Vec<SandboxMount>,
     pub shm_size: u64,
     pub cgroup_parent: String,
+    /// LinuxResources JSON for the pod cgroup (empty = none).
+    pub resources: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -211,7 +216,15 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
     if cgroup_parent.components().any(|p| matches!(p, std::path::Component::ParentDir)) {
         return Err(AgentError::InvalidArgument(format!("cgroup parent {}", c.cgroup_parent)));
     }
-    let cgroup = agent.cgroups.create(&cgroup_parent)?;
+    let parent = agent.cgroups.create(&cgroup_parent)?;
+    if !c.resources.is_empty() {
+        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&c.resources)
+            .map_err(|e| AgentError::InvalidArgument(format!("sandbox resources: {e}")))?;
+        crate::cgroup::validate(&res).map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
+        parent.apply(&res)?;
+    }
+    // The holder goes to a leaf: a v2 cgroup with processes cannot delegate.
+    let cgroup = agent.cgroups.create(&cgroup_parent.join(PAUSE_CGROUP))?;
 
     if agent.config.is_init && !c.hostname.is_empty() && !c.new_uts {
         nix::unistd::sethostname(&c.hostname).map_err(|e| AgentError::Os("sethostname", e))?;
@@ -260,8 +273,10 @@ pub async fn do_destroy(agent: &Arc<Agent>, id: &str) -> Result<()> {
     for m in sandbox.mounts.values() {
         let _ = nix::mount::umount2(m, MntFlags::MNT_DETACH);
     }
-    if let Ok(cg) = agent.cgroups.create(&sandbox.cgroup_parent) {
-        let _ = cg.destroy();
+    for rel in [sandbox.cgroup_parent.join(PAUSE_CGROUP), sandbox.cgroup_parent.clone()] {
+        if let Ok(cg) = agent.cgroups.create(&rel) {
+            let _ = cg.destroy();
+        }
     }
     let _ = std::fs::remove_dir_all(&sandbox.dir);
     *lock(&agent.sandbox) = None;

@@ -344,7 +344,15 @@ async fn pod_shares_shm_sandbox_mounts_and_netns_sysctls() {
         options: vec!["size=1m".into()],
         ..Default::default()
     };
-    a.create_sandbox_with(false, vec![scratch]).await;
+    let pod = a.create_sandbox_with(false, vec![scratch], Some(serde_json::json!({"memory": {"limit": 268435456}}))).await;
+    // Pod-level limit on the pod cgroup; the namespace holder in its pause leaf.
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let (mem_dir, limit_file) =
+        if v2 { ("/sys/fs/cgroup".to_string(), "memory.max") } else { ("/sys/fs/cgroup/memory".to_string(), "memory.limit_in_bytes") };
+    let pod_cg = std::path::Path::new(&mem_dir).join(a.cgroup_parent());
+    assert_eq!(std::fs::read_to_string(pod_cg.join(limit_file)).expect("pod limit").trim(), "268435456");
+    let pause_procs = std::fs::read_to_string(pod_cg.join("pause/cgroup.procs")).expect("pause procs");
+    assert_eq!(pause_procs.trim(), pod.pid.to_string());
     let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("host sysctl");
 
     let with_scratch = |args: &[&str]| {
@@ -373,4 +381,25 @@ async fn pod_shares_shm_sandbox_mounts_and_netns_sysctls() {
     let mut s = spec(&["true"]);
     s["process"]["capabilities"] = serde_json::json!({"bounding": ["CAP_NOPE"]});
     assert_eq!(code_of(a.create(&unique("badcap"), &s).await), Code::INVALID_ARGUMENT);
+}
+
+#[tokio::test]
+async fn many_containers_in_parallel() {
+    require_root!();
+    let a = std::sync::Arc::new(TestAgent::with_sandbox().await);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("par-{i}");
+            let script = format!("echo {i}; exit {}", i % 5);
+            let (out, err, code) = a.output(&id, &spec(&["sh", "-c", &script])).await;
+            assert_eq!((out, code), (format!("{i}\n"), i % 5), "{err}");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let list = a.client.list_containers(ctx(), &pb::ListContainersRequest::new()).await.expect("list");
+    assert!(list.containers.is_empty(), "all removed: {list:?}");
 }

@@ -41,6 +41,11 @@ pub struct CreateRequest {
 /// mount namespace is always new; pid is new when the spec lists it without a
 /// path, else the pod's; cgroup is new when listed.
 pub fn plan_namespaces(spec: &Spec, sandbox: &Sandbox) -> Result<(Vec<NsJoin>, Vec<Ns>)> {
+    plan_with(spec, sandbox.holder_pid)
+}
+
+fn plan_with(spec: &Spec, holder_pid: i32) -> Result<(Vec<NsJoin>, Vec<Ns>)> {
+    let pod = |ns: Ns| PathBuf::from(format!("/proc/{holder_pid}/ns/{}", ns.proc_name()));
     let listed: HashMap<LinuxNamespaceType, Option<PathBuf>> = spec
         .linux()
         .as_ref()
@@ -59,13 +64,13 @@ pub fn plan_namespaces(spec: &Spec, sandbox: &Sandbox) -> Result<(Vec<NsJoin>, V
         (LinuxNamespaceType::Ipc, Ns::Ipc),
         (LinuxNamespaceType::Uts, Ns::Uts),
     ] {
-        let path = listed.get(&typ).cloned().flatten().unwrap_or_else(|| sandbox.ns_path(ns));
+        let path = listed.get(&typ).cloned().flatten().unwrap_or_else(|| pod(ns));
         join.push(NsJoin { ns, path });
     }
     match listed.get(&LinuxNamespaceType::Pid) {
         Some(Some(path)) => join.push(NsJoin { ns: Ns::Pid, path: path.clone() }),
         Some(None) => unshare.push(Ns::Pid),
-        None => join.push(NsJoin { ns: Ns::Pid, path: sandbox.ns_path(Ns::Pid) }),
+        None => join.push(NsJoin { ns: Ns::Pid, path: pod(Ns::Pid) }),
     }
     if listed.contains_key(&LinuxNamespaceType::Cgroup) {
         unshare.push(Ns::Cgroup);
@@ -135,7 +140,23 @@ pub fn adjust_spec(spec: &mut Spec, sandbox: &Sandbox, joins_pod_ipc: bool) -> R
     Ok(())
 }
 
+/// A guest block device by path, or "virtio-blk:SERIAL" looked up in sysfs.
+pub fn resolve_device(device: &Path, sys_block: &Path) -> Result<PathBuf> {
+    let Some(serial) = device.to_str().and_then(|d| d.strip_prefix("virtio-blk:")) else {
+        return Ok(device.to_path_buf());
+    };
+    for entry in std::fs::read_dir(sys_block).into_iter().flatten().flatten() {
+        let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if found.trim() == serial {
+            return Ok(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    Err(AgentError::InvalidArgument(format!("no virtio-blk device with serial {serial}")))
+}
+
 fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> Result<PathBuf> {
+    let device = resolve_device(device, Path::new("/sys/block"))?;
+    let device = device.as_path();
     let target = dir.join("block");
     std::fs::create_dir_all(&target).map_err(|e| AgentError::Io(format!("mkdir {}", target.display()), e))?;
     let o = crate::runner::rootfs::parse_options(options);
@@ -294,4 +315,41 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
             oom_killed: false,
         }),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_serial_lookup() {
+        let sys = tempfile::tempdir().expect("tmp");
+        for (dev, serial) in [("vda", "boot"), ("vdb", "rootfs-c1\n")] {
+            std::fs::create_dir_all(sys.path().join(dev)).expect("mkdir");
+            std::fs::write(sys.path().join(dev).join("serial"), serial).expect("write");
+        }
+        assert_eq!(resolve_device(Path::new("virtio-blk:rootfs-c1"), sys.path()).expect("found"), Path::new("/dev/vdb"));
+        assert_eq!(resolve_device(Path::new("/dev/vdc"), sys.path()).expect("path"), Path::new("/dev/vdc"));
+        assert!(matches!(resolve_device(Path::new("virtio-blk:nope"), sys.path()), Err(AgentError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn namespace_plan_follows_the_spec() {
+        let sandbox_pid = 4242;
+        let ns = |n: &str| PathBuf::from(format!("/proc/{sandbox_pid}/ns/{n}"));
+        let plan = |namespaces: serde_json::Value| {
+            let spec: Spec = serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": namespaces}}))
+                .expect("spec");
+            plan_with(&spec, sandbox_pid)
+        };
+        let (join, unshare) = plan(serde_json::json!([{"type": "pid"}, {"type": "network"}])).expect("plan");
+        assert_eq!(unshare, vec![Ns::Mnt, Ns::Pid]);
+        assert_eq!(join.iter().map(|j| (j.ns, j.path.clone())).collect::<Vec<_>>(),
+            vec![(Ns::Net, ns("net")), (Ns::Ipc, ns("ipc")), (Ns::Uts, ns("uts"))]);
+        let (join, unshare) = plan(serde_json::json!([{"type": "network", "path": "/var/run/netns/x"}, {"type": "cgroup"}])).expect("plan");
+        assert_eq!(unshare, vec![Ns::Mnt, Ns::Cgroup]);
+        assert_eq!(join[0].path, PathBuf::from("/var/run/netns/x"));
+        assert_eq!(join.last().map(|j| (j.ns, j.path.clone())), Some((Ns::Pid, ns("pid"))), "pod pid ns");
+        assert!(matches!(plan(serde_json::json!([{"type": "user"}])), Err(AgentError::InvalidArgument(_))));
+    }
 }

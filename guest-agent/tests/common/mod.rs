@@ -195,12 +195,18 @@ impl TestAgent {
     }
 
     pub async fn create_sandbox(&self, pid_ns: bool) -> pb::CreateSandboxResponse {
-        self.create_sandbox_with(pid_ns, vec![]).await
+        self.create_sandbox_with(pid_ns, vec![], None).await
     }
 
-    pub async fn create_sandbox_with(&self, pid_ns: bool, mounts: Vec<pb::SandboxMount>) -> pb::CreateSandboxResponse {
+    pub async fn create_sandbox_with(
+        &self,
+        pid_ns: bool,
+        mounts: Vec<pb::SandboxMount>,
+        resources: Option<serde_json::Value>,
+    ) -> pb::CreateSandboxResponse {
         let req = pb::CreateSandboxRequest {
             mounts,
+            resources: resources.map(|r| serde_json::to_vec(&r).expect("json")).unwrap_or_default(),
             sandbox_id: self.sandbox_id.clone(),
             hostname: self.hostname.clone(),
             dns: Some(pb::DnsConfig { servers: vec!["10.96.0.10".into()], searches: vec!["svc.local".into()], ..Default::default() }).into(),
