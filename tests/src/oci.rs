@@ -213,8 +213,18 @@ pub struct Pusher {
 
 impl Pusher {
     pub fn new(registry: &str, auth: Option<(&str, &str)>) -> Self {
+        Self::with_protocol(registry, auth, false)
+    }
+
+    /// `https`: push over TLS, trusting any certificate (test registries).
+    pub fn with_protocol(registry: &str, auth: Option<(&str, &str)>, https: bool) -> Self {
         let client = Client::new(oci_client::client::ClientConfig {
-            protocol: oci_client::client::ClientProtocol::Http,
+            protocol: if https {
+                oci_client::client::ClientProtocol::Https
+            } else {
+                oci_client::client::ClientProtocol::Http
+            },
+            accept_invalid_certificates: https,
             use_monolithic_push: true,
             ..Default::default()
         });

@@ -22,6 +22,12 @@ impl Registry {
     /// Starts a registry; with `auth = Some((user, password))` it requires
     /// basic auth (htpasswd with bcrypt from apache2-utils).
     pub fn start(auth: Option<(&str, &str)>) -> anyhow::Result<Self> {
+        Self::start_with(auth, false)
+    }
+
+    /// With `tls`, serves HTTPS with a fresh self-signed certificate for
+    /// 127.0.0.1, written to [`Self::cert`].
+    pub fn start_with(auth: Option<(&str, &str)>, tls: bool) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = crate::free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -33,8 +39,23 @@ impl Registry {
             std::fs::write(&f, &out.stdout)?;
             auth_yaml = format!("auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n", f.display());
         }
+        let mut tls_yaml = String::new();
+        if tls {
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            let st = Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"])
+                .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .stderr(Stdio::null())
+                .status()?;
+            anyhow::ensure!(st.success(), "openssl could not make a test certificate");
+            tls_yaml = format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());
+        }
         let cfg = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_yaml}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_yaml}{auth_yaml}",
             dir.path().join("data").display()
         );
         let cfg_path = dir.path().join("config.yml");
@@ -61,6 +82,11 @@ impl Registry {
             std::thread::sleep(Duration::from_millis(20));
         }
         anyhow::bail!("registry on {} did not start; log:\n{}", self.addr, std::fs::read_to_string(&self.log)?)
+    }
+
+    /// The self-signed certificate of a TLS registry.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
     }
 
     /// Path of a blob's data file in the registry's storage (for tampering).

@@ -530,3 +530,30 @@ async fn huskd_lifecycle_and_the_husk_cli() {
     assert!(st.success(), "{st:?}\n{}", d.log());
     assert!(!d.socket.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_registry_needs_its_ca_or_skip_verify() {
+    require!(env_ok() && Path::new("/usr/bin/openssl").exists(), "needs openssl besides the image test tools");
+    let reg = Registry::start_with(None, true).unwrap();
+    let img = build_image(&ImageSpec { layers: vec![Layer { entries: vec![file("tls", "yes")], compression: Compression::Gzip }], ..Default::default() });
+    Pusher::with_protocol(&reg.addr, None, true).push_image("secure", Some("v1"), &img).await.unwrap();
+    let name = format!("{}/secure:v1", reg.addr);
+    let https = |extra: &str| Options { hosts: vec![(reg.addr.clone(), format!("server = \"https://{}\"\n{extra}", reg.addr))], docker_config: None };
+
+    // Unknown self-signed certificate: refused.
+    let d = Huskd::start(https("")).await.unwrap();
+    let e = pull(&d, &name, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(list(&d).await.is_empty());
+    drop(d);
+    // With its CA.
+    let d = Huskd::start(https(&format!("ca = \"{}\"\n", reg.cert().display()))).await.unwrap();
+    assert_eq!(pull(&d, &name, None).await.unwrap(), img.config_digest);
+    drop(d);
+    // With skip_verify.
+    let d = Huskd::start(https("skip_verify = true\n")).await.unwrap();
+    assert_eq!(pull(&d, &name, None).await.unwrap(), img.config_digest);
+    // Plain HTTP is not tried against a TLS-only configuration.
+    let d2 = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
+    assert!(pull(&d2, &name, None).await.is_err());
+}
