@@ -42,16 +42,7 @@ impl Registry {
         let mut tls_yaml = String::new();
         if tls {
             let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-            let st = Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"])
-                .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-                .arg("-keyout")
-                .arg(&key)
-                .arg("-out")
-                .arg(&cert)
-                .stderr(Stdio::null())
-                .status()?;
-            anyhow::ensure!(st.success(), "openssl could not make a test certificate");
+            make_certs(dir.path())?;
             tls_yaml = format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());
         }
         let cfg = format!(
@@ -84,9 +75,9 @@ impl Registry {
         anyhow::bail!("registry on {} did not start; log:\n{}", self.addr, std::fs::read_to_string(&self.log)?)
     }
 
-    /// The self-signed certificate of a TLS registry.
+    /// The CA that signed a TLS registry's certificate.
     pub fn cert(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
+        self.dir.path().join("ca.pem")
     }
 
     /// Path of a blob's data file in the registry's storage (for tampering).
@@ -102,6 +93,23 @@ impl Registry {
             .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET") && l.contains(digest))
             .count()
     }
+}
+
+/// A test CA (`ca.pem`) and a server certificate for 127.0.0.1 signed by
+/// it (`cert.pem`, `key.pem`) in `dir`.
+fn make_certs(dir: &Path) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let st = Command::new("openssl").args(args).current_dir(dir).stderr(Stdio::null()).stdout(Stdio::null()).status()?;
+        anyhow::ensure!(st.success(), "openssl {args:?} failed");
+        Ok(())
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=husk-test-ca", "-keyout", "ca.key", "-out", "ca.pem"])?;
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "server.csr"])?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+    )?;
+    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "cert.pem"])
 }
 
 impl Drop for Registry {
