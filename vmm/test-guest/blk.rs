@@ -39,6 +39,14 @@ pub fn run(base: u64, area: u64) {
     let cap = crate::rd64(base + 0x100);
 
     let st = request(&mut q, 8, 0, DATA, 20, true);
+    // The device raised its interrupt status for that completion; acknowledge it.
+    let isr = m.r(0x60);
+    m.w(0x64, isr);
+    puts("blk: isr=");
+    put_dec(isr as u64);
+    puts(" after-ack=");
+    put_dec(m.r(0x60) as u64);
+    puts("\n");
     puts("blk: id=");
     let mut n = 0;
     while n < 20 && rd8(DATA + n) != 0 {

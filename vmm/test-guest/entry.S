@@ -19,7 +19,7 @@ pvh_start32:
     mov al, 1
     out dx, al
     /* Identity map with 2 MiB pages only what the guest touches (kept short: in 32-bit mode
-       the kvm-pvm host emulates each instruction): 0-16 MiB, the virtio MMIO window at
+       the kvm-pvm host emulates each instruction): 0-128 MiB, the virtio MMIO window at
        0xd0000000 and the IOAPIC/LAPIC at 0xfec00000/0xfee00000. */
     mov dword ptr [0x190000], 0x191003
     mov dword ptr [0x191000], 0x192003
@@ -30,7 +30,7 @@ pvh_start32:
     mov dword ptr [0x192000 + ecx*8], eax
     add eax, 0x200000
     inc ecx
-    cmp ecx, 8
+    cmp ecx, 64
     jne 2b
     mov dword ptr [0x195000 + 128*8], 0xd0000083
     mov dword ptr [0x195000 + 502*8], 0xfec00083

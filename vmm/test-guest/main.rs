@@ -312,6 +312,34 @@ fn wait_ctrl_alt_del() -> ! {
     }
 }
 
+/// RAM bytes in the firmware memory map (PVH memmap or zero-page E820), and the initrd
+/// (address, size) from the PVH module list or the zero page.
+fn boot_info(mode: u32, info: u64) -> (u64, u64, u64) {
+    let mut ram = 0;
+    let (map, n, stride) = if mode == 1 {
+        (rd64(info + 40), rd32(info + 48) as u64, 24)
+    } else {
+        (info + 0x2d0, rd8(info + 0x1e8) as u64, 20)
+    };
+    for i in 0..n {
+        let e = map + i * stride;
+        if rd32(e + 16) == 1 {
+            ram += rd64(e + 8);
+        }
+    }
+    let (addr, size) = if mode == 1 {
+        if rd32(info + 12) > 0 {
+            let m = rd64(info + 16);
+            (rd64(m), rd64(m + 8))
+        } else {
+            (0, 0)
+        }
+    } else {
+        (rd32(info + 0x218) as u64, rd32(info + 0x21c) as u64)
+    };
+    (ram, addr, size)
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn guest_main(mode: u32, info: u64) -> ! {
     puts(if mode == 1 { "husk-test-guest: entry=pvh\n" } else { "husk-test-guest: entry=linux64\n" });
@@ -320,6 +348,20 @@ pub extern "C" fn guest_main(mode: u32, info: u64) -> ! {
     puts("cmdline: ");
     putb(cmd);
     puts("\n");
+    if param(cmd, b"husk.bootinfo").is_some() {
+        let (ram, addr, size) = boot_info(mode, info);
+        puts("bootinfo: ram=");
+        put_dec(ram);
+        puts(" initrd_addr=");
+        put_hex(addr, 8);
+        puts(" initrd_size=");
+        put_dec(size);
+        puts(" initrd_head=");
+        for i in 0..size.min(8) {
+            put_hex(rd8(addr + i) as u64, 2);
+        }
+        puts("\n");
+    }
     if param(cmd, b"husk.crash").is_some() {
         puts("crash: loading an empty IDT and faulting\n");
         let idt = [0u16; 5];

@@ -29,6 +29,7 @@ fn block_read_write_flush_id_and_read_only() {
     let mut vm = Vm::spawn(&args(GUEST_PVH, "blk", &["--disk", &d1, "--disk", &d2]));
     let sum = format!("sum={:08x}", guest_sum(&img));
 
+    assert!(vm.expect_line("blk: isr=").ends_with("isr=1 after-ack=0"), "used-buffer interrupt status");
     assert!(vm.expect_line("blk: id=").contains("id=rootdisk status=0 sectors=128 ro=0"));
     assert!(vm.expect_line("blk: read").contains(&format!("status=0 {sum}")));
     assert!(vm.expect_line("blk: write").ends_with("status=0"));

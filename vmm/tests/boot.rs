@@ -196,3 +196,29 @@ fn missing_kvm_is_a_clear_error() {
         assert!(err.contains(want), "want {want:?}, got {err}");
     }
 }
+
+#[test]
+fn memory_map_and_initrd_reach_the_guest_both_entry_modes() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempdir();
+    let initrd = tmp_path(&dir, "initrd");
+    let mut data = b"HUSKINRD".to_vec();
+    data.resize(3 * 4096 + 17, 0x5a);
+    std::fs::write(&initrd, &data).expect("w");
+    for guest in [GUEST_PVH, GUEST_64] {
+        let mut vm = Vm::spawn(&args(guest, "husk.bootinfo", &["--initrd", &path_str(&initrd)]));
+        let l = vm.expect_line("bootinfo:");
+        // 32 MiB minus the legacy hole 0x9fc00..0x100000.
+        let ram = 32 * 1024 * 1024 - (0x10_0000 - 0x9_fc00);
+        assert!(l.contains(&format!("ram={ram} ")), "{l}");
+        assert!(l.contains(&format!("initrd_size={} ", data.len())), "{l}");
+        assert!(l.ends_with("initrd_head=4855534b494e5244"), "{l}");
+        let addr = u64::from_str_radix(l.split("initrd_addr=").nth(1).and_then(|s| s.split(' ').next()).expect("addr"), 16)
+            .expect("hex");
+        assert_eq!(addr % 4096, 0, "page aligned");
+        assert!(addr + data.len() as u64 <= 32 << 20, "inside RAM");
+        assert_eq!(vm.wait().0, 0);
+    }
+}
