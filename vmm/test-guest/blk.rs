@@ -30,7 +30,7 @@ fn request(q: &mut Vq, kind: u32, sector: u64, data: u64, len: u32, write_to_gue
     rd8(STATUS)
 }
 
-pub fn run(base: u64, area: u64) {
+pub fn run(base: u64, area: u64, irq: u32) {
     let m = Mmio(base);
     let feat = m.init((1 << 5) | (1 << 9));
     let ro = feat & (1 << 5) != 0;
@@ -91,6 +91,30 @@ pub fn run(base: u64, area: u64) {
     puts(" readback status=");
     put_dec(st2 as u64);
     puts(if same { " match=1\n" } else { " match=0\n" });
+    // One request completed by interrupt: IOAPIC pin -> vector 0x30 -> handler counts it.
+    crate::enable_irq(irq);
+    wr32(HDR, 0);
+    wr64(HDR + 8, 0);
+    let (a, b, c) = (q.alloc(), q.alloc(), q.alloc());
+    q.set_desc(a, HDR, 16, F_NEXT, b);
+    q.set_desc(b, DATA, 512, F_NEXT | F_WRITE, c);
+    q.set_desc(c, STATUS, 1, F_WRITE, 0);
+    q.push(a);
+    q.notify();
+    let mut spins = 0u64;
+    while crate::rd32(crate::IRQ_COUNT) == 0 && spins < 50_000_000 {
+        core::hint::spin_loop();
+        spins += 1;
+    }
+    crate::disable_irq();
+    let (head, _) = q.wait_used();
+    q.free_chain(head);
+    m.w(0x64, m.r(0x60));
+    puts("blk: irq ");
+    put_dec(irq as u64);
+    puts(" delivered=");
+    put_dec(crate::rd32(crate::IRQ_COUNT) as u64);
+    puts("\n");
     // Out-of-range read must fail.
     let st = request(&mut q, 0, cap, DATA, 512, true);
     puts("blk: beyond-end status=");

@@ -88,6 +88,17 @@ _start64:
 
 .section .text.entry, "ax"
 
+/* Interrupt handler for vector 0x30: count, EOI the local APIC. */
+.global irq_handler
+irq_handler:
+    push rax
+    mov rax, 0x1a1000
+    inc dword ptr [rax]
+    mov rax, 0xfee000b0
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+
 /* Application-processor trampoline, copied to 0x8000 (SIPI vector 8). Real mode. */
 .code16
 .global ap_tramp_start

@@ -268,8 +268,60 @@ fn mp_cpus() -> u32 {
 }
 
 unsafe extern "C" {
+    fn irq_handler();
     static ap_tramp_start: u8;
     static ap_tramp_end: u8;
+}
+
+pub const IRQ_VECTOR: u64 = 0x30;
+pub const IRQ_COUNT: u64 = 0x1a_1000;
+const IDT: u64 = 0x1a_0000;
+
+/// Routes IOAPIC pin `irq` to vector 0x30 on APIC 0 (edge, active high), installs the
+/// handler, enables the local APIC and interrupts.
+pub fn enable_irq(irq: u32) {
+    let cs: u16;
+    unsafe { asm!("mov {0:x}, cs", out(reg) cs) };
+    let h = irq_handler as usize as u64;
+    let e = IDT + IRQ_VECTOR * 16;
+    wr32(e, (h as u32 & 0xffff) | ((cs as u32) << 16));
+    wr32(e + 4, (h as u32 & 0xffff_0000) | 0x8e00);
+    wr32(e + 8, (h >> 32) as u32);
+    wr32(e + 12, 0);
+    let idtr: [u16; 5] = [4095, IDT as u16, (IDT >> 16) as u16, 0, 0];
+    unsafe { asm!("lidt [{0}]", in(reg) idtr.as_ptr()) };
+    wr32(IRQ_COUNT, 0);
+    // Mask the legacy PICs: GSIs below 16 also reach them, and their vectors have no handler.
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    let apic = 0xfee0_0000u64;
+    wr32(apic + 0xf0, rd32(apic + 0xf0) | 0x1ff);
+    wr32(apic + 0x80, 0); // TPR
+    let ioapic = 0xfec0_0000u64;
+    wr32(ioapic, 0x10 + 2 * irq);
+    wr32(ioapic + 0x10, IRQ_VECTOR as u32);
+    wr32(ioapic, 0x11 + 2 * irq);
+    wr32(ioapic + 0x10, 0);
+    unsafe { asm!("sti") };
+}
+
+pub fn disable_irq() {
+    unsafe { asm!("cli") };
+}
+
+/// IRQ numbers from `virtio_mmio.device=4K@0xADDR:IRQ`, in the same order as the bases.
+fn virtio_irqs(cmd: &'static [u8], out: &mut [u32; 8]) {
+    let mut n = 0;
+    for w in Words(cmd) {
+        if n < 8 && starts_with(w, b"virtio_mmio.device=") {
+            let mut i = w.len();
+            while i > 0 && w[i - 1] != b':' {
+                i -= 1;
+            }
+            out[n] = parse_num(&w[i..]) as u32;
+            n += 1;
+        }
+    }
 }
 
 /// Wakes APIC id 1 with INIT + SIPI into a real-mode trampoline that bumps a counter.
@@ -368,12 +420,14 @@ pub extern "C" fn guest_main(mode: u32, info: u64) -> ! {
         unsafe { asm!("lidt [{0}]", "ud2", in(reg) idt.as_ptr(), options(noreturn)) };
     }
     let mut devs = [0u64; 8];
+    let mut irqs = [0u32; 8];
     let n = virtio_devices(cmd, &mut devs);
+    virtio_irqs(cmd, &mut irqs);
     for (i, &base) in devs[..n].iter().enumerate() {
         let area = QUEUE_AREA + i as u64 * 0x1_0000;
         match rd32(base + 8) {
             19 => vsock::run(base, area, cmd),
-            2 => blk::run(base, area),
+            2 => blk::run(base, area, irqs[i]),
             1 => net::run(base, area),
             id => {
                 puts("virtio: unknown device id ");

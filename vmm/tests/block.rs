@@ -34,12 +34,15 @@ fn block_read_write_flush_id_and_read_only() {
     assert!(vm.expect_line("blk: read").contains(&format!("status=0 {sum}")));
     assert!(vm.expect_line("blk: write").ends_with("status=0"));
     assert!(vm.expect_line("blk: flush").ends_with("flush status=0 readback status=0 match=1"));
+    // Completion interrupt through irqfd -> IOAPIC pin 5 -> LAPIC -> the guest's handler.
+    assert!(vm.expect_line("blk: irq").ends_with("irq 5 delivered=1"));
     assert!(vm.expect_line("blk: beyond-end").ends_with("status=1"));
 
     assert!(vm.expect_line("blk: id=").contains("id=layers status=0 sectors=128 ro=1"));
     assert!(vm.expect_line("blk: read").contains(&format!("status=0 {sum}")));
     assert!(vm.expect_line("blk: write").ends_with("status=1"), "read-only disk refuses writes");
     assert!(vm.expect_line("blk: flush").ends_with("match=0"));
+    assert!(vm.expect_line("blk: irq").ends_with("irq 6 delivered=1"));
     vm.expect_line("HUSK_GUEST_DONE");
     assert_eq!(vm.wait().0, 0);
 
