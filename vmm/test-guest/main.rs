@@ -414,6 +414,21 @@ pub extern "C" fn guest_main(mode: u32, info: u64) -> ! {
         }
         puts("\n");
     }
+    if param(cmd, b"husk.serialirq").is_some() {
+        // THR-empty interrupt from the UART: IOAPIC pin 4 -> vector 0x30.
+        enable_irq(4);
+        outb(0x3f9, 0x02);
+        let mut spins = 0u64;
+        while rd32(IRQ_COUNT) == 0 && spins < 50_000_000 {
+            core::hint::spin_loop();
+            spins += 1;
+        }
+        outb(0x3f9, 0);
+        disable_irq();
+        puts("serial: irq 4 delivered=");
+        put_dec(rd32(IRQ_COUNT) as u64);
+        puts("\n");
+    }
     if param(cmd, b"husk.crash").is_some() {
         puts("crash: loading an empty IDT and faulting\n");
         let idt = [0u16; 5];

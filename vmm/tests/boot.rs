@@ -8,10 +8,14 @@ fn pvh_entry_boots_and_guest_reset_exits_zero() {
     if !kvm_usable() {
         return;
     }
-    let mut vm = Vm::spawn(&args(GUEST_PVH, "console=ttyS0", &[]));
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "console=ttyS0 husk.serialirq", &[]));
     vm.expect_line("entry=pvh");
     let l = vm.expect_line("cmdline:");
     assert!(l.contains("console=ttyS0"), "cmdline reached the guest: {l}");
+    // The 8250's THR-empty interrupt reaches the guest through the IOAPIC.
+    let l = vm.expect_line("serial: irq");
+    let n: u32 = l.rsplit('=').next().and_then(|v| v.parse().ok()).expect("count");
+    assert!(n >= 1, "{l}");
     vm.expect_line("HUSK_GUEST_DONE");
     let (code, err) = vm.wait();
     assert_eq!(code, 0, "stderr: {err}");
