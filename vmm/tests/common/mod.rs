@@ -68,17 +68,25 @@ impl Vm {
 
     /// Waits for a serial line containing `needle`; returns it.
     pub fn expect_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
+        match self.line_within(needle, TIMEOUT) {
+            Some(l) => l,
+            None => panic!("no serial line containing {needle:?}; saw {:#?}", self.seen),
+        }
+    }
+
+    /// Waits up to `limit` for a serial line containing `needle`.
+    pub fn line_within(&mut self, needle: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok((_, l)) => {
                     self.seen.push(l.clone());
                     if l.contains(needle) {
-                        return l;
+                        return Some(l);
                     }
                 }
-                Err(_) => panic!("no serial line containing {needle:?}; saw {:#?}", self.seen),
+                Err(_) => return None,
             }
         }
     }
