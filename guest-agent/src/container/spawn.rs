@@ -143,29 +143,31 @@ pub async fn spawn(
     .await;
     drop(init);
 
-    let pid = match sync.next().await? {
-        Some(SyncMsg::Pid(pid)) => pid,
-        Some(SyncMsg::Error { invalid, message }) => return Err(error(invalid, message)),
-        Some(SyncMsg::Ready) => return Err(SpawnError::Child("ready before pid".into())),
-        None => return Err(SpawnError::Died),
-    };
-    let exit = reaper.register(pid);
-    let result = async {
-        loop {
-            match sync.next().await? {
-                Some(SyncMsg::Ready) => return Ok(()),
-                Some(SyncMsg::Error { invalid, message }) => return Err(error(invalid, message)),
-                Some(SyncMsg::Pid(_)) => continue,
-                None => return Err(SpawnError::Died),
-            }
+    // The intermediate reports the pid and the child reports ready; both write
+    // to the same pipe, so either may come first.
+    let mut pid: Option<(i32, ExitWatch)> = None;
+    let mut ready = false;
+    let result = loop {
+        if pid.is_some() && ready {
+            break Ok(());
         }
+        match sync.next().await {
+            Ok(Some(SyncMsg::Pid(p))) => pid = Some((p, reaper.register(p))),
+            Ok(Some(SyncMsg::Ready)) => ready = true,
+            Ok(Some(SyncMsg::Error { invalid, message })) => break Err(error(invalid, message)),
+            Ok(None) => break Err(SpawnError::Died),
+            Err(e) => break Err(e),
+        }
+    };
+    match (result, pid) {
+        (Ok(()), Some((pid, exit))) => Ok(Spawned { pid, exit, sync, start }),
+        (Err(e), Some((pid, _))) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
+        (Ok(()), None) => Err(SpawnError::Child("no pid reported".into())),
     }
-    .await;
-    if let Err(e) = result {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        return Err(e);
-    }
-    Ok(Spawned { pid, exit, sync, start })
 }
 
 impl Spawned {
