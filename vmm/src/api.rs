@@ -19,8 +19,6 @@ use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
 use crate::devices::{ExitReason, ExitSignal};
 
-/// How long the guest gets to react to Ctrl-Alt-Del before the VMM exits anyway.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const TOKEN_EXIT: u32 = 0;
 const TOKEN_SIGNAL: u32 = 1;
 const TOKEN_LISTENER: u32 = 2;
@@ -43,6 +41,7 @@ pub struct Control {
     listener: Option<UnixListener>,
     clients: HashMap<RawFd, (UnixStream, Vec<u8>)>,
     status: String,
+    stop_grace: Duration,
     stop_deadline: Option<Instant>,
 }
 
@@ -53,8 +52,9 @@ impl Control {
         i8042: Arc<Mutex<I8042>>,
         listener: Option<UnixListener>,
         status: String,
+        stop_grace: Duration,
     ) -> Self {
-        Self { exit, signals, i8042, listener, clients: HashMap::new(), status, stop_deadline: None }
+        Self { exit, signals, i8042, listener, clients: HashMap::new(), status, stop_grace, stop_deadline: None }
     }
 
     /// When the VMM exits if the guest has not shut down by itself.
@@ -65,7 +65,7 @@ impl Control {
     fn request_stop(&mut self) {
         tracing::info!("stop requested: sending Ctrl-Alt-Del to the guest");
         lock(&self.i8042).trigger_ctrl_alt_del();
-        self.stop_deadline.get_or_insert(Instant::now() + STOP_GRACE);
+        self.stop_deadline.get_or_insert(Instant::now() + self.stop_grace);
     }
 
     fn command(&mut self, line: &str) -> String {

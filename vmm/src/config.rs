@@ -113,6 +113,13 @@ pub struct VmConfig {
     /// Optional control socket (a line protocol: `status`, `stop`).
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// How long the guest gets to shut down after Ctrl-Alt-Del (SIGTERM or `stop`).
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace_ms: u64,
+}
+
+fn default_stop_grace() -> u64 {
+    5000
 }
 
 impl VmConfig {

@@ -42,6 +42,9 @@ struct Cli {
     /// Control socket (line protocol: status, stop, kill).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Milliseconds the guest gets to shut down after Ctrl-Alt-Del (SIGTERM, `stop`).
+    #[arg(long)]
+    stop_grace_ms: Option<u64>,
     /// Print the time from process start to the guest's first boot-timer port write (stderr).
     #[arg(long)]
     boot_timer: bool,
@@ -78,6 +81,7 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             vsock: None,
             serial: SerialConfig::Stdout,
             control_socket: None,
+            stop_grace_ms: 5000,
         },
     };
     if let Some(k) = cli.kernel {
@@ -114,6 +118,9 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             guest_cid: cid.parse().with_context(|| format!("--vsock: bad cid {cid:?}"))?,
             uds_path: get(&p, "uds", "--vsock")?.into(),
         });
+    }
+    if let Some(g) = cli.stop_grace_ms {
+        cfg.stop_grace_ms = g;
     }
     if cli.control_socket.is_some() {
         cfg.control_socket = cli.control_socket;

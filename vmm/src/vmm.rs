@@ -159,7 +159,14 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         None => None,
     };
     let status = format!("running vcpus={} memory_mib={}", cfg.vcpus, cfg.memory_mib);
-    let control = Arc::new(Mutex::new(Control::new(exit.clone(), signals, dm.i8042.clone(), api, status)));
+    let control = Arc::new(Mutex::new(Control::new(
+        exit.clone(),
+        signals,
+        dm.i8042.clone(),
+        api,
+        status,
+        std::time::Duration::from_millis(cfg.stop_grace_ms),
+    )));
     evmgr.add_subscriber(control.clone());
 
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
@@ -186,7 +193,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
             return Ok(r);
         }
         if lock(&control).stop_deadline().is_some_and(|d| Instant::now() >= d) {
-            tracing::warn!("guest did not stop within {:?} of Ctrl-Alt-Del", crate::api::STOP_GRACE);
+            tracing::warn!("guest did not stop within {} ms of Ctrl-Alt-Del", cfg.stop_grace_ms);
             return Ok(ExitReason::Stopped);
         }
     }

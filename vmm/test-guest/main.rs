@@ -457,6 +457,12 @@ pub extern "C" fn guest_main(mode: u32, info: u64) -> ! {
         puts("\n");
         puts(if start_ap() { "smp: ap 1 started\n" } else { "smp: ap 1 did not start\n" });
     }
+    if param(cmd, b"husk.hang").is_some() {
+        puts("hang: ignoring everything\n");
+        loop {
+            core::hint::spin_loop();
+        }
+    }
     if param(cmd, b"husk.wait").is_some() {
         wait_ctrl_alt_del();
     }

@@ -226,3 +226,20 @@ fn memory_map_and_initrd_reach_the_guest_both_entry_modes() {
         assert_eq!(vm.wait().0, 0);
     }
 }
+
+#[test]
+fn sigterm_with_unresponsive_guest_exits_after_grace() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.hang", &["--stop-grace-ms", "300"]));
+    vm.expect_line("hang: ignoring everything");
+    let t0 = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let (code, err) = vm.wait();
+    assert_eq!(code, 143, "stderr: {err}");
+    assert!(err.contains("stopped before the guest shut down"), "{err}");
+    let waited = t0.elapsed();
+    assert!(waited >= std::time::Duration::from_millis(300) && waited < std::time::Duration::from_secs(10), "{waited:?}");
+}
