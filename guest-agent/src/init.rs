@@ -56,13 +56,20 @@ pub fn enable_cgroup_controllers(root: &Path) {
 
 /// As a host process: become the subreaper of everything we spawn, and get a
 /// private mount namespace (call before any thread exists) so the agent's
-/// mounts (sandbox shm, block rootfs) never leak to the host.
-pub fn host_process_setup(private_mounts: bool) -> Result<(), InitError> {
+/// mounts (sandbox shm, block rootfs) never leak to the host. As the init of
+/// a fresh PID namespace, /proc must show that namespace: /proc/PID/ns paths
+/// of the pod are resolved through it.
+pub fn host_process_setup(private_mounts: bool, pid1: bool) -> Result<(), InitError> {
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| InitError::Os("set child subreaper", e))?;
-    if private_mounts {
+    if private_mounts || pid1 {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| InitError::Os("unshare mount ns", e))?;
         nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
             .map_err(|e| InitError::Os("make / rslave", e))?;
+    }
+    if pid1 {
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        nix::mount::mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>)
+            .map_err(|e| InitError::Os("mount /proc for the new pid namespace", e))?;
     }
     Ok(())
 }

@@ -27,6 +27,11 @@ struct Args {
     /// Keep the host's mount namespace (host process only; mounts then leak to the host).
     #[arg(long)]
     shared_mounts: bool,
+    /// Host process even when PID 1: for the namespace sandbox started as the
+    /// init of a fresh PID namespace (no guest mounts, no power-off; /proc is
+    /// remounted for the new PID namespace).
+    #[arg(long)]
+    host: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,14 +39,15 @@ fn main() -> anyhow::Result<()> {
         runner::main();
     }
     let args = Args::parse();
-    let is_init = std::process::id() == 1;
+    let pid1 = std::process::id() == 1;
+    let is_init = pid1 && !args.host;
     if is_init {
         init::mount_guest_filesystems(&LinuxSyscall).context("guest mounts")?;
         init::enable_cgroup_controllers(&args.cgroup_root);
         // SAFETY: still single-threaded.
         unsafe { std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") };
     } else {
-        init::host_process_setup(!args.shared_mounts).context("host process setup")?;
+        init::host_process_setup(!args.shared_mounts, pid1).context("host process setup")?;
     }
     tracing_subscriber::fmt()
         .with_env_filter(

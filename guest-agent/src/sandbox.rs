@@ -144,7 +144,7 @@ async fn create_inner(agent: &Arc<Agent>, c: &SandboxConfig) -> Result<Sandbox> 
         return Err(AgentError::AlreadyExists(format!("sandbox state {}", dir.display())));
     }
     std::fs::create_dir_all(&dir).map_err(io_err(format!("mkdir {}", dir.display())))?;
-    let mut made = Made { dir: dir.clone(), mounts: Vec::new() };
+    let mut made = Made { dir: dir.clone(), mounts: Vec::new(), cgroups: Vec::new() };
     match build(agent, c, &dir, &mut made).await {
         Ok(s) => Ok(s),
         Err(e) => {
@@ -158,10 +158,14 @@ async fn create_inner(agent: &Arc<Agent>, c: &SandboxConfig) -> Result<Sandbox> 
 struct Made {
     dir: PathBuf,
     mounts: Vec<PathBuf>,
+    cgroups: Vec<crate::cgroup::Cgroup>,
 }
 
 impl Made {
     fn undo(&self) {
+        for cg in self.cgroups.iter().rev() {
+            let _ = cg.destroy();
+        }
         for m in self.mounts.iter().rev() {
             let _ = nix::mount::umount2(m, MntFlags::MNT_DETACH);
         }
@@ -217,6 +221,7 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
         return Err(AgentError::InvalidArgument(format!("cgroup parent {}", c.cgroup_parent)));
     }
     let parent = agent.cgroups.create(&cgroup_parent)?;
+    made.cgroups.push(parent.clone());
     if !c.resources.is_empty() {
         let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&c.resources)
             .map_err(|e| AgentError::InvalidArgument(format!("sandbox resources: {e}")))?;
@@ -225,6 +230,7 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
     }
     // The holder goes to a leaf: a v2 cgroup with processes cannot delegate.
     let cgroup = agent.cgroups.create(&cgroup_parent.join(PAUSE_CGROUP))?;
+    made.cgroups.push(cgroup.clone());
 
     if agent.config.is_init && !c.hostname.is_empty() && !c.new_uts {
         nix::unistd::sethostname(&c.hostname).map_err(|e| AgentError::Os("sethostname", e))?;

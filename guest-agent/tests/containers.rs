@@ -262,6 +262,25 @@ async fn api_errors_map_to_codes() {
     let a = TestAgent::start().await;
     let s = spec(&["true"]);
     assert_eq!(code_of(a.create("c1", &s).await), Code::FAILED_PRECONDITION, "no sandbox yet");
+    // A failed CreateSandbox leaves nothing behind and can be retried.
+    let bad = pb::CreateSandboxRequest {
+        sandbox_id: a.sandbox_id.clone(),
+        cgroup_parent: a.cgroup_parent(),
+        resources: b"{bad json".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(code_of(a.client.create_sandbox(ctx(), &bad).await), Code::INVALID_ARGUMENT);
+    let bad = pb::CreateSandboxRequest {
+        sandbox_id: a.sandbox_id.clone(),
+        mounts: vec![pb::SandboxMount { name: "x".into(), source: "/no/such/dir".into(), fstype: "bind".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(code_of(a.client.create_sandbox(ctx(), &bad).await), Code::INVALID_ARGUMENT);
+    for c in ["memory", "cpu", "pids"] {
+        let d = std::path::Path::new("/sys/fs/cgroup").join(c).join(a.cgroup_parent());
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    assert!(!a.dir.path().join("state").join(&a.sandbox_id).exists(), "sandbox state left behind");
     a.create_sandbox(false).await;
     assert_eq!(code_of(a.client.create_sandbox(ctx(), &pb::CreateSandboxRequest { sandbox_id: "other".into(), ..Default::default() }).await), Code::ALREADY_EXISTS);
     assert_eq!(code_of(a.create("bad/id", &s).await), Code::INVALID_ARGUMENT);

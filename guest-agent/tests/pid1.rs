@@ -61,3 +61,41 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
     let v2root = std::path::Path::new("/sys/fs/cgroup/husk-test").join(&a.sandbox_id);
     assert!(!unified.exists() && !v2root.exists(), "sandbox cgroup removed");
 }
+
+/// The namespace sandbox as huskd should launch it: the agent is the init of
+/// a fresh PID namespace (`--host`), so its death takes the pod with it.
+#[tokio::test]
+async fn host_mode_agent_as_init_of_its_own_pid_namespace() {
+    require_root!();
+    if std::process::Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("skipped: unshare(1) missing");
+        return;
+    }
+    let a = TestAgent::start_wrapped_args(&["unshare", "--pid", "--fork", "--kill-child"], &["--host"]).await;
+    let check = a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("check");
+    assert!(!check.init, "{check:?}");
+    assert_eq!(check.pid, 1);
+    let host_cgroups = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() { "v2" } else { "v1" };
+    assert_eq!(check.cgroup_version, host_cgroups, "the host's hierarchy, not a fresh cgroup2 mount");
+    a.create_sandbox(true).await;
+    let mut s = spec(&["sh", "-c", "echo $$; hostname"]);
+    s["linux"]["resources"] = serde_json::json!({"memory": {"limit": 67108864}});
+    let (out, err, code) = a.output(&unique("hostmode"), &s).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("1\n{}\n", a.hostname));
+
+    // The agent dies: every process of the pod dies with its PID namespace.
+    a.run(&unique("orphan"), &spec(&["sleep", "1000"])).await;
+    let sleeper = common::children(a.agent_pid)
+        .into_iter()
+        .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().starts_with("sleep"))
+        .expect("sleep is the agent's child");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.agent_pid), nix::sys::signal::Signal::SIGKILL).expect("kill agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{sleeper}")).exists() {
+        assert!(Instant::now() < deadline, "container outlived its agent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    common::remove_cgroup_tree(&a.cgroup_parent());
+    assert!(!std::path::Path::new("/sys/fs/cgroup/memory").join(a.cgroup_parent()).exists());
+}

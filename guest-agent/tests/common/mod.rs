@@ -143,6 +143,11 @@ impl TestAgent {
 
     /// Start the agent under `wrapper` (e.g. `unshare --pid --fork ...`).
     pub async fn start_wrapped(wrapper: &[&str]) -> TestAgent {
+        Self::start_wrapped_args(wrapper, &[]).await
+    }
+
+    /// Start the agent under `wrapper` with extra agent arguments.
+    pub async fn start_wrapped_args(wrapper: &[&str], extra: &[&str]) -> TestAgent {
         let dir = tempfile::Builder::new().prefix("husk-agent-test").tempdir().expect("tmp");
         let socket = dir.path().join("agent.sock");
         // HUSK_AGENT_BIN runs the suite against another build (e.g. the static one).
@@ -156,6 +161,7 @@ impl TestAgent {
             None => Command::new(bin),
         };
         let child = cmd
+            .args(extra)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .arg("--state-dir")
@@ -306,6 +312,27 @@ impl TestAgent {
             ..Default::default()
         };
         self.client.exec_process(ctx(), &req).await
+    }
+}
+
+/// rmdir a cgroup subtree (deepest first) in every hierarchy: what huskd
+/// must do after an agent died without cleaning up.
+pub fn remove_cgroup_tree(rel: &str) {
+    fn walk(dir: &Path) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    roots.extend(std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path()));
+    for r in roots {
+        let d = r.join(rel);
+        if d.is_dir() {
+            walk(&d);
+        }
     }
 }
 
