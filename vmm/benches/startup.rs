@@ -104,6 +104,74 @@ fn husk(wait: bool) -> Option<Sample> {
     Some(Sample { entry_ms, marker_ms: (marker - t0) as f64 / 1e6, rss_kib, guest_rss_kib })
 }
 
+/// vsock through the test guest's echo: CONNECT→OK time, 64-byte round trip, bulk echo rate.
+fn vsock_bench() -> Option<(f64, Vec<f64>, f64)> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = std::env::temp_dir().join(format!("husk-vsock-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let uds = dir.join("v.sock");
+    let mut child = Command::new(VMM)
+        .args(["--kernel", GUEST, "--memory", "64", "--cmdline", "husk.vsock_conns=1"])
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let out = child.stdout.take()?;
+    let mut r = BufReader::new(out);
+    let mut line = String::new();
+    while !line.contains("vsock: cid=3 ready") {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut r, &mut std::io::sink()));
+    let t = now_ns();
+    let mut s = UnixStream::connect(&uds).ok()?;
+    s.write_all(b"CONNECT 1234\n").ok()?;
+    let mut b = [0u8; 1];
+    while s.read(&mut b).ok()? == 1 && b[0] != b'\n' {}
+    let connect_ms = (now_ns() - t) as f64 / 1e6;
+    let mut rtts = Vec::new();
+    let msg = [0x42u8; 64];
+    let mut back = [0u8; 64];
+    for _ in 0..200 {
+        let t = now_ns();
+        s.write_all(&msg).ok()?;
+        s.read_exact(&mut back).ok()?;
+        rtts.push((now_ns() - t) as f64 / 1e3);
+    }
+    let total = 32usize << 20;
+    let mut w = s.try_clone().ok()?;
+    let t = now_ns();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![0x5au8; 256 * 1024];
+        for _ in 0..total / chunk.len() {
+            if w.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    while got < total {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        got += n;
+    }
+    let secs = (now_ns() - t) as f64 / 1e9;
+    writer.join().ok()?;
+    drop(s);
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Some((connect_ms, rtts, total as f64 / (1 << 20) as f64 / secs))
+}
+
 fn qemu_bin() -> Option<String> {
     let p = "/usr/bin/qemu-system-x86_64";
     std::path::Path::new(p).exists().then(|| p.to_string())
@@ -180,6 +248,13 @@ fn main() {
     row("husk-vmm RSS excluding guest memory", h.iter().map(|s| s.rss_kib as f64).collect());
     row("husk-vmm guest-memory RSS", h.iter().map(|s| s.guest_rss_kib as f64).collect());
     row("qemu RSS excluding guest memory", q.iter().map(|s| s.rss_kib as f64).collect());
+    if let Some((connect_ms, rtts, mbs)) = vsock_bench() {
+        println!("\n| vsock (hybrid unix socket ↔ guest echo) | n | min | median | p90 | max |");
+        println!("|---|---|---|---|---|---|");
+        row("CONNECT → OK (ms)", vec![connect_ms]);
+        row("64-byte round trip (µs)", rtts);
+        println!("\nvsock bulk echo: 32 MiB host → guest → host at {mbs:.0} MiB/s (each direction)");
+    }
     let med = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { stats(v).1 };
     let hm = med(h.iter().map(|s| s.marker_ms).collect());
     let qm = med(q.iter().map(|s| s.marker_ms).collect());
