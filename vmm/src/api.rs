@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,21 +24,33 @@ const TOKEN_SIGNAL: u32 = 1;
 const TOKEN_LISTENER: u32 = 2;
 const MAX_LINE: usize = 256;
 
-pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+/// The control socket; its file is removed when the VMM stops.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+pub fn bind_control(path: &Path) -> std::io::Result<ControlSocket> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let l = UnixListener::bind(path)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    Ok(ControlSocket { listener, path: path.to_owned() })
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 pub struct Control {
     exit: Arc<ExitSignal>,
     signals: File,
     i8042: Arc<Mutex<I8042>>,
-    listener: Option<UnixListener>,
+    listener: Option<ControlSocket>,
     clients: HashMap<RawFd, (UnixStream, Vec<u8>)>,
     status: String,
     stop_grace: Duration,
@@ -50,7 +62,7 @@ impl Control {
         exit: Arc<ExitSignal>,
         signals: File,
         i8042: Arc<Mutex<I8042>>,
-        listener: Option<UnixListener>,
+        listener: Option<ControlSocket>,
         status: String,
         stop_grace: Duration,
     ) -> Self {
@@ -85,7 +97,7 @@ impl Control {
 
     fn accept(&mut self, ops: &mut EventOps) {
         let Some(l) = &self.listener else { return };
-        while let Ok((s, _)) = l.accept() {
+        while let Ok((s, _)) = l.listener.accept() {
             if s.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -150,7 +162,7 @@ impl MutEventSubscriber for Control {
         let _ = ops.add(Events::with_data(&self.exit.evt, TOKEN_EXIT, EventSet::IN));
         let _ = ops.add(Events::with_data(&self.signals, TOKEN_SIGNAL, EventSet::IN));
         if let Some(l) = &self.listener {
-            let _ = ops.add(Events::with_data(l, TOKEN_LISTENER, EventSet::IN));
+            let _ = ops.add(Events::with_data(&l.listener, TOKEN_LISTENER, EventSet::IN));
         }
     }
 }

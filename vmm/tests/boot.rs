@@ -174,6 +174,7 @@ fn control_socket_status_stop_and_kill() {
     assert_eq!(ask("kill"), "ok\n");
     let (code, _) = vm.wait();
     assert_eq!(code, 143, "killed through the API");
+    assert!(!sock.exists(), "control socket removed at exit");
 }
 
 #[test]

@@ -130,4 +130,5 @@ fn connect_to_unknown_guest_port_is_refused() {
     drop(s);
     vm.expect_line("port 77 closed by host echoed=4");
     assert_eq!(vm.wait().0, 0);
+    assert!(!uds.exists(), "vsock socket removed at exit");
 }
