@@ -201,6 +201,22 @@ impl pb::Agent for AgentService {
         Ok(convert::stats(&s))
     }
 
+    async fn sandbox_stats(&self, _: &TtrpcContext, r: pb::SandboxStatsRequest) -> R<pb::SandboxStatsResponse> {
+        let (s, ifs) = stats::do_sandbox_stats(&self.agent, &r.sandbox_id).map_err(status)?;
+        let interfaces = ifs
+            .into_iter()
+            .map(|i| pb::InterfaceStats {
+                name: i.name,
+                rx_bytes: i.rx_bytes,
+                rx_errors: i.rx_errors,
+                tx_bytes: i.tx_bytes,
+                tx_errors: i.tx_errors,
+                ..Default::default()
+            })
+            .collect();
+        Ok(pb::SandboxStatsResponse { cgroup: Some(convert::stats(&s)).into(), interfaces, ..Default::default() })
+    }
+
     async fn update_resources(&self, _: &TtrpcContext, r: pb::UpdateResourcesRequest) -> R<pb::Empty> {
         tracing::info!(container = %r.container_id, "UpdateResources");
         stats::do_update(&self.agent, &r.container_id, &r.resources).map_err(status)?;

@@ -54,6 +54,8 @@ pub struct Sandbox {
     holder_exit: ExitWatch,
     pub has_pid_ns: bool,
     pub cgroup_parent: PathBuf,
+    /// The pod cgroup (parent of the containers' and the holder's).
+    pub cgroup: crate::cgroup::Cgroup,
     /// Named mounts (including "shm") containers can refer to as "sandbox:NAME".
     pub mounts: HashMap<String, PathBuf>,
 }
@@ -260,6 +262,7 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
         holder_exit: spawned.exit,
         has_pid_ns: c.new_pid,
         cgroup_parent,
+        cgroup: parent,
         mounts,
     })
 }

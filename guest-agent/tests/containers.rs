@@ -215,6 +215,11 @@ async fn cgroup_limits_stats_and_update() {
     let u = pb::UpdateResourcesRequest { container_id: id.clone(), resources: serde_json::to_vec(&bad).expect("json"), ..Default::default() };
     assert_eq!(code(&a.client.update_resources(ctx(), &u).await.expect_err("bad shares")), Code::INVALID_ARGUMENT);
 
+    let pod = a.client.sandbox_stats(ctx(), &pb::SandboxStatsRequest { sandbox_id: a.sandbox_id.clone(), ..Default::default() }).await.expect("pod stats");
+    let cg = pod.cgroup.as_ref().expect("pod cgroup");
+    assert!(cg.cpu_usage_ns >= st.cpu_usage_ns && cg.memory_usage_bytes > 0, "{pod:?}");
+    assert_eq!(pod.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["lo"], "fresh pod netns");
+
     a.remove(&id, true).await.expect("remove");
     assert!(!cgroup_file(&a, "memory", &id, "").exists(), "cgroup removed");
 }
