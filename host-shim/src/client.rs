@@ -20,13 +20,21 @@ pub struct ConnectError {
 pub async fn connect(path: &Path) -> Result<Channel, ConnectError> {
     let p = path.to_path_buf();
     Endpoint::try_from("http://[::]:50051")
-        .map_err(|source| ConnectError { path: p.clone(), source })?
+        .map_err(|source| ConnectError {
+            path: p.clone(),
+            source,
+        })?
         .connect_with_connector(tower::service_fn(move |_| {
             let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
         }))
         .await
-        .map_err(|source| ConnectError { path: path.to_path_buf(), source })
+        .map_err(|source| ConnectError {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The three services huskd serves on its socket.

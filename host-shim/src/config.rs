@@ -23,9 +23,15 @@ pub const DEFAULT_SOCKET: &str = "/run/husk/huskd.sock";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parse {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -83,21 +89,33 @@ impl Config {
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Self::default());
+            }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.image.max_concurrent_downloads == 0 || self.image.max_concurrent_downloads > 64 {
-            return Err(ConfigError::Invalid("image.max_concurrent_downloads must be 1..=64".into()));
+            return Err(ConfigError::Invalid(
+                "image.max_concurrent_downloads must be 1..=64".into(),
+            ));
         }
-        for (k, p) in [("socket", &self.socket), ("state_dir", &self.state_dir), ("run_dir", &self.run_dir)] {
+        for (k, p) in [
+            ("socket", &self.socket),
+            ("state_dir", &self.state_dir),
+            ("run_dir", &self.run_dir),
+        ] {
             if !p.is_absolute() {
-                return Err(ConfigError::Invalid(format!("{k} must be an absolute path, got {}", p.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "{k} must be an absolute path, got {}",
+                    p.display()
+                )));
             }
         }
         Ok(())
@@ -116,15 +134,28 @@ mod tests {
     fn defaults_and_overrides() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c.toml");
-        std::fs::write(&p, "state_dir = \"/tmp/x\"\n[image]\nmax_concurrent_downloads = 5\n").unwrap();
+        std::fs::write(
+            &p,
+            "state_dir = \"/tmp/x\"\n[image]\nmax_concurrent_downloads = 5\n",
+        )
+        .unwrap();
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.image.max_concurrent_downloads, 5);
         std::fs::write(&p, "sockett = \"/x\"\n").unwrap();
-        assert!(matches!(Config::load(Some(&p)), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::load(Some(&p)),
+            Err(ConfigError::Parse { .. })
+        ));
         std::fs::write(&p, "socket = \"rel\"\n").unwrap();
-        assert!(matches!(Config::load(Some(&p)), Err(ConfigError::Invalid(_))));
-        assert!(matches!(Config::load(Some(&d.path().join("missing"))), Err(ConfigError::Read { .. })));
+        assert!(matches!(
+            Config::load(Some(&p)),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(matches!(
+            Config::load(Some(&d.path().join("missing"))),
+            Err(ConfigError::Read { .. })
+        ));
     }
 }

@@ -1,7 +1,7 @@
 //! huskd and the husk CLI.
 
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod cri;
 pub mod image;
-pub mod client;
-pub mod cli;

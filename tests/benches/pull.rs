@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! `cargo bench -p husk-tests --bench pull`: pull + unpack of a ≥ 50 MB
 //! multi-layer image from a local registry, husk vs containerd (Debian's
 //! containerd 1.6 with `ctr image pull --plain-http`), interleaved in one
@@ -39,13 +40,20 @@ async fn husk_once(reg: &Registry, image: &str) -> anyhow::Result<Sample> {
     let t = Instant::now();
     c.image
         .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await?;
     let secs = t.elapsed().as_secs_f64();
     let daemon_kib = vm_hwm_kib(d.pid().unwrap_or(0));
-    Ok(Sample { secs, daemon_kib, client_kib: 0 })
+    Ok(Sample {
+        secs,
+        daemon_kib,
+        client_kib: 0,
+    })
 }
 
 fn containerd_once(image: &str) -> anyhow::Result<Sample> {
@@ -88,34 +96,64 @@ fn containerd_once(image: &str) -> anyhow::Result<Sample> {
     // SAFETY: waiting on our own child with valid out-pointers.
     unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     let secs = t.elapsed().as_secs_f64();
-    anyhow::ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "ctr pull failed");
+    anyhow::ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "ctr pull failed"
+    );
     let daemon_kib = vm_hwm_kib(daemon.id());
     let _ = daemon.kill();
     let _ = daemon.wait();
     // Unmount anything containerd left and remove its state.
-    let _ = Command::new("umount").arg("-R").arg(dir.path().join("root")).stderr(Stdio::null()).status();
-    Ok(Sample { secs, daemon_kib, client_kib: ru.ru_maxrss as u64 })
+    let _ = Command::new("umount")
+        .arg("-R")
+        .arg(dir.path().join("root"))
+        .stderr(Stdio::null())
+        .status();
+    Ok(Sample {
+        secs,
+        daemon_kib,
+        client_kib: ru.ru_maxrss as u64,
+    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !husk_tests::is_root() || !husk_tests::registry::available() || which("containerd").is_none() {
-        println!("skipped: needs root, docker-registry and containerd (tests/run.sh installs them)");
+    if !husk_tests::is_root() || !husk_tests::registry::available() || which("containerd").is_none()
+    {
+        println!(
+            "skipped: needs root, docker-registry and containerd (tests/run.sh installs them)"
+        );
         return Ok(());
     }
-    let rounds: usize = std::env::var("HUSK_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("HUSK_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let reg = Registry::start(None)?;
     let mut layers = vec![busybox_layer(Compression::Gzip)?];
     for i in 0..7 {
         layers.push(random_layer(i, 15 << 20, 40, Compression::Gzip));
     }
-    let img = build_image(&ImageSpec { layers, ..Default::default() });
+    let img = build_image(&ImageSpec {
+        layers,
+        ..Default::default()
+    });
     let compressed: usize = img.layers.iter().map(|l| l.blob.len()).sum();
-    Pusher::new(&reg.addr, None).push_image("bench/big", Some("v1"), &img).await?;
+    Pusher::new(&reg.addr, None)
+        .push_image("bench/big", Some("v1"), &img)
+        .await?;
     let image = format!("{}/bench/big:v1", reg.addr);
     let raw: usize = img.layers.len() * (15 << 20);
-    println!("image: {} layers, {:.1} MB compressed, ~{:.0} MB unpacked", img.layers.len(), compressed as f64 / 1e6, raw as f64 / 1e6);
-    anyhow::ensure!(compressed >= 50_000_000, "bench image must be at least 50 MB");
+    println!(
+        "image: {} layers, {:.1} MB compressed, ~{:.0} MB unpacked",
+        img.layers.len(),
+        compressed as f64 / 1e6,
+        raw as f64 / 1e6
+    );
+    anyhow::ensure!(
+        compressed >= 50_000_000,
+        "bench image must be at least 50 MB"
+    );
 
     let (mut ht, mut ct, mut hr, mut cr, mut cc) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
@@ -131,8 +169,17 @@ async fn main() -> anyhow::Result<()> {
         cr.push(c.daemon_kib as f64);
         cc.push((c.daemon_kib + c.client_kib) as f64);
     }
-    let (ht, ct, hr, cr, cc) = (median(&mut ht), median(&mut ct), median(&mut hr), median(&mut cr), median(&mut cc));
-    println!("median pull+unpack: husk {ht:.3}s, containerd {ct:.3}s, ratio husk/containerd = {:.2}", ht / ct);
+    let (ht, ct, hr, cr, cc) = (
+        median(&mut ht),
+        median(&mut ct),
+        median(&mut hr),
+        median(&mut cr),
+        median(&mut cc),
+    );
+    println!(
+        "median pull+unpack: husk {ht:.3}s, containerd {ct:.3}s, ratio husk/containerd = {:.2}",
+        ht / ct
+    );
     println!(
         "median peak RSS: huskd {:.1} MiB, containerd {:.1} MiB (with ctr {:.1} MiB), ratio = {:.2} ({:.2} vs daemon+ctr)",
         hr / 1024.0,
@@ -145,5 +192,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn which(cmd: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(cmd)).find(|p| p.exists())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(cmd))
+        .find(|p| p.exists())
 }

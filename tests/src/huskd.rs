@@ -23,7 +23,10 @@ pub struct Options {
 impl Options {
     /// Plain-HTTP access to a loopback registry.
     pub fn plain_http(addr: &str) -> Self {
-        Self { hosts: vec![(addr.to_string(), format!("server = \"http://{addr}\"\n"))], docker_config: None }
+        Self {
+            hosts: vec![(addr.to_string(), format!("server = \"http://{addr}\"\n"))],
+            docker_config: None,
+        }
     }
 }
 
@@ -52,7 +55,12 @@ impl Huskd {
                 docker.display()
             ),
         )?;
-        let mut d = Self { dir, socket, config, child: None };
+        let mut d = Self {
+            dir,
+            socket,
+            config,
+            child: None,
+        };
         d.spawn().await?;
         Ok(d)
     }
@@ -74,7 +82,10 @@ impl Huskd {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("huskd.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("huskd.log"))?;
         let child = Command::new(crate::bin_path("huskd"))
             .arg("--config")
             .arg(&self.config)

@@ -17,7 +17,11 @@ pub fn bin_path(name: &str) -> PathBuf {
         dir.pop();
     }
     let p = dir.join(name);
-    assert!(p.exists(), "{} not found: run `cargo build --workspace --bins` before the tests", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --workspace --bins` before the tests",
+        p.display()
+    );
     p
 }
 

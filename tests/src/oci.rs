@@ -134,11 +134,22 @@ pub fn build_layer(l: &Layer) -> BuiltLayer {
             use std::io::Write;
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(&tar).expect("gzip");
-            (e.finish().expect("gzip"), "application/vnd.oci.image.layer.v1.tar+gzip")
+            (
+                e.finish().expect("gzip"),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
         }
-        Compression::Zstd => (zstd::encode_all(&tar[..], 3).expect("zstd"), "application/vnd.oci.image.layer.v1.tar+zstd"),
+        Compression::Zstd => (
+            zstd::encode_all(&tar[..], 3).expect("zstd"),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
     };
-    BuiltLayer { digest: sha(&blob), blob, diff_id, media_type: media_type.into() }
+    BuiltLayer {
+        digest: sha(&blob),
+        blob,
+        diff_id,
+        media_type: media_type.into(),
+    }
 }
 
 /// A built image: blobs plus its manifest bytes.
@@ -160,7 +171,12 @@ pub struct ImageSpec {
 
 impl Default for ImageSpec {
     fn default() -> Self {
-        Self { layers: vec![], user: "", arch: "amd64", docker: false }
+        Self {
+            layers: vec![],
+            user: "",
+            arch: "amd64",
+            docker: false,
+        }
     }
 }
 
@@ -182,14 +198,21 @@ pub fn build_image_from(mut layers: Vec<BuiltLayer>, spec: &ImageSpec) -> BuiltI
     if spec.docker {
         for l in &mut layers {
             l.media_type = match l.media_type.as_str() {
-                "application/vnd.oci.image.layer.v1.tar+gzip" => "application/vnd.docker.image.rootfs.diff.tar.gzip".into(),
-                "application/vnd.oci.image.layer.v1.tar" => "application/vnd.docker.image.rootfs.diff.tar".into(),
+                "application/vnd.oci.image.layer.v1.tar+gzip" => {
+                    "application/vnd.docker.image.rootfs.diff.tar.gzip".into()
+                }
+                "application/vnd.oci.image.layer.v1.tar" => {
+                    "application/vnd.docker.image.rootfs.diff.tar".into()
+                }
                 other => other.into(),
             };
         }
     }
     let (mt, cfg_mt) = if spec.docker {
-        (DOCKER_MANIFEST, "application/vnd.docker.container.image.v1+json")
+        (
+            DOCKER_MANIFEST,
+            "application/vnd.docker.container.image.v1+json",
+        )
     } else {
         (OCI_MANIFEST, "application/vnd.oci.image.config.v1+json")
     };
@@ -202,7 +225,14 @@ pub fn build_image_from(mut layers: Vec<BuiltLayer>, spec: &ImageSpec) -> BuiltI
         })).collect::<Vec<_>>(),
     });
     let manifest = serde_json::to_vec(&manifest).expect("manifest");
-    BuiltImage { manifest_digest: sha(&manifest), manifest, manifest_media_type: mt, layers, config, config_digest }
+    BuiltImage {
+        manifest_digest: sha(&manifest),
+        manifest,
+        manifest_media_type: mt,
+        layers,
+        config,
+        config_digest,
+    }
 }
 
 pub struct Pusher {
@@ -232,7 +262,11 @@ impl Pusher {
             Some((u, p)) => RegistryAuth::Basic(u.into(), p.into()),
             None => RegistryAuth::Anonymous,
         };
-        Self { client, registry: registry.into(), auth }
+        Self {
+            client,
+            registry: registry.into(),
+            auth,
+        }
     }
 
     fn reference(&self, repo: &str, tag: &str) -> Reference {
@@ -240,7 +274,9 @@ impl Pusher {
     }
 
     async fn auth(&self, r: &Reference) -> anyhow::Result<()> {
-        self.client.auth(r, &self.auth, RegistryOperation::Push).await?;
+        self.client
+            .auth(r, &self.auth, RegistryOperation::Push)
+            .await?;
         Ok(())
     }
 
@@ -253,29 +289,49 @@ impl Pusher {
 
     /// Pushes an image's blobs and its manifest under `tag` (if any);
     /// returns the manifest digest.
-    pub async fn push_image(&self, repo: &str, tag: Option<&str>, img: &BuiltImage) -> anyhow::Result<String> {
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        img: &BuiltImage,
+    ) -> anyhow::Result<String> {
         for l in &img.layers {
             self.push_blob(repo, &l.blob, &l.digest).await?;
         }
-        self.push_blob(repo, &img.config, &img.config_digest).await?;
+        self.push_blob(repo, &img.config, &img.config_digest)
+            .await?;
         let target = tag.unwrap_or(&img.manifest_digest);
-        self.push_manifest(repo, target, &img.manifest, img.manifest_media_type).await?;
+        self.push_manifest(repo, target, &img.manifest, img.manifest_media_type)
+            .await?;
         Ok(img.manifest_digest.clone())
     }
 
-    pub async fn push_manifest(&self, repo: &str, tag_or_digest: &str, body: &[u8], media_type: &str) -> anyhow::Result<()> {
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        tag_or_digest: &str,
+        body: &[u8],
+        media_type: &str,
+    ) -> anyhow::Result<()> {
         let r = if tag_or_digest.starts_with("sha256:") {
             Reference::with_digest(self.registry.clone(), repo.into(), tag_or_digest.into())
         } else {
             self.reference(repo, tag_or_digest)
         };
         self.auth(&r).await?;
-        self.client.push_manifest_raw(&r, body.to_vec(), http::HeaderValue::from_str(media_type)?).await?;
+        self.client
+            .push_manifest_raw(&r, body.to_vec(), http::HeaderValue::from_str(media_type)?)
+            .await?;
         Ok(())
     }
 
     /// Pushes a multi-arch index of `(arch, image)` under `tag`; returns its digest.
-    pub async fn push_index(&self, repo: &str, tag: &str, images: &[(&str, &BuiltImage)]) -> anyhow::Result<String> {
+    pub async fn push_index(
+        &self,
+        repo: &str,
+        tag: &str,
+        images: &[(&str, &BuiltImage)],
+    ) -> anyhow::Result<String> {
         let mut entries = Vec::new();
         for (arch, img) in images {
             self.push_image(repo, None, img).await?;
@@ -302,18 +358,29 @@ pub fn busybox_layer(compression: Compression) -> anyhow::Result<Layer> {
         Entry::Dir("etc", 0o755),
         Entry::Dir("tmp", 0o1777),
         Entry::File("bin/busybox".into(), bb, 0o755),
-        file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
+        file(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        ),
         file("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
     ];
-    for applet in ["sh", "echo", "cat", "ls", "sleep", "true", "false", "id", "env", "uname", "hostname", "ps", "wc", "head", "nc", "httpd", "stty", "mount"] {
+    for applet in [
+        "sh", "echo", "cat", "ls", "sleep", "true", "false", "id", "env", "uname", "hostname",
+        "ps", "wc", "head", "nc", "httpd", "stty", "mount",
+    ] {
         entries.push(Entry::Symlink(format!("bin/{applet}"), "busybox".into()));
     }
-    Ok(Layer { entries, compression })
+    Ok(Layer {
+        entries,
+        compression,
+    })
 }
 
 /// A layer of `size` pseudo-random (barely compressible) bytes in `files` files.
 pub fn random_layer(seed: u64, size: usize, files: usize, compression: Compression) -> Layer {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let per = size / files.max(1);
     let mut entries = vec![];
     for i in 0..files {
@@ -332,5 +399,8 @@ pub fn random_layer(seed: u64, size: usize, files: usize, compression: Compressi
         data.truncate(per);
         entries.push(Entry::File(format!("data/l{seed}/f{i}"), data, 0o644));
     }
-    Layer { entries, compression }
+    Layer {
+        entries,
+        compression,
+    }
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! CRI ImageService end to end: a real registry, a real huskd, the CRI
 //! client on its unix socket.
 
@@ -6,31 +7,56 @@ use std::process::Command;
 
 use husk_proto::cri;
 use husk_tests::huskd::{Huskd, Options};
-use husk_tests::oci::{self, Compression, Entry, ImageSpec, Layer, Pusher, build_image, busybox_layer, file};
+use husk_tests::oci::{
+    self, Compression, Entry, ImageSpec, Layer, Pusher, build_image, busybox_layer, file,
+};
 use husk_tests::registry::{self, Registry};
 use husk_tests::require;
 use tonic::Code;
 
 fn spec(image: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec { image: image.into(), ..Default::default() })
+    Some(cri::ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    })
 }
 
-async fn pull(d: &Huskd, image: &str, auth: Option<cri::AuthConfig>) -> Result<String, tonic::Status> {
+async fn pull(
+    d: &Huskd,
+    image: &str,
+    auth: Option<cri::AuthConfig>,
+) -> Result<String, tonic::Status> {
     let mut c = d.clients().await.expect("connect");
     c.image
-        .pull_image(cri::PullImageRequest { image: spec(image), auth, sandbox_config: None })
+        .pull_image(cri::PullImageRequest {
+            image: spec(image),
+            auth,
+            sandbox_config: None,
+        })
         .await
         .map(|r| r.into_inner().image_ref)
 }
 
 async fn status(d: &Huskd, image: &str) -> cri::ImageStatusResponse {
     let mut c = d.clients().await.expect("connect");
-    c.image.image_status(cri::ImageStatusRequest { image: spec(image), verbose: true }).await.expect("status").into_inner()
+    c.image
+        .image_status(cri::ImageStatusRequest {
+            image: spec(image),
+            verbose: true,
+        })
+        .await
+        .expect("status")
+        .into_inner()
 }
 
 async fn list(d: &Huskd) -> Vec<cri::Image> {
     let mut c = d.clients().await.expect("connect");
-    c.image.list_images(cri::ListImagesRequest { filter: None }).await.expect("list").into_inner().images
+    c.image
+        .list_images(cri::ListImagesRequest { filter: None })
+        .await
+        .expect("list")
+        .into_inner()
+        .images
 }
 
 fn count(dir: &Path) -> usize {
@@ -53,7 +79,8 @@ fn env_ok() -> bool {
     registry::available() && husk_tests::is_root() && Path::new("/bin/busybox").exists()
 }
 
-const NEEDS: &str = "needs root, /usr/bin/docker-registry and /bin/busybox (tests/run.sh installs them)";
+const NEEDS: &str =
+    "needs root, /usr/bin/docker-registry and /bin/busybox (tests/run.sh installs them)";
 
 /// Overlay-mounts an image's snapshots and runs `args` chrooted in it.
 fn run_in_rootfs(lowers: &[PathBuf], args: &[&str]) -> (String, bool) {
@@ -62,19 +89,42 @@ fn run_in_rootfs(lowers: &[PathBuf], args: &[&str]) -> (String, bool) {
     for p in [&upper, &work, &merged] {
         std::fs::create_dir(p).unwrap();
     }
-    let lower = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-    let opts = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
-    let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status().unwrap();
+    let lower = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged)
+        .status()
+        .unwrap();
     assert!(st.success(), "overlay mount of the snapshots failed");
-    let out = Command::new("chroot").arg(&merged).args(args).output().unwrap();
+    let out = Command::new("chroot")
+        .arg(&merged)
+        .args(args)
+        .output()
+        .unwrap();
     let _ = Command::new("umount").arg(&merged).status();
-    (String::from_utf8_lossy(&out.stdout).into_owned(), out.status.success())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.success(),
+    )
 }
 
 fn lowers_of(st: &cri::ImageStatusResponse) -> Vec<PathBuf> {
     let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
-    let mut v: Vec<PathBuf> =
-        info["layers"].as_array().unwrap().iter().map(|l| PathBuf::from(l["snapshot"].as_str().unwrap())).collect();
+    let mut v: Vec<PathBuf> = info["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| PathBuf::from(l["snapshot"].as_str().unwrap()))
+        .collect();
     v.reverse(); // top first
     v
 }
@@ -83,33 +133,82 @@ fn lowers_of(st: &cri::ImageStatusResponse) -> Vec<PathBuf> {
 async fn pull_busybox_via_docker_io_mirror_and_run_it_from_the_snapshots() {
     require!(env_ok(), NEEDS);
     let reg = Registry::start(None).unwrap();
-    let img = build_image(&ImageSpec { layers: vec![busybox_layer(Compression::Gzip).unwrap()], user: "nobody", ..Default::default() });
-    Pusher::new(&reg.addr, None).push_image("library/busybox", Some("latest"), &img).await.unwrap();
+    let img = build_image(&ImageSpec {
+        layers: vec![busybox_layer(Compression::Gzip).unwrap()],
+        user: "nobody",
+        ..Default::default()
+    });
+    Pusher::new(&reg.addr, None)
+        .push_image("library/busybox", Some("latest"), &img)
+        .await
+        .unwrap();
     // docker.io resolves through a plain-HTTP loopback mirror.
-    let hosts = format!("server = \"https://registry-1.docker.io\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", reg.addr);
-    let d = Huskd::start(Options { hosts: vec![("docker.io".into(), hosts)], docker_config: None }).await.unwrap();
+    let hosts = format!(
+        "server = \"https://registry-1.docker.io\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        reg.addr
+    );
+    let d = Huskd::start(Options {
+        hosts: vec![("docker.io".into(), hosts)],
+        docker_config: None,
+    })
+    .await
+    .unwrap();
 
     let id = pull(&d, "busybox", None).await.unwrap();
     assert_eq!(id, img.config_digest);
     let images = list(&d).await;
     assert_eq!(images.len(), 1);
-    assert_eq!(images[0].repo_tags, vec!["docker.io/library/busybox:latest"]);
-    assert_eq!(images[0].repo_digests, vec![format!("docker.io/library/busybox@{}", img.manifest_digest)]);
+    assert_eq!(
+        images[0].repo_tags,
+        vec!["docker.io/library/busybox:latest"]
+    );
+    assert_eq!(
+        images[0].repo_digests,
+        vec![format!("docker.io/library/busybox@{}", img.manifest_digest)]
+    );
     assert_eq!(images[0].username, "nobody");
     assert!(images[0].uid.is_none());
     assert!(images[0].size > 500_000);
 
     // Every way kubelet names it resolves to the same image.
-    for name in ["busybox", "busybox:latest", "docker.io/library/busybox:latest", &id, &id[7..19],
-                 &format!("docker.io/library/busybox@{}", img.manifest_digest)] {
-        assert_eq!(status(&d, name).await.image.map(|i| i.id), Some(id.clone()), "{name}");
+    for name in [
+        "busybox",
+        "busybox:latest",
+        "docker.io/library/busybox:latest",
+        &id,
+        &id[7..19],
+        &format!("docker.io/library/busybox@{}", img.manifest_digest),
+    ] {
+        assert_eq!(
+            status(&d, name).await.image.map(|i| i.id),
+            Some(id.clone()),
+            "{name}"
+        );
     }
     let mut c = d.clients().await.unwrap();
-    let filtered = c.image.list_images(cri::ListImagesRequest { filter: Some(cri::ImageFilter { image: spec("busybox") }) })
-        .await.unwrap().into_inner().images;
+    let filtered = c
+        .image
+        .list_images(cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter {
+                image: spec("busybox"),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
     assert_eq!(filtered.len(), 1);
-    let none = c.image.list_images(cri::ListImagesRequest { filter: Some(cri::ImageFilter { image: spec("nothere") }) })
-        .await.unwrap().into_inner().images;
+    let none = c
+        .image
+        .list_images(cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter {
+                image: spec("nothere"),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
     assert!(none.is_empty());
 
     // Verbose status carries the image config.
@@ -117,14 +216,25 @@ async fn pull_busybox_via_docker_io_mirror_and_run_it_from_the_snapshots() {
     let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
     assert_eq!(info["imageSpec"]["config"]["User"], "nobody");
     // The snapshots are a usable rootfs.
-    let (out, ok) = run_in_rootfs(&lowers_of(&st), &["/bin/busybox", "echo", "hello-from-snapshot"]);
+    let (out, ok) = run_in_rootfs(
+        &lowers_of(&st),
+        &["/bin/busybox", "echo", "hello-from-snapshot"],
+    );
     assert!(ok);
     assert_eq!(out.trim(), "hello-from-snapshot");
 
     // ImageFsInfo counts the store.
-    let fs = c.image.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner();
+    let fs = c
+        .image
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let u = &fs.image_filesystems[0];
-    assert_eq!(u.fs_id.as_ref().unwrap().mountpoint, d.images_dir().display().to_string());
+    assert_eq!(
+        u.fs_id.as_ref().unwrap().mountpoint,
+        d.images_dir().display().to_string()
+    );
     assert!(u.used_bytes.as_ref().unwrap().value > 1_000_000, "{u:?}");
     assert!(u.inodes_used.as_ref().unwrap().value > 10);
     assert_store_clean(&d);
@@ -137,19 +247,31 @@ async fn multi_arch_index_zstd_uncompressed_and_docker_schema2() {
     let p = Pusher::new(&reg.addr, None);
     let arch_img = |arch: &'static str| {
         build_image(&ImageSpec {
-            layers: vec![Layer { entries: vec![file("arch", arch)], compression: Compression::Gzip }],
+            layers: vec![Layer {
+                entries: vec![file("arch", arch)],
+                compression: Compression::Gzip,
+            }],
             arch,
             user: "1000:1000",
             ..Default::default()
         })
     };
     let (arm, amd) = (arch_img("arm64"), arch_img("amd64"));
-    let index = p.push_index("multi", "v1", &[("arm64", &arm), ("amd64", &amd)]).await.unwrap();
+    let index = p
+        .push_index("multi", "v1", &[("arm64", &arm), ("amd64", &amd)])
+        .await
+        .unwrap();
     // zstd + uncompressed layers in a Docker schema2 manifest.
     let mixed = build_image(&ImageSpec {
         layers: vec![
-            Layer { entries: vec![file("z", "zstd-layer")], compression: Compression::Zstd },
-            Layer { entries: vec![file("u", "plain-layer")], compression: Compression::None },
+            Layer {
+                entries: vec![file("z", "zstd-layer")],
+                compression: Compression::Zstd,
+            },
+            Layer {
+                entries: vec![file("u", "plain-layer")],
+                compression: Compression::None,
+            },
         ],
         docker: true,
         ..Default::default()
@@ -157,24 +279,43 @@ async fn multi_arch_index_zstd_uncompressed_and_docker_schema2() {
     p.push_image("mixed", Some("v1"), &mixed).await.unwrap();
     let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
 
-    let id = pull(&d, &format!("{}/multi:v1", reg.addr), None).await.unwrap();
+    let id = pull(&d, &format!("{}/multi:v1", reg.addr), None)
+        .await
+        .unwrap();
     assert_eq!(id, amd.config_digest, "linux/amd64 picked from the index");
     let st = status(&d, &id).await;
     let img = st.image.clone().unwrap();
     assert_eq!(img.uid.map(|u| u.value), Some(1000));
-    assert_eq!(img.repo_digests, vec![format!("{}/multi@{index}", reg.addr)], "repo digest is the index digest");
+    assert_eq!(
+        img.repo_digests,
+        vec![format!("{}/multi@{index}", reg.addr)],
+        "repo digest is the index digest"
+    );
     let snap = &lowers_of(&st)[0];
     assert_eq!(std::fs::read_to_string(snap.join("arch")).unwrap(), "amd64");
     // Pull by the index digest resolves the same.
-    assert_eq!(pull(&d, &format!("{}/multi@{index}", reg.addr), None).await.unwrap(), id);
+    assert_eq!(
+        pull(&d, &format!("{}/multi@{index}", reg.addr), None)
+            .await
+            .unwrap(),
+        id
+    );
 
-    let id = pull(&d, &format!("{}/mixed:v1", reg.addr), None).await.unwrap();
+    let id = pull(&d, &format!("{}/mixed:v1", reg.addr), None)
+        .await
+        .unwrap();
     let st = status(&d, &id).await;
     let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
     assert_eq!(info["manifestMediaType"], oci::DOCKER_MANIFEST);
     let l = lowers_of(&st);
-    assert_eq!(std::fs::read_to_string(l[1].join("z")).unwrap(), "zstd-layer");
-    assert_eq!(std::fs::read_to_string(l[0].join("u")).unwrap(), "plain-layer");
+    assert_eq!(
+        std::fs::read_to_string(l[1].join("z")).unwrap(),
+        "zstd-layer"
+    );
+    assert_eq!(
+        std::fs::read_to_string(l[0].join("u")).unwrap(),
+        "plain-layer"
+    );
     assert_store_clean(&d);
 }
 
@@ -185,8 +326,11 @@ async fn whiteouts_opaque_dirs_and_hard_links_apply_through_overlay() {
     let base = busybox_layer(Compression::Gzip).unwrap();
     let l1 = Layer {
         entries: vec![
-            Entry::Dir("a", 0o755), file("a/gone", "x"), file("a/kept", "k"),
-            Entry::Dir("b", 0o755), file("b/old", "o"),
+            Entry::Dir("a", 0o755),
+            file("a/gone", "x"),
+            file("a/kept", "k"),
+            Entry::Dir("b", 0o755),
+            file("b/old", "o"),
             Entry::Owned("owned".into(), b"o".to_vec(), 0o4750, 1234, 5678),
         ],
         compression: Compression::Gzip,
@@ -194,18 +338,35 @@ async fn whiteouts_opaque_dirs_and_hard_links_apply_through_overlay() {
     let l2 = Layer {
         entries: vec![
             file("a/.wh.gone", ""),
-            Entry::Dir("b", 0o755), file("b/.wh..wh..opq", ""), file("b/new", "n"),
-            file("h1", "linked"), Entry::Hardlink("h2".into(), "h1".into()),
+            Entry::Dir("b", 0o755),
+            file("b/.wh..wh..opq", ""),
+            file("b/new", "n"),
+            file("h1", "linked"),
+            Entry::Hardlink("h2".into(), "h1".into()),
         ],
         compression: Compression::Gzip,
     };
-    let img = build_image(&ImageSpec { layers: vec![base, l1, l2], ..Default::default() });
-    Pusher::new(&reg.addr, None).push_image("layers", Some("v1"), &img).await.unwrap();
+    let img = build_image(&ImageSpec {
+        layers: vec![base, l1, l2],
+        ..Default::default()
+    });
+    Pusher::new(&reg.addr, None)
+        .push_image("layers", Some("v1"), &img)
+        .await
+        .unwrap();
     let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
-    let id = pull(&d, &format!("{}/layers:v1", reg.addr), None).await.unwrap();
+    let id = pull(&d, &format!("{}/layers:v1", reg.addr), None)
+        .await
+        .unwrap();
     let lowers = lowers_of(&status(&d, &id).await);
-    let (out, ok) = run_in_rootfs(&lowers, &["/bin/sh", "-c",
-        "ls /a; echo --; ls /b; echo --; ls -i /h1 | cut -d' ' -f1; ls -i /h2 | cut -d' ' -f1; stat -c '%u %g %a' /owned"]);
+    let (out, ok) = run_in_rootfs(
+        &lowers,
+        &[
+            "/bin/sh",
+            "-c",
+            "ls /a; echo --; ls /b; echo --; ls -i /h1 | cut -d' ' -f1; ls -i /h2 | cut -d' ' -f1; stat -c '%u %g %a' /owned",
+        ],
+    );
     assert!(ok, "{out}");
     let parts: Vec<&str> = out.split("--\n").collect();
     assert_eq!(parts[0].trim(), "kept", "whiteout hid a/gone");
@@ -219,17 +380,37 @@ async fn whiteouts_opaque_dirs_and_hard_links_apply_through_overlay() {
 async fn private_registry_with_basic_auth() {
     require!(env_ok(), NEEDS);
     let reg = Registry::start(Some(("alice", "s3cret"))).unwrap();
-    let img = build_image(&ImageSpec { layers: vec![busybox_layer(Compression::Gzip).unwrap()], ..Default::default() });
-    Pusher::new(&reg.addr, Some(("alice", "s3cret"))).push_image("private/bb", Some("v1"), &img).await.unwrap();
+    let img = build_image(&ImageSpec {
+        layers: vec![busybox_layer(Compression::Gzip).unwrap()],
+        ..Default::default()
+    });
+    Pusher::new(&reg.addr, Some(("alice", "s3cret")))
+        .push_image("private/bb", Some("v1"), &img)
+        .await
+        .unwrap();
     let name = format!("{}/private/bb:v1", reg.addr);
 
     let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
     let e = pull(&d, &name, None).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let bad = cri::AuthConfig { username: "alice".into(), password: "wrong".into(), ..Default::default() };
-    assert_eq!(pull(&d, &name, Some(bad)).await.unwrap_err().code(), Code::Unauthenticated);
-    let good = cri::AuthConfig { username: "alice".into(), password: "s3cret".into(), ..Default::default() };
-    assert_eq!(pull(&d, &name, Some(good)).await.unwrap(), img.config_digest);
+    let bad = cri::AuthConfig {
+        username: "alice".into(),
+        password: "wrong".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        pull(&d, &name, Some(bad)).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let good = cri::AuthConfig {
+        username: "alice".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        pull(&d, &name, Some(good)).await.unwrap(),
+        img.config_digest
+    );
     assert_store_clean(&d);
     drop(d);
 
@@ -237,7 +418,10 @@ async fn private_registry_with_basic_auth() {
     use base64::Engine as _;
     let enc = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
     let mut opts = Options::plain_http(&reg.addr);
-    opts.docker_config = Some(format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{enc}\"}}}}}}", reg.addr));
+    opts.docker_config = Some(format!(
+        "{{\"auths\":{{\"{}\":{{\"auth\":\"{enc}\"}}}}}}",
+        reg.addr
+    ));
     let d = Huskd::start(opts).await.unwrap();
     assert_eq!(pull(&d, &name, None).await.unwrap(), img.config_digest);
 }
@@ -248,10 +432,18 @@ async fn remove_by_tag_id_digest_frees_content_and_shared_layers_are_stored_once
     let reg = Registry::start(None).unwrap();
     let p = Pusher::new(&reg.addr, None);
     let base = busybox_layer(Compression::Gzip).unwrap();
-    let mk = |extra: &str| build_image(&ImageSpec {
-        layers: vec![base.clone(), Layer { entries: vec![file("which", extra)], compression: Compression::Gzip }],
-        ..Default::default()
-    });
+    let mk = |extra: &str| {
+        build_image(&ImageSpec {
+            layers: vec![
+                base.clone(),
+                Layer {
+                    entries: vec![file("which", extra)],
+                    compression: Compression::Gzip,
+                },
+            ],
+            ..Default::default()
+        })
+    };
     let (a, b) = (mk("a"), mk("b"));
     p.push_image("a", Some("v1"), &a).await.unwrap();
     p.push_image("b", Some("v1"), &b).await.unwrap();
@@ -262,25 +454,49 @@ async fn remove_by_tag_id_digest_frees_content_and_shared_layers_are_stored_once
     assert_eq!(count(&snaps), 2);
     pull(&d, &format!("{}/b:v1", reg.addr), None).await.unwrap();
     assert_eq!(count(&snaps), 3, "the shared busybox layer is stored once");
-    assert_eq!(count(&blobs), 3 + 2 + 2, "shared layer blob + 2 own layers, 2 configs, 2 manifests");
+    assert_eq!(
+        count(&blobs),
+        3 + 2 + 2,
+        "shared layer blob + 2 own layers, 2 configs, 2 manifests"
+    );
 
     let mut c = d.clients().await.unwrap();
     // By tag: a's own layer, config and manifest go; the shared layer stays.
-    c.image.remove_image(cri::RemoveImageRequest { image: spec(&format!("{}/a:v1", reg.addr)) }).await.unwrap();
+    c.image
+        .remove_image(cri::RemoveImageRequest {
+            image: spec(&format!("{}/a:v1", reg.addr)),
+        })
+        .await
+        .unwrap();
     assert!(status(&d, &ia).await.image.is_none());
     assert_eq!(count(&snaps), 2);
     assert_eq!(count(&blobs), 4);
     // Removing again is fine (idempotent, as the CRI requires).
-    c.image.remove_image(cri::RemoveImageRequest { image: spec(&ia) }).await.unwrap();
+    c.image
+        .remove_image(cri::RemoveImageRequest { image: spec(&ia) })
+        .await
+        .unwrap();
     // By digest, then everything is gone.
-    c.image.remove_image(cri::RemoveImageRequest { image: spec(&format!("{}/b@{}", reg.addr, b.manifest_digest)) }).await.unwrap();
+    c.image
+        .remove_image(cri::RemoveImageRequest {
+            image: spec(&format!("{}/b@{}", reg.addr, b.manifest_digest)),
+        })
+        .await
+        .unwrap();
     assert!(list(&d).await.is_empty());
     assert_eq!((count(&snaps), count(&blobs)), (0, 0));
     // And by id.
     let ia = pull(&d, &format!("{}/a:v1", reg.addr), None).await.unwrap();
-    c.image.remove_image(cri::RemoveImageRequest { image: spec(&ia) }).await.unwrap();
+    c.image
+        .remove_image(cri::RemoveImageRequest { image: spec(&ia) })
+        .await
+        .unwrap();
     assert!(list(&d).await.is_empty());
-    let e = c.image.remove_image(cri::RemoveImageRequest { image: spec("") }).await.unwrap_err();
+    let e = c
+        .image
+        .remove_image(cri::RemoveImageRequest { image: spec("") })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 }
 
@@ -289,10 +505,16 @@ async fn concurrent_pulls_of_one_image_download_once() {
     require!(env_ok(), NEEDS);
     let reg = Registry::start(None).unwrap();
     let img = build_image(&ImageSpec {
-        layers: vec![oci::random_layer(1, 8 << 20, 4, Compression::Gzip), busybox_layer(Compression::Gzip).unwrap()],
+        layers: vec![
+            oci::random_layer(1, 8 << 20, 4, Compression::Gzip),
+            busybox_layer(Compression::Gzip).unwrap(),
+        ],
         ..Default::default()
     });
-    Pusher::new(&reg.addr, None).push_image("dedup", Some("v1"), &img).await.unwrap();
+    Pusher::new(&reg.addr, None)
+        .push_image("dedup", Some("v1"), &img)
+        .await
+        .unwrap();
     let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
     let name = format!("{}/dedup:v1", reg.addr);
     let mut tasks = vec![];
@@ -300,14 +522,25 @@ async fn concurrent_pulls_of_one_image_download_once() {
         let (n, s) = (name.clone(), d.socket.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = husk_host::client::Clients::connect(&s).await.unwrap();
-            c.image.pull_image(cri::PullImageRequest { image: spec(&n), ..Default::default() }).await.map(|r| r.into_inner().image_ref)
+            c.image
+                .pull_image(cri::PullImageRequest {
+                    image: spec(&n),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().image_ref)
         }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), img.config_digest);
     }
     for l in &img.layers {
-        assert_eq!(reg.blob_gets(&l.digest), 1, "layer {} fetched once", l.digest);
+        assert_eq!(
+            reg.blob_gets(&l.digest),
+            1,
+            "layer {} fetched once",
+            l.digest
+        );
     }
     assert_eq!(list(&d).await.len(), 1);
 }
@@ -319,17 +552,37 @@ async fn bad_references_and_missing_images() {
     let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
     let e = pull(&d, "Busybox:latest", None).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("Busybox"), "names the bad part: {}", e.message());
+    assert!(
+        e.message().contains("Busybox"),
+        "names the bad part: {}",
+        e.message()
+    );
     let e = pull(&d, "busybox@sha256:1234", None).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("digest"), "{}", e.message());
-    assert_eq!(pull(&d, "", None).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        pull(&d, "", None).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     // Unknown repository / tag on a live registry.
-    let e = pull(&d, &format!("{}/nothere:v1", reg.addr), None).await.unwrap_err();
+    let e = pull(&d, &format!("{}/nothere:v1", reg.addr), None)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    let img = build_image(&ImageSpec { layers: vec![Layer { entries: vec![file("x", "x")], compression: Compression::Gzip }], ..Default::default() });
-    Pusher::new(&reg.addr, None).push_image("there", Some("v1"), &img).await.unwrap();
-    let e = pull(&d, &format!("{}/there:v2", reg.addr), None).await.unwrap_err();
+    let img = build_image(&ImageSpec {
+        layers: vec![Layer {
+            entries: vec![file("x", "x")],
+            compression: Compression::Gzip,
+        }],
+        ..Default::default()
+    });
+    Pusher::new(&reg.addr, None)
+        .push_image("there", Some("v1"), &img)
+        .await
+        .unwrap();
+    let e = pull(&d, &format!("{}/there:v2", reg.addr), None)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     // Unreachable registry.
     let dead = format!("127.0.0.1:{}", husk_tests::free_port());
@@ -343,10 +596,20 @@ async fn bad_references_and_missing_images() {
 }
 
 /// Pushes `layers` (prebuilt, maybe broken) as `repo:v1` and pulls it.
-async fn pull_broken(reg: &Registry, d: &Huskd, repo: &str, layers: Vec<oci::BuiltLayer>) -> tonic::Status {
+async fn pull_broken(
+    reg: &Registry,
+    d: &Huskd,
+    repo: &str,
+    layers: Vec<oci::BuiltLayer>,
+) -> tonic::Status {
     let img = oci::build_image_from(layers, &ImageSpec::default());
-    Pusher::new(&reg.addr, None).push_image(repo, Some("v1"), &img).await.unwrap();
-    pull(d, &format!("{}/{repo}:v1", reg.addr), None).await.unwrap_err()
+    Pusher::new(&reg.addr, None)
+        .push_image(repo, Some("v1"), &img)
+        .await
+        .unwrap();
+    pull(d, &format!("{}/{repo}:v1", reg.addr), None)
+        .await
+        .unwrap_err()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,23 +617,41 @@ async fn corrupt_content_is_refused_and_nothing_is_left() {
     require!(env_ok(), NEEDS);
     let reg = Registry::start(None).unwrap();
     let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
-    let layer = || oci::build_layer(&Layer { entries: vec![file("f", vec![b'x'; 100_000])], compression: Compression::Gzip });
+    let layer = || {
+        oci::build_layer(&Layer {
+            entries: vec![file("f", vec![b'x'; 100_000])],
+            compression: Compression::Gzip,
+        })
+    };
 
     // Digest mismatch: the registry serves other bytes than the digest names.
-    let img = build_image(&ImageSpec { layers: vec![Layer { entries: vec![file("f", vec![b'y'; 100_000])], compression: Compression::Gzip }], ..Default::default() });
-    Pusher::new(&reg.addr, None).push_image("tampered", Some("v1"), &img).await.unwrap();
+    let img = build_image(&ImageSpec {
+        layers: vec![Layer {
+            entries: vec![file("f", vec![b'y'; 100_000])],
+            compression: Compression::Gzip,
+        }],
+        ..Default::default()
+    });
+    Pusher::new(&reg.addr, None)
+        .push_image("tampered", Some("v1"), &img)
+        .await
+        .unwrap();
     let f = reg.blob_file(&img.layers[0].digest);
     let mut data = std::fs::read(&f).unwrap();
     let n = data.len();
     data[n / 2] ^= 0xff;
     std::fs::write(&f, &data).unwrap();
-    let e = pull(&d, &format!("{}/tampered:v1", reg.addr), None).await.unwrap_err();
+    let e = pull(&d, &format!("{}/tampered:v1", reg.addr), None)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(e.message().contains("digest mismatch"), "{}", e.message());
 
     // Truncated blob.
     std::fs::write(&f, &data[..n / 2]).unwrap();
-    let e = pull(&d, &format!("{}/tampered:v1", reg.addr), None).await.unwrap_err();
+    let e = pull(&d, &format!("{}/tampered:v1", reg.addr), None)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(e.message().contains("truncated"), "{}", e.message());
 
@@ -394,7 +675,11 @@ async fn corrupt_content_is_refused_and_nothing_is_left() {
 
     assert!(list(&d).await.is_empty());
     assert_store_clean(&d);
-    assert_eq!(count(&d.images_dir().join("blobs/sha256")), 0, "nothing left in the store");
+    assert_eq!(
+        count(&d.images_dir().join("blobs/sha256")),
+        0,
+        "nothing left in the store"
+    );
     assert_eq!(count(&d.images_dir().join("snapshots")), 0);
 }
 
@@ -407,7 +692,10 @@ async fn malicious_layers_never_write_outside_the_snapshot() {
     let target = outside.path().join("pwned");
 
     let dotdot = oci::build_layer(&Layer {
-        entries: vec![Entry::RawFile(b"../../../../../../tmp/husk-escape-test".to_vec(), b"bad".to_vec())],
+        entries: vec![Entry::RawFile(
+            b"../../../../../../tmp/husk-escape-test".to_vec(),
+            b"bad".to_vec(),
+        )],
         compression: Compression::Gzip,
     });
     let e = pull_broken(&reg, &d, "dotdot", vec![dotdot]).await;
@@ -432,10 +720,18 @@ async fn malicious_layers_never_write_outside_the_snapshot() {
         compression: Compression::Gzip,
     });
     let img = oci::build_image_from(vec![abs], &ImageSpec::default());
-    Pusher::new(&reg.addr, None).push_image("abs", Some("v1"), &img).await.unwrap();
-    let id = pull(&d, &format!("{}/abs:v1", reg.addr), None).await.unwrap();
+    Pusher::new(&reg.addr, None)
+        .push_image("abs", Some("v1"), &img)
+        .await
+        .unwrap();
+    let id = pull(&d, &format!("{}/abs:v1", reg.addr), None)
+        .await
+        .unwrap();
     let snap = &lowers_of(&status(&d, &id).await)[0];
-    assert_eq!(std::fs::read_link(snap.join("etcpasswd")).unwrap(), Path::new("/etc/passwd"));
+    assert_eq!(
+        std::fs::read_link(snap.join("etcpasswd")).unwrap(),
+        Path::new("/etc/passwd")
+    );
     assert_store_clean(&d);
 }
 
@@ -444,15 +740,22 @@ async fn store_survives_restart_and_a_crash_mid_pull_leaves_no_half_image() {
     require!(env_ok(), NEEDS);
     let reg = Registry::start(None).unwrap();
     let p = Pusher::new(&reg.addr, None);
-    let small = build_image(&ImageSpec { layers: vec![busybox_layer(Compression::Gzip).unwrap()], ..Default::default() });
+    let small = build_image(&ImageSpec {
+        layers: vec![busybox_layer(Compression::Gzip).unwrap()],
+        ..Default::default()
+    });
     p.push_image("small", Some("v1"), &small).await.unwrap();
     let big = build_image(&ImageSpec {
-        layers: (0..4).map(|i| oci::random_layer(100 + i, 12 << 20, 24, Compression::Gzip)).collect(),
+        layers: (0..4)
+            .map(|i| oci::random_layer(100 + i, 12 << 20, 24, Compression::Gzip))
+            .collect(),
         ..Default::default()
     });
     p.push_image("big", Some("v1"), &big).await.unwrap();
     let mut d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
-    pull(&d, &format!("{}/small:v1", reg.addr), None).await.unwrap();
+    pull(&d, &format!("{}/small:v1", reg.addr), None)
+        .await
+        .unwrap();
 
     d.crash_and_restart().await.unwrap();
     let images = list(&d).await;
@@ -463,13 +766,23 @@ async fn store_survives_restart_and_a_crash_mid_pull_leaves_no_half_image() {
     let (s, n) = (d.socket.clone(), format!("{}/big:v1", reg.addr));
     let task = tokio::spawn(async move {
         let mut c = husk_host::client::Clients::connect(&s).await.unwrap();
-        c.image.pull_image(cri::PullImageRequest { image: spec(&n), ..Default::default() }).await
+        c.image
+            .pull_image(cri::PullImageRequest {
+                image: spec(&n),
+                ..Default::default()
+            })
+            .await
     });
     let ingest = d.images_dir().join("ingest");
     let snaps = d.images_dir().join("snapshots");
     let mut mid = false;
     for _ in 0..2000 {
-        if count(&ingest) > 0 || std::fs::read_dir(&snaps).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")) {
+        if count(&ingest) > 0
+            || std::fs::read_dir(&snaps)
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        {
             mid = true;
             break;
         }
@@ -484,24 +797,53 @@ async fn store_survives_restart_and_a_crash_mid_pull_leaves_no_half_image() {
     // Only the small image's content remains.
     assert_eq!(count(&d.images_dir().join("blobs/sha256")), 3);
     // And the pull succeeds on a second try.
-    assert_eq!(pull(&d, &format!("{}/big:v1", reg.addr), None).await.unwrap(), big.config_digest);
+    assert_eq!(
+        pull(&d, &format!("{}/big:v1", reg.addr), None)
+            .await
+            .unwrap(),
+        big.config_digest
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huskd_lifecycle_and_the_husk_cli() {
     require!(env_ok(), NEEDS);
-    let out = Command::new(husk_tests::bin_path("huskd")).arg("--version").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("huskd "), "{out:?}");
+    let out = Command::new(husk_tests::bin_path("huskd"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("huskd "),
+        "{out:?}"
+    );
     let reg = Registry::start(None).unwrap();
-    let img = build_image(&ImageSpec { layers: vec![busybox_layer(Compression::Gzip).unwrap()], ..Default::default() });
-    Pusher::new(&reg.addr, None).push_image("cli/bb", Some("v1"), &img).await.unwrap();
+    let img = build_image(&ImageSpec {
+        layers: vec![busybox_layer(Compression::Gzip).unwrap()],
+        ..Default::default()
+    });
+    Pusher::new(&reg.addr, None)
+        .push_image("cli/bb", Some("v1"), &img)
+        .await
+        .unwrap();
     let mut d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777, 0o660);
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
 
     let husk = |args: &[&str]| {
-        let out = Command::new(husk_tests::bin_path("husk")).arg("--socket").arg(&d.socket).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = Command::new(husk_tests::bin_path("husk"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let name = format!("{}/cli/bb:v1", reg.addr);
     let (ok, out, err) = husk(&["pull", &name]);
@@ -509,7 +851,12 @@ async fn huskd_lifecycle_and_the_husk_cli() {
     assert!(out.contains(&img.config_digest), "{out}");
     let (ok, out, _) = husk(&["images"]);
     assert!(ok);
-    assert!(out.starts_with("IMAGE") && out.contains(&format!("{}/cli/bb", reg.addr)) && out.contains("v1"), "{out}");
+    assert!(
+        out.starts_with("IMAGE")
+            && out.contains(&format!("{}/cli/bb", reg.addr))
+            && out.contains("v1"),
+        "{out}"
+    );
     let (ok, out, _) = husk(&["images", "-q"]);
     assert!(ok && out.trim() == img.config_digest);
     let (ok, out, _) = husk(&["inspecti", &name]);
@@ -533,12 +880,30 @@ async fn huskd_lifecycle_and_the_husk_cli() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_registry_needs_its_ca_or_skip_verify() {
-    require!(env_ok() && Path::new("/usr/bin/openssl").exists(), "needs openssl besides the image test tools");
+    require!(
+        env_ok() && Path::new("/usr/bin/openssl").exists(),
+        "needs openssl besides the image test tools"
+    );
     let reg = Registry::start_with(None, true).unwrap();
-    let img = build_image(&ImageSpec { layers: vec![Layer { entries: vec![file("tls", "yes")], compression: Compression::Gzip }], ..Default::default() });
-    Pusher::with_protocol(&reg.addr, None, true).push_image("secure", Some("v1"), &img).await.unwrap();
+    let img = build_image(&ImageSpec {
+        layers: vec![Layer {
+            entries: vec![file("tls", "yes")],
+            compression: Compression::Gzip,
+        }],
+        ..Default::default()
+    });
+    Pusher::with_protocol(&reg.addr, None, true)
+        .push_image("secure", Some("v1"), &img)
+        .await
+        .unwrap();
     let name = format!("{}/secure:v1", reg.addr);
-    let https = |extra: &str| Options { hosts: vec![(reg.addr.clone(), format!("server = \"https://{}\"\n{extra}", reg.addr))], docker_config: None };
+    let https = |extra: &str| Options {
+        hosts: vec![(
+            reg.addr.clone(),
+            format!("server = \"https://{}\"\n{extra}", reg.addr),
+        )],
+        docker_config: None,
+    };
 
     // Unknown self-signed certificate: refused.
     let d = Huskd::start(https("")).await.unwrap();
@@ -547,7 +912,9 @@ async fn tls_registry_needs_its_ca_or_skip_verify() {
     assert!(list(&d).await.is_empty());
     drop(d);
     // With its CA.
-    let d = Huskd::start(https(&format!("ca = \"{}\"\n", reg.cert().display()))).await.unwrap();
+    let d = Huskd::start(https(&format!("ca = \"{}\"\n", reg.cert().display())))
+        .await
+        .unwrap();
     assert_eq!(pull(&d, &name, None).await.unwrap(), img.config_digest);
     drop(d);
     // With skip_verify.

@@ -9,7 +9,11 @@ use husk_host::config::DEFAULT_SOCKET;
 use husk_proto::cri;
 
 #[derive(Parser)]
-#[command(name = "husk", version, about = "husk: VM-isolated pods (client of huskd)")]
+#[command(
+    name = "husk",
+    version,
+    about = "husk: VM-isolated pods (client of huskd)"
+)]
 struct Args {
     /// huskd's CRI socket.
     #[arg(long, global = true, env = "HUSK_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -54,23 +58,45 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut c = Clients::connect(&args.socket).await?;
     match args.cmd {
-        Cmd::Pull { image, creds, quiet } => images::pull(&mut c, &image, creds.as_deref(), quiet).await,
-        Cmd::Images { filter, quiet, output } => images::images(&mut c, filter.as_deref(), quiet, output == "json").await,
+        Cmd::Pull {
+            image,
+            creds,
+            quiet,
+        } => images::pull(&mut c, &image, creds.as_deref(), quiet).await,
+        Cmd::Images {
+            filter,
+            quiet,
+            output,
+        } => images::images(&mut c, filter.as_deref(), quiet, output == "json").await,
         Cmd::Rmi { images: list } => images::rmi(&mut c, &list).await,
         Cmd::Inspecti { image } => images::inspecti(&mut c, &image).await,
         Cmd::Version => {
-            let v = c.runtime.version(cri::VersionRequest { version: "v1".into() }).await?.into_inner();
-            println!("Version:  {}\nRuntimeName:  {}\nRuntimeVersion:  {}\nRuntimeApiVersion:  {}",
-                v.version, v.runtime_name, v.runtime_version, v.runtime_api_version);
+            let v = c
+                .runtime
+                .version(cri::VersionRequest {
+                    version: "v1".into(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "Version:  {}\nRuntimeName:  {}\nRuntimeVersion:  {}\nRuntimeApiVersion:  {}",
+                v.version, v.runtime_name, v.runtime_version, v.runtime_api_version
+            );
             Ok(())
         }
     }

@@ -10,7 +10,11 @@ use husk_host::cri::{self, Services};
 use husk_host::image::{ImageService, ImageSettings};
 
 #[derive(Parser)]
-#[command(name = "huskd", version, about = "husk CRI server (VM-isolated pods for Kubernetes)")]
+#[command(
+    name = "huskd",
+    version,
+    about = "husk CRI server (VM-isolated pods for Kubernetes)"
+)]
 struct Args {
     /// Config file (default /etc/husk/config.toml; missing default = all defaults).
     #[arg(long)]
@@ -34,15 +38,22 @@ fn main() -> anyhow::Result<()> {
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(cfg))
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("create {}", cfg.state_dir.display()))?;
-    std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("create {}", cfg.run_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("create {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.run_dir)
+        .with_context(|| format!("create {}", cfg.run_dir.display()))?;
     let images = ImageService::open(ImageSettings {
         root: cfg.images_dir(),
         registry_config_dir: cfg.image.registry_config_dir.clone(),
@@ -59,7 +70,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
     };

@@ -36,7 +36,11 @@ pub fn human_size(b: u64) -> String {
         v /= 1000.0;
         u += 1;
     }
-    if u == 0 { format!("{b}B") } else { format!("{v:.3}{}", UNITS[u]).replace(".000", "") }
+    if u == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.3}{}", UNITS[u]).replace(".000", "")
+    }
 }
 
 #[cfg(test)]

@@ -27,7 +27,12 @@ fn to_pb(image: &str, st: &PullState) -> pb::PullProgress {
         layers: st
             .layers
             .iter()
-            .map(|l| pb::LayerProgress { digest: l.digest.clone(), total: l.total, done: l.done, phase: l.phase.as_str().into() })
+            .map(|l| pb::LayerProgress {
+                digest: l.digest.clone(),
+                total: l.total,
+                done: l.done,
+                phase: l.phase.as_str().into(),
+            })
             .collect(),
         finished: st.finished,
         error: st.error.clone().unwrap_or_default(),
@@ -38,7 +43,10 @@ fn to_pb(image: &str, st: &PullState) -> pb::PullProgress {
 impl husk_server::Husk for Husk {
     type WatchPullStream = Pin<Box<dyn Stream<Item = Result<pb::PullProgress, Status>> + Send>>;
 
-    async fn watch_pull(&self, req: Request<pb::WatchPullRequest>) -> Result<Response<Self::WatchPullStream>, Status> {
+    async fn watch_pull(
+        &self,
+        req: Request<pb::WatchPullRequest>,
+    ) -> Result<Response<Self::WatchPullStream>, Status> {
         let req = req.into_inner();
         let images = self.s.images.clone();
         let wait = Duration::from_millis(u64::from(req.wait_ms.min(30_000)));
@@ -74,7 +82,9 @@ impl husk_server::Husk for Husk {
 }
 
 /// A stream fed by a task through a bounded channel.
-fn async_stream<F, Fut>(f: F) -> Pin<Box<dyn Stream<Item = Result<pb::PullProgress, Status>> + Send>>
+fn async_stream<F, Fut>(
+    f: F,
+) -> Pin<Box<dyn Stream<Item = Result<pb::PullProgress, Status>> + Send>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::PullProgress, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -31,7 +31,10 @@ fn to_cri(rec: &ImageRecord) -> cri::Image {
         size: rec.size,
         uid: uid.map(|value| cri::Int64Value { value }),
         username,
-        spec: Some(cri::ImageSpec { image: rec.id.clone(), ..Default::default() }),
+        spec: Some(cri::ImageSpec {
+            image: rec.id.clone(),
+            ..Default::default()
+        }),
         pinned: rec.pinned,
     }
 }
@@ -46,13 +49,29 @@ fn spec_of(spec: Option<cri::ImageSpec>) -> Result<String, Status> {
 
 #[tonic::async_trait]
 impl ImageService for Images {
-    async fn list_images(&self, req: Request<cri::ListImagesRequest>) -> Result<Response<cri::ListImagesResponse>, Status> {
-        let filter = req.into_inner().filter.and_then(|f| f.image).map(|s| s.image);
-        let images = self.s.images.list(filter.as_deref()).iter().map(to_cri).collect();
+    async fn list_images(
+        &self,
+        req: Request<cri::ListImagesRequest>,
+    ) -> Result<Response<cri::ListImagesResponse>, Status> {
+        let filter = req
+            .into_inner()
+            .filter
+            .and_then(|f| f.image)
+            .map(|s| s.image);
+        let images = self
+            .s
+            .images
+            .list(filter.as_deref())
+            .iter()
+            .map(to_cri)
+            .collect();
         Ok(Response::new(cri::ListImagesResponse { images }))
     }
 
-    async fn image_status(&self, req: Request<cri::ImageStatusRequest>) -> Result<Response<cri::ImageStatusResponse>, Status> {
+    async fn image_status(
+        &self,
+        req: Request<cri::ImageStatusRequest>,
+    ) -> Result<Response<cri::ImageStatusResponse>, Status> {
         let req = req.into_inner();
         let spec = spec_of(req.image)?;
         let Some(rec) = self.s.images.status(&spec)? else {
@@ -82,10 +101,16 @@ impl ImageService for Images {
             });
             info.insert("info".to_string(), v.to_string());
         }
-        Ok(Response::new(cri::ImageStatusResponse { image: Some(to_cri(&rec)), info }))
+        Ok(Response::new(cri::ImageStatusResponse {
+            image: Some(to_cri(&rec)),
+            info,
+        }))
     }
 
-    async fn pull_image(&self, req: Request<cri::PullImageRequest>) -> Result<Response<cri::PullImageResponse>, Status> {
+    async fn pull_image(
+        &self,
+        req: Request<cri::PullImageRequest>,
+    ) -> Result<Response<cri::PullImageResponse>, Status> {
         let req = req.into_inner();
         let image = spec_of(req.image)?;
         let creds = req.auth.map(|a| Credentials {
@@ -100,7 +125,10 @@ impl ImageService for Images {
         Ok(Response::new(cri::PullImageResponse { image_ref: rec.id }))
     }
 
-    async fn remove_image(&self, req: Request<cri::RemoveImageRequest>) -> Result<Response<cri::RemoveImageResponse>, Status> {
+    async fn remove_image(
+        &self,
+        req: Request<cri::RemoveImageRequest>,
+    ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let image = spec_of(req.into_inner().image)?;
         // Idempotent per the CRI: removing an absent image succeeds.
         let removed = self.s.images.remove(&image)?;
@@ -108,14 +136,22 @@ impl ImageService for Images {
         Ok(Response::new(cri::RemoveImageResponse {}))
     }
 
-    async fn image_fs_info(&self, _req: Request<cri::ImageFsInfoRequest>) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
+    async fn image_fs_info(
+        &self,
+        _req: Request<cri::ImageFsInfoRequest>,
+    ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
         let u = self.s.images.usage()?;
         let fs = cri::FilesystemUsage {
             timestamp: crate::image::pull::now_nanos(),
-            fs_id: Some(cri::FilesystemIdentifier { mountpoint: self.s.images.store().root().display().to_string() }),
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: self.s.images.store().root().display().to_string(),
+            }),
             used_bytes: Some(cri::UInt64Value { value: u.bytes }),
             inodes_used: Some(cri::UInt64Value { value: u.inodes }),
         };
-        Ok(Response::new(cri::ImageFsInfoResponse { image_filesystems: vec![fs], container_filesystems: vec![] }))
+        Ok(Response::new(cri::ImageFsInfoResponse {
+            image_filesystems: vec![fs],
+            container_filesystems: vec![],
+        }))
     }
 }

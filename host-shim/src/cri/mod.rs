@@ -26,7 +26,10 @@ pub struct Services {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("socket {path}: {source}")]
-    Socket { path: String, source: std::io::Error },
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -39,7 +42,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |source| ServeError::Socket { path: socket.display().to_string(), source };
+    let err = |source| ServeError::Socket {
+        path: socket.display().to_string(),
+        source,
+    };
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
@@ -54,9 +60,13 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
         .add_service(
-            RuntimeServiceServer::new(runtime::Runtime::new(services.clone())).max_decoding_message_size(16 << 20),
+            RuntimeServiceServer::new(runtime::Runtime::new(services.clone()))
+                .max_decoding_message_size(16 << 20),
         )
-        .add_service(ImageServiceServer::new(image::Images::new(services.clone())).max_decoding_message_size(16 << 20))
+        .add_service(
+            ImageServiceServer::new(image::Images::new(services.clone()))
+                .max_decoding_message_size(16 << 20),
+        )
         .add_service(HuskServer::new(husk::Husk::new(services)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

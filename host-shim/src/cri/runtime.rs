@@ -49,9 +49,13 @@ macro_rules! not_yet {
 
 #[tonic::async_trait]
 impl RuntimeService for Runtime {
-    type GetContainerEventsStream = Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+    type GetContainerEventsStream =
+        Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
 
-    async fn version(&self, _r: Request<cri::VersionRequest>) -> Result<Response<cri::VersionResponse>, Status> {
+    async fn version(
+        &self,
+        _r: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
         Ok(Response::new(cri::VersionResponse {
             version: "0.1.0".into(),
             runtime_name: RUNTIME_NAME.into(),
@@ -60,7 +64,10 @@ impl RuntimeService for Runtime {
         }))
     }
 
-    async fn status(&self, _r: Request<cri::StatusRequest>) -> Result<Response<cri::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _r: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
         let cond = |t: &str, reason: &str, message: &str| cri::RuntimeCondition {
             r#type: t.into(),
             status: false,
@@ -70,8 +77,16 @@ impl RuntimeService for Runtime {
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {
                 conditions: vec![
-                    cond("RuntimeReady", "RuntimeNotImplemented", "pod sandboxes are not available in this huskd yet"),
-                    cond("NetworkReady", "NetworkNotImplemented", "pod networking is not available in this huskd yet"),
+                    cond(
+                        "RuntimeReady",
+                        "RuntimeNotImplemented",
+                        "pod sandboxes are not available in this huskd yet",
+                    ),
+                    cond(
+                        "NetworkReady",
+                        "NetworkNotImplemented",
+                        "pod networking is not available in this huskd yet",
+                    ),
                 ],
             }),
             ..Default::default()
@@ -82,7 +97,9 @@ impl RuntimeService for Runtime {
         &self,
         _r: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(Status::unimplemented("husk: container events are not implemented yet"))
+        Err(Status::unimplemented(
+            "husk: container events are not implemented yet",
+        ))
     }
 
     not_yet! {

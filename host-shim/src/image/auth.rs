@@ -12,9 +12,15 @@ pub enum AuthError {
     #[error("auth: {0}")]
     Invalid(String),
     #[error("read docker config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parse docker config {path}: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// Credentials as the CRI sends them (`runtime.v1.AuthConfig`).
@@ -52,7 +58,10 @@ impl Credentials {
         if self.username.is_empty() {
             return Err(AuthError::Invalid("password given without username".into()));
         }
-        Ok(RegistryAuth::Basic(self.username.clone(), self.password.clone()))
+        Ok(RegistryAuth::Basic(
+            self.username.clone(),
+            self.password.clone(),
+        ))
     }
 }
 
@@ -60,8 +69,11 @@ fn decode_basic(auth: &str) -> Result<RegistryAuth, AuthError> {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
         .map_err(|_| AuthError::Invalid("auth is not valid base64".into()))?;
-    let s = String::from_utf8(raw).map_err(|_| AuthError::Invalid("auth is not valid UTF-8".into()))?;
-    let (u, p) = s.split_once(':').ok_or_else(|| AuthError::Invalid("auth must encode user:password".into()))?;
+    let s =
+        String::from_utf8(raw).map_err(|_| AuthError::Invalid("auth is not valid UTF-8".into()))?;
+    let (u, p) = s
+        .split_once(':')
+        .ok_or_else(|| AuthError::Invalid("auth must encode user:password".into()))?;
     Ok(RegistryAuth::Basic(u.to_string(), p.to_string()))
 }
 
@@ -87,7 +99,10 @@ struct DockerAuth {
 
 /// The registry key a docker config entry names, without scheme and path.
 fn config_key_host(key: &str) -> &str {
-    let k = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    let k = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
     let k = k.split('/').next().unwrap_or(k);
     match k {
         "index.docker.io" | "registry-1.docker.io" => "docker.io",
@@ -99,17 +114,28 @@ fn from_docker_config(path: &Path, registry: &str) -> Result<Option<Credentials>
     let text = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(AuthError::Read { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(AuthError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     };
-    let cfg: DockerConfig =
-        serde_json::from_slice(&text).map_err(|source| AuthError::Parse { path: path.to_path_buf(), source })?;
-    Ok(cfg.auths.into_iter().find(|(k, _)| config_key_host(k) == registry).map(|(_, a)| Credentials {
-        username: a.username,
-        password: a.password,
-        auth: a.auth,
-        identity_token: a.identity_token,
-        registry_token: a.registry_token,
-    }))
+    let cfg: DockerConfig = serde_json::from_slice(&text).map_err(|source| AuthError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(cfg
+        .auths
+        .into_iter()
+        .find(|(k, _)| config_key_host(k) == registry)
+        .map(|(_, a)| Credentials {
+            username: a.username,
+            password: a.password,
+            auth: a.auth,
+            identity_token: a.identity_token,
+            registry_token: a.registry_token,
+        }))
 }
 
 /// Picks the credentials for `registry`.
@@ -121,10 +147,10 @@ pub fn resolve(
     if let Some(c) = request.filter(|c| !c.is_empty()) {
         return c.to_registry_auth();
     }
-    if let Some(path) = docker_config {
-        if let Some(c) = from_docker_config(path, registry)?.filter(|c| !c.is_empty()) {
-            return c.to_registry_auth();
-        }
+    if let Some(path) = docker_config
+        && let Some(c) = from_docker_config(path, registry)?.filter(|c| !c.is_empty())
+    {
+        return c.to_registry_auth();
     }
     Ok(RegistryAuth::Anonymous)
 }
@@ -142,14 +168,35 @@ mod tests {
 
     #[test]
     fn request_credentials_win() {
-        let c = Credentials { username: "u".into(), password: "p".into(), ..Default::default() };
-        assert_eq!(basic(&resolve(Some(&c), None, "x").unwrap()), ("u".into(), "p".into()));
+        let c = Credentials {
+            username: "u".into(),
+            password: "p".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            basic(&resolve(Some(&c), None, "x").unwrap()),
+            ("u".into(), "p".into())
+        );
         let enc = base64::engine::general_purpose::STANDARD.encode("al:ice:pw");
-        let c = Credentials { auth: enc, ..Default::default() };
-        assert_eq!(basic(&resolve(Some(&c), None, "x").unwrap()), ("al".into(), "ice:pw".into()));
-        let c = Credentials { registry_token: "tok".into(), ..Default::default() };
-        assert!(matches!(resolve(Some(&c), None, "x").unwrap(), RegistryAuth::Bearer(t) if t == "tok"));
-        let c = Credentials { auth: "!!!".into(), ..Default::default() };
+        let c = Credentials {
+            auth: enc,
+            ..Default::default()
+        };
+        assert_eq!(
+            basic(&resolve(Some(&c), None, "x").unwrap()),
+            ("al".into(), "ice:pw".into())
+        );
+        let c = Credentials {
+            registry_token: "tok".into(),
+            ..Default::default()
+        };
+        assert!(
+            matches!(resolve(Some(&c), None, "x").unwrap(), RegistryAuth::Bearer(t) if t == "tok")
+        );
+        let c = Credentials {
+            auth: "!!!".into(),
+            ..Default::default()
+        };
         assert!(resolve(Some(&c), None, "x").is_err());
     }
 
@@ -166,11 +213,26 @@ mod tests {
             ),
         )
         .unwrap();
-        assert_eq!(basic(&resolve(None, Some(&p), "docker.io").unwrap()), ("hub".into(), "secret".into()));
-        assert_eq!(basic(&resolve(None, Some(&p), "127.0.0.1:5000").unwrap()), ("a".into(), "b".into()));
-        assert!(matches!(resolve(None, Some(&p), "other").unwrap(), RegistryAuth::Anonymous));
-        assert!(matches!(resolve(None, Some(&d.path().join("nope")), "x").unwrap(), RegistryAuth::Anonymous));
+        assert_eq!(
+            basic(&resolve(None, Some(&p), "docker.io").unwrap()),
+            ("hub".into(), "secret".into())
+        );
+        assert_eq!(
+            basic(&resolve(None, Some(&p), "127.0.0.1:5000").unwrap()),
+            ("a".into(), "b".into())
+        );
+        assert!(matches!(
+            resolve(None, Some(&p), "other").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(matches!(
+            resolve(None, Some(&d.path().join("nope")), "x").unwrap(),
+            RegistryAuth::Anonymous
+        ));
         std::fs::write(&p, "{").unwrap();
-        assert!(matches!(resolve(None, Some(&p), "x"), Err(AuthError::Parse { .. })));
+        assert!(matches!(
+            resolve(None, Some(&p), "x"),
+            Err(AuthError::Parse { .. })
+        ));
     }
 }

@@ -18,11 +18,21 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum HostsError {
     #[error("read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parse {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("{path}: bad host {host:?}: {why}")]
-    BadHost { path: PathBuf, host: String, why: &'static str },
+    BadHost {
+        path: PathBuf,
+        host: String,
+        why: &'static str,
+    },
     #[error("{path}: unknown capability {cap:?} (expected pull, resolve or push)")]
     BadCapability { path: PathBuf, cap: String },
 }
@@ -112,7 +122,11 @@ mod indexmap_like {
 
 /// The default upstream endpoint for a registry when nothing is configured.
 fn default_host(registry: &str) -> RegistryHost {
-    let host = if registry == "docker.io" { "registry-1.docker.io" } else { registry };
+    let host = if registry == "docker.io" {
+        "registry-1.docker.io"
+    } else {
+        registry
+    };
     RegistryHost {
         host: host.to_string(),
         plain_http: false,
@@ -124,8 +138,13 @@ fn default_host(registry: &str) -> RegistryHost {
 }
 
 /// Endpoints for `registry`, mirrors first (in file order), then the server.
-pub fn hosts_for(config_dir: Option<&Path>, registry: &str) -> Result<Vec<RegistryHost>, HostsError> {
-    let Some(dir) = config_dir else { return Ok(vec![default_host(registry)]) };
+pub fn hosts_for(
+    config_dir: Option<&Path>,
+    registry: &str,
+) -> Result<Vec<RegistryHost>, HostsError> {
+    let Some(dir) = config_dir else {
+        return Ok(vec![default_host(registry)]);
+    };
     let mut path = dir.join(registry).join("hosts.toml");
     if !path.exists() {
         path = dir.join("_default").join("hosts.toml");
@@ -133,9 +152,14 @@ pub fn hosts_for(config_dir: Option<&Path>, registry: &str) -> Result<Vec<Regist
             return Ok(vec![default_host(registry)]);
         }
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| HostsError::Read { path: path.clone(), source })?;
-    let file: HostsFile =
-        toml::from_str(&text).map_err(|source| HostsError::Parse { path: path.clone(), source })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| HostsError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file: HostsFile = toml::from_str(&text).map_err(|source| HostsError::Parse {
+        path: path.clone(),
+        source,
+    })?;
     let base = path.parent().unwrap_or(dir).to_path_buf();
 
     if file.client.is_some() || file.host.0.iter().any(|(_, e)| e.client.is_some()) {
@@ -153,10 +177,24 @@ pub fn hosts_for(config_dir: Option<&Path>, registry: &str) -> Result<Vec<Regist
     }
     let mut out = Vec::new();
     for (url, entry) in file.host.0 {
-        out.push(make_host(&path, &base, &url, entry.capabilities, entry.skip_verify, entry.ca)?);
+        out.push(make_host(
+            &path,
+            &base,
+            &url,
+            entry.capabilities,
+            entry.skip_verify,
+            entry.ca,
+        )?);
     }
     let server = match file.server {
-        Some(url) => make_host(&path, &base, &url, file.capabilities, file.skip_verify, file.ca)?,
+        Some(url) => make_host(
+            &path,
+            &base,
+            &url,
+            file.capabilities,
+            file.skip_verify,
+            file.ca,
+        )?,
         None => {
             let mut h = default_host(registry);
             h.skip_verify = file.skip_verify.unwrap_or(false);
@@ -187,7 +225,11 @@ fn make_host(
     skip_verify: Option<bool>,
     ca: Option<OneOrMany>,
 ) -> Result<RegistryHost, HostsError> {
-    let bad = |why| HostsError::BadHost { path: path.to_path_buf(), host: url.to_string(), why };
+    let bad = |why| HostsError::BadHost {
+        path: path.to_path_buf(),
+        host: url.to_string(),
+        why,
+    };
     let (plain_http, rest) = if let Some(r) = url.strip_prefix("http://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("https://") {
@@ -214,7 +256,12 @@ fn make_host(
                 "pull" => pull = true,
                 "resolve" => resolve = true,
                 "push" => {}
-                _ => return Err(HostsError::BadCapability { path: path.to_path_buf(), cap: c }),
+                _ => {
+                    return Err(HostsError::BadCapability {
+                        path: path.to_path_buf(),
+                        cap: c,
+                    });
+                }
             }
         }
     }
@@ -268,7 +315,10 @@ server = "https://example.com"
         assert!(h[1].skip_verify && h[1].resolve);
         assert_eq!(h[1].ca, vec![d.path().join("example.com").join("ca.pem")]);
         // Other registries fall back to the built-in default.
-        assert_eq!(hosts_for(Some(d.path()), "other.io").unwrap()[0].host, "other.io");
+        assert_eq!(
+            hosts_for(Some(d.path()), "other.io").unwrap()[0].host,
+            "other.io"
+        );
     }
 
     #[test]
@@ -284,10 +334,23 @@ server = "https://example.com"
     fn bad_files_are_errors() {
         let d = tempfile::tempdir().unwrap();
         write(d.path(), "a.io", "[host.\"ftp://x\"]\n");
-        assert!(matches!(hosts_for(Some(d.path()), "a.io"), Err(HostsError::BadHost { .. })));
-        write(d.path(), "b.io", "[host.\"https://x\"]\ncapabilities = [\"fly\"]\n");
-        assert!(matches!(hosts_for(Some(d.path()), "b.io"), Err(HostsError::BadCapability { .. })));
+        assert!(matches!(
+            hosts_for(Some(d.path()), "a.io"),
+            Err(HostsError::BadHost { .. })
+        ));
+        write(
+            d.path(),
+            "b.io",
+            "[host.\"https://x\"]\ncapabilities = [\"fly\"]\n",
+        );
+        assert!(matches!(
+            hosts_for(Some(d.path()), "b.io"),
+            Err(HostsError::BadCapability { .. })
+        ));
         write(d.path(), "c.io", "server = 3\n");
-        assert!(matches!(hosts_for(Some(d.path()), "c.io"), Err(HostsError::Parse { .. })));
+        assert!(matches!(
+            hosts_for(Some(d.path()), "c.io"),
+            Err(HostsError::Parse { .. })
+        ));
     }
 }

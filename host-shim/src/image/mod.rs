@@ -33,7 +33,11 @@ pub enum ImageError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{what} digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { what: String, expected: String, actual: String },
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
     #[error("bad image content: {0}")]
     BadContent(String),
     #[error("unsupported: {0}")]
@@ -58,7 +62,15 @@ impl ImageError {
             E::NotFound(m) => E::NotFound(format!("{m} {ctx}")),
             E::Unauthorized(m) => E::Unauthorized(format!("{m} {ctx}")),
             E::Unavailable(m) => E::Unavailable(format!("{m} {ctx}")),
-            E::DigestMismatch { what, expected, actual } => E::DigestMismatch { what: format!("{what} {ctx}"), expected, actual },
+            E::DigestMismatch {
+                what,
+                expected,
+                actual,
+            } => E::DigestMismatch {
+                what: format!("{what} {ctx}"),
+                expected,
+                actual,
+            },
             E::BadContent(m) => E::BadContent(format!("{m} {ctx}")),
             E::Unsupported(m) => E::Unsupported(format!("{m} {ctx}")),
             E::Registry(m) => E::Registry(format!("{m} {ctx}")),
@@ -146,7 +158,11 @@ impl ImageService {
 
     /// Pulls `image`; concurrent pulls of the same reference share one
     /// download. Returns the stored image.
-    pub async fn pull(self: &Arc<Self>, image: &str, creds: Option<Credentials>) -> Result<ImageRecord, ImageError> {
+    pub async fn pull(
+        self: &Arc<Self>,
+        image: &str,
+        creds: Option<Credentials>,
+    ) -> Result<ImageRecord, ImageError> {
         let r = ImageRef::parse(image)?;
         let key = r.to_string();
         let fut = {
@@ -158,7 +174,10 @@ impl ImageService {
                     let (r2, k2) = (r.clone(), key.clone());
                     let f = async move {
                         let res = this.do_pull(&r2, creds).await;
-                        this.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&k2);
+                        this.inflight
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&k2);
                         res
                     }
                     .boxed()
@@ -170,16 +189,29 @@ impl ImageService {
         };
         // Run the shared pull in its own task so a cancelled RPC does not
         // abandon a pull others wait on.
-        tokio::spawn(fut).await.map_err(|e| ImageError::Internal(format!("pull task: {e}")))?
+        tokio::spawn(fut)
+            .await
+            .map_err(|e| ImageError::Internal(format!("pull task: {e}")))?
     }
 
-    async fn do_pull(&self, r: &ImageRef, creds: Option<Credentials>) -> Result<ImageRecord, ImageError> {
+    async fn do_pull(
+        &self,
+        r: &ImageRef,
+        creds: Option<Credentials>,
+    ) -> Result<ImageRecord, ImageError> {
         let key = r.to_string();
         let tracker = self.progress.start(&key);
         let result = async {
-            let auth = auth::resolve(creds.as_ref(), self.settings.docker_config.as_deref(), &r.registry)?;
-            let hosts = hosts::hosts_for(self.settings.registry_config_dir.as_deref(), &r.registry)?;
-            let settings = pull::PullSettings { max_concurrent_downloads: self.settings.max_concurrent_downloads };
+            let auth = auth::resolve(
+                creds.as_ref(),
+                self.settings.docker_config.as_deref(),
+                &r.registry,
+            )?;
+            let hosts =
+                hosts::hosts_for(self.settings.registry_config_dir.as_deref(), &r.registry)?;
+            let settings = pull::PullSettings {
+                max_concurrent_downloads: self.settings.max_concurrent_downloads,
+            };
             let pull = pull::Pull {
                 store: &self.store,
                 settings: &settings,
@@ -207,7 +239,10 @@ impl ImageService {
     }
 
     /// Progress of an in-flight pull of `image`, if one is running.
-    pub fn watch_pull(&self, image: &str) -> Result<Option<tokio::sync::watch::Receiver<progress::PullState>>, ImageError> {
+    pub fn watch_pull(
+        &self,
+        image: &str,
+    ) -> Result<Option<tokio::sync::watch::Receiver<progress::PullState>>, ImageError> {
         let key = ImageRef::parse(image)?.to_string();
         Ok(self.progress.watch(&key))
     }
@@ -250,7 +285,11 @@ impl ImageService {
 
     /// Overlay lower dirs of an image, top layer first.
     pub fn lower_dirs(&self, rec: &ImageRecord) -> Vec<PathBuf> {
-        rec.layers.iter().rev().map(|l| self.store.snapshot_fs(&l.diff_id)).collect()
+        rec.layers
+            .iter()
+            .rev()
+            .map(|l| self.store.snapshot_fs(&l.diff_id))
+            .collect()
     }
 }
 

@@ -51,21 +51,30 @@ pub struct Tracker {
 impl Tracker {
     /// A tracker nobody watches (e.g. in tests).
     pub fn detached() -> Self {
-        Self { tx: watch::channel(PullState::default()).0 }
+        Self {
+            tx: watch::channel(PullState::default()).0,
+        }
     }
 
     pub fn set_layers(&self, layers: impl IntoIterator<Item = (String, u64)>) {
         self.tx.send_modify(|s| {
             s.layers = layers
                 .into_iter()
-                .map(|(digest, total)| LayerState { digest, total, done: 0, phase: Phase::Waiting })
+                .map(|(digest, total)| LayerState {
+                    digest,
+                    total,
+                    done: 0,
+                    phase: Phase::Waiting,
+                })
                 .collect();
         });
     }
 
     pub fn update(&self, digest: &str, phase: Phase, done: Option<u64>) {
         self.tx.send_if_modified(|s| {
-            let Some(l) = s.layers.iter_mut().find(|l| l.digest == digest) else { return false };
+            let Some(l) = s.layers.iter_mut().find(|l| l.digest == digest) else {
+                return false;
+            };
             l.phase = phase;
             if let Some(d) = done {
                 l.done = d;
@@ -94,15 +103,25 @@ pub struct Registry {
 impl Registry {
     pub fn start(&self, key: &str) -> Tracker {
         let (tx, rx) = watch::channel(PullState::default());
-        self.pulls.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), rx);
+        self.pulls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), rx);
         Tracker { tx }
     }
 
     pub fn end(&self, key: &str) {
-        self.pulls.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.pulls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 
     pub fn watch(&self, key: &str) -> Option<watch::Receiver<PullState>> {
-        self.pulls.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+        self.pulls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 }

@@ -7,7 +7,9 @@ use std::io::{BufReader, Read};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -98,7 +100,10 @@ impl Pull<'_> {
     /// Tries each host in order; returns the stored image.
     pub async fn run(&self, hosts: &[RegistryHost]) -> Result<ImageRecord, ImageError> {
         let by_digest = self.image.digest.is_some();
-        let usable: Vec<_> = hosts.iter().filter(|h| if by_digest { h.pull } else { h.resolve }).collect();
+        let usable: Vec<_> = hosts
+            .iter()
+            .filter(|h| if by_digest { h.pull } else { h.resolve })
+            .collect();
         if usable.is_empty() {
             return Err(ImageError::Config(format!(
                 "no configured host of {} may {}",
@@ -108,7 +113,7 @@ impl Pull<'_> {
         }
         let mut failures: Vec<(String, ImageError)> = Vec::new();
         for host in &usable {
-            match self.from_host(host).await {
+            match self.pull_from_host(host).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     tracing::warn!(image = %self.image, host = %host.host, error = %e, "pull from host failed");
@@ -118,7 +123,9 @@ impl Pull<'_> {
         }
         // One host: its error as is. Several: the last host's kind, with
         // every host's reason in the message.
-        let (_, last) = failures.pop().ok_or_else(|| ImageError::Internal("no host tried".into()))?;
+        let (_, last) = failures
+            .pop()
+            .ok_or_else(|| ImageError::Internal("no host tried".into()))?;
         if failures.is_empty() {
             return Err(last);
         }
@@ -126,56 +133,80 @@ impl Pull<'_> {
         Err(last.with_context(&format!("after mirrors failed ({})", earlier.join("; "))))
     }
 
-    async fn from_host(&self, host: &RegistryHost) -> Result<ImageRecord, ImageError> {
+    async fn pull_from_host(&self, host: &RegistryHost) -> Result<ImageRecord, ImageError> {
         let client = make_client(host)?;
         let oref = self.image.to_oci(&host.host);
         let mut lease = self.store.lease();
 
-        let (top, top_digest) = client.pull_manifest_raw(&oref, self.auth, ACCEPTED).await.map_err(map_oci)?;
+        let (top, top_digest) = client
+            .pull_manifest_raw(&oref, self.auth, ACCEPTED)
+            .await
+            .map_err(map_oci)?;
         verify_bytes(&top, &top_digest, "manifest")?;
-        if let Some(want) = &self.image.digest {
-            if *want != top_digest {
-                return Err(ImageError::DigestMismatch { what: "manifest".into(), expected: want.clone(), actual: top_digest });
-            }
+        if let Some(want) = &self.image.digest
+            && *want != top_digest
+        {
+            return Err(ImageError::DigestMismatch {
+                what: "manifest".into(),
+                expected: want.clone(),
+                actual: top_digest,
+            });
         }
-        let parsed: Manifest = serde_json::from_slice(&top).map_err(|e| ImageError::BadContent(format!("manifest: {e}")))?;
-        let (manifest, manifest_bytes, manifest_digest, index_digest) = if let Some(entries) = &parsed.manifests {
-            let entry = select_platform(entries)?;
-            let mref = oci_client::Reference::with_digest(
-                oref.registry().to_string(),
-                oref.repository().to_string(),
-                entry.digest.clone(),
-            );
-            let mut mref = mref;
-            if host.host != self.image.registry {
-                mref.set_mirror_registry(host.host.clone());
-            }
-            let (bytes, digest) = client.pull_manifest_raw(&mref, self.auth, ACCEPTED).await.map_err(map_oci)?;
-            verify_bytes(&bytes, &entry.digest, "platform manifest")?;
-            let m: Manifest =
-                serde_json::from_slice(&bytes).map_err(|e| ImageError::BadContent(format!("platform manifest: {e}")))?;
-            if m.manifests.is_some() {
-                return Err(ImageError::BadContent("nested image index".into()));
-            }
-            (m, bytes, digest, Some(top_digest.clone()))
-        } else {
-            (parsed, top.clone(), top_digest.clone(), None)
-        };
+        let parsed: Manifest = serde_json::from_slice(&top)
+            .map_err(|e| ImageError::BadContent(format!("manifest: {e}")))?;
+        let (manifest, manifest_bytes, manifest_digest, index_digest) =
+            if let Some(entries) = &parsed.manifests {
+                let entry = select_platform(entries)?;
+                let mref = oci_client::Reference::with_digest(
+                    oref.registry().to_string(),
+                    oref.repository().to_string(),
+                    entry.digest.clone(),
+                );
+                let mut mref = mref;
+                if host.host != self.image.registry {
+                    mref.set_mirror_registry(host.host.clone());
+                }
+                let (bytes, digest) = client
+                    .pull_manifest_raw(&mref, self.auth, ACCEPTED)
+                    .await
+                    .map_err(map_oci)?;
+                verify_bytes(&bytes, &entry.digest, "platform manifest")?;
+                let m: Manifest = serde_json::from_slice(&bytes)
+                    .map_err(|e| ImageError::BadContent(format!("platform manifest: {e}")))?;
+                if m.manifests.is_some() {
+                    return Err(ImageError::BadContent("nested image index".into()));
+                }
+                (m, bytes, digest, Some(top_digest.clone()))
+            } else {
+                (parsed, top.clone(), top_digest.clone(), None)
+            };
         if manifest.schema_version != 2 {
-            return Err(ImageError::Unsupported(format!("manifest schema version {}", manifest.schema_version)));
+            return Err(ImageError::Unsupported(format!(
+                "manifest schema version {}",
+                manifest.schema_version
+            )));
         }
-        let media_type = manifest.media_type.clone().unwrap_or_else(|| OCI_MANIFEST.to_string());
-        let config_desc = manifest.config.clone().ok_or_else(|| ImageError::BadContent("manifest has no config".into()))?;
+        let media_type = manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| OCI_MANIFEST.to_string());
+        let config_desc = manifest
+            .config
+            .clone()
+            .ok_or_else(|| ImageError::BadContent("manifest has no config".into()))?;
         if config_desc.size < 0 || config_desc.size as u64 > MAX_CONFIG {
-            return Err(ImageError::BadContent(format!("image config size {} out of range", config_desc.size)));
+            return Err(ImageError::BadContent(format!(
+                "image config size {} out of range",
+                config_desc.size
+            )));
         }
 
         // Config.
         lease.add(&config_desc.digest);
         self.fetch_blob(&client, &oref, &config_desc, None).await?;
         let config_bytes = self.store.read_blob(&config_desc.digest)?;
-        let config: ImageConfig =
-            serde_json::from_slice(&config_bytes).map_err(|e| ImageError::BadContent(format!("image config: {e}")))?;
+        let config: ImageConfig = serde_json::from_slice(&config_bytes)
+            .map_err(|e| ImageError::BadContent(format!("image config: {e}")))?;
         if config.rootfs.diff_ids.len() != manifest.layers.len() {
             return Err(ImageError::BadContent(format!(
                 "manifest has {} layers but the config lists {} diff ids",
@@ -185,16 +216,28 @@ impl Pull<'_> {
         }
 
         // Layers, concurrently.
-        self.tracker.set_layers(manifest.layers.iter().map(|l| (l.digest.clone(), l.size.max(0) as u64)));
+        self.tracker.set_layers(
+            manifest
+                .layers
+                .iter()
+                .map(|l| (l.digest.clone(), l.size.max(0) as u64)),
+        );
         for (l, d) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
             lease.add(&l.digest);
             lease.add(d);
         }
-        let work: Vec<(OciDescriptor, String)> =
-            manifest.layers.iter().cloned().zip(config.rootfs.diff_ids.iter().cloned()).collect();
+        let work: Vec<(OciDescriptor, String)> = manifest
+            .layers
+            .iter()
+            .cloned()
+            .zip(config.rootfs.diff_ids.iter().cloned())
+            .collect();
         let (client_ref, oref_ref) = (&client, &oref);
         let layers: Vec<LayerRecord> = futures::stream::iter(work)
-            .map(move |(desc, diff_id)| async move { self.ensure_layer(client_ref, oref_ref, &desc, &diff_id).await })
+            .map(move |(desc, diff_id)| async move {
+                self.ensure_layer(client_ref, oref_ref, &desc, &diff_id)
+                    .await
+            })
             .buffered(self.settings.max_concurrent_downloads.max(1))
             .try_collect()
             .await?;
@@ -205,7 +248,9 @@ impl Pull<'_> {
             lease.add(d);
             self.store.write_blob(&top, d)?;
         }
-        let size = layers.iter().map(|l| l.size).sum::<u64>() + config_bytes.len() as u64 + manifest_bytes.len() as u64;
+        let size = layers.iter().map(|l| l.size).sum::<u64>()
+            + config_bytes.len() as u64
+            + manifest_bytes.len() as u64;
         let record = ImageRecord {
             id: config_desc.digest.clone(),
             repo_tags: vec![],
@@ -220,7 +265,9 @@ impl Pull<'_> {
             pinned: false,
         };
         let tag = self.image.tagged();
-        let stored = self.store.put_image(record, tag.as_deref(), &self.image.with_digest(&top_digest))?;
+        let stored =
+            self.store
+                .put_image(record, tag.as_deref(), &self.image.with_digest(&top_digest))?;
         drop(lease);
         Ok(stored)
     }
@@ -245,7 +292,8 @@ impl Pull<'_> {
             self.tracker.update(&desc.digest, Phase::Exists, None);
             return Ok(record);
         }
-        self.fetch_blob(client, oref, desc, Some(self.tracker)).await?;
+        self.fetch_blob(client, oref, desc, Some(self.tracker))
+            .await?;
         if !self.store.has_snapshot(diff_id) {
             self.tracker.update(&desc.digest, Phase::Unpacking, None);
             let store = self.store.clone();
@@ -266,32 +314,49 @@ impl Pull<'_> {
         desc: &OciDescriptor,
         tracker: Option<&Tracker>,
     ) -> Result<(), ImageError> {
-        super::reference::validate_digest(&desc.digest)
-            .map_err(|why| ImageError::BadContent(format!("blob digest {:?} {why}", desc.digest)))?;
+        super::reference::validate_digest(&desc.digest).map_err(|why| {
+            ImageError::BadContent(format!("blob digest {:?} {why}", desc.digest))
+        })?;
         if self.store.has_blob(&desc.digest) {
             return Ok(());
         }
         if desc.size < 0 {
-            return Err(ImageError::BadContent(format!("blob {} has a negative size", desc.digest)));
+            return Err(ImageError::BadContent(format!(
+                "blob {} has a negative size",
+                desc.digest
+            )));
         }
         let want = desc.size as u64;
-        let stream = match client.pull_blob_stream_partial(oref, desc, 0, None).await.map_err(map_oci)? {
+        let stream = match client
+            .pull_blob_stream_partial(oref, desc, 0, None)
+            .await
+            .map_err(map_oci)?
+        {
             BlobResponse::Full(s) | BlobResponse::Partial(s) => s,
         };
         let tmp = self.store.ingest_path();
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
+            let mut file = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
             let mut hasher = Sha256::new();
             let mut got = 0u64;
             let mut stream = stream.stream;
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| ImageError::Unavailable(format!("download of {}: {e}", desc.digest)))?;
+                let chunk = chunk.map_err(|e| {
+                    ImageError::Unavailable(format!("download of {}: {e}", desc.digest))
+                })?;
                 got += chunk.len() as u64;
                 if got > want {
-                    return Err(ImageError::BadContent(format!("blob {} is larger than its {want} bytes", desc.digest)));
+                    return Err(ImageError::BadContent(format!(
+                        "blob {} is larger than its {want} bytes",
+                        desc.digest
+                    )));
                 }
                 hasher.update(&chunk);
-                file.write_all(&chunk).await.map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
                 if let Some(t) = tracker {
                     t.update(&desc.digest, Phase::Downloading, Some(got));
                 }
@@ -304,9 +369,15 @@ impl Pull<'_> {
             }
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
             if actual != desc.digest {
-                return Err(ImageError::DigestMismatch { what: "blob".into(), expected: desc.digest.clone(), actual });
+                return Err(ImageError::DigestMismatch {
+                    what: "blob".into(),
+                    expected: desc.digest.clone(),
+                    actual,
+                });
             }
-            file.sync_data().await.map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
+            file.sync_data()
+                .await
+                .map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
             drop(file);
             self.store.commit_blob(&tmp, &desc.digest)?;
             Ok(())
@@ -324,27 +395,39 @@ impl Pull<'_> {
 fn unpack_blob(store: &ImageStore, blob: &str, diff_id: &str) -> Result<(), ImageError> {
     let tmp = store.new_snapshot_tmp()?;
     let result = (|| {
-        let f = std::fs::File::open(store.blob_path(blob)).map_err(|e| ImageError::Internal(format!("open blob: {e}")))?;
+        let f = std::fs::File::open(store.blob_path(blob))
+            .map_err(|e| ImageError::Internal(format!("open blob: {e}")))?;
         let mut r = BufReader::with_capacity(256 << 10, f);
         let magic = {
-            let buf = std::io::BufRead::fill_buf(&mut r).map_err(|e| ImageError::Internal(format!("read blob: {e}")))?;
+            let buf = std::io::BufRead::fill_buf(&mut r)
+                .map_err(|e| ImageError::Internal(format!("read blob: {e}")))?;
             buf.get(..4).map(<[u8]>::to_vec).unwrap_or_default()
         };
         let decoder: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
             Box::new(flate2::read::MultiGzDecoder::new(r))
         } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-            Box::new(zstd::stream::read::Decoder::with_buffer(r).map_err(|e| ImageError::Internal(format!("zstd: {e}")))?)
+            Box::new(
+                zstd::stream::read::Decoder::with_buffer(r)
+                    .map_err(|e| ImageError::Internal(format!("zstd: {e}")))?,
+            )
         } else {
             Box::new(r)
         };
-        let mut hashing = HashingReader { inner: decoder, hasher: Sha256::new() };
+        let mut hashing = HashingReader {
+            inner: decoder,
+            hasher: Sha256::new(),
+        };
         unpack::unpack_layer(&mut hashing, &tmp.join("fs"))
             .map_err(|e| ImageError::BadContent(format!("layer {blob}: {e}")))?;
         std::io::copy(&mut hashing, &mut std::io::sink())
             .map_err(|e| ImageError::BadContent(format!("layer {blob}: {e}")))?;
         let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if actual != diff_id {
-            return Err(ImageError::DigestMismatch { what: format!("layer {blob} diff id"), expected: diff_id.into(), actual });
+            return Err(ImageError::DigestMismatch {
+                what: format!("layer {blob} diff id"),
+                expected: diff_id.into(),
+                actual,
+            });
         }
         store.commit_snapshot(&tmp, diff_id)?;
         Ok(())
@@ -372,7 +455,9 @@ impl<R: Read> Read for HashingReader<R> {
 
 fn select_platform(entries: &[IndexEntry]) -> Result<&IndexEntry, ImageError> {
     let pick = entries.iter().find(|e| {
-        e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+        e.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
             && matches!(e.media_type.as_str(), "" | OCI_MANIFEST | DOCKER_MANIFEST)
     });
     pick.ok_or_else(|| {
@@ -384,14 +469,21 @@ fn select_platform(entries: &[IndexEntry]) -> Result<&IndexEntry, ImageError> {
                 None => format!("{}/{}", p.os, p.architecture),
             })
             .collect();
-        ImageError::NotFound(format!("no linux/amd64 image in the index (it has: {})", have.join(", ")))
+        ImageError::NotFound(format!(
+            "no linux/amd64 image in the index (it has: {})",
+            have.join(", ")
+        ))
     })
 }
 
 fn verify_bytes(data: &[u8], digest: &str, what: &str) -> Result<(), ImageError> {
     let actual = format!("sha256:{}", hex::encode(Sha256::digest(data)));
     if actual != digest {
-        return Err(ImageError::DigestMismatch { what: what.into(), expected: digest.into(), actual });
+        return Err(ImageError::DigestMismatch {
+            what: what.into(),
+            expected: digest.into(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -399,11 +491,19 @@ fn verify_bytes(data: &[u8], digest: &str, what: &str) -> Result<(), ImageError>
 fn make_client(host: &RegistryHost) -> Result<oci_client::Client, ImageError> {
     let mut certs = Vec::new();
     for p in &host.ca {
-        let data = std::fs::read(p).map_err(|e| ImageError::Config(format!("ca {}: {e}", p.display())))?;
-        certs.push(Certificate { encoding: CertificateEncoding::Pem, data });
+        let data =
+            std::fs::read(p).map_err(|e| ImageError::Config(format!("ca {}: {e}", p.display())))?;
+        certs.push(Certificate {
+            encoding: CertificateEncoding::Pem,
+            data,
+        });
     }
     let config = ClientConfig {
-        protocol: if host.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
+        protocol: if host.plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
         accept_invalid_certificates: host.skip_verify,
         extra_root_certificates: certs,
         platform_resolver: None,
@@ -411,21 +511,34 @@ fn make_client(host: &RegistryHost) -> Result<oci_client::Client, ImageError> {
         read_timeout: Some(std::time::Duration::from_secs(60)),
         ..Default::default()
     };
-    oci_client::Client::try_from(config).map_err(|e| ImageError::Config(format!("registry client for {}: {e}", host.host)))
+    oci_client::Client::try_from(config)
+        .map_err(|e| ImageError::Config(format!("registry client for {}: {e}", host.host)))
 }
 
 /// Maps registry client errors onto husk's error kinds.
 fn map_oci(e: OciDistributionError) -> ImageError {
     use OciDistributionError as E;
     match e {
-        E::UnauthorizedError { url } => ImageError::Unauthorized(format!("registry refused credentials for {url}")),
-        E::AuthenticationFailure(m) => ImageError::Unauthorized(format!("registry authentication failed: {m}")),
+        E::UnauthorizedError { url } => {
+            ImageError::Unauthorized(format!("registry refused credentials for {url}"))
+        }
+        E::AuthenticationFailure(m) => {
+            ImageError::Unauthorized(format!("registry authentication failed: {m}"))
+        }
         E::ImageManifestNotFoundError(m) => ImageError::NotFound(m),
         E::RegistryError { envelope, url } => {
-            let text = envelope.errors.iter().map(|e| format!("{:?}: {}", e.code, e.message)).collect::<Vec<_>>().join("; ");
+            let text = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
             let notfound = envelope.errors.iter().any(|e| {
                 use oci_client::errors::OciErrorCode as C;
-                matches!(e.code, C::ManifestUnknown | C::NameUnknown | C::BlobUnknown | C::NotFound)
+                matches!(
+                    e.code,
+                    C::ManifestUnknown | C::NameUnknown | C::BlobUnknown | C::NotFound
+                )
             });
             let denied = envelope.errors.iter().any(|e| {
                 use oci_client::errors::OciErrorCode as C;
@@ -440,13 +553,25 @@ fn map_oci(e: OciDistributionError) -> ImageError {
             }
         }
         E::ServerError { code: 404, url, .. } => ImageError::NotFound(format!("{url}: not found")),
-        E::ServerError { code: 401 | 403, url, message } => ImageError::Unauthorized(format!("{url}: {message}")),
-        E::ServerError { code, url, message } => ImageError::Registry(format!("{url}: HTTP {code}: {message}")),
+        E::ServerError {
+            code: 401 | 403,
+            url,
+            message,
+        } => ImageError::Unauthorized(format!("{url}: {message}")),
+        E::ServerError { code, url, message } => {
+            ImageError::Registry(format!("{url}: HTTP {code}: {message}"))
+        }
         E::DigestError(d) => ImageError::BadContent(format!("digest check failed: {d}")),
-        E::RequestError(r) => ImageError::Unavailable(format!("registry unreachable: {}", error_chain(&r))),
+        E::RequestError(r) => {
+            ImageError::Unavailable(format!("registry unreachable: {}", error_chain(&r)))
+        }
         E::UnsupportedMediaTypeError(m) => ImageError::Unsupported(format!("media type {m}")),
-        E::UnsupportedSchemaVersionError(v) => ImageError::Unsupported(format!("manifest schema version {v}")),
-        E::ManifestParsingError(m) | E::VersionedParsingError(m) => ImageError::BadContent(format!("manifest: {m}")),
+        E::UnsupportedSchemaVersionError(v) => {
+            ImageError::Unsupported(format!("manifest schema version {v}"))
+        }
+        E::ManifestParsingError(m) | E::VersionedParsingError(m) => {
+            ImageError::BadContent(format!("manifest: {m}"))
+        }
         other => ImageError::Registry(other.to_string()),
     }
 }
@@ -463,6 +588,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 pub fn now_nanos() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
-

@@ -14,7 +14,12 @@ pub enum ReferenceError {
     #[error("empty image reference")]
     Empty,
     #[error("invalid image reference {reference:?}: bad {part} {value:?}: {why}")]
-    Invalid { reference: String, part: &'static str, value: String, why: &'static str },
+    Invalid {
+        reference: String,
+        part: &'static str,
+        value: String,
+        why: &'static str,
+    },
 }
 
 /// A fully qualified image reference.
@@ -81,7 +86,8 @@ impl ImageRef {
             _ => registry,
         };
         for comp in path.split('/') {
-            validate_path_component(comp).map_err(|why| bad("repository path component", comp, why))?;
+            validate_path_component(comp)
+                .map_err(|why| bad("repository path component", comp, why))?;
         }
         let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') {
             format!("library/{path}")
@@ -89,13 +95,22 @@ impl ImageRef {
             path
         };
         if repository.len() > 255 {
-            return Err(bad("repository", &repository, "is longer than 255 characters"));
+            return Err(bad(
+                "repository",
+                &repository,
+                "is longer than 255 characters",
+            ));
         }
         let tag = match (tag, digest) {
             (None, None) => Some(DEFAULT_TAG.to_string()),
             (t, _) => t.map(str::to_string),
         };
-        Ok(Self { registry, repository, tag, digest: digest.map(str::to_string) })
+        Ok(Self {
+            registry,
+            repository,
+            tag,
+            digest: digest.map(str::to_string),
+        })
     }
 
     /// `registry/repository`.
@@ -157,8 +172,11 @@ impl fmt::Display for ImageRef {
 /// True for an image id: `sha256:<64 hex>` or a bare 64-hex string.
 pub fn as_image_id(s: &str) -> Option<String> {
     let hex = s.strip_prefix("sha256:").unwrap_or(s);
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| format!("sha256:{hex}"))
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| format!("sha256:{hex}"))
 }
 
 pub fn validate_digest(d: &str) -> Result<(), &'static str> {
@@ -166,7 +184,11 @@ pub fn validate_digest(d: &str) -> Result<(), &'static str> {
     if algo != "sha256" {
         return Err("only sha256 digests are supported");
     }
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return Err("must be 64 lowercase hex characters");
     }
     Ok(())
@@ -192,12 +214,16 @@ fn validate_registry(r: &str) -> Result<(), &'static str> {
         Some((h, p)) if !h.ends_with(']') || r.starts_with('[') => (h, Some(p)),
         _ => (r, None),
     };
-    if let Some(p) = port {
-        if p.parse::<u16>().is_err() {
-            return Err("port must be a number up to 65535");
-        }
+    if let Some(p) = port
+        && p.parse::<u16>().is_err()
+    {
+        return Err("port must be a number up to 65535");
     }
-    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)) {
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+    {
         return Err("must be a host name or address");
     }
     Ok(())
@@ -279,12 +305,19 @@ mod tests {
     #[test]
     fn errors_name_the_bad_part() {
         let e = ImageRef::parse("Busybox").unwrap_err().to_string();
-        assert!(e.contains("repository path component") && e.contains("Busybox"), "{e}");
+        assert!(
+            e.contains("repository path component") && e.contains("Busybox"),
+            "{e}"
+        );
         let e = ImageRef::parse("busybox:-bad").unwrap_err().to_string();
         assert!(e.contains("bad tag"), "{e}");
-        let e = ImageRef::parse("busybox@sha256:abc").unwrap_err().to_string();
+        let e = ImageRef::parse("busybox@sha256:abc")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad digest"), "{e}");
-        let e = ImageRef::parse("localhost:99999/x").unwrap_err().to_string();
+        let e = ImageRef::parse("localhost:99999/x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad registry"), "{e}");
         let e = ImageRef::parse("a//b").unwrap_err().to_string();
         assert!(e.contains("is empty"), "{e}");
@@ -299,7 +332,10 @@ mod tests {
     fn image_ids() {
         let hex = "b".repeat(64);
         assert_eq!(as_image_id(&hex), Some(format!("sha256:{hex}")));
-        assert_eq!(as_image_id(&format!("sha256:{hex}")), Some(format!("sha256:{hex}")));
+        assert_eq!(
+            as_image_id(&format!("sha256:{hex}")),
+            Some(format!("sha256:{hex}"))
+        );
         assert_eq!(as_image_id("busybox"), None);
     }
 }

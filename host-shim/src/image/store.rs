@@ -27,11 +27,17 @@ pub enum StoreError {
     #[error("image store {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("image index {path} is corrupt: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,7 +112,13 @@ pub struct Lease {
 
 impl Lease {
     pub fn add(&mut self, digest: &str) {
-        *self.store.leases.lock().unwrap_or_else(|e| e.into_inner()).entry(digest.to_string()).or_default() += 1;
+        *self
+            .store
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.to_string())
+            .or_default() += 1;
         self.digests.push(digest.to_string());
     }
 }
@@ -149,11 +161,21 @@ impl ImageStore {
         }
         let index_path = root.join("index.json");
         let index = match fs::read(&index_path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| StoreError::Corrupt { path: index_path, source })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Index { version: 1, ..Default::default() },
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| StoreError::Corrupt {
+                path: index_path,
+                source,
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Index {
+                version: 1,
+                ..Default::default()
+            },
             Err(e) => return Err(io_at(&index_path)(e)),
         };
-        let store = Arc::new(Self { root: root.to_path_buf(), index: Mutex::new(index), leases: Mutex::default() });
+        let store = Arc::new(Self {
+            root: root.to_path_buf(),
+            index: Mutex::new(index),
+            leases: Mutex::default(),
+        });
         store.gc()?;
         Ok(store)
     }
@@ -163,7 +185,10 @@ impl ImageStore {
     }
 
     pub fn lease(self: &Arc<Self>) -> Lease {
-        Lease { store: self.clone(), digests: vec![] }
+        Lease {
+            store: self.clone(),
+            digests: vec![],
+        }
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
@@ -176,7 +201,9 @@ impl ImageStore {
 
     /// A fresh temp file path for a download.
     pub fn ingest_path(&self) -> PathBuf {
-        self.root.join("ingest").join(format!("{:016x}", rand::random::<u64>()))
+        self.root
+            .join("ingest")
+            .join(format!("{:016x}", rand::random::<u64>()))
     }
 
     /// Moves a verified download into place.
@@ -210,7 +237,10 @@ impl ImageStore {
 
     /// A fresh directory to unpack into; commit it with [`Self::commit_snapshot`].
     pub fn new_snapshot_tmp(&self) -> Result<PathBuf, StoreError> {
-        let p = self.root.join("snapshots").join(format!(".tmp-{:016x}", rand::random::<u64>()));
+        let p = self
+            .root
+            .join("snapshots")
+            .join(format!(".tmp-{:016x}", rand::random::<u64>()));
         fs::create_dir_all(p.join("fs")).map_err(io_at(&p))?;
         Ok(p)
     }
@@ -233,21 +263,30 @@ impl ImageStore {
     }
 
     pub fn images(&self) -> Vec<ImageRecord> {
-        self.index.lock().unwrap_or_else(|e| e.into_inner()).images.values().cloned().collect()
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .images
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Finds an image by id (full or unique prefix of ≥ 12 hex digits),
     /// by `name:tag`, or by `name@digest`.
     pub fn resolve(&self, spec: &str) -> Option<ImageRecord> {
         let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(id) = as_image_id(spec) {
-            if let Some(r) = index.images.get(&id) {
-                return Some(r.clone());
-            }
+        if let Some(id) = as_image_id(spec)
+            && let Some(r) = index.images.get(&id)
+        {
+            return Some(r.clone());
         }
         let hex = spec.strip_prefix("sha256:").unwrap_or(spec);
         if hex.len() >= 12 && hex.len() < 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let mut hits = index.images.values().filter(|r| hex_of(&r.id).starts_with(hex));
+            let mut hits = index
+                .images
+                .values()
+                .filter(|r| hex_of(&r.id).starts_with(hex));
             if let (Some(r), None) = (hits.next(), hits.next()) {
                 return Some(r.clone());
             }
@@ -259,7 +298,9 @@ impl ImageStore {
             .images
             .values()
             .find(|i| {
-                by_digest.as_ref().is_some_and(|d| i.repo_digests.contains(d))
+                by_digest
+                    .as_ref()
+                    .is_some_and(|d| i.repo_digests.contains(d))
                     || by_tag.as_ref().is_some_and(|t| i.repo_tags.contains(t))
             })
             .cloned()
@@ -268,7 +309,12 @@ impl ImageStore {
     /// Adds (or merges into) an image record and makes `tag` point at it,
     /// taking the tag from any other image. Images left without names are
     /// removed. Returns the stored record.
-    pub fn put_image(&self, mut rec: ImageRecord, tag: Option<&str>, repo_digest: &str) -> Result<ImageRecord, StoreError> {
+    pub fn put_image(
+        &self,
+        mut rec: ImageRecord,
+        tag: Option<&str>,
+        repo_digest: &str,
+    ) -> Result<ImageRecord, StoreError> {
         let stored = {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(t) = tag {
@@ -276,16 +322,18 @@ impl ImageStore {
                     other.repo_tags.retain(|x| x != t);
                 }
             }
-            index.images.retain(|_, o| o.id == rec.id || !o.repo_tags.is_empty() || !o.repo_digests.is_empty());
+            index.images.retain(|_, o| {
+                o.id == rec.id || !o.repo_tags.is_empty() || !o.repo_digests.is_empty()
+            });
             if let Some(old) = index.images.remove(&rec.id) {
                 rec.repo_tags = old.repo_tags;
                 rec.repo_digests = old.repo_digests;
                 rec.pinned |= old.pinned;
             }
-            if let Some(t) = tag {
-                if !rec.repo_tags.iter().any(|x| x == t) {
-                    rec.repo_tags.push(t.to_string());
-                }
+            if let Some(t) = tag
+                && !rec.repo_tags.iter().any(|x| x == t)
+            {
+                rec.repo_tags.push(t.to_string());
             }
             if !rec.repo_digests.iter().any(|x| x == repo_digest) {
                 rec.repo_digests.push(repo_digest.to_string());
@@ -371,11 +419,11 @@ impl ImageStore {
         }
         let sdir = self.root.join("snapshots");
         for e in fs::read_dir(&sdir).map_err(io_at(&sdir))?.flatten() {
-            if let Ok(b) = fs::read(e.path().join("usage.json")) {
-                if let Ok(s) = serde_json::from_slice::<Usage>(&b) {
-                    u.bytes += s.bytes;
-                    u.inodes += s.inodes;
-                }
+            if let Ok(b) = fs::read(e.path().join("usage.json"))
+                && let Ok(s) = serde_json::from_slice::<Usage>(&b)
+            {
+                u.bytes += s.bytes;
+                u.inodes += s.inodes;
             }
         }
         if let Ok(m) = fs::metadata(self.root.join("index.json")) {
@@ -421,7 +469,7 @@ mod tests {
             id: id.into(),
             repo_tags: vec![],
             repo_digests: vec![],
-            manifest_digest: format!("sha256:{}", "m".repeat(1) + &"0".repeat(63)),
+            manifest_digest: format!("sha256:{}", "0".repeat(64)),
             index_digest: None,
             manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             layers: vec![LayerRecord {
@@ -441,8 +489,14 @@ mod tests {
     fn tags_move_and_gc_frees_unreferenced_content() {
         let d = tempfile::tempdir().unwrap();
         let s = ImageStore::open(d.path()).unwrap();
-        let (a, b) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
-        let (la, lb) = (format!("sha256:{}", "1".repeat(64)), format!("sha256:{}", "2".repeat(64)));
+        let (a, b) = (
+            format!("sha256:{}", "a".repeat(64)),
+            format!("sha256:{}", "b".repeat(64)),
+        );
+        let (la, lb) = (
+            format!("sha256:{}", "1".repeat(64)),
+            format!("sha256:{}", "2".repeat(64)),
+        );
         let mut lease = s.lease();
         for l in [&la, &lb] {
             lease.add(l);
@@ -450,18 +504,34 @@ mod tests {
             let t = s.new_snapshot_tmp().unwrap();
             s.commit_snapshot(&t, l).unwrap();
         }
-        s.put_image(rec(&a, &la), Some("docker.io/library/x:1"), "docker.io/library/x@sha256:aa").unwrap();
+        s.put_image(
+            rec(&a, &la),
+            Some("docker.io/library/x:1"),
+            "docker.io/library/x@sha256:aa",
+        )
+        .unwrap();
         assert!(s.resolve("x:1").is_some());
         assert!(s.resolve(&a).is_some());
         assert!(s.resolve(&"a".repeat(12)).is_some(), "unique id prefix");
         // The tag moves to b; a keeps its digest name, so it stays.
-        s.put_image(rec(&b, &lb), Some("docker.io/library/x:1"), "docker.io/library/x@sha256:bb").unwrap();
+        s.put_image(
+            rec(&b, &lb),
+            Some("docker.io/library/x:1"),
+            "docker.io/library/x@sha256:bb",
+        )
+        .unwrap();
         assert_eq!(s.resolve("x:1").unwrap().id, b);
-        assert!(s.resolve("docker.io/library/x@sha256:aa").is_none(), "not a valid digest ref");
+        assert!(
+            s.resolve("docker.io/library/x@sha256:aa").is_none(),
+            "not a valid digest ref"
+        );
         assert_eq!(s.images().len(), 2);
         drop(lease);
         assert!(s.remove_image(&a).unwrap());
-        assert!(!s.has_blob(&la) && !s.has_snapshot(&la), "a's content freed");
+        assert!(
+            !s.has_blob(&la) && !s.has_snapshot(&la),
+            "a's content freed"
+        );
         assert!(s.has_blob(&lb) && s.has_snapshot(&lb));
         // Reopen: the index survives.
         drop(s);
@@ -477,10 +547,15 @@ mod tests {
         let tmp = s.ingest_path();
         fs::write(&tmp, "partial").unwrap();
         let snap = s.new_snapshot_tmp().unwrap();
-        s.write_blob(b"orphan", &format!("sha256:{}", "c".repeat(64))).unwrap();
+        s.write_blob(b"orphan", &format!("sha256:{}", "c".repeat(64)))
+            .unwrap();
         drop(s);
         let _s = ImageStore::open(d.path()).unwrap();
         assert!(!tmp.exists() && !snap.exists());
-        assert_eq!(fs::read_dir(d.path().join("blobs/sha256")).unwrap().count(), 0, "orphan blob collected");
+        assert_eq!(
+            fs::read_dir(d.path().join("blobs/sha256")).unwrap().count(),
+            0,
+            "orphan blob collected"
+        );
     }
 }

@@ -52,8 +52,14 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, Unpa
         let mut entry = entry.map_err(UnpackError::Tar)?;
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        let rejected = |why| UnpackError::Rejected { path: shown.clone(), why };
-        let io_err = |source| UnpackError::Io { path: shown.clone(), source };
+        let rejected = |why| UnpackError::Rejected {
+            path: shown.clone(),
+            why,
+        };
+        let io_err = |source| UnpackError::Io {
+            path: shown.clone(),
+            source,
+        };
 
         let rel = clean_path(&raw).map_err(rejected)?;
         let Some(rel) = rel else { continue }; // the root itself ("./")
@@ -76,7 +82,7 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, Unpa
             }
             let target = parent.join(hidden);
             remove_existing(&target).map_err(io_err)?;
-            mknod(&target, libc::S_IFCHR | 0o000, 0).map_err(io_err)?;
+            mknod(&target, libc::S_IFCHR, 0).map_err(io_err)?;
             continue;
         }
 
@@ -132,9 +138,13 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, Unpa
                     .link_name_bytes()
                     .ok_or_else(|| rejected("hard link without target"))?
                     .into_owned();
-                let target_rel =
-                    clean_path(&target).map_err(rejected)?.ok_or_else(|| rejected("hard link to the root"))?;
-                let target_parent = target_rel.parent().map(Path::to_path_buf).unwrap_or_default();
+                let target_rel = clean_path(&target)
+                    .map_err(rejected)?
+                    .ok_or_else(|| rejected("hard link to the root"))?;
+                let target_parent = target_rel
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
                 check_existing_parent_dirs(dest, &target_parent).map_err(|e| match e {
                     ParentError::Rejected(why) => rejected(why),
                     ParentError::Io(source) => io_err(source),
@@ -159,8 +169,14 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, Unpa
                     (0, 0)
                 } else {
                     (
-                        header.device_major().map_err(UnpackError::Tar)?.unwrap_or(0),
-                        header.device_minor().map_err(UnpackError::Tar)?.unwrap_or(0),
+                        header
+                            .device_major()
+                            .map_err(UnpackError::Tar)?
+                            .unwrap_or(0),
+                        header
+                            .device_minor()
+                            .map_err(UnpackError::Tar)?
+                            .unwrap_or(0),
                     )
                 };
                 let fmt = match kind {
@@ -189,7 +205,10 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, Unpa
         }
     }
     for (dir, mtime) in dir_times.iter().rev() {
-        set_mtime(dir, *mtime).map_err(|source| UnpackError::Io { path: dir.display().to_string(), source })?;
+        set_mtime(dir, *mtime).map_err(|source| UnpackError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
     Ok(stats)
 }
@@ -234,7 +253,8 @@ fn ensure_parent_dirs(dest: &Path, rel: &Path) -> Result<PathBuf, ParentError> {
             Ok(_) => return Err(ParentError::Rejected("a parent is not a directory")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir(&cur).map_err(ParentError::Io)?;
-                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)).map_err(ParentError::Io)?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))
+                    .map_err(ParentError::Io)?;
             }
             Err(e) => return Err(ParentError::Io(e)),
         }
@@ -248,8 +268,16 @@ fn check_existing_parent_dirs(dest: &Path, rel: &Path) -> Result<(), ParentError
         cur.push(c);
         match fs::symlink_metadata(&cur) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(ParentError::Rejected("hard link target goes through a non-directory")),
-            Err(_) => return Err(ParentError::Rejected("hard link target is not in this layer")),
+            Ok(_) => {
+                return Err(ParentError::Rejected(
+                    "hard link target goes through a non-directory",
+                ));
+            }
+            Err(_) => {
+                return Err(ParentError::Rejected(
+                    "hard link target is not in this layer",
+                ));
+            }
         }
     }
     Ok(())
@@ -271,7 +299,9 @@ enum PaxError {
 
 fn read_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>, PaxError> {
     let mut out = Vec::new();
-    let Some(exts) = entry.pax_extensions().map_err(PaxError::Io)? else { return Ok(out) };
+    let Some(exts) = entry.pax_extensions().map_err(PaxError::Io)? else {
+        return Ok(out);
+    };
     let mut total = 0u64;
     for ext in exts {
         let ext = ext.map_err(PaxError::Io)?;
@@ -279,10 +309,10 @@ fn read_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Ve
         if total > MAX_PAX {
             return Err(PaxError::TooLarge);
         }
-        if let Ok(key) = ext.key() {
-            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                out.push((name.to_string(), ext.value_bytes().to_vec()));
-            }
+        if let Ok(key) = ext.key()
+            && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+        {
+            out.push((name.to_string(), ext.value_bytes().to_vec()));
         }
     }
     Ok(out)
@@ -309,7 +339,15 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     let c = cpath(path)?;
     let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: valid C strings and a value buffer of the given length.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -318,10 +356,20 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
 
 fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
     let c = cpath(path)?;
-    let ts = libc::timespec { tv_sec: mtime, tv_nsec: 0 };
+    let ts = libc::timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
     let times = [ts, ts];
     // SAFETY: valid path and a two-element timespec array.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }

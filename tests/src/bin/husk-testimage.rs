@@ -19,8 +19,13 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     anyhow::ensure!(a.kind == "busybox", "only `busybox` is known");
     let (repo, tag) = a.target.split_once(':').unwrap_or((&a.target, "latest"));
-    let img = build_image(&ImageSpec { layers: vec![busybox_layer(Compression::Gzip)?], ..Default::default() });
-    let d = Pusher::new(&a.registry, None).push_image(repo, Some(tag), &img).await?;
+    let img = build_image(&ImageSpec {
+        layers: vec![busybox_layer(Compression::Gzip)?],
+        ..Default::default()
+    });
+    let d = Pusher::new(&a.registry, None)
+        .push_image(repo, Some(tag), &img)
+        .await?;
     println!("{}/{repo}:{tag}@{d}", a.registry);
     Ok(())
 }

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use super::*;
@@ -47,7 +49,9 @@ fn link(b: &mut tar::Builder<Vec<u8>>, name: &str, target: &str, kind: EntryType
     b.append(&h, &[][..]).unwrap();
 }
 
-fn unpack(b: tar::Builder<Vec<u8>>) -> (tempfile::TempDir, PathBuf, Result<UnpackStats, UnpackError>) {
+fn unpack(
+    b: tar::Builder<Vec<u8>>,
+) -> (tempfile::TempDir, PathBuf, Result<UnpackStats, UnpackError>) {
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("layer");
     fs::create_dir(&dest).unwrap();
@@ -60,8 +64,18 @@ fn unpack(b: tar::Builder<Vec<u8>>) -> (tempfile::TempDir, PathBuf, Result<Unpac
 fn files_dirs_links_devices_and_metadata() {
     require_root!();
     let mut b = tar::Builder::new(Vec::new());
-    b.append(&raw_header(b"etc/", EntryType::Directory, 0, 0o750), &[][..]).unwrap();
-    file(&mut b, "etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644, 0);
+    b.append(
+        &raw_header(b"etc/", EntryType::Directory, 0, 0o750),
+        &[][..],
+    )
+    .unwrap();
+    file(
+        &mut b,
+        "etc/passwd",
+        b"root:x:0:0::/root:/bin/sh\n",
+        0o644,
+        0,
+    );
     file(&mut b, "bin/tool", b"#!/bin/sh\n", 0o4755, 1000);
     link(&mut b, "bin/sh", "/bin/busybox", EntryType::Symlink);
     link(&mut b, "bin/tool2", "bin/tool", EntryType::Link);
@@ -70,9 +84,11 @@ fn files_dirs_links_devices_and_metadata() {
     dev.set_device_minor(3).unwrap();
     dev.set_cksum();
     b.append(&dev, &[][..]).unwrap();
-    b.append(&raw_header(b"run/fifo", EntryType::Fifo, 0, 0o600), &[][..]).unwrap();
+    b.append(&raw_header(b"run/fifo", EntryType::Fifo, 0, 0o600), &[][..])
+        .unwrap();
     // An xattr through a PAX header.
-    b.append_pax_extensions([("SCHILY.xattr.user.husk", b"yes".as_slice())]).unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.user.husk", b"yes".as_slice())])
+        .unwrap();
     file(&mut b, "etc/x", b"x", 0o600, 0);
 
     let (_t, d, r) = unpack(b);
@@ -81,21 +97,37 @@ fn files_dirs_links_devices_and_metadata() {
     let m = fs::metadata(d.join("etc")).unwrap();
     assert_eq!(m.mode() & 0o7777, 0o750);
     assert_eq!(m.mtime(), 1_600_000_000, "dir mtime set after children");
-    assert_eq!(fs::read_to_string(d.join("etc/passwd")).unwrap(), "root:x:0:0::/root:/bin/sh\n");
+    assert_eq!(
+        fs::read_to_string(d.join("etc/passwd")).unwrap(),
+        "root:x:0:0::/root:/bin/sh\n"
+    );
     let tool = fs::metadata(d.join("bin/tool")).unwrap();
     assert_eq!(tool.mode() & 0o7777, 0o4755, "setuid kept after chown");
     assert_eq!((tool.uid(), tool.gid()), (1000, 1001));
-    assert_eq!(fs::read_link(d.join("bin/sh")).unwrap(), Path::new("/bin/busybox"));
-    assert_eq!(fs::metadata(d.join("bin/tool2")).unwrap().ino(), tool.ino(), "hard link shares the inode");
+    assert_eq!(
+        fs::read_link(d.join("bin/sh")).unwrap(),
+        Path::new("/bin/busybox")
+    );
+    assert_eq!(
+        fs::metadata(d.join("bin/tool2")).unwrap().ino(),
+        tool.ino(),
+        "hard link shares the inode"
+    );
     let dm = fs::symlink_metadata(d.join("dev/null")).unwrap();
     assert!(dm.file_type().is_char_device());
     assert_eq!(dm.rdev(), libc::makedev(1, 3));
-    assert!(fs::symlink_metadata(d.join("run/fifo")).unwrap().file_type().is_fifo());
+    assert!(
+        fs::symlink_metadata(d.join("run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
     let mut buf = [0u8; 8];
     let c = cpath(&d.join("etc/x")).unwrap();
     let n = CString::new("user.husk").unwrap();
     // SAFETY: valid strings and buffer.
-    let len = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let len =
+        unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     assert_eq!(&buf[..len as usize], b"yes");
 }
 
@@ -103,7 +135,11 @@ fn files_dirs_links_devices_and_metadata() {
 fn whiteouts_and_opaque_dirs_become_overlay_markers() {
     require_root!();
     let mut b = tar::Builder::new(Vec::new());
-    b.append(&raw_header(b"etc/", EntryType::Directory, 0, 0o755), &[][..]).unwrap();
+    b.append(
+        &raw_header(b"etc/", EntryType::Directory, 0, 0o755),
+        &[][..],
+    )
+    .unwrap();
     file(&mut b, "etc/.wh.motd", b"", 0o644, 0);
     file(&mut b, "var/.wh..wh..opq", b"", 0o644, 0);
     file(&mut b, "var/new", b"n", 0o644, 0);
@@ -117,7 +153,8 @@ fn whiteouts_and_opaque_dirs_become_overlay_markers() {
     let n = CString::new("trusted.overlay.opaque").unwrap();
     let mut buf = [0u8; 4];
     // SAFETY: valid strings and buffer.
-    let len = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let len =
+        unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     assert_eq!(&buf[..len.max(0) as usize], b"y");
     assert!(d.join("var/new").exists());
 }
@@ -139,7 +176,10 @@ fn absolute_paths_are_contained() {
     file(&mut b, "/etc/hostname", b"inside", 0o644, 0);
     let (_t, d, r) = unpack(b);
     r.unwrap();
-    assert_eq!(fs::read_to_string(d.join("etc/hostname")).unwrap(), "inside");
+    assert_eq!(
+        fs::read_to_string(d.join("etc/hostname")).unwrap(),
+        "inside"
+    );
 }
 
 #[test]
@@ -147,12 +187,20 @@ fn writes_through_escaping_symlinks_are_rejected() {
     require_root!();
     let outside = tempfile::tempdir().unwrap();
     let mut b = tar::Builder::new(Vec::new());
-    link(&mut b, "evil", outside.path().to_str().unwrap(), EntryType::Symlink);
+    link(
+        &mut b,
+        "evil",
+        outside.path().to_str().unwrap(),
+        EntryType::Symlink,
+    );
     file(&mut b, "evil/owned", b"pwned", 0o644, 0);
     let (_t, d, r) = unpack(b);
     let e = r.unwrap_err().to_string();
     assert!(e.contains("symlink"), "{e}");
-    assert!(!outside.path().join("owned").exists(), "wrote through a symlink");
+    assert!(
+        !outside.path().join("owned").exists(),
+        "wrote through a symlink"
+    );
     // The symlink itself is kept as data, pointing where it said.
     assert_eq!(fs::read_link(d.join("evil")).unwrap(), outside.path());
 
@@ -185,7 +233,8 @@ fn hard_links_out_of_the_layer_are_rejected() {
 fn giant_pax_headers_are_rejected() {
     let mut b = tar::Builder::new(Vec::new());
     let big = vec![b'a'; (MAX_PAX + 10) as usize];
-    b.append_pax_extensions([("SCHILY.xattr.user.big", big.as_slice())]).unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.user.big", big.as_slice())])
+        .unwrap();
     file(&mut b, "f", b"x", 0o644, 0);
     let (_t, _d, r) = unpack(b);
     let e = r.unwrap_err().to_string();
