@@ -149,6 +149,8 @@ impl BusDevice for MmioTransport {
             0x44 => q.map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status.load(Ordering::SeqCst),
             0x70 => self.status,
+            // Shared memory regions (SHMLen/SHMBase): none, reported as all-ones.
+            0xb0..=0xbc => u32::MAX,
             0xfc => self.config_generation,
             _ => 0,
         };
@@ -257,6 +259,7 @@ mod tests {
         assert_eq!(b[0], 3);
         t.read(0x100 + 4096, &mut b);
         assert_eq!(b[0], 0);
+        assert_eq!(r(&mut t, 0xb0), u32::MAX, "no shared memory region");
     }
 
     #[test]
