@@ -100,6 +100,13 @@ fn bad_configs_fail_with_one_line_errors() {
     std::fs::write(&big, &elf).expect("w");
     assert!(run_err(args(&path_str(&big), "", &[])).contains("too small for the kernel"));
 
+    // A bzImage whose decompressed kernel (init_size) needs more than guest memory.
+    let mut bz = std::fs::read(env!("HUSK_TEST_GUEST_BZIMAGE")).expect("bz");
+    bz[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    let bigbz = tmp_path(&dir, "big.bz");
+    std::fs::write(&bigbz, &bz).expect("w");
+    assert!(run_err(args(&path_str(&bigbz), "", &[])).contains("too small for the kernel"));
+
     let initrd = tmp_path(&dir, "initrd");
     std::fs::write(&initrd, vec![0u8; 40 << 20]).expect("w");
     let e = run_err(args(GUEST_PVH, "", &["--initrd", &path_str(&initrd)]));

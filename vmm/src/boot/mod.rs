@@ -125,9 +125,19 @@ fn load_kernel(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<(EntryPoint, Op
         };
         return Ok((entry, None, r.kernel_end));
     }
+    // bzImage: the protected-mode part loads at 1 MiB and decompresses in place, needing
+    // `init_size` bytes there (boot protocol >= 2.10), or at least its own size.
     let size = f.metadata().map_err(open_err)?.len();
-    if HIGH_MEMORY_START + size > ram_end {
-        return Err(too_small(HIGH_MEMORY_START + size));
+    let mut hdr = [0u8; 0x270];
+    let init_size = match f.seek(SeekFrom::Start(0)).and_then(|_| f.read_exact(&mut hdr)) {
+        Ok(()) if &hdr[0x202..0x206] == b"HdrS" && u16::from_le_bytes([hdr[0x206], hdr[0x207]]) >= 0x20a => {
+            u64::from(u32::from_le_bytes([hdr[0x260], hdr[0x261], hdr[0x262], hdr[0x263]]))
+        }
+        _ => 0,
+    };
+    let need = HIGH_MEMORY_START + size.max(init_size);
+    if need > ram_end {
+        return Err(too_small(need));
     }
     match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY_START))) {
         Ok(r) => Ok((EntryPoint::Linux64(r.kernel_load.0 + 0x200), Some(r), r.kernel_end)),
