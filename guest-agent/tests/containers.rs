@@ -428,3 +428,18 @@ async fn many_containers_in_parallel() {
     let list = a.client.list_containers(ctx(), &pb::ListContainersRequest::new()).await.expect("list");
     assert!(list.containers.is_empty(), "all removed: {list:?}");
 }
+
+#[tokio::test]
+async fn devices_are_allow_listed() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let v1_devices = std::path::Path::new("/sys/fs/cgroup/devices").exists();
+    // A spec device is created (and allowed); a node made by hand for a host disk is not usable.
+    let mut s = spec(&["sh", "-c", "ls -l /dev/mynull | head -c 1; echo; echo hi > /dev/mynull && echo wrote; \
+        mknod /tmp/disk b 7 0 && (head -c 1 /tmp/disk > /dev/null 2>&1 && echo readable || echo denied)"]);
+    s["linux"]["devices"] = serde_json::json!([{"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 438}]);
+    let (out, err, code) = a.output(&unique("devices"), &s).await;
+    assert_eq!(code, 0, "{err}");
+    let want_disk = if v1_devices { "denied" } else { "readable" };
+    assert_eq!(out, format!("c\nwrote\n{want_disk}\n"), "{err}");
+}

@@ -2,6 +2,7 @@
 //! (hosts like the project's CI machine, used by the namespace sandbox). Two
 //! real implementations behind one small enum.
 
+pub mod devices;
 pub mod v1;
 pub mod v2;
 
@@ -131,6 +132,14 @@ impl Cgroup {
         match self {
             Cgroup::V1(c) => c.apply(res),
             Cgroup::V2(c) => c.apply(res),
+        }
+    }
+
+    /// Apply a device allow-list (v1 only, see [`devices`]).
+    pub fn apply_devices(&self, rules: &[devices::DeviceRule]) -> Result<()> {
+        match self {
+            Cgroup::V1(c) => c.apply_devices(rules),
+            Cgroup::V2(_) => Ok(()),
         }
     }
 

@@ -7,7 +7,7 @@ use oci_spec::runtime::LinuxResources;
 
 use super::{CgroupError, Result, Stats, keyed, read, read_u64, write};
 
-const CONTROLLERS: [&str; 6] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio"];
+const CONTROLLERS: [&str; 7] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices"];
 
 /// Mount point of each controller we use.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +135,13 @@ impl Cgroup {
         if let Some(pids) = res.pids() {
             let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
             self.set("pids", "pids.max", &v)?;
+        }
+        Ok(())
+    }
+
+    pub fn apply_devices(&self, rules: &[super::devices::DeviceRule]) -> Result<()> {
+        for r in rules {
+            self.set("devices", if r.allow { "devices.allow" } else { "devices.deny" }, &r.v1_line())?;
         }
         Ok(())
     }

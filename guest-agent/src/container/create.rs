@@ -279,6 +279,7 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
     if let Some(r) = &resources {
         cgroup.apply(r).map_err(|e| undo(e.into()))?;
     }
+    cgroup.apply_devices(&crate::cgroup::devices::rules(&spec)).map_err(|e| undo(e.into()))?;
 
     let own_pid_ns = unshare.contains(&Ns::Pid);
     let config = InitConfig {

@@ -90,7 +90,8 @@ impl RunnerError {
             RunnerError::Rootfs(
                 rootfs::RootfsError::MissingSource(_)
                     | rootfs::RootfsError::RelativeDestination(_)
-                    | rootfs::RootfsError::Sysctl(_),
+                    | rootfs::RootfsError::Sysctl(_)
+                    | rootfs::RootfsError::Device(_),
             )
                 | RunnerError::User(_)
                 | RunnerError::Caps(caps::CapsError::Unknown(_))

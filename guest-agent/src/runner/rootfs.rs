@@ -17,6 +17,8 @@ pub enum RootfsError {
     RelativeDestination(String),
     #[error("bind mount source {0} does not exist")]
     MissingSource(String),
+    #[error("bad device {0}")]
+    Device(String),
     #[error("bad sysctl name {0:?}")]
     Sysctl(String),
     #[error("unknown rootfs propagation {0}")]
@@ -174,6 +176,9 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
     if dev_mounted {
         setup_dev(sys, dir, host_devices)?;
     }
+    for d in linux.and_then(|l| l.devices().as_ref()).into_iter().flatten() {
+        create_device(sys, dir, d)?;
+    }
 
     sys.pivot_root(dir)?;
 
@@ -294,6 +299,27 @@ fn setup_dev(sys: &dyn Syscall, root: &Path, host_devices: &[String]) -> Result<
     Ok(())
 }
 
+fn create_device(sys: &dyn Syscall, root: &Path, d: &oci_spec::runtime::LinuxDevice) -> Result<()> {
+    use nix::sys::stat::SFlag;
+    if !d.path().is_absolute() {
+        return Err(RootfsError::RelativeDestination(d.path().display().to_string()));
+    }
+    let kind = match d.typ().as_str() {
+        "b" => SFlag::S_IFBLK,
+        "c" | "u" => SFlag::S_IFCHR,
+        "p" => SFlag::S_IFIFO,
+        other => return Err(RootfsError::Device(format!("{}: type {other}", d.path().display()))),
+    };
+    let target = secure_join(root, d.path());
+    if let Some(parent) = target.parent() {
+        sys.create_dir_all(parent)?;
+    }
+    let dev = nix::sys::stat::makedev(d.major() as u64, d.minor() as u64);
+    let owner = (d.uid().unwrap_or(0), d.gid().unwrap_or(0));
+    sys.mknod(&target, kind, d.file_mode().unwrap_or(0o666), dev, owner)?;
+    Ok(())
+}
+
 fn mask_path(sys: &dyn Syscall, path: &Path) -> Result<()> {
     if !sys.exists(path) {
         return Ok(());
@@ -382,6 +408,7 @@ mod tests {
                 {"destination": "/data", "type": "bind", "source": "/host/data", "options": ["rbind", "ro", "rprivate"]}
             ],
             "linux": {"maskedPaths": ["/proc/kcore", "/proc/acpi", "/proc/missing"], "readonlyPaths": ["/proc/sys"],
+                      "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 438, "uid": 0, "gid": 0}],
                       "sysctl": {"net.ipv4.ip_forward": "1"}}
         }));
         let rootfs = RootfsMount::Overlay {
@@ -411,6 +438,9 @@ mod tests {
             .expect("ro remount of /data");
         assert!(data_ro < pivot);
         assert!(targets.contains(&"/run/c1/rootfs/dev/null".to_string()));
+        let mknod = calls.iter().position(|c| matches!(c, Call::Mknod { path, dev, mode: 438, .. }
+            if path == Path::new("/run/c1/rootfs/dev/fuse") && *dev == nix::sys::stat::makedev(10, 229)));
+        assert!(mknod.expect("fuse node") < pivot);
         // Masked file gets /dev/null, masked dir a ro tmpfs, missing is skipped.
         assert!(mounts.contains(&(Some("/dev/null".into()), "/proc/kcore".into(), None, MsFlags::MS_BIND)));
         assert!(mounts.contains(&(Some("tmpfs".into()), "/proc/acpi".into(), Some("tmpfs".into()), MsFlags::MS_RDONLY)));

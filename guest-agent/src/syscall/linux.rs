@@ -86,6 +86,13 @@ impl Syscall for LinuxSyscall {
         std::os::unix::fs::symlink(target, link).map_err(io_err("symlink", link))
     }
 
+    fn mknod(&self, path: &Path, kind: nix::sys::stat::SFlag, mode: u32, dev: u64, owner: (u32, u32)) -> Result<()> {
+        let perm = nix::sys::stat::Mode::from_bits_truncate(mode);
+        nix::sys::stat::mknod(path, kind, perm, dev).map_err(nix_err("mknod", path))?;
+        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(owner.0)), Some(nix::unistd::Gid::from_raw(owner.1)))
+            .map_err(nix_err("chown", path))
+    }
+
     fn exists(&self, path: &Path) -> bool {
         path.symlink_metadata().is_ok()
     }

@@ -22,6 +22,7 @@ pub enum Call {
     Touch(PathBuf),
     Write(PathBuf, Vec<u8>),
     Symlink(PathBuf, PathBuf),
+    Mknod { path: PathBuf, kind: nix::sys::stat::SFlag, mode: u32, dev: u64, owner: (u32, u32) },
 }
 
 /// Records every call; `dirs` decides what `is_dir`/`exists` answer.
@@ -106,6 +107,11 @@ impl Syscall for RecordingSyscall {
     }
     fn symlink(&self, target: &Path, link: &Path) -> Result<()> {
         self.push(Call::Symlink(target.to_path_buf(), link.to_path_buf()));
+        Ok(())
+    }
+    fn mknod(&self, path: &Path, kind: nix::sys::stat::SFlag, mode: u32, dev: u64, owner: (u32, u32)) -> Result<()> {
+        self.files.borrow_mut().insert(path.to_path_buf());
+        self.push(Call::Mknod { path: path.to_path_buf(), kind, mode, dev, owner });
         Ok(())
     }
     fn exists(&self, path: &Path) -> bool {
