@@ -443,3 +443,24 @@ async fn devices_are_allow_listed() {
     let want_disk = if v1_devices { "denied" } else { "readable" };
     assert_eq!(out, format!("c\nwrote\n{want_disk}\n"), "{err}");
 }
+
+#[tokio::test]
+async fn tty_container_with_stdin() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("tty");
+    a.create_with(&id, &spec(&["sh", "-c", "stty size; read x; echo got $x; exit 5"]), true, true).await.expect("create");
+    // Resize before start: the size is there when the shell asks.
+    let r = pb::ResizeTtyRequest { container_id: id.clone(), rows: 24, cols: 99, ..Default::default() };
+    a.client.resize_tty(ctx(), &r).await.expect("resize");
+    a.start_container(&id).await.expect("start");
+    let w = pb::WriteStdinRequest { container_id: id.clone(), data: b"line\n".to_vec(), ..Default::default() };
+    a.client.write_stdin(ctx(), &w).await.expect("write");
+    let out = a.read_all(&id, "", false).await;
+    assert!(out.contains("24 99"), "{out:?}");
+    assert!(out.contains("got line"), "{out:?}");
+    // One stream on a tty: stderr is empty and closed.
+    assert_eq!(a.read_all(&id, "", true).await, "");
+    assert_eq!(a.wait(&id, "").await.exit_code, 5);
+    a.remove(&id, false).await.expect("remove");
+}
