@@ -104,8 +104,10 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
     let signals = signal_fd()?;
     let kvm = KvmContext::new()?;
+    tracing::debug!("kvm opened");
     let mem = create_guest_memory(cfg.memory_mib)?;
     let vm = Vm::new(&kvm, &mem)?;
+    tracing::debug!("vm created");
     let exit = Arc::new(ExitSignal::new().map_err(VmmError::Signal)?);
     let mut dm = DeviceManager::new(&vm.fd, exit.clone(), serial_output(&cfg.serial)?)?;
 
@@ -146,6 +148,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         mem_mib: cfg.memory_mib,
         vcpus: cfg.vcpus,
     };
+    tracing::debug!("devices created");
     let entry = boot::load(&mem, &spec)?;
     tracing::debug!(?entry, %cmdline, "kernel loaded");
 
@@ -184,6 +187,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     for v in vcpus {
         v.start(shared.clone())?;
     }
+    tracing::debug!("vcpus started");
 
     let serial = dm.serial.clone();
     loop {

@@ -19,6 +19,8 @@ pub enum VmError {
     Irqchip(#[source] kvm_ioctls::Error),
     #[error("cannot create the PIT: {0}")]
     Pit(#[source] kvm_ioctls::Error),
+    #[error("guest memory registration thread panicked")]
+    SlotThread,
     #[error("cannot register guest memory slot {slot}: {source}")]
     MemorySlot {
         slot: u32,
@@ -34,16 +36,25 @@ pub struct Vm {
 impl Vm {
     pub fn new(kvm: &KvmContext, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let fd = kvm.kvm.create_vm().map_err(VmError::Create)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::Tss)?;
-        fd.create_irq_chip().map_err(VmError::Irqchip)?;
+        let vm = Self { fd };
+        // Registering memory and creating the irqchip are both slow on some hosts (milliseconds
+        // each under kvm-pvm) and take different KVM locks: do them in parallel.
+        std::thread::scope(|s| {
+            let slots = s.spawn(|| vm.register_memory(mem));
+            let chips = vm.create_chips();
+            slots.join().unwrap_or(Err(VmError::SlotThread)).and(chips)
+        })?;
+        Ok(vm)
+    }
+
+    fn create_chips(&self) -> Result<(), VmError> {
+        self.fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::Tss)?;
+        self.fd.create_irq_chip().map_err(VmError::Irqchip)?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(VmError::Pit)?;
-        let vm = Self { fd };
-        vm.register_memory(mem)?;
-        Ok(vm)
+        self.fd.create_pit2(pit).map_err(VmError::Pit)
     }
 
     fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
