@@ -86,8 +86,11 @@ fn default_vcpus() -> u8 {
 fn default_mem() -> u32 {
     128
 }
+/// Serial console, reboot through the i8042 (which ends the VMM), no PCI bus to probe.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
 fn default_cmdline() -> String {
-    "console=ttyS0 reboot=k panic=1".to_string()
+    DEFAULT_CMDLINE.to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

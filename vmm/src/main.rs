@@ -73,7 +73,7 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
         None => VmConfig {
             kernel: PathBuf::new(),
             initrd: None,
-            cmdline: "console=ttyS0 reboot=k panic=1".into(),
+            cmdline: husk_vmm::config::DEFAULT_CMDLINE.into(),
             vcpus: 1,
             memory_mib: 128,
             disks: vec![],
