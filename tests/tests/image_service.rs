@@ -517,6 +517,21 @@ async fn concurrent_pulls_of_one_image_download_once() {
         .unwrap();
     let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
     let name = format!("{}/dedup:v1", reg.addr);
+    // husk's progress stream (what `husk pull` draws its bars from).
+    let mut c = d.clients().await.unwrap();
+    let mut watch = c
+        .husk
+        .watch_pull(husk_proto::husk::WatchPullRequest { image: name.clone(), wait_ms: 5000 })
+        .await
+        .unwrap()
+        .into_inner();
+    let watcher = tokio::spawn(async move {
+        let mut msgs = vec![];
+        while let Some(m) = watch.message().await.unwrap() {
+            msgs.push(m);
+        }
+        msgs
+    });
     let mut tasks = vec![];
     for _ in 0..6 {
         let (n, s) = (name.clone(), d.socket.clone());
@@ -543,6 +558,12 @@ async fn concurrent_pulls_of_one_image_download_once() {
         );
     }
     assert_eq!(list(&d).await.len(), 1);
+    let msgs = watcher.await.unwrap();
+    let last = msgs.last().expect("progress messages");
+    assert!(last.finished && last.error.is_empty(), "{last:?}");
+    let digests: Vec<_> = last.layers.iter().map(|l| l.digest.clone()).collect();
+    assert_eq!(digests, img.layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>());
+    assert!(last.layers.iter().all(|l| l.done == l.total && l.total > 0 && l.phase == "done"), "{last:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
