@@ -14,7 +14,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use std::time::{Duration, Instant};
+
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::*;
 
@@ -25,6 +28,8 @@ const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 /// First local port handed out for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const MAX_CONNECT_LINE: usize = 32;
+/// A host-initiated connection the guest has not accepted by then is refused (as Firecracker).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
@@ -56,6 +61,7 @@ enum ConnState {
 struct Connection {
     stream: UnixStream,
     state: ConnState,
+    created: Instant,
     /// Guest data not yet written to the host socket.
     tx_buf: VecDeque<u8>,
     fwd_cnt: Wrapping<u32>,
@@ -74,6 +80,7 @@ impl Connection {
         Self {
             stream,
             state,
+            created: Instant::now(),
             tx_buf: VecDeque::new(),
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
@@ -115,6 +122,8 @@ impl Connection {
 
 enum FdKind {
     Listener,
+    /// Fires when the oldest unaccepted host-initiated connection times out.
+    Timer,
     /// Accepted host client that has not finished its `CONNECT <port>\n` line.
     Pending(UnixStream, Vec<u8>),
     Conn(ConnKey),
@@ -130,6 +139,9 @@ pub struct VsockMuxer {
     ctrl_rx: VecDeque<VsockHeader>,
     rx_ready: VecDeque<ConnKey>,
     next_local_port: u32,
+    timer: TimerFd,
+    timer_armed: bool,
+    connect_timeout: Duration,
 }
 
 impl VsockMuxer {
@@ -143,6 +155,7 @@ impl VsockMuxer {
         let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
+        let timer = TimerFd::new().map_err(|e| MuxerError::Epoll(std::io::Error::from_raw_os_error(e.errno())))?;
         let mut m = Self {
             guest_cid,
             uds_path: uds_path.to_owned(),
@@ -153,10 +166,16 @@ impl VsockMuxer {
             ctrl_rx: VecDeque::new(),
             rx_ready: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            timer,
+            timer_armed: false,
+            connect_timeout: CONNECT_TIMEOUT,
         };
         let fd = m.listener.as_raw_fd();
         m.epoll_ctl(ControlOperation::Add, fd, EventSet::IN).map_err(MuxerError::Epoll)?;
         m.fds.insert(fd, FdKind::Listener);
+        let tfd = m.timer.as_raw_fd();
+        m.epoll_ctl(ControlOperation::Add, tfd, EventSet::IN).map_err(MuxerError::Epoll)?;
+        m.fds.insert(tfd, FdKind::Timer);
         Ok(m)
     }
 
@@ -415,6 +434,7 @@ impl VsockMuxer {
             let set = ev.event_set();
             match self.fds.get(&fd) {
                 Some(FdKind::Listener) => self.accept(),
+                Some(FdKind::Timer) => self.expire_connects(),
                 Some(FdKind::Pending(..)) => self.read_connect_line(fd),
                 Some(FdKind::Conn(key)) => {
                     let key = *key;
@@ -477,6 +497,45 @@ impl VsockMuxer {
         self.fds.insert(fd, FdKind::Conn(key));
         self.conns.insert(key, Connection::new(stream, ConnState::LocalInit));
         self.push_ctrl(key, OP_REQUEST, 0);
+        if !self.timer_armed {
+            self.arm_timer(self.connect_timeout);
+        }
+    }
+
+    fn arm_timer(&mut self, after: Duration) {
+        self.timer_armed = self.timer.reset(after.max(Duration::from_millis(1)), None).is_ok();
+    }
+
+    /// Refuses host-initiated connections the guest did not accept in time.
+    fn expire_connects(&mut self) {
+        let _ = self.timer.wait();
+        self.timer_armed = false;
+        let now = Instant::now();
+        let mut oldest_left: Option<Instant> = None;
+        let mut expired = Vec::new();
+        for (k, c) in &self.conns {
+            if c.state == ConnState::LocalInit {
+                if now.duration_since(c.created) >= self.connect_timeout {
+                    expired.push(*k);
+                } else {
+                    oldest_left = Some(oldest_left.map_or(c.created, |o| o.min(c.created)));
+                }
+            }
+        }
+        for k in expired {
+            tracing::debug!(?k, "vsock: guest did not accept in time");
+            self.remove(k);
+            // If the guest never even saw the REQUEST, withdraw it; otherwise reset.
+            let queued = |h: &VsockHeader| h.op == OP_REQUEST && h.src_port == k.local_port && h.dst_port == k.peer_port;
+            let before = self.ctrl_rx.len();
+            self.ctrl_rx.retain(|h| !queued(h));
+            if self.ctrl_rx.len() == before {
+                self.push_ctrl(k, OP_RST, 0);
+            }
+        }
+        if let Some(o) = oldest_left {
+            self.arm_timer(self.connect_timeout.saturating_sub(now.duration_since(o)));
+        }
     }
 
     fn conn_event(&mut self, key: ConnKey, set: EventSet) {
@@ -642,6 +701,40 @@ mod tests {
         // An RST for an unknown connection is not answered.
         m.send_pkt(&from_guest(1, 2, OP_RST, 0, 0), &[]);
         assert!(m.recv_pkt(4096, &mut buf).is_none());
+        assert!(m.conns.is_empty());
+    }
+
+    #[test]
+    fn unaccepted_host_connections_time_out() {
+        let (mut m, _d, uds) = muxer();
+        m.connect_timeout = std::time::Duration::from_millis(50);
+        let mut c = UnixStream::connect(&uds).expect("connect");
+        c.write_all(b"CONNECT 9\n").expect("w");
+        let mut buf = Vec::new();
+        let req = next(&mut m, &mut buf).expect("request");
+        assert_eq!(req.op, OP_REQUEST);
+        // The guest never answers.
+        let rst = next(&mut m, &mut buf).expect("rst after the timeout");
+        assert_eq!((rst.op, rst.src_port), (OP_RST, req.src_port));
+        assert!(m.conns.is_empty());
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("t");
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).expect("closed"), 0, "client sees the refusal as EOF");
+
+        // A guest that never takes packets (driver not up): the REQUEST is withdrawn, no RST.
+        let mut c2 = UnixStream::connect(&uds).expect("connect");
+        c2.write_all(b"CONNECT 10\n").expect("w");
+        for _ in 0..50 {
+            m.process_events();
+            if m.has_rx() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(m.has_rx(), "REQUEST queued");
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        m.process_events();
+        assert!(!m.has_rx(), "REQUEST withdrawn, nothing left for the guest");
         assert!(m.conns.is_empty());
     }
 
