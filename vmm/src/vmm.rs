@@ -110,31 +110,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     tracing::debug!("vm created");
     let exit = Arc::new(ExitSignal::new().map_err(VmmError::Signal)?);
     let mut dm = DeviceManager::new(&vm.fd, exit.clone(), serial_output(&cfg.serial)?)?;
-
-    if let Some(v) = &cfg.vsock {
-        let slot = dm.allocate_virtio(&vm.fd, 3)?;
-        let muxer = VsockDevice::bind(v.guest_cid, &v.uds_path)?;
-        let evts = clone_evts(&slot.queue_evts)?;
-        let dev = VsockDevice::new(muxer, slot.channel.clone(), slot.interrupt.clone(), evts);
-        dm.attach_virtio(&slot, vsock::device_info(v.guest_cid), &mem, Arc::new(Mutex::new(dev)))?;
-    }
-    for d in &cfg.disks {
-        let slot = dm.allocate_virtio(&vm.fd, 1)?;
-        let evt = clone_evts(&slot.queue_evts)?.remove(0);
-        let dev = BlockDevice::open(&d.path, d.read_only, &d.id, slot.channel.clone(), slot.interrupt.clone(), evt)?;
-        let info = dev.info();
-        dm.attach_virtio(&slot, info, &mem, Arc::new(Mutex::new(dev)))?;
-    }
-    for n in &cfg.net {
-        let mac = match &n.mac {
-            Some(m) => parse_mac(m)?,
-            None => derive_mac(&n.tap),
-        };
-        let tap = Tap::open(&n.tap)?;
-        let slot = dm.allocate_virtio(&vm.fd, 2)?;
-        let dev = NetDevice::new(tap, slot.channel.clone(), slot.interrupt.clone(), clone_evts(&slot.queue_evts)?);
-        dm.attach_virtio(&slot, net::device_info(mac), &mem, Arc::new(Mutex::new(dev)))?;
-    }
+    attach_virtio_devices(cfg, &vm, &mem, &mut dm)?;
 
     let mut cmdline = cfg.cmdline.clone();
     for d in &dm.cmdline_devices {
@@ -175,7 +151,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for id in 0..cfg.vcpus {
         let v = Vcpu::new(&vm.fd, id)?;
-        v.configure(&kvm.supported_cpuid, cfg.vcpus, entry, &mem)?;
+        v.configure(&kvm.supported_cpuid, cfg.vcpus, entry)?;
         vcpus.push(v);
     }
     let shared = Arc::new(VcpuShared {
@@ -201,6 +177,40 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
             return Ok(ExitReason::Stopped);
         }
     }
+}
+
+/// Creates the configured virtio devices, in the order vsock, disks, network interfaces.
+fn attach_virtio_devices(
+    cfg: &VmConfig,
+    vm: &Vm,
+    mem: &vm_memory::GuestMemoryMmap,
+    dm: &mut DeviceManager,
+) -> Result<(), VmmError> {
+    if let Some(v) = &cfg.vsock {
+        let slot = dm.allocate_virtio(&vm.fd, 3)?;
+        let muxer = VsockDevice::bind(v.guest_cid, &v.uds_path)?;
+        let evts = clone_evts(&slot.queue_evts)?;
+        let dev = VsockDevice::new(muxer, slot.channel.clone(), slot.interrupt.clone(), evts);
+        dm.attach_virtio(&slot, vsock::device_info(v.guest_cid), mem, Arc::new(Mutex::new(dev)))?;
+    }
+    for d in &cfg.disks {
+        let slot = dm.allocate_virtio(&vm.fd, 1)?;
+        let evt = clone_evts(&slot.queue_evts)?.remove(0);
+        let dev = BlockDevice::open(&d.path, d.read_only, &d.id, slot.channel.clone(), slot.interrupt.clone(), evt)?;
+        let info = dev.info();
+        dm.attach_virtio(&slot, info, mem, Arc::new(Mutex::new(dev)))?;
+    }
+    for n in &cfg.net {
+        let mac = match &n.mac {
+            Some(m) => parse_mac(m)?,
+            None => derive_mac(&n.tap),
+        };
+        let tap = Tap::open(&n.tap)?;
+        let slot = dm.allocate_virtio(&vm.fd, 2)?;
+        let dev = NetDevice::new(tap, slot.channel.clone(), slot.interrupt.clone(), clone_evts(&slot.queue_evts)?);
+        dm.attach_virtio(&slot, net::device_info(mac), mem, Arc::new(Mutex::new(dev)))?;
+    }
+    Ok(())
 }
 
 fn clone_evts(evts: &[vmm_sys_util::eventfd::EventFd]) -> Result<Vec<vmm_sys_util::eventfd::EventFd>, VmmError> {

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use kvm_bindings::{CpuId, Msrs, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
 
 use crate::boot::{EntryPoint, regs};
 use crate::devices::bus::Bus;
@@ -156,7 +155,6 @@ impl Vcpu {
         supported: &CpuId,
         count: u8,
         entry: EntryPoint,
-        _mem: &GuestMemoryMmap,
     ) -> Result<(), VcpuError> {
         self.fd
             .set_cpuid2(&filter_cpuid(supported, self.id, count))
