@@ -23,10 +23,16 @@ fn build(out: &Path, src: &Path, variant: Variant) -> PathBuf {
     let script = if pvh {
         template
             .replace("PVH_NOTE", "note PT_NOTE;")
-            .replace("PVH_SECTION", ".note.pvh : { KEEP(*(.husk_pvh_note)) } :text :note")
+            .replace(
+                "PVH_SECTION",
+                ".note.pvh : { KEEP(*(.husk_pvh_note)) } :text :note",
+            )
             .replace("PVH_DISCARD", "")
     } else {
-        template.replace("PVH_NOTE", "").replace("PVH_SECTION", "").replace("PVH_DISCARD", "*(.husk_pvh_note)")
+        template
+            .replace("PVH_NOTE", "")
+            .replace("PVH_SECTION", "")
+            .replace("PVH_DISCARD", "*(.husk_pvh_note)")
     };
     let name = match variant {
         Variant::Pvh => "guest-pvh",
@@ -38,12 +44,52 @@ fn build(out: &Path, src: &Path, variant: Variant) -> PathBuf {
     let elf = out.join(format!("{name}.elf"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let status = Command::new(rustc)
-        .args(["--edition", "2024", "--crate-type", "bin", "--crate-name", "husk_test_guest"])
-        .args(["-C", "panic=abort", "-C", "opt-level=s", "-C", "relocation-model=static"])
-        .args(["-C", "code-model=small", "-C", "debuginfo=0", "-C", "no-vectorize-loops", "-C", "no-vectorize-slp"])
-        .args(["-C", "target-cpu=x86-64", "-C", "target-feature=-sse,-sse2,-mmx,+soft-float"])
-        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib", "-C", "link-arg=-static"])
-        .args(["-C", "link-arg=-no-pie", "-C", "link-arg=-Wl,--build-id=none"])
+        .args([
+            "--edition",
+            "2024",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "husk_test_guest",
+        ])
+        .args([
+            "-C",
+            "panic=abort",
+            "-C",
+            "opt-level=s",
+            "-C",
+            "relocation-model=static",
+        ])
+        .args([
+            "-C",
+            "code-model=small",
+            "-C",
+            "debuginfo=0",
+            "-C",
+            "no-vectorize-loops",
+            "-C",
+            "no-vectorize-slp",
+        ])
+        .args([
+            "-C",
+            "target-cpu=x86-64",
+            "-C",
+            "target-feature=-sse,-sse2,-mmx,+soft-float",
+        ])
+        .args([
+            "-C",
+            "link-arg=-nostartfiles",
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-static",
+        ])
+        .args([
+            "-C",
+            "link-arg=-no-pie",
+            "-C",
+            "link-arg=-Wl,--build-id=none",
+        ])
         .arg("-C")
         .arg(format!("link-arg=-Wl,-T,{}", ld.display()))
         .arg("-o")
@@ -76,7 +122,8 @@ fn bzimage(elf: &[u8]) -> Vec<u8> {
 }
 
 fn main() {
-    let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("test-guest");
+    let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
+        .join("test-guest");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("out dir"));
     println!("cargo:rerun-if-changed=test-guest");
     println!("cargo:rerun-if-changed=build.rs");
@@ -84,7 +131,8 @@ fn main() {
     let g64 = build(&out, &src, Variant::Elf64);
     let bz_elf = build(&out, &src, Variant::BzImage);
     let bz = out.join("guest.bzImage");
-    std::fs::write(&bz, bzimage(&std::fs::read(&bz_elf).expect("read bz elf"))).expect("write bzImage");
+    std::fs::write(&bz, bzimage(&std::fs::read(&bz_elf).expect("read bz elf")))
+        .expect("write bzImage");
     println!("cargo:rustc-env=HUSK_TEST_GUEST_PVH={}", pvh.display());
     println!("cargo:rustc-env=HUSK_TEST_GUEST_64={}", g64.display());
     println!("cargo:rustc-env=HUSK_TEST_GUEST_BZIMAGE={}", bz.display());

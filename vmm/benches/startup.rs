@@ -16,7 +16,10 @@ const GUEST: &str = env!("HUSK_TEST_GUEST_PVH");
 const MEM_MIB: u64 = 128;
 
 fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -77,7 +80,15 @@ fn husk(wait: bool) -> Option<Sample> {
     let t0 = now_ns();
     let cmdline = if wait { "husk.wait" } else { "quiet" };
     let mut child = Command::new(VMM)
-        .args(["--kernel", GUEST, "--memory", &MEM_MIB.to_string(), "--cmdline", cmdline, "--boot-timer"])
+        .args([
+            "--kernel",
+            GUEST,
+            "--memory",
+            &MEM_MIB.to_string(),
+            "--cmdline",
+            cmdline,
+            "--boot-timer",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null())
@@ -87,7 +98,13 @@ fn husk(wait: bool) -> Option<Sample> {
     let entry = std::thread::spawn(move || {
         let mut l = String::new();
         BufReader::new(err).read_line(&mut l).ok()?;
-        l.rsplit("monotonic ").next()?.trim().trim_end_matches("ns").trim().parse::<u64>().ok()
+        l.rsplit("monotonic ")
+            .next()?
+            .trim()
+            .trim_end_matches("ns")
+            .trim()
+            .parse::<u64>()
+            .ok()
     });
     let marker = wait_line(&mut child, "HUSK_GUEST_READY")?;
     let (rss_kib, guest_rss_kib) = if wait { rss_split(child.id()) } else { (0, 0) };
@@ -101,7 +118,12 @@ fn husk(wait: bool) -> Option<Sample> {
         return None;
     }
     let entry_ms = entry.join().ok().flatten().map(|e| (e - t0) as f64 / 1e6);
-    Some(Sample { entry_ms, marker_ms: (marker - t0) as f64 / 1e6, rss_kib, guest_rss_kib })
+    Some(Sample {
+        entry_ms,
+        marker_ms: (marker - t0) as f64 / 1e6,
+        rss_kib,
+        guest_rss_kib,
+    })
 }
 
 /// vsock through the test guest's echo: CONNECT→OK time, 64-byte round trip, bulk echo rate.
@@ -112,7 +134,14 @@ fn vsock_bench() -> Option<(f64, Vec<f64>, f64)> {
     std::fs::create_dir_all(&dir).ok()?;
     let uds = dir.join("v.sock");
     let mut child = Command::new(VMM)
-        .args(["--kernel", GUEST, "--memory", "64", "--cmdline", "husk.vsock_conns=1"])
+        .args([
+            "--kernel",
+            GUEST,
+            "--memory",
+            "64",
+            "--cmdline",
+            "husk.vsock_conns=1",
+        ])
         .arg("--vsock")
         .arg(format!("cid=3,uds={}", uds.display()))
         .stdout(Stdio::piped())
@@ -180,8 +209,25 @@ fn qemu_bin() -> Option<String> {
 fn qemu(bin: &str) -> Option<Sample> {
     let t0 = now_ns();
     let mut child = Command::new(bin)
-        .args(["-M", "microvm", "-accel", "kvm", "-m", &format!("{MEM_MIB}M"), "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args([
+            "-M",
+            "microvm",
+            "-accel",
+            "kvm",
+            "-m",
+            &format!("{MEM_MIB}M"),
+            "-smp",
+            "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
         .args(["-kernel", GUEST, "-append", "husk.wait"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -192,7 +238,12 @@ fn qemu(bin: &str) -> Option<Sample> {
     let (rss_kib, guest_rss_kib) = rss_split(child.id());
     let _ = child.kill();
     let _ = child.wait();
-    Some(Sample { entry_ms: None, marker_ms: (marker? - t0) as f64 / 1e6, rss_kib, guest_rss_kib })
+    Some(Sample {
+        entry_ms: None,
+        marker_ms: (marker? - t0) as f64 / 1e6,
+        rss_kib,
+        guest_rss_kib,
+    })
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64, f64) {
@@ -211,11 +262,19 @@ fn row(name: &str, v: Vec<f64>) {
 }
 
 fn main() {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         println!("skipped: /dev/kvm unusable");
         return;
     }
-    let runs: usize = std::env::var("HUSK_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let runs: usize = std::env::var("HUSK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     for _ in 0..3 {
         husk(false); // warm the page cache
     }
@@ -232,34 +291,70 @@ fn main() {
         }
     }
     // 20 VMs at once.
-    let handles: Vec<_> = (0..20).map(|_| std::thread::spawn(|| husk(false))).collect();
-    let conc: Vec<f64> = handles.into_iter().filter_map(|h| h.join().ok().flatten()).map(|s| s.marker_ms).collect();
+    let handles: Vec<_> = (0..20)
+        .map(|_| std::thread::spawn(|| husk(false)))
+        .collect();
+    let conc: Vec<f64> = handles
+        .into_iter()
+        .filter_map(|h| h.join().ok().flatten())
+        .map(|s| s.marker_ms)
+        .collect();
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("\nload average (1/5/15 min) at the end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "\nload average (1/5/15 min) at the end: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("\n| measurement (ms) | n | min | median | p90 | max |");
     println!("|---|---|---|---|---|---|");
-    row("husk-vmm: spawn → first guest instruction", h.iter().filter_map(|s| s.entry_ms).collect());
-    row("husk-vmm: spawn → serial marker", h.iter().map(|s| s.marker_ms).collect());
-    row("qemu microvm: spawn → serial marker", q.iter().map(|s| s.marker_ms).collect());
+    row(
+        "husk-vmm: spawn → first guest instruction",
+        h.iter().filter_map(|s| s.entry_ms).collect(),
+    );
+    row(
+        "husk-vmm: spawn → serial marker",
+        h.iter().map(|s| s.marker_ms).collect(),
+    );
+    row(
+        "qemu microvm: spawn → serial marker",
+        q.iter().map(|s| s.marker_ms).collect(),
+    );
     row("husk-vmm, 20 started at once: spawn → marker", conc.clone());
     println!("\n| memory (KiB, guest idle, {MEM_MIB} MiB guest) | n | min | median | p90 | max |");
     println!("|---|---|---|---|---|---|");
-    row("husk-vmm RSS excluding guest memory", h.iter().map(|s| s.rss_kib as f64).collect());
-    row("husk-vmm guest-memory RSS", h.iter().map(|s| s.guest_rss_kib as f64).collect());
-    row("qemu RSS excluding guest memory", q.iter().map(|s| s.rss_kib as f64).collect());
+    row(
+        "husk-vmm RSS excluding guest memory",
+        h.iter().map(|s| s.rss_kib as f64).collect(),
+    );
+    row(
+        "husk-vmm guest-memory RSS",
+        h.iter().map(|s| s.guest_rss_kib as f64).collect(),
+    );
+    row(
+        "qemu RSS excluding guest memory",
+        q.iter().map(|s| s.rss_kib as f64).collect(),
+    );
     if let Some((connect_ms, rtts, mbs)) = vsock_bench() {
         println!("\n| vsock (hybrid unix socket ↔ guest echo) | n | min | median | p90 | max |");
         println!("|---|---|---|---|---|---|");
         row("CONNECT → OK (ms)", vec![connect_ms]);
         row("64-byte round trip (µs)", rtts);
-        println!("\nvsock bulk echo: 32 MiB host → guest → host at {mbs:.0} MiB/s (each direction)");
+        println!(
+            "\nvsock bulk echo: 32 MiB host → guest → host at {mbs:.0} MiB/s (each direction)"
+        );
     }
     let med = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { stats(v).1 };
     let hm = med(h.iter().map(|s| s.marker_ms).collect());
     let qm = med(q.iter().map(|s| s.marker_ms).collect());
     println!("\nratio qemu/husk (median marker): {:.1}x", qm / hm);
     let cmax = conc.iter().cloned().fold(0.0, f64::max);
-    println!("20 concurrent: {} of 20 reached the marker; slowest {cmax:.2} ms = {:.1}x the single-VM median", conc.len(), cmax / hm);
+    println!(
+        "20 concurrent: {} of 20 reached the marker; slowest {cmax:.2} ms = {:.1}x the single-VM median",
+        conc.len(),
+        cmax / hm
+    );
     std::thread::sleep(Duration::from_millis(10));
 }

@@ -37,7 +37,10 @@ pub fn bind_control(path: &Path) -> std::io::Result<ControlSocket> {
     }
     let listener = UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
-    Ok(ControlSocket { listener, path: path.to_owned() })
+    Ok(ControlSocket {
+        listener,
+        path: path.to_owned(),
+    })
 }
 
 impl Drop for ControlSocket {
@@ -66,7 +69,16 @@ impl Control {
         status: String,
         stop_grace: Duration,
     ) -> Self {
-        Self { exit, signals, i8042, listener, clients: HashMap::new(), status, stop_grace, stop_deadline: None }
+        Self {
+            exit,
+            signals,
+            i8042,
+            listener,
+            clients: HashMap::new(),
+            status,
+            stop_grace,
+            stop_deadline: None,
+        }
     }
 
     /// When the VMM exits if the guest has not shut down by itself.
@@ -77,7 +89,8 @@ impl Control {
     fn request_stop(&mut self) {
         tracing::info!("stop requested: sending Ctrl-Alt-Del to the guest");
         lock(&self.i8042).trigger_ctrl_alt_del();
-        self.stop_deadline.get_or_insert(Instant::now() + self.stop_grace);
+        self.stop_deadline
+            .get_or_insert(Instant::now() + self.stop_grace);
     }
 
     fn command(&mut self, line: &str) -> String {
@@ -102,7 +115,10 @@ impl Control {
                 continue;
             }
             let fd = s.as_raw_fd();
-            if ops.add(Events::with_data_raw(fd, fd as u32 + 16, EventSet::IN)).is_ok() {
+            if ops
+                .add(Events::with_data_raw(fd, fd as u32 + 16, EventSet::IN))
+                .is_ok()
+            {
                 self.clients.insert(fd, (s, Vec::new()));
             }
         }
@@ -136,7 +152,11 @@ impl Control {
             }
         }
         if close && let Some((s, _)) = self.clients.remove(&fd) {
-            let _ = ops.remove(Events::with_data_raw(s.as_raw_fd(), fd as u32 + 16, EventSet::IN));
+            let _ = ops.remove(Events::with_data_raw(
+                s.as_raw_fd(),
+                fd as u32 + 16,
+                EventSet::IN,
+            ));
         }
     }
 }

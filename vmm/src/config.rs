@@ -229,7 +229,10 @@ mod tests {
         c3.memory_mib = 1;
         assert!(matches!(c3.validate(), Err(ConfigError::Memory(1))));
         let mut c4 = c;
-        c4.vsock = Some(VsockConfig { guest_cid: 2, uds_path: "/x".into() });
+        c4.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/x".into(),
+        });
         assert!(matches!(c4.validate(), Err(ConfigError::Cid(2))));
     }
 
@@ -250,7 +253,10 @@ mod tests {
 
     #[test]
     fn macs() {
-        assert_eq!(parse_mac("06:00:0a:0B:ff:01").expect("ok"), [6, 0, 10, 11, 255, 1]);
+        assert_eq!(
+            parse_mac("06:00:0a:0B:ff:01").expect("ok"),
+            [6, 0, 10, 11, 255, 1]
+        );
         assert!(parse_mac("06:00:0a:0B:ff").is_err());
         assert!(parse_mac("06:00:0a:0B:ff:zz").is_err());
         let m = derive_mac("tap0");
@@ -261,7 +267,11 @@ mod tests {
     #[test]
     fn duplicate_disk_ids_rejected() {
         let mut c = base();
-        let d = DiskConfig { id: "a".into(), path: "/d".into(), read_only: false };
+        let d = DiskConfig {
+            id: "a".into(),
+            path: "/d".into(),
+            read_only: false,
+        };
         c.disks = vec![d.clone(), d];
         assert!(matches!(c.validate(), Err(ConfigError::DuplicateId(_))));
     }

@@ -9,12 +9,12 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::ExitSignal;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KBD_IRQ};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, PendingFlush, SerialDevice};
 use crate::devices::virtio::mmio::{MMIO_SIZE, MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::{DeviceChannel, DeviceInfo, Interrupt};
-use crate::devices::ExitSignal;
 use crate::vstate::memory::MMIO_HOLE_START;
 
 /// First IRQ for virtio devices (after the legacy ISA ones we use).
@@ -72,13 +72,23 @@ fn efd() -> Result<EventFd, DeviceManagerError> {
 
 impl DeviceManager {
     /// Creates the buses with COM1 and the i8042.
-    pub fn new(vm: &VmFd, exit: Arc<ExitSignal>, serial_out: Box<dyn PendingFlush>) -> Result<Self, DeviceManagerError> {
+    pub fn new(
+        vm: &VmFd,
+        exit: Arc<ExitSignal>,
+        serial_out: Box<dyn PendingFlush>,
+    ) -> Result<Self, DeviceManagerError> {
         let serial_irq = efd()?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(|source| DeviceManagerError::Irqfd { irq: COM1_IRQ, source })?;
+            .map_err(|source| DeviceManagerError::Irqfd {
+                irq: COM1_IRQ,
+                source,
+            })?;
         let kbd_irq = efd()?;
         vm.register_irqfd(&kbd_irq, KBD_IRQ)
-            .map_err(|source| DeviceManagerError::Irqfd { irq: KBD_IRQ, source })?;
+            .map_err(|source| DeviceManagerError::Irqfd {
+                irq: KBD_IRQ,
+                source,
+            })?;
         let mut pio = Bus::default();
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
         pio.insert(serial.clone(), COM1_PORT, 8)?;
@@ -97,7 +107,11 @@ impl DeviceManager {
     }
 
     /// Reserves an MMIO slot and IRQ and registers the irqfd and per-queue ioeventfds.
-    pub fn allocate_virtio(&mut self, vm: &VmFd, num_queues: usize) -> Result<VirtioSlot, DeviceManagerError> {
+    pub fn allocate_virtio(
+        &mut self,
+        vm: &VmFd,
+        num_queues: usize,
+    ) -> Result<VirtioSlot, DeviceManagerError> {
         if self.next_irq > LAST_VIRTIO_IRQ {
             return Err(DeviceManagerError::NoIrq);
         }
@@ -137,10 +151,20 @@ impl DeviceManager {
             .iter()
             .map(|e| e.try_clone().map_err(DeviceManagerError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
-        let transport = MmioTransport::new(info, mem.clone(), slot.channel.clone(), slot.interrupt.clone(), evts);
-        self.mmio.insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_SIZE)?;
+        let transport = MmioTransport::new(
+            info,
+            mem.clone(),
+            slot.channel.clone(),
+            slot.interrupt.clone(),
+            evts,
+        );
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_SIZE)?;
         self.subscribers.push(backend);
-        self.cmdline_devices.push(format!("virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.irq));
+        self.cmdline_devices.push(format!(
+            "virtio_mmio.device=4K@{:#x}:{}",
+            slot.base, slot.irq
+        ));
         Ok(())
     }
 }

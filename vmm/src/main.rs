@@ -109,13 +109,18 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
     }
     for n in &cli.nets {
         let p = kv(n);
-        cfg.net.push(NetConfig { tap: get(&p, "tap", "--net")?, mac: get(&p, "mac", "--net").ok() });
+        cfg.net.push(NetConfig {
+            tap: get(&p, "tap", "--net")?,
+            mac: get(&p, "mac", "--net").ok(),
+        });
     }
     if let Some(v) = &cli.vsock {
         let p = kv(v);
         let cid = get(&p, "cid", "--vsock")?;
         cfg.vsock = Some(VsockConfig {
-            guest_cid: cid.parse().with_context(|| format!("--vsock: bad cid {cid:?}"))?,
+            guest_cid: cid
+                .parse()
+                .with_context(|| format!("--vsock: bad cid {cid:?}"))?,
             uds_path: get(&p, "uds", "--vsock")?.into(),
         });
     }
@@ -130,7 +135,9 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             "stdout" => SerialConfig::Stdout,
             "none" => SerialConfig::None,
             f => SerialConfig::File(
-                f.strip_prefix("file:").context("--serial: want stdout, none or file:PATH")?.into(),
+                f.strip_prefix("file:")
+                    .context("--serial: want stdout, none or file:PATH")?
+                    .into(),
             ),
         };
     }
@@ -141,19 +148,23 @@ fn main() {
     let t0 = Instant::now();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HUSK_VMM_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_VMM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let boot_timer = cli.boot_timer.then_some(t0);
     let result = build_config(cli).and_then(|cfg| {
-        husk_vmm::vmm::run(&cfg, husk_vmm::vmm::RunOptions { boot_timer }).map_err(anyhow::Error::from)
+        husk_vmm::vmm::run(&cfg, husk_vmm::vmm::RunOptions { boot_timer })
+            .map_err(anyhow::Error::from)
     });
     let code = match result {
         Ok(ExitReason::GuestShutdown) => 0,
         Ok(r @ ExitReason::Stopped) => {
-            eprintln!("husk-vmm: stopped before the guest shut down (stop grace period over, or kill)");
+            eprintln!(
+                "husk-vmm: stopped before the guest shut down (stop grace period over, or kill)"
+            );
             r.exit_code()
         }
         Ok(ExitReason::Error(msg)) => {

@@ -62,7 +62,6 @@ pub enum VmmError {
     Signal(#[source] std::io::Error),
 }
 
-
 pub struct RunOptions {
     /// Process start, for `--boot-timer` reporting.
     pub boot_timer: Option<Instant>,
@@ -71,9 +70,12 @@ pub struct RunOptions {
 fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn PendingFlush>, VmmError> {
     Ok(match cfg {
         SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
-        SerialConfig::File(p) => Box::new(LineWriter::new(
-            File::create(p).map_err(|source| VmmError::SerialFile { path: p.clone(), source })?,
-        )),
+        SerialConfig::File(p) => Box::new(LineWriter::new(File::create(p).map_err(|source| {
+            VmmError::SerialFile {
+                path: p.clone(),
+                source,
+            }
+        })?)),
         SerialConfig::None => Box::new(LineWriter::new(std::io::sink())),
     })
 }
@@ -134,7 +136,10 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         evmgr.add_subscriber(s);
     }
     let api = match &cfg.control_socket {
-        Some(p) => Some(bind_control(p).map_err(|source| VmmError::ControlSocket { path: p.clone(), source })?),
+        Some(p) => Some(bind_control(p).map_err(|source| VmmError::ControlSocket {
+            path: p.clone(),
+            source,
+        })?),
         None => None,
     };
     let status = format!("running vcpus={} memory_mib={}", cfg.vcpus, cfg.memory_mib);
@@ -172,8 +177,14 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         if let Some(r) = exit.reason() {
             return Ok(r);
         }
-        if lock(&control).stop_deadline().is_some_and(|d| Instant::now() >= d) {
-            tracing::warn!("guest did not stop within {} ms of Ctrl-Alt-Del", cfg.stop_grace_ms);
+        if lock(&control)
+            .stop_deadline()
+            .is_some_and(|d| Instant::now() >= d)
+        {
+            tracing::warn!(
+                "guest did not stop within {} ms of Ctrl-Alt-Del",
+                cfg.stop_grace_ms
+            );
             return Ok(ExitReason::Stopped);
         }
     }
@@ -191,12 +202,24 @@ fn attach_virtio_devices(
         let muxer = VsockDevice::bind(v.guest_cid, &v.uds_path)?;
         let evts = clone_evts(&slot.queue_evts)?;
         let dev = VsockDevice::new(muxer, slot.channel.clone(), slot.interrupt.clone(), evts);
-        dm.attach_virtio(&slot, vsock::device_info(v.guest_cid), mem, Arc::new(Mutex::new(dev)))?;
+        dm.attach_virtio(
+            &slot,
+            vsock::device_info(v.guest_cid),
+            mem,
+            Arc::new(Mutex::new(dev)),
+        )?;
     }
     for d in &cfg.disks {
         let slot = dm.allocate_virtio(&vm.fd, 1)?;
         let evt = clone_evts(&slot.queue_evts)?.remove(0);
-        let dev = BlockDevice::open(&d.path, d.read_only, &d.id, slot.channel.clone(), slot.interrupt.clone(), evt)?;
+        let dev = BlockDevice::open(
+            &d.path,
+            d.read_only,
+            &d.id,
+            slot.channel.clone(),
+            slot.interrupt.clone(),
+            evt,
+        )?;
         let info = dev.info();
         dm.attach_virtio(&slot, info, mem, Arc::new(Mutex::new(dev)))?;
     }
@@ -207,14 +230,24 @@ fn attach_virtio_devices(
         };
         let tap = Tap::open(&n.tap)?;
         let slot = dm.allocate_virtio(&vm.fd, 2)?;
-        let dev = NetDevice::new(tap, slot.channel.clone(), slot.interrupt.clone(), clone_evts(&slot.queue_evts)?);
+        let dev = NetDevice::new(
+            tap,
+            slot.channel.clone(),
+            slot.interrupt.clone(),
+            clone_evts(&slot.queue_evts)?,
+        );
         dm.attach_virtio(&slot, net::device_info(mac), mem, Arc::new(Mutex::new(dev)))?;
     }
     Ok(())
 }
 
-fn clone_evts(evts: &[vmm_sys_util::eventfd::EventFd]) -> Result<Vec<vmm_sys_util::eventfd::EventFd>, VmmError> {
+fn clone_evts(
+    evts: &[vmm_sys_util::eventfd::EventFd],
+) -> Result<Vec<vmm_sys_util::eventfd::EventFd>, VmmError> {
     evts.iter()
-        .map(|e| e.try_clone().map_err(|e| VmmError::Devices(DeviceManagerError::EventFd(e))))
+        .map(|e| {
+            e.try_clone()
+                .map_err(|e| VmmError::Devices(DeviceManagerError::EventFd(e)))
+        })
         .collect()
 }

@@ -5,12 +5,16 @@ mod common;
 use common::*;
 
 fn disk_image() -> Vec<u8> {
-    (0..128 * 512u32).map(|i| ((i / 512) as u8).wrapping_mul(3) ^ (i as u8)).collect()
+    (0..128 * 512u32)
+        .map(|i| ((i / 512) as u8).wrapping_mul(3) ^ (i as u8))
+        .collect()
 }
 
 /// The guest's checksum of the first 4 KiB.
 fn guest_sum(d: &[u8]) -> u32 {
-    d[..4096].iter().fold(0u32, |s, b| s.wrapping_mul(31).wrapping_add(*b as u32))
+    d[..4096]
+        .iter()
+        .fold(0u32, |s, b| s.wrapping_mul(31).wrapping_add(*b as u32))
 }
 
 #[test]
@@ -29,18 +33,39 @@ fn block_read_write_flush_id_and_read_only() {
     let mut vm = Vm::spawn(&args(GUEST_PVH, "blk", &["--disk", &d1, "--disk", &d2]));
     let sum = format!("sum={:08x}", guest_sum(&img));
 
-    assert!(vm.expect_line("blk: isr=").ends_with("isr=1 after-ack=0"), "used-buffer interrupt status");
-    assert!(vm.expect_line("blk: id=").contains("id=rootdisk status=0 sectors=128 ro=0"));
-    assert!(vm.expect_line("blk: read").contains(&format!("status=0 {sum}")));
+    assert!(
+        vm.expect_line("blk: isr=").ends_with("isr=1 after-ack=0"),
+        "used-buffer interrupt status"
+    );
+    assert!(
+        vm.expect_line("blk: id=")
+            .contains("id=rootdisk status=0 sectors=128 ro=0")
+    );
+    assert!(
+        vm.expect_line("blk: read")
+            .contains(&format!("status=0 {sum}"))
+    );
     assert!(vm.expect_line("blk: write").ends_with("status=0"));
-    assert!(vm.expect_line("blk: flush").ends_with("flush status=0 readback status=0 match=1"));
+    assert!(
+        vm.expect_line("blk: flush")
+            .ends_with("flush status=0 readback status=0 match=1")
+    );
     // Completion interrupt through irqfd -> IOAPIC pin 5 -> LAPIC -> the guest's handler.
     assert!(vm.expect_line("blk: irq").ends_with("irq 5 delivered=1"));
     assert!(vm.expect_line("blk: beyond-end").ends_with("status=1"));
 
-    assert!(vm.expect_line("blk: id=").contains("id=layers status=0 sectors=128 ro=1"));
-    assert!(vm.expect_line("blk: read").contains(&format!("status=0 {sum}")));
-    assert!(vm.expect_line("blk: write").ends_with("status=1"), "read-only disk refuses writes");
+    assert!(
+        vm.expect_line("blk: id=")
+            .contains("id=layers status=0 sectors=128 ro=1")
+    );
+    assert!(
+        vm.expect_line("blk: read")
+            .contains(&format!("status=0 {sum}"))
+    );
+    assert!(
+        vm.expect_line("blk: write").ends_with("status=1"),
+        "read-only disk refuses writes"
+    );
     assert!(vm.expect_line("blk: flush").ends_with("match=0"));
     assert!(vm.expect_line("blk: irq").ends_with("irq 6 delivered=1"));
     vm.expect_line("HUSK_GUEST_DONE");
@@ -51,5 +76,9 @@ fn block_read_write_flush_id_and_read_only() {
     assert_eq!(&after[1024..1536], &expect[..], "sector 2 written through");
     assert_eq!(&after[..1024], &img[..1024]);
     assert_eq!(&after[1536..], &img[1536..]);
-    assert_eq!(std::fs::read(&ro).expect("r"), img, "read-only image untouched");
+    assert_eq!(
+        std::fs::read(&ro).expect("r"),
+        img,
+        "read-only image untouched"
+    );
 }

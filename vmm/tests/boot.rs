@@ -11,10 +11,17 @@ fn pvh_entry_boots_and_guest_reset_exits_zero() {
     let mut vm = Vm::spawn(&args(GUEST_PVH, "console=ttyS0 husk.serialirq", &[]));
     vm.expect_line("entry=pvh");
     let l = vm.expect_line("cmdline:");
-    assert!(l.contains("console=ttyS0"), "cmdline reached the guest: {l}");
+    assert!(
+        l.contains("console=ttyS0"),
+        "cmdline reached the guest: {l}"
+    );
     // The 8250's THR-empty interrupt reaches the guest through the IOAPIC.
     let l = vm.expect_line("serial: irq");
-    let n: u32 = l.rsplit('=').next().and_then(|v| v.parse().ok()).expect("count");
+    let n: u32 = l
+        .rsplit('=')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("count");
     assert!(n >= 1, "{l}");
     vm.expect_line("HUSK_GUEST_DONE");
     let (code, err) = vm.wait();
@@ -53,8 +60,17 @@ fn triple_fault_is_a_clear_error() {
     vm.expect_line("crash:");
     let (code, err) = vm.wait();
     assert_ne!(code, 0);
-    assert!(err.contains("triple fault") || err.contains("internal error"), "stderr: {err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("husk-vmm: error")).count(), 1, "one-line error: {err}");
+    assert!(
+        err.contains("triple fault") || err.contains("internal error"),
+        "stderr: {err}"
+    );
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("husk-vmm: error"))
+            .count(),
+        1,
+        "one-line error: {err}"
+    );
 }
 
 #[test]
@@ -72,7 +88,10 @@ fn sigterm_sends_ctrl_alt_del_and_guest_shuts_down() {
 }
 
 fn run_err(a: Vec<String>) -> String {
-    let out = std::process::Command::new(VMM).args(&a).output().expect("run husk-vmm");
+    let out = std::process::Command::new(VMM)
+        .args(&a)
+        .output()
+        .expect("run husk-vmm");
     assert!(!out.status.success(), "expected failure for {a:?}");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(err.lines().count(), 1, "one-line error, got: {err}");
@@ -89,7 +108,11 @@ fn bad_configs_fail_with_one_line_errors() {
     assert!(run_err(args(&missing, "", &[])).contains("cannot be opened"));
 
     let text = tmp_path(&dir, "text");
-    std::fs::write(&text, b"this is not a kernel at all, just some text to be long enough ...".repeat(20)).expect("w");
+    std::fs::write(
+        &text,
+        b"this is not a kernel at all, just some text to be long enough ...".repeat(20),
+    )
+    .expect("w");
     assert!(run_err(args(&path_str(&text), "", &[])).contains("not an ELF vmlinux or a bzImage"));
 
     // An ELF whose segment is larger than guest memory.
@@ -135,10 +158,21 @@ fn config_file_boots() {
         serial.display()
     );
     std::fs::write(&cfg, json).expect("w");
-    let out = std::process::Command::new(VMM).arg("--config").arg(&cfg).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(VMM)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let log = std::fs::read_to_string(&serial).expect("serial log");
-    assert!(log.contains("cmdline: from-json") && log.contains("HUSK_GUEST_DONE"), "{log}");
+    assert!(
+        log.contains("cmdline: from-json") && log.contains("HUSK_GUEST_DONE"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -168,7 +202,11 @@ fn control_socket_status_stop_and_kill() {
         BufReader::new(s).read_line(&mut line).expect("reply");
         line
     };
-    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.wait", &["--control-socket", &path_str(&sock), "--vcpus", "2"]));
+    let mut vm = Vm::spawn(&args(
+        GUEST_PVH,
+        "husk.wait",
+        &["--control-socket", &path_str(&sock), "--vcpus", "2"],
+    ));
     vm.expect_line("waiting for ctrl-alt-del");
     assert_eq!(ask("status"), "running vcpus=2 memory_mib=32\n");
     assert!(ask("bogus").starts_with("error"));
@@ -176,7 +214,11 @@ fn control_socket_status_stop_and_kill() {
     vm.expect_line("got ctrl-alt-del");
     assert_eq!(vm.wait().0, 0);
 
-    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.wait", &["--control-socket", &path_str(&sock)]));
+    let mut vm = Vm::spawn(&args(
+        GUEST_PVH,
+        "husk.wait",
+        &["--control-socket", &path_str(&sock)],
+    ));
     vm.expect_line("waiting for ctrl-alt-del");
     assert_eq!(ask("kill"), "ok\n");
     let (code, _) = vm.wait();
@@ -201,7 +243,16 @@ fn missing_kvm_is_a_clear_error() {
     ] {
         let script = format!("{setup} && exec \"$0\" \"$@\"");
         let mut cmd = std::process::Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script, VMM]).args(args(GUEST_PVH, "", &[]));
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            VMM,
+        ])
+        .args(args(GUEST_PVH, "", &[]));
         let out = cmd.output().expect("run");
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
@@ -220,15 +271,25 @@ fn memory_map_and_initrd_reach_the_guest_both_entry_modes() {
     data.resize(3 * 4096 + 17, 0x5a);
     std::fs::write(&initrd, &data).expect("w");
     for guest in [GUEST_PVH, GUEST_64] {
-        let mut vm = Vm::spawn(&args(guest, "husk.bootinfo", &["--initrd", &path_str(&initrd)]));
+        let mut vm = Vm::spawn(&args(
+            guest,
+            "husk.bootinfo",
+            &["--initrd", &path_str(&initrd)],
+        ));
         let l = vm.expect_line("bootinfo:");
         // 32 MiB minus the legacy hole 0x9fc00..0x100000.
         let ram = 32 * 1024 * 1024 - (0x10_0000 - 0x9_fc00);
         assert!(l.contains(&format!("ram={ram} ")), "{l}");
         assert!(l.contains(&format!("initrd_size={} ", data.len())), "{l}");
         assert!(l.ends_with("initrd_head=4855534b494e5244"), "{l}");
-        let addr = u64::from_str_radix(l.split("initrd_addr=").nth(1).and_then(|s| s.split(' ').next()).expect("addr"), 16)
-            .expect("hex");
+        let addr = u64::from_str_radix(
+            l.split("initrd_addr=")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .expect("addr"),
+            16,
+        )
+        .expect("hex");
         assert_eq!(addr % 4096, 0, "page aligned");
         assert!(addr + data.len() as u64 <= 32 << 20, "inside RAM");
         assert_eq!(vm.wait().0, 0);
@@ -249,5 +310,9 @@ fn sigterm_with_unresponsive_guest_exits_after_grace() {
     assert_eq!(code, 143, "stderr: {err}");
     assert!(err.contains("stopped before the guest shut down"), "{err}");
     let waited = t0.elapsed();
-    assert!(waited >= std::time::Duration::from_millis(300) && waited < std::time::Duration::from_secs(10), "{waited:?}");
+    assert!(
+        waited >= std::time::Duration::from_millis(300)
+            && waited < std::time::Duration::from_secs(10),
+        "{waited:?}"
+    );
 }

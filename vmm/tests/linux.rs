@@ -13,14 +13,19 @@ use std::time::{Duration, Instant};
 #[test]
 fn linux_guest_boots_to_marker() {
     let Ok(kernel) = std::env::var("HUSK_TEST_KERNEL") else {
-        println!("skipped: HUSK_TEST_KERNEL not set (no Linux guest kernel on this host; see the VM sandbox issue)");
+        println!(
+            "skipped: HUSK_TEST_KERNEL not set (no Linux guest kernel on this host; see the VM sandbox issue)"
+        );
         return;
     };
     if !kvm_usable() {
         return;
     }
     let marker = std::env::var("HUSK_TEST_MARKER").unwrap_or_else(|_| "Linux version".into());
-    let secs: u64 = std::env::var("HUSK_TEST_LINUX_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let secs: u64 = std::env::var("HUSK_TEST_LINUX_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     let mut a = vec![
         "--kernel".to_string(),
         kernel,
@@ -37,6 +42,10 @@ fn linux_guest_boots_to_marker() {
     let mut vm = Vm::spawn(&a);
     let t0 = Instant::now();
     let found = vm.line_within(&marker, Duration::from_secs(secs));
-    assert!(found.is_some(), "no {marker:?} on the serial console within {secs} s; saw {:#?}", vm.seen);
+    assert!(
+        found.is_some(),
+        "no {marker:?} on the serial console within {secs} s; saw {:#?}",
+        vm.seen
+    );
     println!("linux: {marker:?} after {:?}", t0.elapsed());
 }

@@ -55,10 +55,23 @@ fn packet_socket(ns: &str, ifname: &str) -> OwnedFd {
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_protocol = ETH_P_ALL.to_be();
             sll.sll_ifindex = idx as i32;
-            let r = libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32);
+            let r = libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
             assert_eq!(r, 0, "bind packet socket");
-            let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
             OwnedFd::from_raw_fd(fd)
         }
     })
@@ -82,18 +95,35 @@ fn net_frames_both_ways_through_tap() {
     };
     let sock = packet_socket(&name, "htap0");
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &name, VMM]).args(args(GUEST_PVH, "net", &["--net", "tap=htap0,mac=06:00:ac:10:00:02"]));
+    cmd.args(["netns", "exec", &name, VMM]).args(args(
+        GUEST_PVH,
+        "net",
+        &["--net", "tap=htap0,mac=06:00:ac:10:00:02"],
+    ));
     let mut vm = Vm::spawn_cmd(&mut cmd);
-    assert!(vm.expect_line("net: mac=").ends_with("mac=06:00:ac:10:00:02"));
+    assert!(
+        vm.expect_line("net: mac=")
+            .ends_with("mac=06:00:ac:10:00:02")
+    );
     vm.expect_line("net: tx done");
 
     // The guest's broadcast frame, read on the host side of the tap.
     let mut buf = [0u8; 2048];
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
-        assert!(std::time::Instant::now() < deadline, "no frame from the guest on the tap");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no frame from the guest on the tap"
+        );
         // SAFETY: reading into a buffer we own from our socket.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
         if n < 14 {
             continue;
         }
@@ -112,7 +142,14 @@ fn net_frames_both_ways_through_tap() {
     pong[12..14].copy_from_slice(&[0x88, 0xb5]);
     pong[14..27].copy_from_slice(b"husk-net-pong");
     // SAFETY: sending a buffer we own on our socket.
-    let n = unsafe { libc::send(sock.as_raw_fd(), pong.as_ptr() as *const libc::c_void, pong.len(), 0) };
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            pong.as_ptr() as *const libc::c_void,
+            pong.len(),
+            0,
+        )
+    };
     assert_eq!(n, 60);
     vm.expect_line("net: rx pong ok");
     vm.expect_line("HUSK_GUEST_DONE");

@@ -57,7 +57,8 @@ fn hybrid_vsock_echo_both_directions() {
     }
     let dir = tempdir();
     let uds = tmp_path(&dir, "v.sock");
-    let guest_listener = UnixListener::bind(format!("{}_5000", uds.display())).expect("bind uds_5000");
+    let guest_listener =
+        UnixListener::bind(format!("{}_5000", uds.display())).expect("bind uds_5000");
     let vsock_arg = format!("cid=3,uds={}", uds.display());
     let mut vm = Vm::spawn(&args(
         GUEST_PVH,
@@ -83,7 +84,11 @@ fn hybrid_vsock_echo_both_directions() {
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     s.write_all(b"CONNECT 1234\n").expect("connect line");
     let ok = read_line_bytewise(&mut s);
-    let port: u32 = ok.strip_prefix("OK ").expect("OK reply").parse().expect("port");
+    let port: u32 = ok
+        .strip_prefix("OK ")
+        .expect("OK reply")
+        .parse()
+        .expect("port");
     assert!(port >= 1 << 30, "host-side port {port}");
     let data = pattern(1 << 20, 99);
     let got = echo_roundtrip(s, data.clone());
@@ -91,12 +96,28 @@ fn hybrid_vsock_echo_both_directions() {
 
     guest_side.join().expect("guest-initiated side");
     // Both connections closed by the host; the guest reports what it echoed on each.
-    let mut closed = vec![vm.expect_line("closed by host"), vm.expect_line("closed by host")];
+    let mut closed = vec![
+        vm.expect_line("closed by host"),
+        vm.expect_line("closed by host"),
+    ];
     closed.sort();
-    assert!(closed[0].contains("port 1234 closed by host echoed=1048576"), "{closed:?}");
-    assert!(closed[1].contains("port 40000 closed by host echoed=307200"), "{closed:?}");
-    let max_tx: u32 = closed[0].rsplit("max_tx_payload=").next().and_then(|v| v.parse().ok()).expect("max");
-    assert!(max_tx > 32 * 1024, "guest sent multi-descriptor TX packets over 32 KiB: {max_tx}");
+    assert!(
+        closed[0].contains("port 1234 closed by host echoed=1048576"),
+        "{closed:?}"
+    );
+    assert!(
+        closed[1].contains("port 40000 closed by host echoed=307200"),
+        "{closed:?}"
+    );
+    let max_tx: u32 = closed[0]
+        .rsplit("max_tx_payload=")
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("max");
+    assert!(
+        max_tx > 32 * 1024,
+        "guest sent multi-descriptor TX packets over 32 KiB: {max_tx}"
+    );
     vm.expect_line("HUSK_GUEST_DONE");
     let (code, err) = vm.wait();
     assert_eq!(code, 0, "stderr: {err}");
@@ -111,10 +132,15 @@ fn connect_to_unknown_guest_port_is_refused() {
     let uds = tmp_path(&dir, "v.sock");
     let vsock_arg = format!("cid=3,uds={}", uds.display());
     // The guest accepts any port, so ask for a malformed CONNECT: the muxer closes the socket.
-    let mut vm = Vm::spawn(&args(GUEST_PVH, "husk.vsock_conns=1", &["--vsock", &vsock_arg]));
+    let mut vm = Vm::spawn(&args(
+        GUEST_PVH,
+        "husk.vsock_conns=1",
+        &["--vsock", &vsock_arg],
+    ));
     vm.expect_line("vsock: cid=3 ready");
     let mut bad = UnixStream::connect(&uds).expect("connect");
-    bad.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    bad.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     bad.write_all(b"CONNECT notaport\n").expect("write");
     let mut b = [0u8; 1];
     assert_eq!(bad.read(&mut b).expect("eof, not a hang"), 0);

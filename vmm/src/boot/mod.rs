@@ -11,7 +11,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use linux_loader::loader::{self, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
+use linux_loader::loader::{
+    self, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::vstate::memory::low_ram_end;
@@ -104,21 +106,35 @@ fn elf_load_end(f: &mut File) -> std::io::Result<u64> {
 }
 
 /// Loads the kernel and returns its entry point and the end of the loaded image.
-fn load_kernel(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<(EntryPoint, Option<KernelLoaderResult>, u64), BootError> {
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+) -> Result<(EntryPoint, Option<KernelLoaderResult>, u64), BootError> {
     let path = spec.kernel;
-    let open_err = |source| BootError::KernelOpen { path: path.to_owned(), source };
+    let open_err = |source| BootError::KernelOpen {
+        path: path.to_owned(),
+        source,
+    };
     let mut f = File::open(path).map_err(open_err)?;
     let mut magic = [0u8; 4];
     let is_elf = f.read_exact(&mut magic).is_ok() && magic == ELF_MAGIC;
     let ram_end = low_ram_end(mem);
-    let too_small = |need| BootError::TooSmall { what: "kernel", mem_mib: spec.mem_mib, need };
-    let load_err = |source| BootError::Load { path: path.to_owned(), source };
+    let too_small = |need| BootError::TooSmall {
+        what: "kernel",
+        mem_mib: spec.mem_mib,
+        need,
+    };
+    let load_err = |source| BootError::Load {
+        path: path.to_owned(),
+        source,
+    };
     if is_elf {
         let end = elf_load_end(&mut f).map_err(|_| BootError::NotKernel(path.to_owned()))?;
         if end > ram_end {
             return Err(too_small(end));
         }
-        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY_START))).map_err(load_err)?;
+        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY_START)))
+            .map_err(load_err)?;
         let entry = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(a) => EntryPoint::Pvh(a.0),
             _ => EntryPoint::Linux64(r.kernel_load.0),
@@ -129,9 +145,17 @@ fn load_kernel(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<(EntryPoint, Op
     // `init_size` bytes there (boot protocol >= 2.10), or at least its own size.
     let size = f.metadata().map_err(open_err)?.len();
     let mut hdr = [0u8; 0x270];
-    let init_size = match f.seek(SeekFrom::Start(0)).and_then(|_| f.read_exact(&mut hdr)) {
-        Ok(()) if &hdr[0x202..0x206] == b"HdrS" && u16::from_le_bytes([hdr[0x206], hdr[0x207]]) >= 0x20a => {
-            u64::from(u32::from_le_bytes([hdr[0x260], hdr[0x261], hdr[0x262], hdr[0x263]]))
+    let init_size = match f
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| f.read_exact(&mut hdr))
+    {
+        Ok(())
+            if &hdr[0x202..0x206] == b"HdrS"
+                && u16::from_le_bytes([hdr[0x206], hdr[0x207]]) >= 0x20a =>
+        {
+            u64::from(u32::from_le_bytes([
+                hdr[0x260], hdr[0x261], hdr[0x262], hdr[0x263],
+            ]))
         }
         _ => 0,
     };
@@ -140,15 +164,27 @@ fn load_kernel(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<(EntryPoint, Op
         return Err(too_small(need));
     }
     match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY_START))) {
-        Ok(r) => Ok((EntryPoint::Linux64(r.kernel_load.0 + 0x200), Some(r), r.kernel_end)),
+        Ok(r) => Ok((
+            EntryPoint::Linux64(r.kernel_load.0 + 0x200),
+            Some(r),
+            r.kernel_end,
+        )),
         Err(loader::Error::Bzimage(_)) => Err(BootError::NotKernel(path.to_owned())),
         Err(e) => Err(load_err(e)),
     }
 }
 
 /// Places the initrd page-aligned at the top of low RAM (below `INITRD_ADDR_MAX`).
-fn load_initrd(mem: &GuestMemoryMmap, spec: &BootSpec, path: &Path, kernel_end: u64) -> Result<InitrdInfo, BootError> {
-    let err = |source| BootError::Initrd { path: path.to_owned(), source };
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<InitrdInfo, BootError> {
+    let err = |source| BootError::Initrd {
+        path: path.to_owned(),
+        source,
+    };
     let mut f = File::open(path).map_err(err)?;
     let size = f.metadata().map_err(err)?.len();
     let top = low_ram_end(mem).min(INITRD_ADDR_MAX);
@@ -177,17 +213,24 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<EntryPoint, BootEr
     };
     let mut cmd = spec.cmdline.as_bytes().to_vec();
     if cmd.len() >= CMDLINE_MAX_SIZE {
-        return Err(BootError::Cmdline(format!("longer than {} bytes", CMDLINE_MAX_SIZE - 1)));
+        return Err(BootError::Cmdline(format!(
+            "longer than {} bytes",
+            CMDLINE_MAX_SIZE - 1
+        )));
     }
     cmd.push(0);
-    mem.write_slice(&cmd, GuestAddress(CMDLINE_START)).map_err(BootError::Write)?;
+    mem.write_slice(&cmd, GuestAddress(CMDLINE_START))
+        .map_err(BootError::Write)?;
     regs::write_boot_tables(mem)?;
     mptable::setup(mem, spec.vcpus)?;
     match entry {
         EntryPoint::Pvh(_) => params::write_pvh_start_info(mem, initrd)?,
-        EntryPoint::Linux64(_) => {
-            params::write_zero_page(mem, bz.and_then(|r| r.setup_header), cmd.len() as u32, initrd)?
-        }
+        EntryPoint::Linux64(_) => params::write_zero_page(
+            mem,
+            bz.and_then(|r| r.setup_header),
+            cmd.len() as u32,
+            initrd,
+        )?,
     }
     Ok(entry)
 }

@@ -85,7 +85,8 @@ pub fn setup(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
     if bytes.len() as u64 > EBDA_END - EBDA_START {
         return Err(MptableError::TooBig(num_cpus));
     }
-    mem.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(MptableError::Write)
+    mem.write_slice(&bytes, GuestAddress(EBDA_START))
+        .map_err(MptableError::Write)
 }
 
 #[cfg(test)]

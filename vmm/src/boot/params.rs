@@ -16,7 +16,10 @@ const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
 /// The E820 map: low RAM below the EBDA, the EBDA reserved, then RAM from 1 MiB in each region.
 pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, EBDA_END - EBDA_START, E820_RESERVED)];
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, EBDA_END - EBDA_START, E820_RESERVED),
+    ];
     for r in mem.iter() {
         let start = r.start_addr().0.max(HIGH_MEMORY_START);
         let end = r.start_addr().0 + r.len();
@@ -56,12 +59,16 @@ pub fn write_zero_page(
         p.e820_table[i].r#type = *kind;
     }
     p.e820_entries = map.len() as u8;
-    mem.write_obj(p, GuestAddress(ZERO_PAGE_START)).map_err(BootError::Write)
+    mem.write_obj(p, GuestAddress(ZERO_PAGE_START))
+        .map_err(BootError::Write)
 }
 
 /// `hvm_start_info` (version 1) with the module list (initrd) and memory map, written as the
 /// little-endian layout of the PVH ABI.
-pub fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<InitrdInfo>) -> Result<(), BootError> {
+pub fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    initrd: Option<InitrdInfo>,
+) -> Result<(), BootError> {
     let map = e820_map(mem);
     let mut memmap = Vec::new();
     for (addr, size, kind) in &map {
@@ -70,14 +77,16 @@ pub fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<InitrdInfo>) -
         memmap.extend_from_slice(&kind.to_le_bytes());
         memmap.extend_from_slice(&0u32.to_le_bytes());
     }
-    mem.write_slice(&memmap, GuestAddress(PVH_MEMMAP_START)).map_err(BootError::Write)?;
+    mem.write_slice(&memmap, GuestAddress(PVH_MEMMAP_START))
+        .map_err(BootError::Write)?;
     let mut nr_modules = 0u32;
     if let Some(i) = initrd {
         let mut m = Vec::new();
         m.extend_from_slice(&i.addr.to_le_bytes());
         m.extend_from_slice(&i.size.to_le_bytes());
         m.extend_from_slice(&[0u8; 16]); // cmdline_paddr, reserved
-        mem.write_slice(&m, GuestAddress(PVH_MODLIST_START)).map_err(BootError::Write)?;
+        mem.write_slice(&m, GuestAddress(PVH_MODLIST_START))
+            .map_err(BootError::Write)?;
         nr_modules = 1;
     }
     let mut s = Vec::with_capacity(56);
@@ -91,7 +100,8 @@ pub fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<InitrdInfo>) -
     s.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
     s.extend_from_slice(&(map.len() as u32).to_le_bytes());
     s.extend_from_slice(&0u32.to_le_bytes());
-    mem.write_slice(&s, GuestAddress(PVH_INFO_START)).map_err(BootError::Write)
+    mem.write_slice(&s, GuestAddress(PVH_INFO_START))
+        .map_err(BootError::Write)
 }
 
 #[cfg(test)]
@@ -104,13 +114,25 @@ mod tests {
         let m = e820_map(&mem);
         assert_eq!(m[0], (0, EBDA_START, E820_RAM));
         assert_eq!(m[1].2, E820_RESERVED);
-        assert_eq!(m[2], (HIGH_MEMORY_START, (32 << 20) - HIGH_MEMORY_START, E820_RAM));
+        assert_eq!(
+            m[2],
+            (HIGH_MEMORY_START, (32 << 20) - HIGH_MEMORY_START, E820_RAM)
+        );
     }
 
     #[test]
     fn zero_page_fields() {
         let mem = crate::vstate::memory::create_guest_memory(32).expect("mem");
-        write_zero_page(&mem, None, 10, Some(InitrdInfo { addr: 0x100_0000, size: 0x1234 })).expect("zp");
+        write_zero_page(
+            &mem,
+            None,
+            10,
+            Some(InitrdInfo {
+                addr: 0x100_0000,
+                size: 0x1234,
+            }),
+        )
+        .expect("zp");
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).expect("read");
         let h = p.hdr;
         assert_eq!({ h.cmd_line_ptr }, CMDLINE_START as u32);
@@ -125,9 +147,13 @@ mod tests {
         write_pvh_start_info(&mem, None).expect("pvh");
         let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_START)).expect("read");
         assert_eq!(magic, XEN_HVM_START_MAGIC);
-        let cmdline: u64 = mem.read_obj(GuestAddress(PVH_INFO_START + 24)).expect("read");
+        let cmdline: u64 = mem
+            .read_obj(GuestAddress(PVH_INFO_START + 24))
+            .expect("read");
         assert_eq!(cmdline, CMDLINE_START);
-        let entries: u32 = mem.read_obj(GuestAddress(PVH_INFO_START + 48)).expect("read");
+        let entries: u32 = mem
+            .read_obj(GuestAddress(PVH_INFO_START + 48))
+            .expect("read");
         assert_eq!(entries, 3);
     }
 }

@@ -47,7 +47,11 @@ fn segment(index: usize) -> kvm_segment {
     let raw_limit = (((e >> 32) & 0x000f_0000) | (e & 0xffff)) as u32;
     kvm_segment {
         base: (((e >> 32) & 0xff00_0000) | ((e >> 16) & 0x00ff_ffff)),
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: (index * 8) as u16,
         type_: (flags & 0xf) as u8,
         present: ((flags >> 7) & 1) as u8,
@@ -69,17 +73,21 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))
             .map_err(RegsError::Write)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(RegsError::Write)?;
-    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START)).map_err(RegsError::Write)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(RegsError::Write)?;
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
+        .map_err(RegsError::Write)?;
     let mut pd = vec![0u8; 4 * 4096];
     for i in 0..2048u64 {
         let entry = (i << 21) | 0x83; // present, writable, 2 MiB page
         pd[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&entry.to_le_bytes());
     }
-    mem.write_slice(&pd, GuestAddress(PDE_START)).map_err(RegsError::Write)?;
+    mem.write_slice(&pd, GuestAddress(PDE_START))
+        .map_err(RegsError::Write)?;
     for i in 0..4u64 {
         let pdpte = (PDE_START + i * 4096) | 0x03;
-        mem.write_obj(pdpte, GuestAddress(PDPTE_START + i * 8)).map_err(RegsError::Write)?;
+        mem.write_obj(pdpte, GuestAddress(PDPTE_START + i * 8))
+            .map_err(RegsError::Write)?;
     }
     Ok(())
 }
@@ -155,7 +163,10 @@ mod tests {
     #[test]
     fn segments_decode_from_gdt() {
         let cs = segment(CODE64_SEL);
-        assert_eq!((cs.l, cs.db, cs.present, cs.type_, cs.selector), (1, 0, 1, 0xb, 0x08));
+        assert_eq!(
+            (cs.l, cs.db, cs.present, cs.type_, cs.selector),
+            (1, 0, 1, 0xb, 0x08)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let cs32 = segment(CODE32_SEL);
         assert_eq!((cs32.l, cs32.db, cs32.selector), (0, 1, 0x20));
@@ -171,7 +182,9 @@ mod tests {
         assert_eq!(pml4, PDPTE_START | 3);
         // The PDE mapping the virtio MMIO window at 0xd000_0000.
         let idx = 0xd000_0000u64 >> 21;
-        let pde: u64 = mem.read_obj(GuestAddress(PDE_START + idx * 8)).expect("read");
+        let pde: u64 = mem
+            .read_obj(GuestAddress(PDE_START + idx * 8))
+            .expect("read");
         assert_eq!(pde, 0xd000_0000 | 0x83);
         let pdpte3: u64 = mem.read_obj(GuestAddress(PDPTE_START + 24)).expect("read");
         assert_eq!(pdpte3, (PDE_START + 3 * 4096) | 3);

@@ -37,8 +37,14 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
-        if self.entries.iter().any(|e| base < e.base + e.len && e.base < end) {
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
+        if self
+            .entries
+            .iter()
+            .any(|e| base < e.base + e.len && e.base < end)
+        {
             return Err(BusError::Overlap { base, len });
         }
         self.entries.push(Entry { base, len, dev });
@@ -99,8 +105,10 @@ mod tests {
     #[test]
     fn routes_by_range_and_rejects_overlap() {
         let mut bus = Bus::default();
-        bus.insert(Arc::new(Mutex::new(Reg(10))), 0x100, 8).expect("insert");
-        bus.insert(Arc::new(Mutex::new(Reg(20))), 0x108, 8).expect("insert");
+        bus.insert(Arc::new(Mutex::new(Reg(10))), 0x100, 8)
+            .expect("insert");
+        bus.insert(Arc::new(Mutex::new(Reg(20))), 0x108, 8)
+            .expect("insert");
         assert!(bus.insert(Arc::new(Mutex::new(Reg(0))), 0x104, 8).is_err());
         let mut b = [0u8; 1];
         assert!(bus.read(0x102, &mut b));

@@ -136,7 +136,11 @@ mod tests {
     fn dev() -> (I8042, Arc<ExitSignal>, EventFd) {
         let exit = Arc::new(ExitSignal::new().expect("exit"));
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        (I8042::new(exit.clone(), irq.try_clone().expect("clone")), exit, irq)
+        (
+            I8042::new(exit.clone(), irq.try_clone().expect("clone")),
+            exit,
+            irq,
+        )
     }
 
     #[test]

@@ -30,7 +30,10 @@ pub struct LineWriter<W: Write + Send> {
 
 impl<W: Write + Send> LineWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner, buf: Vec::with_capacity(256) }
+        Self {
+            inner,
+            buf: Vec::with_capacity(256),
+        }
     }
 }
 
@@ -42,7 +45,10 @@ pub trait PendingFlush: Write + Send {
 impl<W: Write + Send> PendingFlush for LineWriter<W> {
     fn flush_pending(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            let r = self.inner.write_all(&self.buf).and_then(|_| self.inner.flush());
+            let r = self
+                .inner
+                .write_all(&self.buf)
+                .and_then(|_| self.inner.flush());
             self.buf.clear();
             r?;
         }
@@ -120,12 +126,19 @@ mod tests {
     fn transmits_bytes_and_raises_thre_interrupt() {
         let sink = Sink::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let mut dev = SerialDevice::new(irq.try_clone().expect("clone"), Box::new(LineWriter::new(sink.clone())));
+        let mut dev = SerialDevice::new(
+            irq.try_clone().expect("clone"),
+            Box::new(LineWriter::new(sink.clone())),
+        );
         dev.write(1, &[0x02]); // IER: THR empty interrupt
         for b in b"hi\nab" {
             dev.write(0, &[*b]);
         }
-        assert_eq!(&*sink.0.lock().expect("lock"), b"hi\n", "partial line held back");
+        assert_eq!(
+            &*sink.0.lock().expect("lock"),
+            b"hi\n",
+            "partial line held back"
+        );
         dev.flush_pending();
         assert_eq!(&*sink.0.lock().expect("lock"), b"hi\nab");
         assert!(irq.read().expect("interrupt raised") >= 1);

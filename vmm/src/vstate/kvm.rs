@@ -55,6 +55,9 @@ impl KvmContext {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::Cpuid)?;
-        Ok(Self { kvm, supported_cpuid })
+        Ok(Self {
+            kvm,
+            supported_cpuid,
+        })
     }
 }

@@ -32,8 +32,10 @@ pub fn ram_ranges(mem_mib: u32) -> Vec<(GuestAddress, usize)> {
 /// Allocates guest RAM as private anonymous mappings (pages are faulted in only when touched,
 /// so untouched guest memory costs the host nothing).
 pub fn create_guest_memory(mem_mib: u32) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib))
-        .map_err(|source| MemoryError::Alloc { mib: mem_mib, source })
+    GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| MemoryError::Alloc {
+        mib: mem_mib,
+        source,
+    })
 }
 
 /// End (exclusive) of the RAM below the MMIO hole.

@@ -38,7 +38,10 @@ pub const BOOT_TIMER_PORT: u16 = 0x440;
 
 /// CLOCK_MONOTONIC in nanoseconds (comparable across processes, unlike `Instant`).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -132,20 +135,38 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
     ];
     let mut v: Vec<kvm_msr_entry> = zero
         .iter()
-        .map(|&index| kvm_msr_entry { index, data: 0, ..Default::default() })
+        .map(|&index| kvm_msr_entry {
+            index,
+            data: 0,
+            ..Default::default()
+        })
         .collect();
-    v.push(kvm_msr_entry { index: MSR_IA32_MISC_ENABLE, data: 1, ..Default::default() }); // fast strings
+    v.push(kvm_msr_entry {
+        index: MSR_IA32_MISC_ENABLE,
+        data: 1,
+        ..Default::default()
+    }); // fast strings
     v
 }
 
 impl Vcpu {
     pub fn new(vm: &kvm_ioctls::VmFd, id: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::Create { id, source })?;
-        Ok(Self { id, fd, state: VcpuRunState::Created })
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
+        Ok(Self {
+            id,
+            fd,
+            state: VcpuRunState::Created,
+        })
     }
 
     fn cfg_err(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError + '_ {
-        move |source| VcpuError::Configure { id: self.id, what, source }
+        move |source| VcpuError::Configure {
+            id: self.id,
+            what,
+            source,
+        }
     }
 
     /// Sets CPUID, MSRs and the LAPIC for every vCPU; the boot vCPU also gets the entry state.
@@ -169,7 +190,9 @@ impl Vcpu {
         if self.id != 0 {
             return Ok(());
         }
-        self.fd.set_fpu(&regs::boot_fpu()).map_err(self.cfg_err("fpu"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.cfg_err("fpu"))?;
         let sregs = self.fd.get_sregs().map_err(self.cfg_err("get sregs"))?;
         let (sregs, r) = match entry {
             EntryPoint::Linux64(rip) => (regs::long_mode_sregs(sregs), regs::linux64_regs(rip)),
@@ -201,7 +224,10 @@ impl Vcpu {
     }
 
     /// Runs on its own thread until the VM must stop; reports why through the exit signal.
-    pub fn start(mut self, shared: Arc<VcpuShared>) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+    pub fn start(
+        mut self,
+        shared: Arc<VcpuShared>,
+    ) -> Result<std::thread::JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
@@ -246,17 +272,20 @@ impl Vcpu {
                     None
                 }
                 Ok(VcpuExit::Hlt) => Some(ExitReason::GuestShutdown),
-                Ok(VcpuExit::Shutdown) => Some(ExitReason::Error("guest triple fault (KVM_EXIT_SHUTDOWN)".into())),
+                Ok(VcpuExit::Shutdown) => Some(ExitReason::Error(
+                    "guest triple fault (KVM_EXIT_SHUTDOWN)".into(),
+                )),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                        ExitReason::GuestShutdown
-                    }
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
+                    | kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestShutdown,
                     k => ExitReason::Error(format!("guest system event {k}")),
                 }),
                 Ok(VcpuExit::InternalError) => {
                     // SAFETY: the exit reason says the `internal` union member is the valid one.
                     let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    Some(ExitReason::Error(format!("KVM internal error, suberror {sub} (1 = instruction emulation failure)")))
+                    Some(ExitReason::Error(format!(
+                        "KVM internal error, suberror {sub} (1 = instruction emulation failure)"
+                    )))
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Error(format!(
                     "KVM entry failure, hardware reason {reason:#x} on cpu {cpu}"
@@ -290,9 +319,22 @@ mod tests {
     #[test]
     fn cpuid_sets_apic_id_and_topology() {
         let entries = [
-            kvm_cpuid_entry2 { function: 1, ebx: 0xffff_ffff, ecx: CPUID_MONITOR, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xa, eax: 7, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xffff_ffff,
+                ecx: CPUID_MONITOR,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xa,
+                eax: 7,
+                ..Default::default()
+            },
         ];
         let c = CpuId::from_entries(&entries).expect("cpuid");
         let f = filter_cpuid(&c, 1, 2);

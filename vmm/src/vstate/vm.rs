@@ -48,7 +48,9 @@ impl Vm {
     }
 
     fn create_chips(&self) -> Result<(), VmError> {
-        self.fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::Tss)?;
+        self.fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmError::Tss)?;
         self.fd.create_irq_chip().map_err(VmError::Irqchip)?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,

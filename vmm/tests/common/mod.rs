@@ -14,7 +14,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Returns false (after printing why) when KVM cannot be used here.
 pub fn kvm_usable() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             println!("skipped: /dev/kvm unusable: {e}");
@@ -63,7 +67,12 @@ impl Vm {
             let _ = err.read_to_string(&mut s);
             s
         });
-        Vm { child, lines: rx, seen: Vec::new(), stderr: Some(stderr) }
+        Vm {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
     }
 
     /// Waits for a serial line containing `needle`; returns it.
@@ -104,7 +113,11 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
         while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.seen.push(l);
         }

@@ -6,8 +6,8 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::{Queue, QueueT};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -61,13 +61,22 @@ impl RawQueue {
         for i in 0..QSIZE as u64 {
             let d = random_desc(r);
             let d = SplitDescriptor::from(d);
-            mem.write_obj(d.addr().0, GuestAddress(base + i * 16)).expect("w");
-            mem.write_obj(d.len(), GuestAddress(base + i * 16 + 8)).expect("w");
-            mem.write_obj(d.flags(), GuestAddress(base + i * 16 + 12)).expect("w");
-            mem.write_obj(d.next(), GuestAddress(base + i * 16 + 14)).expect("w");
-            mem.write_obj(r.below(QSIZE as u64 + 2) as u16, GuestAddress(base + 0x104 + i * 2)).expect("w");
+            mem.write_obj(d.addr().0, GuestAddress(base + i * 16))
+                .expect("w");
+            mem.write_obj(d.len(), GuestAddress(base + i * 16 + 8))
+                .expect("w");
+            mem.write_obj(d.flags(), GuestAddress(base + i * 16 + 12))
+                .expect("w");
+            mem.write_obj(d.next(), GuestAddress(base + i * 16 + 14))
+                .expect("w");
+            mem.write_obj(
+                r.below(QSIZE as u64 + 2) as u16,
+                GuestAddress(base + 0x104 + i * 2),
+            )
+            .expect("w");
         }
-        mem.write_obj(r.below(QSIZE as u64 * 2) as u16, GuestAddress(base + 0x102)).expect("w");
+        mem.write_obj(r.below(QSIZE as u64 * 2) as u16, GuestAddress(base + 0x102))
+            .expect("w");
         RawQueue { base }
     }
 
@@ -83,9 +92,14 @@ impl RawQueue {
 
     fn check_used(&self, mem: &GuestMemoryMmap) {
         let idx: u16 = mem.read_obj(GuestAddress(self.base + 0x202)).expect("idx");
-        assert!(idx <= QSIZE, "no more chains used than made available: {idx}");
+        assert!(
+            idx <= QSIZE,
+            "no more chains used than made available: {idx}"
+        );
         for i in 0..idx as u64 {
-            let id: u32 = mem.read_obj(GuestAddress(self.base + 0x204 + 8 * i)).expect("id");
+            let id: u32 = mem
+                .read_obj(GuestAddress(self.base + 0x204 + 8 * i))
+                .expect("id");
             assert!(id < QSIZE as u32, "used ids are real heads: {id}");
         }
     }
@@ -112,7 +126,8 @@ fn scribble(r: &mut Rng, mem: &GuestMemoryMmap) {
         };
         buf[off..off + packet::HDR_SIZE].copy_from_slice(&h.to_bytes());
     }
-    mem.write_slice(&buf, GuestAddress(0x4_0000)).expect("scribble");
+    mem.write_slice(&buf, GuestAddress(0x4_0000))
+        .expect("scribble");
 }
 
 #[test]
@@ -126,24 +141,46 @@ fn random_chains_never_crash_any_device() {
         scribble(&mut r, &mem);
         let ch = Arc::new(DeviceChannel::new().expect("ch"));
         let irq = Arc::new(Interrupt::new().expect("irq"));
-        let evts = |n| (0..n).map(|_| EventFd::new(0).expect("e")).collect::<Vec<_>>();
+        let evts = |n| {
+            (0..n)
+                .map(|_| EventFd::new(0).expect("e"))
+                .collect::<Vec<_>>()
+        };
         match round % 3 {
             0 => {
                 let uds = dir.path().join(format!("v{round}.sock"));
                 let mux = VsockMuxer::new(3, &uds).expect("muxer");
                 let mut dev = VsockDevice::new(mux, ch.clone(), irq, evts(3));
-                let (rx, tx, ev) = (RawQueue::new(&mut r, &mem, 0), RawQueue::new(&mut r, &mem, 0x1000), RawQueue::new(&mut r, &mem, 0x2000));
+                let (rx, tx, ev) = (
+                    RawQueue::new(&mut r, &mem, 0),
+                    RawQueue::new(&mut r, &mem, 0x1000),
+                    RawQueue::new(&mut r, &mem, 0x2000),
+                );
                 let queues = vec![rx.queue(), tx.queue(), ev.queue()];
-                ch.send(TransportMsg::Activate { queues, mem: mem.clone() });
+                ch.send(TransportMsg::Activate {
+                    queues,
+                    mem: mem.clone(),
+                });
                 dev.handle_channel();
                 dev.run_queues();
                 tx.check_used(&mem);
                 rx.check_used(&mem);
             }
             1 => {
-                let mut dev = BlockDevice::open(&disk, round % 2 == 0, "d", ch.clone(), irq, evts(1).remove(0)).expect("blk");
+                let mut dev = BlockDevice::open(
+                    &disk,
+                    round % 2 == 0,
+                    "d",
+                    ch.clone(),
+                    irq,
+                    evts(1).remove(0),
+                )
+                .expect("blk");
                 let q = RawQueue::new(&mut r, &mem, 0);
-                ch.send(TransportMsg::Activate { queues: vec![q.queue()], mem: mem.clone() });
+                ch.send(TransportMsg::Activate {
+                    queues: vec![q.queue()],
+                    mem: mem.clone(),
+                });
                 dev.handle_channel();
                 dev.process_queue();
                 q.check_used(&mem);
@@ -156,8 +193,14 @@ fn random_chains_never_crash_any_device() {
                     let _ = b.send(&vec![i as u8; r.below(3000) as usize + 1]);
                 }
                 let mut dev = NetDevice::new(a, ch.clone(), irq, evts(2));
-                let (rx, tx) = (RawQueue::new(&mut r, &mem, 0), RawQueue::new(&mut r, &mem, 0x1000));
-                ch.send(TransportMsg::Activate { queues: vec![rx.queue(), tx.queue()], mem: mem.clone() });
+                let (rx, tx) = (
+                    RawQueue::new(&mut r, &mem, 0),
+                    RawQueue::new(&mut r, &mem, 0x1000),
+                );
+                ch.send(TransportMsg::Activate {
+                    queues: vec![rx.queue(), tx.queue()],
+                    mem: mem.clone(),
+                });
                 dev.handle_channel();
                 dev.process_tx();
                 dev.process_rx();

@@ -52,7 +52,10 @@ impl MmioTransport {
         let queues = info
             .queue_max_sizes
             .iter()
-            .map(|&s| Queue::new(s).unwrap_or_else(|_| Queue::new(256).expect("256 is a valid queue size")))
+            .map(|&s| {
+                Queue::new(s)
+                    .unwrap_or_else(|_| Queue::new(256).expect("256 is a valid queue size"))
+            })
             .collect();
         Self {
             info,
@@ -102,14 +105,24 @@ impl MmioTransport {
             let wanted = S_ACK | S_DRIVER | S_FEATURES_OK;
             let ready: Vec<&Queue> = self.queues.iter().filter(|q| q.ready()).collect();
             if v & wanted != wanted || ready.iter().any(|q| !q.is_valid(&self.mem)) {
-                tracing::warn!(device = self.info.device_type, "driver set DRIVER_OK with an invalid setup");
+                tracing::warn!(
+                    device = self.info.device_type,
+                    "driver set DRIVER_OK with an invalid setup"
+                );
                 self.status = v | S_NEEDS_RESET;
                 return;
             }
             self.status = v;
-            let queues = self.queues.iter().map(|q| Queue::try_from(q.state())).collect::<Result<Vec<_>, _>>();
+            let queues = self
+                .queues
+                .iter()
+                .map(|q| Queue::try_from(q.state()))
+                .collect::<Result<Vec<_>, _>>();
             match queues {
-                Ok(queues) => self.channel.send(TransportMsg::Activate { queues, mem: self.mem.clone() }),
+                Ok(queues) => self.channel.send(TransportMsg::Activate {
+                    queues,
+                    mem: self.mem.clone(),
+                }),
                 Err(e) => {
                     tracing::warn!("cannot snapshot queues: {e}");
                     self.status = v | S_NEEDS_RESET;
@@ -159,12 +172,19 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 {
-            tracing::debug!(device = self.info.device_type, offset, "ignored config space write");
+            tracing::debug!(
+                device = self.info.device_type,
+                offset,
+                "ignored config space write"
+            );
             return;
         }
-        let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
         let v = u32::from_le_bytes(bytes);
-        let features_open = self.status & (S_FEATURES_OK | S_FAILED) == 0 && self.status & S_DRIVER != 0;
+        let features_open =
+            self.status & (S_FEATURES_OK | S_FAILED) == 0 && self.status & S_DRIVER != 0;
         match offset {
             0x14 => self.features_sel = v,
             0x20 if features_open => {
@@ -175,7 +195,8 @@ impl BusDevice for MmioTransport {
                 };
                 let mask = 0xffff_ffffu64 << shift;
                 let offered = self.info.features & mask;
-                self.acked_features = (self.acked_features & !mask) | ((u64::from(v) << shift) & offered);
+                self.acked_features =
+                    (self.acked_features & !mask) | ((u64::from(v) << shift) & offered);
             }
             0x24 => self.acked_sel = v,
             0x30 => self.queue_sel = v,
@@ -198,12 +219,30 @@ impl BusDevice for MmioTransport {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
             }
             0x70 => self.set_status(v),
-            0x80 => self.queue().into_iter().for_each(|q| q.set_desc_table_address(Some(v), None)),
-            0x84 => self.queue().into_iter().for_each(|q| q.set_desc_table_address(None, Some(v))),
-            0x90 => self.queue().into_iter().for_each(|q| q.set_avail_ring_address(Some(v), None)),
-            0x94 => self.queue().into_iter().for_each(|q| q.set_avail_ring_address(None, Some(v))),
-            0xa0 => self.queue().into_iter().for_each(|q| q.set_used_ring_address(Some(v), None)),
-            0xa4 => self.queue().into_iter().for_each(|q| q.set_used_ring_address(None, Some(v))),
+            0x80 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(Some(v), None)),
+            0x84 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(None, Some(v))),
+            0x90 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(Some(v), None)),
+            0x94 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(Some(v), None)),
+            0xa4 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(None, Some(v))),
             _ => tracing::debug!(device = self.info.device_type, offset, "ignored mmio write"),
         }
     }
@@ -278,7 +317,9 @@ mod tests {
         w(&mut t, 0x70, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
         let msgs = ch.take();
         assert_eq!(msgs.len(), 1);
-        let TransportMsg::Activate { queues, .. } = &msgs[0] else { panic!("expected activate") };
+        let TransportMsg::Activate { queues, .. } = &msgs[0] else {
+            panic!("expected activate")
+        };
         assert_eq!(queues[1].desc_table(), 0x20000);
         // Queue registers are frozen while live.
         w(&mut t, 0x30, 0);
@@ -294,7 +335,11 @@ mod tests {
         let (mut t, ch) = transport();
         w(&mut t, 0x70, S_ACK | S_DRIVER);
         w(&mut t, 0x70, S_ACK | S_DRIVER | S_FEATURES_OK);
-        assert_eq!(r(&mut t, 0x70) & S_FEATURES_OK, 0, "no VERSION_1, no FEATURES_OK");
+        assert_eq!(
+            r(&mut t, 0x70) & S_FEATURES_OK,
+            0,
+            "no VERSION_1, no FEATURES_OK"
+        );
         w(&mut t, 0x24, 1);
         w(&mut t, 0x20, 1);
         w(&mut t, 0x70, S_ACK | S_DRIVER | S_FEATURES_OK);

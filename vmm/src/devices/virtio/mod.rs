@@ -37,7 +37,10 @@ pub struct Interrupt {
 
 impl Interrupt {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { status: AtomicU32::new(0), irqfd: EventFd::new(libc::EFD_NONBLOCK)? })
+        Ok(Self {
+            status: AtomicU32::new(0),
+            irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
 
     pub fn signal_used_queue(&self) {
@@ -51,7 +54,10 @@ impl Interrupt {
 /// A request from the transport to the backend.
 pub enum TransportMsg {
     /// The driver set DRIVER_OK: here are the configured queues.
-    Activate { queues: Vec<Queue>, mem: GuestMemoryMmap },
+    Activate {
+        queues: Vec<Queue>,
+        mem: GuestMemoryMmap,
+    },
     /// The driver wrote 0 to the status register.
     Reset,
 }
@@ -64,7 +70,10 @@ pub struct DeviceChannel {
 
 impl DeviceChannel {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { msgs: Mutex::new(VecDeque::new()), evt: EventFd::new(libc::EFD_NONBLOCK)? })
+        Ok(Self {
+            msgs: Mutex::new(VecDeque::new()),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
 
     pub fn send(&self, m: TransportMsg) {

@@ -40,7 +40,10 @@ impl Segments {
                 continue;
             }
             if !mem.check_range(d.addr(), d.len() as usize) {
-                return Err(ChainError::OutOfRange { addr: d.addr().0, len: d.len() });
+                return Err(ChainError::OutOfRange {
+                    addr: d.addr().0,
+                    len: d.len(),
+                });
             }
             if d.is_write_only() {
                 s.writable.push((d.addr(), d.len()));
@@ -60,12 +63,22 @@ impl Segments {
     }
 
     /// Copies readable bytes starting at `offset` into `buf`; returns how many were copied.
-    pub fn read_at(&self, mem: &GuestMemoryMmap, mut offset: usize, buf: &mut [u8]) -> Result<usize, ChainError> {
+    pub fn read_at(
+        &self,
+        mem: &GuestMemoryMmap,
+        mut offset: usize,
+        buf: &mut [u8],
+    ) -> Result<usize, ChainError> {
         gather(&self.readable, mem, &mut offset, buf)
     }
 
     /// Copies `data` into the writable segments starting at `offset`; returns bytes written.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, mut offset: usize, data: &[u8]) -> Result<usize, ChainError> {
+    pub fn write_at(
+        &self,
+        mem: &GuestMemoryMmap,
+        mut offset: usize,
+        data: &[u8],
+    ) -> Result<usize, ChainError> {
         let mut done = 0;
         for &(addr, len) in &self.writable {
             let len = len as usize;
@@ -95,7 +108,12 @@ impl AddUsize for GuestAddress {
     }
 }
 
-fn gather(segs: &[(GuestAddress, u32)], mem: &GuestMemoryMmap, offset: &mut usize, buf: &mut [u8]) -> Result<usize, ChainError> {
+fn gather(
+    segs: &[(GuestAddress, u32)],
+    mem: &GuestMemoryMmap,
+    offset: &mut usize,
+    buf: &mut [u8],
+) -> Result<usize, ChainError> {
     let mut done = 0;
     for &(addr, len) in segs {
         let len = len as usize;
@@ -118,10 +136,10 @@ fn gather(segs: &[(GuestAddress, u32)], mem: &GuestMemoryMmap, offset: &mut usiz
 #[cfg(test)]
 pub mod tests {
     use super::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
     pub use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
     pub const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
@@ -131,7 +149,11 @@ pub mod tests {
     }
 
     /// Puts `descs` (one chain starting at index 0) on a mock queue and returns the parse result.
-    pub fn parse(mem: &GuestMemoryMmap, descs: &[RawDescriptor], max: usize) -> Result<Segments, ChainError> {
+    pub fn parse(
+        mem: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        max: usize,
+    ) -> Result<Segments, ChainError> {
         let vq = MockSplitQueue::new(mem, 16);
         vq.add_desc_chains(descs, 0).expect("mock chain");
         let mut q: Queue = vq.create_queue().expect("queue");
@@ -146,7 +168,10 @@ pub mod tests {
         (0..idx as u64)
             .map(|i| {
                 let e = base.0 + 4 + 8 * i;
-                (mem.read_obj(GuestAddress(e)).expect("id"), mem.read_obj(GuestAddress(e + 4)).expect("len"))
+                (
+                    mem.read_obj(GuestAddress(e)).expect("id"),
+                    mem.read_obj(GuestAddress(e + 4)).expect("len"),
+                )
             })
             .collect()
     }
@@ -158,7 +183,11 @@ pub mod tests {
         mem.write_slice(b" world", GuestAddress(0x9000)).expect("w");
         let s = parse(
             &mem,
-            &[desc(0x8000, 5, F_NEXT, 1), desc(0x9000, 6, F_NEXT, 2), desc(0xa000, 4, F_WRITE, 0)],
+            &[
+                desc(0x8000, 5, F_NEXT, 1),
+                desc(0x9000, 6, F_NEXT, 2),
+                desc(0xa000, 4, F_WRITE, 0),
+            ],
             1 << 20,
         )
         .expect("valid chain");
@@ -179,18 +208,34 @@ pub mod tests {
     fn rejects_malformed_chains() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
         // Out of guest memory, and straddling its end.
-        assert!(matches!(parse(&mem, &[desc(0x4000_0000, 16, 0, 0)], 1 << 20), Err(ChainError::OutOfRange { .. })));
-        assert!(matches!(parse(&mem, &[desc(0xf_fff0, 32, 0, 0)], 1 << 20), Err(ChainError::OutOfRange { .. })));
+        assert!(matches!(
+            parse(&mem, &[desc(0x4000_0000, 16, 0, 0)], 1 << 20),
+            Err(ChainError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            parse(&mem, &[desc(0xf_fff0, 32, 0, 0)], 1 << 20),
+            Err(ChainError::OutOfRange { .. })
+        ));
         // Address overflow.
         assert!(parse(&mem, &[desc(u64::MAX - 4, 16, 0, 0)], 1 << 20).is_err());
         // Wrong direction: readable after writable.
         assert_eq!(
-            parse(&mem, &[desc(0x8000, 8, F_WRITE | F_NEXT, 1), desc(0x9000, 8, 0, 0)], 1 << 20).err(),
+            parse(
+                &mem,
+                &[desc(0x8000, 8, F_WRITE | F_NEXT, 1), desc(0x9000, 8, 0, 0)],
+                1 << 20
+            )
+            .err(),
             Some(ChainError::ReadAfterWrite)
         );
         // Oversized total.
         assert_eq!(
-            parse(&mem, &[desc(0x8000, 0x8000, F_NEXT, 1), desc(0x10000, 0x8000, 0, 0)], 0xffff).err(),
+            parse(
+                &mem,
+                &[desc(0x8000, 0x8000, F_NEXT, 1), desc(0x10000, 0x8000, 0, 0)],
+                0xffff
+            )
+            .err(),
             Some(ChainError::TooLong(0xffff))
         );
     }
@@ -199,11 +244,20 @@ pub mod tests {
     fn descriptor_loop_terminates() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
         // 0 -> 1 -> 0 -> ... : the chain iterator stops after queue-size descriptors.
-        let s = parse(&mem, &[desc(0x8000, 8, F_NEXT, 1), desc(0x9000, 8, F_NEXT, 0)], 1 << 20).expect("bounded");
+        let s = parse(
+            &mem,
+            &[desc(0x8000, 8, F_NEXT, 1), desc(0x9000, 8, F_NEXT, 0)],
+            1 << 20,
+        )
+        .expect("bounded");
         assert!(s.read_len <= 16 * 8);
         // With a tight cap the loop is reported as oversized instead.
         assert!(matches!(
-            parse(&mem, &[desc(0x8000, 8, F_NEXT, 1), desc(0x9000, 8, F_NEXT, 0)], 40),
+            parse(
+                &mem,
+                &[desc(0x8000, 8, F_NEXT, 1), desc(0x9000, 8, F_NEXT, 0)],
+                40
+            ),
             Err(ChainError::TooLong(40))
         ));
     }

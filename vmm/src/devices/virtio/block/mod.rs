@@ -63,8 +63,15 @@ impl BlockDevice {
         interrupt: Arc<Interrupt>,
         queue_evt: EventFd,
     ) -> Result<Self, BlockError> {
-        let err = |source| BlockError::Open { path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(err)?;
+        let err = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(err)?;
         let capacity_bytes = file.metadata().map_err(err)?.len();
         Ok(Self {
             file,
@@ -89,7 +96,12 @@ impl BlockDevice {
         let mut config = (self.capacity_bytes / SECTOR_SIZE).to_le_bytes().to_vec();
         config.extend_from_slice(&0u32.to_le_bytes());
         config.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
-        DeviceInfo { device_type: TYPE_BLOCK, features, queue_max_sizes: vec![QUEUE_SIZE], config }
+        DeviceInfo {
+            device_type: TYPE_BLOCK,
+            features,
+            queue_max_sizes: vec![QUEUE_SIZE],
+            config,
+        }
     }
 
     /// Executes one request; returns (status, bytes written into the guest's data buffers).
@@ -120,7 +132,10 @@ impl BlockDevice {
                 while off < in_len {
                     let n = (in_len - off).min(CHUNK);
                     let buf = &mut self.buf[..n];
-                    if self.file.read_exact_at(buf, sector * SECTOR_SIZE + off as u64).is_err()
+                    if self
+                        .file
+                        .read_exact_at(buf, sector * SECTOR_SIZE + off as u64)
+                        .is_err()
                         || segs.write_at(mem, off, buf) != Ok(n)
                     {
                         return (S_IOERR, 0);
@@ -138,7 +153,10 @@ impl BlockDevice {
                     let n = (out_len - off).min(CHUNK);
                     let buf = &mut self.buf[..n];
                     if segs.read_at(mem, 16 + off, buf) != Ok(n)
-                        || self.file.write_all_at(buf, sector * SECTOR_SIZE + off as u64).is_err()
+                        || self
+                            .file
+                            .write_all_at(buf, sector * SECTOR_SIZE + off as u64)
+                            .is_err()
                     {
                         return (S_IOERR, 0);
                     }
@@ -165,7 +183,9 @@ impl BlockDevice {
     }
 
     pub(crate) fn process_queue(&mut self) {
-        let Some((mem, mut q)) = self.active.take() else { return };
+        let Some((mem, mut q)) = self.active.take() else {
+            return;
+        };
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
@@ -239,7 +259,8 @@ mod tests {
         std::fs::write(f.path(), &data).expect("write");
         let ch = Arc::new(DeviceChannel::new().expect("ch"));
         let irq = Arc::new(Interrupt::new().expect("irq"));
-        let dev = BlockDevice::open(f.path(), ro, "disk0", ch, irq, EventFd::new(0).expect("e")).expect("open");
+        let dev = BlockDevice::open(f.path(), ro, "disk0", ch, irq, EventFd::new(0).expect("e"))
+            .expect("open");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
         (dev, mem, f)
     }
@@ -251,7 +272,11 @@ mod tests {
         mem.write_slice(&h, GuestAddress(0x1000)).expect("hdr");
     }
 
-    fn run(dev: &mut BlockDevice, mem: &GuestMemoryMmap, descs: &[virtio_queue::desc::RawDescriptor]) -> (u8, usize) {
+    fn run(
+        dev: &mut BlockDevice,
+        mem: &GuestMemoryMmap,
+        descs: &[virtio_queue::desc::RawDescriptor],
+    ) -> (u8, usize) {
         let segs = parse(mem, descs, MAX_REQUEST_BYTES + 4096).expect("chain");
         dev.execute(&segs, mem)
     }
@@ -261,28 +286,60 @@ mod tests {
         let (mut dev, mem, f) = setup(false);
         assert_eq!(dev.info().config[..8], 8u64.to_le_bytes());
         req(&mem, T_IN, 3);
-        let d = [desc(0x1000, 16, F_NEXT, 1), desc(0x2000, 1024, F_WRITE | F_NEXT, 2), desc(0x3000, 1, F_WRITE, 0)];
+        let d = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x2000, 1024, F_WRITE | F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
         assert_eq!(run(&mut dev, &mem, &d), (S_OK, 1024));
         let mut b = [0u8; 1024];
         mem.read_slice(&mut b, GuestAddress(0x2000)).expect("r");
         assert!(b[..512].iter().all(|x| *x == 3) && b[512..].iter().all(|x| *x == 4));
 
-        mem.write_slice(&[0xab; 512], GuestAddress(0x4000)).expect("w");
+        mem.write_slice(&[0xab; 512], GuestAddress(0x4000))
+            .expect("w");
         req(&mem, T_OUT, 7);
-        let d = [desc(0x1000, 16, F_NEXT, 1), desc(0x4000, 512, F_NEXT, 2), desc(0x3000, 1, F_WRITE, 0)];
+        let d = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x4000, 512, F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
         assert_eq!(run(&mut dev, &mem, &d), (S_OK, 0));
-        assert!(std::fs::read(f.path()).expect("r")[7 * 512..].iter().all(|x| *x == 0xab));
+        assert!(
+            std::fs::read(f.path()).expect("r")[7 * 512..]
+                .iter()
+                .all(|x| *x == 0xab)
+        );
 
         req(&mem, T_FLUSH, 0);
-        assert_eq!(run(&mut dev, &mem, &[desc(0x1000, 16, F_NEXT, 1), desc(0x3000, 1, F_WRITE, 0)]), (S_OK, 0));
+        assert_eq!(
+            run(
+                &mut dev,
+                &mem,
+                &[desc(0x1000, 16, F_NEXT, 1), desc(0x3000, 1, F_WRITE, 0)]
+            ),
+            (S_OK, 0)
+        );
         req(&mem, T_GET_ID, 0);
-        let d = [desc(0x1000, 16, F_NEXT, 1), desc(0x5000, 20, F_WRITE | F_NEXT, 2), desc(0x3000, 1, F_WRITE, 0)];
+        let d = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x5000, 20, F_WRITE | F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
         assert_eq!(run(&mut dev, &mem, &d), (S_OK, 20));
         let mut id = [0u8; 5];
         mem.read_slice(&mut id, GuestAddress(0x5000)).expect("r");
         assert_eq!(&id, b"disk0");
         req(&mem, 99, 0);
-        assert_eq!(run(&mut dev, &mem, &[desc(0x1000, 16, F_NEXT, 1), desc(0x3000, 1, F_WRITE, 0)]).0, S_UNSUPP);
+        assert_eq!(
+            run(
+                &mut dev,
+                &mem,
+                &[desc(0x1000, 16, F_NEXT, 1), desc(0x3000, 1, F_WRITE, 0)]
+            )
+            .0,
+            S_UNSUPP
+        );
     }
 
     #[test]
@@ -319,7 +376,13 @@ mod tests {
         let mut b = [0u8; 512];
         mem.read_slice(&mut b, GuestAddress(0x2000)).expect("r");
         assert!(b.iter().all(|x| *x == 1), "sector 1 read");
-        assert!(dev.interrupt.status.load(std::sync::atomic::Ordering::SeqCst) & 1 == 1);
+        assert!(
+            dev.interrupt
+                .status
+                .load(std::sync::atomic::Ordering::SeqCst)
+                & 1
+                == 1
+        );
     }
 
     #[test]
@@ -329,7 +392,9 @@ mod tests {
         std::fs::write(f.path(), &data).expect("w");
         let ch = Arc::new(DeviceChannel::new().expect("ch"));
         let irq = Arc::new(Interrupt::new().expect("irq"));
-        let mut dev = BlockDevice::open(f.path(), false, "big", ch, irq, EventFd::new(0).expect("e")).expect("open");
+        let mut dev =
+            BlockDevice::open(f.path(), false, "big", ch, irq, EventFd::new(0).expect("e"))
+                .expect("open");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem");
         assert_eq!(dev.info().config[12..16], 254u32.to_le_bytes(), "seg_max");
         // 200 KiB read over two data descriptors, then written back 1 sector further.
@@ -363,22 +428,42 @@ mod tests {
         let (mut dev, mem, f) = setup(true);
         assert_ne!(dev.info().features & F_RO, 0);
         req(&mem, T_OUT, 0);
-        let d = [desc(0x1000, 16, F_NEXT, 1), desc(0x4000, 512, F_NEXT, 2), desc(0x3000, 1, F_WRITE, 0)];
+        let d = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x4000, 512, F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
         assert_eq!(run(&mut dev, &mem, &d).0, S_IOERR, "read-only");
-        assert!(std::fs::read(f.path()).expect("r")[..512].iter().all(|x| *x == 0));
+        assert!(
+            std::fs::read(f.path()).expect("r")[..512]
+                .iter()
+                .all(|x| *x == 0)
+        );
         // Past the end of the disk, and a sector number that overflows.
         for sector in [7, u64::MAX / 2] {
             req(&mem, T_IN, sector);
-            let d = [desc(0x1000, 16, F_NEXT, 1), desc(0x2000, 1024, F_WRITE | F_NEXT, 2), desc(0x3000, 1, F_WRITE, 0)];
+            let d = [
+                desc(0x1000, 16, F_NEXT, 1),
+                desc(0x2000, 1024, F_WRITE | F_NEXT, 2),
+                desc(0x3000, 1, F_WRITE, 0),
+            ];
             assert_eq!(run(&mut dev, &mem, &d).0, S_IOERR);
         }
         // IN with a device-readable data buffer (wrong direction).
         req(&mem, T_IN, 0);
-        let d = [desc(0x1000, 16, F_NEXT, 1), desc(0x2000, 512, F_NEXT, 2), desc(0x3000, 1, F_WRITE, 0)];
+        let d = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x2000, 512, F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
         assert_eq!(run(&mut dev, &mem, &d).0, S_IOERR);
         // Partial sector.
         req(&mem, T_IN, 0);
-        let d = [desc(0x1000, 16, F_NEXT, 1), desc(0x2000, 100, F_WRITE | F_NEXT, 2), desc(0x3000, 1, F_WRITE, 0)];
+        let d = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x2000, 100, F_WRITE | F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
         assert_eq!(run(&mut dev, &mem, &d).0, S_IOERR);
     }
 }

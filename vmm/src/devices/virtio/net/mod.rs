@@ -32,7 +32,12 @@ const TOKEN_TAP: u32 = 3;
 pub fn device_info(mac: [u8; 6]) -> DeviceInfo {
     let mut config = mac.to_vec();
     config.extend_from_slice(&[0, 0]);
-    DeviceInfo { device_type: TYPE_NET, features: VIRTIO_F_VERSION_1 | F_MAC, queue_max_sizes: vec![QUEUE_SIZE; 2], config }
+    DeviceInfo {
+        device_type: TYPE_NET,
+        features: VIRTIO_F_VERSION_1 | F_MAC,
+        queue_max_sizes: vec![QUEUE_SIZE; 2],
+        config,
+    }
 }
 
 /// Where frames go: the tap in production; any datagram fd can stand in for it in tests.
@@ -64,7 +69,12 @@ pub struct NetDevice<T: FrameIo = Tap> {
 }
 
 impl<T: FrameIo> NetDevice<T> {
-    pub fn new(tap: T, channel: Arc<DeviceChannel>, interrupt: Arc<Interrupt>, queue_evts: Vec<EventFd>) -> Self {
+    pub fn new(
+        tap: T,
+        channel: Arc<DeviceChannel>,
+        interrupt: Arc<Interrupt>,
+        queue_evts: Vec<EventFd>,
+    ) -> Self {
         Self {
             tap,
             channel,
@@ -91,7 +101,9 @@ impl<T: FrameIo> NetDevice<T> {
     }
 
     pub(crate) fn process_tx(&mut self) -> bool {
-        let Some((mem, queues)) = self.active.as_mut() else { return false };
+        let Some((mem, queues)) = self.active.as_mut() else {
+            return false;
+        };
         let mut used = false;
         while let Some(chain) = queues[TXQ].pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
@@ -104,7 +116,9 @@ impl<T: FrameIo> NetDevice<T> {
                         tracing::debug!("virtio-net: tap write dropped a frame: {e}");
                     }
                 }
-                other => tracing::warn!("virtio-net: dropping malformed TX chain: {:?}", other.err()),
+                other => {
+                    tracing::warn!("virtio-net: dropping malformed TX chain: {:?}", other.err())
+                }
             }
             let _ = queues[TXQ].add_used(&*mem, head, 0);
             used = true;
@@ -114,7 +128,9 @@ impl<T: FrameIo> NetDevice<T> {
 
     /// Moves frames from the tap into guest RX buffers while both are available.
     pub(crate) fn process_rx(&mut self) -> bool {
-        let Some((mem, queues)) = self.active.as_mut() else { return false };
+        let Some((mem, queues)) = self.active.as_mut() else {
+            return false;
+        };
         let mut used = false;
         loop {
             let len = match self.pending.take() {
@@ -137,9 +153,14 @@ impl<T: FrameIo> NetDevice<T> {
             self.rx_buf[..NET_HDR_SIZE].fill(0);
             self.rx_buf[10] = 1; // num_buffers
             let written = match Segments::from_chain(chain, mem, usize::MAX) {
-                Ok(s) if s.readable.is_empty() && s.write_len >= len => s.write_at(mem, 0, &self.rx_buf[..len]).unwrap_or(0),
+                Ok(s) if s.readable.is_empty() && s.write_len >= len => {
+                    s.write_at(mem, 0, &self.rx_buf[..len]).unwrap_or(0)
+                }
                 other => {
-                    tracing::warn!("virtio-net: RX buffer unusable or too small, frame dropped: {:?}", other.err());
+                    tracing::warn!(
+                        "virtio-net: RX buffer unusable or too small, frame dropped: {:?}",
+                        other.err()
+                    );
                     0
                 }
             };
@@ -158,8 +179,15 @@ impl<T: FrameIo> NetDevice<T> {
         // Stop watching the tap while a frame waits for a guest buffer (level-triggered epoll).
         let want = self.pending.is_none();
         if want != self.tap_listening {
-            let set = if want { EventSet::IN } else { EventSet::empty() };
-            if ops.modify(Events::with_data(&self.tap, TOKEN_TAP, set)).is_ok() {
+            let set = if want {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
+            if ops
+                .modify(Events::with_data(&self.tap, TOKEN_TAP, set))
+                .is_ok()
+            {
                 self.tap_listening = want;
             }
         }
@@ -224,12 +252,19 @@ mod tests {
         let mut dev = NetDevice::new(dev_end, ch, irq.clone(), evts);
         let rxq = MockSplitQueue::create(&m, GuestAddress(0), 16);
         let txq = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
-        dev.active = Some((m.clone(), vec![rxq.create_queue().expect("q"), txq.create_queue().expect("q")]));
+        dev.active = Some((
+            m.clone(),
+            vec![
+                rxq.create_queue().expect("q"),
+                txq.create_queue().expect("q"),
+            ],
+        ));
 
         // TX: a good frame split over header + two pieces, one outside guest memory, one with
         // a device-writable descriptor, and one that is only a header.
         let frame: Vec<u8> = (0..60u8).collect();
-        m.write_slice(&[0u8; NET_HDR_SIZE], GuestAddress(0x2_0000)).expect("w");
+        m.write_slice(&[0u8; NET_HDR_SIZE], GuestAddress(0x2_0000))
+            .expect("w");
         m.write_slice(&frame, GuestAddress(0x2_1000)).expect("w");
         txq.add_desc_chains(
             &[
@@ -249,27 +284,42 @@ mod tests {
         let mut got = [0u8; 128];
         assert_eq!(host_end.recv(&mut got).expect("one frame"), 60);
         assert_eq!(&got[..60], &frame[..]);
-        assert!(host_end.recv(&mut got).is_err(), "malformed chains sent nothing");
+        assert!(
+            host_end.recv(&mut got).is_err(),
+            "malformed chains sent nothing"
+        );
 
         // RX: a frame arrives before any buffer; a too-small buffer drops it; a good one gets
         // the next frame with a virtio_net_hdr_v1 in front.
-        host_end.send(b"first-frame-too-big-for-the-buffer").expect("send");
+        host_end
+            .send(b"first-frame-too-big-for-the-buffer")
+            .expect("send");
         assert!(!dev.process_rx());
         assert!(dev.pending.is_some(), "frame held for a guest buffer");
-        rxq.add_desc_chains(&[desc(0x3_0000, 16, F_WRITE, 0)], 0).expect("rx");
+        rxq.add_desc_chains(&[desc(0x3_0000, 16, F_WRITE, 0)], 0)
+            .expect("rx");
         host_end.send(b"second").expect("send");
         assert!(dev.process_rx());
-        rxq.add_desc_chains(&[desc(0x3_1000, 8, F_WRITE | F_NEXT, 2), desc(0x3_2000, 100, F_WRITE, 0)], 1)
-            .expect("rx");
+        rxq.add_desc_chains(
+            &[
+                desc(0x3_1000, 8, F_WRITE | F_NEXT, 2),
+                desc(0x3_2000, 100, F_WRITE, 0),
+            ],
+            1,
+        )
+        .expect("rx");
         assert!(dev.process_rx());
         let u = used(&m, &rxq);
         assert_eq!(u, vec![(0, 0), (1, (NET_HDR_SIZE + 6) as u32)]);
         let mut hdr = [0u8; 12];
-        m.read_slice(&mut hdr[..8], GuestAddress(0x3_1000)).expect("r");
-        m.read_slice(&mut hdr[8..], GuestAddress(0x3_2000)).expect("r");
+        m.read_slice(&mut hdr[..8], GuestAddress(0x3_1000))
+            .expect("r");
+        m.read_slice(&mut hdr[8..], GuestAddress(0x3_2000))
+            .expect("r");
         assert_eq!(hdr[10], 1, "num_buffers");
         let mut payload = [0u8; 6];
-        m.read_slice(&mut payload, GuestAddress(0x3_2004)).expect("r");
+        m.read_slice(&mut payload, GuestAddress(0x3_2004))
+            .expect("r");
         assert_eq!(&payload, b"second");
     }
 }

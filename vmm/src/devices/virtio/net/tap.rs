@@ -37,16 +37,26 @@ impl Tap {
             .map_err(TapError::OpenTun)?;
         // SAFETY: ifreq is plain old data; all-zero is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        for (d, s) in req
+            .ifr_name
+            .iter_mut()
+            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+        {
             *d = s as libc::c_char;
         }
         req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
         // SAFETY: TUNSETIFF reads a properly initialised ifreq that outlives the call, on a tun fd.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
         if ret < 0 {
-            return Err(TapError::SetIff { name: name.to_string(), source: std::io::Error::last_os_error() });
+            return Err(TapError::SetIff {
+                name: name.to_string(),
+                source: std::io::Error::last_os_error(),
+            });
         }
-        Ok(Self { file, name: name.to_string() })
+        Ok(Self {
+            file,
+            name: name.to_string(),
+        })
     }
 
     pub fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {

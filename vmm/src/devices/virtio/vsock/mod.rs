@@ -89,7 +89,14 @@ impl VsockDevice {
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
     ) -> Self {
-        Self { muxer, channel, interrupt, queue_evts, active: None, scratch: Vec::with_capacity(MAX_PKT_PAYLOAD) }
+        Self {
+            muxer,
+            channel,
+            interrupt,
+            queue_evts,
+            active: None,
+            scratch: Vec::with_capacity(MAX_PKT_PAYLOAD),
+        }
     }
 
     pub fn bind(cid: u64, uds: &Path) -> Result<VsockMuxer, MuxerError> {
@@ -98,7 +105,9 @@ impl VsockDevice {
 
     /// Drains the TX queue into the muxer. Returns true if a used buffer was added.
     fn process_tx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else { return false };
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
         let mut used = false;
         while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
@@ -119,10 +128,14 @@ impl VsockDevice {
 
     /// Fills guest RX buffers with pending packets. Returns true if a used buffer was added.
     fn process_rx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else { return false };
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
         let mut used = false;
         while self.muxer.has_rx() {
-            let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) else { break };
+            let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) else {
+                break;
+            };
             let head = chain.head_index();
             let segs = match Segments::from_chain(chain, &a.mem, usize::MAX) {
                 Ok(s) if s.readable.is_empty() && s.write_len >= HDR_SIZE => s,
@@ -213,7 +226,16 @@ mod tests {
     }
 
     fn hdr(len: u32) -> VsockHeader {
-        VsockHeader { src_cid: 3, dst_cid: 2, src_port: 1, dst_port: 2, len, type_: 1, op: packet::OP_RW, ..Default::default() }
+        VsockHeader {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 1,
+            dst_port: 2,
+            len,
+            type_: 1,
+            op: packet::OP_RW,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -226,7 +248,8 @@ mod tests {
         // Header split 10 + 34 bytes, payload in 4 KiB pieces plus a tail.
         m.write_slice(&h[..10], GuestAddress(0x1_0000)).expect("w");
         m.write_slice(&h[10..], GuestAddress(0x1_1000)).expect("w");
-        m.write_slice(&payload[..plen], GuestAddress(0x2_0000)).expect("w");
+        m.write_slice(&payload[..plen], GuestAddress(0x2_0000))
+            .expect("w");
         // 2 header descriptors + 8 payload descriptors of up to 8 KiB (the mock queue has 16).
         let mut descs = vec![desc(0x1_0000, 10, F_NEXT, 1), desc(0x1_1000, 34, F_NEXT, 2)];
         let mut off = 0;
@@ -234,13 +257,21 @@ mod tests {
         while off < plen {
             let n = (plen - off).min(8192);
             let last = off + n == plen;
-            descs.push(desc(0x2_0000 + off as u64, n as u32, if last { 0 } else { F_NEXT }, i + 1));
+            descs.push(desc(
+                0x2_0000 + off as u64,
+                n as u32,
+                if last { 0 } else { F_NEXT },
+                i + 1,
+            ));
             off += n;
             i += 1;
         }
         let segs = parse(&m, &descs, HDR_SIZE + MAX_PKT_PAYLOAD).expect("valid");
         let mut out = Vec::new();
-        assert_eq!(parse_tx(&segs, &m, &mut out), TxParse::Packet(hdr(plen as u32)));
+        assert_eq!(
+            parse_tx(&segs, &m, &mut out),
+            TxParse::Packet(hdr(plen as u32))
+        );
         assert_eq!(out, payload[..plen]);
     }
 
@@ -255,17 +286,33 @@ mod tests {
         let ch = Arc::new(DeviceChannel::new().expect("ch"));
         let irq = Arc::new(Interrupt::new().expect("irq"));
         let evts = (0..3).map(|_| EventFd::new(0).expect("e")).collect();
-        let mut dev = VsockDevice::new(VsockMuxer::new(3, &uds).expect("muxer"), ch.clone(), irq.clone(), evts);
+        let mut dev = VsockDevice::new(
+            VsockMuxer::new(3, &uds).expect("muxer"),
+            ch.clone(),
+            irq.clone(),
+            evts,
+        );
         let rxq = MockSplitQueue::create(&m, GuestAddress(0), 16);
         let txq = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
         let evq = MockSplitQueue::create(&m, GuestAddress(0x2000), 16);
-        let queues = vec![rxq.create_queue().expect("q"), txq.create_queue().expect("q"), evq.create_queue().expect("q")];
-        ch.send(TransportMsg::Activate { queues, mem: m.clone() });
+        let queues = vec![
+            rxq.create_queue().expect("q"),
+            txq.create_queue().expect("q"),
+            evq.create_queue().expect("q"),
+        ];
+        ch.send(TransportMsg::Activate {
+            queues,
+            mem: m.clone(),
+        });
         dev.handle_channel();
 
         // RX: a chain with a device-readable descriptor (unusable), then a good split buffer.
         rxq.add_desc_chains(
-            &[desc(0x2_0000, 64, 0, 0), desc(0x1_0000, 44, F_NEXT | F_WRITE, 2), desc(0x1_1000, 4096, F_WRITE, 0)],
+            &[
+                desc(0x2_0000, 64, 0, 0),
+                desc(0x1_0000, 44, F_NEXT | F_WRITE, 2),
+                desc(0x1_1000, 4096, F_WRITE, 0),
+            ],
             0,
         )
         .expect("rx chains");
@@ -273,7 +320,8 @@ mod tests {
         // and a chain with a device-writable descriptor.
         let mut req = hdr(0);
         (req.op, req.src_port, req.dst_port) = (packet::OP_REQUEST, 1025, 99);
-        m.write_slice(&req.to_bytes(), GuestAddress(0x3_0000)).expect("w");
+        m.write_slice(&req.to_bytes(), GuestAddress(0x3_0000))
+            .expect("w");
         txq.add_desc_chains(
             &[
                 desc(0x3_0000, 20, F_NEXT, 1),
@@ -287,15 +335,25 @@ mod tests {
         .expect("tx chains");
         dev.run_queues();
 
-        assert_eq!(used(&m, &txq).len(), 3, "every TX chain is returned, malformed ones too");
+        assert_eq!(
+            used(&m, &txq).len(),
+            3,
+            "every TX chain is returned, malformed ones too"
+        );
         assert_eq!(used(&m, &rxq), vec![(0, 0), (1, HDR_SIZE as u32)]);
         let mut hb = [0u8; HDR_SIZE];
         m.read_slice(&mut hb, GuestAddress(0x1_0000)).expect("r");
         let resp = VsockHeader::from_bytes(&hb);
-        assert_eq!((resp.op, resp.src_port, resp.dst_port, resp.dst_cid), (packet::OP_RESPONSE, 99, 1025, 3));
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port, resp.dst_cid),
+            (packet::OP_RESPONSE, 99, 1025, 3)
+        );
         assert_ne!(irq.status.load(std::sync::atomic::Ordering::SeqCst) & 1, 0);
         listener.set_nonblocking(true).expect("nb");
-        assert!(listener.accept().is_ok(), "the guest's REQUEST reached <uds>_99");
+        assert!(
+            listener.accept().is_ok(),
+            "the guest's REQUEST reached <uds>_99"
+        );
 
         // Reset drops the queues: later notifications are ignored without touching memory.
         ch.send(TransportMsg::Reset);
@@ -312,16 +370,29 @@ mod tests {
         let s = parse(&m, &[desc(0x1_0000, 20, 0, 0)], 1 << 20).expect("chain");
         assert!(matches!(parse_tx(&s, &m, &mut out), TxParse::Malformed(_)));
         // Header claims more payload than the chain carries.
-        m.write_slice(&hdr(500).to_bytes(), GuestAddress(0x1_0000)).expect("w");
-        let s = parse(&m, &[desc(0x1_0000, 44, F_NEXT, 1), desc(0x2_0000, 100, 0, 0)], 1 << 20).expect("chain");
+        m.write_slice(&hdr(500).to_bytes(), GuestAddress(0x1_0000))
+            .expect("w");
+        let s = parse(
+            &m,
+            &[desc(0x1_0000, 44, F_NEXT, 1), desc(0x2_0000, 100, 0, 0)],
+            1 << 20,
+        )
+        .expect("chain");
         assert!(matches!(parse_tx(&s, &m, &mut out), TxParse::Malformed(_)));
         // Oversized length field.
-        m.write_slice(&hdr(u32::MAX).to_bytes(), GuestAddress(0x1_0000)).expect("w");
+        m.write_slice(&hdr(u32::MAX).to_bytes(), GuestAddress(0x1_0000))
+            .expect("w");
         let s = parse(&m, &[desc(0x1_0000, 44, 0, 0)], 1 << 20).expect("chain");
         assert!(matches!(parse_tx(&s, &m, &mut out), TxParse::Malformed(_)));
         // Writable descriptor in TX.
-        m.write_slice(&hdr(0).to_bytes(), GuestAddress(0x1_0000)).expect("w");
-        let s = parse(&m, &[desc(0x1_0000, 44, F_NEXT, 1), desc(0x2_0000, 8, F_WRITE, 0)], 1 << 20).expect("chain");
+        m.write_slice(&hdr(0).to_bytes(), GuestAddress(0x1_0000))
+            .expect("w");
+        let s = parse(
+            &m,
+            &[desc(0x1_0000, 44, F_NEXT, 1), desc(0x2_0000, 8, F_WRITE, 0)],
+            1 << 20,
+        )
+        .expect("chain");
         assert!(matches!(parse_tx(&s, &m, &mut out), TxParse::Malformed(_)));
     }
 }

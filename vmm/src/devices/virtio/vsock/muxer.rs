@@ -146,7 +146,10 @@ pub struct VsockMuxer {
 
 impl VsockMuxer {
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
-        let bind_err = |source| MuxerError::Bind { path: uds_path.to_owned(), source };
+        let bind_err = |source| MuxerError::Bind {
+            path: uds_path.to_owned(),
+            source,
+        };
         match std::fs::remove_file(uds_path) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -155,7 +158,8 @@ impl VsockMuxer {
         let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
-        let timer = TimerFd::new().map_err(|e| MuxerError::Epoll(std::io::Error::from_raw_os_error(e.errno())))?;
+        let timer = TimerFd::new()
+            .map_err(|e| MuxerError::Epoll(std::io::Error::from_raw_os_error(e.errno())))?;
         let mut m = Self {
             guest_cid,
             uds_path: uds_path.to_owned(),
@@ -171,10 +175,12 @@ impl VsockMuxer {
             connect_timeout: CONNECT_TIMEOUT,
         };
         let fd = m.listener.as_raw_fd();
-        m.epoll_ctl(ControlOperation::Add, fd, EventSet::IN).map_err(MuxerError::Epoll)?;
+        m.epoll_ctl(ControlOperation::Add, fd, EventSet::IN)
+            .map_err(MuxerError::Epoll)?;
         m.fds.insert(fd, FdKind::Listener);
         let tfd = m.timer.as_raw_fd();
-        m.epoll_ctl(ControlOperation::Add, tfd, EventSet::IN).map_err(MuxerError::Epoll)?;
+        m.epoll_ctl(ControlOperation::Add, tfd, EventSet::IN)
+            .map_err(MuxerError::Epoll)?;
         m.fds.insert(tfd, FdKind::Timer);
         Ok(m)
     }
@@ -217,7 +223,14 @@ impl VsockMuxer {
 
     fn rst_for(&mut self, hdr: &VsockHeader) {
         if hdr.op != OP_RST {
-            self.push_ctrl(ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port }, OP_RST, 0);
+            self.push_ctrl(
+                ConnKey {
+                    local_port: hdr.dst_port,
+                    peer_port: hdr.src_port,
+                },
+                OP_RST,
+                0,
+            );
         }
     }
 
@@ -232,7 +245,9 @@ impl VsockMuxer {
 
     /// Recomputes what we wait for on a connection's socket.
     fn update_interest(&mut self, key: ConnKey) {
-        let Some(c) = self.conns.get_mut(&key) else { return };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
         let mut ev = EventSet::empty();
         if c.state == ConnState::Established && !c.rx_queued && c.peer_credit() > 0 {
             ev |= EventSet::IN | EventSet::READ_HANG_UP;
@@ -243,7 +258,9 @@ impl VsockMuxer {
         if ev != c.interest {
             c.interest = ev;
             let fd = c.stream.as_raw_fd();
-            let _ = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(ev, fd as u64));
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Modify, fd, EpollEvent::new(ev, fd as u64));
         }
     }
 
@@ -262,7 +279,10 @@ impl VsockMuxer {
             self.rst_for(hdr);
             return;
         }
-        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         if hdr.op == OP_REQUEST {
             self.guest_connect(key, hdr);
             return;
@@ -285,7 +305,10 @@ impl VsockMuxer {
             }
             OP_RW if c.state == ConnState::Established => {
                 if c.tx_buf.len() + payload.len() > CONN_BUF_ALLOC as usize {
-                    tracing::warn!(?key, "vsock: guest overran its credit, resetting connection");
+                    tracing::warn!(
+                        ?key,
+                        "vsock: guest overran its credit, resetting connection"
+                    );
                     self.remove(key);
                     self.push_ctrl(key, OP_RST, 0);
                     return;
@@ -333,16 +356,20 @@ impl VsockMuxer {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), key.local_port);
-        let stream = match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(%path, "vsock: guest connect refused: {e}");
-                self.push_ctrl(key, OP_RST, 0);
-                return;
-            }
-        };
+        let stream =
+            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%path, "vsock: guest connect refused: {e}");
+                    self.push_ctrl(key, OP_RST, 0);
+                    return;
+                }
+            };
         let fd = stream.as_raw_fd();
-        if self.epoll_ctl(ControlOperation::Add, fd, EventSet::empty()).is_err() {
+        if self
+            .epoll_ctl(ControlOperation::Add, fd, EventSet::empty())
+            .is_err()
+        {
             self.push_ctrl(key, OP_RST, 0);
             return;
         }
@@ -370,7 +397,10 @@ impl VsockMuxer {
     pub fn recv_pkt(&mut self, max_payload: usize, buf: &mut Vec<u8>) -> Option<VsockHeader> {
         buf.clear();
         if let Some(mut h) = self.ctrl_rx.pop_front() {
-            let key = ConnKey { local_port: h.src_port, peer_port: h.dst_port };
+            let key = ConnKey {
+                local_port: h.src_port,
+                peer_port: h.dst_port,
+            };
             if let Some(c) = self.conns.get_mut(&key) {
                 h.buf_alloc = CONN_BUF_ALLOC;
                 h.fwd_cnt = c.fwd_cnt.0;
@@ -379,9 +409,13 @@ impl VsockMuxer {
             return Some(h);
         }
         while let Some(key) = self.rx_ready.pop_front() {
-            let Some(c) = self.conns.get_mut(&key) else { continue };
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
             c.rx_queued = false;
-            let want = (c.peer_credit() as usize).min(max_payload).min(MAX_PKT_PAYLOAD);
+            let want = (c.peer_credit() as usize)
+                .min(max_payload)
+                .min(MAX_PKT_PAYLOAD);
             if c.state != ConnState::Established || want == 0 {
                 self.update_interest(key);
                 continue;
@@ -453,7 +487,10 @@ impl VsockMuxer {
                         continue;
                     }
                     let fd = s.as_raw_fd();
-                    if self.epoll_ctl(ControlOperation::Add, fd, EventSet::IN).is_ok() {
+                    if self
+                        .epoll_ctl(ControlOperation::Add, fd, EventSet::IN)
+                        .is_ok()
+                    {
                         self.fds.insert(fd, FdKind::Pending(s, Vec::new()));
                     }
                 }
@@ -465,7 +502,9 @@ impl VsockMuxer {
 
     /// Reads the `CONNECT <port>\n` line one byte at a time, so no payload byte is consumed.
     fn read_connect_line(&mut self, fd: RawFd) {
-        let Some(FdKind::Pending(s, line)) = self.fds.get_mut(&fd) else { return };
+        let Some(FdKind::Pending(s, line)) = self.fds.get_mut(&fd) else {
+            return;
+        };
         let mut b = [0u8; 1];
         let port = loop {
             match s.read(&mut b) {
@@ -481,13 +520,18 @@ impl VsockMuxer {
                 _ => break None,
             }
         };
-        let Some(FdKind::Pending(stream, _)) = self.fds.remove(&fd) else { return };
+        let Some(FdKind::Pending(stream, _)) = self.fds.remove(&fd) else {
+            return;
+        };
         let Some(port) = port else {
             let _ = self.epoll_ctl(ControlOperation::Delete, fd, EventSet::empty());
             return; // dropping the stream closes it
         };
         let key = loop {
-            let k = ConnKey { local_port: self.next_local_port, peer_port: port };
+            let k = ConnKey {
+                local_port: self.next_local_port,
+                peer_port: port,
+            };
             self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
             if !self.conns.contains_key(&k) {
                 break k;
@@ -495,7 +539,8 @@ impl VsockMuxer {
         };
         let _ = self.epoll_ctl(ControlOperation::Modify, fd, EventSet::empty());
         self.fds.insert(fd, FdKind::Conn(key));
-        self.conns.insert(key, Connection::new(stream, ConnState::LocalInit));
+        self.conns
+            .insert(key, Connection::new(stream, ConnState::LocalInit));
         self.push_ctrl(key, OP_REQUEST, 0);
         if !self.timer_armed {
             self.arm_timer(self.connect_timeout);
@@ -503,7 +548,10 @@ impl VsockMuxer {
     }
 
     fn arm_timer(&mut self, after: Duration) {
-        self.timer_armed = self.timer.reset(after.max(Duration::from_millis(1)), None).is_ok();
+        self.timer_armed = self
+            .timer
+            .reset(after.max(Duration::from_millis(1)), None)
+            .is_ok();
     }
 
     /// Refuses host-initiated connections the guest did not accept in time.
@@ -526,7 +574,9 @@ impl VsockMuxer {
             tracing::debug!(?k, "vsock: guest did not accept in time");
             self.remove(k);
             // If the guest never even saw the REQUEST, withdraw it; otherwise reset.
-            let queued = |h: &VsockHeader| h.op == OP_REQUEST && h.src_port == k.local_port && h.dst_port == k.peer_port;
+            let queued = |h: &VsockHeader| {
+                h.op == OP_REQUEST && h.src_port == k.local_port && h.dst_port == k.peer_port
+            };
             let before = self.ctrl_rx.len();
             self.ctrl_rx.retain(|h| !queued(h));
             if self.ctrl_rx.len() == before {
@@ -539,7 +589,9 @@ impl VsockMuxer {
     }
 
     fn conn_event(&mut self, key: ConnKey, set: EventSet) {
-        let Some(c) = self.conns.get_mut(&key) else { return };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
         if set.contains(EventSet::OUT) {
             if !c.flush() {
                 self.host_closed(key);
@@ -547,8 +599,11 @@ impl VsockMuxer {
             }
             self.maybe_credit_update(key);
         }
-        let Some(c) = self.conns.get_mut(&key) else { return };
-        if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if set
+            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
             && c.state == ConnState::Established
             && !c.rx_queued
         {
@@ -583,7 +638,13 @@ mod tests {
         (VsockMuxer::new(CID, &uds).expect("muxer"), dir, uds)
     }
 
-    fn from_guest(src_port: u32, dst_port: u32, op: u16, buf_alloc: u32, fwd_cnt: u32) -> VsockHeader {
+    fn from_guest(
+        src_port: u32,
+        dst_port: u32,
+        op: u16,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+    ) -> VsockHeader {
         VsockHeader {
             src_cid: CID,
             dst_cid: HOST_CID,
@@ -645,7 +706,10 @@ mod tests {
         assert_eq!(&got, b"pong");
         // Host closes: the guest is told, and its RST ends the connection.
         drop(c);
-        m.send_pkt(&from_guest(52, req.src_port, OP_CREDIT_UPDATE, 4096, 8), &[]);
+        m.send_pkt(
+            &from_guest(52, req.src_port, OP_CREDIT_UPDATE, 4096, 8),
+            &[],
+        );
         let mut saw_shutdown = false;
         while let Some(h) = next(&mut m, &mut buf) {
             if h.op == OP_SHUTDOWN {
@@ -663,7 +727,11 @@ mod tests {
         let (mut m, _d, uds) = muxer();
         let mut buf = Vec::new();
         m.send_pkt(&from_guest(1025, 99, OP_REQUEST, 4096, 0), &[]);
-        assert_eq!(next(&mut m, &mut buf).expect("reply").op, OP_RST, "nobody listens on _99");
+        assert_eq!(
+            next(&mut m, &mut buf).expect("reply").op,
+            OP_RST,
+            "nobody listens on _99"
+        );
         let l = UnixListener::bind(format!("{}_99", uds.display())).expect("bind");
         m.send_pkt(&from_guest(1025, 99, OP_REQUEST, 4096, 0), &[]);
         let r = next(&mut m, &mut buf).expect("reply");
@@ -717,9 +785,14 @@ mod tests {
         let rst = next(&mut m, &mut buf).expect("rst after the timeout");
         assert_eq!((rst.op, rst.src_port), (OP_RST, req.src_port));
         assert!(m.conns.is_empty());
-        c.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("t");
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .expect("t");
         let mut b = [0u8; 1];
-        assert_eq!(c.read(&mut b).expect("closed"), 0, "client sees the refusal as EOF");
+        assert_eq!(
+            c.read(&mut b).expect("closed"),
+            0,
+            "client sees the refusal as EOF"
+        );
 
         // A guest that never takes packets (driver not up): the REQUEST is withdrawn, no RST.
         let mut c2 = UnixStream::connect(&uds).expect("connect");
@@ -746,7 +819,8 @@ mod tests {
             let mut c = UnixStream::connect(&uds).expect("connect");
             c.write_all(line).expect("w");
             assert!(next(&mut m, &mut buf).is_none());
-            c.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("t");
+            c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .expect("t");
             let mut b = [0u8; 1];
             match c.read(&mut b) {
                 Ok(n) => assert_eq!(n, 0, "closed"),
