@@ -98,9 +98,21 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: AgentConfig, reaper: Arc<Reaper>) -> std::result::Result<Arc<Self>, CgroupError> {
+    /// `protect_exe`: run runners from a read-only bind mount of this binary
+    /// (only when the agent's mounts are private: host mode or PID 1).
+    pub fn new(config: AgentConfig, reaper: Arc<Reaper>, protect_exe: bool) -> std::result::Result<Arc<Self>, CgroupError> {
         let cgroups = Hierarchy::detect(&config.cgroup_root)?;
-        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        let exe = match protect_exe.then(|| readonly_exe(&config.state_dir)) {
+            Some(Ok(p)) => p,
+            other => {
+                let e = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "mounts are shared with the host (--shared-mounts)".to_string(),
+                };
+                tracing::warn!(error = %e, "runner binary is not protected by a read-only mount");
+                std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+            }
+        };
         Ok(Arc::new(Self {
             config,
             exe,
@@ -139,6 +151,29 @@ impl Agent {
             }
         }
     }
+}
+
+/// Bind-mount this binary read-only into the state dir and run runners from
+/// there. A container process that gets hold of a runner's /proc/PID/exe (an
+/// image whose binary is `#!/proc/self/exe`, CVE-2019-5736) then cannot
+/// overwrite the agent: the file is only reachable through a read-only mount.
+/// Needs the agent's private mount namespace (host mode) or PID 1.
+pub fn readonly_exe(state_dir: &std::path::Path) -> std::io::Result<PathBuf> {
+    use nix::mount::MsFlags;
+    let target = state_dir.join(".husk-runner");
+    std::fs::create_dir_all(state_dir)?;
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&target)?;
+    let none: Option<&str> = None;
+    // By path, not /proc/self/exe: that names the mount we were exec'd from,
+    // which belongs to the mount namespace we left (EINVAL).
+    let source = std::env::current_exe()?;
+    nix::mount::mount(Some(&source), &target, none, MsFlags::MS_BIND, none)?;
+    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if let Err(e) = nix::mount::mount(none, &target, none, ro, none) {
+        let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+        return Err(e.into());
+    }
+    Ok(target)
 }
 
 /// Ids are path components and cgroup names: keep them boring.

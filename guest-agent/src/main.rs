@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         let reaper = Reaper::new();
         tokio::spawn(reaper.clone().run());
         let config = AgentConfig { state_dir: args.state_dir.clone(), cgroup_root: args.cgroup_root.clone(), is_init };
-        let agent = Agent::new(config, reaper).context("cgroups")?;
+        let agent = Agent::new(config, reaper, is_init || !args.shared_mounts).context("cgroups")?;
         tokio::spawn(agent.clone().oom_monitor());
         let mut server = server::serve(agent.clone(), &listen).await.context("serve")?;
         tracing::info!(?listen, cgroup = agent.cgroups.version(), is_init, "husk-agent ready");
@@ -88,6 +88,8 @@ fn main() -> anyhow::Result<()> {
         if let Listen::Unix(p) = &listen {
             let _ = std::fs::remove_file(p);
         }
+        let _ = nix::mount::umount2(&agent.exe, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(args.state_dir.join(".husk-runner"));
         anyhow::Ok(())
     })?;
     if is_init {

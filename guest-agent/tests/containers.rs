@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use common::{TestAgent, code, ctx, spec, unique};
 use husk_proto::agent as pb;
 use ttrpc::Code;
@@ -49,13 +51,13 @@ impl TestAgent {
 async fn env_cwd_user_and_username() {
     require_root!();
     let a = TestAgent::with_sandbox().await;
-    let mut s = spec(&["sh", "-c", "echo $FOO; pwd; id -u; id -g; id -G; echo $HOME"]);
+    let mut s = spec(&["sh", "-c", "echo $FOO; pwd; id -u; id -g; id -G; echo $HOME; umask"]);
     s["process"]["env"] = serde_json::json!(["PATH=/bin", "FOO=bar baz"]);
     s["process"]["cwd"] = "/tmp".into();
-    s["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [5]});
+    s["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [5], "umask": 63});
     let (out, err, code) = a.output(&unique("user"), &s).await;
     assert_eq!(code, 0, "stderr: {err}");
-    assert_eq!(out, "bar baz\n/tmp\n1000\n1000\n1000 5 10\n/home/alice\n");
+    assert_eq!(out, "bar baz\n/tmp\n1000\n1000\n1000 5 10\n/home/alice\n0077\n");
 
     // A username is resolved against the image's /etc/passwd and /etc/group.
     let mut s = spec(&["sh", "-c", "id -u; id -G"]);
@@ -463,4 +465,31 @@ async fn tty_container_with_stdin() {
     assert_eq!(a.read_all(&id, "", true).await, "");
     assert_eq!(a.wait(&id, "").await.exit_code, 5);
     a.remove(&id, false).await.expect("remove");
+}
+
+/// A runner that has not exec'd yet (a created container) runs the agent
+/// binary; a container process reaching it through /proc/PID/exe (an image
+/// binary that is `#!/proc/self/exe`, CVE-2019-5736) must not be able to
+/// overwrite it: runners run from a read-only bind mount of the binary.
+#[tokio::test]
+async fn runner_binary_cannot_be_overwritten() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("created");
+    let pid = a.create(&id, &spec(&["true"])).await.expect("create").pid;
+    assert!(!a.log().contains("not protected"), "{}", a.log());
+    // As the exploit does: hold an O_PATH fd while the runner lives, reopen it
+    // for writing once the runner is gone (no longer "text busy").
+    let opath = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(format!("/proc/{pid}/exe"))
+        .expect("O_PATH");
+    a.remove(&id, false).await.expect("remove");
+    let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&opath));
+    let err = std::fs::OpenOptions::new().write(true).open(&fd_path).expect_err("must not open for writing");
+    // ETXTBSY while any agent runs the file; EROFS always, from the mount:
+    assert!(matches!(err.raw_os_error(), Some(libc::EROFS | libc::ETXTBSY)), "{err}");
+    let vfs = nix::sys::statvfs::fstatvfs(&opath).expect("fstatvfs");
+    assert!(vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY), "runner binary on a writable mount");
 }

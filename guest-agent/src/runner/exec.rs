@@ -46,6 +46,7 @@ pub struct ExecPlan {
     pub seccomp: Option<Vec<libc::sock_filter>>,
     pub rlimits: Vec<(u32, u64, u64)>,
     pub oom_score_adj: Option<i32>,
+    pub umask: u32,
 }
 
 /// New session; with a tty, make stdin (the pty slave) the controlling terminal.
@@ -115,6 +116,7 @@ pub fn prepare_process(process: Option<&Process>, linux: Option<&Linux>, extra_e
         seccomp,
         rlimits,
         oom_score_adj: process.oom_score_adj(),
+        umask: u.umask().unwrap_or(0o022),
     })
 }
 
@@ -153,6 +155,7 @@ pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
     if let Some(adj) = plan.oom_score_adj {
         let _ = std::fs::write("/proc/self/oom_score_adj", adj.to_string());
     }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(plan.umask as libc::mode_t));
     nix::unistd::chdir(&plan.cwd).map_err(|e| ExecError::Os("chdir to cwd", e))?;
     if let Some(caps) = &plan.caps {
         caps::apply_bounding(caps)?;

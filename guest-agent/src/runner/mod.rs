@@ -131,6 +131,11 @@ pub fn main() -> ! {
     // Everything above stderr, ours included, closes on the container's execve:
     // the agent reads EOF on the sync pipe as "exec succeeded".
     cloexec_others(&[]);
+    // Not dumpable until execve: processes already in the container must not
+    // reach this host binary through /proc/PID/exe (the runc CVE-2019-5736
+    // pattern). execve of the container's binary makes the process dumpable again.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // SAFETY: the agent passed these fds to us (spawn.rs); we take ownership once.
     let mut sync = Sync { file: unsafe { File::from_raw_fd(sync_fd) } };
     // SAFETY: as above.
