@@ -79,7 +79,8 @@ fn main() -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
         tracing::info!("shutting down");
-        let _ = server.shutdown().await;
+        // Long-poll RPCs may be pending: do not wait for them forever.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server.shutdown()).await;
         let sandbox_id = agent.sandbox().ok().map(|s| s.id.clone());
         if let Some(id) = sandbox_id
             && let Err(e) = sandbox::do_destroy(&agent, &id).await {

@@ -97,3 +97,73 @@ impl TestAgent {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), None).is_ok()
     }
 }
+
+/// Mangled specs (truncated, bytes flipped, fields of the wrong type) are
+/// answered with an error or a container, never a dead agent or INTERNAL for
+/// what is really bad input.
+#[tokio::test]
+async fn mangled_specs_are_rejected_cleanly() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let good = serde_json::to_vec(&common::spec(&["true"])).expect("json");
+    // HUSK_FUZZ_SEED explores other mutations; the default keeps CI deterministic.
+    let mut x: u64 = std::env::var("HUSK_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x2545_f491_4f6c_dd1d);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut variants: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..40 {
+        let cut = (next() as usize) % good.len();
+        variants.push(good[..cut].to_vec());
+    }
+    for _ in 0..40 {
+        let mut v = good.clone();
+        for _ in 0..3 {
+            let i = (next() as usize) % v.len();
+            let alphabet = b"{}[]\":,0az\x00\xff";
+            v[i] = alphabet[(next() as usize) % alphabet.len()];
+        }
+        variants.push(v);
+    }
+    let edits: [fn(&mut serde_json::Value); 8] = [
+        |v| v["process"]["args"] = serde_json::json!("not-a-list"),
+        |v| v["process"]["user"]["uid"] = serde_json::json!(-1),
+        |v| v["mounts"] = serde_json::json!([{"destination": 5}]),
+        |v| v["linux"]["maskedPaths"] = serde_json::json!(7),
+        |v| v["root"] = serde_json::json!({"readonly": "yes"}),
+        |v| v["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_NOTIFY"}),
+        |v| v["linux"]["namespaces"] = serde_json::json!([{"type": "user"}]),
+        |v| v["linux"]["resources"] = serde_json::json!({"memory": {"limit": "lots"}}),
+    ];
+    for edit in edits {
+        let mut v = common::spec(&["true"]);
+        edit(&mut v);
+        variants.push(serde_json::to_vec(&v).expect("json"));
+    }
+    let mut created = 0;
+    for (i, v) in variants.iter().enumerate() {
+        let id = format!("m{i}");
+        let req = pb::CreateContainerRequest {
+            container_id: id.clone(),
+            oci_spec: v.clone(),
+            rootfs: Some(pb::Rootfs {
+                source: Some(pb::rootfs::Source::Path(common::rootfs().display().to_string())),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        match a.client.create_container(ctx(), &req).await {
+            Ok(_) => {
+                created += 1;
+                a.remove(&id, true).await.expect("remove");
+            }
+            Err(e) => assert_ne!(common::code(&e), ttrpc::Code::INTERNAL, "variant {i}: {e:?}\n{}", String::from_utf8_lossy(v)),
+        }
+    }
+    assert!(created < variants.len(), "mangling must reject something");
+    a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("alive");
+}

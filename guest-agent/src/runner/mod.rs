@@ -91,7 +91,8 @@ impl RunnerError {
                 rootfs::RootfsError::MissingSource(_)
                     | rootfs::RootfsError::RelativeDestination(_)
                     | rootfs::RootfsError::Sysctl(_)
-                    | rootfs::RootfsError::Device(_),
+                    | rootfs::RootfsError::Device(_)
+                    | rootfs::RootfsError::BadMount(_),
             )
                 | RunnerError::User(_)
                 | RunnerError::Caps(caps::CapsError::Unknown(_))

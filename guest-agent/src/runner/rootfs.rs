@@ -17,6 +17,8 @@ pub enum RootfsError {
     RelativeDestination(String),
     #[error("bind mount source {0} does not exist")]
     MissingSource(String),
+    #[error("bad mount {0}")]
+    BadMount(String),
     #[error("bad device {0}")]
     Device(String),
     #[error("bad sysctl name {0:?}")]
@@ -171,7 +173,16 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
         if m.destination() == Path::new("/dev") {
             dev_mounted = true;
         }
-        mount_one(sys, dir, m)?;
+        mount_one(sys, dir, m).map_err(|e| match e {
+            // The kernel refusing a spec mount (unknown option or fs type, a
+            // file over a directory) is a bad request, not a broken machine.
+            RootfsError::Sys(SyscallError::Nix { source, .. })
+                if matches!(source, nix::Error::EINVAL | nix::Error::ENODEV | nix::Error::ENOTDIR | nix::Error::ENOENT) =>
+            {
+                RootfsError::BadMount(format!("{}: {e}", m.destination().display()))
+            }
+            other => other,
+        })?;
     }
     if dev_mounted {
         setup_dev(sys, dir, host_devices)?;
