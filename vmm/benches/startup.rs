@@ -27,6 +27,8 @@ fn now_ns() -> u64 {
 
 #[derive(Default, Clone, Copy)]
 struct Sample {
+    /// user + system CPU time of the whole VMM process, start to exit.
+    cpu_ms: f64,
     entry_ms: Option<f64>,
     marker_ms: f64,
     rss_kib: u64,
@@ -112,13 +114,21 @@ fn husk(wait: bool) -> Option<Sample> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     }
-    let status = child.wait().ok()?;
-    if !status.success() {
-        eprintln!("husk-vmm exited with {status}");
+    // wait4 rather than Child::wait, to get the child's CPU time.
+    let mut status = 0;
+    // SAFETY: rusage is plain data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid out-pointers.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        eprintln!("husk-vmm failed: wait status {status:#x}");
         return None;
     }
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    let cpu_ms = tv(ru.ru_utime) + tv(ru.ru_stime);
     let entry_ms = entry.join().ok().flatten().map(|e| (e - t0) as f64 / 1e6);
     Some(Sample {
+        cpu_ms,
         entry_ms,
         marker_ms: (marker - t0) as f64 / 1e6,
         rss_kib,
@@ -239,6 +249,7 @@ fn qemu(bin: &str) -> Option<Sample> {
     let _ = child.kill();
     let _ = child.wait();
     Some(Sample {
+        cpu_ms: 0.0,
         entry_ms: None,
         marker_ms: (marker? - t0) as f64 / 1e6,
         rss_kib,
@@ -294,11 +305,11 @@ fn main() {
     let handles: Vec<_> = (0..20)
         .map(|_| std::thread::spawn(|| husk(false)))
         .collect();
-    let conc: Vec<f64> = handles
+    let conc_samples: Vec<Sample> = handles
         .into_iter()
         .filter_map(|h| h.join().ok().flatten())
-        .map(|s| s.marker_ms)
         .collect();
+    let conc: Vec<f64> = conc_samples.iter().map(|s| s.marker_ms).collect();
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -323,6 +334,10 @@ fn main() {
         q.iter().map(|s| s.marker_ms).collect(),
     );
     row("husk-vmm, 20 started at once: spawn → marker", conc.clone());
+    row(
+        "husk-vmm CPU time per VM, boot to exit (user+sys)",
+        conc_samples.iter().map(|s| s.cpu_ms).collect(),
+    );
     println!("\n| memory (KiB, guest idle, {MEM_MIB} MiB guest) | n | min | median | p90 | max |");
     println!("|---|---|---|---|---|---|");
     row(
