@@ -173,15 +173,17 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
         if m.destination() == Path::new("/dev") {
             dev_mounted = true;
         }
-        mount_one(sys, dir, m).map_err(|e| match e {
+        mount_one(sys, dir, m).map_err(|e| {
             // The kernel refusing a spec mount (unknown option or fs type, a
             // file over a directory) is a bad request, not a broken machine.
-            RootfsError::Sys(SyscallError::Nix { source, .. })
-                if matches!(source, nix::Error::EINVAL | nix::Error::ENODEV | nix::Error::ENOTDIR | nix::Error::ENOENT) =>
-            {
-                RootfsError::BadMount(format!("{}: {e}", m.destination().display()))
-            }
-            other => other,
+            let refused = matches!(
+                &e,
+                RootfsError::Sys(SyscallError::Nix {
+                    source: nix::Error::EINVAL | nix::Error::ENODEV | nix::Error::ENOTDIR | nix::Error::ENOENT,
+                    ..
+                })
+            );
+            if refused { RootfsError::BadMount(format!("{}: {e}", m.destination().display())) } else { e }
         })?;
     }
     if dev_mounted {
