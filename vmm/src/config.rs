@@ -86,8 +86,11 @@ fn default_vcpus() -> u8 {
 fn default_mem() -> u32 {
     128
 }
-/// Serial console, reboot through the i8042 (which ends the VMM), no PCI bus to probe.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// Serial console, reboot through the i8042 (which ends the VMM), no PCI bus to probe, and the
+/// i8042 options that let Ctrl-Alt-Del (SIGTERM) reach a Linux guest through this minimal
+/// controller (the same set Firecracker documents).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
