@@ -347,14 +347,26 @@ fn start_ap() -> bool {
     false
 }
 
+/// Idles in `hlt` with the keyboard interrupt (IOAPIC pin 1) enabled until the i8042 delivers
+/// Ctrl-Alt-Del, as a Linux guest would, then resets.
 fn wait_ctrl_alt_del() -> ! {
+    enable_irq(1);
     puts("wait: waiting for ctrl-alt-del\n");
     let mut seq = 0;
     loop {
-        if inb(0x64) & 1 != 0 {
+        // cli, check, then `sti; hlt` (the STI shadow makes the pair atomic): no lost wakeup.
+        unsafe { asm!("cli") };
+        if rd32(IRQ_COUNT) == 0 {
+            unsafe { asm!("sti; hlt") };
+            continue;
+        }
+        wr32(IRQ_COUNT, 0);
+        unsafe { asm!("sti") };
+        while inb(0x64) & 1 != 0 {
             let b = inb(0x60);
             if b == 0x53 && seq >= 2 {
-                puts("wait: got ctrl-alt-del\n");
+                disable_irq();
+                puts("wait: got ctrl-alt-del by interrupt\n");
                 reset();
             }
             if b == 0x1d || b == 0x38 {

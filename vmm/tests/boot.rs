@@ -82,7 +82,7 @@ fn sigterm_sends_ctrl_alt_del_and_guest_shuts_down() {
     vm.expect_line("waiting for ctrl-alt-del");
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
-    vm.expect_line("got ctrl-alt-del");
+    vm.expect_line("got ctrl-alt-del by interrupt");
     let (code, err) = vm.wait();
     assert_eq!(code, 0, "stderr: {err}");
 }
@@ -212,7 +212,7 @@ fn control_socket_status_stop_and_kill() {
     assert_eq!(ask("status"), "running vcpus=2 memory_mib=32\n");
     assert!(ask("bogus").starts_with("error"));
     assert_eq!(ask("stop"), "ok\n");
-    vm.expect_line("got ctrl-alt-del");
+    vm.expect_line("got ctrl-alt-del by interrupt");
     assert_eq!(vm.wait().0, 0);
 
     let mut vm = Vm::spawn(&args(
