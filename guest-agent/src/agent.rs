@@ -137,6 +137,14 @@ impl Agent {
         lock(&self.containers).values().cloned().collect()
     }
 
+    /// Look at a container's OOM counter now; queue an event if it went up.
+    pub fn refresh_oom(&self, c: &Container) {
+        if c.check_oom() {
+            tracing::info!(container = %c.id, "oom kill");
+            self.oom.push(c.id.clone());
+        }
+    }
+
     /// Poll the OOM counters of every container (v1 has no portable event fd
     /// without cgroup.event_control plumbing; a 500 ms poll is enough for CRI).
     pub async fn oom_monitor(self: Arc<Self>) {
@@ -144,10 +152,7 @@ impl Agent {
         loop {
             tick.tick().await;
             for c in self.all_containers() {
-                if c.check_oom() {
-                    tracing::info!(container = %c.id, "oom kill");
-                    self.oom.push(c.id.clone());
-                }
+                self.refresh_oom(&c);
             }
         }
     }

@@ -109,11 +109,17 @@ impl pb::Agent for AgentService {
 
     async fn container_state(&self, _: &TtrpcContext, r: pb::ContainerStateRequest) -> R<pb::ContainerStateResponse> {
         let c = self.agent.container(&r.container_id).map_err(status)?;
+        // Up to date even between two polls of the OOM monitor.
+        self.agent.refresh_oom(&c);
         Ok(convert::container_state(&c))
     }
 
     async fn list_containers(&self, _: &TtrpcContext, _: pb::ListContainersRequest) -> R<pb::ListContainersResponse> {
-        let containers = self.agent.all_containers().iter().map(|c| convert::container_state(c)).collect();
+        let all = self.agent.all_containers();
+        for c in &all {
+            self.agent.refresh_oom(c);
+        }
+        let containers = all.iter().map(|c| convert::container_state(c)).collect();
         Ok(pb::ListContainersResponse { containers, ..Default::default() })
     }
 

@@ -348,15 +348,16 @@ async fn oom_kill_is_reported() {
     let mut s = spec(&["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"]);
     s["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16777216, "swap": 16777216}});
     a.run(&id, &s).await;
+    let w = a.wait(&id, "").await;
+    assert_ne!(w.exit_code, 0);
+    // Right after the exit, before the monitor's next poll, the state knows.
+    let st = a.container_state_of(&id).await.expect("state");
+    assert!(st.oom_killed, "{st:?}");
     let ev = tokio::time::timeout(Duration::from_secs(60), a.client.get_oom_event(common::short_ctx(Duration::from_secs(60)), &pb::GetOomEventRequest::new()))
         .await
         .expect("oom event in time")
         .expect("oom event");
     assert_eq!(ev.container_id, id);
-    let w = a.wait(&id, "").await;
-    assert_ne!(w.exit_code, 0);
-    let st = a.container_state_of(&id).await.expect("state");
-    assert!(st.oom_killed);
 }
 
 #[tokio::test]
@@ -492,4 +493,33 @@ async fn runner_binary_cannot_be_overwritten() {
     assert!(matches!(err.raw_os_error(), Some(libc::EROFS | libc::ETXTBSY)), "{err}");
     let vfs = nix::sys::statvfs::fstatvfs(&opath).expect("fstatvfs");
     assert!(vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY), "runner binary on a writable mount");
+}
+
+/// Not a test: `cargo test -p husk-agent --test containers -- --ignored --nocapture lifecycle_latency`.
+#[tokio::test]
+#[ignore = "measurement"]
+async fn lifecycle_latency() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let t = std::time::Instant::now();
+        let (_, _, code) = a.output(&format!("lat-{i}"), &spec(&["true"])).await;
+        assert_eq!(code, 0);
+        times.push(t.elapsed());
+    }
+    let exec_t = {
+        let id = unique("lat-exec");
+        a.run(&id, &spec(&["sleep", "100"])).await;
+        let t = std::time::Instant::now();
+        for i in 0..20 {
+            let e = format!("e{i}");
+            a.exec(&id, &e, &["true"], false, false).await.expect("exec");
+            a.wait(&id, &e).await;
+        }
+        a.remove(&id, true).await.expect("remove");
+        t.elapsed() / 20
+    };
+    times.sort();
+    eprintln!("create+start+exit+remove of `true`: median {:?}, max {:?}; exec+wait: {exec_t:?}", times[10], times[19]);
 }
