@@ -138,7 +138,10 @@ fn bad_configs_fail_with_one_line_errors() {
     assert!(run_err(args(GUEST_PVH, "", &["--vcpus", "0"])).contains("vcpus"));
     // An existing non-tap interface cannot be attached as a tap (nothing is created).
     let e = run_err(args(GUEST_PVH, "", &["--net", "tap=lo"]));
-    assert!(e.contains("cannot open tap lo") || e.contains("cannot open /dev/net/tun"), "{e}");
+    assert!(
+        e.contains("cannot open tap lo") || e.contains("cannot open /dev/net/tun"),
+        "{e}"
+    );
 
     let cfg = tmp_path(&dir, "vm.json");
     std::fs::write(&cfg, br#"{"kernel": "/k", "bogus": 1}"#).expect("w");

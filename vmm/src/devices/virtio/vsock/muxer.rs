@@ -72,6 +72,8 @@ struct Connection {
     /// Waiting in `rx_ready` for a guest buffer.
     rx_queued: bool,
     peer_shut_send: bool,
+    /// The host client shut down its sending side (EOF); it may still read.
+    host_eof: bool,
     interest: EventSet,
 }
 
@@ -89,6 +91,7 @@ impl Connection {
             rx_cnt: Wrapping(0),
             rx_queued: false,
             peer_shut_send: false,
+            host_eof: false,
             interest: EventSet::empty(),
         }
     }
@@ -249,7 +252,7 @@ impl VsockMuxer {
             return;
         };
         let mut ev = EventSet::empty();
-        if c.state == ConnState::Established && !c.rx_queued && c.peer_credit() > 0 {
+        if c.state == ConnState::Established && !c.host_eof && !c.rx_queued && c.peer_credit() > 0 {
             ev |= EventSet::IN | EventSet::READ_HANG_UP;
         }
         if !c.tx_buf.is_empty() {
@@ -334,6 +337,11 @@ impl VsockMuxer {
                 if hdr.flags & SHUTDOWN_SEND != 0 {
                     c.peer_shut_send = true;
                     c.flush();
+                    if c.host_eof && c.tx_buf.is_empty() {
+                        self.remove(key);
+                        self.push_ctrl(key, OP_RST, 0);
+                        return;
+                    }
                 }
             }
             OP_RST => {
@@ -382,14 +390,35 @@ impl VsockMuxer {
         self.update_interest(key);
     }
 
-    /// The host side of a connection closed (EOF or error): tell the guest.
+    /// The host side of a connection is gone (closed or failed): tell the guest, and stop
+    /// watching the socket (a hung-up socket would otherwise wake epoll forever).
     fn host_closed(&mut self, key: ConnKey) {
         if let Some(c) = self.conns.get_mut(&key) {
             c.state = ConnState::Closing;
             c.rx_queued = false;
+            let fd = c.stream.as_raw_fd();
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.rx_ready.retain(|k| *k != key);
         self.push_ctrl(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    }
+
+    /// The host client will send no more (EOF) but may still read: a half-close. If the guest
+    /// has shut down its sending side too, the connection is over.
+    fn host_eof(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        c.host_eof = true;
+        c.rx_queued = false;
+        if c.peer_shut_send && c.tx_buf.is_empty() {
+            self.remove(key);
+            self.push_ctrl(key, OP_RST, 0);
+            return;
+        }
+        self.push_ctrl(key, OP_SHUTDOWN, SHUTDOWN_SEND);
         self.update_interest(key);
     }
 
@@ -424,7 +453,7 @@ impl VsockMuxer {
             match c.stream.read(buf) {
                 Ok(0) => {
                     buf.clear();
-                    self.host_closed(key);
+                    self.host_eof(key);
                     return self.recv_pkt(max_payload, buf);
                 }
                 Ok(n) => {
@@ -572,19 +601,24 @@ impl VsockMuxer {
         }
         for k in expired {
             tracing::debug!(?k, "vsock: guest did not accept in time");
-            self.remove(k);
-            // If the guest never even saw the REQUEST, withdraw it; otherwise reset.
-            let queued = |h: &VsockHeader| {
-                h.op == OP_REQUEST && h.src_port == k.local_port && h.dst_port == k.peer_port
-            };
-            let before = self.ctrl_rx.len();
-            self.ctrl_rx.retain(|h| !queued(h));
-            if self.ctrl_rx.len() == before {
-                self.push_ctrl(k, OP_RST, 0);
-            }
+            self.abort_local_init(k);
         }
         if let Some(o) = oldest_left {
             self.arm_timer(self.connect_timeout.saturating_sub(now.duration_since(o)));
+        }
+    }
+
+    /// Drops a host-initiated connection the guest has not accepted: the REQUEST is withdrawn
+    /// if the guest never saw it, otherwise the guest gets an RST.
+    fn abort_local_init(&mut self, k: ConnKey) {
+        self.remove(k);
+        let queued = |h: &VsockHeader| {
+            h.op == OP_REQUEST && h.src_port == k.local_port && h.dst_port == k.peer_port
+        };
+        let before = self.ctrl_rx.len();
+        self.ctrl_rx.retain(|h| !queued(h));
+        if self.ctrl_rx.len() == before {
+            self.push_ctrl(k, OP_RST, 0);
         }
     }
 
@@ -602,9 +636,20 @@ impl VsockMuxer {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
+        // EPOLLHUP/EPOLLERR are reported whatever the interest set: act on them once.
+        let gone = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if gone && c.state == ConnState::LocalInit {
+            self.abort_local_init(key);
+            return;
+        }
+        if gone && c.host_eof {
+            self.host_closed(key);
+            return;
+        }
         if set
             .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
             && c.state == ConnState::Established
+            && !c.host_eof
             && !c.rx_queued
         {
             c.rx_queued = true;
@@ -770,6 +815,93 @@ mod tests {
         m.send_pkt(&from_guest(1, 2, OP_RST, 0, 0), &[]);
         assert!(m.recv_pkt(4096, &mut buf).is_none());
         assert!(m.conns.is_empty());
+    }
+
+    /// True when the muxer's epoll fd has nothing pending (no busy loop in the event manager).
+    fn quiet(m: &VsockMuxer) -> bool {
+        let mut events = [EpollEvent::default(); 4];
+        m.epoll.wait(0, &mut events).expect("wait") == 0
+    }
+
+    /// Opens a host-initiated connection the guest accepts with a big window; returns its port.
+    fn established(m: &mut VsockMuxer, uds: &Path, port: u32) -> (UnixStream, u32) {
+        let mut c = UnixStream::connect(uds).expect("connect");
+        c.write_all(format!("CONNECT {port}\n").as_bytes())
+            .expect("w");
+        let mut buf = Vec::new();
+        let req = next(m, &mut buf).expect("request");
+        m.send_pkt(
+            &from_guest(port, req.src_port, OP_RESPONSE, 1 << 20, 0),
+            &[],
+        );
+        assert!(read_line(&mut c).starts_with("OK "));
+        (c, req.src_port)
+    }
+
+    #[test]
+    fn host_half_close_keeps_the_other_direction() {
+        let (mut m, _d, uds) = muxer();
+        let (mut c, hp) = established(&mut m, &uds, 60);
+        c.write_all(b"req").expect("w");
+        c.shutdown(std::net::Shutdown::Write).expect("half close");
+        let mut buf = Vec::new();
+        let rw = next(&mut m, &mut buf).expect("data");
+        assert_eq!((rw.op, &buf[..]), (OP_RW, &b"req"[..]));
+        let sd = next(&mut m, &mut buf).expect("shutdown");
+        assert_eq!(
+            (sd.op, sd.flags),
+            (OP_SHUTDOWN, SHUTDOWN_SEND),
+            "host sends no more"
+        );
+        assert!(quiet(&m), "no readiness left after EOF");
+        // The guest still answers, and the host reads it.
+        m.send_pkt(&from_guest(60, hp, OP_RW, 1 << 20, 3), b"resp");
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"resp");
+        // Guest done too: the connection ends with an RST.
+        let mut sd = from_guest(60, hp, OP_SHUTDOWN, 1 << 20, 3);
+        sd.flags = SHUTDOWN_SEND;
+        m.send_pkt(&sd, &[]);
+        assert_eq!(m.recv_pkt(4096, &mut buf).expect("rst").op, OP_RST);
+        assert!(m.conns.is_empty());
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .expect("t");
+        assert_eq!(c.read(&mut got).expect("eof"), 0);
+    }
+
+    #[test]
+    fn hung_up_sockets_do_not_busy_loop() {
+        let (mut m, _d, uds) = muxer();
+        // Established, then the host client vanishes and the guest never answers.
+        let (c, _hp) = established(&mut m, &uds, 61);
+        drop(c);
+        let mut buf = Vec::new();
+        let mut ops = Vec::new();
+        while let Some(h) = next(&mut m, &mut buf) {
+            ops.push(h.op);
+        }
+        assert!(ops.contains(&OP_SHUTDOWN), "{ops:?}");
+        assert!(quiet(&m), "closed socket no longer polled");
+        // A client that gives up before the guest accepted.
+        let mut c = UnixStream::connect(&uds).expect("connect");
+        c.write_all(b"CONNECT 62\n").expect("w");
+        for _ in 0..50 {
+            m.process_events();
+            if m.has_rx() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        drop(c);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        m.process_events();
+        assert!(
+            !m.conns.keys().any(|k| k.peer_port == 62),
+            "abandoned connect dropped"
+        );
+        assert!(!m.has_rx(), "its REQUEST withdrawn");
+        assert!(quiet(&m));
     }
 
     #[test]
