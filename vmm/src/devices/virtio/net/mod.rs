@@ -66,6 +66,7 @@ pub struct NetDevice<T: FrameIo = Tap> {
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     tap_listening: bool,
+    tap_gone: bool,
 }
 
 impl<T: FrameIo> NetDevice<T> {
@@ -85,6 +86,7 @@ impl<T: FrameIo> NetDevice<T> {
             rx_buf: vec![0u8; NET_HDR_SIZE + MAX_FRAME],
             tx_buf: Vec::with_capacity(NET_HDR_SIZE + MAX_FRAME),
             tap_listening: true,
+            tap_gone: false,
         }
     }
 
@@ -178,7 +180,7 @@ impl<T: FrameIo> NetDevice<T> {
         }
         // Stop watching the tap while a frame waits for a guest buffer (level-triggered epoll).
         let want = self.pending.is_none();
-        if want != self.tap_listening {
+        if want != self.tap_listening && !self.tap_gone {
             let set = if want {
                 EventSet::IN
             } else {
@@ -201,11 +203,23 @@ impl<T: FrameIo> MutEventSubscriber for NetDevice<T> {
             t @ (TOKEN_RXQ | TOKEN_TXQ) => {
                 let _ = self.queue_evts[(t - TOKEN_RXQ) as usize].read();
             }
+            TOKEN_TAP
+                if events
+                    .event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR) =>
+            {
+                // The interface went away: stop watching it (HUP would wake epoll forever).
+                tracing::warn!("virtio-net: tap hung up; the guest's network is down");
+                let _ = ops.remove(Events::with_data(&self.tap, TOKEN_TAP, EventSet::IN));
+                self.tap_listening = false;
+                self.tap_gone = true;
+                return;
+            }
             _ => {}
         }
         if self.active.is_none() {
             // Not live: drain the tap so the host side does not back up.
-            while self.tap.read_frame(&mut self.rx_buf).is_ok() {}
+            while matches!(self.tap.read_frame(&mut self.rx_buf), Ok(n) if n > 0) {}
             return;
         }
         self.run(ops);
@@ -238,6 +252,32 @@ mod tests {
         fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
             self.send(frame)
         }
+    }
+
+    impl FrameIo for std::os::unix::net::UnixStream {
+        fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::io::Read::read(self, buf)
+        }
+        fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+            std::io::Write::write(self, frame)
+        }
+    }
+
+    #[test]
+    fn vanished_tap_is_dropped_from_the_event_loop() {
+        use event_manager::{EventManager, SubscriberOps};
+        let (dev_end, host_end) = std::os::unix::net::UnixStream::pair().expect("pair");
+        dev_end.set_nonblocking(true).expect("nb");
+        let ch = Arc::new(DeviceChannel::new().expect("ch"));
+        let irq = Arc::new(Interrupt::new().expect("irq"));
+        let evts = (0..2).map(|_| EventFd::new(0).expect("e")).collect();
+        let dev = NetDevice::new(dev_end, ch, irq, evts);
+        let mut em: EventManager<Arc<std::sync::Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().expect("em");
+        em.add_subscriber(Arc::new(std::sync::Mutex::new(dev)));
+        drop(host_end);
+        assert!(em.run_with_timeout(100).expect("run") >= 1, "hang-up seen");
+        assert_eq!(em.run_with_timeout(0).expect("run"), 0, "and not again");
     }
 
     #[test]
