@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use husk_agent::agent::{Agent, AgentConfig};
 use husk_agent::reaper::Reaper;
 use husk_agent::server::{Listen, VSOCK_PORT};
@@ -38,7 +38,62 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some(runner::INIT_ARG) {
         runner::main();
     }
-    let args = Args::parse();
+    let pid1 = std::process::id() == 1;
+    if !pid1 {
+        return run(Args::parse());
+    }
+    // PID 1 must never exit: the kernel would panic. The kernel also hands
+    // init the command line words it does not know: ignore what clap does not.
+    let argv: Vec<String> = std::env::args().collect();
+    let kept = known_args(&argv);
+    if kept.len() != argv.len() {
+        eprintln!("husk-agent: ignoring unknown arguments in {argv:?}");
+    }
+    let args = Args::try_parse_from(&kept).unwrap_or_else(|e| {
+        eprintln!("husk-agent: bad arguments, using defaults: {e}");
+        Args::parse_from(["husk-agent"])
+    });
+    let host = args.host;
+    let result = std::panic::catch_unwind(|| run(args));
+    match &result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("husk-agent: fatal: {e:#}"),
+        Err(_) => eprintln!("husk-agent: fatal: panic"),
+    }
+    if host {
+        // The namespace sandbox: our exit ends the PID namespace, as intended.
+        return result.unwrap_or_else(|_| Err(anyhow::anyhow!("panic")));
+    }
+    init::poweroff()
+}
+
+/// argv[0] and the flags `Args` knows (with their values); the rest dropped.
+fn known_args(argv: &[String]) -> Vec<String> {
+    let cmd = Args::command();
+    let flag = |name: &str| cmd.get_arguments().find(|a| a.get_long() == Some(name));
+    let mut out: Vec<String> = argv.iter().take(1).cloned().collect();
+    let mut it = argv.iter().skip(1).peekable();
+    while let Some(a) = it.next() {
+        let Some(long) = a.strip_prefix("--") else { continue };
+        let (name, inline) = match long.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (long, false),
+        };
+        let Some(arg) = flag(name) else { continue };
+        out.push(a.clone());
+        if !inline && arg.get_action().takes_values() {
+            match it.next() {
+                Some(v) => out.push(v.clone()),
+                None => {
+                    out.pop();
+                }
+            }
+        }
+    }
+    out
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let pid1 = std::process::id() == 1;
     let is_init = pid1 && !args.host;
     if is_init {
@@ -92,9 +147,22 @@ fn main() -> anyhow::Result<()> {
         let _ = nix::mount::umount2(&agent.exe, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(args.state_dir.join(".husk-runner"));
         anyhow::Ok(())
-    })?;
-    if is_init {
-        init::poweroff();
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stray_kernel_words_are_dropped() {
+        let argv: Vec<String> = ["/init", "splash", "--listen", "unix:/a", "--bogus", "x", "--host", "--state-dir=/s", "--cgroup-root"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(known_args(&argv), ["/init", "--listen", "unix:/a", "--host", "--state-dir=/s"]);
+        let a = Args::try_parse_from(known_args(&argv)).expect("parse");
+        assert_eq!(a.listen.as_deref(), Some("unix:/a"));
+        assert!(a.host);
     }
-    Ok(())
 }

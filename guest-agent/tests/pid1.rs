@@ -16,7 +16,8 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
         eprintln!("skipped: unshare(1) missing");
         return;
     }
-    let mut a = TestAgent::start_wrapped(&["unshare", "--pid", "--fork", "--mount", "--uts", "--propagation", "private"]).await;
+    // Stray words, as the kernel passes unknown command-line words to init.
+    let mut a = TestAgent::start_wrapped_args(&["unshare", "--pid", "--fork", "--mount", "--uts", "--propagation", "private"], &["splash", "--no-such-flag"]).await;
     let check = a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("check");
     assert!(check.init, "{check:?}");
     assert_eq!(check.pid, 1);
