@@ -23,6 +23,7 @@ pub fn sandbox_config(r: &pb::CreateSandboxRequest) -> SandboxConfig {
         new_ipc: ns.is_some_and(|n| n.ipc),
         new_uts: ns.is_some_and(|n| n.uts),
         new_pid: ns.is_some_and(|n| n.pid),
+        network_path: ns.map(|n| n.network_path.clone()).filter(|p| !p.is_empty()).map(PathBuf::from),
         mounts: r
             .mounts
             .iter()

@@ -14,7 +14,7 @@ use crate::agent::{Agent, AgentError, Result, lock, validate_id};
 use crate::container::spawn;
 use crate::container::stdio;
 use crate::reaper::ExitWatch;
-use crate::runner::config::{InitConfig, InitMode, Ns, PauseInit};
+use crate::runner::config::{InitConfig, InitMode, Ns, NsJoin, PauseInit};
 
 /// Leaf cgroup of the namespace holder below the pod cgroup.
 pub const PAUSE_CGROUP: &str = "pause";
@@ -32,6 +32,8 @@ pub struct SandboxConfig {
     pub new_ipc: bool,
     pub new_uts: bool,
     pub new_pid: bool,
+    /// Join this network namespace (wins over new_net).
+    pub network_path: Option<PathBuf>,
     pub mounts: Vec<SandboxMount>,
     pub shm_size: u64,
     pub cgroup_parent: String,
@@ -238,18 +240,26 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
         nix::unistd::sethostname(&c.hostname).map_err(|e| AgentError::Os("sethostname", e))?;
     }
     let mut unshare = Vec::new();
-    for (want, ns) in [(c.new_net, Ns::Net), (c.new_ipc, Ns::Ipc), (c.new_uts, Ns::Uts), (c.new_pid, Ns::Pid)] {
+    let mut join = Vec::new();
+    let new_net = c.new_net && c.network_path.is_none();
+    if let Some(path) = &c.network_path {
+        if !path.is_absolute() || !path.exists() {
+            return Err(AgentError::InvalidArgument(format!("network namespace {} does not exist", path.display())));
+        }
+        join.push(NsJoin { ns: Ns::Net, path: path.clone() });
+    }
+    for (want, ns) in [(new_net, Ns::Net), (c.new_ipc, Ns::Ipc), (c.new_uts, Ns::Uts), (c.new_pid, Ns::Pid)] {
         if want {
             unshare.push(ns);
         }
     }
     let config = InitConfig {
         cgroup_procs: cgroup.procs_files(),
-        join: Vec::new(),
+        join,
         unshare,
         mode: InitMode::Pause(PauseInit {
             hostname: (c.new_uts && !c.hostname.is_empty()).then(|| c.hostname.clone()),
-            loopback_up: c.new_net,
+            loopback_up: new_net,
         }),
     };
     let (child, _io) = stdio::make(false, false)?;

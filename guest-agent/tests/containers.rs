@@ -523,3 +523,38 @@ async fn lifecycle_latency() {
     times.sort();
     eprintln!("create+start+exit+remove of `true`: median {:?}, max {:?}; exec+wait: {exec_t:?}", times[10], times[19]);
 }
+
+/// huskd makes the pod network namespace (CNI) and hands its path over.
+#[tokio::test]
+async fn sandbox_joins_a_given_network_namespace() {
+    require_root!();
+    // A network namespace held by a process of ours, like /var/run/netns/cni-...
+    let mut holder = std::process::Command::new("unshare").args(["--net", "sleep", "100"]).spawn().expect("unshare");
+    let ns_path = format!("/proc/{}/ns/net", holder.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_link(&ns_path).ok() == std::fs::read_link("/proc/self/ns/net").ok() {
+        assert!(std::time::Instant::now() < deadline, "unshare did not make a netns");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let want = std::fs::read_link(&ns_path).expect("netns").display().to_string();
+    let a = TestAgent::start().await;
+    let req = pb::CreateSandboxRequest {
+        sandbox_id: a.sandbox_id.clone(),
+        cgroup_parent: a.cgroup_parent(),
+        namespaces: Some(pb::SandboxNamespaces { network: true, uts: true, network_path: ns_path.clone(), ..Default::default() }).into(),
+        ..Default::default()
+    };
+    a.client.create_sandbox(ctx(), &req).await.expect("sandbox");
+    let (out, err, code) = a.output(&unique("netns"), &spec(&["readlink", "/proc/self/ns/net"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), want);
+    let bad = pb::CreateSandboxRequest {
+        sandbox_id: "other".into(),
+        namespaces: Some(pb::SandboxNamespaces { network_path: "/no/such/netns".into(), ..Default::default() }).into(),
+        ..Default::default()
+    };
+    let b = TestAgent::start().await;
+    assert_eq!(code_of(b.client.create_sandbox(ctx(), &bad).await), Code::INVALID_ARGUMENT);
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
