@@ -550,6 +550,7 @@ async fn sandbox_joins_a_given_network_namespace() {
     assert_eq!(out.trim(), want);
     let bad = pb::CreateSandboxRequest {
         sandbox_id: "other".into(),
+        cgroup_parent: a.cgroup_parent() + "-other",
         namespaces: Some(pb::SandboxNamespaces { network_path: "/no/such/netns".into(), ..Default::default() }).into(),
         ..Default::default()
     };
