@@ -559,3 +559,65 @@ async fn sandbox_joins_a_given_network_namespace() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// The VM rootfs path on a loop device: an ext4 image of the busybox rootfs,
+/// mounted by the agent, with an overlay upper dir per container.
+#[tokio::test]
+async fn block_device_rootfs() {
+    require_root!();
+    let tools = ["mkfs.ext4", "losetup"];
+    if tools.iter().any(|t| std::process::Command::new(t).arg("-V").output().is_err()) {
+        eprintln!("skipped: {tools:?} missing (e2fsprogs, util-linux)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let image = dir.path().join("rootfs.ext4");
+    let mk = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(common::rootfs())
+        .arg(&image)
+        .arg("16M")
+        .output()
+        .expect("mkfs");
+    assert!(mk.status.success(), "{}", String::from_utf8_lossy(&mk.stderr));
+    let lo = std::process::Command::new("losetup").args(["-f", "--show", "-r"]).arg(&image).output().expect("losetup");
+    if !lo.status.success() {
+        eprintln!("skipped: no loop device: {}", String::from_utf8_lossy(&lo.stderr));
+        return;
+    }
+    let device = String::from_utf8_lossy(&lo.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _detach = Detach(device.clone());
+
+    let a = TestAgent::with_sandbox().await;
+    for (i, opts) in [vec!["ro".to_string()], vec!["ro".to_string(), "noatime".to_string()]].into_iter().enumerate() {
+        let id = unique("blk");
+        let req = pb::CreateContainerRequest {
+            container_id: id.clone(),
+            oci_spec: serde_json::to_vec(&spec(&["sh", "-c", "cat /etc/motd; echo changed > /etc/motd; cat /etc/motd"])).expect("json"),
+            rootfs: Some(pb::Rootfs {
+                source: Some(pb::rootfs::Source::Block(pb::BlockRootfs {
+                    device: device.clone(),
+                    fstype: "ext4".into(),
+                    options: opts,
+                    overlay: true,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        a.client.create_container(ctx(), &req).await.unwrap_or_else(|e| panic!("create {i}: {e:?}\n{}", a.log()));
+        a.start_container(&id).await.expect("start");
+        let out = a.read_all(&id, "", false).await;
+        assert_eq!(a.wait(&id, "").await.exit_code, 0);
+        assert_eq!(out, "from the image\nchanged\n", "each container starts from the image");
+        a.remove(&id, false).await.expect("remove");
+    }
+}
