@@ -621,3 +621,31 @@ async fn block_device_rootfs() {
         a.remove(&id, false).await.expect("remove");
     }
 }
+
+/// huskd restarts while a long-poll read is pending: the next huskd gets
+/// every byte (the dropped connection cancels the old read before it reads).
+#[tokio::test]
+async fn pending_read_of_a_dead_client_loses_nothing() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let id = unique("restart");
+    a.create_with(&id, &spec(&["sh", "-c", "read x; echo after $x"]), true, false).await.expect("create");
+    a.start_container(&id).await.expect("start");
+    let addr = format!("unix://{}", a.socket.display());
+    {
+        let old = pb::AgentClient::new(ttrpc::r#async::Client::connect(&addr).await.expect("connect"));
+        let req = pb::ReadStreamRequest { container_id: id.clone(), ..Default::default() };
+        let pending = tokio::spawn(async move { old.read_stdout(ctx(), &req).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pending.is_finished(), "nothing to read yet");
+        pending.abort();
+        let _ = pending.await;
+    }
+    // Give the agent a moment to see the disconnect.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let w = pb::WriteStdinRequest { container_id: id.clone(), data: b"x\n".to_vec(), ..Default::default() };
+    a.client.write_stdin(ctx(), &w).await.expect("write");
+    let out = tokio::time::timeout(Duration::from_secs(10), a.read_all(&id, "", false)).await.expect("output reached the new client");
+    assert_eq!(out, "after x\n");
+    assert_eq!(a.wait(&id, "").await.exit_code, 0);
+}
