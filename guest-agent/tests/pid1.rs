@@ -43,6 +43,12 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
     }
     assert_eq!(common::zombie_children(a.agent_pid), Vec::<i32>::new());
 
+    // cgroup v2: devices are filtered by the agent's eBPF program.
+    let (out, err, code) = a
+        .output(&unique("dev"), &spec(&["sh", "-c", "mknod /tmp/disk b 7 0 && (head -c 1 /tmp/disk > /dev/null 2>&1 && echo readable || echo denied)"]))
+        .await;
+    assert_eq!((out.as_str(), code), ("denied\n", 0), "{err}");
+
     // A long-running container, then SIGTERM: the agent tears down and "powers off".
     a.run(&unique("sleeper"), &spec(&["sleep", "1000"])).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.agent_pid), nix::sys::signal::Signal::SIGTERM).expect("term");

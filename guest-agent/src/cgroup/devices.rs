@@ -1,10 +1,10 @@
 //! The device allow-list of a container (cgroup v1 `devices` controller).
 //!
-//! Deny everything, then allow the devices every container gets, mknod of
-//! any char/block device (as runc: creating a node does not open it), the
-//! spec's `linux.resources.devices` rules in order, and the spec's
-//! `linux.devices`. cgroup v2 needs a BPF device program instead; in the
-//! guest the VM is the boundary, so v2 does not filter devices yet.
+//! Deny everything, then the spec's `linux.resources.devices` rules in order,
+//! then allow the devices every container gets, mknod of any char/block
+//! device (as runc: creating a node does not open it), and the spec's
+//! `linux.devices`. v1 writes them to `devices.allow`/`devices.deny`; v2
+//! compiles them to an eBPF program ([`super::bpf`]).
 
 use oci_spec::runtime::Spec;
 
@@ -40,11 +40,6 @@ const DEFAULT_ALLOWED: [(i64, Option<i64>); 9] =
 
 pub fn rules(spec: &Spec) -> Vec<DeviceRule> {
     let mut out = vec![DeviceRule { allow: false, typ: 'a', major: None, minor: None, access: "rwm".into() }];
-    out.push(DeviceRule::allow('c', None, None, "m"));
-    out.push(DeviceRule::allow('b', None, None, "m"));
-    for (major, minor) in DEFAULT_ALLOWED {
-        out.push(DeviceRule::allow('c', Some(major), minor, "rwm"));
-    }
     let linux = spec.linux().as_ref();
     for d in linux.and_then(|l| l.resources().as_ref()).and_then(|r| r.devices().as_ref()).into_iter().flatten() {
         let typ = d.typ().map(|t| t.as_str().chars().next().unwrap_or('a')).unwrap_or('a');
@@ -55,6 +50,13 @@ pub fn rules(spec: &Spec) -> Vec<DeviceRule> {
             minor: d.minor(),
             access: d.access().clone().unwrap_or_else(|| "rwm".into()),
         });
+    }
+    // After the spec's rules, so a leading "deny all" there cannot take the
+    // devices every container needs.
+    out.push(DeviceRule::allow('c', None, None, "m"));
+    out.push(DeviceRule::allow('b', None, None, "m"));
+    for (major, minor) in DEFAULT_ALLOWED {
+        out.push(DeviceRule::allow('c', Some(major), minor, "rwm"));
     }
     for d in linux.and_then(|l| l.devices().as_ref()).into_iter().flatten() {
         let typ = d.typ().as_str().chars().next().unwrap_or('c');
@@ -81,12 +83,12 @@ mod tests {
         .expect("spec");
         let lines: Vec<(bool, String)> = rules(&spec).iter().map(|r| (r.allow, r.v1_line())).collect();
         assert_eq!(lines[0], (false, "a".to_string()));
-        assert!(lines.contains(&(true, "c 1:3 rwm".to_string())));
-        assert!(lines.contains(&(true, "c 136:* rwm".to_string())));
-        assert!(lines.contains(&(true, "b *:* m".to_string())));
-        let n = lines.len();
-        assert_eq!(lines[n - 3], (false, "a".to_string()));
-        assert_eq!(lines[n - 2], (true, "c 10:200 rw".to_string()));
-        assert_eq!(lines[n - 1], (true, "c 10:229 rwm".to_string()));
+        // The spec's rules next, in order.
+        assert_eq!(lines[1], (false, "a".to_string()));
+        assert_eq!(lines[2], (true, "c 10:200 rw".to_string()));
+        // Then the defaults (after the spec's deny-all) and the spec's devices.
+        let pos = |l: &str| lines.iter().position(|x| x == &(true, l.to_string())).unwrap_or_else(|| panic!("{l}"));
+        assert!(pos("c 1:3 rwm") > 2 && pos("c 136:* rwm") > 2 && pos("b *:* m") > 2);
+        assert_eq!(lines.last(), Some(&(true, "c 10:229 rwm".to_string())));
     }
 }

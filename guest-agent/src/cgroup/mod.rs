@@ -2,6 +2,7 @@
 //! (hosts like the project's CI machine, used by the namespace sandbox). Two
 //! real implementations behind one small enum.
 
+pub mod bpf;
 pub mod devices;
 pub mod v1;
 pub mod v2;
@@ -21,6 +22,8 @@ pub enum CgroupError {
     },
     #[error("no cgroup hierarchy found under {0}")]
     NotFound(String),
+    #[error(transparent)]
+    Bpf(bpf::BpfError),
     #[error("invalid resource value: {0}")]
     Invalid(String),
 }
@@ -135,11 +138,11 @@ impl Cgroup {
         }
     }
 
-    /// Apply a device allow-list (v1 only, see [`devices`]).
+    /// Apply a device allow-list: v1 files, or a v2 eBPF program ([`bpf`]).
     pub fn apply_devices(&self, rules: &[devices::DeviceRule]) -> Result<()> {
         match self {
             Cgroup::V1(c) => c.apply_devices(rules),
-            Cgroup::V2(_) => Ok(()),
+            Cgroup::V2(c) => bpf::attach(&c.dir, rules).map_err(CgroupError::Bpf),
         }
     }
 
