@@ -32,6 +32,8 @@ pub enum AgentError {
     Spawn(#[from] SpawnError),
     #[error("stdio: {0}")]
     Stdio(#[from] StdioError),
+    #[error("network: {0}")]
+    Net(#[from] crate::network::NetError),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
     #[error("{0}: {1}")]

@@ -92,3 +92,44 @@ pub fn stats(s: &Stats) -> pb::ContainerStatsResponse {
         ..Default::default()
     }
 }
+
+pub fn network(
+    r: &pb::ConfigureNetworkRequest,
+) -> Result<(Vec<crate::network::InterfaceConfig>, Vec<crate::network::RouteConfig>), crate::network::NetError> {
+    use crate::network::{InterfaceConfig, NetError, RouteConfig, parse_cidr};
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let interfaces = r
+        .interfaces
+        .iter()
+        .map(|i| {
+            if i.mac.is_empty() && i.name.is_empty() {
+                return Err(NetError::NoInterface("(neither mac nor name)".into()));
+            }
+            Ok(InterfaceConfig {
+                mac: some(&i.mac),
+                name: some(&i.name),
+                addresses: i.addresses.iter().map(|a| parse_cidr(a)).collect::<Result<_, _>>()?,
+                mtu: i.mtu,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let routes = r
+        .routes
+        .iter()
+        .map(|rt| {
+            let destination = match rt.destination.as_str() {
+                "" | "default" => None,
+                d => Some(parse_cidr(d)?),
+            };
+            let gateway = match rt.gateway.as_str() {
+                "" => None,
+                g => Some(g.parse().map_err(|_| NetError::Address(g.to_string()))?),
+            };
+            if destination.is_none() && gateway.is_none() {
+                return Err(NetError::Address("default route without a gateway".into()));
+            }
+            Ok(RouteConfig { destination, gateway, device: some(&rt.device) })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((interfaces, routes))
+}

@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod container;
 pub mod convert;
 pub mod init;
+pub mod network;
 pub mod reaper;
 pub mod rpc;
 pub mod runner;

@@ -11,6 +11,7 @@ use ttrpc::{Code, Status};
 use crate::agent::{Agent, AgentError};
 use crate::cgroup::CgroupError;
 use crate::container::spawn::SpawnError;
+use crate::network::NetError;
 use crate::container::stdio::StdioError;
 use crate::container::{create, exec, remove, signal, start, stats};
 use crate::{convert, sandbox};
@@ -25,7 +26,8 @@ pub fn code(e: &AgentError) -> Code {
         AgentError::AlreadyExists(_) => Code::ALREADY_EXISTS,
         AgentError::InvalidArgument(_)
         | AgentError::Cgroup(CgroupError::Invalid(_))
-        | AgentError::Spawn(SpawnError::Invalid(_)) => Code::INVALID_ARGUMENT,
+        | AgentError::Spawn(SpawnError::Invalid(_))
+        | AgentError::Net(NetError::Address(_) | NetError::NoInterface(_)) => Code::INVALID_ARGUMENT,
         AgentError::FailedPrecondition(_) | AgentError::Stdio(StdioError::NoStdin | StdioError::NoTty) => {
             Code::FAILED_PRECONDITION
         }
@@ -78,6 +80,13 @@ impl pb::Agent for AgentService {
     async fn destroy_sandbox(&self, _: &TtrpcContext, r: pb::DestroySandboxRequest) -> R<pb::Empty> {
         tracing::info!(sandbox = %r.sandbox_id, "DestroySandbox");
         sandbox::do_destroy(&self.agent, &r.sandbox_id).await.map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn configure_network(&self, _: &TtrpcContext, r: pb::ConfigureNetworkRequest) -> R<pb::Empty> {
+        tracing::info!(interfaces = r.interfaces.len(), routes = r.routes.len(), "ConfigureNetwork");
+        let (interfaces, routes) = convert::network(&r).map_err(|e| status(e.into()))?;
+        sandbox::do_configure_network(&self.agent, interfaces, routes).await.map_err(status)?;
         Ok(pb::Empty::new())
     }
 

@@ -277,6 +277,26 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
     })
 }
 
+/// ConfigureNetwork: in a thread that joins the pod's network namespace (and
+/// dies after, so no runtime thread ever changes namespace).
+pub async fn do_configure_network(
+    agent: &Arc<Agent>,
+    interfaces: Vec<crate::network::InterfaceConfig>,
+    routes: Vec<crate::network::RouteConfig>,
+) -> Result<()> {
+    let sandbox = agent.sandbox()?;
+    let netns = sandbox.ns_path(Ns::Net);
+    let work = move || -> Result<()> {
+        let file = std::fs::File::open(&netns).map_err(|e| AgentError::Io(format!("open {}", netns.display()), e))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| AgentError::Os("setns net", e))?;
+        Ok(crate::network::configure(&interfaces, &routes)?)
+    };
+    tokio::task::spawn_blocking(move || std::thread::spawn(work).join())
+        .await
+        .map_err(|e| AgentError::Io("network thread".into(), std::io::Error::other(e.to_string())))?
+        .map_err(|_| AgentError::Io("network thread".into(), std::io::Error::other("panicked")))?
+}
+
 /// Kill every container and the holder, undo mounts, remove state.
 pub async fn do_destroy(agent: &Arc<Agent>, id: &str) -> Result<()> {
     let sandbox = agent.sandbox()?;

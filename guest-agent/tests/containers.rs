@@ -649,3 +649,72 @@ async fn pending_read_of_a_dead_client_loses_nothing() {
     assert_eq!(out, "after x\n");
     assert_eq!(a.wait(&id, "").await.exit_code, 0);
 }
+
+/// ConfigureNetwork sets MTU, addresses and routes in the pod's network
+/// namespace (a veth stands in for the guest's virtio-net).
+#[tokio::test]
+async fn configure_network_in_the_pod_namespace() {
+    require_root!();
+    if std::process::Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("skipped: ip(8) missing (iproute2)");
+        return;
+    }
+    let a = TestAgent::start().await;
+    let pod = a.create_sandbox(false).await;
+    let in_pod = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg("-t")
+            .arg(pod.pid.to_string())
+            .arg("-n")
+            .arg("ip")
+            .args(args)
+            .output()
+            .expect("nsenter ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    in_pod(&["link", "add", "eth0", "address", "02:00:00:aa:bb:cc", "type", "veth", "peer", "name", "peer0"]);
+    in_pod(&["link", "set", "peer0", "up"]);
+    let req = pb::ConfigureNetworkRequest {
+        interfaces: vec![pb::NetworkInterface {
+            mac: "02:00:00:AA:BB:CC".into(),
+            addresses: vec!["10.123.4.5/24".into(), "fd00:123::5/64".into()],
+            mtu: 1400,
+            ..Default::default()
+        }],
+        routes: vec![
+            pb::Route { destination: "default".into(), gateway: "10.123.4.1".into(), ..Default::default() },
+            pb::Route { destination: "10.200.0.0/16".into(), device: "eth0".into(), ..Default::default() },
+        ],
+        ..Default::default()
+    };
+    a.client.configure_network(ctx(), &req).await.unwrap_or_else(|e| panic!("configure: {e:?}\n{}", a.log()));
+    let link = in_pod(&["-o", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");
+    let addrs = in_pod(&["-o", "addr", "show", "eth0"]);
+    assert!(addrs.contains("10.123.4.5/24") && addrs.contains("fd00:123::5/64"), "{addrs}");
+    let routes = in_pod(&["route"]);
+    assert!(routes.contains("default via 10.123.4.1 dev eth0"), "{routes}");
+    assert!(routes.contains("10.200.0.0/16 dev eth0"), "{routes}");
+    // Containers see it (they share the pod's network namespace).
+    let (out, err, code) = a.output(&unique("net"), &spec(&["cat", "/sys/class/net/eth0/mtu"])).await;
+    assert_eq!((out.as_str(), code), ("1400\n", 0), "{err}");
+    // Bad input.
+    let bad = pb::ConfigureNetworkRequest {
+        interfaces: vec![pb::NetworkInterface { name: "nope0".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(code_of(a.client.configure_network(ctx(), &bad).await), Code::INVALID_ARGUMENT);
+    let bad = pb::ConfigureNetworkRequest {
+        interfaces: vec![pb::NetworkInterface { name: "eth0".into(), addresses: vec!["10.1.1.1".into()], ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(code_of(a.client.configure_network(ctx(), &bad).await), Code::INVALID_ARGUMENT);
+    // The host's namespace was not touched.
+    assert!(!std::path::Path::new("/sys/class/net/eth0").exists() || !in_host_has("10.123.4.5"));
+}
+
+fn in_host_has(addr: &str) -> bool {
+    let out = std::process::Command::new("ip").args(["-o", "addr"]).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).contains(addr)
+}
