@@ -62,11 +62,14 @@ fn read_len(max: u32) -> usize {
 #[async_trait]
 impl pb::Agent for AgentService {
     async fn check(&self, _: &TtrpcContext, _: pb::CheckRequest) -> R<pb::CheckResponse> {
+        let sandbox = self.agent.sandbox().ok();
         Ok(pb::CheckResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             cgroup_version: self.agent.cgroups.version().to_string(),
             init: self.agent.config.is_init,
+            sandbox_id: sandbox.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+            sandbox_ready: sandbox.as_ref().is_some_and(|s| s.alive()),
             ..Default::default()
         })
     }

@@ -269,6 +269,8 @@ async fn api_errors_map_to_codes() {
     let a = TestAgent::start().await;
     let s = spec(&["true"]);
     assert_eq!(code_of(a.create("c1", &s).await), Code::FAILED_PRECONDITION, "no sandbox yet");
+    let check = a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("check");
+    assert_eq!((check.sandbox_id.as_str(), check.sandbox_ready), ("", false));
     // A failed CreateSandbox leaves nothing behind and can be retried.
     let bad = pb::CreateSandboxRequest {
         sandbox_id: a.sandbox_id.clone(),
@@ -290,6 +292,8 @@ async fn api_errors_map_to_codes() {
     assert!(!a.dir.path().join("state").join(&a.sandbox_id).exists(), "sandbox state left behind");
     a.create_sandbox(false).await;
     assert_eq!(code_of(a.client.create_sandbox(ctx(), &pb::CreateSandboxRequest { sandbox_id: "other".into(), ..Default::default() }).await), Code::ALREADY_EXISTS);
+    let check = a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("check");
+    assert_eq!((check.sandbox_id.as_str(), check.sandbox_ready), (a.sandbox_id.as_str(), true));
     assert_eq!(code_of(a.create("bad/id", &s).await), Code::INVALID_ARGUMENT);
     let req = pb::CreateContainerRequest { container_id: "junk".into(), oci_spec: b"{not json".to_vec(), ..Default::default() };
     assert_eq!(code_of(a.client.create_container(ctx(), &req).await), Code::INVALID_ARGUMENT);
