@@ -11,11 +11,23 @@
 //! registry_config_dir = "/etc/husk/certs.d"   # <registry>/hosts.toml files
 //! docker_config = "/root/.docker/config.json" # registry credentials
 //! max_concurrent_downloads = 3
+//!
+//! [runtime]
+//! default_handler = "husk"            # RuntimeClass handler used when the CRI names none
+//! agent_binary = ""                   # husk-agent for husk-ns ("" = next to huskd, else $PATH)
+//! cgroup_parent = "husk"              # pod cgroups: <cgroup_parent>/<pod id> unless the CRI gives one
+//! agent_start_timeout_ms = 10000      # husk-ns: agent process up and answering
+//! # handler name -> sandbox kind ("vm" | "namespace"); these two are the defaults
+//! [runtime.handlers]
+//! husk = "vm"                         # VM sandbox (husk-vmm); not available yet
+//! husk-ns = "namespace"               # namespace sandbox: container-level isolation, NOT a VM
 //! ```
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG: &str = "/etc/husk/config.toml";
 pub const DEFAULT_SOCKET: &str = "/run/husk/huskd.sock";
@@ -44,6 +56,74 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub log_level: String,
     pub image: ImageConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// The kind of sandbox a RuntimeClass handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxKind {
+    /// A husk-vmm microVM per pod.
+    Vm,
+    /// A husk-agent host process in fresh namespaces per pod (no VM).
+    Namespace,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub default_handler: String,
+    pub agent_binary: Option<PathBuf>,
+    pub cgroup_parent: String,
+    pub agent_start_timeout_ms: u64,
+    pub handlers: BTreeMap<String, SandboxKind>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            default_handler: "husk".into(),
+            agent_binary: None,
+            cgroup_parent: "husk".into(),
+            agent_start_timeout_ms: 10_000,
+            handlers: BTreeMap::from([
+                ("husk".to_string(), SandboxKind::Vm),
+                ("husk-ns".to_string(), SandboxKind::Namespace),
+            ]),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// The sandbox kind of `handler` ("" = the default handler).
+    pub fn resolve<'a>(&'a self, handler: &'a str) -> Option<(&'a str, SandboxKind)> {
+        let name = if handler.is_empty() {
+            self.default_handler.as_str()
+        } else {
+            handler
+        };
+        self.handlers.get(name).map(|k| (name, *k))
+    }
+
+    /// The husk-agent binary: configured, next to the running executable, or `husk-agent` on $PATH.
+    pub fn agent_path(&self) -> PathBuf {
+        if let Some(p) = self
+            .agent_binary
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            return p.clone();
+        }
+        if let Ok(exe) = std::env::current_exe()
+            && let Some(dir) = exe.parent()
+        {
+            let p = dir.join("husk-agent");
+            if p.exists() {
+                return p;
+            }
+        }
+        PathBuf::from("husk-agent")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +142,7 @@ impl Default for Config {
             run_dir: "/run/husk".into(),
             log_level: "info".into(),
             image: ImageConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -106,6 +187,21 @@ impl Config {
                 "image.max_concurrent_downloads must be 1..=64".into(),
             ));
         }
+        if !self
+            .runtime
+            .handlers
+            .contains_key(&self.runtime.default_handler)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "runtime.default_handler {:?} is not in runtime.handlers",
+                self.runtime.default_handler
+            )));
+        }
+        if self.runtime.cgroup_parent.is_empty() || self.runtime.cgroup_parent.contains("..") {
+            return Err(ConfigError::Invalid(
+                "runtime.cgroup_parent must be a non-empty relative cgroup path".into(),
+            ));
+        }
         for (k, p) in [
             ("socket", &self.socket),
             ("state_dir", &self.state_dir),
@@ -119,6 +215,10 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    pub fn pods_state_dir(&self) -> PathBuf {
+        self.state_dir.join("pods")
     }
 
     pub fn images_dir(&self) -> PathBuf {
@@ -143,6 +243,28 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.image.max_concurrent_downloads, 5);
+        std::fs::write(
+            &p,
+            "[runtime]\ndefault_handler = \"husk-ns\"\n[runtime.handlers]\nhusk-ns = \"namespace\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(
+            c.runtime.resolve(""),
+            Some(("husk-ns", SandboxKind::Namespace))
+        );
+        assert_eq!(c.runtime.resolve("husk"), None);
+        std::fs::write(&p, "[runtime]\ndefault_handler = \"nope\"\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&p)),
+            Err(ConfigError::Invalid(_))
+        ));
+        let rd = RuntimeConfig::default();
+        assert_eq!(rd.resolve(""), Some(("husk", SandboxKind::Vm)));
+        assert_eq!(
+            rd.resolve("husk-ns"),
+            Some(("husk-ns", SandboxKind::Namespace))
+        );
         std::fs::write(&p, "sockett = \"/x\"\n").unwrap();
         assert!(matches!(
             Config::load(Some(&p)),

@@ -5,3 +5,5 @@ pub mod client;
 pub mod config;
 pub mod cri;
 pub mod image;
+pub mod sandbox;
+pub mod store;

@@ -32,6 +32,11 @@ impl Options {
 
 impl Huskd {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        Self::start_with(opts, "").await
+    }
+
+    /// Like [`Self::start`], with `extra` TOML appended to the config (e.g. a `[runtime]` table).
+    pub async fn start_with(opts: Options, extra: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs.d");
         for (reg, text) in &opts.hosts {
@@ -47,7 +52,7 @@ impl Huskd {
         std::fs::write(
             &config,
             format!(
-                "socket = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nlog_level = \"info,husk_host=debug\"\n[image]\nregistry_config_dir = \"{}\"\ndocker_config = \"{}\"\n",
+                "socket = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nlog_level = \"info,husk_host=debug\"\n[image]\nregistry_config_dir = \"{}\"\ndocker_config = \"{}\"\n{extra}",
                 socket.display(),
                 dir.path().join("state").display(),
                 dir.path().join("run").display(),
@@ -67,6 +72,10 @@ impl Huskd {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
     }
 
     pub fn images_dir(&self) -> PathBuf {

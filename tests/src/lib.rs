@@ -5,6 +5,7 @@
 pub mod huskd;
 pub mod oci;
 pub mod registry;
+pub mod runtime;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use husk_host::cli::images;
+use husk_host::cli::{images, runtime};
 use husk_host::client::Clients;
 use husk_host::config::DEFAULT_SOCKET;
 use husk_proto::cri;
@@ -53,6 +53,66 @@ enum Cmd {
     Inspecti { image: String },
     /// Show runtime and API versions.
     Version,
+    /// Run IMAGE [-- CMD...] in a new pod; streams its output, exits with its exit code.
+    Run {
+        /// Stop and remove the pod (and its logs) afterwards.
+        #[arg(long)]
+        rm: bool,
+        /// RuntimeClass handler: husk (VM sandbox, not available yet) or husk-ns
+        /// (namespace sandbox: container-level isolation, not a VM). Default: huskd's default.
+        #[arg(long)]
+        runtime: Option<String>,
+        /// Pod and container name (default run-<random>).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the pod's log directory is made.
+        #[arg(long, default_value = "/var/log/husk/pods")]
+        log_root: PathBuf,
+        image: String,
+        /// Command and arguments (default: the image's).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// List containers (running ones unless -a).
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List pod sandboxes.
+    Pods {
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Print a container's log (content only), -f to follow until it exits.
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        container: String,
+    },
+    /// Run a command in a running container (CRI ExecSync; no tty/stdin yet).
+    Exec {
+        /// Seconds; 0 = no timeout.
+        #[arg(long, default_value_t = 0)]
+        timeout: i64,
+        container: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Stop containers or pods (by id or unique id prefix).
+    Stop {
+        /// Seconds between SIGTERM and SIGKILL (containers).
+        #[arg(short, long, default_value_t = 10)]
+        timeout: i64,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove containers or pods (a pod is stopped first).
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,24 +127,58 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    let code = rt.block_on(run(args))?;
+    drop(rt);
+    std::process::exit(code)
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args) -> anyhow::Result<i32> {
     let mut c = Clients::connect(&args.socket).await?;
+    let unit = |r: anyhow::Result<()>| r.map(|()| 0);
     match args.cmd {
+        Cmd::Run {
+            rm,
+            runtime: handler,
+            name,
+            log_root,
+            image,
+            cmd,
+        } => {
+            runtime::run(
+                &mut c,
+                runtime::RunOptions {
+                    image,
+                    cmd,
+                    rm,
+                    runtime: handler,
+                    name,
+                    log_root,
+                },
+            )
+            .await
+        }
+        Cmd::Ps { all, quiet } => unit(runtime::ps(&mut c, all, quiet).await),
+        Cmd::Pods { quiet } => unit(runtime::pods(&mut c, quiet).await),
+        Cmd::Logs { follow, container } => unit(runtime::logs(&mut c, &container, follow).await),
+        Cmd::Exec {
+            timeout,
+            container,
+            cmd,
+        } => runtime::exec(&mut c, &container, cmd, timeout).await,
+        Cmd::Stop { timeout, ids } => unit(runtime::stop(&mut c, &ids, timeout).await),
+        Cmd::Rm { ids } => unit(runtime::rm(&mut c, &ids).await),
         Cmd::Pull {
             image,
             creds,
             quiet,
-        } => images::pull(&mut c, &image, creds.as_deref(), quiet).await,
+        } => unit(images::pull(&mut c, &image, creds.as_deref(), quiet).await),
         Cmd::Images {
             filter,
             quiet,
             output,
-        } => images::images(&mut c, filter.as_deref(), quiet, output == "json").await,
-        Cmd::Rmi { images: list } => images::rmi(&mut c, &list).await,
-        Cmd::Inspecti { image } => images::inspecti(&mut c, &image).await,
+        } => unit(images::images(&mut c, filter.as_deref(), quiet, output == "json").await),
+        Cmd::Rmi { images: list } => unit(images::rmi(&mut c, &list).await),
+        Cmd::Inspecti { image } => unit(images::inspecti(&mut c, &image).await),
         Cmd::Version => {
             let v = c
                 .runtime
@@ -97,7 +191,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "Version:  {}\nRuntimeName:  {}\nRuntimeVersion:  {}\nRuntimeApiVersion:  {}",
                 v.version, v.runtime_name, v.runtime_version, v.runtime_api_version
             );
-            Ok(())
+            Ok(0)
         }
     }
 }

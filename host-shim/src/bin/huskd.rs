@@ -8,6 +8,7 @@ use clap::Parser;
 use husk_host::config::Config;
 use husk_host::cri::{self, Services};
 use husk_host::image::{ImageService, ImageSettings};
+use husk_host::sandbox::{Manager, ManagerSettings};
 
 #[derive(Parser)]
 #[command(
@@ -62,7 +63,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .context("open image store")?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), state = %cfg.state_dir.display(), "huskd starting");
-    let services = Arc::new(Services { images });
+    let runtime = Manager::open(
+        ManagerSettings {
+            runtime: cfg.runtime.clone(),
+            state_dir: cfg.state_dir.clone(),
+            run_dir: cfg.run_dir.clone(),
+        },
+        images.clone(),
+    )
+    .await
+    .context("recover pods")?;
+    let services = Arc::new(Services { images, runtime });
     cri::serve(services, &cfg.socket, shutdown_signal()).await?;
     tracing::info!("huskd stopped");
     Ok(())

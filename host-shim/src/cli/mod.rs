@@ -1,4 +1,5 @@
 //! The `husk` command line: a CRI client of huskd, like crictl.
 
 pub mod images;
+pub mod runtime;
 pub mod table;

@@ -3,6 +3,22 @@
 use tonic::{Code, Status};
 
 use crate::image::ImageError;
+use crate::sandbox::RuntimeError;
+
+impl From<RuntimeError> for Status {
+    fn from(e: RuntimeError) -> Self {
+        let code = match &e {
+            RuntimeError::NotFound(_) => Code::NotFound,
+            RuntimeError::AlreadyExists(_) => Code::AlreadyExists,
+            RuntimeError::InvalidArgument(_) => Code::InvalidArgument,
+            RuntimeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            RuntimeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            RuntimeError::Unavailable(_) => Code::Unavailable,
+            RuntimeError::Internal(_) | RuntimeError::Store(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
 
 impl From<ImageError> for Status {
     fn from(e: ImageError) -> Self {

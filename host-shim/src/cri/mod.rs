@@ -2,6 +2,7 @@
 //! (thin handlers) and husk's own service. Errors map to gRPC codes in
 //! [`error`] only.
 
+pub mod convert;
 pub mod error;
 mod husk;
 mod image;
@@ -15,12 +16,14 @@ use husk_proto::cri::runtime_service_server::RuntimeServiceServer;
 use husk_proto::husk::husk_server::HuskServer;
 
 use crate::image::ImageService;
+use crate::sandbox::Manager;
 
 pub use self::runtime::RUNTIME_NAME;
 
 /// Shared state behind all handlers.
 pub struct Services {
     pub images: Arc<ImageService>,
+    pub runtime: Arc<Manager>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,30 +1,34 @@
-//! CRI RuntimeService. `Version` and `Status` answer; pod and container
-//! RPCs are added by the runtime work and answer Unimplemented until then.
+//! CRI RuntimeService: thin handlers over [`crate::sandbox::Manager`].
+//! Each traces, validates the request shape, calls the domain and maps the
+//! error (in [`super::error`]). Wire conversion lives in [`super::convert`].
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use husk_proto::cri::{self, runtime_service_server::RuntimeService};
 use tonic::{Request, Response, Status};
 
 use super::Services;
+use super::convert;
+use crate::config::SandboxKind;
 
 pub const RUNTIME_NAME: &str = "husk";
 pub const CRI_API_VERSION: &str = "v1";
 
 pub struct Runtime {
-    _s: Arc<Services>,
+    s: Arc<Services>,
 }
 
 impl Runtime {
     pub fn new(s: Arc<Services>) -> Self {
-        Self { _s: s }
+        Self { s }
     }
 }
 
-macro_rules! not_yet {
-    ($($name:ident($req:ident) -> $resp:ident;)*) => {
+macro_rules! unimplemented_rpc {
+    ($($name:ident($req:ident) -> $resp:ident: $msg:expr;)*) => {
         $(
             // Written out the way #[async_trait] expands methods: the
             // attribute does not see methods produced by a macro.
@@ -36,15 +40,14 @@ macro_rules! not_yet {
                 'life0: 'async_trait,
                 Self: 'async_trait,
             {
-                Box::pin(async {
-                    Err(Status::unimplemented(concat!(
-                        "husk: RuntimeService.", stringify!($name),
-                        " is not implemented yet (this huskd serves images only)"
-                    )))
-                })
+                Box::pin(async { Err(Status::unimplemented($msg)) })
             }
         )*
     };
+}
+
+fn ok<T>(t: T) -> Result<Response<T>, Status> {
+    Ok(Response::new(t))
 }
 
 #[tonic::async_trait]
@@ -56,41 +59,74 @@ impl RuntimeService for Runtime {
         &self,
         _r: Request<cri::VersionRequest>,
     ) -> Result<Response<cri::VersionResponse>, Status> {
-        Ok(Response::new(cri::VersionResponse {
+        ok(cri::VersionResponse {
             version: "0.1.0".into(),
             runtime_name: RUNTIME_NAME.into(),
             runtime_version: env!("CARGO_PKG_VERSION").into(),
             runtime_api_version: CRI_API_VERSION.into(),
-        }))
+        })
     }
 
     async fn status(
         &self,
-        _r: Request<cri::StatusRequest>,
+        r: Request<cri::StatusRequest>,
     ) -> Result<Response<cri::StatusResponse>, Status> {
-        let cond = |t: &str, reason: &str, message: &str| cri::RuntimeCondition {
+        let verbose = r.into_inner().verbose;
+        let rt = &self.s.runtime;
+        let handlers = rt.handlers();
+        let ns_ready = handlers.iter().any(|(_, k)| *k == SandboxKind::Namespace);
+        let cond = |t: &str, status: bool, reason: &str, message: &str| cri::RuntimeCondition {
             r#type: t.into(),
-            status: false,
-            reason: reason.into(),
+            status,
+            reason: if status { String::new() } else { reason.into() },
             message: message.into(),
         };
-        Ok(Response::new(cri::StatusResponse {
+        let runtime = if ns_ready {
+            cond(
+                "RuntimeReady",
+                true,
+                "",
+                "namespace sandbox handlers are ready; the VM sandbox (husk) is not available yet",
+            )
+        } else {
+            cond(
+                "RuntimeReady",
+                false,
+                "NoWorkingHandler",
+                "only VM sandbox handlers are configured and the VM sandbox is not available yet",
+            )
+        };
+        let network = cond(
+            "NetworkReady",
+            false,
+            "NetworkPluginNotReady",
+            "pod networking (CNI) is not implemented yet: pods get their own network namespace with loopback only, or the host network",
+        );
+        let mut info = std::collections::HashMap::new();
+        if verbose {
+            let h: Vec<_> = handlers
+                .iter()
+                .map(|(n, k)| serde_json::json!({"name": n, "kind": k}))
+                .collect();
+            info.insert(
+                "config".into(),
+                serde_json::json!({"defaultHandler": rt.runtime_config().default_handler, "handlers": h}).to_string(),
+            );
+        }
+        ok(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {
-                conditions: vec![
-                    cond(
-                        "RuntimeReady",
-                        "RuntimeNotImplemented",
-                        "pod sandboxes are not available in this huskd yet",
-                    ),
-                    cond(
-                        "NetworkReady",
-                        "NetworkNotImplemented",
-                        "pod networking is not available in this huskd yet",
-                    ),
-                ],
+                conditions: vec![runtime, network],
             }),
-            ..Default::default()
-        }))
+            info,
+            runtime_handlers: handlers
+                .iter()
+                .map(|(n, _)| cri::RuntimeHandler {
+                    name: n.clone(),
+                    features: Some(cri::RuntimeHandlerFeatures::default()),
+                })
+                .collect(),
+            features: None,
+        })
     }
 
     async fn get_container_events(
@@ -102,32 +138,264 @@ impl RuntimeService for Runtime {
         ))
     }
 
-    not_yet! {
-        run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse;
-        stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse;
-        remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse;
-        pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse;
-        list_pod_sandbox(ListPodSandboxRequest) -> ListPodSandboxResponse;
-        create_container(CreateContainerRequest) -> CreateContainerResponse;
-        start_container(StartContainerRequest) -> StartContainerResponse;
-        stop_container(StopContainerRequest) -> StopContainerResponse;
-        remove_container(RemoveContainerRequest) -> RemoveContainerResponse;
-        list_containers(ListContainersRequest) -> ListContainersResponse;
-        container_status(ContainerStatusRequest) -> ContainerStatusResponse;
-        update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse;
-        reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse;
-        exec_sync(ExecSyncRequest) -> ExecSyncResponse;
-        exec(ExecRequest) -> ExecResponse;
-        attach(AttachRequest) -> AttachResponse;
-        port_forward(PortForwardRequest) -> PortForwardResponse;
-        container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
-        list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
-        pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse;
-        list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse;
-        update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse;
-        checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse;
-        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse;
-        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse;
-        runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse;
+    async fn run_pod_sandbox(
+        &self,
+        r: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let r = r.into_inner();
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is required"))?;
+        tracing::debug!(handler = %r.runtime_handler, name = ?config.metadata.as_ref().map(|m| &m.name), "RunPodSandbox");
+        let id = self.s.runtime.run_pod(config, &r.runtime_handler).await?;
+        ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        r: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let id = r.into_inner().pod_sandbox_id;
+        tracing::debug!(pod = %id, "StopPodSandbox");
+        self.s.runtime.stop_pod(&id).await?;
+        ok(cri::StopPodSandboxResponse {})
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        r: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let id = r.into_inner().pod_sandbox_id;
+        tracing::debug!(pod = %id, "RemovePodSandbox");
+        self.s.runtime.remove_pod(&id).await?;
+        ok(cri::RemovePodSandboxResponse {})
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        r: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let r = r.into_inner();
+        let v = self.s.runtime.pod_status(&r.pod_sandbox_id)?;
+        ok(cri::PodSandboxStatusResponse {
+            status: Some(convert::pod_status(&v)),
+            info: if r.verbose {
+                convert::pod_info(&v)
+            } else {
+                Default::default()
+            },
+            containers_statuses: v.containers.iter().map(convert::container_status).collect(),
+            timestamp: crate::sandbox::state::now_ns(),
+        })
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        r: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let f = r.into_inner().filter;
+        let items = self
+            .s
+            .runtime
+            .list_pods(f.as_ref())
+            .iter()
+            .map(convert::pod_sandbox)
+            .collect();
+        ok(cri::ListPodSandboxResponse { items })
+    }
+
+    async fn create_container(
+        &self,
+        r: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let r = r.into_inner();
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("CreateContainer: config is required"))?;
+        tracing::debug!(pod = %r.pod_sandbox_id, name = ?config.metadata.as_ref().map(|m| &m.name), "CreateContainer");
+        let id = self
+            .s
+            .runtime
+            .create_container(&r.pod_sandbox_id, config)
+            .await?;
+        ok(cri::CreateContainerResponse { container_id: id })
+    }
+
+    async fn start_container(
+        &self,
+        r: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let id = r.into_inner().container_id;
+        tracing::debug!(container = %id, "StartContainer");
+        self.s.runtime.start_container(&id).await?;
+        ok(cri::StartContainerResponse {})
+    }
+
+    async fn stop_container(
+        &self,
+        r: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let r = r.into_inner();
+        tracing::debug!(container = %r.container_id, timeout = r.timeout, "StopContainer");
+        self.s
+            .runtime
+            .stop_container(&r.container_id, r.timeout)
+            .await?;
+        ok(cri::StopContainerResponse {})
+    }
+
+    async fn remove_container(
+        &self,
+        r: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let id = r.into_inner().container_id;
+        tracing::debug!(container = %id, "RemoveContainer");
+        self.s.runtime.remove_container(&id).await?;
+        ok(cri::RemoveContainerResponse {})
+    }
+
+    async fn list_containers(
+        &self,
+        r: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let f = r.into_inner().filter;
+        let containers = self
+            .s
+            .runtime
+            .list_containers(f.as_ref())
+            .iter()
+            .map(convert::container)
+            .collect();
+        ok(cri::ListContainersResponse { containers })
+    }
+
+    async fn container_status(
+        &self,
+        r: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let r = r.into_inner();
+        let v = self.s.runtime.container_status(&r.container_id)?;
+        let info = if r.verbose {
+            let pod = self.s.runtime.container_pod(&r.container_id)?;
+            convert::container_info(&v, &pod)
+        } else {
+            Default::default()
+        };
+        ok(cri::ContainerStatusResponse {
+            status: Some(convert::container_status(&v)),
+            info,
+        })
+    }
+
+    async fn update_container_resources(
+        &self,
+        r: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        let r = r.into_inner();
+        let linux = r.linux.ok_or_else(|| {
+            Status::invalid_argument("UpdateContainerResources: linux resources are required")
+        })?;
+        tracing::debug!(container = %r.container_id, "UpdateContainerResources");
+        self.s
+            .runtime
+            .update_resources(&r.container_id, linux)
+            .await?;
+        ok(cri::UpdateContainerResourcesResponse {})
+    }
+
+    async fn reopen_container_log(
+        &self,
+        r: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let id = r.into_inner().container_id;
+        self.s.runtime.reopen_log(&id)?;
+        ok(cri::ReopenContainerLogResponse {})
+    }
+
+    async fn exec_sync(
+        &self,
+        r: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let r = r.into_inner();
+        if r.timeout < 0 {
+            return Err(Status::invalid_argument(
+                "ExecSync: timeout must not be negative",
+            ));
+        }
+        tracing::debug!(container = %r.container_id, cmd = ?r.cmd, "ExecSync");
+        let out = self
+            .s
+            .runtime
+            .exec_sync(
+                &r.container_id,
+                r.cmd,
+                Duration::from_secs(r.timeout as u64),
+            )
+            .await?;
+        ok(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        })
+    }
+
+    async fn container_stats(
+        &self,
+        r: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let id = r.into_inner().container_id;
+        let stats = self.s.runtime.container_stats(&id).await?;
+        ok(cri::ContainerStatsResponse { stats: Some(stats) })
+    }
+
+    async fn list_container_stats(
+        &self,
+        r: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let f = r.into_inner().filter;
+        let stats = self.s.runtime.list_container_stats(f.as_ref()).await?;
+        ok(cri::ListContainerStatsResponse { stats })
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        r: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let id = r.into_inner().pod_sandbox_id;
+        let stats = self.s.runtime.pod_stats(&id).await?;
+        ok(cri::PodSandboxStatsResponse { stats: Some(stats) })
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        r: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let f = r.into_inner().filter;
+        let stats = self.s.runtime.list_pod_stats(f.as_ref()).await?;
+        ok(cri::ListPodSandboxStatsResponse { stats })
+    }
+
+    async fn update_runtime_config(
+        &self,
+        r: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        // The pod CIDR matters to a CNI setup, which husk does not have yet.
+        let cidr = r
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr);
+        tracing::info!(?cidr, "UpdateRuntimeConfig (pod CIDR noted; no CNI yet)");
+        ok(cri::UpdateRuntimeConfigResponse {})
+    }
+
+    unimplemented_rpc! {
+        exec(ExecRequest) -> ExecResponse: "husk: Exec is not implemented yet: husk has no streaming server (it comes with the streaming work); use ExecSync";
+        attach(AttachRequest) -> AttachResponse: "husk: Attach is not implemented yet: husk has no streaming server (it comes with the streaming work)";
+        port_forward(PortForwardRequest) -> PortForwardResponse: "husk: PortForward is not implemented yet: husk has no streaming server (it comes with the streaming work)";
+        checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse: "husk: CheckpointContainer is not supported";
+        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse: "husk: ListMetricDescriptors is not implemented";
+        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse: "husk: ListPodSandboxMetrics is not implemented";
+        runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse: "husk: RuntimeConfig is not implemented";
     }
 }

@@ -1,0 +1,873 @@
+//! CRI ⇄ domain: the OCI runtime spec of a container (built from the CRI
+//! ContainerConfig, the pod config and the image config), validation of
+//! CRI values, and records → CRI status messages.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use husk_proto::cri;
+use oci_spec::runtime::{
+    Capability, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType,
+    LinuxResources, LinuxResourcesBuilder, LinuxSeccomp, Mount, Spec,
+};
+
+use crate::sandbox::RuntimeError;
+use crate::sandbox::state::ContainerState;
+use crate::sandbox::{ContainerView, PodView};
+
+type Result<T> = std::result::Result<T, RuntimeError>;
+
+fn invalid(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::InvalidArgument(msg.into())
+}
+
+/// containerd's default capability set.
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Syscalls the RuntimeDefault profile refuses with EPERM (a subset of
+/// Docker's default profile, expressed as a deny list).
+const RUNTIME_DEFAULT_DENY: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapon",
+    "swapoff",
+    "sysfs",
+    "_sysctl",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+];
+
+const NS_CONTAINER: i32 = 1;
+const NS_NODE: i32 = 2;
+const NS_TARGET: i32 = 3;
+
+/// Mounts: absolute container paths, absolute existing host paths.
+pub fn validate_mounts(mounts: &[cri::Mount]) -> Result<()> {
+    for m in mounts {
+        if !m.container_path.starts_with('/') {
+            return Err(invalid(format!(
+                "mount: container_path {:?} must be absolute",
+                m.container_path
+            )));
+        }
+        if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+            return Err(invalid(format!(
+                "mount {}: image volumes are not supported",
+                m.container_path
+            )));
+        }
+        if !m.host_path.starts_with('/') {
+            return Err(invalid(format!(
+                "mount {}: host_path {:?} must be absolute",
+                m.container_path, m.host_path
+            )));
+        }
+        if !Path::new(&m.host_path).exists() {
+            return Err(invalid(format!(
+                "mount {}: host_path {} does not exist",
+                m.container_path, m.host_path
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Resource values the kernel would refuse or that make no sense.
+pub fn validate_resources(r: &cri::LinuxContainerResources) -> Result<()> {
+    if r.cpu_shares < 0 || (r.cpu_shares > 0 && r.cpu_shares < 2) || r.cpu_shares > 262_144 {
+        return Err(invalid(format!(
+            "cpu_shares {} out of range (2..=262144)",
+            r.cpu_shares
+        )));
+    }
+    if r.cpu_period != 0 && !(1_000..=1_000_000).contains(&r.cpu_period) {
+        return Err(invalid(format!(
+            "cpu_period {} out of range (1000..=1000000 µs)",
+            r.cpu_period
+        )));
+    }
+    if r.cpu_quota != 0 && r.cpu_quota != -1 && r.cpu_quota < 1_000 {
+        return Err(invalid(format!(
+            "cpu_quota {} must be -1 or at least 1000 µs",
+            r.cpu_quota
+        )));
+    }
+    if r.memory_limit_in_bytes < 0 {
+        return Err(invalid(format!(
+            "memory_limit_in_bytes {} is negative",
+            r.memory_limit_in_bytes
+        )));
+    }
+    if r.memory_limit_in_bytes > 0 && r.memory_limit_in_bytes < 4 << 20 {
+        return Err(invalid(format!(
+            "memory_limit_in_bytes {} is below the 4 MiB minimum",
+            r.memory_limit_in_bytes
+        )));
+    }
+    if !(-1000..=1000).contains(&r.oom_score_adj) {
+        return Err(invalid(format!(
+            "oom_score_adj {} out of range (-1000..=1000)",
+            r.oom_score_adj
+        )));
+    }
+    for (name, v) in [
+        ("cpuset_cpus", &r.cpuset_cpus),
+        ("cpuset_mems", &r.cpuset_mems),
+    ] {
+        let ok = v.is_empty()
+            || v.split(',').all(|part| {
+                let mut it = part.splitn(2, '-');
+                let a = it.next().and_then(|x| x.trim().parse::<u32>().ok());
+                match (a, it.next()) {
+                    (Some(_), None) => true,
+                    (Some(a), Some(b)) => b.trim().parse::<u32>().is_ok_and(|b| b >= a),
+                    _ => false,
+                }
+            });
+        if !ok {
+            return Err(invalid(format!("{name} {v:?} is not a cpu list")));
+        }
+    }
+    Ok(())
+}
+
+/// CRI resources → OCI LinuxResources (cpu, memory).
+pub fn linux_resources(r: &cri::LinuxContainerResources) -> Result<LinuxResources> {
+    let bad = |e: oci_spec::OciSpecError| RuntimeError::Internal(format!("resources: {e}"));
+    let mut cpu = LinuxCpuBuilder::default();
+    if r.cpu_shares > 0 {
+        cpu = cpu.shares(r.cpu_shares as u64);
+    }
+    if r.cpu_quota != 0 {
+        cpu = cpu.quota(r.cpu_quota);
+    }
+    if r.cpu_period > 0 {
+        cpu = cpu.period(r.cpu_period as u64);
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu = cpu.cpus(r.cpuset_cpus.clone());
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu = cpu.mems(r.cpuset_mems.clone());
+    }
+    let mut mem = LinuxMemoryBuilder::default();
+    if r.memory_limit_in_bytes > 0 {
+        mem = mem.limit(r.memory_limit_in_bytes);
+    }
+    if r.memory_swap_limit_in_bytes > 0 {
+        mem = mem.swap(r.memory_swap_limit_in_bytes);
+    }
+    LinuxResourcesBuilder::default()
+        .cpu(cpu.build().map_err(bad)?)
+        .memory(mem.build().map_err(bad)?)
+        .build()
+        .map_err(bad)
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cap(name: &str) -> Result<Capability> {
+    let n = name.to_ascii_uppercase();
+    let n = if n.starts_with("CAP_") {
+        n
+    } else {
+        format!("CAP_{n}")
+    };
+    serde_json::from_value(serde_json::Value::String(n))
+        .map_err(|_| invalid(format!("unknown capability {name:?}")))
+}
+
+fn all_caps() -> Vec<Capability> {
+    ALL_CAPS.iter().filter_map(|c| cap(c).ok()).collect()
+}
+
+const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+];
+
+fn capabilities(
+    sc: &cri::LinuxContainerSecurityContext,
+) -> Result<oci_spec::runtime::LinuxCapabilities> {
+    let mut set: Vec<Capability> = if sc.privileged {
+        all_caps()
+    } else {
+        DEFAULT_CAPS.iter().filter_map(|c| cap(c).ok()).collect()
+    };
+    if let Some(c) = &sc.capabilities {
+        for a in &c.add_capabilities {
+            if a.eq_ignore_ascii_case("ALL") {
+                set = all_caps();
+            } else {
+                let x = cap(a)?;
+                if !set.contains(&x) {
+                    set.push(x);
+                }
+            }
+        }
+        for d in &c.drop_capabilities {
+            if d.eq_ignore_ascii_case("ALL") {
+                set.clear();
+            } else {
+                let x = cap(d)?;
+                set.retain(|c| *c != x);
+            }
+        }
+    }
+    let set: oci_spec::runtime::Capabilities = set.into_iter().collect();
+    let mut caps = oci_spec::runtime::LinuxCapabilities::default();
+    caps.set_bounding(Some(set.clone()));
+    caps.set_effective(Some(set.clone()));
+    caps.set_permitted(Some(set));
+    caps.set_inheritable(None);
+    let ambient = sc
+        .capabilities
+        .as_ref()
+        .map(|c| c.add_ambient_capabilities.clone())
+        .unwrap_or_default();
+    caps.set_ambient(if ambient.is_empty() {
+        None
+    } else {
+        Some(ambient.iter().map(|a| cap(a)).collect::<Result<_>>()?)
+    });
+    Ok(caps)
+}
+
+fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<LinuxSeccomp>> {
+    use cri::security_profile::ProfileType;
+    let Some(p) = &sc.seccomp else {
+        return Ok(None);
+    };
+    if sc.privileged {
+        return Ok(None);
+    }
+    match ProfileType::try_from(p.profile_type).unwrap_or(ProfileType::RuntimeDefault) {
+        ProfileType::Unconfined => Ok(None),
+        ProfileType::RuntimeDefault => {
+            let json = serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [{"names": RUNTIME_DEFAULT_DENY, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+            });
+            serde_json::from_value(json)
+                .map(Some)
+                .map_err(|e| RuntimeError::Internal(format!("default seccomp: {e}")))
+        }
+        ProfileType::Localhost => {
+            let path = PathBuf::from(&p.localhost_ref);
+            if !path.is_absolute() {
+                return Err(invalid(format!(
+                    "seccomp localhost profile {:?} must be an absolute path",
+                    p.localhost_ref
+                )));
+            }
+            let data = std::fs::read(&path)
+                .map_err(|e| invalid(format!("seccomp profile {}: {e}", path.display())))?;
+            serde_json::from_slice(&data)
+                .map(Some)
+                .map_err(|e| invalid(format!("seccomp profile {}: {e}", path.display())))
+        }
+    }
+}
+
+/// The OCI spec of a container.
+pub fn container_spec(
+    config: &cri::ContainerConfig,
+    pod: &cri::PodSandboxConfig,
+    image_config: &serde_json::Value,
+) -> Result<Spec> {
+    let img = &image_config["config"];
+    let sc = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.clone())
+        .unwrap_or_default();
+
+    // Command: Kubernetes semantics over the image's Entrypoint/Cmd.
+    let entrypoint = strings(&img["Entrypoint"]);
+    let args: Vec<String> = if !config.command.is_empty() {
+        config.command.iter().chain(&config.args).cloned().collect()
+    } else if !config.args.is_empty() {
+        entrypoint
+            .into_iter()
+            .chain(config.args.iter().cloned())
+            .collect()
+    } else {
+        entrypoint.into_iter().chain(strings(&img["Cmd"])).collect()
+    };
+    if args.is_empty() {
+        return Err(invalid(
+            "no command: neither the container config nor the image gives one",
+        ));
+    }
+
+    let mut env: Vec<(String, String)> = vec![];
+    let mut set_env = |k: &str, v: &str| match env.iter_mut().find(|(ek, _)| ek == k) {
+        Some(e) => e.1 = v.to_string(),
+        None => env.push((k.to_string(), v.to_string())),
+    };
+    for e in strings(&img["Env"]) {
+        let (k, v) = e.split_once('=').unwrap_or((&e, ""));
+        set_env(k, v);
+    }
+    for kv in &config.envs {
+        set_env(&kv.key, &kv.value);
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.insert(
+            0,
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+        );
+    }
+    let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+
+    let cwd = if !config.working_dir.is_empty() {
+        config.working_dir.clone()
+    } else {
+        img["WorkingDir"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("/")
+            .to_string()
+    };
+    if !cwd.starts_with('/') {
+        return Err(invalid(format!("working_dir {cwd:?} must be absolute")));
+    }
+
+    // User: the security context wins over the image's User.
+    let mut user = oci_spec::runtime::User::default();
+    let image_user = img["User"].as_str().unwrap_or("");
+    let (img_u, img_g) = image_user.split_once(':').unwrap_or((image_user, ""));
+    match (&sc.run_as_user, sc.run_as_username.as_str()) {
+        (Some(u), _) => {
+            user.set_uid(
+                u32::try_from(u.value)
+                    .map_err(|_| invalid(format!("run_as_user {} out of range", u.value)))?,
+            );
+        }
+        (None, name) if !name.is_empty() => {
+            user.set_username(Some(name.to_string()));
+        }
+        (None, _) => match img_u.parse::<u32>() {
+            Ok(uid) => {
+                user.set_uid(uid);
+            }
+            Err(_) if !img_u.is_empty() => {
+                user.set_username(Some(img_u.to_string()));
+            }
+            Err(_) => {}
+        },
+    }
+    if let Some(g) = &sc.run_as_group {
+        user.set_gid(
+            u32::try_from(g.value)
+                .map_err(|_| invalid(format!("run_as_group {} out of range", g.value)))?,
+        );
+    } else if let Ok(gid) = img_g.parse::<u32>() {
+        user.set_gid(gid);
+    }
+    if !sc.supplemental_groups.is_empty() {
+        let gids = sc
+            .supplemental_groups
+            .iter()
+            .map(|g| {
+                u32::try_from(*g)
+                    .map_err(|_| invalid(format!("supplemental group {g} out of range")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        user.set_additional_gids(Some(gids));
+    }
+
+    let mut spec = Spec::default();
+    spec.set_hostname(None);
+    let mut process = oci_spec::runtime::Process::default();
+    process.set_args(Some(args));
+    process.set_env(Some(env));
+    process.set_cwd(PathBuf::from(cwd));
+    process.set_user(user);
+    process.set_terminal(Some(config.tty));
+    process.set_no_new_privileges(Some(sc.no_new_privs));
+    process.set_capabilities(Some(capabilities(&sc)?));
+    let res = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.resources.clone())
+        .unwrap_or_default();
+    if res.oom_score_adj != 0 {
+        process.set_oom_score_adj(Some(res.oom_score_adj as i32));
+    }
+    spec.set_process(Some(process));
+
+    let mut root = oci_spec::runtime::Root::default();
+    root.set_readonly(Some(sc.readonly_rootfs));
+    spec.set_root(Some(root));
+
+    // Mounts: defaults, minus what the CRI mounts over.
+    let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+    mounts.retain(|m| {
+        !config
+            .mounts
+            .iter()
+            .any(|c| Path::new(&c.container_path) == m.destination())
+    });
+    for m in &config.mounts {
+        let propagation = match cri::MountPropagation::try_from(m.propagation)
+            .unwrap_or(cri::MountPropagation::PropagationPrivate)
+        {
+            cri::MountPropagation::PropagationPrivate => "rprivate",
+            cri::MountPropagation::PropagationHostToContainer => "rslave",
+            cri::MountPropagation::PropagationBidirectional => "rshared",
+        };
+        let mut mount = Mount::default();
+        mount.set_destination(PathBuf::from(&m.container_path));
+        mount.set_source(Some(PathBuf::from(&m.host_path)));
+        mount.set_typ(Some("bind".into()));
+        mount.set_options(Some(vec![
+            "rbind".into(),
+            if m.readonly { "ro" } else { "rw" }.into(),
+            propagation.into(),
+        ]));
+        mounts.push(mount);
+    }
+    spec.set_mounts(Some(mounts));
+
+    // Namespaces: net/ipc/uts are the pod's (the agent joins them); mount is
+    // new; pid new per container unless the pod shares one.
+    let ns = sc.namespace_options.clone().unwrap_or_default();
+    let mut namespaces = vec![];
+    let mut mnt = LinuxNamespace::default();
+    mnt.set_typ(LinuxNamespaceType::Mount);
+    namespaces.push(mnt);
+    match ns.pid {
+        NS_CONTAINER => {
+            let mut pid = LinuxNamespace::default();
+            pid.set_typ(LinuxNamespaceType::Pid);
+            namespaces.push(pid);
+        }
+        NS_NODE => return Err(invalid("host PID namespace is not supported by husk")),
+        NS_TARGET => {
+            return Err(invalid(
+                "target PID namespaces are not supported by husk yet",
+            ));
+        }
+        _ => {}
+    }
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_namespaces(Some(namespaces));
+    linux.set_resources(Some(linux_resources(&res)?));
+    let mut sysctl: HashMap<String, String> = pod
+        .linux
+        .as_ref()
+        .map(|l| l.sysctls.clone())
+        .unwrap_or_default();
+    sysctl.retain(|_, _| true);
+    linux.set_sysctl(if sysctl.is_empty() {
+        None
+    } else {
+        Some(sysctl)
+    });
+    if sc.privileged {
+        linux.set_masked_paths(None);
+        linux.set_readonly_paths(None);
+    } else {
+        if !sc.masked_paths.is_empty() {
+            linux.set_masked_paths(Some(sc.masked_paths.clone()));
+        }
+        if !sc.readonly_paths.is_empty() {
+            linux.set_readonly_paths(Some(sc.readonly_paths.clone()));
+        }
+    }
+    linux.set_seccomp(seccomp(&sc)?);
+    linux.set_cgroups_path(None);
+    spec.set_linux(Some(linux));
+    let annotations: HashMap<String, String> = config.annotations.clone().into_iter().collect();
+    spec.set_annotations(Some(annotations));
+    Ok(spec)
+}
+
+/// CRI container status of a container view.
+pub fn container_status(v: &ContainerView) -> cri::ContainerStatus {
+    let r = &v.rec;
+    cri::ContainerStatus {
+        id: r.id.clone(),
+        metadata: v.config.metadata.clone(),
+        state: crate::sandbox::container_state_code(r.state),
+        created_at: r.created_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        exit_code: r.exit_code,
+        image: v.config.image.clone(),
+        image_ref: r.image_ref.clone(),
+        image_id: r.image_id.clone(),
+        reason: r.reason.clone(),
+        message: r.message.clone(),
+        labels: v.config.labels.clone(),
+        annotations: v.config.annotations.clone(),
+        mounts: v.config.mounts.clone(),
+        log_path: r
+            .log_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        resources: Some(cri::ContainerResources {
+            linux: v.resources(),
+            windows: None,
+        }),
+        user: None,
+    }
+}
+
+pub fn container(v: &ContainerView) -> cri::Container {
+    cri::Container {
+        id: v.rec.id.clone(),
+        pod_sandbox_id: v.rec.pod_id.clone(),
+        metadata: v.config.metadata.clone(),
+        image: v.config.image.clone(),
+        image_ref: v.rec.image_ref.clone(),
+        image_id: v.rec.image_id.clone(),
+        state: crate::sandbox::container_state_code(v.rec.state),
+        created_at: v.rec.created_at,
+        labels: v.config.labels.clone(),
+        annotations: v.config.annotations.clone(),
+    }
+}
+
+pub fn pod_status(v: &PodView) -> cri::PodSandboxStatus {
+    let ns = v
+        .config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone());
+    cri::PodSandboxStatus {
+        id: v.rec.id.clone(),
+        metadata: v.config.metadata.clone(),
+        state: crate::sandbox::pod_state_code(v.rec.state),
+        created_at: v.rec.created_at,
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace { options: ns }),
+        }),
+        labels: v.config.labels.clone(),
+        annotations: v.config.annotations.clone(),
+        runtime_handler: v.rec.handler.clone(),
+    }
+}
+
+pub fn pod_sandbox(v: &PodView) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: v.rec.id.clone(),
+        metadata: v.config.metadata.clone(),
+        state: crate::sandbox::pod_state_code(v.rec.state),
+        created_at: v.rec.created_at,
+        labels: v.config.labels.clone(),
+        annotations: v.config.annotations.clone(),
+        runtime_handler: v.rec.handler.clone(),
+    }
+}
+
+/// Verbose info: one "info" key holding JSON, like containerd.
+pub fn pod_info(v: &PodView) -> HashMap<String, String> {
+    let info = serde_json::json!({
+        "id": v.rec.id,
+        "handler": v.rec.handler,
+        "kind": v.rec.kind,
+        "state": v.rec.state,
+        "reason": v.rec.reason,
+        "cgroupParent": v.rec.cgroup_parent,
+        "agentPid": v.rec.agent.as_ref().map(|a| a.pid),
+        "agentSocket": v.rec.agent.as_ref().map(|a| a.socket.display().to_string()),
+        "agentAlive": v.agent_alive,
+        "isolation": match v.rec.kind {
+            crate::config::SandboxKind::Namespace => "namespaces (container-level isolation, not a VM)",
+            crate::config::SandboxKind::Vm => "virtual machine",
+        },
+    });
+    HashMap::from([("info".to_string(), info.to_string())])
+}
+
+pub fn container_info(v: &ContainerView, pod: &PodView) -> HashMap<String, String> {
+    let info = serde_json::json!({
+        "id": v.rec.id,
+        "sandboxId": v.rec.pod_id,
+        "pid": v.rec.pid,
+        "state": v.rec.state,
+        "cgroupsPath": format!("{}/{}", pod.rec.cgroup_parent, v.rec.id),
+        "running": v.rec.state == ContainerState::Running,
+    });
+    HashMap::from([("info".to_string(), info.to_string())])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(f: impl FnOnce(&mut cri::ContainerConfig)) -> cri::ContainerConfig {
+        let mut c = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "c".into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: "busybox".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        f(&mut c);
+        c
+    }
+
+    fn image() -> serde_json::Value {
+        serde_json::json!({"config": {"Env": ["PATH=/bin", "A=1"], "Entrypoint": ["/bin/ep"], "Cmd": ["x"], "User": "65534:65534", "WorkingDir": "/w"}})
+    }
+
+    #[test]
+    fn command_env_user_from_image_and_config() {
+        let s = container_spec(&config(|_| {}), &Default::default(), &image()).unwrap();
+        let p = s.process().as_ref().unwrap();
+        assert_eq!(
+            p.args().as_ref().unwrap(),
+            &vec!["/bin/ep".to_string(), "x".into()]
+        );
+        assert_eq!(p.cwd(), Path::new("/w"));
+        assert_eq!((p.user().uid(), p.user().gid()), (65534, 65534));
+
+        let c = config(|c| {
+            c.args = vec!["a".into()];
+            c.envs = vec![cri::KeyValue {
+                key: "A".into(),
+                value: "2".into(),
+            }];
+            c.linux = Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    run_as_user: Some(cri::Int64Value { value: 7 }),
+                    capabilities: Some(cri::Capability {
+                        add_capabilities: vec!["sys_admin".into()],
+                        drop_capabilities: vec!["CAP_KILL".into()],
+                        ..Default::default()
+                    }),
+                    namespace_options: Some(cri::NamespaceOption {
+                        pid: NS_CONTAINER,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: 64 << 20,
+                    cpu_quota: 50_000,
+                    cpu_period: 100_000,
+                    ..Default::default()
+                }),
+            });
+        });
+        let s = container_spec(&c, &Default::default(), &image()).unwrap();
+        let p = s.process().as_ref().unwrap();
+        assert_eq!(
+            p.args().as_ref().unwrap(),
+            &vec!["/bin/ep".to_string(), "a".into()]
+        );
+        assert!(p.env().as_ref().unwrap().contains(&"A=2".to_string()));
+        assert_eq!(p.user().uid(), 7);
+        let caps = p
+            .capabilities()
+            .as_ref()
+            .unwrap()
+            .bounding()
+            .as_ref()
+            .unwrap();
+        assert!(caps.contains(&Capability::SysAdmin) && !caps.contains(&Capability::Kill));
+        assert!(caps.contains(&Capability::Chown), "defaults kept");
+        assert_eq!(all_caps().len(), ALL_CAPS.len());
+        let l = s.linux().as_ref().unwrap();
+        assert!(
+            l.namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Pid)
+        );
+        assert!(
+            !l.namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Network)
+        );
+        let r = l.resources().as_ref().unwrap();
+        assert_eq!(r.memory().as_ref().unwrap().limit(), Some(64 << 20));
+        assert_eq!(r.cpu().as_ref().unwrap().quota(), Some(50_000));
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("hostname").is_none());
+    }
+
+    #[test]
+    fn bad_values_are_invalid_argument() {
+        let bad = |r: cri::LinuxContainerResources| {
+            matches!(
+                validate_resources(&r),
+                Err(RuntimeError::InvalidArgument(_))
+            )
+        };
+        assert!(bad(cri::LinuxContainerResources {
+            memory_limit_in_bytes: -1,
+            ..Default::default()
+        }));
+        assert!(bad(cri::LinuxContainerResources {
+            cpu_shares: -5,
+            ..Default::default()
+        }));
+        assert!(bad(cri::LinuxContainerResources {
+            cpu_period: 10,
+            ..Default::default()
+        }));
+        assert!(bad(cri::LinuxContainerResources {
+            cpuset_cpus: "0-x".into(),
+            ..Default::default()
+        }));
+        assert!(
+            validate_resources(&cri::LinuxContainerResources {
+                cpuset_cpus: "0-1,3".into(),
+                cpu_quota: -1,
+                ..Default::default()
+            })
+            .is_ok()
+        );
+        let m = |c: &str, h: &str| {
+            vec![cri::Mount {
+                container_path: c.into(),
+                host_path: h.into(),
+                ..Default::default()
+            }]
+        };
+        assert!(validate_mounts(&m("/data", "/tmp")).is_ok());
+        assert!(validate_mounts(&m("data", "/tmp")).is_err());
+        assert!(validate_mounts(&m("/data", "tmp")).is_err());
+        assert!(validate_mounts(&m("/data", "/nonexistent/husk")).is_err());
+        let c = config(|c| c.working_dir = "rel".into());
+        assert!(container_spec(&c, &Default::default(), &image()).is_err());
+        let c = config(|c| {
+            c.linux = Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    capabilities: Some(cri::Capability {
+                        add_capabilities: vec!["CAP_NOPE".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                resources: None,
+            })
+        });
+        assert!(container_spec(&c, &Default::default(), &image()).is_err());
+    }
+
+    #[test]
+    fn runtime_default_seccomp_parses() {
+        let sc = cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile::default()),
+            ..Default::default()
+        };
+        let s = seccomp(&sc).unwrap().unwrap();
+        assert_eq!(
+            s.syscalls().as_ref().unwrap()[0].names().len(),
+            RUNTIME_DEFAULT_DENY.len()
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! huskd's side of the agent API: the generated ttrpc client with deadlines
+//! and errors sorted into what the callers act on (an answer with a code, a
+//! deadline, or a connection that is gone).
+
+use std::path::Path;
+use std::time::Duration;
+
+use husk_proto::agent as pb;
+use protobuf::MessageField;
+use ttrpc::context;
+
+/// Deadline of ordinary agent RPCs.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of one long-poll round (reads, waits); callers loop.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    /// The agent answered with a non-OK status.
+    #[error("agent: {message}")]
+    Rpc { code: ttrpc::Code, message: String },
+    /// The deadline passed without an answer.
+    #[error("agent did not answer in time")]
+    Timeout,
+    /// The connection could not be made or broke (agent gone?).
+    #[error("agent connection: {0}")]
+    Transport(String),
+}
+
+impl AgentError {
+    pub fn is_code(&self, code: ttrpc::Code) -> bool {
+        matches!(self, AgentError::Rpc { code: c, .. } if *c == code)
+    }
+}
+
+impl From<ttrpc::Error> for AgentError {
+    fn from(e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::DEADLINE_EXCEEDED => {
+                AgentError::Timeout
+            }
+            ttrpc::Error::RpcStatus(s) => AgentError::Rpc {
+                code: s.code(),
+                message: s.message().to_string(),
+            },
+            ttrpc::Error::Others(m) if m.contains("deadline") => AgentError::Timeout,
+            other => AgentError::Transport(other.to_string()),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, AgentError>;
+
+fn ctx(d: Duration) -> context::Context {
+    context::with_timeout(d.as_nanos() as i64)
+}
+
+/// A connected agent. Cheap to clone (one multiplexed connection).
+#[derive(Clone)]
+pub struct Agent {
+    client: pb::AgentClient,
+}
+
+impl Agent {
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display())).await?;
+        Ok(Self {
+            client: pb::AgentClient::new(c),
+        })
+    }
+
+    pub async fn check(&self, timeout: Duration) -> Result<pb::CheckResponse> {
+        Ok(self
+            .client
+            .check(ctx(timeout), &pb::CheckRequest::new())
+            .await?)
+    }
+
+    pub async fn create_sandbox(
+        &self,
+        req: pb::CreateSandboxRequest,
+    ) -> Result<pb::CreateSandboxResponse> {
+        Ok(self.client.create_sandbox(ctx(RPC_TIMEOUT), &req).await?)
+    }
+
+    pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {
+        let req = pb::DestroySandboxRequest {
+            sandbox_id: id.into(),
+            ..Default::default()
+        };
+        self.client.destroy_sandbox(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
+    pub async fn create_container(
+        &self,
+        id: &str,
+        spec: Vec<u8>,
+        lower_dirs: Vec<String>,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<pb::CreateContainerResponse> {
+        let req = pb::CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: spec,
+            rootfs: MessageField::some(pb::Rootfs {
+                source: Some(pb::rootfs::Source::Overlay(pb::OverlayRootfs {
+                    lower_dirs,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            stdio: MessageField::some(pb::StdioConfig {
+                stdin,
+                tty,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Ok(self.client.create_container(ctx(RPC_TIMEOUT), &req).await?)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        let req = pb::StartContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client.start_container(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, id: &str, force: bool) -> Result<()> {
+        let req = pb::RemoveContainerRequest {
+            container_id: id.into(),
+            force,
+            ..Default::default()
+        };
+        self.client.remove_container(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
+    pub async fn list_containers(&self) -> Result<Vec<pb::ContainerStateResponse>> {
+        Ok(self
+            .client
+            .list_containers(ctx(RPC_TIMEOUT), &pb::ListContainersRequest::new())
+            .await?
+            .containers)
+    }
+
+    pub async fn exec(&self, id: &str, exec_id: &str, process: serde_json::Value) -> Result<u32> {
+        let req = pb::ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process: serde_json::to_vec(&process).unwrap_or_default(),
+            stdio: MessageField::some(pb::StdioConfig::default()),
+            ..Default::default()
+        };
+        Ok(self.client.exec_process(ctx(RPC_TIMEOUT), &req).await?.pid)
+    }
+
+    pub async fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = pb::RemoveProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client.remove_process(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<()> {
+        let req = pb::SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal: signal as u32,
+            all,
+            ..Default::default()
+        };
+        self.client.signal_process(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
+    /// One long-poll round: the exit, or [`AgentError::Timeout`].
+    pub async fn wait(
+        &self,
+        id: &str,
+        exec_id: &str,
+        timeout: Duration,
+    ) -> Result<pb::WaitProcessResponse> {
+        let req = pb::WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        Ok(self.client.wait_process(ctx(timeout), &req).await?)
+    }
+
+    /// One long-poll read of stdout (`stderr = false`) or stderr.
+    pub async fn read(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+        timeout: Duration,
+    ) -> Result<pb::ReadStreamResponse> {
+        let req = pb::ReadStreamRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        Ok(if stderr {
+            self.client.read_stderr(ctx(timeout), &req).await?
+        } else {
+            self.client.read_stdout(ctx(timeout), &req).await?
+        })
+    }
+
+    pub async fn container_stats(&self, id: &str) -> Result<pb::ContainerStatsResponse> {
+        let req = pb::ContainerStatsRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        Ok(self.client.container_stats(ctx(RPC_TIMEOUT), &req).await?)
+    }
+
+    pub async fn sandbox_stats(&self, id: &str) -> Result<pb::SandboxStatsResponse> {
+        let req = pb::SandboxStatsRequest {
+            sandbox_id: id.into(),
+            ..Default::default()
+        };
+        Ok(self.client.sandbox_stats(ctx(RPC_TIMEOUT), &req).await?)
+    }
+
+    pub async fn update_resources(&self, id: &str, resources: Vec<u8>) -> Result<()> {
+        let req = pb::UpdateResourcesRequest {
+            container_id: id.into(),
+            resources,
+            ..Default::default()
+        };
+        self.client.update_resources(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+}

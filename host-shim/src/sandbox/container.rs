@@ -1,0 +1,365 @@
+//! Container lifecycle: create, start, stop, remove, status, list, update,
+//! log reopen.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use husk_proto::cri;
+use prost::Message;
+
+use super::logs::CriLog;
+use super::pod::labels_match;
+use super::state::{ContainerRecord, ContainerState, PodState, new_id, now_ns};
+use super::{Container, Manager, Pod, Result, RuntimeError, lock};
+use crate::cri::convert;
+
+/// A container as the CRI layer sees it.
+#[derive(Debug, Clone)]
+pub struct ContainerView {
+    pub rec: ContainerRecord,
+    pub config: cri::ContainerConfig,
+}
+
+impl ContainerView {
+    pub(super) fn of(c: &Container) -> Self {
+        Self {
+            rec: c.record(),
+            config: c.config.clone(),
+        }
+    }
+
+    pub fn resources(&self) -> Option<cri::LinuxContainerResources> {
+        cri::LinuxContainerResources::decode(self.rec.resources.as_slice()).ok()
+    }
+}
+
+/// How long SIGKILL may take to be reported before StopContainer gives up.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+impl Manager {
+    pub async fn create_container(
+        self: &Arc<Self>,
+        pod_id: &str,
+        config: cri::ContainerConfig,
+    ) -> Result<String> {
+        let md = config
+            .metadata
+            .clone()
+            .filter(|m| !m.name.is_empty())
+            .ok_or_else(|| {
+                RuntimeError::InvalidArgument(
+                    "container config: metadata with a name is required".into(),
+                )
+            })?;
+        let image = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        if image.is_empty() {
+            return Err(RuntimeError::InvalidArgument(
+                "container config: image is required".into(),
+            ));
+        }
+        convert::validate_mounts(&config.mounts)?;
+        if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+            convert::validate_resources(r)?;
+        }
+        let pod = self.pod(pod_id)?;
+        let _g = pod.lifecycle.lock().await;
+        let prec = pod.record();
+        if prec.state != PodState::Ready {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "pod sandbox {pod_id} is not ready: cannot create containers in it"
+            )));
+        }
+        let agent = pod.agent().ok_or_else(|| {
+            RuntimeError::FailedPrecondition(format!("pod sandbox {pod_id} has no agent"))
+        })?;
+        if let Some(other) = pod.containers().iter().find(|c| {
+            let m = c.config.metadata.clone().unwrap_or_default();
+            m.name == md.name && m.attempt == md.attempt
+        }) {
+            return Err(RuntimeError::AlreadyExists(format!(
+                "container {:?} attempt {} already exists in pod sandbox {pod_id}: {}",
+                md.name, md.attempt, other.id
+            )));
+        }
+        let img = self
+            .images
+            .status(&image)
+            .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?
+            .ok_or_else(|| {
+                RuntimeError::NotFound(format!("image {image:?} not found: pull it first"))
+            })?;
+        let image_config = self
+            .images
+            .config_json(&img)
+            .map_err(|e| RuntimeError::Internal(e.to_string()))?;
+        let spec = convert::container_spec(&config, &pod.config, &image_config)?;
+        let spec = serde_json::to_vec(&spec)
+            .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))?;
+        let lower_dirs = self
+            .images
+            .lower_dirs(&img)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+
+        let id = new_id();
+        let log_path = (!pod.config.log_directory.is_empty() && !config.log_path.is_empty())
+            .then(|| std::path::Path::new(&pod.config.log_directory).join(&config.log_path));
+        let resources = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.clone())
+            .unwrap_or_default();
+        let mut rec = ContainerRecord {
+            id: id.clone(),
+            pod_id: pod_id.to_string(),
+            config: config.encode_to_vec(),
+            image_id: img.id.clone(),
+            image_ref: img
+                .repo_digests
+                .first()
+                .cloned()
+                .unwrap_or_else(|| img.id.clone()),
+            state: ContainerState::Created,
+            created_at: now_ns(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            log_path,
+            resources: resources.encode_to_vec(),
+            pid: 0,
+        };
+        let resp = agent
+            .create_container(&id, spec, lower_dirs, config.stdin, config.tty)
+            .await
+            .map_err(|e| RuntimeError::agent("create container", e))?;
+        rec.pid = resp.pid;
+        let c = Container::new(rec, config);
+        if let Err(e) = c.persist(&self.store) {
+            let _ = agent.remove_container(&id, true).await;
+            return Err(e);
+        }
+        lock(&pod.containers).insert(id.clone(), c.clone());
+        self.containers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), c);
+        tracing::info!(pod = pod_id, container = %id, name = %md.name, "container created");
+        Ok(id)
+    }
+
+    pub async fn start_container(self: &Arc<Self>, id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        let pod = self.pod(&c.pod_id)?;
+        let _g = c.lifecycle.lock().await;
+        let rec = c.record();
+        if rec.state != ContainerState::Created {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {id} is {:?}, only a created container can be started",
+                rec.state
+            )));
+        }
+        let agent = match (pod.record().state, pod.agent()) {
+            (PodState::Ready, Some(a)) => a,
+            _ => {
+                return Err(RuntimeError::FailedPrecondition(format!(
+                    "pod sandbox {} is not ready",
+                    pod.id
+                )));
+            }
+        };
+        let log = CriLog::new(rec.log_path.clone())
+            .map_err(|e| RuntimeError::Internal(format!("open log {:?}: {e}", rec.log_path)))?;
+        *lock(&c.log) = Some(Arc::new(log));
+        if let Err(e) = agent.start_container(id).await {
+            c.mark_exited(&self.store, 128, now_ns(), "StartError", &e.to_string());
+            return Err(RuntimeError::agent("start container", e));
+        }
+        {
+            let mut r = lock(&c.rec);
+            if r.transition(ContainerState::Running) {
+                r.started_at = now_ns();
+            }
+        }
+        c.persist(&self.store)?;
+        drop(_g);
+        self.spawn_supervisor(pod, c.clone(), agent);
+        Ok(())
+    }
+
+    pub async fn stop_container(self: &Arc<Self>, id: &str, timeout: i64) -> Result<()> {
+        let c = self.container(id)?;
+        let pod = self.pod(&c.pod_id)?;
+        self.stop_container_inner(&pod, &c, timeout).await
+    }
+
+    /// SIGTERM, `timeout` seconds, SIGKILL (all processes). No-op unless running.
+    pub(super) async fn stop_container_inner(
+        self: &Arc<Self>,
+        pod: &Arc<Pod>,
+        c: &Arc<Container>,
+        timeout: i64,
+    ) -> Result<()> {
+        let _g = c.lifecycle.lock().await;
+        if c.record().state != ContainerState::Running {
+            return Ok(());
+        }
+        let Some(agent) = pod.agent() else {
+            return Ok(());
+        };
+        let mut exited = c.exited.subscribe();
+        let wait = |d: Duration, rx: &mut tokio::sync::watch::Receiver<bool>| {
+            let mut rx = rx.clone();
+            async move { tokio::time::timeout(d, rx.wait_for(|e| *e)).await.is_ok() }
+        };
+        if timeout > 0 {
+            match agent.signal(&c.id, "", libc::SIGTERM, false).await {
+                Ok(()) => {}
+                Err(e) if pod.agent_alive() => {
+                    tracing::debug!(container = %c.id, error = %e, "SIGTERM")
+                }
+                Err(_) => {
+                    self.agent_died(pod, "the agent is gone");
+                    return Ok(());
+                }
+            }
+            if wait(Duration::from_secs(timeout as u64), &mut exited).await {
+                return Ok(());
+            }
+        }
+        if let Err(e) = agent.signal(&c.id, "", libc::SIGKILL, true).await {
+            if !pod.agent_alive() {
+                self.agent_died(pod, "the agent is gone");
+                return Ok(());
+            }
+            tracing::debug!(container = %c.id, error = %e, "SIGKILL");
+        }
+        if wait(KILL_WAIT, &mut exited).await {
+            return Ok(());
+        }
+        Err(RuntimeError::DeadlineExceeded(format!(
+            "container {} did not exit after SIGKILL",
+            c.id
+        )))
+    }
+
+    /// Removes a container (stopping it first). Unknown ids succeed: the CRI
+    /// makes RemoveContainer idempotent.
+    pub async fn remove_container(self: &Arc<Self>, id: &str) -> Result<()> {
+        let c = match self.container(id) {
+            Ok(c) => c,
+            Err(RuntimeError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let pod = self.pod(&c.pod_id)?;
+        self.stop_container_inner(&pod, &c, 0).await?;
+        let _g = c.lifecycle.lock().await;
+        if let Some(agent) = pod.agent() {
+            match agent.remove_container(id, true).await {
+                Ok(()) => {}
+                Err(e) if e.is_code(ttrpc::Code::NOT_FOUND) || !pod.agent_alive() => {}
+                Err(e) => return Err(RuntimeError::agent("remove container", e)),
+            }
+        }
+        self.store.remove_container(&c.pod_id, id)?;
+        lock(&pod.containers).remove(id);
+        self.containers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        tracing::info!(container = id, "container removed");
+        Ok(())
+    }
+
+    pub fn container_status(&self, id: &str) -> Result<ContainerView> {
+        Ok(ContainerView::of(&*self.container(id)?))
+    }
+
+    /// The container's pod (for verbose status).
+    pub fn container_pod(&self, id: &str) -> Result<super::PodView> {
+        let c = self.container(id)?;
+        self.pod_status(&c.pod_id)
+    }
+
+    pub fn list_containers(&self, filter: Option<&cri::ContainerFilter>) -> Vec<ContainerView> {
+        let mut out: Vec<ContainerView> = self
+            .all_containers()
+            .iter()
+            .map(|c| ContainerView::of(c))
+            .filter(|v| match filter {
+                None => true,
+                Some(f) => {
+                    (f.id.is_empty() || v.rec.id.starts_with(&f.id))
+                        && (f.pod_sandbox_id.is_empty()
+                            || v.rec.pod_id.starts_with(&f.pod_sandbox_id))
+                        && f.state
+                            .as_ref()
+                            .is_none_or(|s| container_state_code(v.rec.state) == s.state)
+                        && labels_match(&v.config.labels, &f.label_selector)
+                }
+            })
+            .collect();
+        out.sort_by_key(|v| v.rec.created_at);
+        out
+    }
+
+    pub async fn update_resources(
+        self: &Arc<Self>,
+        id: &str,
+        res: cri::LinuxContainerResources,
+    ) -> Result<()> {
+        convert::validate_resources(&res)?;
+        let c = self.container(id)?;
+        let pod = self.pod(&c.pod_id)?;
+        let _g = c.lifecycle.lock().await;
+        let state = c.record().state;
+        if !matches!(state, ContainerState::Created | ContainerState::Running) {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {id} is {state:?}: cannot update resources"
+            )));
+        }
+        let agent = pod.agent().ok_or_else(|| {
+            RuntimeError::FailedPrecondition(format!("pod sandbox {} has no agent", pod.id))
+        })?;
+        let oci = convert::linux_resources(&res)?;
+        let json = serde_json::to_vec(&oci).map_err(|e| RuntimeError::Internal(e.to_string()))?;
+        agent
+            .update_resources(id, json)
+            .await
+            .map_err(|e| RuntimeError::agent("update resources", e))?;
+        lock(&c.rec).resources = res.encode_to_vec();
+        c.persist(&self.store)
+    }
+
+    pub fn reopen_log(&self, id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        if c.record().state != ContainerState::Running {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        match c.log() {
+            Some(log) => log
+                .reopen()
+                .map_err(|e| RuntimeError::Internal(format!("reopen log: {e}"))),
+            None => Err(RuntimeError::FailedPrecondition(format!(
+                "container {id} has no log"
+            ))),
+        }
+    }
+}
+
+pub fn container_state_code(s: ContainerState) -> i32 {
+    match s {
+        ContainerState::Created => cri::ContainerState::ContainerCreated as i32,
+        ContainerState::Running => cri::ContainerState::ContainerRunning as i32,
+        ContainerState::Exited => cri::ContainerState::ContainerExited as i32,
+        ContainerState::Unknown => cri::ContainerState::ContainerUnknown as i32,
+    }
+}

@@ -1,0 +1,267 @@
+//! The one seam between the shared pod machinery and how a pod's agent is
+//! run: [`SandboxKind`], with the namespace sandbox (`husk-ns`: a host
+//! process in fresh namespaces) and the VM sandbox (`husk`: not yet).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::RuntimeError;
+use super::agent::Agent;
+use super::state::AgentProcess;
+
+/// How a pod's agent is launched, found again and stopped.
+#[async_trait::async_trait]
+pub trait SandboxKind: Send + Sync {
+    /// Starts the agent of pod `id` and connects to it.
+    async fn launch(&self, id: &str) -> Result<(AgentProcess, Agent), RuntimeError>;
+    /// Whether the agent process is still there (not exited, pid not reused).
+    fn alive(&self, p: &AgentProcess) -> bool;
+    /// Stops the agent process: SIGTERM, `grace`, SIGKILL.
+    async fn shutdown(&self, p: &AgentProcess, grace: Duration);
+    /// Removes the pod's runtime files.
+    fn cleanup(&self, id: &str);
+}
+
+/// `husk`: one husk-vmm microVM per pod. Comes with the VM issue.
+pub struct VmSandbox;
+
+#[async_trait::async_trait]
+impl SandboxKind for VmSandbox {
+    async fn launch(&self, _id: &str) -> Result<(AgentProcess, Agent), RuntimeError> {
+        Err(RuntimeError::FailedPrecondition(
+            "the VM sandbox (runtime handler \"husk\") is not available in this huskd yet; \
+             use the namespace sandbox: runtime handler \"husk-ns\" (husk run --runtime husk-ns), \
+             which is container-level isolation, not a VM"
+                .into(),
+        ))
+    }
+    fn alive(&self, _p: &AgentProcess) -> bool {
+        false
+    }
+    async fn shutdown(&self, _p: &AgentProcess, _grace: Duration) {}
+    fn cleanup(&self, _id: &str) {}
+}
+
+/// `husk-ns`: per pod a `husk-agent --host` process, the init of a fresh PID
+/// namespace (via `unshare --pid --fork --kill-child`), in its own session
+/// and process group so it outlives huskd. The agent unshares a private
+/// mount namespace; the pod's net/ipc/uts namespaces are made by the agent's
+/// CreateSandbox. Container-level isolation: the pod shares the host kernel.
+pub struct NamespaceSandbox {
+    pub run_dir: PathBuf,
+    pub agent_binary: PathBuf,
+    pub start_timeout: Duration,
+}
+
+impl NamespaceSandbox {
+    pub fn pod_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join("pods").join(id)
+    }
+}
+
+#[async_trait::async_trait]
+impl SandboxKind for NamespaceSandbox {
+    async fn launch(&self, id: &str) -> Result<(AgentProcess, Agent), RuntimeError> {
+        let dir = self.pod_dir(id);
+        let internal =
+            |what: &str, e: std::io::Error| RuntimeError::Internal(format!("{what}: {e}"));
+        std::fs::create_dir_all(&dir).map_err(|e| internal("pod run dir", e))?;
+        let socket = dir.join("agent.sock");
+        let log_path = dir.join("agent.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| internal("agent log", e))?;
+        let log2 = log.try_clone().map_err(|e| internal("agent log", e))?;
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--kill-child"])
+            .arg(&self.agent_binary)
+            .arg("--host")
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env(
+                "RUST_LOG",
+                std::env::var("HUSK_AGENT_LOG").unwrap_or_else(|_| "husk_agent=info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| internal(&format!("spawn unshare {}", self.agent_binary.display()), e))?;
+        let pid = child.id() as i32;
+        // Reap it while this huskd lives; after a restart init does.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let proc = AgentProcess {
+            pid,
+            start_time: start_time(pid).unwrap_or(0),
+            socket: socket.clone(),
+        };
+        let deadline = Instant::now() + self.start_timeout;
+        loop {
+            if socket.exists()
+                && let Ok(agent) = Agent::connect(&socket).await
+                && agent.check(Duration::from_secs(2)).await.is_ok()
+            {
+                tracing::debug!(pod = id, pid, "agent up");
+                return Ok((proc, agent));
+            }
+            let gone = !self.alive(&proc);
+            if gone || Instant::now() > deadline {
+                self.shutdown(&proc, Duration::ZERO).await;
+                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: String = tail
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(RuntimeError::Internal(format!(
+                    "husk-agent ({}) {}: {tail}",
+                    self.agent_binary.display(),
+                    if gone {
+                        "exited during start"
+                    } else {
+                        "did not come up in time"
+                    }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn alive(&self, p: &AgentProcess) -> bool {
+        match proc_stat(p.pid) {
+            Some((state, start)) => {
+                state != 'Z' && state != 'X' && (p.start_time == 0 || start == p.start_time)
+            }
+            None => false,
+        }
+    }
+
+    async fn shutdown(&self, p: &AgentProcess, grace: Duration) {
+        if !self.alive(p) {
+            return;
+        }
+        // The agent is unshare's child: SIGTERM it so it tears its sandbox down.
+        if !grace.is_zero() {
+            for c in children(p.pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + grace;
+            while self.alive(p) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if self.alive(p) {
+            // --kill-child: the agent (and with it the pod's PID namespace) gets SIGKILL too.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.alive(p) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    fn cleanup(&self, id: &str) {
+        let dir = self.pod_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(pod = id, error = %e, "remove pod run dir");
+        }
+    }
+}
+
+/// (state, start time) from /proc/PID/stat.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); start time is field 22.
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+pub fn start_time(pid: i32) -> Option<u64> {
+    proc_stat(pid).map(|(_, s)| s)
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// rmdir a cgroup subtree (deepest first) in every mounted hierarchy: what
+/// is left when an agent died without cleaning up. Returns what remains.
+pub fn remove_cgroup_tree(rel: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let rel = rel.trim_start_matches('/');
+    if rel.is_empty() {
+        return vec![];
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mut roots = vec![root.to_path_buf()];
+    roots.extend(
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir()),
+    );
+    let mut left = vec![];
+    for r in roots {
+        let d = r.join(rel);
+        if d.is_dir() {
+            walk(&d);
+            if d.exists() {
+                left.push(d);
+            }
+        }
+    }
+    left
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_of_self() {
+        let (state, start) = proc_stat(std::process::id() as i32).expect("stat");
+        assert!(state == 'R' || state == 'S', "{state}");
+        assert!(start > 0);
+        assert!(proc_stat(i32::MAX).is_none());
+    }
+}

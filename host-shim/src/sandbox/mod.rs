@@ -1,0 +1,289 @@
+//! Pods and containers: lifecycle, state machines, per-pod locking, logs,
+//! stats and recovery, shared by every sandbox kind. What differs between
+//! the namespace and the VM sandbox is behind [`kind::SandboxKind`].
+//!
+//! Locking: the maps below are held only to look up or insert (never across
+//! I/O). Each pod has a `lifecycle` async lock serialising its own
+//! run/stop/remove/create-container steps; each container has one for its
+//! start/stop/remove. Records sit in short std mutexes.
+
+pub mod agent;
+mod container;
+mod exec;
+pub mod kind;
+pub mod logs;
+mod pod;
+mod recover;
+pub mod state;
+mod stats;
+mod supervise;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use husk_proto::cri;
+
+use self::agent::{Agent, AgentError};
+use self::kind::{NamespaceSandbox, SandboxKind, VmSandbox};
+use self::logs::CriLog;
+use self::state::{ContainerRecord, PodRecord};
+use crate::config::{self, RuntimeConfig};
+use crate::image::ImageService;
+use crate::store::{Store, StoreError};
+
+pub use self::container::{ContainerView, container_state_code};
+pub use self::pod::{PodView, pod_state_code};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl RuntimeError {
+    /// An agent failure in the context of `what`.
+    pub fn agent(what: &str, e: AgentError) -> Self {
+        let msg = format!("{what}: {e}");
+        match e {
+            AgentError::Rpc { code, .. } => match code {
+                ttrpc::Code::NOT_FOUND => RuntimeError::NotFound(msg),
+                ttrpc::Code::ALREADY_EXISTS => RuntimeError::AlreadyExists(msg),
+                ttrpc::Code::INVALID_ARGUMENT => RuntimeError::InvalidArgument(msg),
+                ttrpc::Code::FAILED_PRECONDITION => RuntimeError::FailedPrecondition(msg),
+                ttrpc::Code::DEADLINE_EXCEEDED => RuntimeError::DeadlineExceeded(msg),
+                _ => RuntimeError::Internal(msg),
+            },
+            AgentError::Timeout => RuntimeError::DeadlineExceeded(msg),
+            AgentError::Transport(_) => RuntimeError::Unavailable(msg),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A live pod.
+pub struct Pod {
+    pub id: String,
+    pub config: cri::PodSandboxConfig,
+    rec: Mutex<PodRecord>,
+    lifecycle: tokio::sync::Mutex<()>,
+    agent: Mutex<Option<Agent>>,
+    containers: Mutex<BTreeMap<String, Arc<Container>>>,
+    persist_lock: Mutex<()>,
+    kind: Arc<dyn SandboxKind>,
+}
+
+impl Pod {
+    pub fn record(&self) -> PodRecord {
+        lock(&self.rec).clone()
+    }
+
+    fn agent(&self) -> Option<Agent> {
+        lock(&self.agent).clone()
+    }
+
+    fn containers(&self) -> Vec<Arc<Container>> {
+        lock(&self.containers).values().cloned().collect()
+    }
+
+    fn agent_alive(&self) -> bool {
+        match &lock(&self.rec).agent {
+            Some(p) => self.kind.alive(p),
+            None => false,
+        }
+    }
+
+    fn persist(&self, store: &Store) -> Result<()> {
+        let _g = lock(&self.persist_lock);
+        let rec = self.record();
+        Ok(store.put_pod(&self.id, &rec)?)
+    }
+}
+
+/// A live container.
+pub struct Container {
+    pub id: String,
+    pub pod_id: String,
+    pub config: cri::ContainerConfig,
+    rec: Mutex<ContainerRecord>,
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Flips to true once the container is recorded as exited.
+    exited: tokio::sync::watch::Sender<bool>,
+    log: Mutex<Option<Arc<CriLog>>>,
+    persist_lock: Mutex<()>,
+    /// Last (timestamp ns, cpu ns) sample for usage_nano_cores.
+    last_cpu: Mutex<Option<(i64, u64)>>,
+}
+
+impl Container {
+    fn new(rec: ContainerRecord, config: cri::ContainerConfig) -> Arc<Self> {
+        let done = rec.state == state::ContainerState::Exited;
+        Arc::new(Self {
+            id: rec.id.clone(),
+            pod_id: rec.pod_id.clone(),
+            config,
+            rec: Mutex::new(rec),
+            lifecycle: tokio::sync::Mutex::new(()),
+            exited: tokio::sync::watch::channel(done).0,
+            log: Mutex::new(None),
+            persist_lock: Mutex::new(()),
+            last_cpu: Mutex::new(None),
+        })
+    }
+
+    pub fn record(&self) -> ContainerRecord {
+        lock(&self.rec).clone()
+    }
+
+    fn persist(&self, store: &Store) -> Result<()> {
+        let _g = lock(&self.persist_lock);
+        let rec = self.record();
+        Ok(store.put_container(&self.pod_id, &self.id, &rec)?)
+    }
+
+    /// Records the exit (once) and wakes waiters.
+    fn mark_exited(&self, store: &Store, code: i32, finished_at: i64, reason: &str, message: &str) {
+        let changed = lock(&self.rec).exited(code, finished_at, reason, message);
+        if changed {
+            if let Err(e) = self.persist(store) {
+                tracing::error!(container = %self.id, error = %e, "persist exit");
+            }
+            tracing::info!(container = %self.id, code, reason, "container exited");
+        }
+        self.exited.send_replace(true);
+    }
+
+    fn log(&self) -> Option<Arc<CriLog>> {
+        lock(&self.log).clone()
+    }
+}
+
+/// The runtime: every pod and container huskd knows.
+pub struct Manager {
+    cfg: RuntimeConfig,
+    store: Store,
+    images: Arc<ImageService>,
+    ns: Arc<NamespaceSandbox>,
+    vm: Arc<VmSandbox>,
+    pods: RwLock<HashMap<String, Arc<Pod>>>,
+    containers: RwLock<HashMap<String, Arc<Container>>>,
+    /// name key (name/namespace/uid/attempt) → pod id; reserved before any I/O.
+    pod_names: Mutex<HashMap<String, String>>,
+}
+
+pub struct ManagerSettings {
+    pub runtime: RuntimeConfig,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Manager {
+    /// Opens the store and recovers every persisted pod (re-dials live agents).
+    pub async fn open(settings: ManagerSettings, images: Arc<ImageService>) -> Result<Arc<Self>> {
+        let store = Store::open(&settings.state_dir.join("pods"))?;
+        let ns = Arc::new(NamespaceSandbox {
+            run_dir: settings.run_dir.clone(),
+            agent_binary: settings.runtime.agent_path(),
+            start_timeout: std::time::Duration::from_millis(
+                settings.runtime.agent_start_timeout_ms,
+            ),
+        });
+        let m = Arc::new(Self {
+            cfg: settings.runtime,
+            store,
+            images,
+            ns,
+            vm: Arc::new(VmSandbox),
+            pods: RwLock::new(HashMap::new()),
+            containers: RwLock::new(HashMap::new()),
+            pod_names: Mutex::new(HashMap::new()),
+        });
+        m.recover().await?;
+        Ok(m)
+    }
+
+    pub fn runtime_config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+
+    fn kind(&self, k: config::SandboxKind) -> Arc<dyn SandboxKind> {
+        match k {
+            config::SandboxKind::Vm => self.vm.clone(),
+            config::SandboxKind::Namespace => self.ns.clone(),
+        }
+    }
+
+    fn pod(&self, id: &str) -> Result<Arc<Pod>> {
+        if id.is_empty() {
+            return Err(RuntimeError::InvalidArgument(
+                "pod sandbox id is empty".into(),
+            ));
+        }
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RuntimeError::NotFound(format!("pod sandbox {id} not found")))
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        if id.is_empty() {
+            return Err(RuntimeError::InvalidArgument(
+                "container id is empty".into(),
+            ));
+        }
+        self.containers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RuntimeError::NotFound(format!("container {id} not found")))
+    }
+
+    fn all_pods(&self) -> Vec<Arc<Pod>> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn all_containers(&self) -> Vec<Arc<Container>> {
+        self.containers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether a RuntimeClass handler would give working pods, for Status.
+    pub fn handlers(&self) -> Vec<(String, config::SandboxKind)> {
+        self.cfg
+            .handlers
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+}

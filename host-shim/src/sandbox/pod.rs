@@ -1,0 +1,354 @@
+//! Pod sandbox lifecycle: run, stop, remove, status, list.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use husk_proto::agent as pb;
+use husk_proto::cri;
+use prost::Message;
+use protobuf::MessageField;
+
+use super::kind::remove_cgroup_tree;
+use super::state::{ContainerState, PodRecord, PodState, new_id, now_ns};
+use super::{ContainerView, Manager, Pod, Result, RuntimeError, lock};
+use crate::config::SandboxKind as Kind;
+
+/// A pod as the CRI layer sees it.
+#[derive(Debug, Clone)]
+pub struct PodView {
+    pub rec: PodRecord,
+    pub config: cri::PodSandboxConfig,
+    pub containers: Vec<ContainerView>,
+    pub agent_alive: bool,
+}
+
+/// How long a stopping agent gets to tear its sandbox down before SIGKILL.
+const AGENT_GRACE: Duration = Duration::from_secs(3);
+
+pub(super) const NS_NODE: i32 = 2;
+
+fn name_key(md: &cri::PodSandboxMetadata) -> String {
+    format!("{}/{}/{}/{}", md.namespace, md.name, md.uid, md.attempt)
+}
+
+/// The namespace options of a pod config (defaults when absent).
+pub(super) fn pod_ns(config: &cri::PodSandboxConfig) -> cri::NamespaceOption {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default()
+}
+
+impl Manager {
+    pub async fn run_pod(
+        self: &Arc<Self>,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String> {
+        let md = config
+            .metadata
+            .clone()
+            .filter(|m| !m.name.is_empty())
+            .ok_or_else(|| {
+                RuntimeError::InvalidArgument(
+                    "pod sandbox config: metadata with a name is required".into(),
+                )
+            })?;
+        let (handler, kind) = self.cfg.resolve(handler).ok_or_else(|| {
+            RuntimeError::InvalidArgument(format!(
+                "unknown runtime handler {handler:?} (configured: {})",
+                self.cfg
+                    .handlers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let handler = handler.to_string();
+        let ns = pod_ns(&config);
+        if kind == Kind::Namespace && ns.pid == NS_NODE {
+            return Err(RuntimeError::InvalidArgument(
+                "host PID namespace is not supported by the namespace sandbox (its agent is the init of its own PID namespace)".into(),
+            ));
+        }
+        let cgroup_parent = match config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.trim_matches('/'))
+            .filter(|p| !p.is_empty())
+        {
+            Some(p) if p.split('/').any(|c| c == ".." || c == ".") => {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "bad cgroup_parent {p:?}"
+                )));
+            }
+            Some(p) => p.to_string(),
+            None => String::new(),
+        };
+        let id = new_id();
+        let cgroup_parent = if cgroup_parent.is_empty() {
+            format!("{}/{}", self.cfg.cgroup_parent, id)
+        } else {
+            cgroup_parent
+        };
+
+        let key = name_key(&md);
+        {
+            let mut names = lock(&self.pod_names);
+            if let Some(other) = names.get(&key) {
+                return Err(RuntimeError::AlreadyExists(format!(
+                    "pod sandbox {:?} (namespace {:?}, uid {:?}, attempt {}) already exists: {other}",
+                    md.name, md.namespace, md.uid, md.attempt
+                )));
+            }
+            names.insert(key.clone(), id.clone());
+        }
+        let result = self
+            .run_pod_reserved(&id, config, &handler, kind, cgroup_parent)
+            .await;
+        if result.is_err() {
+            lock(&self.pod_names).remove(&key);
+        }
+        result.map(|()| id)
+    }
+
+    async fn run_pod_reserved(
+        self: &Arc<Self>,
+        id: &str,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+        kind: Kind,
+        cgroup_parent: String,
+    ) -> Result<()> {
+        let kind_impl = self.kind(kind);
+        let mut rec = PodRecord {
+            id: id.to_string(),
+            handler: handler.to_string(),
+            kind,
+            state: PodState::Creating,
+            created_at: now_ns(),
+            config: config.encode_to_vec(),
+            cgroup_parent: cgroup_parent.clone(),
+            agent: None,
+            reason: String::new(),
+        };
+        // A VM pod fails here, before anything exists.
+        if kind == Kind::Vm {
+            kind_impl.launch(id).await?;
+        }
+        self.store.put_pod(id, &rec)?;
+        let cleanup = |proc: Option<super::state::AgentProcess>| {
+            let kind_impl = kind_impl.clone();
+            let store = self.store.clone();
+            let id = id.to_string();
+            let cg = cgroup_parent.clone();
+            async move {
+                if let Some(p) = proc {
+                    kind_impl.shutdown(&p, Duration::ZERO).await;
+                }
+                kind_impl.cleanup(&id);
+                remove_cgroup_tree(&cg);
+                let _ = store.remove_pod(&id);
+            }
+        };
+        let (proc, agent) = match kind_impl.launch(id).await {
+            Ok(x) => x,
+            Err(e) => {
+                cleanup(None).await;
+                return Err(e);
+            }
+        };
+        rec.agent = Some(proc.clone());
+        if let Err(e) = self.store.put_pod(id, &rec) {
+            cleanup(Some(proc)).await;
+            return Err(e.into());
+        }
+        let ns = pod_ns(&config);
+        let dns = config.dns_config.clone().unwrap_or_default();
+        let md = config.metadata.clone().unwrap_or_default();
+        let req = pb::CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            hostname: if config.hostname.is_empty() {
+                md.name.clone()
+            } else {
+                config.hostname.clone()
+            },
+            dns: MessageField::some(pb::DnsConfig {
+                servers: dns.servers,
+                searches: dns.searches,
+                options: dns.options,
+                ..Default::default()
+            }),
+            namespaces: MessageField::some(pb::SandboxNamespaces {
+                network: ns.network != NS_NODE,
+                ipc: ns.ipc != NS_NODE,
+                uts: ns.network != NS_NODE,
+                // The agent's own fresh PID namespace is the pod's.
+                pid: false,
+                ..Default::default()
+            }),
+            cgroup_parent: cgroup_parent.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = agent.create_sandbox(req).await {
+            cleanup(Some(proc)).await;
+            return Err(RuntimeError::agent("create sandbox", e));
+        }
+        rec.state = PodState::Ready;
+        if let Err(e) = self.store.put_pod(id, &rec) {
+            let _ = agent.destroy_sandbox(id).await;
+            cleanup(Some(proc)).await;
+            return Err(e.into());
+        }
+        let pod = Arc::new(Pod {
+            id: id.to_string(),
+            config,
+            rec: Mutex::new(rec),
+            lifecycle: tokio::sync::Mutex::new(()),
+            agent: Mutex::new(Some(agent)),
+            containers: Mutex::new(BTreeMap::new()),
+            persist_lock: Mutex::new(()),
+            kind: kind_impl,
+        });
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), pod.clone());
+        self.spawn_monitor(pod);
+        tracing::info!(pod = id, handler, "pod sandbox ready");
+        Ok(())
+    }
+
+    /// Stops every container (SIGKILL), destroys the sandbox and stops its
+    /// agent. Idempotent.
+    pub async fn stop_pod(self: &Arc<Self>, id: &str) -> Result<()> {
+        let pod = self.pod(id)?;
+        let _g = pod.lifecycle.lock().await;
+        for c in pod.containers() {
+            if let Err(e) = self.stop_container_inner(&pod, &c, 0).await {
+                tracing::warn!(container = %c.id, error = %e, "stop container of a stopping pod");
+            }
+        }
+        let rec = pod.record();
+        if let Some(agent) = pod.agent()
+            && pod.agent_alive()
+            && let Err(e) = agent.destroy_sandbox(id).await
+        {
+            tracing::warn!(pod = id, error = %e, "destroy sandbox");
+        }
+        if let Some(p) = &rec.agent {
+            pod.kind.shutdown(p, AGENT_GRACE).await;
+        }
+        *lock(&pod.agent) = None;
+        let left = remove_cgroup_tree(&rec.cgroup_parent);
+        if !left.is_empty() {
+            tracing::warn!(pod = id, ?left, "pod cgroups left behind");
+        }
+        let now = now_ns();
+        for c in pod.containers() {
+            if c.record().state != ContainerState::Exited {
+                c.mark_exited(
+                    &self.store,
+                    0,
+                    now,
+                    "SandboxStopped",
+                    "the pod sandbox was stopped",
+                );
+            }
+        }
+        {
+            let mut r = lock(&pod.rec);
+            if r.state.can_become(PodState::NotReady) {
+                r.state = PodState::NotReady;
+            }
+        }
+        pod.persist(&self.store)?;
+        Ok(())
+    }
+
+    /// Stops and forgets a pod and all its containers. Removing an unknown
+    /// pod succeeds (the CRI makes RemovePodSandbox idempotent).
+    pub async fn remove_pod(self: &Arc<Self>, id: &str) -> Result<()> {
+        let pod = match self.pod(id) {
+            Ok(p) => p,
+            Err(RuntimeError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.stop_pod(id).await?;
+        let _g = pod.lifecycle.lock().await;
+        {
+            let mut all = self.containers.write().unwrap_or_else(|e| e.into_inner());
+            for c in pod.containers() {
+                all.remove(&c.id);
+            }
+        }
+        lock(&pod.containers).clear();
+        pod.kind.cleanup(id);
+        self.store.remove_pod(id)?;
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        lock(&self.pod_names).retain(|_, v| v != id);
+        tracing::info!(pod = id, "pod sandbox removed");
+        Ok(())
+    }
+
+    fn view(&self, pod: &Pod) -> PodView {
+        PodView {
+            rec: pod.record(),
+            config: pod.config.clone(),
+            containers: pod
+                .containers()
+                .iter()
+                .map(|c| ContainerView::of(c))
+                .collect(),
+            agent_alive: pod.agent_alive(),
+        }
+    }
+
+    pub fn pod_status(&self, id: &str) -> Result<PodView> {
+        let pod = self.pod(id)?;
+        Ok(self.view(&pod))
+    }
+
+    /// Pods matching the CRI filter (id: exact or unique prefix).
+    pub fn list_pods(&self, filter: Option<&cri::PodSandboxFilter>) -> Vec<PodView> {
+        let mut out: Vec<PodView> = self
+            .all_pods()
+            .iter()
+            .map(|p| self.view(p))
+            .filter(|v| match filter {
+                None => true,
+                Some(f) => {
+                    (f.id.is_empty() || v.rec.id.starts_with(&f.id))
+                        && f.state
+                            .as_ref()
+                            .is_none_or(|s| pod_state_code(v.rec.state) == s.state)
+                        && labels_match(&v.config.labels, &f.label_selector)
+                }
+            })
+            .collect();
+        out.sort_by_key(|v| v.rec.created_at);
+        out
+    }
+}
+
+/// CRI PodSandboxState code of a pod state.
+pub fn pod_state_code(s: PodState) -> i32 {
+    match s {
+        PodState::Ready => cri::PodSandboxState::SandboxReady as i32,
+        _ => cri::PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+pub(super) fn labels_match(
+    labels: &HashMap<String, String>,
+    selector: &HashMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}

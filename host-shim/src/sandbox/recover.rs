@@ -1,0 +1,198 @@
+//! Startup: rebuild pods and containers from the store and reconcile them
+//! with their agents (which outlive huskd).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use husk_proto::agent as pb;
+use husk_proto::cri;
+use prost::Message;
+
+use super::agent::Agent;
+use super::kind::remove_cgroup_tree;
+use super::logs::CriLog;
+use super::state::{ContainerRecord, ContainerState, PodRecord, PodState, now_ns};
+use super::{Container, Manager, Pod, Result, lock};
+
+impl Manager {
+    pub(super) async fn recover(self: &Arc<Self>) -> Result<()> {
+        let all: Vec<(PodRecord, Vec<ContainerRecord>)> = self.store.load()?;
+        for (prec, crecs) in all {
+            let id = prec.id.clone();
+            if let Err(e) = self.recover_pod(prec, crecs).await {
+                tracing::error!(pod = %id, error = %e, "recover pod");
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_pod(
+        self: &Arc<Self>,
+        mut prec: PodRecord,
+        crecs: Vec<ContainerRecord>,
+    ) -> Result<()> {
+        let kind = self.kind(prec.kind);
+        let id = prec.id.clone();
+        if prec.state == PodState::Creating {
+            // huskd died while starting it: undo.
+            tracing::info!(pod = %id, "cleaning up a pod whose start was interrupted");
+            if let Some(p) = &prec.agent {
+                kind.shutdown(p, Duration::ZERO).await;
+            }
+            kind.cleanup(&id);
+            remove_cgroup_tree(&prec.cgroup_parent);
+            self.store.remove_pod(&id)?;
+            return Ok(());
+        }
+        let config = cri::PodSandboxConfig::decode(prec.config.as_slice()).unwrap_or_default();
+        let mut agent = None;
+        if prec.state == PodState::Ready {
+            let alive = prec.agent.as_ref().is_some_and(|p| kind.alive(p));
+            if alive && let Some(p) = &prec.agent {
+                agent = dial(&p.socket).await;
+            }
+            if agent.is_none() {
+                prec.state = PodState::NotReady;
+                prec.reason = "AgentExited: the agent was gone when huskd restarted".into();
+                if let Some(p) = &prec.agent {
+                    kind.shutdown(p, Duration::ZERO).await;
+                }
+                remove_cgroup_tree(&prec.cgroup_parent);
+            }
+        }
+        let agent_states: HashMap<String, pb::ContainerStateResponse> = match &agent {
+            Some(a) => a
+                .list_containers()
+                .await
+                .map(|l| l.into_iter().map(|s| (s.container_id.clone(), s)).collect())
+                .unwrap_or_default(),
+            None => HashMap::new(),
+        };
+        let pod = Arc::new(Pod {
+            id: id.clone(),
+            config,
+            rec: Mutex::new(prec.clone()),
+            lifecycle: tokio::sync::Mutex::new(()),
+            agent: Mutex::new(agent.clone()),
+            containers: Mutex::new(BTreeMap::new()),
+            persist_lock: Mutex::new(()),
+            kind,
+        });
+        pod.persist(&self.store)?;
+        let mut to_supervise = vec![];
+        for mut crec in crecs {
+            let known = agent_states.get(&crec.id);
+            reconcile(&mut crec, known, agent.is_some());
+            let config = cri::ContainerConfig::decode(crec.config.as_slice()).unwrap_or_default();
+            let running = crec.state == ContainerState::Running;
+            let log_path = crec.log_path.clone();
+            let c = Container::new(crec, config);
+            c.persist(&self.store)?;
+            if running {
+                match CriLog::new(log_path) {
+                    Ok(l) => *lock(&c.log) = Some(Arc::new(l)),
+                    Err(e) => tracing::warn!(container = %c.id, error = %e, "reopen log"),
+                }
+                to_supervise.push(c.clone());
+            }
+            lock(&pod.containers).insert(c.id.clone(), c.clone());
+            self.containers
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(c.id.clone(), c);
+        }
+        // Containers the agent has but huskd never recorded (crash between the two).
+        if let Some(a) = &agent {
+            for cid in agent_states.keys() {
+                if !lock(&pod.containers).contains_key(cid) {
+                    tracing::info!(pod = %id, container = %cid, "removing a container huskd has no record of");
+                    let _ = a.remove_container(cid, true).await;
+                }
+            }
+        }
+        if let Some(md) = &pod.config.metadata {
+            let key = format!("{}/{}/{}/{}", md.namespace, md.name, md.uid, md.attempt);
+            lock(&self.pod_names).insert(key, id.clone());
+        }
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), pod.clone());
+        if let Some(a) = agent {
+            for c in to_supervise {
+                self.spawn_supervisor(pod.clone(), c, a.clone());
+            }
+            self.spawn_monitor(pod);
+        }
+        tracing::info!(pod = %id, state = ?prec.state, "pod recovered");
+        Ok(())
+    }
+}
+
+async fn dial(socket: &std::path::Path) -> Option<Agent> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Ok(a) = Agent::connect(socket).await
+            && a.check(Duration::from_secs(2)).await.is_ok()
+        {
+            return Some(a);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Brings a container record in line with what the agent says (the agent
+/// is authoritative for state and exit codes while it lives).
+fn reconcile(c: &mut ContainerRecord, agent: Option<&pb::ContainerStateResponse>, agent_up: bool) {
+    use pb::ContainerStatus as S;
+    if c.state == ContainerState::Exited {
+        return;
+    }
+    match agent.map(|s| (s.status.enum_value_or_default(), s)) {
+        Some((S::CONTAINER_STATUS_RUNNING, s)) => {
+            if c.transition(ContainerState::Running) && c.started_at == 0 {
+                c.started_at = s.started_at;
+            }
+        }
+        Some((S::CONTAINER_STATUS_STOPPED, s)) => {
+            if c.state == ContainerState::Created && s.started_at > 0 {
+                c.transition(ContainerState::Running);
+                c.started_at = s.started_at;
+            }
+            let reason = if s.oom_killed {
+                "OOMKilled"
+            } else if s.exit_code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            };
+            let at = if s.finished_at > 0 {
+                s.finished_at
+            } else {
+                now_ns()
+            };
+            c.exited(s.exit_code, at, reason, "");
+        }
+        Some(_) => {}
+        None if agent_up => {
+            c.exited(
+                255,
+                now_ns(),
+                "ContainerLost",
+                "the agent no longer knows this container",
+            );
+        }
+        None => {
+            c.exited(
+                137,
+                now_ns(),
+                "SandboxAgentExited",
+                "the pod's husk-agent exited; the container was killed with its PID namespace",
+            );
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Background work per running container (log copying, exit wait) and per
+//! pod (agent liveness).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::agent::{Agent, AgentError, POLL_TIMEOUT};
+use super::kind::remove_cgroup_tree;
+use super::logs::{CriLog, Stream};
+use super::state::{ContainerState, PodState, now_ns};
+use super::{Container, Manager, Pod, lock};
+
+/// How often a pod's agent process is checked.
+const MONITOR_EVERY: Duration = Duration::from_millis(250);
+/// How long an exit waits for the log copiers to reach end of stream.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+impl Manager {
+    /// Copies the container's output into its log and records its exit.
+    pub(super) fn spawn_supervisor(
+        self: &Arc<Self>,
+        pod: Arc<Pod>,
+        c: Arc<Container>,
+        agent: Agent,
+    ) {
+        let m = self.clone();
+        tokio::spawn(async move { m.supervise(pod, c, agent).await });
+    }
+
+    async fn supervise(self: Arc<Self>, pod: Arc<Pod>, c: Arc<Container>, agent: Agent) {
+        let log = c
+            .log()
+            .unwrap_or_else(|| Arc::new(CriLog::new(None).unwrap_or_else(|_| unreachable_log())));
+        let out = tokio::spawn(copy(
+            pod.clone(),
+            agent.clone(),
+            c.id.clone(),
+            log.clone(),
+            Stream::Stdout,
+        ));
+        let err = tokio::spawn(copy(
+            pod.clone(),
+            agent.clone(),
+            c.id.clone(),
+            log.clone(),
+            Stream::Stderr,
+        ));
+        loop {
+            if *c.exited.borrow() {
+                return;
+            }
+            match agent.wait(&c.id, "", POLL_TIMEOUT).await {
+                Ok(w) => {
+                    let _ = tokio::time::timeout(DRAIN_WAIT, async {
+                        let _ = out.await;
+                        let _ = err.await;
+                    })
+                    .await;
+                    let oom = match agent.list_containers().await {
+                        Ok(l) => l.iter().any(|s| s.container_id == c.id && s.oom_killed),
+                        Err(_) => false,
+                    };
+                    let reason = if oom {
+                        "OOMKilled"
+                    } else if w.exit_code == 0 {
+                        "Completed"
+                    } else {
+                        "Error"
+                    };
+                    let at = if w.exited_at > 0 {
+                        w.exited_at
+                    } else {
+                        now_ns()
+                    };
+                    c.mark_exited(&self.store, w.exit_code, at, reason, "");
+                    return;
+                }
+                Err(AgentError::Timeout) => continue,
+                Err(e) if e.is_code(ttrpc::Code::NOT_FOUND) => {
+                    c.mark_exited(
+                        &self.store,
+                        255,
+                        now_ns(),
+                        "ContainerLost",
+                        "the agent no longer knows this container",
+                    );
+                    return;
+                }
+                Err(e) => {
+                    if !pod.agent_alive() {
+                        self.agent_died(&pod, &e.to_string());
+                        return;
+                    }
+                    tracing::debug!(container = %c.id, error = %e, "wait; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Watches a Ready pod's agent process; marks the pod NotReady when it dies.
+    pub(super) fn spawn_monitor(self: &Arc<Self>, pod: Arc<Pod>) {
+        let m = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(MONITOR_EVERY).await;
+                if pod.record().state != PodState::Ready {
+                    return;
+                }
+                if !pod.agent_alive() {
+                    // A stop in progress kills the agent on purpose.
+                    if pod.lifecycle.try_lock().is_err() {
+                        continue;
+                    }
+                    m.agent_died(&pod, "the agent process exited");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The pod's agent is gone: the pod is NotReady, its containers exited
+    /// (they died with the agent's PID namespace), its cgroups removed.
+    pub(super) fn agent_died(&self, pod: &Pod, why: &str) {
+        {
+            let mut r = lock(&pod.rec);
+            if r.state != PodState::Ready {
+                return;
+            }
+            r.state = PodState::NotReady;
+            r.reason = format!("AgentExited: {why}");
+        }
+        tracing::warn!(pod = %pod.id, why, "pod agent died");
+        *lock(&pod.agent) = None;
+        if let Err(e) = pod.persist(&self.store) {
+            tracing::error!(pod = %pod.id, error = %e, "persist pod");
+        }
+        let now = now_ns();
+        for c in pod.containers() {
+            let s = c.record().state;
+            if s == ContainerState::Running || s == ContainerState::Created {
+                c.mark_exited(
+                    &self.store,
+                    137,
+                    now,
+                    "SandboxAgentExited",
+                    "the pod's husk-agent exited; the container was killed with its PID namespace",
+                );
+            }
+        }
+        let cg = pod.record().cgroup_parent;
+        remove_cgroup_tree(&cg);
+    }
+}
+
+fn unreachable_log() -> CriLog {
+    // CriLog::new(None) opens nothing and cannot fail.
+    #[allow(clippy::unwrap_used)]
+    CriLog::new(None).unwrap()
+}
+
+/// Long-polls one stream into the log until end of stream or agent loss.
+async fn copy(pod: Arc<Pod>, agent: Agent, id: String, log: Arc<CriLog>, stream: Stream) {
+    let stderr = stream == Stream::Stderr;
+    loop {
+        match agent.read(&id, "", stderr, POLL_TIMEOUT).await {
+            Ok(r) => {
+                log.write(stream, &r.data);
+                if r.eof {
+                    log.finish(stream);
+                    return;
+                }
+            }
+            Err(AgentError::Timeout) => continue,
+            Err(e) if e.is_code(ttrpc::Code::NOT_FOUND) => return,
+            Err(e) => {
+                if !pod.agent_alive() {
+                    log.finish(stream);
+                    return;
+                }
+                tracing::debug!(container = %id, error = %e, "read stream; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
