@@ -1385,3 +1385,76 @@ async fn cli_run_ps_logs_exec_stop_rm() {
     assert!(e.list_pods(None).await.is_empty());
     let _ = std::fs::remove_dir_all(&logs);
 }
+
+#[tokio::test]
+async fn a_slow_stop_blocks_nothing_else() {
+    require!(env_ok(), NEEDS);
+    let e = Env::new().await;
+    let pa = e.pod("slow");
+    let pod_a = e.run_pod(&pa).await.unwrap();
+    let stubborn = e
+        .run(
+            &pod_a,
+            &e.ctr(
+                "stubborn",
+                &["sh", "-c", "trap '' TERM; while true; do sleep 1; done"],
+            ),
+            &pa,
+        )
+        .await;
+    let other = e
+        .run(&pod_a, &e.ctr("other", &["sleep", "1000"]), &pa)
+        .await;
+    let c = e.c.clone();
+    let id = stubborn.clone();
+    let t0 = Instant::now();
+    let stop = tokio::spawn(async move {
+        c.runtime
+            .clone()
+            .stop_container(cri::StopContainerRequest {
+                container_id: id,
+                timeout: 6,
+            })
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While the stop waits out its grace period: the same pod and other pods answer.
+    let t = Instant::now();
+    let st = container_status(&e.c, &stubborn)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+    assert_eq!(
+        e.exec(&other, &["echo", "ok"], 5).await.unwrap().stdout,
+        b"ok\n"
+    );
+    let pb = e.pod("fast");
+    let pod_b = e.run_pod(&pb).await.unwrap();
+    let b = e.run(&pod_b, &e.ctr("b", &["sleep", "1000"]), &pb).await;
+    assert_eq!(e.exec(&b, &["echo", "b"], 5).await.unwrap().stdout, b"b\n");
+    assert_eq!(e.list_pods(None).await.len(), 2);
+    let elapsed = t.elapsed();
+    assert!(!stop.is_finished(), "the stop should still be waiting");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "RPCs waited for the slow stop: {elapsed:?}"
+    );
+    stop.await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_secs(6));
+    assert_eq!(
+        container_status(&e.c, &stubborn)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .exit_code,
+        137
+    );
+    for p in [pod_a, pod_b] {
+        e.stop_pod(&p).await.unwrap();
+        e.remove_pod(&p).await.unwrap();
+    }
+}

@@ -50,7 +50,7 @@ impl Manager {
         if prec.state == PodState::Ready {
             let alive = prec.agent.as_ref().is_some_and(|p| kind.alive(p));
             if alive && let Some(p) = &prec.agent {
-                agent = dial(&p.socket).await;
+                agent = dial(&p.socket, &id).await;
             }
             if agent.is_none() {
                 prec.state = PodState::NotReady;
@@ -130,13 +130,19 @@ impl Manager {
     }
 }
 
-async fn dial(socket: &std::path::Path) -> Option<Agent> {
+/// Connects to the agent of pod `id`; `None` unless it answers, serves
+/// that pod and its namespace holder is alive.
+async fn dial(socket: &std::path::Path, id: &str) -> Option<Agent> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         if let Ok(a) = Agent::connect(socket).await
-            && a.check(Duration::from_secs(2)).await.is_ok()
+            && let Ok(check) = a.check(Duration::from_secs(2)).await
         {
-            return Some(a);
+            if check.sandbox_id == id && check.sandbox_ready {
+                return Some(a);
+            }
+            tracing::warn!(pod = id, serves = %check.sandbox_id, ready = check.sandbox_ready, "agent does not serve a ready pod");
+            return None;
         }
         if Instant::now() > deadline {
             return None;
