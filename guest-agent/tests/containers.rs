@@ -128,13 +128,15 @@ async fn exec_into_running_container_with_stdin_and_tty() {
     assert_eq!(a.wait(&id, "e2").await.exit_code, 0);
 
     // tty + resize: the shell waits for a line, then reports the size.
-    a.exec(&id, "e3", &["sh", "-c", "read x; stty size; exit 4"], true, true).await.expect("exec tty");
+    a.exec(&id, "e3", &["sh", "-c", "tty; read x; stty size; exit 4"], true, true).await.expect("exec tty");
     let r = pb::ResizeTtyRequest { container_id: id.clone(), exec_id: "e3".into(), rows: 33, cols: 111, ..Default::default() };
     a.client.resize_tty(ctx(), &r).await.expect("resize");
     let w = pb::WriteStdinRequest { container_id: id.clone(), exec_id: "e3".into(), data: b"go\n".to_vec(), ..Default::default() };
     a.client.write_stdin(ctx(), &w).await.expect("write");
     let out = a.read_all(&id, "e3", false).await;
     assert!(out.contains("33 111"), "{out:?}");
+    // The pty lives in the container's own devpts.
+    assert!(out.contains("/dev/pts/0"), "{out:?}");
     assert_eq!(a.wait(&id, "e3").await.exit_code, 4);
 
     // Bad exec requests.
@@ -456,7 +458,7 @@ async fn tty_container_with_stdin() {
     require_root!();
     let a = TestAgent::with_sandbox().await;
     let id = unique("tty");
-    a.create_with(&id, &spec(&["sh", "-c", "stty size; read x; echo got $x; exit 5"]), true, true).await.expect("create");
+    a.create_with(&id, &spec(&["sh", "-c", "tty; stty size; read x; echo got $x; exit 5"]), true, true).await.expect("create");
     // Resize before start: the size is there when the shell asks.
     let r = pb::ResizeTtyRequest { container_id: id.clone(), rows: 24, cols: 99, ..Default::default() };
     a.client.resize_tty(ctx(), &r).await.expect("resize");
@@ -466,6 +468,7 @@ async fn tty_container_with_stdin() {
     let out = a.read_all(&id, "", false).await;
     assert!(out.contains("24 99"), "{out:?}");
     assert!(out.contains("got line"), "{out:?}");
+    assert!(out.contains("/dev/pts/0"), "tty is named inside the container: {out:?}");
     // One stream on a tty: stderr is empty and closed.
     assert_eq!(a.read_all(&id, "", true).await, "");
     assert_eq!(a.wait(&id, "").await.exit_code, 5);

@@ -297,6 +297,13 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
     };
     let (child, io) = stdio::make(req.stdin, req.tty).map_err(|e| undo(e.into()))?;
     let spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, true).await.map_err(|e| undo(e.into()))?;
+    let io = match io.finish().await {
+        Ok(io) => io,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.pid), nix::sys::signal::Signal::SIGKILL);
+            return Err(undo(e.into()));
+        }
+    };
     tracing::info!(container = %req.id, pid = spawned.pid, "container created");
     let init = Arc::new(Process::new(String::new(), spawned.pid, io, spawned.exit));
     Ok(Arc::new(Container {

@@ -80,6 +80,13 @@ pub async fn do_exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<Arc<Process
         };
         let (child, io) = stdio::make(req.stdin, req.tty)?;
         let mut spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, false).await?;
+        let io = match io.finish().await {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.pid), nix::sys::signal::Signal::SIGKILL);
+                return Err(e.into());
+            }
+        };
         spawned.sync.wait_exec().await?;
         let p = Arc::new(Process::new(req.exec_id.clone(), spawned.pid, io, spawned.exit));
         *lock(&p.started_at) = Some(SystemTime::now());

@@ -96,11 +96,15 @@ pub async fn spawn(
     let (init_r, init_w) = cloexec_pipe()?;
     let (sync_r, sync_w) = cloexec_pipe()?;
     let (start_r, start_w) = if with_start { cloexec_pipe().map(|(r, w)| (Some(r), Some(w)))? } else { (None, None) };
-    let child_fds: Vec<RawFd> =
-        [Some(init_r.as_raw_fd()), Some(sync_w.as_raw_fd()), start_r.as_ref().map(AsRawFd::as_raw_fd)]
-            .into_iter()
-            .map(|f| f.unwrap_or(-1))
-            .collect();
+    let child_fds: Vec<RawFd> = [
+        Some(init_r.as_raw_fd()),
+        Some(sync_w.as_raw_fd()),
+        start_r.as_ref().map(AsRawFd::as_raw_fd),
+        stdio.console.as_ref().map(AsRawFd::as_raw_fd),
+    ]
+    .into_iter()
+    .map(|f| f.unwrap_or(-1))
+    .collect();
     let fds_env = child_fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(",");
 
     let mut cmd = Command::new(exe);
@@ -110,6 +114,7 @@ pub async fn spawn(
         .stdin(Stdio::from(stdio.stdin))
         .stdout(Stdio::from(stdio.stdout))
         .stderr(Stdio::from(stdio.stderr));
+
     if let Ok(filter) = std::env::var("RUST_LOG") {
         cmd.env("RUST_LOG", filter);
     }
@@ -126,6 +131,7 @@ pub async fn spawn(
         });
     }
     let child = cmd.spawn().map_err(|e| SpawnError::Io("spawn runner", e))?;
+    drop(stdio.console);
     // The intermediate exits right after forking; its exit is not interesting.
     drop(reaper.register(child.id() as i32));
     drop(child);

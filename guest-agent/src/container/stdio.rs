@@ -24,11 +24,38 @@ pub enum StdioError {
 
 type Result<T> = std::result::Result<T, StdioError>;
 
-/// The child's ends, handed to the runner as fds 0, 1, 2.
+/// The child's ends, handed to the runner as fds 0, 1, 2, and for a tty the
+/// socket the runner sends the pty master on.
 pub struct ChildStdio {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    pub console: Option<OwnedFd>,
+}
+
+/// The agent's side: ready now (pipes), or once the runner sent the master.
+pub enum IoPlan {
+    Ready(Box<ProcessIo>),
+    Console { sock: OwnedFd, stdin: bool },
+}
+
+impl IoPlan {
+    /// The process's io; for a tty, receive the master the runner sent.
+    pub async fn finish(self) -> Result<ProcessIo> {
+        match self {
+            IoPlan::Ready(io) => Ok(*io),
+            IoPlan::Console { sock, stdin } => {
+                let timeout = nix::sys::time::TimeVal::new(30, 0);
+                nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+                    .map_err(|e| StdioError::Os("console timeout", e))?;
+                let master = tokio::task::spawn_blocking(move || crate::runner::console::recv_fd(&sock))
+                    .await
+                    .map_err(|e| StdioError::Io("console", std::io::Error::other(e.to_string())))?
+                    .map_err(|e| StdioError::Io("console", std::io::Error::other(e.to_string())))?;
+                ProcessIo::from_master(master, stdin)
+            }
+        }
+    }
 }
 
 /// The agent's ends.
@@ -66,32 +93,42 @@ fn dev_null() -> Result<OwnedFd> {
     std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|e| StdioError::Io("open /dev/null", e))
 }
 
-/// Make the pipes (or pty) for a new process.
-pub fn make(stdin: bool, tty: bool) -> Result<(ChildStdio, ProcessIo)> {
+/// Make the pipes (or the console socket) for a new process.
+pub fn make(stdin: bool, tty: bool) -> Result<(ChildStdio, IoPlan)> {
     if tty {
-        let pty = nix::pty::openpty(None, None).map_err(|e| StdioError::Os("openpty", e))?;
-        let master = pty.master;
-        let slave = pty.slave;
-        let child = ChildStdio { stdin: dup(&slave)?, stdout: dup(&slave)?, stderr: slave };
-        let io = ProcessIo {
-            stdin: Mutex::new(if stdin { Some(async_fd(dup(&master)?, Interest::WRITABLE)?) } else { None }),
-            stdout: Mutex::new(Some(async_fd(dup(&master)?, Interest::READABLE)?)),
-            stderr: Mutex::new(None),
-            pty: Some(master),
-        };
-        return Ok((child, io));
+        let (sock, child_sock) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| StdioError::Os("socketpair", e))?;
+        let child = ChildStdio { stdin: dev_null()?, stdout: dev_null()?, stderr: dev_null()?, console: Some(child_sock) };
+        return Ok((child, IoPlan::Console { sock, stdin }));
     }
     let (in_r, in_w) = if stdin { pipe().map(|(r, w)| (r, Some(w)))? } else { (dev_null()?, None) };
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let child = ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w };
+    let child = ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w, console: None };
     let io = ProcessIo {
         stdin: Mutex::new(in_w.map(|w| async_fd(w, Interest::WRITABLE)).transpose()?),
         stdout: Mutex::new(Some(async_fd(out_r, Interest::READABLE)?)),
         stderr: Mutex::new(Some(async_fd(err_r, Interest::READABLE)?)),
         pty: None,
     };
-    Ok((child, io))
+    Ok((child, IoPlan::Ready(Box::new(io))))
+}
+
+impl ProcessIo {
+    /// Io over a pty master: stdout reads it, stdin writes it, stderr is empty.
+    pub fn from_master(master: OwnedFd, stdin: bool) -> Result<Self> {
+        Ok(ProcessIo {
+            stdin: Mutex::new(if stdin { Some(async_fd(dup(&master)?, Interest::WRITABLE)?) } else { None }),
+            stdout: Mutex::new(Some(async_fd(dup(&master)?, Interest::READABLE)?)),
+            stderr: Mutex::new(None),
+            pty: Some(master),
+        })
+    }
 }
 
 /// Read up to `max` bytes; `(data, eof)`. Waits until data or EOF.
@@ -179,9 +216,17 @@ impl ProcessIo {
 mod tests {
     use super::*;
 
+    fn ready(plan: IoPlan) -> ProcessIo {
+        match plan {
+            IoPlan::Ready(io) => *io,
+            IoPlan::Console { .. } => panic!("pipes expected"),
+        }
+    }
+
     #[tokio::test]
     async fn pipes_carry_data_and_eof() {
         let (child, io) = make(true, false).expect("make");
+        let io = ready(io);
         nix::unistd::write(&child.stdout, b"hello").expect("write");
         assert_eq!(io.read_stdout(3).await.expect("read"), (b"hel".to_vec(), false));
         assert_eq!(io.read_stdout(64).await.expect("read"), (b"lo".to_vec(), false));
@@ -200,6 +245,7 @@ mod tests {
     #[tokio::test]
     async fn cancelled_read_loses_nothing() {
         let (child, io) = make(false, false).expect("make");
+        let io = ready(io);
         let r = tokio::time::timeout(std::time::Duration::from_millis(50), io.read_stderr(64)).await;
         assert!(r.is_err(), "no data yet");
         nix::unistd::write(&child.stderr, b"late").expect("write");
@@ -208,21 +254,28 @@ mod tests {
 
     #[tokio::test]
     async fn pty_resize_and_output() {
-        let (child, io) = make(true, true).expect("make");
+        // What the runner does, in-process: master over the console socket.
+        let (child, plan) = make(true, true).expect("make");
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        crate::runner::console::send_fd(child.console.as_ref().expect("console"), pty.master.as_raw_fd()).expect("send");
+        drop(pty.master);
+        let io = plan.finish().await.expect("finish");
+        let slave = pty.slave;
         io.resize(40, 120).expect("resize");
         let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
         // SAFETY: TIOCGWINSZ writes a winsize into ws.
-        let r = unsafe { libc::ioctl(child.stdout.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
         assert_eq!(r, 0);
         assert_eq!((ws.ws_row, ws.ws_col), (40, 120));
-        nix::unistd::write(&child.stdout, b"tty!").expect("write");
+        nix::unistd::write(&slave, b"tty!").expect("write");
         let (data, eof) = io.read_stdout(64).await.expect("read");
         assert!(!eof);
         assert!(String::from_utf8_lossy(&data).contains("tty!"));
-        drop(child);
+        drop(slave);
         // Slave closed: EIO becomes EOF.
         let (_, eof) = io.read_stdout(64).await.expect("read");
         assert!(eof);
         assert_eq!(io.read_stderr(64).await.expect("read"), (vec![], true));
+        drop(child);
     }
 }

@@ -49,17 +49,9 @@ pub struct ExecPlan {
     pub umask: u32,
 }
 
-/// New session; with a tty, make stdin (the pty slave) the controlling terminal.
-pub fn prepare_session(tty: bool) -> std::result::Result<(), super::RunnerError> {
+/// A new session (the console, if any, becomes its controlling terminal).
+pub fn prepare_session() {
     let _ = nix::unistd::setsid();
-    if tty {
-        // SAFETY: TIOCSCTTY on fd 0 with an integer argument.
-        let r = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
-        if r < 0 {
-            return Err(super::RunnerError::Os("TIOCSCTTY", nix::Error::last()));
-        }
-    }
-    Ok(())
 }
 
 /// Env with defaults for PATH and HOME when the spec does not set them.

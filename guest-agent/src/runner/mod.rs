@@ -13,6 +13,7 @@
 
 pub mod caps;
 pub mod config;
+pub mod console;
 pub mod exec;
 pub mod rootfs;
 pub mod seccomp;
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::syscall::{LinuxSyscall, Syscall, SyscallError};
 
-/// Env var with the runner's fds: "INIT,SYNC,START" (START is -1 when absent).
+/// Env var with the runner's fds: "INIT,SYNC,START,CONSOLE" (-1 when absent).
 pub const FDS_ENV: &str = "_HUSK_RUNNER_FDS";
 /// argv[1] of the runner.
 pub const INIT_ARG: &str = "__init";
@@ -64,6 +65,10 @@ pub enum RunnerError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("exec: {0}")]
     Exec(#[from] exec::ExecError),
+    #[error("console: {0}")]
+    Console(#[from] console::ConsoleError),
+    #[error("a tty was asked for but no console socket was passed")]
+    NoConsole,
     #[error("not started")]
     NotStarted,
 }
@@ -102,13 +107,13 @@ impl RunnerError {
     }
 }
 
-fn fds() -> (RawFd, RawFd, RawFd) {
+fn fds() -> [RawFd; 4] {
     let v: Vec<RawFd> = std::env::var(FDS_ENV)
         .unwrap_or_default()
         .split(',')
         .map(|s| s.parse().unwrap_or(-1))
         .collect();
-    (v.first().copied().unwrap_or(-1), v.get(1).copied().unwrap_or(-1), v.get(2).copied().unwrap_or(-1))
+    std::array::from_fn(|i| v.get(i).copied().unwrap_or(-1))
 }
 
 /// Mark every fd above stderr close-on-exec except `keep`, so nothing of the
@@ -124,7 +129,7 @@ fn cloexec_others(keep: &[RawFd]) {
 
 /// Entry point of `husk-agent __init`. Never returns.
 pub fn main() -> ! {
-    let (init_fd, sync_fd, start_fd) = fds();
+    let [init_fd, sync_fd, start_fd, console_fd] = fds();
     if init_fd < 0 || sync_fd < 0 {
         eprintln!("husk-agent {INIT_ARG} is started by the agent, not by hand");
         std::process::exit(2);
@@ -143,7 +148,9 @@ pub fn main() -> ! {
     let init = unsafe { File::from_raw_fd(init_fd) };
     // SAFETY: as above.
     let start = (start_fd >= 0).then(|| unsafe { File::from_raw_fd(start_fd) });
-    let code = match run(&mut sync, init, start) {
+    // SAFETY: as above.
+    let console = (console_fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(console_fd) });
+    let code = match run(&mut sync, init, start, console) {
         Ok(()) => 0,
         Err(e) => {
             sync.send(&SyncMsg::Error { invalid: e.is_invalid(), message: e.to_string() });
@@ -153,7 +160,12 @@ pub fn main() -> ! {
     std::process::exit(code)
 }
 
-fn run(sync: &mut Sync, mut init: File, start: Option<File>) -> Result<(), RunnerError> {
+fn run(
+    sync: &mut Sync,
+    mut init: File,
+    start: Option<File>,
+    console: Option<std::os::fd::OwnedFd>,
+) -> Result<(), RunnerError> {
     let mut buf = Vec::new();
     init.read_to_end(&mut buf).map_err(|e| RunnerError::Config(e.to_string()))?;
     drop(init);
@@ -194,8 +206,12 @@ fn run(sync: &mut Sync, mut init: File, start: Option<File>) -> Result<(), Runne
     }
     match config.mode {
         InitMode::Container(c) => {
-            exec::prepare_session(c.tty)?;
+            exec::prepare_session();
             rootfs::setup(&sys, &c.spec, &c.rootfs, &c.rootfs_dir, &c.host_devices)?;
+            if c.tty {
+                console::setup(console.as_ref().ok_or(RunnerError::NoConsole)?)?;
+            }
+            drop(console);
             let plan = exec::prepare_process(c.spec.process().as_ref(), c.spec.linux().as_ref(), &c.extra_env)?;
             exec::drop_privileges(&plan)?;
             sync.send(&SyncMsg::Ready);
@@ -209,7 +225,11 @@ fn run(sync: &mut Sync, mut init: File, start: Option<File>) -> Result<(), Runne
             Ok(())
         }
         InitMode::Exec(e) => {
-            exec::prepare_session(e.tty)?;
+            exec::prepare_session();
+            if e.tty {
+                console::setup(console.as_ref().ok_or(RunnerError::NoConsole)?)?;
+            }
+            drop(console);
             let plan = exec::prepare_process(Some(&e.process), e.linux.as_ref(), &[])?;
             exec::drop_privileges(&plan)?;
             sync.send(&SyncMsg::Ready);
