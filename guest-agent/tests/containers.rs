@@ -210,11 +210,21 @@ async fn cgroup_limits_stats_and_update() {
     assert_eq!(st.memory_limit_bytes, 67108864);
     assert!(st.pids_current >= 1 && st.pids_limit == 64, "{st:?}");
 
-    let res = serde_json::json!({"memory": {"limit": 134217728}, "pids": {"limit": 32}});
+    let res = serde_json::json!({"memory": {"limit": 134217728, "reservation": 33554432}, "pids": {"limit": 32}});
     let u = pb::UpdateResourcesRequest { container_id: id.clone(), resources: serde_json::to_vec(&res).expect("json"), ..Default::default() };
     a.client.update_resources(ctx(), &u).await.expect("update");
     assert_eq!(read("memory", mem_file), "134217728");
     assert_eq!(read("pids", "pids.max"), "32");
+    assert_eq!(read("memory", if v2 { "memory.low" } else { "memory.soft_limit_in_bytes" }), "33554432");
+    // Raw v2 files only where there is v2.
+    let unified = serde_json::json!({"unified": {"memory.high": "100000000"}});
+    let u = pb::UpdateResourcesRequest { container_id: id.clone(), resources: serde_json::to_vec(&unified).expect("json"), ..Default::default() };
+    let r = a.client.update_resources(ctx(), &u).await;
+    if v2 {
+        r.expect("unified");
+    } else {
+        assert_eq!(code(&r.expect_err("v1 has no unified files")), Code::INVALID_ARGUMENT);
+    }
     let bad = serde_json::json!({"cpu": {"shares": 1}});
     let u = pb::UpdateResourcesRequest { container_id: id.clone(), resources: serde_json::to_vec(&bad).expect("json"), ..Default::default() };
     assert_eq!(code(&a.client.update_resources(ctx(), &u).await.expect_err("bad shares")), Code::INVALID_ARGUMENT);

@@ -132,6 +132,9 @@ impl Cgroup {
 
     pub fn apply(&self, res: &LinuxResources) -> Result<()> {
         validate(res)?;
+        if matches!(self, Cgroup::V1(_)) && res.unified().as_ref().is_some_and(|u| !u.is_empty()) {
+            return Err(CgroupError::Invalid("unified resources need cgroup v2".into()));
+        }
         match self {
             Cgroup::V1(c) => c.apply(res),
             Cgroup::V2(c) => c.apply(res),
@@ -199,12 +202,24 @@ pub fn validate(res: &LinuxResources) -> Result<()> {
             return Err(CgroupError::Invalid(format!("cpu quota {quota} below 1000")));
         }
     }
-    if let Some(mem) = res.memory()
-        && let Some(limit) = mem.limit()
-        && limit > 0
-        && limit < 4096
-    {
-        return Err(CgroupError::Invalid(format!("memory limit {limit} below one page")));
+    if let Some(mem) = res.memory() {
+        if let Some(limit) = mem.limit()
+            && limit > 0
+            && limit < 4096
+        {
+            return Err(CgroupError::Invalid(format!("memory limit {limit} below one page")));
+        }
+        if let Some(sw) = mem.swappiness()
+            && sw > 100
+        {
+            return Err(CgroupError::Invalid(format!("swappiness {sw} above 100")));
+        }
+    }
+    for key in res.unified().iter().flatten().map(|(k, _)| k) {
+        let reserved = ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control", "cgroup.type"];
+        if key.is_empty() || key.contains('/') || key.starts_with('.') || reserved.contains(&key.as_str()) {
+            return Err(CgroupError::Invalid(format!("unified key {key:?}")));
+        }
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use oci_spec::runtime::LinuxResources;
 
 use super::{CgroupError, Result, Stats, keyed, read, read_u64, write};
 
-const CONTROLLERS: [&str; 7] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices"];
+const CONTROLLERS: [&str; 8] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "hugetlb"];
 
 /// Mount point of each controller we use.
 #[derive(Debug, Clone, Default)]
@@ -132,9 +132,23 @@ impl Cgroup {
                 write(&p, &(if swap > 0 { swap } else { -1 }).to_string())?;
             }
         }
+        if let Some(mem) = res.memory() {
+            if let Some(r) = mem.reservation() {
+                self.set("memory", "memory.soft_limit_in_bytes", &(if r > 0 { r } else { -1 }).to_string())?;
+            }
+            if let Some(sw) = mem.swappiness() {
+                self.set("memory", "memory.swappiness", &sw.to_string())?;
+            }
+        }
         if let Some(pids) = res.pids() {
             let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
             self.set("pids", "pids.max", &v)?;
+        }
+        for h in res.hugepage_limits().iter().flatten() {
+            match self.file("hugetlb", &format!("hugetlb.{}.limit_in_bytes", h.page_size())) {
+                Some(p) if p.exists() => write(&p, &h.limit().to_string())?,
+                _ => tracing::warn!(page_size = %h.page_size(), "no hugetlb controller for this page size"),
+            }
         }
         Ok(())
     }
@@ -228,6 +242,13 @@ mod tests {
         let cg = v1.create(Path::new("husk/c1")).expect("create");
         assert_eq!(std::fs::read_to_string(root.path().join("cpuset/husk/cpuset.cpus")).expect("r"), "0-1");
         assert_eq!(cg.dirs().count(), 4);
+        // Reservation and swappiness.
+        let res: LinuxResources =
+            serde_json::from_value(serde_json::json!({"memory": {"reservation": 1048576, "swappiness": 10}})).expect("res");
+        cg.apply(&res).expect("apply");
+        let r0 = |c: &str, f: &str| std::fs::read_to_string(root.path().join(c).join("husk/c1").join(f)).expect(f);
+        assert_eq!(r0("memory", "memory.soft_limit_in_bytes"), "1048576");
+        assert_eq!(r0("memory", "memory.swappiness"), "10");
         let res: LinuxResources = serde_json::from_value(serde_json::json!({
             "cpu": {"shares": 512, "quota": -1, "period": 100000},
             "memory": {"limit": 33554432}, "pids": {"limit": 0}

@@ -49,6 +49,7 @@ impl V2 {
 
 impl Cgroup {
     pub fn apply(&self, res: &LinuxResources) -> Result<()> {
+        super::validate(res)?;
         let d = &self.dir;
         if let Some(cpu) = res.cpu() {
             if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
@@ -79,9 +80,24 @@ impl Cgroup {
                     let _ = write(&d.join("memory.swap.max"), &v);
                 }
             }
+        if let Some(r) = res.memory().as_ref().and_then(|m| m.reservation()) {
+            write(&d.join("memory.low"), &(if r > 0 { r.to_string() } else { "0".into() }))?;
+        }
         if let Some(pids) = res.pids() {
             let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
             write(&d.join("pids.max"), &v)?;
+        }
+        for h in res.hugepage_limits().iter().flatten() {
+            let p = d.join(format!("hugetlb.{}.max", h.page_size()));
+            if p.exists() {
+                write(&p, &h.limit().to_string())?;
+            } else {
+                tracing::warn!(page_size = %h.page_size(), "no hugetlb controller for this page size");
+            }
+        }
+        // Raw cgroup v2 files (kubelet's MemoryQoS and friends); keys checked in validate().
+        for (key, value) in res.unified().iter().flatten() {
+            write(&d.join(key), value)?;
         }
         Ok(())
     }
@@ -144,6 +160,17 @@ mod tests {
         assert_eq!(r("memory.max"), "67108864");
         assert_eq!(r("pids.max"), "64");
         assert_eq!(r("cpuset.cpus"), "0");
+        let res: LinuxResources = serde_json::from_value(serde_json::json!({
+            "memory": {"reservation": 4096}, "unified": {"memory.high": "1000000"}
+        }))
+        .expect("res");
+        cg.apply(&res).expect("apply");
+        assert_eq!(r("memory.low"), "4096");
+        assert_eq!(r("memory.high"), "1000000");
+        let bad: LinuxResources = serde_json::from_value(serde_json::json!({"unified": {"../x": "1"}})).expect("res");
+        assert!(matches!(cg.apply(&bad), Err(CgroupError::Invalid(_))));
+        let bad: LinuxResources = serde_json::from_value(serde_json::json!({"unified": {"cgroup.procs": "1"}})).expect("res");
+        assert!(matches!(cg.apply(&bad), Err(CgroupError::Invalid(_))));
         std::fs::write(cg.dir.join("cpu.stat"), "usage_usec 2000\nuser_usec 1\n").expect("w");
         std::fs::write(cg.dir.join("memory.current"), "1000\n").expect("w");
         std::fs::write(cg.dir.join("memory.stat"), "anon 1\ninactive_file 300\n").expect("w");
