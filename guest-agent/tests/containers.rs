@@ -250,6 +250,8 @@ async fn mounts_masks_caps_and_seccomp() {
     s["process"]["capabilities"] = serde_json::json!({"bounding": [], "effective": [], "permitted": []});
     s["linux"]["seccomp"] = serde_json::json!({
         "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "flags": ["SECCOMP_FILTER_FLAG_LOG"],
         "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
     });
     let (out, err, code) = a.output(&unique("mounts"), &s).await;

@@ -43,7 +43,8 @@ pub struct ExecPlan {
     pub user: user::ResolvedUser,
     pub caps: Option<Caps>,
     pub no_new_privs: bool,
-    pub seccomp: Option<Vec<libc::sock_filter>>,
+    /// The compiled filter and its seccomp(2) flags.
+    pub seccomp: Option<(Vec<libc::sock_filter>, u32)>,
     pub rlimits: Vec<(u32, u64, u64)>,
     pub oom_score_adj: Option<i32>,
     pub umask: u32,
@@ -89,7 +90,7 @@ pub fn prepare_process(process: Option<&Process>, linux: Option<&Linux>, extra_e
     let env = merge_env(process.env().as_deref().unwrap_or_default(), extra_env, &user.home);
     let caps = process.capabilities().as_ref().map(Caps::from_oci).transpose()?;
     let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
-        Some(s) => Some(seccomp::compile(s)?),
+        Some(s) => Some((seccomp::compile(s)?, seccomp::flags(s))),
         None => None,
     };
     let rlimits = process
@@ -153,9 +154,9 @@ pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
         caps::apply_bounding(caps)?;
     }
     if !plan.no_new_privs
-        && let Some(filter) = &plan.seccomp
+        && let Some((filter, flags)) = &plan.seccomp
     {
-        seccomp::load(filter)?;
+        seccomp::load(filter, *flags)?;
     }
     caps::keep_caps(true)?;
     let groups: Vec<Gid> = plan.user.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
@@ -205,9 +206,9 @@ pub fn exec(plan: &ExecPlan) -> Result<()> {
     let args = plan.args.iter().map(|a| cstr(a, "args")).collect::<Result<Vec<_>>>()?;
     let env = plan.env.iter().map(|e| cstr(e, "env")).collect::<Result<Vec<_>>>()?;
     if plan.no_new_privs
-        && let Some(filter) = &plan.seccomp
+        && let Some((filter, flags)) = &plan.seccomp
     {
-        seccomp::load(filter)?;
+        seccomp::load(filter, *flags)?;
     }
     match nix::unistd::execve(&path, &args, &env).err().unwrap_or(nix::Error::UnknownErrno) {
         nix::Error::ENOENT => Err(ExecError::NotFound(exe.display().to_string())),

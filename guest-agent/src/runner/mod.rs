@@ -18,6 +18,7 @@ pub mod exec;
 pub mod rootfs;
 pub mod seccomp;
 mod syscall_table;
+mod syscall_table_i386;
 pub mod user;
 
 use std::fs::File;

@@ -2,17 +2,19 @@
 //! without libseccomp. The program:
 //!
 //! ```text
-//!   ld arch; jne AUDIT_ARCH_X86_64 -> default
-//!   ld nr;   jge X32_SYSCALL_BIT   -> default
-//!   per rule: jne nr -> next rule; [argument checks -> next rule]; ret action; [ld nr]
-//!   ret default
+//!   ld arch; x86_64 -> ja x86_64 section; i386 (if listed) -> ja i386 section; ret default
+//!   section: ld nr; [x86_64: jge X32_SYSCALL_BIT -> default]
+//!            per rule: jne nr -> next rule; [argument checks -> next rule]; ret action; [ld nr]
+//!            ret default
 //! ```
 //! Rules match in profile order (first match wins). Unknown syscall names are
-//! skipped, as runc does.
+//! skipped, as runc does. x32 syscalls get the default action.
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator};
 
 use super::syscall_table::SYSCALLS_X86_64;
+use super::syscall_table_i386::SYSCALLS_I386;
+use oci_spec::runtime::Arch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -27,6 +29,7 @@ pub enum SeccompError {
 }
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
@@ -46,9 +49,14 @@ const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
 const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
 const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
 
 pub fn syscall_number(name: &str) -> Option<i64> {
-    SYSCALLS_X86_64.iter().find(|(n, _)| *n == name).map(|(_, nr)| *nr)
+    lookup(SYSCALLS_X86_64, name)
+}
+
+fn lookup(table: &[(&str, i64)], name: &str) -> Option<i64> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, nr)| *nr)
 }
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
@@ -142,15 +150,46 @@ fn check(index: usize, op: LinuxSeccompOperator, value: u64, value_two: u64) -> 
 /// Compile a profile into a BPF program.
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<libc::sock_filter>, SeccompError> {
     let default = action_value(profile.default_action(), profile.default_errno_ret())?;
-    let mut prog = vec![
-        stmt(LD_W_ABS, OFF_ARCH),
-        // arch matches: skip the default return.
-        jump(JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
-        stmt(RET_K, default),
-        stmt(LD_W_ABS, OFF_NR),
-        jump(JGE_K, X32_SYSCALL_BIT, 0, 1),
-        stmt(RET_K, default),
-    ];
+    let x64 = section(profile, SYSCALLS_X86_64, default, true)?;
+    let i386 = match profile.architectures() {
+        Some(archs) if archs.contains(&Arch::ScmpArchX86) => Some(section(profile, SYSCALLS_I386, default, false)?),
+        _ => None,
+    };
+    // Dispatch on the architecture; sections are too long for 8-bit jumps.
+    let mut prog = vec![stmt(LD_W_ABS, OFF_ARCH), jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 1)];
+    let x64_at = prog.len();
+    prog.push(stmt(JA, 0));
+    let mut i386_at = None;
+    if i386.is_some() {
+        prog.push(jump(JEQ_K, AUDIT_ARCH_I386, 0, 1));
+        i386_at = Some(prog.len());
+        prog.push(stmt(JA, 0));
+    }
+    prog.push(stmt(RET_K, default));
+    prog[x64_at].k = (prog.len() - x64_at - 1) as u32;
+    prog.extend(x64);
+    if let (Some(at), Some(section)) = (i386_at, i386) {
+        prog[at].k = (prog.len() - at - 1) as u32;
+        prog.extend(section);
+    }
+    if prog.len() > 4096 {
+        return Err(SeccompError::TooLong(prog.len()));
+    }
+    Ok(prog)
+}
+
+/// The rules of one architecture: `ld nr`, rule blocks, `ret default`.
+fn section(
+    profile: &LinuxSeccomp,
+    table: &[(&str, i64)],
+    default: u32,
+    x64: bool,
+) -> Result<Vec<libc::sock_filter>, SeccompError> {
+    let mut prog = vec![stmt(LD_W_ABS, OFF_NR)];
+    if x64 {
+        prog.push(jump(JGE_K, X32_SYSCALL_BIT, 0, 1));
+        prog.push(stmt(RET_K, default));
+    }
     for rule in profile.syscalls().iter().flatten() {
         let action = action_value(rule.action(), rule.errno_ret())?;
         if action == default && rule.args().as_ref().is_none_or(|a| a.is_empty()) {
@@ -161,7 +200,7 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<libc::sock_filter>, Seccomp
             checks.extend(check(a.index(), a.op(), a.value(), a.value_two().unwrap_or(0))?);
         }
         for name in rule.names() {
-            let Some(nr) = syscall_number(name) else {
+            let Some(nr) = lookup(table, name) else {
                 tracing::debug!(name, "seccomp: unknown syscall skipped");
                 continue;
             };
@@ -188,18 +227,30 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<libc::sock_filter>, Seccomp
         }
     }
     prog.push(stmt(RET_K, default));
-    if prog.len() > 4096 {
-        return Err(SeccompError::TooLong(prog.len()));
-    }
     Ok(prog)
 }
 
+/// seccomp(2) filter flags of a profile (LOG, TSYNC, SPEC_ALLOW).
+pub fn flags(profile: &LinuxSeccomp) -> u32 {
+    use oci_spec::runtime::LinuxSeccompFilterFlag as F;
+    profile.flags().iter().flatten().fold(0, |acc, f| {
+        acc | match f {
+            F::SeccompFilterFlagTsync => 1,
+            F::SeccompFilterFlagLog => 2,
+            F::SeccompFilterFlagSpecAllow => 4,
+            // Only meaningful with user notification, which is not supported.
+            F::SeccompFilterFlagWaitKillableRecv => 0,
+        }
+    })
+}
+
 /// Install the filter for this thread (and its future children).
-pub fn load(prog: &[libc::sock_filter]) -> Result<(), SeccompError> {
+pub fn load(prog: &[libc::sock_filter], flags: u32) -> Result<(), SeccompError> {
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
     // SAFETY: fprog points at `prog`, which outlives the call; the kernel copies it.
     let r = unsafe {
-        libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER as libc::c_ulong, &fprog as *const libc::sock_fprog)
+        libc::syscall(libc::SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags as libc::c_ulong, &fprog as *const libc::sock_fprog)
     };
     if r < 0 { Err(SeccompError::Load(std::io::Error::last_os_error())) } else { Ok(()) }
 }
@@ -227,6 +278,7 @@ mod tests {
                 }
                 AND_K => acc &= ins.k,
                 RET_K => return ins.k,
+                JA => pc += ins.k as usize,
                 JEQ_K | JGT_K | JGE_K => {
                     let t = match ins.code {
                         JEQ_K => acc == ins.k,
@@ -257,6 +309,23 @@ mod tests {
         assert_eq!(run(&prog, AUDIT_ARCH_X86_64, mkdir, [0; 6]), RET_ERRNO | 1);
         assert_eq!(run(&prog, 0x4000_0003, read, [0; 6]), RET_ERRNO | 1, "foreign arch gets the default");
         assert_eq!(run(&prog, AUDIT_ARCH_X86_64, read | 0x4000_0000, [0; 6]), RET_ERRNO | 1, "x32");
+    }
+
+    #[test]
+    fn i386_only_when_listed() {
+        let rules = serde_json::json!([{"names": ["read", "socketcall"], "action": "SCMP_ACT_ALLOW"}]);
+        let with = profile(serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"], "syscalls": rules}));
+        let without = profile(serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": rules}));
+        let (read32, socketcall) = (lookup(SYSCALLS_I386, "read").expect("read"), lookup(SYSCALLS_I386, "socketcall").expect("sc"));
+        let read64 = syscall_number("read").expect("read");
+        let p = compile(&with).expect("compile");
+        assert_eq!(run(&p, AUDIT_ARCH_I386, read32, [0; 6]), RET_ALLOW);
+        assert_eq!(run(&p, AUDIT_ARCH_I386, socketcall, [0; 6]), RET_ALLOW, "i386-only syscall");
+        assert_eq!(run(&p, AUDIT_ARCH_I386, read64, [0; 6]), RET_ERRNO | 1, "x86_64 number 0 is restart_syscall on i386");
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, read64, [0; 6]), RET_ALLOW);
+        let p = compile(&without).expect("compile");
+        assert_eq!(run(&p, AUDIT_ARCH_I386, read32, [0; 6]), RET_ERRNO | 1);
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, read64, [0; 6]), RET_ALLOW);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! x86_64 syscall numbers by name, generated from Linux's asm/unistd_64.h
+//! Syscall numbers by name, generated from Linux's asm/unistd_64.h
 //! (`grep '#define __NR_' /usr/include/x86_64-linux-gnu/asm/unistd_64.h`).
 
 pub const SYSCALLS_X86_64: &[(&str, i64)] = &[
