@@ -167,3 +167,63 @@ async fn mangled_specs_are_rejected_cleanly() {
     assert!(created < variants.len(), "mangling must reject something");
     a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("alive");
 }
+
+/// Every RPC with an empty request, before and after CreateSandbox: an
+/// answer with a meaningful code (never INTERNAL), and the agent lives on.
+#[tokio::test]
+async fn empty_requests_get_meaningful_codes() {
+    require_root!();
+    use ttrpc::Code;
+    let a = TestAgent::start().await;
+    let c = &a.client;
+    let short = || common::short_ctx(Duration::from_millis(300));
+    for round in 0..2 {
+        if round == 1 {
+            a.create_sandbox(false).await;
+        }
+        let mut codes: Vec<(&str, Result<(), Code>)> = Vec::new();
+        macro_rules! call {
+            ($name:literal, $fut:expr) => {
+                codes.push(($name, $fut.await.map(|_| ()).map_err(|e| common::code(&e))));
+            };
+        }
+        call!("CreateSandbox", c.create_sandbox(short(), &Default::default()));
+        call!("ConfigureNetwork", c.configure_network(short(), &Default::default()));
+        call!("CreateContainer", c.create_container(short(), &Default::default()));
+        call!("StartContainer", c.start_container(short(), &Default::default()));
+        call!("RemoveContainer", c.remove_container(short(), &Default::default()));
+        call!("ContainerState", c.container_state(short(), &Default::default()));
+        call!("ListContainers", c.list_containers(short(), &Default::default()));
+        call!("ExecProcess", c.exec_process(short(), &Default::default()));
+        call!("RemoveProcess", c.remove_process(short(), &Default::default()));
+        call!("SignalProcess", c.signal_process(short(), &Default::default()));
+        call!("WaitProcess", c.wait_process(short(), &Default::default()));
+        call!("WriteStdin", c.write_stdin(short(), &Default::default()));
+        call!("CloseStdin", c.close_stdin(short(), &Default::default()));
+        call!("ReadStdout", c.read_stdout(short(), &Default::default()));
+        call!("ReadStderr", c.read_stderr(short(), &Default::default()));
+        call!("ResizeTty", c.resize_tty(short(), &Default::default()));
+        call!("ListProcesses", c.list_processes(short(), &Default::default()));
+        call!("ContainerStats", c.container_stats(short(), &Default::default()));
+        call!("SandboxStats", c.sandbox_stats(short(), &Default::default()));
+        call!("UpdateResources", c.update_resources(short(), &Default::default()));
+        call!("GetOomEvent", c.get_oom_event(short(), &Default::default()));
+        call!("DestroySandbox", c.destroy_sandbox(short(), &Default::default()));
+        for (name, r) in &codes {
+            assert_ne!(*r, Err(Code::INTERNAL), "round {round}: {name}");
+            // GetOomEvent has nothing to say: the client's own deadline ends it.
+            if *name != "GetOomEvent" {
+                assert_ne!(*r, Err(Code::UNKNOWN), "round {round}: {name} (transport)");
+            }
+        }
+        let get = |n: &str| codes.iter().find(|(name, _)| *name == n).map(|(_, r)| *r).expect("called");
+        assert_eq!(get("CreateSandbox"), Err(Code::INVALID_ARGUMENT), "empty id");
+        assert_eq!(get("ContainerState"), Err(Code::NOT_FOUND));
+        assert_eq!(get("ListContainers"), Ok(()));
+        assert!(get("GetOomEvent").is_err(), "no OOM happened");
+        let no_sandbox = if round == 0 { Err(Code::FAILED_PRECONDITION) } else { Err(Code::NOT_FOUND) };
+        assert_eq!(get("SandboxStats"), no_sandbox);
+        assert_eq!(get("DestroySandbox"), no_sandbox);
+    }
+    a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("alive");
+}
