@@ -737,3 +737,19 @@ fn in_host_has(addr: &str) -> bool {
     let out = std::process::Command::new("ip").args(["-o", "addr"]).output().expect("ip");
     String::from_utf8_lossy(&out.stdout).contains(addr)
 }
+
+/// Containers start with default signal dispositions and an empty mask (the
+/// agent is a Rust program, which ignores SIGPIPE; that must not leak).
+#[tokio::test]
+async fn signal_dispositions_are_reset() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let (out, err, code) = a.output(&unique("sigs"), &spec(&["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n");
+    let id = unique("sigs-exec");
+    a.run(&id, &spec(&["sleep", "100"])).await;
+    a.exec(&id, "e", &["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], false, false).await.expect("exec");
+    assert_eq!(a.read_all(&id, "e", false).await, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n");
+    a.remove(&id, true).await.expect("remove");
+}

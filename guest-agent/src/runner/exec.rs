@@ -198,6 +198,30 @@ pub fn find_executable(arg0: &str, env: &[String]) -> Result<PathBuf> {
     Err(ExecError::NotFound(arg0.to_string()))
 }
 
+/// Default dispositions and an empty mask for the new program: ignored
+/// signals survive execve, and the Rust runtime ignores SIGPIPE.
+pub fn reset_signals() {
+    /// The kernel's struct sigaction (x86_64): glibc's wrapper refuses its
+    /// reserved signals 32 and 33, which may arrive ignored too.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: rt_sigaction with a valid struct and a null old-action pointer.
+            unsafe {
+                libc::syscall(libc::SYS_rt_sigaction, sig, &default as *const KernelSigaction, std::ptr::null::<u8>(), 8usize)
+            };
+        }
+    }
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
+}
+
 /// Load seccomp (no_new_privs case) and execve. Returns only on failure.
 pub fn exec(plan: &ExecPlan) -> Result<()> {
     let exe = find_executable(&plan.args[0], &plan.env)?;
@@ -205,6 +229,7 @@ pub fn exec(plan: &ExecPlan) -> Result<()> {
     let path = cstr(&exe.display().to_string(), "path")?;
     let args = plan.args.iter().map(|a| cstr(a, "args")).collect::<Result<Vec<_>>>()?;
     let env = plan.env.iter().map(|e| cstr(e, "env")).collect::<Result<Vec<_>>>()?;
+    reset_signals();
     if plan.no_new_privs
         && let Some((filter, flags)) = &plan.seccomp
     {
