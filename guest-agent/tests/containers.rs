@@ -753,3 +753,20 @@ async fn signal_dispositions_are_reset() {
     assert_eq!(a.read_all(&id, "e", false).await, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n");
     a.remove(&id, true).await.expect("remove");
 }
+
+/// Nothing of the agent (sockets, other containers' pipes) leaks into a
+/// container: only stdio is open (ls shows its own directory fd as 3).
+#[tokio::test]
+async fn no_fds_leak_into_containers() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    // Another container with open pipes in the agent at the same time.
+    let busy = unique("busy");
+    a.run(&busy, &spec(&["sleep", "100"])).await;
+    let (out, err, code) = a.output(&unique("fds"), &spec(&["ls", "/proc/self/fd"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["0", "1", "2", "3"]);
+    a.exec(&busy, "e", &["ls", "/proc/self/fd"], false, false).await.expect("exec");
+    assert_eq!(a.read_all(&busy, "e", false).await.split_whitespace().collect::<Vec<_>>(), ["0", "1", "2", "3"]);
+    a.remove(&busy, true).await.expect("remove");
+}
