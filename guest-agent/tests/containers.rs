@@ -65,6 +65,12 @@ async fn env_cwd_user_and_username() {
     let (out, _, code) = a.output(&unique("username"), &s).await;
     assert_eq!((out.as_str(), code), ("1000\n1000 10\n", 0));
 
+    // A working directory the image lacks is created.
+    let mut s = spec(&["pwd"]);
+    s["process"]["cwd"] = "/srv/app/data".into();
+    let (out, err, code) = a.output(&unique("cwd"), &s).await;
+    assert_eq!((out.as_str(), code), ("/srv/app/data\n", 0), "{err}");
+
     let mut s = spec(&["true"]);
     s["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0, "username": "mallory"});
     let e = a.create(&unique("nouser"), &s).await.expect_err("unknown user");

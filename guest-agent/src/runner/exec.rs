@@ -149,6 +149,10 @@ pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
         let _ = std::fs::write("/proc/self/oom_score_adj", adj.to_string());
     }
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(plan.umask as libc::mode_t));
+    // As runc: a working directory the image lacks is created (by root, 0755).
+    if let Err(nix::Error::ENOENT) = nix::unistd::chdir(&plan.cwd) {
+        let _ = std::fs::create_dir_all(&plan.cwd);
+    }
     nix::unistd::chdir(&plan.cwd).map_err(|e| ExecError::Os("chdir to cwd", e))?;
     if let Some(caps) = &plan.caps {
         caps::apply_bounding(caps)?;
