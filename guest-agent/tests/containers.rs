@@ -87,6 +87,12 @@ async fn readonly_rootfs_is_enforced_and_writable_one_is_private() {
     assert_ne!(code, 0);
     assert!(err.contains("Read-only file system"), "{err}");
 
+    // A missing working directory cannot be made on a read-only root: the caller's fault.
+    let mut s = spec(&["pwd"]);
+    s["root"]["readonly"] = true.into();
+    s["process"]["cwd"] = "/nowhere".into();
+    assert_eq!(code_of(a.create(&unique("rocwd"), &s).await), Code::INVALID_ARGUMENT);
+
     let (out, err, code) = a.output(&unique("rw"), &spec(&["sh", "-c", "echo hi > /etc/motd && cat /etc/motd"])).await;
     assert_eq!((out.as_str(), code), ("hi\n", 0), "{err}");
     // The write went to the container's upper dir, not the image.

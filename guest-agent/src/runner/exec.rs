@@ -20,6 +20,8 @@ pub enum ExecError {
     NotFound(String),
     #[error("{0} is not executable")]
     NotExecutable(String),
+    #[error("working directory {0}: {1}")]
+    Cwd(String, #[source] nix::Error),
     #[error("nul byte in {0}")]
     Nul(&'static str),
     #[error("{0}: {1}")]
@@ -153,7 +155,7 @@ pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
     if let Err(nix::Error::ENOENT) = nix::unistd::chdir(&plan.cwd) {
         let _ = std::fs::create_dir_all(&plan.cwd);
     }
-    nix::unistd::chdir(&plan.cwd).map_err(|e| ExecError::Os("chdir to cwd", e))?;
+    nix::unistd::chdir(&plan.cwd).map_err(|e| ExecError::Cwd(plan.cwd.display().to_string(), e))?;
     if let Some(caps) = &plan.caps {
         caps::apply_bounding(caps)?;
     }

@@ -102,7 +102,11 @@ impl RunnerError {
             )
                 | RunnerError::User(_)
                 | RunnerError::Caps(caps::CapsError::Unknown(_))
-                | RunnerError::Exec(exec::ExecError::NoArgs | exec::ExecError::NotFound(_) | exec::ExecError::NotExecutable(_) | exec::ExecError::User(_))
+                | RunnerError::Exec(exec::ExecError::NoArgs
+                        | exec::ExecError::NotFound(_)
+                        | exec::ExecError::NotExecutable(_)
+                        | exec::ExecError::Cwd(..)
+                        | exec::ExecError::User(_))
                 | RunnerError::Seccomp(seccomp::SeccompError::Action(_) | seccomp::SeccompError::ArgIndex(_))
         )
     }
