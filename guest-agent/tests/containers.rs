@@ -73,8 +73,14 @@ async fn env_cwd_user_and_username() {
 
     let mut s = spec(&["true"]);
     s["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0, "username": "mallory"});
-    let e = a.create(&unique("nouser"), &s).await.expect_err("unknown user");
+    let id = unique("nouser");
+    let e = a.create(&id, &s).await.expect_err("unknown user");
     assert_eq!(common::code(&e), Code::INVALID_ARGUMENT, "{e:?}");
+    // The failed create left nothing behind: no cgroup, no state, no process.
+    assert!(!cgroup_file(&a, "memory", &id, "").exists(), "cgroup left behind");
+    assert!(!a.dir.path().join("state").join(&a.sandbox_id).join("containers").join(&id).exists(), "state left behind");
+    let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/{}/pause/cgroup.procs", a.cgroup_parent())).unwrap_or_default();
+    assert!(procs.lines().count() <= 1, "only the holder remains: {procs}");
 }
 
 #[tokio::test]
