@@ -157,6 +157,16 @@ async fn exec_into_running_container_with_stdin_and_tty() {
     assert!(out.contains("/dev/pts/0"), "{out:?}");
     assert_eq!(a.wait(&id, "e3").await.exit_code, 4);
 
+    // An exec as another user, resolved by name in the container.
+    let req = pb::ExecProcessRequest {
+        container_id: id.clone(),
+        exec_id: "e5".into(),
+        process: serde_json::to_vec(&serde_json::json!({"args": ["id"], "user": {"uid": 0, "gid": 0, "username": "alice"}})).expect("json"),
+        ..Default::default()
+    };
+    a.client.exec_process(ctx(), &req).await.expect("exec as alice");
+    assert_eq!(a.read_all(&id, "e5", false).await, "uid=1000(alice) gid=1000(alice) groups=10(wheel)\n");
+
     // Bad exec requests.
     let e = a.exec(&id, "e4", &["no-such-binary"], false, false).await.expect_err("missing binary");
     assert_eq!(code(&e), Code::INVALID_ARGUMENT, "{e:?}");
