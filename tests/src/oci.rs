@@ -404,3 +404,18 @@ pub fn random_layer(seed: u64, size: usize, files: usize, compression: Compressi
         compression,
     }
 }
+
+/// Replaces an image's config `Cmd` (and with it the config and manifest
+/// digests), e.g. to make a pause image from busybox.
+pub fn set_cmd(img: &mut BuiltImage, cmd: &[&str]) {
+    let mut config: serde_json::Value = serde_json::from_slice(&img.config).expect("config json");
+    config["config"]["Cmd"] = serde_json::json!(cmd);
+    img.config = serde_json::to_vec(&config).expect("config");
+    let old = std::mem::replace(&mut img.config_digest, sha(&img.config));
+    let mut manifest: serde_json::Value = serde_json::from_slice(&img.manifest).expect("manifest json");
+    assert_eq!(manifest["config"]["digest"], old.as_str());
+    manifest["config"]["digest"] = serde_json::json!(img.config_digest);
+    manifest["config"]["size"] = serde_json::json!(img.config.len());
+    img.manifest = serde_json::to_vec(&manifest).expect("manifest");
+    img.manifest_digest = sha(&img.manifest);
+}
