@@ -69,8 +69,10 @@ async fn pod_to_running(t: &Target, name: &str) -> anyhow::Result<(String, Strin
         .await?
         .into_inner()
         .pod_sandbox_id;
-    let mut net = cri::NamespaceOption::default();
-    net.network = 2;
+    let net = cri::NamespaceOption {
+        network: 2,
+        ..Default::default()
+    };
     let id = rt
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),

@@ -1458,3 +1458,40 @@ async fn a_slow_stop_blocks_nothing_else() {
         e.remove_pod(&p).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn oom_kill_is_reported_as_oomkilled() {
+    require!(env_ok(), NEEDS);
+    let e = Env::new().await;
+    let pcfg = e.pod("oom");
+    let pod = e.run_pod(&pcfg).await.unwrap();
+    // dd allocates a 64 MiB buffer in a 16 MiB cgroup.
+    let mut cfg = e.ctr(
+        "hog",
+        &[
+            "/bin/busybox",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+        ],
+    );
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            memory_swap_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    let id = e.run(&pod, &cfg, &pcfg).await;
+    let st = wait_exited(&e.c, &id, Duration::from_secs(20)).await;
+    assert_eq!(
+        (st.exit_code, st.reason.as_str()),
+        (137, "OOMKilled"),
+        "{st:?}"
+    );
+    e.stop_pod(&pod).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+}

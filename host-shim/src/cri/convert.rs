@@ -363,6 +363,32 @@ fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<LinuxSeccom
     }
 }
 
+/// The image's `StopSignal` (`SIGQUIT`, `QUIT`, `3`) as a number; 0 when unset.
+pub fn stop_signal(image_config: &serde_json::Value) -> Result<i32> {
+    let Some(name) = image_config["config"]["StopSignal"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+    else {
+        return Ok(0);
+    };
+    if let Ok(n) = name.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(invalid(format!("image StopSignal {name:?} out of range")))
+        };
+    }
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| invalid(format!("image StopSignal {name:?} is not a signal")))
+}
+
 /// The OCI spec of a container.
 pub fn container_spec(
     config: &cri::ContainerConfig,
@@ -856,6 +882,16 @@ mod tests {
             })
         });
         assert!(container_spec(&c, &Default::default(), &image()).is_err());
+    }
+
+    #[test]
+    fn stop_signals() {
+        let img = |s: &str| serde_json::json!({"config": {"StopSignal": s}});
+        assert_eq!(stop_signal(&serde_json::json!({})).unwrap(), 0);
+        assert_eq!(stop_signal(&img("SIGQUIT")).unwrap(), libc::SIGQUIT);
+        assert_eq!(stop_signal(&img("usr1")).unwrap(), libc::SIGUSR1);
+        assert_eq!(stop_signal(&img("9")).unwrap(), 9);
+        assert!(stop_signal(&img("SIGNOPE")).is_err());
     }
 
     #[test]

@@ -134,6 +134,7 @@ impl Manager {
             log_path,
             resources: resources.encode_to_vec(),
             pid: 0,
+            stop_signal: convert::stop_signal(&image_config)?,
         };
         let resp = agent
             .create_container(&id, spec, lower_dirs, config.stdin, config.tty)
@@ -219,7 +220,11 @@ impl Manager {
             async move { tokio::time::timeout(d, rx.wait_for(|e| *e)).await.is_ok() }
         };
         if timeout > 0 {
-            match agent.signal(&c.id, "", libc::SIGTERM, false).await {
+            let sig = match c.record().stop_signal {
+                0 => libc::SIGTERM,
+                s => s,
+            };
+            match agent.signal(&c.id, "", sig, false).await {
                 Ok(()) => {}
                 Err(e) if pod.agent_alive() => {
                     tracing::debug!(container = %c.id, error = %e, "SIGTERM")

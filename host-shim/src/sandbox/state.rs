@@ -104,6 +104,9 @@ pub struct ContainerRecord {
     pub resources: Vec<u8>,
     /// Host-visible pid reported by the agent (0 if unknown).
     pub pid: u32,
+    /// The image's StopSignal (0 = SIGTERM).
+    #[serde(default)]
+    pub stop_signal: i32,
 }
 
 impl ContainerRecord {
@@ -192,6 +195,7 @@ mod tests {
             log_path: None,
             resources: vec![],
             pid: 0,
+            stop_signal: 0,
         };
         assert!(r.exited(3, 5, "Error", ""));
         assert!(!r.exited(137, 6, "Killed", ""));

@@ -56,10 +56,12 @@ impl Manager {
                         let _ = err.await;
                     })
                     .await;
-                    let oom = match agent.list_containers().await {
-                        Ok(l) => l.iter().any(|s| s.container_id == c.id && s.oom_killed),
-                        Err(_) => false,
-                    };
+                    let mut oom = oom_killed(&agent, &c.id).await;
+                    if !oom && w.exit_code == 128 + libc::SIGKILL {
+                        // The kernel's OOM count may lag the kill a little.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        oom = oom_killed(&agent, &c.id).await;
+                    }
                     let reason = if oom {
                         "OOMKilled"
                     } else if w.exit_code == 0 {
@@ -150,6 +152,13 @@ impl Manager {
         }
         let cg = pod.record().cgroup_parent;
         remove_cgroup_tree(&cg);
+    }
+}
+
+async fn oom_killed(agent: &Agent, id: &str) -> bool {
+    match agent.list_containers().await {
+        Ok(l) => l.iter().any(|s| s.container_id == id && s.oom_killed),
+        Err(_) => false,
     }
 }
 
