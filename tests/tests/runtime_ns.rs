@@ -239,6 +239,33 @@ impl Drop for Env {
     }
 }
 
+fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// A cgroup file of `rel`: the v1 controller's `v1` file, or the unified `v2` one.
+fn cgroup_file(rel: &str, controller: &str, v1: &str, v2: &str) -> String {
+    let p = if cgroup_v2() {
+        Path::new("/sys/fs/cgroup").join(rel).join(v2)
+    } else {
+        let root = Path::new("/sys/fs/cgroup");
+        let dir = [
+            controller.to_string(),
+            format!("{controller},cpuacct"),
+            format!("cpu,{controller}"),
+        ]
+        .iter()
+        .map(|c| root.join(c))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| root.join(controller));
+        dir.join(rel).join(v1)
+    };
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .trim()
+        .to_string()
+}
+
 fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
     r.expect_err("expected an error").code()
 }
@@ -479,12 +506,9 @@ async fn exec_sync_stats_resources_and_log_reopen() {
         security_context: None,
     });
     let id = e.run(&pod, &cfg, &pcfg).await;
-    let mem = Path::new("/sys/fs/cgroup/memory")
-        .join(&cg_parent)
-        .join(&id)
-        .join("memory.limit_in_bytes");
+    let cg = format!("{cg_parent}/{id}");
     assert_eq!(
-        std::fs::read_to_string(&mem).unwrap().trim(),
+        cgroup_file(&cg, "memory", "memory.limit_in_bytes", "memory.max"),
         (64u64 << 20).to_string()
     );
 
@@ -624,29 +648,15 @@ async fn exec_sync_stats_resources_and_log_reopen() {
         .await
         .unwrap();
     assert_eq!(
-        std::fs::read_to_string(&mem).unwrap().trim(),
+        cgroup_file(&cg, "memory", "memory.limit_in_bytes", "memory.max"),
         (128u64 << 20).to_string()
     );
-    let cpu = Path::new("/sys/fs/cgroup/cpu,cpuacct")
-        .join(&cg_parent)
-        .join(&id);
-    let cpu = if cpu.exists() {
-        cpu
+    if cgroup_v2() {
+        assert_eq!(cgroup_file(&cg, "cpu", "", "cpu.max"), "50000 100000");
     } else {
-        Path::new("/sys/fs/cgroup/cpu").join(&cg_parent).join(&id)
-    };
-    assert_eq!(
-        std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
-            .unwrap()
-            .trim(),
-        "50000"
-    );
-    assert_eq!(
-        std::fs::read_to_string(cpu.join("cpu.shares"))
-            .unwrap()
-            .trim(),
-        "512"
-    );
+        assert_eq!(cgroup_file(&cg, "cpu", "cpu.cfs_quota_us", ""), "50000");
+        assert_eq!(cgroup_file(&cg, "cpu", "cpu.shares", ""), "512");
+    }
     let st = container_status(&e.c, &id).await.unwrap().status.unwrap();
     assert_eq!(
         st.resources.unwrap().linux.unwrap().memory_limit_in_bytes,
