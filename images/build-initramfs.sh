@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-out_root=${HUSK_GUEST_DIR:-$repo/target/guest}
+out_root=${HUSK_GUEST_DIR:-/var/cache/husk/guest}
 target=x86_64-unknown-linux-gnu
 echo "initramfs: building static husk-agent" >&2
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p husk-agent --target $target)
@@ -18,6 +18,7 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{dev,proc,sys,run,tmp,etc,mnt}
 install -m 0755 "$agent" "$stage/init"
+strip --strip-debug "$stage/init"
 mknod -m 0600 "$stage/dev/console" c 5 1
 mknod -m 0666 "$stage/dev/null" c 1 3
 mkdir -p "$out_root"

@@ -3,11 +3,11 @@
 # tinyconfig + kernel/configs/kvm_guest.config + images/guest-kernel.config,
 # then checks images/required-options.txt against the final .config.
 # Cached by a hash of its inputs; prints the artifact directory
-# (bzImage, vmlinux, config) on stdout. Needs the packages in
-# images/install-deps.sh.
+# (bzImage, vmlinux, config) on stdout. HUSK_GUEST_DIR sets the cache
+# (default /var/cache/husk/guest). Packages: tests/install-deps.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out_root=${HUSK_GUEST_DIR:-$here/../target/guest}
+out_root=${HUSK_GUEST_DIR:-/var/cache/husk/guest}
 src_tar=/usr/src/linux-source-6.12.tar.xz
 [ -f "$src_tar" ] || { echo "missing $src_tar: apt-get install linux-source-6.12" >&2; exit 1; }
 ver=$(dpkg-query -W -f='${Version}' linux-source-6.12)

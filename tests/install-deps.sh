@@ -13,6 +13,17 @@ pkgs=(
   openssl
   e2fsprogs
   erofs-utils
+  # guest kernel and initramfs (images/)
+  linux-source-6.12
+  bc
+  bison
+  flex
+  libelf-dev
+  libssl-dev
+  cpio
+  xz-utils
+  make
+  qemu-system-x86     # VM sandbox backend (TCG where KVM cannot run Linux)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -7,4 +7,9 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: sudo bash tests/run.sh" >&2; exit 1; }
 bash tests/install-deps.sh
 cargo build --workspace --bins --locked
+# Guest kernel + initramfs (cached by input hash under /var/cache/husk/guest).
+kernel_dir=$(bash images/build-kernel.sh)
+export HUSK_GUEST_KERNEL=$kernel_dir/bzImage
+HUSK_GUEST_INITRD=$(bash images/build-initramfs.sh)
+export HUSK_GUEST_INITRD
 cargo test --workspace --locked "$@"
