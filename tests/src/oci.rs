@@ -50,74 +50,52 @@ pub fn sha(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
-fn header(path: &[u8], kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+/// A GNU header with fixed owner and mtime (and no path yet).
+fn new_header(kind: tar::EntryType, size: u64, mode: u32, uid: u64, gid: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
-    let n = path.len().min(100);
-    h.as_old_mut().name[..n].copy_from_slice(&path[..n]);
     h.set_entry_type(kind);
     h.set_size(size);
     h.set_mode(mode);
-    h.set_uid(0);
-    h.set_gid(0);
+    h.set_uid(uid);
+    h.set_gid(gid);
     h.set_mtime(1_700_000_000);
-    h.set_cksum();
     h
 }
 
 pub fn tar_of(entries: &[Entry]) -> Vec<u8> {
+    use tar::EntryType as T;
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
         match e {
-            Entry::Dir(p, mode) => {
-                let mut h = tar::Header::new_gnu();
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(*mode);
-                h.set_size(0);
-                h.set_uid(0);
-                h.set_gid(0);
-                h.set_mtime(1_700_000_000);
-                b.append_data(&mut h, p, &[][..]).expect("dir");
-            }
-            Entry::File(p, d, mode) => {
-                let mut h = tar::Header::new_gnu();
-                h.set_mode(*mode);
-                h.set_size(d.len() as u64);
-                h.set_uid(0);
-                h.set_gid(0);
-                h.set_mtime(1_700_000_000);
-                b.append_data(&mut h, p, &d[..]).expect("file");
-            }
-            Entry::Owned(p, d, mode, uid, gid) => {
-                let mut h = tar::Header::new_gnu();
-                h.set_mode(*mode);
-                h.set_uid(*uid);
-                h.set_gid(*gid);
-                h.set_size(d.len() as u64);
-                h.set_mtime(1_700_000_000);
-                b.append_data(&mut h, p, &d[..]).expect("file");
-            }
-            Entry::Symlink(p, t) => {
-                let mut h = tar::Header::new_gnu();
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                h.set_mode(0o777);
-                h.set_uid(0);
-                h.set_gid(0);
-                h.set_mtime(1_700_000_000);
-                b.append_link(&mut h, p, t).expect("symlink");
-            }
-            Entry::Hardlink(p, t) => {
-                let mut h = tar::Header::new_gnu();
-                h.set_entry_type(tar::EntryType::Link);
-                h.set_size(0);
-                h.set_mode(0o644);
-                h.set_uid(0);
-                h.set_gid(0);
-                h.set_mtime(1_700_000_000);
-                b.append_link(&mut h, p, t).expect("hardlink");
-            }
+            Entry::Dir(p, mode) => b
+                .append_data(&mut new_header(T::Directory, 0, *mode, 0, 0), p, &[][..])
+                .expect("dir"),
+            Entry::File(p, d, mode) => b
+                .append_data(
+                    &mut new_header(T::Regular, d.len() as u64, *mode, 0, 0),
+                    p,
+                    &d[..],
+                )
+                .expect("file"),
+            Entry::Owned(p, d, mode, uid, gid) => b
+                .append_data(
+                    &mut new_header(T::Regular, d.len() as u64, *mode, *uid, *gid),
+                    p,
+                    &d[..],
+                )
+                .expect("file"),
+            Entry::Symlink(p, t) => b
+                .append_link(&mut new_header(T::Symlink, 0, 0o777, 0, 0), p, t)
+                .expect("symlink"),
+            Entry::Hardlink(p, t) => b
+                .append_link(&mut new_header(T::Link, 0, 0o644, 0, 0), p, t)
+                .expect("hardlink"),
             Entry::RawFile(p, d) => {
-                let h = header(p, tar::EntryType::Regular, d.len() as u64, 0o644);
+                // Raw name bytes, bypassing the builder's path checks.
+                let mut h = new_header(T::Regular, d.len() as u64, 0o644, 0, 0);
+                let n = p.len().min(100);
+                h.as_old_mut().name[..n].copy_from_slice(&p[..n]);
+                h.set_cksum();
                 b.append(&h, &d[..]).expect("raw");
             }
         }
@@ -412,7 +390,8 @@ pub fn set_cmd(img: &mut BuiltImage, cmd: &[&str]) {
     config["config"]["Cmd"] = serde_json::json!(cmd);
     img.config = serde_json::to_vec(&config).expect("config");
     let old = std::mem::replace(&mut img.config_digest, sha(&img.config));
-    let mut manifest: serde_json::Value = serde_json::from_slice(&img.manifest).expect("manifest json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&img.manifest).expect("manifest json");
     assert_eq!(manifest["config"]["digest"], old.as_str());
     manifest["config"]["digest"] = serde_json::json!(img.config_digest);
     manifest["config"]["size"] = serde_json::json!(img.config.len());

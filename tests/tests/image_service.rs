@@ -186,30 +186,20 @@ async fn pull_busybox_via_docker_io_mirror_and_run_it_from_the_snapshots() {
         );
     }
     let mut c = d.clients().await.unwrap();
-    let filtered = c
-        .image
-        .list_images(cri::ListImagesRequest {
-            filter: Some(cri::ImageFilter {
-                image: spec("busybox"),
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .images;
-    assert_eq!(filtered.len(), 1);
-    let none = c
-        .image
-        .list_images(cri::ListImagesRequest {
-            filter: Some(cri::ImageFilter {
-                image: spec("nothere"),
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .images;
-    assert!(none.is_empty());
+    for (filter, want) in [("busybox", 1), ("nothere", 0)] {
+        let found = c
+            .image
+            .list_images(cri::ListImagesRequest {
+                filter: Some(cri::ImageFilter {
+                    image: spec(filter),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        assert_eq!(found.len(), want, "filter {filter}");
+    }
 
     // Verbose status carries the image config.
     let st = status(&d, "busybox").await;
@@ -521,7 +511,10 @@ async fn concurrent_pulls_of_one_image_download_once() {
     let mut c = d.clients().await.unwrap();
     let mut watch = c
         .husk
-        .watch_pull(husk_proto::husk::WatchPullRequest { image: name.clone(), wait_ms: 5000 })
+        .watch_pull(husk_proto::husk::WatchPullRequest {
+            image: name.clone(),
+            wait_ms: 5000,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -562,8 +555,19 @@ async fn concurrent_pulls_of_one_image_download_once() {
     let last = msgs.last().expect("progress messages");
     assert!(last.finished && last.error.is_empty(), "{last:?}");
     let digests: Vec<_> = last.layers.iter().map(|l| l.digest.clone()).collect();
-    assert_eq!(digests, img.layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>());
-    assert!(last.layers.iter().all(|l| l.done == l.total && l.total > 0 && l.phase == "done"), "{last:?}");
+    assert_eq!(
+        digests,
+        img.layers
+            .iter()
+            .map(|l| l.digest.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        last.layers
+            .iter()
+            .all(|l| l.done == l.total && l.total > 0 && l.phase == "done"),
+        "{last:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
