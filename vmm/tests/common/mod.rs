@@ -79,8 +79,25 @@ impl Vm {
     pub fn expect_line(&mut self, needle: &str) -> String {
         match self.line_within(needle, TIMEOUT) {
             Some(l) => l,
-            None => panic!("no serial line containing {needle:?}; saw {:#?}", self.seen),
+            None => {
+                let state = self.post_mortem();
+                panic!("no serial line containing {needle:?}; saw {:#?}\n{state}", self.seen)
+            }
         }
+    }
+
+    /// Whether the VMM still runs (killing it if so) and what it wrote on stderr.
+    fn post_mortem(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("husk-vmm had exited: {s}"),
+            _ => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                "husk-vmm was still running (killed now)".to_string()
+            }
+        };
+        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        format!("{status}; stderr:\n{stderr}")
     }
 
     /// Waits up to `limit` for a serial line containing `needle`.
