@@ -24,5 +24,7 @@ mknod -m 0666 "$stage/dev/null" c 1 3
 mkdir -p "$out_root"
 (cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --quiet | gzip -9n) > "$out.tmp"
 mv "$out.tmp" "$out"
+# Older builds are not needed any more.
+find "$out_root" -maxdepth 1 -name 'initramfs-*.cpio.gz' ! -path "$out" -delete
 echo "initramfs: built $out ($(du -h "$out" | cut -f1))" >&2
 echo "$out"
