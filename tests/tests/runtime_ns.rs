@@ -1221,6 +1221,40 @@ async fn bad_input_and_failed_creates_clean_up() {
         b"fine\n"
     );
 
+    // CRI devices: a host node appears (and is allowed) in the container; a non-device is refused.
+    let with_dev = |name: &str, host: &str| {
+        let mut c = e.ctr(
+            name,
+            &["sh", "-c", "echo x > /dev/husknull && ls -l /dev/husknull"],
+        );
+        c.devices = vec![cri::Device {
+            container_path: "/dev/husknull".into(),
+            host_path: host.into(),
+            permissions: "rw".into(),
+        }];
+        c
+    };
+    let dev = e.run(&pod, &with_dev("dev", "/dev/null"), &pcfg).await;
+    let st = wait_exited(&e.c, &dev, Duration::from_secs(20)).await;
+    assert_eq!(
+        st.exit_code,
+        0,
+        "{:?}",
+        log_records(&e.log_path(&pcfg, "dev"))
+    );
+    assert!(
+        log_records(&e.log_path(&pcfg, "dev"))[0]
+            .2
+            .starts_with("crw")
+    );
+    assert_eq!(
+        code_of(
+            e.create(&pod, &with_dev("baddev", "/etc/passwd"), &pcfg)
+                .await
+        ),
+        Code::InvalidArgument
+    );
+
     // A stopped sandbox takes no containers.
     e.stop_pod(&pod).await.unwrap();
     assert_eq!(

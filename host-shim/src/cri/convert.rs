@@ -389,6 +389,56 @@ pub fn stop_signal(image_config: &serde_json::Value) -> Result<i32> {
         .map_err(|_| invalid(format!("image StopSignal {name:?} is not a signal")))
 }
 
+/// CRI devices → OCI device nodes plus their device-cgroup allow rules.
+fn devices(
+    config: &cri::ContainerConfig,
+) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (mut nodes, mut rules) = (vec![], vec![]);
+    for d in &config.devices {
+        if !d.container_path.starts_with('/') {
+            return Err(invalid(format!(
+                "device: container_path {:?} must be absolute",
+                d.container_path
+            )));
+        }
+        let md = std::fs::metadata(&d.host_path)
+            .map_err(|e| invalid(format!("device {}: {e}", d.host_path)))?;
+        let ft = md.file_type();
+        let typ = if ft.is_char_device() {
+            "c"
+        } else if ft.is_block_device() {
+            "b"
+        } else {
+            return Err(invalid(format!(
+                "device {}: not a device node",
+                d.host_path
+            )));
+        };
+        let access = if d.permissions.is_empty() {
+            "rwm"
+        } else {
+            d.permissions.as_str()
+        };
+        if !access.chars().all(|c| "rwm".contains(c)) {
+            return Err(invalid(format!(
+                "device {}: permissions {access:?} must be made of r, w, m",
+                d.host_path
+            )));
+        }
+        let (major, minor) = (
+            nix::sys::stat::major(md.rdev()),
+            nix::sys::stat::minor(md.rdev()),
+        );
+        nodes.push(serde_json::json!({
+            "path": d.container_path, "type": typ, "major": major, "minor": minor,
+            "fileMode": md.mode() & 0o7777, "uid": md.uid(), "gid": md.gid(),
+        }));
+        rules.push(serde_json::json!({"allow": true, "type": typ, "major": major, "minor": minor, "access": access}));
+    }
+    Ok((nodes, rules))
+}
+
 /// The OCI spec of a container.
 pub fn container_spec(
     config: &cri::ContainerConfig,
@@ -576,7 +626,18 @@ pub fn container_spec(
     }
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_namespaces(Some(namespaces));
-    linux.set_resources(Some(linux_resources(&res)?));
+    let mut resources = linux_resources(&res)?;
+    let (nodes, rules) = devices(config)?;
+    if !nodes.is_empty() {
+        let bad = |e: serde_json::Error| RuntimeError::Internal(format!("device: {e}"));
+        linux.set_devices(Some(
+            serde_json::from_value(serde_json::Value::Array(nodes)).map_err(bad)?,
+        ));
+        resources.set_devices(Some(
+            serde_json::from_value(serde_json::Value::Array(rules)).map_err(bad)?,
+        ));
+    }
+    linux.set_resources(Some(resources));
     let mut sysctl: HashMap<String, String> = pod
         .linux
         .as_ref()
@@ -882,6 +943,28 @@ mod tests {
             })
         });
         assert!(container_spec(&c, &Default::default(), &image()).is_err());
+    }
+
+    #[test]
+    fn devices_from_host_nodes() {
+        let dev = |host: &str, perms: &str| {
+            config(|c| {
+                c.devices = vec![cri::Device {
+                    container_path: "/dev/x".into(),
+                    host_path: host.into(),
+                    permissions: perms.into(),
+                }]
+            })
+        };
+        let s = container_spec(&dev("/dev/null", "rw"), &Default::default(), &image()).unwrap();
+        let l = s.linux().as_ref().unwrap();
+        let d = &l.devices().as_ref().unwrap()[0];
+        assert_eq!((d.major(), d.minor()), (1, 3));
+        let rule = &l.resources().as_ref().unwrap().devices().as_ref().unwrap()[0];
+        assert_eq!(rule.access().as_deref(), Some("rw"));
+        assert!(container_spec(&dev("/etc/passwd", ""), &Default::default(), &image()).is_err());
+        assert!(container_spec(&dev("/dev/null", "rwx"), &Default::default(), &image()).is_err());
+        assert!(container_spec(&dev("/no/such/dev", ""), &Default::default(), &image()).is_err());
     }
 
     #[test]
