@@ -10,8 +10,10 @@ use husk_vmm::devices::ExitReason;
 
 /// Boot a VM. Flags override the `--config` JSON file.
 #[derive(Parser, Debug)]
-#[command(name = "husk-vmm", version)]
+#[command(name = "husk-vmm", version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// JSON VM config file.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -48,6 +50,44 @@ struct Cli {
     /// Print the time from process start to the guest's first boot-timer port write (stderr).
     #[arg(long)]
     boot_timer: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Serve a device to another VMM over vhost-user instead of booting a VM.
+    #[command(subcommand)]
+    VhostUser(VhostUserDevice),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum VhostUserDevice {
+    /// virtio-vsock with Firecracker-style hybrid sockets (e.g. QEMU `vhost-user-vsock-pci`).
+    Vsock {
+        /// vhost-user socket to listen on (the frontend connects to it).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Hybrid vsock socket: host clients connect here and send `CONNECT <port>`; guest
+        /// connections to port P go to `<uds>_P`.
+        #[arg(long)]
+        uds: PathBuf,
+        /// Guest CID (given to the frontend through the device config space).
+        #[arg(long)]
+        cid: u64,
+    },
+}
+
+fn run_vhost_user(dev: VhostUserDevice) -> i32 {
+    match dev {
+        VhostUserDevice::Vsock { socket, uds, cid } => {
+            match husk_vmm::devices::virtio::vsock::vhost_user::serve(&socket, &uds, cid) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("husk-vmm: vhost-user vsock: {e:#}");
+                    1
+                }
+            }
+        }
+    }
 }
 
 fn kv(spec: &str) -> Vec<(String, String)> {
@@ -153,7 +193,10 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::VhostUser(dev)) = cli.command.take() {
+        std::process::exit(run_vhost_user(dev));
+    }
     let boot_timer = cli.boot_timer.then_some(t0);
     let result = build_config(cli).and_then(|cfg| {
         husk_vmm::vmm::run(&cfg, husk_vmm::vmm::RunOptions { boot_timer })

@@ -81,7 +81,10 @@ impl Vm {
             Some(l) => l,
             None => {
                 let state = self.post_mortem();
-                panic!("no serial line containing {needle:?}; saw {:#?}\n{state}", self.seen)
+                panic!(
+                    "no serial line containing {needle:?}; saw {:#?}\n{state}",
+                    self.seen
+                )
             }
         }
     }
@@ -96,7 +99,11 @@ impl Vm {
                 "husk-vmm was still running (killed now)".to_string()
             }
         };
-        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
         format!("{status}; stderr:\n{stderr}")
     }
 

@@ -4,6 +4,7 @@
 
 pub mod muxer;
 pub mod packet;
+pub mod vhost_user;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -82,6 +83,72 @@ pub fn parse_tx(segs: &Segments, mem: &GuestMemoryMmap, payload: &mut Vec<u8>) -
     TxParse::Packet(hdr)
 }
 
+/// Drains a TX queue into the muxer: every chain is returned to the guest, malformed ones too.
+/// Returns true if a used buffer was added. Shared by the MMIO device and the vhost-user backend.
+pub(crate) fn drain_tx(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    muxer: &mut VsockMuxer,
+    scratch: &mut Vec<u8>,
+) -> bool {
+    let mut used = false;
+    while let Some(chain) = q.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        match Segments::from_chain(chain, mem, HDR_SIZE + MAX_PKT_PAYLOAD) {
+            Ok(segs) => match parse_tx(&segs, mem, scratch) {
+                TxParse::Packet(hdr) => muxer.send_pkt(&hdr, scratch),
+                TxParse::Malformed(why) => tracing::warn!("vsock: dropping TX chain: {why}"),
+            },
+            Err(e) => tracing::warn!("vsock: dropping TX chain: {e}"),
+        }
+        if let Err(e) = q.add_used(mem, head, 0) {
+            tracing::warn!("vsock: add_used: {e}");
+        }
+        used = true;
+    }
+    used
+}
+
+/// Fills guest RX buffers with the muxer's pending packets. Returns true if a used buffer was
+/// added. Shared by the MMIO device and the vhost-user backend.
+pub(crate) fn fill_rx(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    muxer: &mut VsockMuxer,
+    scratch: &mut Vec<u8>,
+) -> bool {
+    let mut used = false;
+    while muxer.has_rx() {
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let segs = match Segments::from_chain(chain, mem, usize::MAX) {
+            Ok(s) if s.readable.is_empty() && s.write_len >= HDR_SIZE => s,
+            other => {
+                tracing::warn!("vsock: unusable RX chain: {:?}", other.err());
+                let _ = q.add_used(mem, head, 0);
+                used = true;
+                continue;
+            }
+        };
+        let room = segs.write_len.min(MAX_RX_CHAIN) - HDR_SIZE;
+        let Some(mut hdr) = muxer.recv_pkt(room, scratch) else {
+            q.go_to_previous_position();
+            break;
+        };
+        hdr.len = scratch.len() as u32;
+        let ok = segs.write_at(mem, 0, &hdr.to_bytes()) == Ok(HDR_SIZE)
+            && segs.write_at(mem, HDR_SIZE, scratch) == Ok(scratch.len());
+        let len = if ok { HDR_SIZE + scratch.len() } else { 0 };
+        if let Err(e) = q.add_used(mem, head, len as u32) {
+            tracing::warn!("vsock: add_used: {e}");
+        }
+        used = true;
+    }
+    used
+}
+
 impl VsockDevice {
     pub fn new(
         muxer: VsockMuxer,
@@ -105,62 +172,28 @@ impl VsockDevice {
 
     /// Drains the TX queue into the muxer. Returns true if a used buffer was added.
     fn process_tx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
-            return false;
-        };
-        let mut used = false;
-        while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            match Segments::from_chain(chain, &a.mem, HDR_SIZE + MAX_PKT_PAYLOAD) {
-                Ok(segs) => match parse_tx(&segs, &a.mem, &mut self.scratch) {
-                    TxParse::Packet(hdr) => self.muxer.send_pkt(&hdr, &self.scratch),
-                    TxParse::Malformed(why) => tracing::warn!("vsock: dropping TX chain: {why}"),
-                },
-                Err(e) => tracing::warn!("vsock: dropping TX chain: {e}"),
-            }
-            if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
-                tracing::warn!("vsock: add_used: {e}");
-            }
-            used = true;
+        match self.active.as_mut() {
+            Some(a) => drain_tx(
+                &mut a.queues[TXQ],
+                &a.mem,
+                &mut self.muxer,
+                &mut self.scratch,
+            ),
+            None => false,
         }
-        used
     }
 
     /// Fills guest RX buffers with pending packets. Returns true if a used buffer was added.
     fn process_rx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
-            return false;
-        };
-        let mut used = false;
-        while self.muxer.has_rx() {
-            let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let segs = match Segments::from_chain(chain, &a.mem, usize::MAX) {
-                Ok(s) if s.readable.is_empty() && s.write_len >= HDR_SIZE => s,
-                other => {
-                    tracing::warn!("vsock: unusable RX chain: {:?}", other.err());
-                    let _ = a.queues[RXQ].add_used(&a.mem, head, 0);
-                    used = true;
-                    continue;
-                }
-            };
-            let room = segs.write_len.min(MAX_RX_CHAIN) - HDR_SIZE;
-            let Some(mut hdr) = self.muxer.recv_pkt(room, &mut self.scratch) else {
-                a.queues[RXQ].go_to_previous_position();
-                break;
-            };
-            hdr.len = self.scratch.len() as u32;
-            let ok = segs.write_at(&a.mem, 0, &hdr.to_bytes()) == Ok(HDR_SIZE)
-                && segs.write_at(&a.mem, HDR_SIZE, &self.scratch) == Ok(self.scratch.len());
-            let len = if ok { HDR_SIZE + self.scratch.len() } else { 0 };
-            if let Err(e) = a.queues[RXQ].add_used(&a.mem, head, len as u32) {
-                tracing::warn!("vsock: add_used: {e}");
-            }
-            used = true;
+        match self.active.as_mut() {
+            Some(a) => fill_rx(
+                &mut a.queues[RXQ],
+                &a.mem,
+                &mut self.muxer,
+                &mut self.scratch,
+            ),
+            None => false,
         }
-        used
     }
 
     pub(crate) fn run_queues(&mut self) {
