@@ -233,6 +233,28 @@ fn agent_answers_check_over_husk_vhost_user_vsock() {
          (version {}, cgroup {})",
         resp.version, resp.cgroup_version
     );
+
+    // The frontend going away ends the backend (one process per VM, like QEMU itself).
+    let _ = g.qemu.kill();
+    let _ = g.qemu.wait();
+    let t = Instant::now();
+    let status = loop {
+        match g.backend.try_wait() {
+            Ok(Some(st)) => break st,
+            _ if t.elapsed() > Duration::from_secs(10) => {
+                panic!(
+                    "husk-vmm vhost-user still running after QEMU left\n{}",
+                    g.diagnostics()
+                )
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert!(
+        status.success(),
+        "backend exit: {status}\n{}",
+        g.diagnostics()
+    );
 }
 
 /// Pseudo-random printable bytes (the agent echoes ids in its errors, which are UTF-8 strings).
