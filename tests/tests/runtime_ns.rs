@@ -1539,3 +1539,61 @@ async fn oom_kill_is_reported_as_oomkilled() {
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();
 }
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            alive(*pid) && String::from_utf8_lossy(&cmd).contains(needle)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn failed_create_sandbox_cleans_up_agent_socket_and_cgroups() {
+    require!(env_ok(), NEEDS);
+    let e = Env::new().await;
+    // A cgroup parent the agent cannot create (a file in the v1 memory hierarchy;
+    // a directory it may create in the others, which must go again).
+    let mut pcfg = e.pod("badcg");
+    let bad = if cgroup_v2() {
+        "cgroup.procs"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    pcfg.linux = Some(cri::LinuxPodSandboxConfig {
+        cgroup_parent: bad.into(),
+        ..Default::default()
+    });
+    let r = e.run_pod(&pcfg).await.unwrap_err();
+    assert!(r.message().contains("create sandbox"), "{r:?}");
+    assert!(e.list_pods(None).await.is_empty());
+    let run = e.d.run_dir().join("pods");
+    assert_eq!(
+        std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0),
+        0,
+        "run dir (socket) left"
+    );
+    assert_eq!(
+        std::fs::read_dir(e.d.state_dir().join("pods"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "record left"
+    );
+    let run = run.display().to_string();
+    eventually("the agent to be gone", Duration::from_secs(5), || {
+        let run = run.clone();
+        async move { processes_mentioning(&run).is_empty() }
+    })
+    .await;
+    assert!(!cgroup_exists(bad), "cgroups of the failed pod left behind");
+    // huskd still works and the name is free.
+    pcfg.linux = None;
+    let pod = e.run_pod(&pcfg).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+}
