@@ -17,6 +17,8 @@
 //! agent_binary = ""                   # husk-agent for husk-ns ("" = next to huskd, else $PATH)
 //! cgroup_parent = "husk"              # pod cgroups: <cgroup_parent>/<pod id> unless the CRI gives one
 //! agent_start_timeout_ms = 10000      # husk-ns: agent process up and answering
+//! restrict_oom_score_adj = false      # clamp containers' oom_score_adj to huskd's own (hosts where
+//!                                     # root lacks CAP_SYS_RESOURCE and cannot lower it)
 //! # handler name -> sandbox kind ("vm" | "namespace"); these two are the defaults
 //! [runtime.handlers]
 //! husk = "vm"                         # VM sandbox (husk-vmm); not available yet
@@ -76,6 +78,7 @@ pub struct RuntimeConfig {
     pub agent_binary: Option<PathBuf>,
     pub cgroup_parent: String,
     pub agent_start_timeout_ms: u64,
+    pub restrict_oom_score_adj: bool,
     pub handlers: BTreeMap<String, SandboxKind>,
 }
 
@@ -86,6 +89,7 @@ impl Default for RuntimeConfig {
             agent_binary: None,
             cgroup_parent: "husk".into(),
             agent_start_timeout_ms: 10_000,
+            restrict_oom_score_adj: false,
             handlers: BTreeMap::from([
                 ("husk".to_string(), SandboxKind::Vm),
                 ("husk-ns".to_string(), SandboxKind::Namespace),

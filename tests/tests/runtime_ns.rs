@@ -1597,3 +1597,36 @@ async fn failed_create_sandbox_cleans_up_agent_socket_and_cgroups() {
     let pod = e.run_pod(&pcfg).await.unwrap();
     e.remove_pod(&pod).await.unwrap();
 }
+
+#[tokio::test]
+async fn restrict_oom_score_adj_clamps_to_huskd_own() {
+    require!(env_ok(), NEEDS);
+    let e = Env::with_config("[runtime]\nrestrict_oom_score_adj = true\n").await;
+    let own: i32 = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", e.d.pid().unwrap()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pcfg = e.pod("oomadj");
+    let pod = e.run_pod(&pcfg).await.unwrap();
+    let mut cfg = e.ctr("adj", &["cat", "/proc/self/oom_score_adj"]);
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            oom_score_adj: -997, // what the kubelet gives Guaranteed pods
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    let id = e.run(&pod, &cfg, &pcfg).await;
+    assert_eq!(
+        wait_exited(&e.c, &id, Duration::from_secs(20))
+            .await
+            .exit_code,
+        0
+    );
+    assert_eq!(
+        log_records(&e.log_path(&pcfg, "adj"))[0].2,
+        own.max(-997).to_string()
+    );
+    e.remove_pod(&pod).await.unwrap();
+}

@@ -440,10 +440,14 @@ fn devices(
 }
 
 /// The OCI spec of a container.
+///
+/// `min_oom_score_adj`: clamp the container's oom_score_adj to at least this
+/// (containerd's `restrict_oom_score_adj`, for hosts where root may not lower it).
 pub fn container_spec(
     config: &cri::ContainerConfig,
     pod: &cri::PodSandboxConfig,
     image_config: &serde_json::Value,
+    min_oom_score_adj: Option<i32>,
 ) -> Result<Spec> {
     let img = &image_config["config"];
     let sc = config
@@ -565,8 +569,12 @@ pub fn container_spec(
         .as_ref()
         .and_then(|l| l.resources.clone())
         .unwrap_or_default();
-    if res.oom_score_adj != 0 {
-        process.set_oom_score_adj(Some(res.oom_score_adj as i32));
+    let adj = match min_oom_score_adj {
+        Some(min) if (res.oom_score_adj as i32) < min => min,
+        _ => res.oom_score_adj as i32,
+    };
+    if adj != 0 {
+        process.set_oom_score_adj(Some(adj));
     }
     spec.set_process(Some(process));
 
@@ -808,7 +816,7 @@ mod tests {
 
     #[test]
     fn command_env_user_from_image_and_config() {
-        let s = container_spec(&config(|_| {}), &Default::default(), &image()).unwrap();
+        let s = container_spec(&config(|_| {}), &Default::default(), &image(), None).unwrap();
         let p = s.process().as_ref().unwrap();
         assert_eq!(
             p.args().as_ref().unwrap(),
@@ -845,7 +853,7 @@ mod tests {
                 }),
             });
         });
-        let s = container_spec(&c, &Default::default(), &image()).unwrap();
+        let s = container_spec(&c, &Default::default(), &image(), None).unwrap();
         let p = s.process().as_ref().unwrap();
         assert_eq!(
             p.args().as_ref().unwrap(),
@@ -881,6 +889,24 @@ mod tests {
         let r = l.resources().as_ref().unwrap();
         assert_eq!(r.memory().as_ref().unwrap().limit(), Some(64 << 20));
         assert_eq!(r.cpu().as_ref().unwrap().quota(), Some(50_000));
+        let mut c2 = c.clone();
+        c2.linux
+            .as_mut()
+            .unwrap()
+            .resources
+            .as_mut()
+            .unwrap()
+            .oom_score_adj = -997;
+        let adj = |min| {
+            container_spec(&c2, &Default::default(), &image(), min)
+                .unwrap()
+                .process()
+                .as_ref()
+                .unwrap()
+                .oom_score_adj()
+        };
+        assert_eq!(adj(None), Some(-997));
+        assert_eq!(adj(Some(0)), None);
         let json = serde_json::to_value(&s).unwrap();
         assert!(json.get("hostname").is_none());
     }
@@ -929,7 +955,7 @@ mod tests {
         assert!(validate_mounts(&m("/data", "tmp")).is_err());
         assert!(validate_mounts(&m("/data", "/nonexistent/husk")).is_err());
         let c = config(|c| c.working_dir = "rel".into());
-        assert!(container_spec(&c, &Default::default(), &image()).is_err());
+        assert!(container_spec(&c, &Default::default(), &image(), None).is_err());
         let c = config(|c| {
             c.linux = Some(cri::LinuxContainerConfig {
                 security_context: Some(cri::LinuxContainerSecurityContext {
@@ -942,7 +968,7 @@ mod tests {
                 resources: None,
             })
         });
-        assert!(container_spec(&c, &Default::default(), &image()).is_err());
+        assert!(container_spec(&c, &Default::default(), &image(), None).is_err());
     }
 
     #[test]
@@ -956,15 +982,34 @@ mod tests {
                 }]
             })
         };
-        let s = container_spec(&dev("/dev/null", "rw"), &Default::default(), &image()).unwrap();
+        let s =
+            container_spec(&dev("/dev/null", "rw"), &Default::default(), &image(), None).unwrap();
         let l = s.linux().as_ref().unwrap();
         let d = &l.devices().as_ref().unwrap()[0];
         assert_eq!((d.major(), d.minor()), (1, 3));
         let rule = &l.resources().as_ref().unwrap().devices().as_ref().unwrap()[0];
         assert_eq!(rule.access().as_deref(), Some("rw"));
-        assert!(container_spec(&dev("/etc/passwd", ""), &Default::default(), &image()).is_err());
-        assert!(container_spec(&dev("/dev/null", "rwx"), &Default::default(), &image()).is_err());
-        assert!(container_spec(&dev("/no/such/dev", ""), &Default::default(), &image()).is_err());
+        assert!(
+            container_spec(&dev("/etc/passwd", ""), &Default::default(), &image(), None).is_err()
+        );
+        assert!(
+            container_spec(
+                &dev("/dev/null", "rwx"),
+                &Default::default(),
+                &image(),
+                None
+            )
+            .is_err()
+        );
+        assert!(
+            container_spec(
+                &dev("/no/such/dev", ""),
+                &Default::default(),
+                &image(),
+                None
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -96,7 +96,12 @@ impl Manager {
             .images
             .config_json(&img)
             .map_err(|e| RuntimeError::Internal(e.to_string()))?;
-        let spec = convert::container_spec(&config, &pod.config, &image_config)?;
+        let spec = convert::container_spec(
+            &config,
+            &pod.config,
+            &image_config,
+            self.min_oom_score_adj(),
+        )?;
         let spec = serde_json::to_vec(&spec)
             .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))?;
         let lower_dirs = self

@@ -278,6 +278,18 @@ impl Manager {
             .collect()
     }
 
+    /// huskd's own oom_score_adj when `restrict_oom_score_adj` is set.
+    fn min_oom_score_adj(&self) -> Option<i32> {
+        if !self.cfg.restrict_oom_score_adj {
+            return None;
+        }
+        std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Whether a RuntimeClass handler would give working pods, for Status.
     pub fn handlers(&self) -> Vec<(String, config::SandboxKind)> {
         self.cfg
