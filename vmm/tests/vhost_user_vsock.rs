@@ -79,8 +79,10 @@ fn guest_image() -> Option<(String, String)> {
     Some((kernel, initrd))
 }
 
-fn file(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::File::create(dir.join(name)).expect("log file")
+/// (stdout, stderr) sharing one log file and its offset.
+fn log_file(dir: &Path, name: &str) -> (std::fs::File, std::fs::File) {
+    let f = std::fs::File::create(dir.join(name)).expect("log file");
+    (f.try_clone().expect("dup"), f)
 }
 
 /// Starts the backend, waits for its vhost-user socket, then starts QEMU against it.
@@ -88,6 +90,7 @@ fn boot(kernel: &str, initrd: &str) -> Guest {
     let dir = common::tempdir();
     let vu = dir.path().join("vhost-user.sock");
     let uds = dir.path().join("vsock.sock");
+    let (out, err) = log_file(dir.path(), "backend.log");
     let backend = Command::new(common::VMM)
         .args(["vhost-user", "vsock", "--cid", &CID.to_string()])
         .arg("--socket")
@@ -96,8 +99,8 @@ fn boot(kernel: &str, initrd: &str) -> Guest {
         .arg(&uds)
         .env("HUSK_VMM_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(file(dir.path(), "backend.log"))
-        .stderr(file(dir.path(), "backend.log"))
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .expect("start husk-vmm vhost-user vsock");
     let t = Instant::now();
@@ -105,6 +108,7 @@ fn boot(kernel: &str, initrd: &str) -> Guest {
         std::thread::sleep(Duration::from_millis(10));
     }
     let chardev = format!("socket,id=vs,path={}", vu.display());
+    let (out, err) = log_file(dir.path(), "qemu.log");
     let qemu = Command::new(QEMU)
         .args([
             "-machine",
@@ -130,8 +134,8 @@ fn boot(kernel: &str, initrd: &str) -> Guest {
         .args(["-chardev", &chardev])
         .args(["-device", "vhost-user-vsock-pci,chardev=vs"])
         .stdin(Stdio::null())
-        .stdout(file(dir.path(), "qemu.log"))
-        .stderr(file(dir.path(), "qemu.log"))
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .expect("start qemu");
     Guest {
@@ -316,7 +320,6 @@ fn megabytes_cross_the_guest_both_ways_over_husk_vhost_user_vsock() {
         Ok(t.elapsed())
     });
     let took = result.unwrap_or_else(|e| panic!("{e}\n{}", g.diagnostics()));
-    let secs = took.as_secs_f64();
     let mib = 3 * ROUNDS; // 2 MiB in (id + data) and 1 MiB out (the id) per round
     println!(
         "{ROUNDS} rounds: {} MiB host->guest + {ROUNDS} MiB guest->host in {took:?} \

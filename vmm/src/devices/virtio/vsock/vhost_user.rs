@@ -62,7 +62,6 @@ pub struct VsockBackend {
     cid: u64,
     muxer: VsockMuxer,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    event_idx: bool,
     scratch: Vec<u8>,
 }
 
@@ -80,7 +79,6 @@ impl VsockBackend {
             cid,
             muxer: VsockMuxer::new(cid, uds)?,
             mem: None,
-            event_idx: false,
             scratch: Vec::with_capacity(MAX_PKT_PAYLOAD),
         })
     }
@@ -159,8 +157,10 @@ impl VhostUserBackendMut for VsockBackend {
         self.muxer.reset();
     }
 
+    /// The library already switched every vring's queue to EVENT_IDX (or not); `process`
+    /// follows the queue's mode through `enable_notification` / `needs_notification`.
     fn set_event_idx(&mut self, enabled: bool) {
-        self.event_idx = enabled;
+        tracing::debug!(enabled, "vhost-user vsock: EVENT_IDX");
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
