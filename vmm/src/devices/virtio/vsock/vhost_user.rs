@@ -453,6 +453,20 @@ mod tests {
             .expect("the guest was interrupted");
         assert!(u64::from_ne_bytes(n) >= 1);
 
+        // EVENT_IDX: the driver wants an interrupt only once used entry 10 is written.
+        let used_event = GuestAddress(rxq.avail_addr().0 + 4 + 2 * u64::from(SIZE));
+        m.write_obj(10u16, used_event).expect("w");
+        rxq.add_desc_chains(&[desc(0x3_5000, 4096, F_WRITE, 0)], 5)
+            .expect("rx chain");
+        host.write_all(b"more").expect("host write");
+        b.handle_event(MUXER_EVENT, EventSet::IN, &vrings, 0)
+            .expect("muxer");
+        assert_eq!(used(&m, &rxq).last(), Some(&(5, HDR_SIZE as u32 + 4)));
+        let e = (&rx_call)
+            .read_exact(&mut n)
+            .expect_err("interrupt suppressed");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+
         // Reset drops connections: the host side sees EOF.
         b.reset_device();
         let mut rest = Vec::new();
