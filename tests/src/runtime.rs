@@ -151,7 +151,11 @@ pub fn kill_leftover_pods(state_dir: &Path) {
             }
         }
         if let Some(cg) = v["cgroup_parent"].as_str() {
-            remove_cgroup_tree(cg);
+            // The pod's processes die with the agent's PID namespace, not instantly.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !remove_cgroup_tree(cg).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }

@@ -1595,7 +1595,28 @@ async fn failed_create_sandbox_cleans_up_agent_socket_and_cgroups() {
         async move { processes_mentioning(&run).is_empty() }
     })
     .await;
-    assert!(!cgroup_exists(bad), "cgroups of the failed pod left behind");
+    // The parent came from the CRI (the kubelet's): huskd removes what the agent made below it.
+    let below: Vec<_> = [
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ]
+    .iter()
+    .flat_map(|r| {
+        std::fs::read_dir(Path::new(r).join(bad))
+            .into_iter()
+            .flatten()
+            .flatten()
+    })
+    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+    .map(|e| e.path())
+    .collect();
+    husk_tests::runtime::remove_cgroup_tree(bad);
+    assert!(
+        below.is_empty(),
+        "cgroups of the failed pod left behind: {below:?}"
+    );
     // huskd still works and the name is free.
     pcfg.linux = None;
     let pod = e.run_pod(&pcfg).await.unwrap();

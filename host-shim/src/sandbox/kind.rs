@@ -253,6 +253,56 @@ pub fn remove_cgroup_tree(rel: &str) -> Vec<PathBuf> {
     left
 }
 
+/// [`remove_cgroup_tree`], retried while the pod's processes are still
+/// dying (rmdir of a cgroup with tasks fails with EBUSY).
+pub async fn remove_cgroup_tree_patiently(rel: &str, timeout: Duration) -> Vec<PathBuf> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = remove_cgroup_tree(rel);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Removes a pod's cgroups: the whole `parent` tree when huskd chose it
+/// (`owned`), else only what the agent made below a parent the CRI gave
+/// (the kubelet owns that one).
+pub async fn remove_pod_cgroups(parent: &str, owned: bool, timeout: Duration) -> Vec<PathBuf> {
+    if owned {
+        return remove_cgroup_tree_patiently(parent, timeout).await;
+    }
+    let parent = parent.trim_start_matches('/');
+    if parent.is_empty() {
+        return vec![];
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mut children = std::collections::BTreeSet::new();
+    for r in std::iter::once(root.to_path_buf()).chain(
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    ) {
+        for e in std::fs::read_dir(r.join(parent))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                children.insert(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut left = vec![];
+    for c in children {
+        left.extend(remove_cgroup_tree_patiently(&format!("{parent}/{c}"), timeout).await);
+    }
+    left
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

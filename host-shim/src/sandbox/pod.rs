@@ -9,7 +9,7 @@ use husk_proto::cri;
 use prost::Message;
 use protobuf::MessageField;
 
-use super::kind::remove_cgroup_tree;
+use super::kind::remove_pod_cgroups;
 use super::state::{ContainerState, PodRecord, PodState, new_id, now_ns};
 use super::{ContainerView, Manager, Pod, Result, RuntimeError, lock};
 use crate::config::SandboxKind as Kind;
@@ -25,6 +25,8 @@ pub struct PodView {
 
 /// How long a stopping agent gets to tear its sandbox down before SIGKILL.
 const AGENT_GRACE: Duration = Duration::from_secs(3);
+/// How long the cgroups of a dead pod may stay busy (its processes dying).
+pub(super) const CGROUP_WAIT: Duration = Duration::from_secs(5);
 
 pub(super) const NS_NODE: i32 = 2;
 
@@ -90,6 +92,7 @@ impl Manager {
             None => String::new(),
         };
         let id = new_id();
+        let owns_cgroup = cgroup_parent.is_empty();
         let cgroup_parent = if cgroup_parent.is_empty() {
             format!("{}/{}", self.cfg.cgroup_parent, id)
         } else {
@@ -108,7 +111,7 @@ impl Manager {
             names.insert(key.clone(), id.clone());
         }
         let result = self
-            .run_pod_reserved(&id, config, &handler, kind, cgroup_parent)
+            .run_pod_reserved(&id, config, &handler, kind, cgroup_parent, owns_cgroup)
             .await;
         if result.is_err() {
             lock(&self.pod_names).remove(&key);
@@ -123,6 +126,7 @@ impl Manager {
         handler: &str,
         kind: Kind,
         cgroup_parent: String,
+        owns_cgroup: bool,
     ) -> Result<()> {
         let kind_impl = self.kind(kind);
         let mut rec = PodRecord {
@@ -133,6 +137,7 @@ impl Manager {
             created_at: now_ns(),
             config: config.encode_to_vec(),
             cgroup_parent: cgroup_parent.clone(),
+            owns_cgroup,
             agent: None,
             reason: String::new(),
         };
@@ -151,7 +156,7 @@ impl Manager {
                     kind_impl.shutdown(&p, Duration::ZERO).await;
                 }
                 kind_impl.cleanup(&id);
-                remove_cgroup_tree(&cg);
+                remove_pod_cgroups(&cg, owns_cgroup, CGROUP_WAIT).await;
                 let _ = store.remove_pod(&id);
             }
         };
@@ -244,7 +249,7 @@ impl Manager {
             pod.kind.shutdown(p, AGENT_GRACE).await;
         }
         *lock(&pod.agent) = None;
-        let left = remove_cgroup_tree(&rec.cgroup_parent);
+        let left = remove_pod_cgroups(&rec.cgroup_parent, rec.owns_cgroup, CGROUP_WAIT).await;
         if !left.is_empty() {
             tracing::warn!(pod = id, ?left, "pod cgroups left behind");
         }

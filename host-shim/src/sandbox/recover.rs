@@ -10,8 +10,9 @@ use husk_proto::cri;
 use prost::Message;
 
 use super::agent::Agent;
-use super::kind::remove_cgroup_tree;
+use super::kind::remove_pod_cgroups;
 use super::logs::CriLog;
+use super::pod::CGROUP_WAIT;
 use super::state::{ContainerRecord, ContainerState, PodRecord, PodState, now_ns};
 use super::{Container, Manager, Pod, Result, lock};
 
@@ -41,7 +42,7 @@ impl Manager {
                 kind.shutdown(p, Duration::ZERO).await;
             }
             kind.cleanup(&id);
-            remove_cgroup_tree(&prec.cgroup_parent);
+            remove_pod_cgroups(&prec.cgroup_parent, prec.owns_cgroup, CGROUP_WAIT).await;
             self.store.remove_pod(&id)?;
             return Ok(());
         }
@@ -58,7 +59,7 @@ impl Manager {
                 if let Some(p) = &prec.agent {
                     kind.shutdown(p, Duration::ZERO).await;
                 }
-                remove_cgroup_tree(&prec.cgroup_parent);
+                remove_pod_cgroups(&prec.cgroup_parent, prec.owns_cgroup, CGROUP_WAIT).await;
             }
         }
         let agent_states: HashMap<String, pb::ContainerStateResponse> = match &agent {

@@ -74,6 +74,9 @@ pub struct PodRecord {
     pub config: Vec<u8>,
     /// Relative to the cgroup root.
     pub cgroup_parent: String,
+    /// huskd chose `cgroup_parent` (and removes it); else the CRI gave it.
+    #[serde(default)]
+    pub owns_cgroup: bool,
     pub agent: Option<AgentProcess>,
     /// Why the pod is NotReady ("" when stopped on request).
     #[serde(default)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::agent::{Agent, AgentError, POLL_TIMEOUT};
-use super::kind::remove_cgroup_tree;
+use super::kind::remove_pod_cgroups;
 use super::logs::{CriLog, Stream};
 use super::state::{ContainerState, PodState, now_ns};
 use super::{Container, Manager, Pod, lock};
@@ -150,8 +150,15 @@ impl Manager {
                 );
             }
         }
-        let cg = pod.record().cgroup_parent;
-        remove_cgroup_tree(&cg);
+        let rec = pod.record();
+        tokio::spawn(async move {
+            let left =
+                remove_pod_cgroups(&rec.cgroup_parent, rec.owns_cgroup, super::pod::CGROUP_WAIT)
+                    .await;
+            if !left.is_empty() {
+                tracing::warn!(?left, "cgroups of a dead pod left behind");
+            }
+        });
     }
 }
 
