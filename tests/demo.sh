@@ -3,9 +3,8 @@
 # it, start huskd with a local registry holding a busybox image, and use it
 # through the husk CLI (a CRI client).
 #
-# What runs today: the image service (pull with progress, list, inspect,
-# remove). Pod sandboxes (`husk run IMAGE -- CMD`) come with the runtime and
-# VM sandbox work; this script runs them as soon as huskd offers them.
+# The pod runs in the namespace sandbox (handler husk-ns: container-level
+# isolation, not a VM) until the VM sandbox (handler husk) lands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: sudo bash tests/demo.sh" >&2; exit 1; }
@@ -55,6 +54,8 @@ set -x
 $bin/husk version
 $bin/husk pull busybox
 $bin/husk images
-$bin/husk inspecti busybox | head -20
+$bin/husk inspecti busybox | head -12
+# The main job: a pod sandbox running a command.
+$bin/husk run --rm --runtime husk-ns --log-root "$work/logs" busybox -- sh -c 'echo hello from a husk pod; id; hostname'
 $bin/husk rmi busybox
 $bin/husk images

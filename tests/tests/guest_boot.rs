@@ -11,14 +11,32 @@ use husk_tests::require;
 
 #[test]
 fn guest_kernel_boots_the_agent_as_pid1_under_qemu_tcg() {
-    let (Ok(kernel), Ok(initrd)) = (std::env::var("HUSK_GUEST_KERNEL"), std::env::var("HUSK_GUEST_INITRD")) else {
-        eprintln!("skipped: HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD not set (tests/run.sh builds them with images/)");
+    let (Ok(kernel), Ok(initrd)) = (
+        std::env::var("HUSK_GUEST_KERNEL"),
+        std::env::var("HUSK_GUEST_INITRD"),
+    ) else {
+        eprintln!(
+            "skipped: HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD not set (tests/run.sh builds them with images/)"
+        );
         return;
     };
-    require!(std::path::Path::new("/usr/bin/qemu-system-x86_64").exists(), "qemu-system-x86_64 missing");
+    require!(
+        std::path::Path::new("/usr/bin/qemu-system-x86_64").exists(),
+        "qemu-system-x86_64 missing"
+    );
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "512M", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args([
+            "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "512M", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
         .args(["-kernel", &kernel, "-initrd", &initrd])
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .stdin(Stdio::null())
@@ -55,13 +73,24 @@ fn guest_kernel_boots_the_agent_as_pid1_under_qemu_tcg() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let tail = console.iter().rev().take(30).rev().cloned().collect::<Vec<_>>().join("\n");
-    let ready = ready.unwrap_or_else(|| panic!("the agent never reported ready; console tail:\n{tail}"));
+    let tail = console
+        .iter()
+        .rev()
+        .take(30)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    let ready =
+        ready.unwrap_or_else(|| panic!("the agent never reported ready; console tail:\n{tail}"));
     let plain: String = strip_ansi(&ready);
     assert!(plain.contains("is_init=true"), "{plain}");
     assert!(plain.contains("cgroup=\"v2\""), "{plain}");
     assert!(plain.contains("Vsock(1024)"), "{plain}");
-    eprintln!("guest agent ready {:.2}s after QEMU started", start.elapsed().as_secs_f64());
+    eprintln!(
+        "guest agent ready {:.2}s after QEMU started",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 fn strip_ansi(s: &str) -> String {
