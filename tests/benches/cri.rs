@@ -123,11 +123,6 @@ async fn remove(t: &Target, pod: &str) {
         .await;
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
-}
-
 struct Result3 {
     start_ms: f64,
     exec_ms: f64,
@@ -188,8 +183,8 @@ async fn measure(t: &Target, runs: usize) -> anyhow::Result<Result3> {
         remove(t, &p).await;
     }
     Ok(Result3 {
-        start_ms: median(starts),
-        exec_ms: median(execs),
+        start_ms: husk_tests::bench::median(starts),
+        exec_ms: husk_tests::bench::median(execs),
         parallel_s,
     })
 }
@@ -313,19 +308,10 @@ async fn connect(sock: &Path) -> anyhow::Result<Clients> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !husk_tests::is_root()
-        || !husk_tests::registry::available()
-        || !Path::new("/usr/bin/containerd").exists()
-    {
-        println!(
-            "skipped: needs root, docker-registry and containerd + runc (tests/run.sh installs them)"
-        );
+    if !husk_tests::bench::baseline_ready() {
         return Ok(());
     }
-    let runs: usize = std::env::var("HUSK_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let runs = husk_tests::bench::env_count("HUSK_BENCH_RUNS", 10);
     let reg = Registry::start(None)?;
     let p = Pusher::new(&reg.addr, None);
     let img = build_image(&ImageSpec {

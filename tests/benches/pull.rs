@@ -23,11 +23,6 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
-}
-
 struct Sample {
     secs: f64,
     daemon_kib: u64,
@@ -118,17 +113,10 @@ fn containerd_once(image: &str) -> anyhow::Result<Sample> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !husk_tests::is_root() || !husk_tests::registry::available() || which("containerd").is_none()
-    {
-        println!(
-            "skipped: needs root, docker-registry and containerd (tests/run.sh installs them)"
-        );
+    if !husk_tests::bench::baseline_ready() {
         return Ok(());
     }
-    let rounds: usize = std::env::var("HUSK_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let rounds = husk_tests::bench::env_count("HUSK_BENCH_ROUNDS", 5);
     let reg = Registry::start(None)?;
     let mut layers = vec![busybox_layer(Compression::Gzip)?];
     for i in 0..7 {
@@ -170,11 +158,11 @@ async fn main() -> anyhow::Result<()> {
         cc.push((c.daemon_kib + c.client_kib) as f64);
     }
     let (ht, ct, hr, cr, cc) = (
-        median(&mut ht),
-        median(&mut ct),
-        median(&mut hr),
-        median(&mut cr),
-        median(&mut cc),
+        husk_tests::bench::median(ht),
+        husk_tests::bench::median(ct),
+        husk_tests::bench::median(hr),
+        husk_tests::bench::median(cr),
+        husk_tests::bench::median(cc),
     );
     println!(
         "median pull+unpack: husk {ht:.3}s, containerd {ct:.3}s, ratio husk/containerd = {:.2}",
@@ -189,12 +177,4 @@ async fn main() -> anyhow::Result<()> {
         hr / cc
     );
     Ok(())
-}
-
-fn which(cmd: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(cmd))
-        .find(|p| p.exists())
 }

@@ -2,6 +2,7 @@
 //! loopback, test images built and pushed by our own code, and a real
 //! huskd process driven through the CRI client.
 
+pub mod bench;
 pub mod huskd;
 pub mod oci;
 pub mod registry;
