@@ -250,9 +250,14 @@ async fn container_id(c: &mut Clients, prefix: &str) -> anyhow::Result<Option<St
         .await?
         .into_inner()
         .containers;
-    match l.len() {
-        0 => Ok(None),
-        1 => Ok(Some(l[0].id.clone())),
+    unique(l.into_iter().map(|c| c.id), prefix)
+}
+
+/// The one id an id prefix matched: none, one, or an ambiguity error.
+fn unique(mut ids: impl Iterator<Item = String>, prefix: &str) -> anyhow::Result<Option<String>> {
+    match (ids.next(), ids.next()) {
+        (None, _) => Ok(None),
+        (Some(id), None) => Ok(Some(id)),
         _ => bail!("{prefix} is ambiguous"),
     }
 }
@@ -269,11 +274,7 @@ async fn pod_id(c: &mut Clients, prefix: &str) -> anyhow::Result<Option<String>>
         .await?
         .into_inner()
         .items;
-    match l.len() {
-        0 => Ok(None),
-        1 => Ok(Some(l[0].id.clone())),
-        _ => bail!("{prefix} is ambiguous"),
-    }
+    unique(l.into_iter().map(|p| p.id), prefix)
 }
 
 pub async fn ps(c: &mut Clients, all: bool, quiet: bool) -> anyhow::Result<()> {
