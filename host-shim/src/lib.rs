@@ -7,3 +7,4 @@ pub mod cri;
 pub mod image;
 pub mod sandbox;
 pub mod store;
+pub mod streaming;
