@@ -46,21 +46,12 @@ impl IoPlan {
             IoPlan::Ready(io) => Ok(*io),
             IoPlan::Console { sock, stdin } => {
                 let timeout = nix::sys::time::TimeVal::new(30, 0);
-                nix::sys::socket::setsockopt(
-                    &sock,
-                    nix::sys::socket::sockopt::ReceiveTimeout,
-                    &timeout,
-                )
-                .map_err(|e| StdioError::Os("console timeout", e))?;
-                let master =
-                    tokio::task::spawn_blocking(move || crate::runner::console::recv_fd(&sock))
-                        .await
-                        .map_err(|e| {
-                            StdioError::Io("console", std::io::Error::other(e.to_string()))
-                        })?
-                        .map_err(|e| {
-                            StdioError::Io("console", std::io::Error::other(e.to_string()))
-                        })?;
+                nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+                    .map_err(|e| StdioError::Os("console timeout", e))?;
+                let master = tokio::task::spawn_blocking(move || crate::runner::console::recv_fd(&sock))
+                    .await
+                    .map_err(|e| StdioError::Io("console", std::io::Error::other(e.to_string())))?
+                    .map_err(|e| StdioError::Io("console", std::io::Error::other(e.to_string())))?;
                 ProcessIo::from_master(master, stdin)
             }
         }
@@ -99,9 +90,7 @@ fn dup(fd: &OwnedFd) -> Result<OwnedFd> {
 }
 
 fn dev_null() -> Result<OwnedFd> {
-    std::fs::File::open("/dev/null")
-        .map(OwnedFd::from)
-        .map_err(|e| StdioError::Io("open /dev/null", e))
+    std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|e| StdioError::Io("open /dev/null", e))
 }
 
 /// Make the pipes (or the console socket) for a new process.
@@ -114,27 +103,13 @@ pub fn make(stdin: bool, tty: bool) -> Result<(ChildStdio, IoPlan)> {
             nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| StdioError::Os("socketpair", e))?;
-        let child = ChildStdio {
-            stdin: dev_null()?,
-            stdout: dev_null()?,
-            stderr: dev_null()?,
-            console: Some(child_sock),
-        };
+        let child = ChildStdio { stdin: dev_null()?, stdout: dev_null()?, stderr: dev_null()?, console: Some(child_sock) };
         return Ok((child, IoPlan::Console { sock, stdin }));
     }
-    let (in_r, in_w) = if stdin {
-        pipe().map(|(r, w)| (r, Some(w)))?
-    } else {
-        (dev_null()?, None)
-    };
+    let (in_r, in_w) = if stdin { pipe().map(|(r, w)| (r, Some(w)))? } else { (dev_null()?, None) };
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let child = ChildStdio {
-        stdin: in_r,
-        stdout: out_w,
-        stderr: err_w,
-        console: None,
-    };
+    let child = ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w, console: None };
     let io = ProcessIo {
         stdin: Mutex::new(in_w.map(|w| async_fd(w, Interest::WRITABLE)).transpose()?),
         stdout: Mutex::new(Some(async_fd(out_r, Interest::READABLE)?)),
@@ -148,11 +123,7 @@ impl ProcessIo {
     /// Io over a pty master: stdout reads it, stdin writes it, stderr is empty.
     pub fn from_master(master: OwnedFd, stdin: bool) -> Result<Self> {
         Ok(ProcessIo {
-            stdin: Mutex::new(if stdin {
-                Some(async_fd(dup(&master)?, Interest::WRITABLE)?)
-            } else {
-                None
-            }),
+            stdin: Mutex::new(if stdin { Some(async_fd(dup(&master)?, Interest::WRITABLE)?) } else { None }),
             stdout: Mutex::new(Some(async_fd(dup(&master)?, Interest::READABLE)?)),
             stderr: Mutex::new(None),
             pty: Some(master),
@@ -161,20 +132,13 @@ impl ProcessIo {
 }
 
 /// Read up to `max` bytes; `(data, eof)`. Waits until data or EOF.
-async fn read_stream(
-    slot: &Mutex<Option<AsyncFd<OwnedFd>>>,
-    max: usize,
-) -> Result<(Vec<u8>, bool)> {
+async fn read_stream(slot: &Mutex<Option<AsyncFd<OwnedFd>>>, max: usize) -> Result<(Vec<u8>, bool)> {
     let mut guard = slot.lock().await;
-    let Some(fd) = guard.as_ref() else {
-        return Ok((Vec::new(), true));
-    };
+    let Some(fd) = guard.as_ref() else { return Ok((Vec::new(), true)) };
     let mut buf = vec![0u8; max];
     let result = loop {
         let mut ready = fd.readable().await.map_err(|e| StdioError::Io("poll", e))?;
-        match ready.try_io(|inner| {
-            nix::unistd::read(inner.get_ref(), &mut buf).map_err(std::io::Error::from)
-        }) {
+        match ready.try_io(|inner| nix::unistd::read(inner.get_ref(), &mut buf).map_err(std::io::Error::from)) {
             Ok(r) => break r,
             Err(_would_block) => continue,
         }
@@ -217,9 +181,7 @@ impl ProcessIo {
         let mut done = 0;
         while done < data.len() {
             let mut ready = fd.writable().await.map_err(|e| StdioError::Io("poll", e))?;
-            match ready.try_io(|inner| {
-                nix::unistd::write(inner.get_ref(), &data[done..]).map_err(std::io::Error::from)
-            }) {
+            match ready.try_io(|inner| nix::unistd::write(inner.get_ref(), &data[done..]).map_err(std::io::Error::from)) {
                 Ok(Ok(n)) => done += n,
                 Ok(Err(e)) => return Err(StdioError::Io("write stdin", e)),
                 Err(_would_block) => continue,
@@ -230,28 +192,21 @@ impl ProcessIo {
 
     /// Close stdin: EOF for a pipe, ^D for a tty.
     pub async fn close_stdin(&self) -> Result<()> {
-        if self.pty.is_some() && self.stdin.lock().await.is_some() {
-            self.write_stdin(&[0x04]).await?;
-        }
+        if self.pty.is_some()
+            && self.stdin.lock().await.is_some() {
+                self.write_stdin(&[0x04]).await?;
+            }
         self.stdin.lock().await.take();
         Ok(())
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
         let pty = self.pty.as_ref().ok_or(StdioError::NoTty)?;
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
+        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: TIOCSWINSZ reads a winsize from the pointer we pass.
         let r = unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if r < 0 {
-            return Err(StdioError::Io(
-                "TIOCSWINSZ",
-                std::io::Error::last_os_error(),
-            ));
+            return Err(StdioError::Io("TIOCSWINSZ", std::io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -273,14 +228,8 @@ mod tests {
         let (child, io) = make(true, false).expect("make");
         let io = ready(io);
         nix::unistd::write(&child.stdout, b"hello").expect("write");
-        assert_eq!(
-            io.read_stdout(3).await.expect("read"),
-            (b"hel".to_vec(), false)
-        );
-        assert_eq!(
-            io.read_stdout(64).await.expect("read"),
-            (b"lo".to_vec(), false)
-        );
+        assert_eq!(io.read_stdout(3).await.expect("read"), (b"hel".to_vec(), false));
+        assert_eq!(io.read_stdout(64).await.expect("read"), (b"lo".to_vec(), false));
         drop(child.stdout);
         assert_eq!(io.read_stdout(64).await.expect("read"), (vec![], true));
         assert_eq!(io.read_stdout(64).await.expect("read"), (vec![], true));
@@ -289,10 +238,7 @@ mod tests {
         assert_eq!(nix::unistd::read(&child.stdin, &mut buf).expect("read"), 2);
         io.close_stdin().await.expect("close");
         assert_eq!(nix::unistd::read(&child.stdin, &mut buf).expect("read"), 0);
-        assert!(matches!(
-            io.write_stdin(b"x").await,
-            Err(StdioError::NoStdin)
-        ));
+        assert!(matches!(io.write_stdin(b"x").await, Err(StdioError::NoStdin)));
         assert!(matches!(io.resize(1, 1), Err(StdioError::NoTty)));
     }
 
@@ -300,14 +246,10 @@ mod tests {
     async fn cancelled_read_loses_nothing() {
         let (child, io) = make(false, false).expect("make");
         let io = ready(io);
-        let r =
-            tokio::time::timeout(std::time::Duration::from_millis(50), io.read_stderr(64)).await;
+        let r = tokio::time::timeout(std::time::Duration::from_millis(50), io.read_stderr(64)).await;
         assert!(r.is_err(), "no data yet");
         nix::unistd::write(&child.stderr, b"late").expect("write");
-        assert_eq!(
-            io.read_stderr(64).await.expect("read"),
-            (b"late".to_vec(), false)
-        );
+        assert_eq!(io.read_stderr(64).await.expect("read"), (b"late".to_vec(), false));
     }
 
     #[tokio::test]
@@ -315,11 +257,7 @@ mod tests {
         // What the runner does, in-process: master over the console socket.
         let (child, plan) = make(true, true).expect("make");
         let pty = nix::pty::openpty(None, None).expect("openpty");
-        crate::runner::console::send_fd(
-            child.console.as_ref().expect("console"),
-            pty.master.as_raw_fd(),
-        )
-        .expect("send");
+        crate::runner::console::send_fd(child.console.as_ref().expect("console"), pty.master.as_raw_fd()).expect("send");
         drop(pty.master);
         let io = plan.finish().await.expect("finish");
         let slave = pty.slave;
