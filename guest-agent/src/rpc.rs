@@ -12,7 +12,7 @@ use crate::agent::{Agent, AgentError};
 use crate::cgroup::CgroupError;
 use crate::container::spawn::SpawnError;
 use crate::network::NetError;
-use crate::container::stdio::StdioError;
+use crate::container::stdio::{ReadAt, StdioError};
 use crate::container::{create, exec, remove, signal, start, stats};
 use crate::{convert, sandbox};
 
@@ -25,6 +25,7 @@ pub fn code(e: &AgentError) -> Code {
         AgentError::NotFound(_) => Code::NOT_FOUND,
         AgentError::AlreadyExists(_) => Code::ALREADY_EXISTS,
         AgentError::InvalidArgument(_)
+        | AgentError::Stdio(StdioError::BadOffset(_))
         | AgentError::Cgroup(CgroupError::Invalid(_))
         | AgentError::Spawn(SpawnError::Invalid(_))
         | AgentError::Net(NetError::Address(_) | NetError::NoInterface(_)) => Code::INVALID_ARGUMENT,
@@ -32,6 +33,8 @@ pub fn code(e: &AgentError) -> Code {
             Code::FAILED_PRECONDITION
         }
         AgentError::Spawn(SpawnError::Timeout) => Code::DEADLINE_EXCEEDED,
+        AgentError::Stdio(StdioError::Gone { .. }) => Code::OUT_OF_RANGE,
+        AgentError::Stdio(StdioError::Unacknowledged(_)) => Code::RESOURCE_EXHAUSTED,
         _ => Code::INTERNAL,
     }
 }
@@ -53,6 +56,13 @@ type R<T> = ttrpc::Result<T>;
 
 pub struct AgentService {
     pub agent: Arc<Agent>,
+}
+
+fn read_at(r: &pb::ReadStreamRequest) -> ReadAt {
+    match r.offset {
+        Some(offset) => ReadAt::Offset { offset, consumed: r.consumed },
+        None => ReadAt::Next,
+    }
 }
 
 fn read_len(max: u32) -> usize {
@@ -162,7 +172,9 @@ impl pb::Agent for AgentService {
 
     async fn wait_process(&self, _: &TtrpcContext, r: pb::WaitProcessRequest) -> R<pb::WaitProcessResponse> {
         let (exit, started) = signal::do_wait(&self.agent, &r.container_id, &r.exec_id).await.map_err(status)?;
+        let oom_killed = r.exec_id.is_empty() && self.oom_killed(&r.container_id);
         Ok(pb::WaitProcessResponse {
+            oom_killed,
             exit_code: exit.code,
             started_at: crate::container::unix_nanos(started),
             exited_at: crate::container::unix_nanos(Some(exit.at)),
@@ -185,14 +197,14 @@ impl pb::Agent for AgentService {
 
     async fn read_stdout(&self, _: &TtrpcContext, r: pb::ReadStreamRequest) -> R<pb::ReadStreamResponse> {
         let p = self.process(&r.container_id, &r.exec_id)?;
-        let (data, eof) = p.io.read_stdout(read_len(r.max_len)).await.map_err(|e| status(e.into()))?;
-        Ok(pb::ReadStreamResponse { data, eof, ..Default::default() })
+        let c = p.io.read_stdout(read_at(&r), read_len(r.max_len)).await.map_err(|e| status(e.into()))?;
+        Ok(pb::ReadStreamResponse { data: c.data, eof: c.eof, offset: c.offset, ..Default::default() })
     }
 
     async fn read_stderr(&self, _: &TtrpcContext, r: pb::ReadStreamRequest) -> R<pb::ReadStreamResponse> {
         let p = self.process(&r.container_id, &r.exec_id)?;
-        let (data, eof) = p.io.read_stderr(read_len(r.max_len)).await.map_err(|e| status(e.into()))?;
-        Ok(pb::ReadStreamResponse { data, eof, ..Default::default() })
+        let c = p.io.read_stderr(read_at(&r), read_len(r.max_len)).await.map_err(|e| status(e.into()))?;
+        Ok(pb::ReadStreamResponse { data: c.data, eof: c.eof, offset: c.offset, ..Default::default() })
     }
 
     async fn resize_tty(&self, _: &TtrpcContext, r: pb::ResizeTtyRequest) -> R<pb::Empty> {
@@ -248,6 +260,18 @@ impl pb::Agent for AgentService {
 }
 
 impl AgentService {
+    /// Whether the container's cgroup counted an OOM kill (read now, after
+    /// its init exited; the kernel counts the kill before sending SIGKILL).
+    fn oom_killed(&self, container_id: &str) -> bool {
+        match self.agent.container(container_id) {
+            Ok(c) => {
+                self.agent.refresh_oom(&c);
+                c.oom_killed()
+            }
+            Err(_) => false,
+        }
+    }
+
     fn process(&self, container_id: &str, exec_id: &str) -> R<Arc<crate::container::Process>> {
         self.agent.container(container_id).and_then(|c| c.process(exec_id)).map_err(status)
     }
@@ -265,5 +289,8 @@ mod tests {
         assert_eq!(code(&AgentError::Cgroup(CgroupError::Invalid("x".into()))), Code::INVALID_ARGUMENT);
         assert_eq!(code(&AgentError::Stdio(StdioError::NoStdin)), Code::FAILED_PRECONDITION);
         assert_eq!(code(&AgentError::Spawn(SpawnError::Died)), Code::INTERNAL);
+        assert_eq!(code(&AgentError::Stdio(StdioError::Gone { offset: 1, held: 2 })), Code::OUT_OF_RANGE);
+        assert_eq!(code(&AgentError::Stdio(StdioError::BadOffset("x".into()))), Code::INVALID_ARGUMENT);
+        assert_eq!(code(&AgentError::Stdio(StdioError::Unacknowledged(1))), Code::RESOURCE_EXHAUSTED);
     }
 }

@@ -195,17 +195,22 @@ impl Agent {
         Ok(self.client.wait_process(ctx(timeout), &req).await?)
     }
 
-    /// One long-poll read of stdout (`stderr = false`) or stderr.
+    /// One long-poll read of stdout (`stderr = false`) or stderr. `at`:
+    /// (offset to read from, bytes durably consumed) for an acknowledged
+    /// read; `None` consumes on read.
     pub async fn read(
         &self,
         id: &str,
         exec_id: &str,
         stderr: bool,
+        at: Option<(u64, u64)>,
         timeout: Duration,
     ) -> Result<pb::ReadStreamResponse> {
         let req = pb::ReadStreamRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
+            offset: at.map(|a| a.0),
+            consumed: at.map(|a| a.1).unwrap_or(0),
             ..Default::default()
         };
         Ok(if stderr {

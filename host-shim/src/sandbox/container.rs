@@ -180,7 +180,8 @@ impl Manager {
                 )));
             }
         };
-        let log = CriLog::new(rec.log_path.clone())
+        let progress = self.store.log_progress(&pod.id, id);
+        let log = CriLog::open(rec.log_path.clone(), Some(&progress))
             .map_err(|e| RuntimeError::Internal(format!("open log {:?}: {e}", rec.log_path)))?;
         *lock(&c.log) = Some(Arc::new(log));
         if let Err(e) = agent.start_container(id).await {

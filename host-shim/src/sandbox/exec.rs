@@ -92,9 +92,14 @@ async fn run_to_end(agent: &Agent, id: &str, exec_id: &str) -> Result<ExecOutput
 
 async fn read_all(agent: &Agent, id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>> {
     let mut out = Vec::new();
+    let mut offset = 0u64;
     loop {
-        match agent.read(id, exec_id, stderr, POLL_TIMEOUT).await {
+        match agent
+            .read(id, exec_id, stderr, Some((offset, offset)), POLL_TIMEOUT)
+            .await
+        {
             Ok(r) => {
+                offset = r.offset + r.data.len() as u64;
                 let room = MAX_OUTPUT.saturating_sub(out.len());
                 out.extend_from_slice(&r.data[..r.data.len().min(room)]);
                 if r.eof {

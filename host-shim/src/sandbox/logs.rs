@@ -2,8 +2,18 @@
 //! `<RFC3339Nano> <stdout|stderr> <F|P> <content>\n`. A line longer than
 //! [`MAX_LINE`] is split into `P` (partial) records ending with an `F` one;
 //! a last line without a newline is written as `F` at end of stream.
+//!
+//! Copy progress is durable: a small progress file beside the container's
+//! record holds, per stream, the stream offset up to which output has become
+//! log records, and the log's length and inode at that point. It is rewritten
+//! (one `pwrite`, no fsync: it only has to survive a huskd crash, not a host
+//! one) after every log write. After a restart the log is cut back to the
+//! recorded length (records written after the last progress update are
+//! written again) and copying resumes at the recorded offsets, so every line
+//! appears exactly once.
 
 use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -47,9 +57,59 @@ pub fn format_record(
     out
 }
 
+/// Size of the progress file: consumed offsets (stdout, stderr), log length, log inode.
+const PROGRESS_LEN: usize = 32;
+
 struct Inner {
     file: Option<std::fs::File>,
     pending: [Vec<u8>; 2],
+    /// Stream offset just past the last byte received, per stream.
+    received: [u64; 2],
+    /// Length and inode of the log file (0 without one).
+    log_len: u64,
+    log_ino: u64,
+    progress: Option<std::fs::File>,
+}
+
+impl Inner {
+    fn consumed(&self, i: usize) -> u64 {
+        self.received[i] - self.pending[i].len() as u64
+    }
+
+    fn persist(&self) {
+        let Some(p) = &self.progress else { return };
+        let mut buf = [0u8; PROGRESS_LEN];
+        for (i, v) in [
+            self.consumed(0),
+            self.consumed(1),
+            self.log_len,
+            self.log_ino,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        if let Err(e) = p.write_all_at(&buf, 0) {
+            tracing::warn!(error = %e, "write log progress");
+        }
+    }
+}
+
+fn read_progress(f: &std::fs::File) -> std::io::Result<Option<[u64; 4]>> {
+    let mut buf = [0u8; PROGRESS_LEN];
+    match f.read_exact_at(&mut buf, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut v = [0u64; 4];
+    for (i, x) in v.iter_mut().enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+        *x = u64::from_le_bytes(w);
+    }
+    Ok(Some(v))
 }
 
 /// A container's log file (or a sink when the CRI gave no log path).
@@ -69,15 +129,75 @@ fn open(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 impl CriLog {
+    /// A log without durable progress (copying always starts at offset 0).
     pub fn new(path: Option<PathBuf>) -> std::io::Result<Self> {
+        Self::open(path, None)
+    }
+
+    /// A log whose copy progress lives in `progress` (created if missing). An
+    /// existing progress file is resumed: the log is cut back to the length
+    /// it had when the progress was last recorded.
+    pub fn open(path: Option<PathBuf>, progress: Option<&Path>) -> std::io::Result<Self> {
         let file = path.as_deref().map(open).transpose()?;
+        let progress = progress
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(p)
+            })
+            .transpose()?;
+        let saved = progress.as_ref().map(read_progress).transpose()?.flatten();
+        let (mut log_len, mut log_ino) = (0, 0);
+        if let Some(f) = &file {
+            let meta = f.metadata()?;
+            (log_len, log_ino) = (meta.len(), meta.ino());
+            if let Some([_, _, len, ino]) = saved
+                && ino == log_ino
+                && len < log_len
+            {
+                tracing::info!(
+                    ?path,
+                    from = log_len,
+                    to = len,
+                    "cutting log records written after the last progress"
+                );
+                f.set_len(len)?;
+                log_len = len;
+            }
+        }
+        let received = saved.map(|v| [v[0], v[1]]).unwrap_or([0, 0]);
+        let inner = Inner {
+            file,
+            pending: [Vec::new(), Vec::new()],
+            received,
+            log_len,
+            log_ino,
+            progress,
+        };
+        inner.persist();
         Ok(Self {
             path,
-            inner: Mutex::new(Inner {
-                file,
-                pending: [Vec::new(), Vec::new()],
-            }),
+            inner: Mutex::new(inner),
         })
+    }
+
+    /// Where copying `stream` goes on: (offset to read from, bytes consumed
+    /// into records). They differ by a partial line waiting for its end.
+    pub fn position(&self, stream: Stream) -> (u64, u64) {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (g.received[stream.idx()], g.consumed(stream.idx()))
+    }
+
+    /// Output before `offset` is gone: drop a pending partial line and go on
+    /// from `offset`.
+    pub fn skip_to(&self, stream: Stream, offset: u64) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.pending[stream.idx()].clear();
+        g.received[stream.idx()] = offset;
+        g.persist();
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -89,6 +209,7 @@ impl CriLog {
     pub fn write(&self, stream: Stream, data: &[u8]) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *g;
+        inner.received[stream.idx()] += data.len() as u64;
         let pending = &mut inner.pending[stream.idx()];
         pending.extend_from_slice(data);
         let mut out = Vec::new();
@@ -107,6 +228,7 @@ impl CriLog {
             }
         }
         Self::emit(inner, &out);
+        inner.persist();
     }
 
     /// End of `stream`: a pending partial line is written as a full record.
@@ -118,16 +240,20 @@ impl CriLog {
             let rec = format_record(chrono::Utc::now(), stream, false, &pending);
             Self::emit(inner, &rec);
         }
+        inner.persist();
     }
 
     fn emit(inner: &mut Inner, data: &[u8]) {
         if data.is_empty() {
             return;
         }
-        if let Some(f) = inner.file.as_mut()
-            && let Err(e) = f.write_all(data)
-        {
-            tracing::warn!(error = %e, "write container log");
+        let Some(f) = inner.file.as_mut() else { return };
+        match f.write_all(data) {
+            Ok(()) => inner.log_len += data.len() as u64,
+            Err(e) => {
+                tracing::warn!(error = %e, "write container log");
+                inner.log_len = f.metadata().map(|m| m.len()).unwrap_or(inner.log_len);
+            }
         }
     }
 
@@ -137,7 +263,11 @@ impl CriLog {
             return Ok(());
         };
         let f = open(path)?;
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).file = Some(f);
+        let meta = f.metadata()?;
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.file = Some(f);
+        (g.log_len, g.log_ino) = (meta.len(), meta.ino());
+        g.persist();
         Ok(())
     }
 }
@@ -207,5 +337,47 @@ mod tests {
         log.reopen().unwrap();
         log.write(Stream::Stdout, b"after\n");
         assert_eq!(records(&p), vec![("stdout".into(), false, "after".into())]);
+    }
+
+    #[test]
+    fn progress_resumes_and_cuts_unrecorded_records() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, prog) = (d.path().join("c.log"), d.path().join("c.progress"));
+        let log = CriLog::open(Some(p.clone()), Some(&prog)).unwrap();
+        assert_eq!(log.position(Stream::Stdout), (0, 0));
+        log.write(Stream::Stdout, b"one\ntw");
+        log.write(Stream::Stderr, b"e1\n");
+        assert_eq!(log.position(Stream::Stdout), (6, 4));
+        assert_eq!(log.position(Stream::Stderr), (3, 3));
+        let good = std::fs::read(&p).unwrap();
+        // Records that reached the log after the last progress update (a
+        // crash between the two writes) are cut on reopen.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"2026-01-01T00:00:00.000000000Z stdout F two\n")
+            .unwrap();
+        drop(log);
+        let log = CriLog::open(Some(p.clone()), Some(&prog)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), good);
+        // Resumes at what became records: the partial "tw" is read again.
+        assert_eq!(log.position(Stream::Stdout), (4, 4));
+        assert_eq!(log.position(Stream::Stderr), (3, 3));
+        log.write(Stream::Stdout, b"two\n");
+        log.finish(Stream::Stdout);
+        let r: Vec<_> = records(&p).into_iter().map(|r| r.2).collect();
+        assert_eq!(r, ["one", "e1", "two"]);
+        // After a rotation the progress follows the new file.
+        std::fs::rename(&p, d.path().join("c.log.1")).unwrap();
+        log.reopen().unwrap();
+        log.write(Stream::Stdout, b"three\n");
+        drop(log);
+        let rotated = std::fs::read(&p).unwrap();
+        let log = CriLog::open(Some(p.clone()), Some(&prog)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), rotated);
+        assert_eq!(log.position(Stream::Stdout), (14, 14));
+        log.skip_to(Stream::Stdout, 20);
+        assert_eq!(log.position(Stream::Stdout), (20, 20));
     }
 }

@@ -91,7 +91,8 @@ impl Manager {
             let c = Container::new(crec, config);
             c.persist(&self.store)?;
             if running {
-                match CriLog::new(log_path) {
+                let progress = self.store.log_progress(&id, &c.id);
+                match CriLog::open(log_path, Some(&progress)) {
                     Ok(l) => *lock(&c.log) = Some(Arc::new(l)),
                     Err(e) => tracing::warn!(container = %c.id, error = %e, "reopen log"),
                 }

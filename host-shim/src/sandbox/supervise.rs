@@ -56,13 +56,7 @@ impl Manager {
                         let _ = err.await;
                     })
                     .await;
-                    let mut oom = oom_killed(&agent, &c.id).await;
-                    if !oom && w.exit_code == 128 + libc::SIGKILL {
-                        // The kernel's OOM count may lag the kill a little.
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        oom = oom_killed(&agent, &c.id).await;
-                    }
-                    let reason = if oom {
+                    let reason = if w.oom_killed {
                         "OOMKilled"
                     } else if w.exit_code == 0 {
                         "Completed"
@@ -162,13 +156,6 @@ impl Manager {
     }
 }
 
-async fn oom_killed(agent: &Agent, id: &str) -> bool {
-    match agent.list_containers().await {
-        Ok(l) => l.iter().any(|s| s.container_id == id && s.oom_killed),
-        Err(_) => false,
-    }
-}
-
 fn unreachable_log() -> CriLog {
     // CriLog::new(None) opens nothing and cannot fail.
     #[allow(clippy::unwrap_used)]
@@ -176,11 +163,19 @@ fn unreachable_log() -> CriLog {
 }
 
 /// Long-polls one stream into the log until end of stream or agent loss.
+/// Reads are acknowledged: each request carries the offset the log has
+/// durably consumed, so a response lost in flight (a timeout firing as the
+/// agent answered, or huskd killed) is read again.
 async fn copy(pod: Arc<Pod>, agent: Agent, id: String, log: Arc<CriLog>, stream: Stream) {
     let stderr = stream == Stream::Stderr;
     loop {
-        match agent.read(&id, "", stderr, POLL_TIMEOUT).await {
+        let at = log.position(stream);
+        match agent.read(&id, "", stderr, Some(at), POLL_TIMEOUT).await {
             Ok(r) => {
+                if r.offset != at.0 {
+                    tracing::warn!(container = %id, asked = at.0, got = r.offset, "log stream offset moved");
+                    log.skip_to(stream, r.offset);
+                }
                 log.write(stream, &r.data);
                 if r.eof {
                     log.finish(stream);
@@ -189,6 +184,15 @@ async fn copy(pod: Arc<Pod>, agent: Agent, id: String, log: Arc<CriLog>, stream:
             }
             Err(AgentError::Timeout) => continue,
             Err(e) if e.is_code(ttrpc::Code::NOT_FOUND) => return,
+            Err(e) if e.is_code(ttrpc::Code::OUT_OF_RANGE) => {
+                // Cannot happen while only this copier reads the stream; if
+                // it does, say so and go on from what the agent still holds.
+                tracing::error!(container = %id, error = %e, "container output lost; resuming at the oldest held byte");
+                if let Ok(r) = agent.read(&id, "", stderr, None, POLL_TIMEOUT).await {
+                    log.skip_to(stream, r.offset);
+                    log.write(stream, &r.data);
+                }
+            }
             Err(e) => {
                 if !pod.agent_alive() {
                     log.finish(stream);

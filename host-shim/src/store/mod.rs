@@ -99,12 +99,21 @@ impl Store {
         put(&self.container_file(pod, id), rec)
     }
 
+    /// The container's log copy progress (see `sandbox::logs`).
+    pub fn log_progress(&self, pod: &str, id: &str) -> PathBuf {
+        self.pod_dir(pod)
+            .join("containers")
+            .join(format!("{id}.progress"))
+    }
+
     pub fn remove_container(&self, pod: &str, id: &str) -> Result<(), StoreError> {
-        let p = self.container_file(pod, id);
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&p)(e)),
-            _ => Ok(()),
+        for p in [self.container_file(pod, id), self.log_progress(pod, id)] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     pub fn remove_pod(&self, pod: &str) -> Result<(), StoreError> {
