@@ -9,7 +9,9 @@ pkgs=(
   busybox-static      # test image content and container rootfs
   containerd          # benchmark baseline (ctr image pull)
   runc
-  iproute2
+  iproute2            # ip, tc (pod networking, tests)
+  containernetworking-plugins  # CNI plugins (/usr/lib/cni) for pod networking
+  iptables            # portmap/bridge plugins
   openssl
   e2fsprogs
   erofs-utils

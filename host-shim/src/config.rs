@@ -23,6 +23,11 @@
 //! [runtime.handlers]
 //! husk = "vm"                         # VM sandbox (husk-vmm); not available yet
 //! husk-ns = "namespace"               # namespace sandbox: container-level isolation, NOT a VM
+//!
+//! [network]
+//! cni_conf_dir = "/etc/cni/net.d"     # first .conflist/.conf/.json (by name) is the pod network
+//! cni_bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]  # where plugin binaries are looked up, in order
+//! cni_timeout_ms = 120000             # one plugin run (ADD/DEL/CHECK)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -59,6 +64,26 @@ pub struct Config {
     pub log_level: String,
     pub image: ImageConfig,
     pub runtime: RuntimeConfig,
+    pub network: NetworkConfig,
+}
+
+/// Pod networking with CNI plugins (see docs/networking.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dirs: Vec<PathBuf>,
+    pub cni_timeout_ms: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_bin_dirs: vec!["/usr/lib/cni".into(), "/opt/cni/bin".into()],
+            cni_timeout_ms: 120_000,
+        }
+    }
 }
 
 /// The kind of sandbox a RuntimeClass handler runs.
@@ -147,6 +172,7 @@ impl Default for Config {
             log_level: "info".into(),
             image: ImageConfig::default(),
             runtime: RuntimeConfig::default(),
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -210,6 +236,7 @@ impl Config {
             ("socket", &self.socket),
             ("state_dir", &self.state_dir),
             ("run_dir", &self.run_dir),
+            ("network.cni_conf_dir", &self.network.cni_conf_dir),
         ] {
             if !p.is_absolute() {
                 return Err(ConfigError::Invalid(format!(
@@ -217,6 +244,17 @@ impl Config {
                     p.display()
                 )));
             }
+        }
+        if let Some(p) = self.network.cni_bin_dirs.iter().find(|p| !p.is_absolute()) {
+            return Err(ConfigError::Invalid(format!(
+                "network.cni_bin_dirs must be absolute paths, got {}",
+                p.display()
+            )));
+        }
+        if self.network.cni_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "network.cni_timeout_ms must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -227,6 +265,16 @@ impl Config {
 
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")
+    }
+
+    /// Persisted pod network records (what CNI DEL needs after a crash).
+    pub fn network_state_dir(&self) -> PathBuf {
+        self.state_dir.join("network")
+    }
+
+    /// Bind-mounted pod network namespaces.
+    pub fn netns_dir(&self) -> PathBuf {
+        self.run_dir.join("netns")
     }
 }
 

@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod cri;
 pub mod image;
+pub mod network;
 pub mod sandbox;
 pub mod store;
 pub mod streaming;

@@ -49,15 +49,20 @@ impl Huskd {
         }
         let socket = dir.path().join("run/huskd.sock");
         let config = dir.path().join("config.toml");
+        // Hermetic CNI: an empty conf dir of the test's own (tests that want
+        // pod networking write a config list into `cni_conf_dir()`).
+        let cni = dir.path().join("cni/net.d");
+        std::fs::create_dir_all(&cni)?;
         std::fs::write(
             &config,
             format!(
-                "socket = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nlog_level = \"info,husk_host=debug\"\n[image]\nregistry_config_dir = \"{}\"\ndocker_config = \"{}\"\n{extra}",
+                "socket = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nlog_level = \"info,husk_host=debug\"\n[image]\nregistry_config_dir = \"{}\"\ndocker_config = \"{}\"\n[network]\ncni_conf_dir = \"{}\"\n{extra}",
                 socket.display(),
                 dir.path().join("state").display(),
                 dir.path().join("run").display(),
                 certs.display(),
-                docker.display()
+                docker.display(),
+                cni.display()
             ),
         )?;
         let mut d = Self {
@@ -76,6 +81,11 @@ impl Huskd {
 
     pub fn run_dir(&self) -> PathBuf {
         self.dir.path().join("run")
+    }
+
+    /// The CNI config directory this huskd reads (empty at start).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.path().join("cni/net.d")
     }
 
     pub fn images_dir(&self) -> PathBuf {

@@ -68,6 +68,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             runtime: cfg.runtime.clone(),
             state_dir: cfg.state_dir.clone(),
             run_dir: cfg.run_dir.clone(),
+            network: cfg.network.clone(),
         },
         images.clone(),
     )

@@ -735,7 +735,15 @@ pub fn pod_status(v: &PodView) -> cri::PodSandboxStatus {
         metadata: v.config.metadata.clone(),
         state: crate::sandbox::pod_state_code(v.rec.state),
         created_at: v.rec.created_at,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(cri::PodSandboxNetworkStatus {
+            ip: v.ips.first().cloned().unwrap_or_default(),
+            additional_ips: v
+                .ips
+                .iter()
+                .skip(1)
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
+        }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace { options: ns }),
         }),

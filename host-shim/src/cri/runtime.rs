@@ -96,12 +96,10 @@ impl RuntimeService for Runtime {
                 "only VM sandbox handlers are configured and the VM sandbox is not available yet",
             )
         };
-        let network = cond(
-            "NetworkReady",
-            false,
-            "NetworkPluginNotReady",
-            "pod networking (CNI) is not implemented yet: pods get their own network namespace with loopback only, or the host network",
-        );
+        let network = match rt.network().ready() {
+            Ok(msg) => cond("NetworkReady", true, "", &msg),
+            Err(msg) => cond("NetworkReady", false, "NetworkPluginNotReady", &msg),
+        };
         let mut info = std::collections::HashMap::new();
         if verbose {
             let h: Vec<_> = handlers
@@ -379,13 +377,16 @@ impl RuntimeService for Runtime {
         &self,
         r: Request<cri::UpdateRuntimeConfigRequest>,
     ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
-        // The pod CIDR matters to a CNI setup, which husk does not have yet.
-        let cidr = r
+        // The pod CIDR goes to IPAM plugins with the ipRanges capability.
+        if let Some(cidr) = r
             .into_inner()
             .runtime_config
             .and_then(|c| c.network_config)
-            .map(|n| n.pod_cidr);
-        tracing::info!(?cidr, "UpdateRuntimeConfig (pod CIDR noted; no CNI yet)");
+            .map(|n| n.pod_cidr)
+        {
+            tracing::info!(%cidr, "UpdateRuntimeConfig: pod CIDR");
+            self.s.runtime.network().set_pod_cidr(&cidr);
+        }
         ok(cri::UpdateRuntimeConfigResponse {})
     }
 

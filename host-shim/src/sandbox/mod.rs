@@ -30,6 +30,7 @@ use self::logs::CriLog;
 use self::state::{ContainerRecord, PodRecord};
 use crate::config::{self, RuntimeConfig};
 use crate::image::ImageService;
+use crate::network::Network;
 use crate::store::{Store, StoreError};
 
 pub use self::container::{ContainerView, container_state_code};
@@ -184,6 +185,7 @@ pub struct Manager {
     images: Arc<ImageService>,
     ns: Arc<NamespaceSandbox>,
     vm: Arc<VmSandbox>,
+    net: Arc<Network>,
     pods: RwLock<HashMap<String, Arc<Pod>>>,
     containers: RwLock<HashMap<String, Arc<Container>>>,
     /// name key (name/namespace/uid/attempt) → pod id; reserved before any I/O.
@@ -194,6 +196,7 @@ pub struct ManagerSettings {
     pub runtime: RuntimeConfig,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
+    pub network: config::NetworkConfig,
 }
 
 impl Manager {
@@ -207,12 +210,19 @@ impl Manager {
                 settings.runtime.agent_start_timeout_ms,
             ),
         });
+        let net = Network::open(
+            settings.network.clone(),
+            settings.state_dir.join("network"),
+            settings.run_dir.join("netns"),
+        )
+        .map_err(|e| RuntimeError::Internal(e.to_string()))?;
         let m = Arc::new(Self {
             cfg: settings.runtime,
             store,
             images,
             ns,
             vm: Arc::new(VmSandbox),
+            net: Arc::new(net),
             pods: RwLock::new(HashMap::new()),
             containers: RwLock::new(HashMap::new()),
             pod_names: Mutex::new(HashMap::new()),
@@ -223,6 +233,11 @@ impl Manager {
 
     pub fn runtime_config(&self) -> &RuntimeConfig {
         &self.cfg
+    }
+
+    /// Pod networking (CNI).
+    pub fn network(&self) -> &Arc<Network> {
+        &self.net
     }
 
     fn kind(&self, k: config::SandboxKind) -> Arc<dyn SandboxKind> {

@@ -21,6 +21,8 @@ pub struct PodView {
     pub config: cri::PodSandboxConfig,
     pub containers: Vec<ContainerView>,
     pub agent_alive: bool,
+    /// Pod IPs from CNI (IPv4 first); empty without CNI.
+    pub ips: Vec<String>,
 }
 
 /// How long a stopping agent gets to tear its sandbox down before SIGKILL.
@@ -77,6 +79,7 @@ impl Manager {
                 "host PID namespace is not supported by the namespace sandbox (its agent is the init of its own PID namespace)".into(),
             ));
         }
+        crate::network::check_host_network(kind, &config)?;
         let cgroup_parent = match config
             .linux
             .as_ref()
@@ -146,8 +149,17 @@ impl Manager {
             kind_impl.launch(id).await?;
         }
         self.store.put_pod(id, &rec)?;
+        // Before the agent starts: its mount namespace must see the pinned netns.
+        let netns = match self.net.setup(id, &config).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.store.remove_pod(id);
+                return Err(e.into());
+            }
+        };
         let cleanup = |proc: Option<super::state::AgentProcess>| {
             let kind_impl = kind_impl.clone();
+            let net = self.net.clone();
             let store = self.store.clone();
             let id = id.to_string();
             let cg = cgroup_parent.clone();
@@ -157,6 +169,9 @@ impl Manager {
                 }
                 kind_impl.cleanup(&id);
                 remove_pod_cgroups(&cg, owns_cgroup, CGROUP_WAIT).await;
+                if let Err(e) = net.teardown(&id).await {
+                    tracing::error!(pod = %id, error = %e, "remove the network of a failed pod");
+                }
                 let _ = store.remove_pod(&id);
             }
         };
@@ -194,6 +209,10 @@ impl Manager {
                 uts: ns.network != NS_NODE,
                 // The agent's own fresh PID namespace is the pod's.
                 pid: false,
+                network_path: netns
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 ..Default::default()
             }),
             cgroup_parent: cgroup_parent.clone(),
@@ -253,6 +272,8 @@ impl Manager {
         if !left.is_empty() {
             tracing::warn!(pod = id, ?left, "pod cgroups left behind");
         }
+        // CNI DEL once nothing runs in the namespace; a failure fails the stop (retried).
+        let net = self.net.teardown(id).await;
         let now = now_ns();
         for c in pod.containers() {
             if c.record().state != ContainerState::Exited {
@@ -272,6 +293,7 @@ impl Manager {
             }
         }
         pod.persist(&self.store)?;
+        net?;
         Ok(())
     }
 
@@ -313,6 +335,7 @@ impl Manager {
                 .map(|c| ContainerView::of(c))
                 .collect(),
             agent_alive: pod.agent_alive(),
+            ips: self.net.pod_ips(&pod.id),
         }
     }
 

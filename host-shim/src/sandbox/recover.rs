@@ -25,6 +25,16 @@ impl Manager {
                 tracing::error!(pod = %id, error = %e, "recover pod");
             }
         }
+        let pods = self.pods.read().unwrap_or_else(|e| e.into_inner()).clone();
+        self.net
+            .remove_orphans(&|id: &str| pods.contains_key(id))
+            .await;
+        let ready = pods
+            .values()
+            .filter(|p| p.record().state == PodState::Ready)
+            .map(|p| p.id.clone())
+            .collect();
+        self.net.clone().spawn_checks(ready);
         Ok(())
     }
 
@@ -43,6 +53,9 @@ impl Manager {
             }
             kind.cleanup(&id);
             remove_pod_cgroups(&prec.cgroup_parent, prec.owns_cgroup, CGROUP_WAIT).await;
+            if let Err(e) = self.net.teardown(&id).await {
+                tracing::error!(pod = %id, error = %e, "remove the network of an interrupted pod");
+            }
             self.store.remove_pod(&id)?;
             return Ok(());
         }

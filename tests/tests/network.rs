@@ -1,0 +1,652 @@
+#![allow(clippy::unwrap_used)]
+//! Pod networking with CNI end to end: a real huskd running the standard
+//! plugins (bridge + host-local + portmap + loopback, from
+//! containernetworking-plugins) with a config list the test writes into
+//! huskd's own CNI conf dir. Each test gets its own bridge name, subnet and
+//! IPAM data dir and deletes the bridge at the end; everything else (netns,
+//! veths, iptables rules, IPAM allocations) must be gone once the pods are
+//! removed — that is what the tests check.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use husk_host::client::Clients;
+use husk_proto::cri;
+use husk_tests::huskd::{Huskd, Options};
+use husk_tests::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer};
+use husk_tests::registry::{self, Registry};
+use husk_tests::require;
+use husk_tests::runtime::{container_config, kill_leftover_pods, pod_config, pod_status};
+use tonic::Code;
+
+const NS: &str = "husk-ns";
+const NEEDS: &str = "needs root, /usr/bin/docker-registry, /bin/busybox, iptables and the CNI plugins in /usr/lib/cni (tests/install-deps.sh installs them)";
+const CNI_BIN: &str = "/usr/lib/cni";
+
+fn env_ok() -> bool {
+    registry::available()
+        && husk_tests::is_root()
+        && Path::new("/bin/busybox").exists()
+        && ["bridge", "host-local", "portmap", "loopback"]
+            .iter()
+            .all(|p| Path::new(CNI_BIN).join(p).exists())
+        && Command::new("iptables-save").output().is_ok()
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One test's CNI network: bridge, subnets, IPAM dir. Deletes the bridge on drop.
+struct Net {
+    name: String,
+    bridge: String,
+    /// The third octet of 198.18.X.0/24 (and fd00:4b:X::/64).
+    x: u8,
+    ipam_dir: PathBuf,
+}
+
+impl Net {
+    fn new(dir: &Path) -> Net {
+        let routes = sh(&["ip", "-o", "route"]);
+        let x = loop {
+            let x: u8 = rand::random::<u8>().clamp(1, 254);
+            if !routes.contains(&format!("198.18.{x}.")) {
+                break x;
+            }
+        };
+        let tag: u32 = rand::random();
+        Net {
+            name: format!("husk-test-{tag:08x}"),
+            bridge: format!("hk{tag:08x}"),
+            x,
+            ipam_dir: dir.join("ipam"),
+        }
+    }
+
+    fn gateway(&self) -> String {
+        format!("198.18.{}.1", self.x)
+    }
+
+    /// The config list: bridge (gateway on the host side) with dual-stack
+    /// host-local IPAM, portmap and loopback. `prefix` narrows the IPv4 range.
+    fn conflist(&self, prefix: u8) -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": self.name,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": self.ipam_dir,
+                        "ranges": [
+                            [{"subnet": format!("198.18.{}.0/{prefix}", self.x)}],
+                            [{"subnet": format!("fd00:4b:{:x}::/64", self.x)}]
+                        ],
+                        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
+                    }
+                },
+                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
+                {"type": "loopback"}
+            ]
+        })
+        .to_string()
+    }
+
+    fn install(&self, d: &Huskd, prefix: u8) {
+        std::fs::write(
+            d.cni_conf_dir().join("10-test.conflist"),
+            self.conflist(prefix),
+        )
+        .unwrap();
+    }
+
+    /// IPs host-local still has allocated.
+    fn allocations(&self) -> Vec<String> {
+        std::fs::read_dir(self.ipam_dir.join(&self.name))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<IpAddr>().is_ok())
+            .collect()
+    }
+
+    fn veths(&self) -> String {
+        sh(&["ip", "-o", "link", "show", "master", &self.bridge])
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+struct Env {
+    _reg: Registry,
+    d: Huskd,
+    c: Clients,
+    image: String,
+    logs: PathBuf,
+}
+
+impl Env {
+    async fn new() -> Env {
+        let reg = Registry::start(None).unwrap();
+        let img = build_image(&ImageSpec {
+            layers: vec![busybox_layer(Compression::Gzip).unwrap()],
+            ..Default::default()
+        });
+        Pusher::new(&reg.addr, None)
+            .push_image("e2e/busybox", Some("1"), &img)
+            .await
+            .unwrap();
+        let d = Huskd::start_with(
+            Options::plain_http(&reg.addr),
+            &format!("cni_bin_dirs = [\"{CNI_BIN}\"]\n"),
+        )
+        .await
+        .unwrap();
+        let c = d.clients().await.unwrap();
+        let image = format!("{}/e2e/busybox:1", reg.addr);
+        c.image
+            .clone()
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let logs = d.dir.path().join("logs");
+        Env {
+            _reg: reg,
+            d,
+            c,
+            image,
+            logs,
+        }
+    }
+
+    fn pod(&self, name: &str) -> cri::PodSandboxConfig {
+        pod_config(name, &self.logs)
+    }
+
+    async fn run_pod(
+        &self,
+        cfg: &cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await
+            .map(|r| r.into_inner().pod_sandbox_id)
+    }
+
+    /// A pod serving "hi-<name>" over HTTP on :8080 (busybox httpd).
+    async fn server(&self, cfg: &cri::PodSandboxConfig) -> (String, String) {
+        let name = &cfg.metadata.as_ref().unwrap().name;
+        let script = format!(
+            "busybox mkdir -p /tmp/w && echo hi-{name} > /tmp/w/index.html && exec httpd -f -p 8080 -h /tmp/w"
+        );
+        self.pod_with(cfg, &["sh", "-c", &script]).await
+    }
+
+    /// A pod with one running container.
+    async fn pod_with(&self, cfg: &cri::PodSandboxConfig, cmd: &[&str]) -> (String, String) {
+        let pod = self
+            .run_pod(cfg, NS)
+            .await
+            .unwrap_or_else(|e| panic!("run pod: {e:?}\n{}", self.d.log()));
+        let ctr = container_config("web", &self.image, cmd);
+        let rt = self.c.runtime.clone();
+        let id = rt
+            .clone()
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ctr),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create: {e:?}\n{}", self.d.log()))
+            .into_inner()
+            .container_id;
+        rt.clone()
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        (pod, id)
+    }
+
+    async fn exec(&self, ctr: &str, cmd: &[&str]) -> (i32, String) {
+        let r = self
+            .c
+            .runtime
+            .clone()
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: ctr.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 20,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (
+            r.exit_code,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&r.stdout),
+                String::from_utf8_lossy(&r.stderr)
+            ),
+        )
+    }
+
+    /// An HTTP GET from a container with busybox nc (its wget crashes in a
+    /// static build without NSS files), retried briefly (httpd may still be
+    /// starting); the body.
+    async fn get(&self, ctr: &str, ip: &str, port: u16) -> String {
+        let script = format!("busybox printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} {port}");
+        let mut last = String::new();
+        for _ in 0..50 {
+            let (code, out) = self.exec(ctr, &["sh", "-c", &script]).await;
+            if code == 0
+                && let Some((_, body)) = out.split_once("\r\n\r\n")
+            {
+                return body.to_string();
+            }
+            last = format!("exit {code}: {out}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, diag) = self
+            .exec(
+                ctr,
+                &[
+                    "sh",
+                    "-c",
+                    "busybox ip addr; busybox ip route; busybox netstat -ltn",
+                ],
+            )
+            .await;
+        panic!(
+            "GET {ip}:{port} from {ctr} failed: {last}\n{diag}\n{}",
+            self.d.log()
+        );
+    }
+
+    async fn ips(&self, pod: &str) -> Vec<String> {
+        let n = pod_status(&self.c, pod)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .network
+            .unwrap();
+        std::iter::once(n.ip)
+            .chain(n.additional_ips.into_iter().map(|i| i.ip))
+            .filter(|i| !i.is_empty())
+            .collect()
+    }
+
+    async fn remove(&self, pod: &str) {
+        let rt = self.c.runtime.clone();
+        rt.clone()
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("stop pod: {e:?}\n{}", self.d.log()));
+        rt.clone()
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("remove pod: {e:?}\n{}", self.d.log()));
+    }
+
+    async fn network_ready(&self) -> cri::RuntimeCondition {
+        self.c
+            .runtime
+            .clone()
+            .status(cri::StatusRequest { verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.r#type == "NetworkReady")
+            .unwrap()
+    }
+
+    /// Nothing of the pods' networks is left: no pinned netns, no veth on
+    /// the bridge, no iptables rule naming a pod or its IPs, no IPAM
+    /// allocation, no network record.
+    fn assert_clean(&self, net: &Net, pods: &[&str], ips: &[String]) {
+        let netns: Vec<_> = std::fs::read_dir(self.d.run_dir().join("netns"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(netns.is_empty(), "netns left: {netns:?}");
+        assert_eq!(net.veths().trim(), "", "veths left on {}", net.bridge);
+        let rules = sh(&["iptables-save"]) + &sh(&["ip6tables-save"]);
+        for needle in pods
+            .iter()
+            .map(|s| s.to_string())
+            .chain(ips.iter().cloned())
+        {
+            let hits: Vec<&str> = rules.lines().filter(|l| l.contains(&needle)).collect();
+            assert!(
+                hits.is_empty(),
+                "iptables rules left for {needle}: {hits:#?}"
+            );
+        }
+        assert!(
+            net.allocations().is_empty(),
+            "IPAM allocations left: {:?}",
+            net.allocations()
+        );
+        let records: Vec<_> = std::fs::read_dir(self.d.state_dir().join("network"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(records.is_empty(), "network records left: {records:?}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A failed test's pods: remove them through huskd so CNI DEL runs
+        // (killing their agents alone would leave veths and iptables rules).
+        let socket = self.d.socket.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let Ok(c) = Clients::connect(&socket).await else {
+                    return;
+                };
+                let rt = c.runtime.clone();
+                let pods = rt
+                    .clone()
+                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+                    .await
+                    .map(|r| r.into_inner().items)
+                    .unwrap_or_default();
+                for p in pods {
+                    let _ = rt
+                        .clone()
+                        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                            pod_sandbox_id: p.id,
+                        })
+                        .await;
+                }
+            })
+        })
+        .join();
+        self.d.terminate();
+        kill_leftover_pods(&self.d.state_dir());
+    }
+}
+
+#[tokio::test]
+async fn pods_reach_each_other_the_host_and_host_ports() {
+    require!(env_ok(), NEEDS);
+    let e = Env::new().await;
+    let net = Net::new(e.d.dir.path());
+    // No config yet: not ready, with the reason; pods keep a loopback-only namespace.
+    let cond = e.network_ready().await;
+    assert!(
+        !cond.status && cond.reason == "NetworkPluginNotReady",
+        "{cond:?}"
+    );
+    assert!(cond.message.contains("no network config"), "{cond:?}");
+    net.install(&e.d, 24);
+    let cond = e.network_ready().await;
+    assert!(cond.status, "{cond:?}");
+    assert!(cond.message.contains(&net.name), "{cond:?}");
+
+    let host_port = husk_tests::free_port();
+    let mut a_cfg = e.pod("net-a");
+    a_cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: host_port as i32,
+        host_ip: String::new(),
+    }];
+    a_cfg.dns_config = Some(cri::DnsConfig {
+        servers: vec!["198.18.0.53".into()],
+        searches: vec!["svc.husk.test".into()],
+        options: vec!["ndots:3".into()],
+    });
+    let (a, a_ctr) = e.server(&a_cfg).await;
+    let (b, b_ctr) = e.server(&e.pod("net-b")).await;
+
+    // Status: one IPv4 and one IPv6 address each, from the test's ranges.
+    let (a_ips, b_ips) = (e.ips(&a).await, e.ips(&b).await);
+    for ips in [&a_ips, &b_ips] {
+        assert_eq!(ips.len(), 2, "{ips:?}");
+        assert!(ips[0].starts_with(&format!("198.18.{}.", net.x)), "{ips:?}");
+        assert!(
+            ips[1].starts_with(&format!("fd00:4b:{:x}:", net.x)),
+            "{ips:?}"
+        );
+    }
+    assert_ne!(a_ips, b_ips);
+    // ... and they are what the container sees on eth0.
+    let (_, addrs) = e
+        .exec(&a_ctr, &["busybox", "ip", "-o", "addr", "show", "eth0"])
+        .await;
+    assert!(addrs.contains(&format!("{}/24", a_ips[0])), "{addrs}");
+    assert!(addrs.contains(&format!("{}/64", a_ips[1])), "{addrs}");
+
+    // Pod to pod by IP, both ways, IPv4 and IPv6.
+    assert_eq!(e.get(&b_ctr, &a_ips[0], 8080).await.trim(), "hi-net-a");
+    assert_eq!(e.get(&a_ctr, &b_ips[0], 8080).await.trim(), "hi-net-b");
+    assert_eq!(e.get(&a_ctr, &b_ips[1], 8080).await.trim(), "hi-net-b");
+    let (code, out) = e
+        .exec(
+            &a_ctr,
+            &["busybox", "ping", "-c", "1", "-W", "5", &b_ips[0]],
+        )
+        .await;
+    assert_eq!(code, 0, "ping: {out}");
+
+    // A pod reaches a server on the host side of the bridge.
+    let l = TcpListener::bind(format!("{}:0", net.gateway())).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let (code, out) = e
+        .exec(
+            &b_ctr,
+            &[
+                "sh",
+                "-c",
+                &format!("echo from-pod | nc -w 5 {} {port}", net.gateway()),
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "nc: {out}");
+    assert_eq!(got.join().unwrap().trim(), "from-pod");
+
+    // hostPort (portmap) from the host namespace.
+    let mut s = TcpStream::connect((net.gateway().as_str(), host_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.contains("hi-net-a"), "{resp}");
+
+    // The CRI DNS config is the container's resolv.conf.
+    let (_, resolv) = e.exec(&a_ctr, &["cat", "/etc/resolv.conf"]).await;
+    assert!(resolv.contains("nameserver 198.18.0.53"), "{resolv}");
+    assert!(resolv.contains("search svc.husk.test"), "{resolv}");
+    assert!(resolv.contains("options ndots:3"), "{resolv}");
+
+    // While the pods run: their allocations and the hostPort rule exist.
+    assert_eq!(net.allocations().len(), 4, "{:?}", net.allocations());
+    let rules = sh(&["iptables-save"]);
+    assert!(rules.contains(&format!("--dport {host_port}")));
+    assert!(
+        rules.contains(&a),
+        "portmap's rules name the pod (what assert_clean looks for)"
+    );
+
+    e.remove(&a).await;
+    e.remove(&b).await;
+    // Idempotent.
+    e.c.runtime
+        .clone()
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+    e.assert_clean(&net, &[&a, &b], &[a_ips, b_ips].concat());
+    assert!(!sh(&["iptables-save"]).contains(&format!("--dport {host_port}")));
+}
+
+#[tokio::test]
+async fn kill9_huskd_then_remove_is_clean() {
+    require!(env_ok(), NEEDS);
+    let mut e = Env::new().await;
+    let net = Net::new(e.d.dir.path());
+    net.install(&e.d, 24);
+    let host_port = husk_tests::free_port();
+    let mut cfg = e.pod("crash");
+    cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: host_port as i32,
+        host_ip: String::new(),
+    }];
+    let (pod, _ctr) = e.server(&cfg).await;
+    let ips = e.ips(&pod).await;
+    assert_eq!(ips.len(), 2);
+    e.d.crash_and_restart().await.unwrap();
+    e.c = e.d.clients().await.unwrap();
+    // The network survived the restart and is still reported.
+    assert_eq!(e.ips(&pod).await, ips);
+    let mut s = TcpStream::connect((net.gateway().as_str(), host_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.contains("hi-crash"), "{resp}");
+    // Removing without a stop first, after the crash: DEL from the record.
+    e.c.runtime
+        .clone()
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|err| panic!("remove: {err:?}\n{}", e.d.log()));
+    e.assert_clean(&net, &[&pod], &ips);
+}
+
+#[tokio::test]
+async fn failed_add_leaks_nothing() {
+    require!(env_ok(), NEEDS);
+    let e = Env::new().await;
+    let net = Net::new(e.d.dir.path());
+    // A /30: the gateway takes .1, one pod gets .2, the next ADD fails in IPAM.
+    net.install(&e.d, 30);
+    let (first, _) = e.server(&e.pod("only")).await;
+    let first_ips = e.ips(&first).await;
+    let err = e.run_pod(&e.pod("one-too-many"), NS).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("host-local") || err.message().contains("no IP addresses available"),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains("bridge"),
+        "names the plugin: {err:?}"
+    );
+    // Only the first pod's netns, veth and allocations remain.
+    let netns: Vec<_> = std::fs::read_dir(e.d.run_dir().join("netns"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(netns.len(), 1);
+    assert_eq!(net.veths().lines().count(), 1, "{}", net.veths());
+    assert_eq!(net.allocations().len(), 2, "{:?}", net.allocations());
+    let pods =
+        e.c.runtime
+            .clone()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+    assert_eq!(pods.len(), 1);
+    e.remove(&first).await;
+    e.assert_clean(&net, &[&first], &first_ips);
+}
+
+#[tokio::test]
+async fn host_network_pods_share_the_host_namespace_and_vm_refuses_them() {
+    require!(env_ok(), NEEDS);
+    let e = Env::new().await;
+    let net = Net::new(e.d.dir.path());
+    net.install(&e.d, 24);
+    let mut cfg = e.pod("hostnet");
+    cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    // The VM sandbox refuses, clearly, before doing anything.
+    let err = e.run_pod(&cfg, "husk").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hostNetwork"), "{err:?}");
+    // The namespace sandbox runs it in the host's network namespace, without CNI.
+    let (pod, ctr) = e.pod_with(&cfg, &["sleep", "3600"]).await;
+    let (_, theirs) = e
+        .exec(&ctr, &["busybox", "readlink", "/proc/self/ns/net"])
+        .await;
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_eq!(theirs.trim(), ours.to_string_lossy());
+    assert!(e.ips(&pod).await.is_empty());
+    assert!(net.allocations().is_empty());
+    e.remove(&pod).await;
+    e.assert_clean(&net, &[&pod], &[]);
+}
