@@ -74,6 +74,18 @@ enum VhostUserDevice {
         #[arg(long)]
         cid: u64,
     },
+    /// virtio-fs: a passthrough FUSE server over one directory (e.g. QEMU `vhost-user-fs-pci`).
+    Fs {
+        /// vhost-user socket to listen on (the frontend connects to it).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The directory the guest sees; nothing outside it is reachable.
+        #[arg(long)]
+        shared_dir: PathBuf,
+        /// Mount tag (`mount -t virtiofs TAG DIR` in the guest).
+        #[arg(long)]
+        tag: String,
+    },
 }
 
 fn run_vhost_user(dev: VhostUserDevice) -> i32 {
@@ -87,6 +99,17 @@ fn run_vhost_user(dev: VhostUserDevice) -> i32 {
                 }
             }
         }
+        VhostUserDevice::Fs {
+            socket,
+            shared_dir,
+            tag,
+        } => match husk_vmm::devices::virtio::fs::vhost_user::serve(&socket, &shared_dir, &tag) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("husk-vmm: vhost-user fs: {e:#}");
+                1
+            }
+        },
     }
 }
 

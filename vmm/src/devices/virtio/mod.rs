@@ -4,6 +4,7 @@
 //! never waits for device I/O.
 
 pub mod block;
+pub mod fs;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod mmio;
