@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod container;
 pub mod convert;
+pub mod forward;
 pub mod init;
 pub mod network;
 pub mod reaper;

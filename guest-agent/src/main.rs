@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use husk_agent::agent::{Agent, AgentConfig};
+use husk_agent::forward::{self, ForwardListen};
 use husk_agent::reaper::Reaper;
 use husk_agent::server::{Listen, VSOCK_PORT};
 use husk_agent::syscall::LinuxSyscall;
@@ -18,6 +19,9 @@ struct Args {
     /// unix:PATH or vsock:PORT (default vsock:1024 when PID 1).
     #[arg(long)]
     listen: Option<String>,
+    /// Port-forward endpoint: unix:PATH (default vsock:1025 when PID 1; none otherwise).
+    #[arg(long)]
+    forward_listen: Option<String>,
     /// State directory (container upper dirs, pod /etc files).
     #[arg(long, default_value = "/run/husk-agent")]
     state_dir: PathBuf,
@@ -125,7 +129,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         let agent = Agent::new(config, reaper, is_init || !args.shared_mounts).context("cgroups")?;
         tokio::spawn(agent.clone().oom_monitor());
         let mut server = server::serve(agent.clone(), &listen).await.context("serve")?;
-        tracing::info!(?listen, cgroup = agent.cgroups.version(), is_init, "husk-agent ready");
+        let forward: Option<ForwardListen> = match &args.forward_listen {
+            Some(l) => Some(l.parse()?),
+            None if is_init => Some(ForwardListen::Vsock(forward::VSOCK_PORT)),
+            None => None,
+        };
+        if let Some(f) = &forward {
+            // Port forwarding is an extra: the agent serves without it.
+            if let Err(e) = forward::serve(agent.clone(), f) {
+                tracing::error!(error = %e, ?f, "port-forward endpoint");
+            }
+        }
+        tracing::info!(?listen, ?forward, cgroup = agent.cgroups.version(), is_init, "husk-agent ready");
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -142,6 +157,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "destroy sandbox on shutdown");
             }
         if let Listen::Unix(p) = &listen {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(ForwardListen::Unix(p)) = &forward {
             let _ = std::fs::remove_file(p);
         }
         let _ = nix::mount::umount2(&agent.exe, nix::mount::MntFlags::MNT_DETACH);

@@ -65,6 +65,7 @@ pub struct Config {
     pub image: ImageConfig,
     pub runtime: RuntimeConfig,
     pub network: NetworkConfig,
+    pub streaming: StreamingConfig,
 }
 
 /// Pod networking with CNI plugins (see docs/networking.md).
@@ -82,6 +83,28 @@ impl Default for NetworkConfig {
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_bin_dirs: vec!["/usr/lib/cni".into(), "/opt/cni/bin".into()],
             cni_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// `[streaming]`: the server Exec/Attach/PortForward URLs point at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// host:port to listen on (port 0 = a random free port).
+    pub address: String,
+    /// How long a URL handed out by Exec/Attach/PortForward stays usable.
+    pub token_ttl_secs: u64,
+    /// Address put into the URLs (default: the bound address).
+    pub advertise: Option<String>,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:0".into(),
+            token_ttl_secs: 60,
+            advertise: None,
         }
     }
 }
@@ -173,6 +196,7 @@ impl Default for Config {
             image: ImageConfig::default(),
             runtime: RuntimeConfig::default(),
             network: NetworkConfig::default(),
+            streaming: StreamingConfig::default(),
         }
     }
 }

@@ -74,7 +74,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     )
     .await
     .context("recover pods")?;
-    let services = Arc::new(Services { images, runtime });
+    let streaming = husk_host::streaming::StreamingServer::start(&cfg.streaming, runtime.clone())
+        .await
+        .context("start the streaming server")?;
+    let services = Arc::new(Services {
+        images,
+        runtime,
+        streaming,
+    });
     cri::serve(services, &cfg.socket, shutdown_signal()).await?;
     tracing::info!("huskd stopped");
     Ok(())

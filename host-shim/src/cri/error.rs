@@ -20,6 +20,16 @@ impl From<RuntimeError> for Status {
     }
 }
 
+impl From<crate::streaming::StreamingError> for Status {
+    fn from(e: crate::streaming::StreamingError) -> Self {
+        let code = match &e {
+            crate::streaming::StreamingError::TooMany => Code::ResourceExhausted,
+            crate::streaming::StreamingError::Bind(..) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
 impl From<ImageError> for Status {
     fn from(e: ImageError) -> Self {
         let code = match &e {

@@ -7,6 +7,7 @@ pub mod error;
 mod husk;
 mod image;
 mod runtime;
+mod streaming;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub use self::runtime::RUNTIME_NAME;
 pub struct Services {
     pub images: Arc<ImageService>,
     pub runtime: Arc<Manager>,
+    pub streaming: Arc<crate::streaming::StreamingServer>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -337,6 +337,27 @@ impl RuntimeService for Runtime {
         })
     }
 
+    async fn exec(
+        &self,
+        r: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        ok(super::streaming::exec(&self.s, r.into_inner())?)
+    }
+
+    async fn attach(
+        &self,
+        r: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        ok(super::streaming::attach(&self.s, r.into_inner())?)
+    }
+
+    async fn port_forward(
+        &self,
+        r: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        ok(super::streaming::port_forward(&self.s, r.into_inner())?)
+    }
+
     async fn container_stats(
         &self,
         r: Request<cri::ContainerStatsRequest>,
@@ -391,9 +412,6 @@ impl RuntimeService for Runtime {
     }
 
     unimplemented_rpc! {
-        exec(ExecRequest) -> ExecResponse: "husk: Exec is not implemented yet: husk has no streaming server (it comes with the streaming work); use ExecSync";
-        attach(AttachRequest) -> AttachResponse: "husk: Attach is not implemented yet: husk has no streaming server (it comes with the streaming work)";
-        port_forward(PortForwardRequest) -> PortForwardResponse: "husk: PortForward is not implemented yet: husk has no streaming server (it comes with the streaming work)";
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse: "husk: CheckpointContainer is not supported";
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse: "husk: ListMetricDescriptors is not implemented";
         list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse: "husk: ListPodSandboxMetrics is not implemented";

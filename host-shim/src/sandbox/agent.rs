@@ -158,6 +158,63 @@ impl Agent {
         Ok(self.client.exec_process(ctx(RPC_TIMEOUT), &req).await?.pid)
     }
 
+    /// Starts an exec'd process with the given stdio (stdin pipe, tty).
+    pub async fn exec_stdio(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: serde_json::Value,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<u32> {
+        let req = pb::ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process: serde_json::to_vec(&process).unwrap_or_default(),
+            stdio: MessageField::some(pb::StdioConfig {
+                stdin,
+                tty,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Ok(self.client.exec_process(ctx(RPC_TIMEOUT), &req).await?.pid)
+    }
+
+    /// Writes all of `data` to the process's stdin.
+    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: Vec<u8>) -> Result<()> {
+        let req = pb::WriteStdinRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            data,
+            ..Default::default()
+        };
+        self.client.write_stdin(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = pb::CloseStdinRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client.close_stdin(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
+    pub async fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let req = pb::ResizeTtyRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.client.resize_tty(ctx(RPC_TIMEOUT), &req).await?;
+        Ok(())
+    }
+
     pub async fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
         let req = pb::RemoveProcessRequest {
             container_id: id.into(),

@@ -22,6 +22,17 @@ pub trait SandboxKind: Send + Sync {
     async fn shutdown(&self, p: &AgentProcess, grace: Duration);
     /// Removes the pod's runtime files.
     fn cleanup(&self, id: &str);
+    /// A connection to the agent's port-forward endpoint (guest-agent
+    /// `forward.rs`: `FORWARD <port>\n` → `OK\n` / `ERR <msg>\n`, then raw
+    /// bytes to localhost:<port> in the pod's network namespace).
+    async fn dial_forward(
+        &self,
+        _p: &AgentProcess,
+    ) -> Result<tokio::net::UnixStream, RuntimeError> {
+        Err(RuntimeError::FailedPrecondition(
+            "port forwarding is not available for this sandbox kind yet".into(),
+        ))
+    }
 }
 
 /// `husk`: one husk-vmm microVM per pod. Comes with the VM issue.
@@ -78,6 +89,8 @@ impl SandboxKind for NamespaceSandbox {
             .arg("--host")
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
+            .arg("--forward-listen")
+            .arg(format!("unix:{}", forward_socket(&socket).display()))
             .arg("--state-dir")
             .arg(dir.join("state"))
             .env(
@@ -182,6 +195,16 @@ impl SandboxKind for NamespaceSandbox {
         }
     }
 
+    async fn dial_forward(&self, p: &AgentProcess) -> Result<tokio::net::UnixStream, RuntimeError> {
+        let path = forward_socket(&p.socket);
+        tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+            RuntimeError::Unavailable(format!(
+                "agent port-forward endpoint {}: {e}",
+                path.display()
+            ))
+        })
+    }
+
     fn cleanup(&self, id: &str) {
         let dir = self.pod_dir(id);
         if let Err(e) = std::fs::remove_dir_all(&dir)
@@ -190,6 +213,11 @@ impl SandboxKind for NamespaceSandbox {
             tracing::warn!(pod = id, error = %e, "remove pod run dir");
         }
     }
+}
+
+/// The agent's port-forward socket, next to its ttrpc socket.
+fn forward_socket(agent_socket: &Path) -> PathBuf {
+    agent_socket.with_file_name("forward.sock")
 }
 
 /// (state, start time) from /proc/PID/stat.

@@ -16,6 +16,7 @@ mod pod;
 mod recover;
 pub mod state;
 mod stats;
+pub mod stream;
 mod supervise;
 
 use std::collections::{BTreeMap, HashMap};
@@ -133,6 +134,16 @@ pub struct Container {
     persist_lock: Mutex<()>,
     /// Last (timestamp ns, cpu ns) sample for usage_nano_cores.
     last_cpu: Mutex<Option<(i64, u64)>>,
+    /// The container's output as the log copier reads it, for attach.
+    output: tokio::sync::broadcast::Sender<OutputChunk>,
+}
+
+/// A piece of a container's output (attach's fan-out of the log copier).
+#[derive(Debug, Clone)]
+pub enum OutputChunk {
+    Data(logs::Stream, bytes::Bytes),
+    /// The stream reached its end.
+    Eof(logs::Stream),
 }
 
 impl Container {
@@ -148,6 +159,7 @@ impl Container {
             log: Mutex::new(None),
             persist_lock: Mutex::new(()),
             last_cpu: Mutex::new(None),
+            output: tokio::sync::broadcast::channel(256).0,
         })
     }
 

@@ -1,4 +1,121 @@
 //! huskd's streaming server: Exec, Attach and PortForward over SPDY/3.1 and
 //! WebSocket, the way kubelet, kubectl and crictl speak them.
+//!
+//! The CRI RPCs validate the request and hand out a one-time URL
+//! (`http://ADDR/{exec,attach,portforward}/TOKEN`); the token expires after
+//! `[streaming] token_ttl_secs` and is consumed by the first request that
+//! uses it (an unknown, expired or reused token gets 404).
 
+pub mod channels;
+pub mod client;
+mod exec;
+mod http;
+mod portforward;
+pub mod protocol;
 pub mod spdy;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+pub use self::exec::{AttachParams, ExecParams};
+use crate::config::StreamingConfig;
+use crate::sandbox::Manager;
+
+/// Most URLs outstanding at once.
+const MAX_PENDING: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamingError {
+    #[error("streaming server address {0:?}: {1}")]
+    Bind(String, #[source] std::io::Error),
+    #[error("too many outstanding streaming requests")]
+    TooMany,
+}
+
+/// A request waiting for its client.
+#[derive(Debug, Clone)]
+pub enum Pending {
+    Exec(ExecParams),
+    Attach(AttachParams),
+    PortForward { pod_id: String, ports: Vec<u16> },
+}
+
+impl Pending {
+    fn path(&self) -> &'static str {
+        match self {
+            Pending::Exec(_) => "exec",
+            Pending::Attach(_) => "attach",
+            Pending::PortForward { .. } => "portforward",
+        }
+    }
+}
+
+pub struct StreamingServer {
+    base: String,
+    ttl: Duration,
+    pending: Mutex<HashMap<String, (Pending, Instant)>>,
+    runtime: Arc<Manager>,
+}
+
+impl StreamingServer {
+    /// Binds `cfg.address` and serves in the background.
+    pub async fn start(
+        cfg: &StreamingConfig,
+        runtime: Arc<Manager>,
+    ) -> Result<Arc<Self>, StreamingError> {
+        let listener = tokio::net::TcpListener::bind(&cfg.address)
+            .await
+            .map_err(|e| StreamingError::Bind(cfg.address.clone(), e))?;
+        let addr: SocketAddr = listener
+            .local_addr()
+            .map_err(|e| StreamingError::Bind(cfg.address.clone(), e))?;
+        let host = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let s = Arc::new(Self {
+            base: format!("http://{host}"),
+            ttl: Duration::from_secs(cfg.token_ttl_secs.max(1)),
+            pending: Mutex::new(HashMap::new()),
+            runtime,
+        });
+        tracing::info!(%addr, "streaming server listening");
+        tokio::spawn(http::serve(listener, s.clone()));
+        Ok(s)
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Registers `p` and returns its one-time URL.
+    pub fn url(&self, p: Pending) -> Result<String, StreamingError> {
+        let mut raw = [0u8; 24];
+        rand::fill(&mut raw);
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let path = p.path();
+        let now = Instant::now();
+        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, (_, exp)| *exp > now);
+        if m.len() >= MAX_PENDING {
+            return Err(StreamingError::TooMany);
+        }
+        m.insert(token.clone(), (p, now + self.ttl));
+        Ok(format!("{}/{path}/{token}", self.base))
+    }
+
+    /// Takes the request of `token` if it exists, has not expired and is of `kind`.
+    fn consume(&self, kind: &str, token: &str) -> Option<Pending> {
+        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let (p, exp) = m.remove(token)?;
+        if exp <= Instant::now() || p.path() != kind {
+            return None;
+        }
+        Some(p)
+    }
+
+    fn runtime(&self) -> &Arc<Manager> {
+        &self.runtime
+    }
+}

@@ -81,6 +81,7 @@ pub struct Conn {
     next_id: AtomicU32,
     reader: tokio::task::JoinHandle<()>,
     writer_done: Option<oneshot::Receiver<()>>,
+    closed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Drop for Conn {
@@ -104,7 +105,13 @@ impl Conn {
             writer(wr, out_rx).await;
             let _ = done_tx.send(());
         });
-        let reader = tokio::spawn(reader(rd, role, table.clone(), out_tx.clone(), in_tx));
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        let t = table.clone();
+        let o = out_tx.clone();
+        let reader = tokio::spawn(async move {
+            reader(rd, role, t, o, in_tx).await;
+            closed_tx.send_replace(true);
+        });
         let first = if role == Role::Client { 1 } else { 2 };
         (
             Conn {
@@ -114,6 +121,7 @@ impl Conn {
                 next_id: AtomicU32::new(first),
                 reader,
                 writer_done: Some(done_rx),
+                closed,
             },
             in_rx,
         )
@@ -121,6 +129,11 @@ impl Conn {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Becomes true when the peer's side of the connection ended.
+    pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.clone()
     }
 
     /// Opens a stream and waits for the peer's SYN_REPLY.
