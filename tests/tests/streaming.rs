@@ -507,3 +507,143 @@ async fn port_forward_parallel_connections_through_both_protocols() {
     assert!(err.await.unwrap().contains("error forwarding port 9"));
     fds_settle(&env, fds).await;
 }
+
+async fn attach_url(env: &Env, id: &str, stdin: bool, tty: bool) -> Result<String, tonic::Status> {
+    env.c
+        .runtime
+        .clone()
+        .attach(cri::AttachRequest {
+            container_id: id.into(),
+            stdin,
+            tty,
+            stdout: true,
+            stderr: !tty,
+        })
+        .await
+        .map(|r| r.into_inner().url)
+}
+
+/// Feeds `out_rx` into a buffer until it contains `want` (or 15 s pass).
+async fn read_until(out_rx: &mut mpsc::Receiver<Bytes>, buf: &mut Vec<u8>, want: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !String::from_utf8_lossy(buf).contains(want) {
+        match tokio::time::timeout_at(deadline, out_rx.recv()).await {
+            Ok(Some(d)) => buf.extend_from_slice(&d),
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attach_to_running_containers_through_both_protocols() {
+    require!(env_ok(), NEEDS);
+    let env = Env::new("stream-attach").await;
+    // A pipe container reading stdin, answering on stdout and stderr.
+    let echo = env
+        .run(
+            "echo",
+            &[
+                "sh",
+                "-c",
+                "while read l; do echo got $l; echo err $l >&2; done",
+            ],
+            |c| {
+                c.stdin = true;
+            },
+        )
+        .await;
+    let no_stdin = env.run("plain", &["sleep", "3600"], |_| {}).await;
+    let r = attach_url(&env, &no_stdin, true, false).await;
+    assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
+    let r = attach_url(&env, &no_stdin, false, true).await;
+    assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
+    let mut ttys = Vec::new();
+    for t in BOTH {
+        let name = format!("tty-{t:?}").to_lowercase();
+        let id = env
+            .run(&name, &["sh"], |c| {
+                c.stdin = true;
+                c.tty = true;
+            })
+            .await;
+        ttys.push((t, id));
+    }
+    let fds = env.huskd_fds();
+    for (i, t) in BOTH.into_iter().enumerate() {
+        let url = attach_url(&env, &echo, true, false).await.unwrap();
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let (err_tx, mut err_rx) = mpsc::channel(16);
+        let run = tokio::spawn(async move {
+            let io = CommandIo {
+                stdin: Some(in_rx),
+                stdout: Some(out_tx),
+                stderr: Some(err_tx),
+                resize: None,
+            };
+            client::run_command(&url, t, io).await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        in_tx
+            .send(Bytes::from(format!("hello{i}\n")))
+            .await
+            .unwrap();
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        assert!(
+            read_until(&mut out_rx, &mut o, &format!("got hello{i}")).await,
+            "{t:?}: {o:?}"
+        );
+        assert!(
+            read_until(&mut err_rx, &mut e, &format!("err hello{i}")).await,
+            "{t:?}: {e:?}"
+        );
+        // Detach: the container goes on.
+        run.abort();
+        drop(in_tx);
+    }
+    let st = husk_tests::runtime::container_status(&env.c, &echo)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+
+    // A tty container: the resize reaches the terminal, and the attach ends
+    // (successfully) when the container exits.
+    for (t, tty) in ttys {
+        let url = attach_url(&env, &tty, true, true).await.unwrap();
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let (rs_tx, rs_rx) = mpsc::channel(4);
+        let run = tokio::spawn(async move {
+            let io = CommandIo {
+                stdin: Some(in_rx),
+                stdout: Some(out_tx),
+                stderr: None,
+                resize: Some(rs_rx),
+            };
+            client::run_command(&url, t, io).await
+        });
+        rs_tx.send((99, 33)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        in_tx
+            .send(Bytes::from_static(b"stty size; exit 4\n"))
+            .await
+            .unwrap();
+        let mut o = Vec::new();
+        assert!(
+            read_until(&mut out_rx, &mut o, "33 99").await,
+            "{t:?}: {:?}",
+            String::from_utf8_lossy(&o)
+        );
+        let r = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("attach ends")
+            .unwrap();
+        assert_eq!(r, Ok(0), "{t:?}");
+        husk_tests::runtime::wait_exited(&env.c, &tty, Duration::from_secs(10)).await;
+        drop((in_tx, rs_tx));
+    }
+    fds_settle(&env, fds).await;
+}

@@ -8,7 +8,7 @@ use super::agent::{Agent, AgentError, POLL_TIMEOUT};
 use super::kind::remove_pod_cgroups;
 use super::logs::{CriLog, Stream};
 use super::state::{ContainerState, PodState, now_ns};
-use super::{Container, Manager, Pod, lock};
+use super::{Container, Manager, OutputChunk, Pod, lock};
 
 /// How often a pod's agent process is checked.
 const MONITOR_EVERY: Duration = Duration::from_millis(250);
@@ -37,6 +37,7 @@ impl Manager {
             c.id.clone(),
             log.clone(),
             Stream::Stdout,
+            c.output.clone(),
         ));
         let err = tokio::spawn(copy(
             pod.clone(),
@@ -44,6 +45,7 @@ impl Manager {
             c.id.clone(),
             log.clone(),
             Stream::Stderr,
+            c.output.clone(),
         ));
         loop {
             if *c.exited.borrow() {
@@ -166,8 +168,21 @@ fn unreachable_log() -> CriLog {
 /// Reads are acknowledged: each request carries the offset the log has
 /// durably consumed, so a response lost in flight (a timeout firing as the
 /// agent answered, or huskd killed) is read again.
-async fn copy(pod: Arc<Pod>, agent: Agent, id: String, log: Arc<CriLog>, stream: Stream) {
+/// What it copies also goes to `fanout` (attached clients).
+async fn copy(
+    pod: Arc<Pod>,
+    agent: Agent,
+    id: String,
+    log: Arc<CriLog>,
+    stream: Stream,
+    fanout: tokio::sync::broadcast::Sender<OutputChunk>,
+) {
     let stderr = stream == Stream::Stderr;
+    let fan = |r: &[u8]| {
+        if !r.is_empty() && fanout.receiver_count() > 0 {
+            let _ = fanout.send(OutputChunk::Data(stream, bytes::Bytes::copy_from_slice(r)));
+        }
+    };
     loop {
         let at = log.position(stream);
         match agent.read(&id, "", stderr, Some(at), POLL_TIMEOUT).await {
@@ -177,8 +192,10 @@ async fn copy(pod: Arc<Pod>, agent: Agent, id: String, log: Arc<CriLog>, stream:
                     log.skip_to(stream, r.offset);
                 }
                 log.write(stream, &r.data);
+                fan(&r.data);
                 if r.eof {
                     log.finish(stream);
+                    let _ = fanout.send(OutputChunk::Eof(stream));
                     return;
                 }
             }
@@ -191,6 +208,7 @@ async fn copy(pod: Arc<Pod>, agent: Agent, id: String, log: Arc<CriLog>, stream:
                 if let Ok(r) = agent.read(&id, "", stderr, None, POLL_TIMEOUT).await {
                     log.skip_to(stream, r.offset);
                     log.write(stream, &r.data);
+                    fan(&r.data);
                 }
             }
             Err(e) => {

@@ -196,9 +196,16 @@ async fn pump_output(
     out: Option<Output>,
 ) {
     let mut out = out;
+    // Acknowledged reads: what was read but not yet sent is read again after
+    // a lost answer (the agent keeps it until acknowledged).
+    let mut offset = 0u64;
     loop {
-        match agent.read(&cid, &exec_id, stderr, POLL_TIMEOUT).await {
+        match agent
+            .read(&cid, &exec_id, stderr, Some((offset, offset)), POLL_TIMEOUT)
+            .await
+        {
             Ok(r) => {
+                offset = r.offset + r.data.len() as u64;
                 if let Some(o) = &out
                     && !r.data.is_empty()
                     && !o.write(&r.data).await
