@@ -647,3 +647,100 @@ async fn attach_to_running_containers_through_both_protocols() {
     }
     fds_settle(&env, fds).await;
 }
+
+fn husk(env: &Env) -> std::process::Command {
+    let mut c = std::process::Command::new(husk_tests::bin_path("husk"));
+    c.arg("--socket").arg(&env.d.socket);
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_exec_attach_and_port_forward() {
+    use std::io::{BufRead, Read, Write};
+    use std::process::Stdio;
+    require!(env_ok(), NEEDS);
+    let env = Env::new("stream-cli").await;
+    let web = env
+        .run(
+            "web",
+            &["sh", "-c", "mkdir -p /www && echo cli-hello > /www/index.html && httpd -p 8080 -h /www && while true; do echo tick; sleep 0.2; done"],
+            |_| {},
+        )
+        .await;
+    for proto in ["spdy", "websocket"] {
+        // exec -i: stdin in, stdout out, the exit code out.
+        let mut child = husk(&env)
+            .args([
+                "exec",
+                "-i",
+                "--protocol",
+                proto,
+                &web[..12],
+                "--",
+                "sh",
+                "-c",
+                "tr a-z A-Z; exit 5",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"shout\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "SHOUT\n", "{proto}");
+        assert_eq!(out.status.code(), Some(5), "{proto}");
+
+        // attach: the container's output arrives.
+        let mut child = husk(&env)
+            .args(["attach", "--protocol", proto, &web])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "tick\n", "{proto}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // port-forward LOCAL:REMOTE, several connections.
+        let port = free_port();
+        let mut child = husk(&env)
+            .args([
+                "port-forward",
+                "--protocol",
+                proto,
+                &env.pod,
+                &format!("{port}:8080"),
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        assert!(
+            line.contains(&format!("127.0.0.1:{port} -> 8080")),
+            "{line}"
+        );
+        for _ in 0..3 {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            assert!(body.ends_with("cli-hello\n"), "{proto}: {body}");
+        }
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().unwrap();
+    }
+}

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use husk_host::cli::{images, runtime};
+use husk_host::cli::{images, runtime, stream};
 use husk_host::client::Clients;
 use husk_host::config::DEFAULT_SOCKET;
+use husk_host::streaming::client::Transport;
 use husk_proto::cri;
 
 #[derive(Parser)]
@@ -91,14 +92,44 @@ enum Cmd {
         follow: bool,
         container: String,
     },
-    /// Run a command in a running container (CRI ExecSync; no tty/stdin yet).
+    /// Run a command in a running container: with -i/-t (or --protocol)
+    /// over the streaming server, else with CRI ExecSync.
     Exec {
-        /// Seconds; 0 = no timeout.
+        /// Seconds; 0 = no timeout (ExecSync only).
         #[arg(long, default_value_t = 0)]
         timeout: i64,
+        /// Pass stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal (raw mode on this side).
+        #[arg(short, long)]
+        tty: bool,
+        /// Streaming protocol: spdy or websocket.
+        #[arg(long)]
+        protocol: Option<Transport>,
         container: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Attach to a running container's output (and stdin with -i, terminal with -t).
+    Attach {
+        #[arg(short, long)]
+        interactive: bool,
+        #[arg(short, long)]
+        tty: bool,
+        /// Streaming protocol: spdy or websocket.
+        #[arg(long, default_value = "spdy")]
+        protocol: Transport,
+        container: String,
+    },
+    /// Forward local ports to a pod: LOCAL:REMOTE (or PORT), until ^C.
+    PortForward {
+        /// Streaming protocol: spdy or websocket.
+        #[arg(long, default_value = "spdy")]
+        protocol: Transport,
+        pod: String,
+        #[arg(required = true)]
+        ports: Vec<String>,
     },
     /// Stop containers or pods (by id or unique id prefix).
     Stop {
@@ -162,9 +193,41 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Logs { follow, container } => unit(runtime::logs(&mut c, &container, follow).await),
         Cmd::Exec {
             timeout,
+            interactive,
+            tty,
+            protocol,
             container,
             cmd,
-        } => runtime::exec(&mut c, &container, cmd, timeout).await,
+        } => {
+            if interactive || tty || protocol.is_some() {
+                let o = stream::StreamOptions {
+                    stdin: interactive,
+                    tty,
+                    protocol: protocol.unwrap_or(Transport::Spdy),
+                };
+                stream::exec(&mut c, &container, cmd, o).await
+            } else {
+                runtime::exec(&mut c, &container, cmd, timeout).await
+            }
+        }
+        Cmd::Attach {
+            interactive,
+            tty,
+            protocol,
+            container,
+        } => {
+            let o = stream::StreamOptions {
+                stdin: interactive,
+                tty,
+                protocol,
+            };
+            stream::attach(&mut c, &container, o).await
+        }
+        Cmd::PortForward {
+            protocol,
+            pod,
+            ports,
+        } => unit(stream::port_forward(&mut c, &pod, &ports, protocol).await),
         Cmd::Stop { timeout, ids } => unit(runtime::stop(&mut c, &ids, timeout).await),
         Cmd::Rm { ids } => unit(runtime::rm(&mut c, &ids).await),
         Cmd::Pull {

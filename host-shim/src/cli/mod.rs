@@ -2,4 +2,5 @@
 
 pub mod images;
 pub mod runtime;
+pub mod stream;
 pub mod table;

@@ -238,7 +238,7 @@ async fn status(c: &mut Clients, id: &str) -> anyhow::Result<cri::ContainerStatu
 }
 
 /// The full id of a container named by an id prefix.
-async fn container_id(c: &mut Clients, prefix: &str) -> anyhow::Result<Option<String>> {
+pub(crate) async fn container_id(c: &mut Clients, prefix: &str) -> anyhow::Result<Option<String>> {
     let l = c
         .runtime
         .list_containers(cri::ListContainersRequest {
@@ -262,7 +262,7 @@ fn unique(mut ids: impl Iterator<Item = String>, prefix: &str) -> anyhow::Result
     }
 }
 
-async fn pod_id(c: &mut Clients, prefix: &str) -> anyhow::Result<Option<String>> {
+pub(crate) async fn pod_id(c: &mut Clients, prefix: &str) -> anyhow::Result<Option<String>> {
     let l = c
         .runtime
         .list_pod_sandbox(cri::ListPodSandboxRequest {
