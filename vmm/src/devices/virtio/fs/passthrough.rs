@@ -423,8 +423,17 @@ impl PassthroughFs {
         Ok(())
     }
 
-    /// Directory entries from `offset`, as FUSE dirents fitting in `size` bytes.
-    pub fn readdir(&self, fh: u64, offset: u64, size: usize) -> Res<Vec<u8>> {
+    /// Directory entries from `offset`, as FUSE dirents fitting in `size` bytes. With `plus`
+    /// (READDIRPLUS: the cache time to give), each entry is preceded by its lookup (an entry
+    /// the guest now holds a reference to; `.` and `..` get none).
+    pub fn readdir(
+        &self,
+        dir: u64,
+        fh: u64,
+        offset: u64,
+        size: usize,
+        plus: Option<u64>,
+    ) -> Res<Vec<u8>> {
         let h = self.handle(fh)?;
         let _g = lock(&h.dir);
         let fd = h.file.as_raw_fd();
@@ -455,10 +464,33 @@ impl PassthroughFs {
                 }
                 let name = &rec[19..reclen];
                 let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
-                match super::abi::dirent(ino, off, typ, name, size - out.len()) {
-                    Some(d) => out.extend_from_slice(&d),
-                    None => break 'outer,
+                let extra = if plus.is_some() {
+                    super::abi::ENTRY_OUT_LEN
+                } else {
+                    0
+                };
+                let Some(d) = super::abi::dirent(
+                    ino,
+                    off,
+                    typ,
+                    name,
+                    (size - out.len()).saturating_sub(extra),
+                ) else {
+                    break 'outer;
+                };
+                if let Some(secs) = plus {
+                    let entry = match name {
+                        b"." | b".." => None,
+                        _ => self.lookup(dir, name).ok(),
+                    };
+                    match entry {
+                        Some((id, st)) => {
+                            out.extend_from_slice(&super::abi::entry_out(id, &st, secs))
+                        }
+                        None => out.resize(out.len() + super::abi::ENTRY_OUT_LEN, 0),
+                    }
                 }
+                out.extend_from_slice(&d);
                 p += reclen;
             }
         }

@@ -85,16 +85,31 @@ fn create_write_read_attrs_and_readdir() {
     t.fs.create(d, b"inner", libc::O_WRONLY as u32, 0o600, ME)
         .expect("create");
     let dh = t.fs.opendir(ROOT_ID).expect("opendir");
-    let names = dirent_names(&t.fs.readdir(dh, 0, 4096).expect("readdir"));
+    let names = dirent_names(&t.fs.readdir(ROOT_ID, dh, 0, 4096, None).expect("readdir"));
     for n in [".", "..", "f", "g", "dir"] {
         assert!(names.contains(&n.to_string()), "{n} in {names:?}");
     }
     // A small buffer returns a prefix; continuing from its last offset returns the rest.
-    let first = t.fs.readdir(dh, 0, 40).expect("readdir");
+    let first = t.fs.readdir(ROOT_ID, dh, 0, 40, None).expect("readdir");
     assert_eq!(dirent_names(&first).len(), 1);
     let off = u64::from_le_bytes(first[8..16].try_into().expect("off"));
-    let rest = dirent_names(&t.fs.readdir(dh, off, 4096).expect("readdir"));
+    let rest = dirent_names(&t.fs.readdir(ROOT_ID, dh, off, 4096, None).expect("readdir"));
     assert_eq!(rest.len(), names.len() - 1);
+    // READDIRPLUS: each entry carries its lookup (the same nodeid LOOKUP gives).
+    let plus =
+        t.fs.readdir(ROOT_ID, dh, 0, 4096, Some(1))
+            .expect("readdirplus");
+    let mut p = 0;
+    let mut seen = std::collections::HashMap::new();
+    while p + 128 + 24 <= plus.len() {
+        let node = u64::from_le_bytes(plus[p..p + 8].try_into().expect("node"));
+        let d = &plus[p + 128..];
+        let len = u32::from_le_bytes(d[16..20].try_into().expect("len")) as usize;
+        seen.insert(String::from_utf8_lossy(&d[24..24 + len]).into_owned(), node);
+        p += 128 + ((24 + len + 7) & !7);
+    }
+    assert_eq!((seen["f"], seen["g"], seen["."]), (id, id, 0));
+    t.fs.forget(id, 2);
     // rename, unlink, rmdir.
     t.fs.rename(d, b"inner", ROOT_ID, b"moved", 0)
         .expect("rename");

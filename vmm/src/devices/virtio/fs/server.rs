@@ -141,13 +141,13 @@ impl Server {
                 out.extend_from_slice(&abi::open_out(fh));
                 out
             }
-            op::READ | op::READDIR => {
+            op::READ | op::READDIR | op::READDIRPLUS => {
                 let (fh, offset, size) = (r.u64("read")?, r.u64("read")?, r.u32("read")? as usize);
                 let size = size.min(room).min(MAX_WRITE as usize);
-                if h.opcode == op::READ {
-                    self.fs.read(fh, offset, size)?
-                } else {
-                    self.fs.readdir(fh, offset, size)?
+                match h.opcode {
+                    op::READ => self.fs.read(fh, offset, size)?,
+                    op::READDIR => self.fs.readdir(node, fh, offset, size, None)?,
+                    _ => self.fs.readdir(node, fh, offset, size, Some(CACHE_SECS))?,
                 }
             }
             op::WRITE => {
