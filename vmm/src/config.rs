@@ -72,6 +72,14 @@ pub struct NetConfig {
     pub mac: Option<String>,
 }
 
+/// A host directory shared with the guest over virtio-fs (`mount -t virtiofs TAG DIR`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    pub tag: String,
+    pub shared_dir: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
@@ -114,6 +122,8 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
     /// Optional control socket (a line protocol: `status`, `stop`).

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use husk_vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use husk_vmm::config::{DiskConfig, FsConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
 use husk_vmm::devices::ExitReason;
 
 /// Boot a VM. Flags override the `--config` JSON file.
@@ -35,6 +35,10 @@ struct Cli {
     /// Network interface: `tap=NAME[,mac=xx:xx:xx:xx:xx:xx]` (repeatable).
     #[arg(long = "net")]
     nets: Vec<String>,
+    /// virtio-fs share: `tag=TAG,dir=PATH` (repeatable); the guest mounts it with
+    /// `mount -t virtiofs TAG DIR`.
+    #[arg(long = "fs")]
+    shares: Vec<String>,
     /// vsock: `cid=N,uds=PATH`.
     #[arg(long)]
     vsock: Option<String>,
@@ -142,6 +146,7 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             disks: vec![],
             net: vec![],
             vsock: None,
+            fs: vec![],
             serial: SerialConfig::Stdout,
             control_socket: None,
             stop_grace_ms: 5000,
@@ -175,6 +180,13 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
         cfg.net.push(NetConfig {
             tap: get(&p, "tap", "--net")?,
             mac: get(&p, "mac", "--net").ok(),
+        });
+    }
+    for f in &cli.shares {
+        let p = kv(f);
+        cfg.fs.push(FsConfig {
+            tag: get(&p, "tag", "--fs")?,
+            shared_dir: get(&p, "dir", "--fs")?.into(),
         });
     }
     if let Some(v) = &cli.vsock {

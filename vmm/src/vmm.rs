@@ -14,6 +14,7 @@ use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::lock;
 use crate::devices::serial::{LineWriter, PendingFlush};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
+use crate::devices::virtio::fs::{self, device::FsDevice, device::FsDeviceError};
 use crate::devices::virtio::net::{self, NetDevice, Tap, TapError};
 use crate::devices::virtio::vsock::{self, MuxerError, VsockDevice};
 use crate::devices::{ExitReason, ExitSignal};
@@ -44,6 +45,8 @@ pub enum VmmError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Vsock(#[from] MuxerError),
+    #[error(transparent)]
+    Fs(#[from] FsDeviceError),
     #[error("cannot open serial output {path}: {source}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -190,7 +193,8 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     }
 }
 
-/// Creates the configured virtio devices, in the order vsock, disks, network interfaces.
+/// Creates the configured virtio devices, in the order vsock, disks, file systems, network
+/// interfaces.
 fn attach_virtio_devices(
     cfg: &VmConfig,
     vm: &Vm,
@@ -222,6 +226,21 @@ fn attach_virtio_devices(
         )?;
         let info = dev.info();
         dm.attach_virtio(&slot, info, mem, Arc::new(Mutex::new(dev)))?;
+    }
+    for f in &cfg.fs {
+        let slot = dm.allocate_virtio(&vm.fd, fs::NUM_QUEUES)?;
+        let dev = FsDevice::new(
+            &f.shared_dir,
+            slot.channel.clone(),
+            slot.interrupt.clone(),
+            clone_evts(&slot.queue_evts)?,
+        )?;
+        dm.attach_virtio(
+            &slot,
+            fs::device::device_info(&f.tag),
+            mem,
+            Arc::new(Mutex::new(dev)),
+        )?;
     }
     for n in &cfg.net {
         let mac = match &n.mac {

@@ -10,6 +10,7 @@ mod virtio;
 mod vsock;
 mod blk;
 mod net;
+mod fs;
 
 use core::arch::{asm, global_asm};
 use core::ptr::{read_volatile, write_volatile};
@@ -23,6 +24,7 @@ pub const VSOCK_EVT: u64 = 0x2f_0000;
 pub const VSOCK_RXBUF: u64 = 0x30_0000;
 pub const BLK_AREA: u64 = 0x40_0000;
 pub const NET_AREA: u64 = 0x50_0000;
+pub const FS_AREA: u64 = 0x60_0000;
 const AP_TRAMPOLINE: u64 = 0x8000;
 
 #[unsafe(no_mangle)]
@@ -456,6 +458,7 @@ pub extern "C" fn guest_main(mode: u32, info: u64) -> ! {
             19 => vsock::run(base, area, cmd),
             2 => blk::run(base, area, irqs[i]),
             1 => net::run(base, area),
+            26 => fs::run(base, area),
             id => {
                 puts("virtio: unknown device id ");
                 put_dec(id as u64);

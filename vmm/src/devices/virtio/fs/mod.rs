@@ -1,5 +1,6 @@
 //! virtio-fs: a passthrough FUSE server over one host directory (the share), written once and
-//! served over vhost-user (`husk-vmm vhost-user fs`, for QEMU's `vhost-user-fs-pci`).
+//! served two ways: as husk-vmm's own MMIO device (`device`, `--fs tag=T,dir=D`) and over
+//! vhost-user (`husk-vmm vhost-user fs`, for QEMU's `vhost-user-fs-pci`).
 //!
 //! Layers: `abi` (FUSE wire format, hostile-input parsing), `passthrough` (the file system,
 //! confined to the share by `O_PATH` fds and `openat2(RESOLVE_BENEATH)`), `server` (request
@@ -8,6 +9,7 @@
 
 pub mod abi;
 pub mod confine;
+pub mod device;
 pub mod passthrough;
 pub mod server;
 pub mod vhost_user;
