@@ -1,6 +1,7 @@
-//! Randomised descriptor tables and packet contents thrown at every device model: whatever the
-//! guest writes, the VMM must not panic, must return every chain it consumed, and must only
-//! touch guest memory (vm-memory bounds-checks every access; out-of-range descriptors fail).
+//! Randomised descriptor tables and packet contents (vsock headers, FUSE requests) thrown at
+//! every device model: whatever the guest writes, the VMM must not panic, must return every
+//! chain it consumed, and must only touch guest memory (vm-memory bounds-checks every access;
+//! out-of-range descriptors fail).
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::BlockDevice;
+use super::fs::device::FsDevice;
 use super::net::NetDevice;
 use super::vsock::{VsockDevice, VsockMuxer, packet};
 use super::{DeviceChannel, Interrupt, TransportMsg};
@@ -125,6 +127,12 @@ fn scribble(r: &mut Rng, mem: &GuestMemoryMmap) {
             fwd_cnt: r.next() as u32,
         };
         buf[off..off + packet::HDR_SIZE].copy_from_slice(&h.to_bytes());
+        // A plausible FUSE request header half a page further on.
+        let f = off + 0x800;
+        let len = 40 + r.below(200) as u32;
+        buf[f..f + 4].copy_from_slice(&len.to_le_bytes());
+        buf[f + 4..f + 8].copy_from_slice(&(r.below(52) as u32).to_le_bytes());
+        buf[f + 16..f + 24].copy_from_slice(&r.below(4).to_le_bytes());
     }
     mem.write_slice(&buf, GuestAddress(0x4_0000))
         .expect("scribble");
@@ -146,7 +154,7 @@ fn random_chains_never_crash_any_device() {
                 .map(|_| EventFd::new(0).expect("e"))
                 .collect::<Vec<_>>()
         };
-        match round % 3 {
+        match round % 4 {
             0 => {
                 let uds = dir.path().join(format!("v{round}.sock"));
                 let mux = VsockMuxer::new(3, &uds).expect("muxer");
@@ -184,6 +192,26 @@ fn random_chains_never_crash_any_device() {
                 dev.handle_channel();
                 dev.process_queue();
                 q.check_used(&mem);
+            }
+            3 => {
+                let share = dir.path().join(format!("share{round}"));
+                std::fs::create_dir_all(share.join("d")).expect("share");
+                std::fs::write(share.join("f"), b"x").expect("file");
+                let mut dev = FsDevice::new(&share, ch.clone(), irq, evts(2)).expect("fs");
+                let (hi, rq) = (
+                    RawQueue::new(&mut r, &mem, 0),
+                    RawQueue::new(&mut r, &mem, 0x1000),
+                );
+                ch.send(TransportMsg::Activate {
+                    queues: vec![hi.queue(), rq.queue()],
+                    mem: mem.clone(),
+                });
+                dev.handle_channel();
+                dev.run_queues();
+                hi.check_used(&mem);
+                rq.check_used(&mem);
+                // Whatever arrived, nothing outside the share changed.
+                assert!(!dir.path().join("escaped").exists());
             }
             _ => {
                 let (a, b) = UnixDatagram::pair().expect("pair");

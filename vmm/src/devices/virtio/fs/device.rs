@@ -66,7 +66,7 @@ impl FsDevice {
         })
     }
 
-    fn handle_channel(&mut self) {
+    pub(crate) fn handle_channel(&mut self) {
         for m in self.channel.take() {
             match m {
                 TransportMsg::Activate { queues, mem } => {
@@ -81,7 +81,7 @@ impl FsDevice {
         }
     }
 
-    fn run_queues(&mut self) {
+    pub(crate) fn run_queues(&mut self) {
         let Some((mem, queues)) = self.active.as_mut() else {
             return;
         };
