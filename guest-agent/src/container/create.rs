@@ -109,12 +109,7 @@ pub fn adjust_spec(spec: &mut Spec, sandbox: &Sandbox, joins_pod_ipc: bool) -> R
         let is_bind = m.typ().as_deref() == Some("bind")
             || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
         if let Some(src) = m.source().as_ref().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("sandbox:")) {
-            let path = sandbox
-                .mounts
-                .get(src)
-                .ok_or_else(|| AgentError::InvalidArgument(format!("no sandbox mount named {src}")))?
-                .clone();
-            m.set_source(Some(path));
+            m.set_source(Some(sandbox_source(&sandbox.mounts, src)?));
         } else if is_bind {
             let src = m.source().clone().unwrap_or_default();
             if !src.is_absolute() {
@@ -138,6 +133,32 @@ pub fn adjust_spec(spec: &mut Spec, sandbox: &Sandbox, joins_pod_ipc: bool) -> R
     spec.set_mounts(Some(mounts));
     spec.set_hostname(None);
     Ok(())
+}
+
+/// The path of a "sandbox:NAME" or "sandbox:NAME/SUB/PATH" mount source: the sandbox mount
+/// NAME, or a file or directory beneath it (a VM pod's CRI mounts live in subdirectories of
+/// its virtio-fs share). SUB/PATH is plain components only, none of them a symlink, and must
+/// exist.
+pub fn sandbox_source(mounts: &std::collections::HashMap<String, PathBuf>, src: &str) -> Result<PathBuf> {
+    let (name, sub) = src.split_once('/').unwrap_or((src, ""));
+    let mut path = mounts
+        .get(name)
+        .ok_or_else(|| AgentError::InvalidArgument(format!("no sandbox mount named {name}")))?
+        .clone();
+    for c in Path::new(sub).components() {
+        let std::path::Component::Normal(c) = c else {
+            return Err(AgentError::InvalidArgument(format!("sandbox mount path {src}: only plain components")));
+        };
+        path.push(c);
+        match std::fs::symlink_metadata(&path) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(AgentError::InvalidArgument(format!("sandbox mount path {src}: {} is a symlink", path.display())));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(AgentError::InvalidArgument(format!("sandbox mount path {src}: {e}"))),
+        }
+    }
+    Ok(path)
 }
 
 /// A guest block device by path, or "virtio-blk:SERIAL" looked up in sysfs.
@@ -328,6 +349,24 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sandbox_sources_stay_beneath_their_mount() {
+        let d = tempfile::tempdir().expect("tmp");
+        let share = d.path().join("share");
+        std::fs::create_dir_all(share.join("m0/sub")).expect("mkdir");
+        std::fs::write(share.join("m1"), b"file").expect("write");
+        std::os::unix::fs::symlink("/etc", share.join("link")).expect("symlink");
+        let mounts = std::collections::HashMap::from([("share".to_string(), share.clone())]);
+        assert_eq!(sandbox_source(&mounts, "share").expect("whole"), share);
+        assert_eq!(sandbox_source(&mounts, "share/m0/sub").expect("dir"), share.join("m0/sub"));
+        assert_eq!(sandbox_source(&mounts, "share/m1").expect("single file"), share.join("m1"));
+        for bad in ["share/../x", "share/m0/../../x", "share/link", "share/link/passwd", "share/nope", "other", "share//etc"] {
+            let r = sandbox_source(&mounts, bad);
+            // "share//etc" normalises to share/etc, which does not exist.
+            assert!(matches!(r, Err(AgentError::InvalidArgument(_))), "{bad}: {r:?}");
+        }
+    }
 
     #[test]
     fn virtio_serial_lookup() {
