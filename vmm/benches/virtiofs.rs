@@ -130,6 +130,7 @@ fn guest_rounds(
                 &format!("{which}-{i}"),
                 &guest_rootfs(),
                 &script("/data", i),
+                &[],
             )
             .await?;
             assert_eq!(code, 0, "{out}\n{}", g.diagnostics());

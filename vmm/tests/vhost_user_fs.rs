@@ -88,6 +88,7 @@ fn guest_and_host_share_files_through_husk_virtio_fs() {
              ln -s target guestlink; \
              cat abs; echo abs=$?; cat rel; echo rel=$?; cat ../../secret; echo up=$?; \
              echo planted > /data/../../../planted; ls /",
+            &[],
         )
         .await
     });
@@ -160,8 +161,13 @@ fn guest_and_host_share_files_through_husk_virtio_fs() {
         &client,
         "c2",
         &rootfs,
-        "for i in $(seq 1 50); do v=$(cat /data/cfg/key); [ \"$v\" = v2 ] && break; sleep 0.1; done; echo cfg=$v; \
-         cat /data/guest.txt",
+        "for i in $(seq 1 50); do v=$(cat /config/key); [ \"$v\" = v2 ] && break; sleep 0.1; done; echo cfg=$v; \
+         cat /data/guest.txt; cat /etc/config.txt; echo ro > /etc/config.txt; echo ro=$?",
+        // CRI-style mounts from subpaths of the share: a ConfigMap directory, a single file.
+        &[
+            serde_json::json!({"destination": "/config", "type": "bind", "source": "sandbox:share/cfg", "options": ["rbind", "ro"]}),
+            serde_json::json!({"destination": "/etc/config.txt", "type": "bind", "source": "sandbox:share/host.txt", "options": ["bind", "ro"]}),
+        ],
     ))
         .expect("second container");
     assert_eq!(code, 0, "{out}");
@@ -171,6 +177,11 @@ fn guest_and_host_share_files_through_husk_virtio_fs() {
         g.diagnostics()
     );
     assert!(out.contains("from the guest"), "{out}");
+    assert!(
+        out.contains("written on the host"),
+        "single-file mount: {out}"
+    );
+    assert!(out.contains("ro=1"), "read-only single-file mount: {out}");
 }
 
 fn dir_of(share: &Path) -> PathBuf {

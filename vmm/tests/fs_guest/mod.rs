@@ -240,8 +240,8 @@ pub fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
 }
 
-pub fn spec(script: &str) -> serde_json::Value {
-    serde_json::json!({
+pub fn spec(script: &str, extra_mounts: &[serde_json::Value]) -> serde_json::Value {
+    let mut s = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -261,7 +261,11 @@ pub fn spec(script: &str) -> serde_json::Value {
             {"destination": "/data", "type": "bind", "source": "sandbox:share", "options": ["rbind", "rw"]}
         ],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
-    })
+    });
+    if let Some(m) = s["mounts"].as_array_mut() {
+        m.extend(extra_mounts.iter().cloned());
+    }
+    s
 }
 
 /// Runs `script` in a new container; (exit code, stdout + stderr). None when the guest agent
@@ -272,10 +276,11 @@ pub async fn run(
     id: &str,
     rootfs: &str,
     script: &str,
+    extra_mounts: &[serde_json::Value],
 ) -> Option<(i32, String)> {
     let req = pb::CreateContainerRequest {
         container_id: id.into(),
-        oci_spec: serde_json::to_vec(&spec(script)).expect("json"),
+        oci_spec: serde_json::to_vec(&spec(script, extra_mounts)).expect("json"),
         rootfs: MessageField::some(pb::Rootfs {
             source: Some(pb::rootfs::Source::Path(rootfs.into())),
             ..Default::default()
