@@ -14,6 +14,7 @@ pub mod kind;
 pub mod logs;
 mod pod;
 mod recover;
+pub mod share;
 pub mod state;
 mod stats;
 pub mod stream;
