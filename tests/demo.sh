@@ -3,14 +3,18 @@
 # it, start huskd with a local registry holding a busybox image, and use it
 # through the husk CLI (a CRI client).
 #
-# The pod runs in the namespace sandbox (handler husk-ns: container-level
-# isolation, not a VM) until the VM sandbox (handler husk) lands.
+# The pod runs in a VM: handler husk-qemu (QEMU with KVM where the CPU has
+# hardware virtualisation, else TCG software emulation), booting the guest
+# kernel and initramfs built by images/ (cached under /var/cache/husk/guest;
+# the first build takes a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: sudo bash tests/demo.sh" >&2; exit 1; }
 bash tests/install-deps.sh
 cargo build --workspace --bins --locked
 bin=target/debug
+kernel=$(bash images/build-kernel.sh)/bzImage
+initrd=$(bash images/build-initramfs.sh)
 work=$(mktemp -d /tmp/husk-demo.XXXXXX)
 cleanup() {
   [ -n "${huskd_pid:-}" ] && kill "$huskd_pid" 2>/dev/null || true
@@ -45,6 +49,11 @@ state_dir = "$work/state"
 run_dir = "$work/run"
 [image]
 registry_config_dir = "$work/certs.d"
+[runtime]
+default_handler = "husk-qemu"
+[runtime.vm]
+kernel = "$kernel"
+initrd = "$initrd"
 TOML
 $bin/huskd --config "$work/config.toml" 2>"$work/huskd.log" & huskd_pid=$!
 for _ in $(seq 100); do [ -S "$work/huskd.sock" ] && break; sleep 0.1; done
@@ -55,7 +64,11 @@ $bin/husk version
 $bin/husk pull busybox
 $bin/husk images
 $bin/husk inspecti busybox | head -12
-# The main job: a pod sandbox running a command.
-$bin/husk run --rm --runtime husk-ns --log-root "$work/logs" busybox -- sh -c 'echo hello from a husk pod; id; hostname'
+# The main job: a pod sandbox (a VM) running a command. The guest kernel
+# differs from the host's.
+uname -r
+$bin/husk run --rm --log-root "$work/logs" busybox -- sh -c 'echo hello from a husk pod; uname -r; id; hostname'
+# The same in the namespace sandbox (container-level isolation, not a VM).
+$bin/husk run --rm --runtime husk-ns --log-root "$work/logs" busybox -- sh -c 'echo hello from a husk-ns pod; uname -r'
 $bin/husk rmi busybox
 $bin/husk images

@@ -45,6 +45,57 @@ pub fn mount_guest_filesystems(sys: &dyn Syscall) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Set in the environment once PID 1 runs from its tmpfs root.
+const SWITCHED_ENV: &str = "HUSK_AGENT_ROOT_SWITCHED";
+
+/// PID 1 in a guest starts on the initramfs (rootfs), which cannot be
+/// pivoted away from: containers' pivot_root would fail with EINVAL, and a
+/// chroot fallback leaves the guest root reachable. Like switch_root: copy
+/// /init onto a fresh tmpfs, move that mount over /, chroot into it and
+/// exec /init again (with a marker so this happens once). Must run first,
+/// single-threaded. Returns only when the switch is not needed or failed.
+pub fn leave_initramfs() -> Result<(), InitError> {
+    if std::env::var_os(SWITCHED_ENV).is_some() {
+        return Ok(());
+    }
+    let os = |what: &'static str| move |e: nix::Error| InitError::Os(what, e);
+    let new = Path::new("/newroot");
+    let _ = std::fs::create_dir(new);
+    nix::mount::mount(Some("tmpfs"), new, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
+        .map_err(os("mount tmpfs root"))?;
+    for d in ["dev", "proc", "sys", "run", "tmp", "etc", "mnt"] {
+        let _ = std::fs::create_dir(new.join(d));
+    }
+    let _ = nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        &new.join("tmp"),
+        nix::sys::stat::Mode::from_bits_truncate(0o1777),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    );
+    std::fs::copy("/init", new.join("init")).map_err(|e| InitError::Os("copy /init", nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    // The initramfs copy is not needed any more: free its memory.
+    let _ = std::fs::remove_file("/init");
+    nix::unistd::chdir(new).map_err(os("chdir /newroot"))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(os("move root"))?;
+    nix::unistd::chroot(".").map_err(os("chroot"))?;
+    nix::unistd::chdir("/").map_err(os("chdir /"))?;
+    let argv: Vec<std::ffi::CString> = std::env::args_os()
+        .filter_map(|a| std::ffi::CString::new(a.into_encoded_bytes()).ok())
+        .collect();
+    let mut env: Vec<std::ffi::CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            std::ffi::CString::new(kv).ok()
+        })
+        .collect();
+    env.push(std::ffi::CString::new(format!("{SWITCHED_ENV}=1")).unwrap_or_default());
+    let init = std::ffi::CString::new("/init").unwrap_or_default();
+    let e = nix::unistd::execve(&init, &argv, &env).unwrap_err();
+    Err(InitError::Os("exec /init on the tmpfs root", e))
+}
+
 /// Enable every cgroup v2 controller for children of the root.
 pub fn enable_cgroup_controllers(root: &Path) {
     if let Ok(c) = std::fs::read_to_string(root.join("cgroup.controllers")) {

@@ -46,6 +46,12 @@ fn main() -> anyhow::Result<()> {
     if !pid1 {
         return run(Args::parse());
     }
+    if !std::env::args().any(|a| a == "--host")
+        && let Err(e) = init::leave_initramfs()
+    {
+        // Containers then fail to pivot_root; say why on the console.
+        eprintln!("husk-agent: staying on the initramfs root: {e}");
+    }
     // PID 1 must never exit: the kernel would panic. The kernel also hands
     // init the command line words it does not know: ignore what clap does not.
     let argv: Vec<String> = std::env::args().collect();

@@ -90,6 +90,17 @@ impl pb::Agent for AgentService {
         Ok(pb::CreateSandboxResponse { pid: s.holder_pid as u32, ..Default::default() })
     }
 
+    async fn shutdown(&self, _: &TtrpcContext, _: pb::Empty) -> R<pb::Empty> {
+        tracing::info!("Shutdown requested");
+        // Answer first; the SIGTERM path then destroys the sandbox and, as a
+        // guest's PID 1, powers off.
+        tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+        });
+        Ok(pb::Empty::new())
+    }
+
     async fn destroy_sandbox(&self, _: &TtrpcContext, r: pb::DestroySandboxRequest) -> R<pb::Empty> {
         tracing::info!(sandbox = %r.sandbox_id, "DestroySandbox");
         sandbox::do_destroy(&self.agent, &r.sandbox_id).await.map_err(status)?;

@@ -19,10 +19,26 @@
 //! agent_start_timeout_ms = 10000      # husk-ns: agent process up and answering
 //! restrict_oom_score_adj = false      # clamp containers' oom_score_adj to huskd's own (hosts where
 //!                                     # root lacks CAP_SYS_RESOURCE and cannot lower it)
-//! # handler name -> sandbox kind ("vm" | "namespace"); these two are the defaults
+//! # handler name -> sandbox kind: "vm" (husk-vmm on KVM), "qemu" (QEMU, accel from
+//! # runtime.vm.qemu_accel) or "namespace"; a table picks QEMU's accel per handler.
 //! [runtime.handlers]
-//! husk = "vm"                         # VM sandbox (husk-vmm); not available yet
+//! husk = "vm"                         # VM sandbox on husk-vmm (needs hardware KVM)
+//! husk-qemu = { kind = "qemu", accel = "auto" }   # VM sandbox on QEMU: kvm, else tcg
 //! husk-ns = "namespace"               # namespace sandbox: container-level isolation, NOT a VM
+//!
+//! [runtime.vm]                        # VM sandbox (both backends)
+//! kernel = "/var/lib/husk/guest/bzImage"            # guest kernel (images/build-kernel.sh)
+//! initrd = "/var/lib/husk/guest/initramfs.cpio.gz"  # initramfs with husk-agent as /init
+//! kernel_params = ""                  # appended to the guest kernel command line
+//! vcpus = 1                           # per pod, plus the pod's CPU limit (rounded up)
+//! memory_mib = 256                    # per pod, plus the pod's memory limit
+//! max_vcpus = 8
+//! max_memory_mib = 8192
+//! boot_timeout_ms = 60000             # VMM start -> agent answering (TCG is slow)
+//! qemu_binary = "qemu-system-x86_64"
+//! qemu_accel = "auto"                 # "kvm" | "tcg" | "auto" (kvm when /dev/kvm works)
+//! vmm_binary = ""                     # husk-vmm ("" = next to huskd, else $PATH)
+//! hotplug_slots = 8                   # QEMU PCIe root ports for image disks added later
 //!
 //! [network]
 //! cni_conf_dir = "/etc/cni/net.d"     # first .conflist/.conf/.json (by name) is the pod network
@@ -113,10 +129,122 @@ impl Default for StreamingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxKind {
-    /// A husk-vmm microVM per pod.
+    /// A husk-vmm microVM per pod (hardware KVM).
     Vm,
+    /// A QEMU VM per pod (KVM or TCG), same guest image as `Vm`.
+    Qemu,
     /// A husk-agent host process in fresh namespaces per pod (no VM).
     Namespace,
+}
+
+impl SandboxKind {
+    pub fn is_vm(self) -> bool {
+        matches!(self, SandboxKind::Vm | SandboxKind::Qemu)
+    }
+}
+
+/// QEMU's accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+    /// KVM when /dev/kvm opens, else TCG.
+    #[default]
+    Auto,
+}
+
+/// One RuntimeClass handler: `"qemu"` or `{ kind = "qemu", accel = "tcg" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Handler {
+    pub kind: SandboxKind,
+    /// QEMU only; None = runtime.vm.qemu_accel.
+    pub accel: Option<Accel>,
+}
+
+impl From<SandboxKind> for Handler {
+    fn from(kind: SandboxKind) -> Self {
+        Self { kind, accel: None }
+    }
+}
+
+impl<'de> Deserialize<'de> for Handler {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Kind(SandboxKind),
+            Table {
+                kind: SandboxKind,
+                #[serde(default)]
+                accel: Option<Accel>,
+            },
+        }
+        Ok(match Repr::deserialize(d)? {
+            Repr::Kind(kind) => kind.into(),
+            Repr::Table { kind, accel } => Handler { kind, accel },
+        })
+    }
+}
+
+/// The VM sandbox's guest image, sizes and VMM binaries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub kernel_params: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
+    pub boot_timeout_ms: u64,
+    pub qemu_binary: PathBuf,
+    pub qemu_accel: Accel,
+    pub vmm_binary: Option<PathBuf>,
+    pub hotplug_slots: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: "/var/lib/husk/guest/bzImage".into(),
+            initrd: "/var/lib/husk/guest/initramfs.cpio.gz".into(),
+            kernel_params: String::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 8192,
+            boot_timeout_ms: 60_000,
+            qemu_binary: "qemu-system-x86_64".into(),
+            qemu_accel: Accel::Auto,
+            vmm_binary: None,
+            hotplug_slots: 8,
+        }
+    }
+}
+
+impl VmConfig {
+    /// husk-vmm: configured, next to the running executable, or on $PATH.
+    pub fn vmm_path(&self) -> PathBuf {
+        beside_exe(self.vmm_binary.as_ref(), "husk-vmm")
+    }
+}
+
+/// `configured` if set, else `name` next to the running executable, else `name` ($PATH).
+fn beside_exe(configured: Option<&PathBuf>, name: &str) -> PathBuf {
+    if let Some(p) = configured.filter(|p| !p.as_os_str().is_empty()) {
+        return p.clone();
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        let p = dir.join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,7 +255,8 @@ pub struct RuntimeConfig {
     pub cgroup_parent: String,
     pub agent_start_timeout_ms: u64,
     pub restrict_oom_score_adj: bool,
-    pub handlers: BTreeMap<String, SandboxKind>,
+    pub handlers: BTreeMap<String, Handler>,
+    pub vm: VmConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -139,16 +268,18 @@ impl Default for RuntimeConfig {
             agent_start_timeout_ms: 10_000,
             restrict_oom_score_adj: false,
             handlers: BTreeMap::from([
-                ("husk".to_string(), SandboxKind::Vm),
-                ("husk-ns".to_string(), SandboxKind::Namespace),
+                ("husk".to_string(), SandboxKind::Vm.into()),
+                ("husk-qemu".to_string(), SandboxKind::Qemu.into()),
+                ("husk-ns".to_string(), SandboxKind::Namespace.into()),
             ]),
+            vm: VmConfig::default(),
         }
     }
 }
 
 impl RuntimeConfig {
     /// The sandbox kind of `handler` ("" = the default handler).
-    pub fn resolve<'a>(&'a self, handler: &'a str) -> Option<(&'a str, SandboxKind)> {
+    pub fn resolve<'a>(&'a self, handler: &'a str) -> Option<(&'a str, Handler)> {
         let name = if handler.is_empty() {
             self.default_handler.as_str()
         } else {
@@ -159,22 +290,7 @@ impl RuntimeConfig {
 
     /// The husk-agent binary: configured, next to the running executable, or `husk-agent` on $PATH.
     pub fn agent_path(&self) -> PathBuf {
-        if let Some(p) = self
-            .agent_binary
-            .as_ref()
-            .filter(|p| !p.as_os_str().is_empty())
-        {
-            return p.clone();
-        }
-        if let Ok(exe) = std::env::current_exe()
-            && let Some(dir) = exe.parent()
-        {
-            let p = dir.join("husk-agent");
-            if p.exists() {
-                return p;
-            }
-        }
-        PathBuf::from("husk-agent")
+        beside_exe(self.agent_binary.as_ref(), "husk-agent")
     }
 }
 
@@ -250,6 +366,22 @@ impl Config {
                 "runtime.default_handler {:?} is not in runtime.handlers",
                 self.runtime.default_handler
             )));
+        }
+        let vm = &self.runtime.vm;
+        if vm.vcpus == 0 || vm.vcpus > vm.max_vcpus || vm.max_vcpus > 255 {
+            return Err(ConfigError::Invalid(
+                "runtime.vm: need 1 <= vcpus <= max_vcpus <= 255".into(),
+            ));
+        }
+        if vm.memory_mib < 64 || vm.memory_mib > vm.max_memory_mib {
+            return Err(ConfigError::Invalid(
+                "runtime.vm: need 64 <= memory_mib <= max_memory_mib".into(),
+            ));
+        }
+        if vm.hotplug_slots > 30 {
+            return Err(ConfigError::Invalid(
+                "runtime.vm.hotplug_slots must be at most 30".into(),
+            ));
         }
         if self.runtime.cgroup_parent.is_empty() || self.runtime.cgroup_parent.contains("..") {
             return Err(ConfigError::Invalid(
@@ -327,19 +459,37 @@ mod tests {
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(
             c.runtime.resolve(""),
-            Some(("husk-ns", SandboxKind::Namespace))
+            Some(("husk-ns", SandboxKind::Namespace.into()))
         );
         assert_eq!(c.runtime.resolve("husk"), None);
+        std::fs::write(
+            &p,
+            "[runtime]\ndefault_handler = \"q\"\n[runtime.handlers]\nq = { kind = \"qemu\", accel = \"tcg\" }\n[runtime.vm]\nvcpus = 2\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(
+            c.runtime.resolve("q"),
+            Some((
+                "q",
+                Handler {
+                    kind: SandboxKind::Qemu,
+                    accel: Some(Accel::Tcg)
+                }
+            ))
+        );
+        assert_eq!(c.runtime.vm.vcpus, 2);
+        assert_eq!(c.runtime.vm.memory_mib, 256);
         std::fs::write(&p, "[runtime]\ndefault_handler = \"nope\"\n").unwrap();
         assert!(matches!(
             Config::load(Some(&p)),
             Err(ConfigError::Invalid(_))
         ));
         let rd = RuntimeConfig::default();
-        assert_eq!(rd.resolve(""), Some(("husk", SandboxKind::Vm)));
+        assert_eq!(rd.resolve(""), Some(("husk", SandboxKind::Vm.into())));
         assert_eq!(
             rd.resolve("husk-ns"),
-            Some(("husk-ns", SandboxKind::Namespace))
+            Some(("husk-ns", SandboxKind::Namespace.into()))
         );
         std::fs::write(&p, "sockett = \"/x\"\n").unwrap();
         assert!(matches!(

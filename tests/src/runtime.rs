@@ -135,7 +135,15 @@ pub fn kill_leftover_pods(state_dir: &Path) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
             continue;
         };
-        if let Some(pid) = v["agent"]["pid"].as_i64() {
+        let helpers = v["agent"]["vm"]["helpers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let pids = v["agent"]["pid"]
+            .as_i64()
+            .into_iter()
+            .chain(helpers.iter().filter_map(|h| h["pid"].as_i64()));
+        for pid in pids {
             // SAFETY: plain kill(2); the pid is the agent's unshare process (start time not rechecked: test cleanup).
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             let deadline = Instant::now() + Duration::from_secs(5);

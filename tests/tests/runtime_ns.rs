@@ -869,7 +869,11 @@ async fn agent_crash_makes_pod_notready_and_containers_exited() {
     let st = wait_exited(&e.c, &id, Duration::from_secs(10)).await;
     assert_eq!(st.reason, "SandboxAgentExited");
     assert!(!st.message.is_empty() && st.finished_at > 0);
-    assert!(!cgroup_exists(&cg), "cgroups of the dead pod left behind");
+    // Removed by the pod monitor right after it records the exits.
+    eventually("cgroups of the dead pod removed", Duration::from_secs(10), || async {
+        !cgroup_exists(&cg)
+    })
+    .await;
     // RPCs keep working.
     assert_eq!(e.list_pods(None).await.len(), 1);
     assert_eq!(
@@ -1085,7 +1089,8 @@ async fn bad_input_and_failed_creates_clean_up() {
         })
         .await;
     assert_eq!(code_of(bad_handler), Code::InvalidArgument);
-    // The default handler is the VM sandbox: not available yet, clearly.
+    // The default handler is the VM sandbox on husk-vmm: this huskd has no
+    // guest image configured (and this host no usable KVM), said clearly.
     let vm = rt()
         .run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(e.pod("vm")),
@@ -1093,8 +1098,8 @@ async fn bad_input_and_failed_creates_clean_up() {
         })
         .await
         .unwrap_err();
-    assert_eq!(vm.code(), Code::FailedPrecondition);
-    assert!(vm.message().contains("husk-ns"), "{}", vm.message());
+    assert_eq!(vm.code(), Code::FailedPrecondition, "{vm:?}");
+    assert!(vm.message().contains("VM sandbox"), "{}", vm.message());
     let mut host_pid = e.pod("hostpid");
     host_pid.linux = Some(cri::LinuxPodSandboxConfig {
         security_context: Some(cri::LinuxSandboxSecurityContext {

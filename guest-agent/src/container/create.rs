@@ -175,8 +175,21 @@ pub fn resolve_device(device: &Path, sys_block: &Path) -> Result<PathBuf> {
     Err(AgentError::InvalidArgument(format!("no virtio-blk device with serial {serial}")))
 }
 
+/// How long a hot-plugged disk may take to show up in the guest.
+const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> Result<PathBuf> {
-    let device = resolve_device(device, Path::new("/sys/block"))?;
+    // huskd hot-plugs the image disk just before CreateContainer: the guest
+    // kernel may still be probing it.
+    let deadline = std::time::Instant::now() + DEVICE_WAIT;
+    let device = loop {
+        match resolve_device(device, Path::new("/sys/block")) {
+            Ok(d) if d.exists() => break d,
+            Ok(d) if std::time::Instant::now() > deadline => break d,
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    };
     let device = device.as_path();
     let target = dir.join("block");
     std::fs::create_dir_all(&target).map_err(|e| AgentError::Io(format!("mkdir {}", target.display()), e))?;

@@ -59,8 +59,9 @@ enum Cmd {
         /// Stop and remove the pod (and its logs) afterwards.
         #[arg(long)]
         rm: bool,
-        /// RuntimeClass handler: husk (VM sandbox, not available yet) or husk-ns
-        /// (namespace sandbox: container-level isolation, not a VM). Default: huskd's default.
+        /// RuntimeClass handler: husk (VM on husk-vmm, hardware KVM), husk-qemu (VM on
+        /// QEMU, KVM or TCG) or husk-ns (namespace sandbox: container-level isolation,
+        /// not a VM). Default: huskd's default handler (a VM sandbox).
         #[arg(long)]
         runtime: Option<String>,
         /// Pod and container name (default run-<random>).

@@ -97,7 +97,8 @@ pub async fn run(c: &mut Clients, o: RunOptions) -> anyhow::Result<i32> {
             if s.code() == Code::FailedPrecondition && o.runtime.as_deref() != Some("husk-ns") =>
         {
             bail!(
-                "cannot start the pod: {}\nhint: the namespace sandbox works today: husk run --runtime husk-ns ...",
+                "cannot start the pod: {}\nhint: another handler may work here: --runtime husk-qemu (a QEMU VM, TCG without KVM) \
+                 or --runtime husk-ns (namespace sandbox, not a VM)",
                 s.message()
             )
         }

@@ -777,9 +777,12 @@ pub fn pod_info(v: &PodView) -> HashMap<String, String> {
         "agentPid": v.rec.agent.as_ref().map(|a| a.pid),
         "agentSocket": v.rec.agent.as_ref().map(|a| a.socket.display().to_string()),
         "agentAlive": v.agent_alive,
+        "vmHelpers": v.rec.agent.as_ref().and_then(|a| a.vm.as_ref()).map(|vm| vm.helpers.iter().map(|h| h.pid).collect::<Vec<_>>()),
+        "vmDir": v.rec.agent.as_ref().and_then(|a| a.vm.as_ref()).map(|vm| vm.dir.display().to_string()),
         "isolation": match v.rec.kind {
             crate::config::SandboxKind::Namespace => "namespaces (container-level isolation, not a VM)",
-            crate::config::SandboxKind::Vm => "virtual machine",
+            crate::config::SandboxKind::Vm => "virtual machine (husk-vmm)",
+            crate::config::SandboxKind::Qemu => "virtual machine (QEMU)",
         },
     });
     HashMap::from([("info".to_string(), info.to_string())])

@@ -12,7 +12,6 @@ use tonic::{Request, Response, Status};
 
 use super::Services;
 use super::convert;
-use crate::config::SandboxKind;
 
 pub const RUNTIME_NAME: &str = "husk";
 pub const CRI_API_VERSION: &str = "v1";
@@ -74,28 +73,27 @@ impl RuntimeService for Runtime {
         let verbose = r.into_inner().verbose;
         let rt = &self.s.runtime;
         let handlers = rt.handlers();
-        let ns_ready = handlers.iter().any(|(_, k)| *k == SandboxKind::Namespace);
+        let readiness = rt.handler_readiness();
         let cond = |t: &str, status: bool, reason: &str, message: &str| cri::RuntimeCondition {
             r#type: t.into(),
             status,
             reason: if status { String::new() } else { reason.into() },
             message: message.into(),
         };
-        let runtime = if ns_ready {
-            cond(
-                "RuntimeReady",
-                true,
-                "",
-                "namespace sandbox handlers are ready; the VM sandbox (husk) is not available yet",
-            )
-        } else {
-            cond(
-                "RuntimeReady",
-                false,
-                "NoWorkingHandler",
-                "only VM sandbox handlers are configured and the VM sandbox is not available yet",
-            )
-        };
+        let summary = readiness
+            .iter()
+            .map(|(n, r)| match r {
+                Ok(()) => format!("{n}: ready"),
+                Err(e) => format!("{n}: not ready ({e})"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let runtime = cond(
+            "RuntimeReady",
+            readiness.iter().any(|(_, r)| r.is_ok()),
+            "NoWorkingHandler",
+            &summary,
+        );
         let network = match rt.network().ready() {
             Ok(msg) => cond("NetworkReady", true, "", &msg),
             Err(msg) => cond("NetworkReady", false, "NetworkPluginNotReady", &msg),
@@ -104,7 +102,16 @@ impl RuntimeService for Runtime {
         if verbose {
             let h: Vec<_> = handlers
                 .iter()
-                .map(|(n, k)| serde_json::json!({"name": n, "kind": k}))
+                .map(|(n, k)| {
+                    let ready = readiness.iter().find(|(r, _)| r == n).map(|(_, r)| r.clone());
+                    serde_json::json!({
+                        "name": n,
+                        "kind": k.kind,
+                        "accel": k.accel,
+                        "ready": ready.as_ref().is_some_and(|r| r.is_ok()),
+                        "reason": ready.and_then(|r| r.err()),
+                    })
+                })
                 .collect();
             info.insert(
                 "config".into(),

@@ -2,6 +2,7 @@
 //! into a content store, and layer snapshots used as overlay lower dirs.
 
 pub mod auth;
+pub mod block;
 pub mod hosts;
 pub mod progress;
 pub mod pull;
@@ -274,13 +275,36 @@ impl ImageService {
             return Err(ImageError::InvalidArgument("image spec is empty".into()));
         }
         match self.store.resolve(spec) {
-            Some(rec) => Ok(self.store.remove_image(&rec.id)?),
+            Some(rec) => {
+                let removed = self.store.remove_image(&rec.id)?;
+                if removed {
+                    block::remove(self.store.root(), &rec.id);
+                }
+                Ok(removed)
+            }
             None => Ok(false),
         }
     }
 
     pub fn usage(&self) -> Result<Usage, ImageError> {
         Ok(self.store.usage()?)
+    }
+
+    /// The image's rootfs as one read-only erofs file (VM sandbox), built
+    /// on first use and cached.
+    pub async fn block_image(&self, rec: &ImageRecord) -> Result<PathBuf, block::BlockError> {
+        let _g = self.locks.lock(&format!("block:{}", rec.id)).await;
+        let root = self.store.root().to_path_buf();
+        let id = rec.id.clone();
+        let lowers = self.lower_dirs(rec);
+        tokio::task::spawn_blocking(move || block::ensure(&root, &id, &lowers))
+            .await
+            .unwrap_or_else(|e| {
+                Err(block::BlockError::Build {
+                    path: PathBuf::new(),
+                    msg: format!("build task: {e}"),
+                })
+            })
     }
 
     /// Overlay lower dirs of an image, top layer first.

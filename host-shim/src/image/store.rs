@@ -159,6 +159,15 @@ impl ImageStore {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
+        // Half-built VM block images (image/block.rs) of a killed huskd.
+        for e in fs::read_dir(root.join("blocks")).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(".tmp-") {
+                let _ = fs::remove_file(e.path());
+            } else if n.starts_with(".mnt-") {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
         let index_path = root.join("index.json");
         let index = match fs::read(&index_path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|source| StoreError::Corrupt {

@@ -101,7 +101,7 @@ pub fn check_host_network(
     kind: SandboxKind,
     config: &cri::PodSandboxConfig,
 ) -> Result<(), NetworkError> {
-    if kind == SandboxKind::Vm && uses_host_network(config) {
+    if kind.is_vm() && uses_host_network(config) {
         return Err(NetworkError::HostNetwork(
             "hostNetwork pods are not supported by the VM sandbox (runtime handler \"husk\"): \
              a VM has its own kernel and cannot share the host's network stack; \

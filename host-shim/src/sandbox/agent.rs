@@ -69,6 +69,21 @@ impl Agent {
         })
     }
 
+    /// An agent over an already connected stream (e.g. a hybrid-vsock
+    /// connection after its `CONNECT`/`OK` handshake).
+    pub fn over(stream: tokio::net::UnixStream) -> Self {
+        let c = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
+        Self {
+            client: pb::AgentClient::new(c),
+        }
+    }
+
+    /// Asks the agent to stop (a guest agent powers the VM off).
+    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.client.shutdown(ctx(timeout), &pb::Empty::new()).await?;
+        Ok(())
+    }
+
     pub async fn check(&self, timeout: Duration) -> Result<pb::CheckResponse> {
         Ok(self
             .client
@@ -96,20 +111,14 @@ impl Agent {
         &self,
         id: &str,
         spec: Vec<u8>,
-        lower_dirs: Vec<String>,
+        rootfs: pb::Rootfs,
         stdin: bool,
         tty: bool,
     ) -> Result<pb::CreateContainerResponse> {
         let req = pb::CreateContainerRequest {
             container_id: id.into(),
             oci_spec: spec,
-            rootfs: MessageField::some(pb::Rootfs {
-                source: Some(pb::rootfs::Source::Overlay(pb::OverlayRootfs {
-                    lower_dirs,
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }),
+            rootfs: MessageField::some(rootfs),
             stdio: MessageField::some(pb::StdioConfig {
                 stdin,
                 tty,

@@ -85,6 +85,15 @@ impl Manager {
                 md.name, md.attempt, other.id
             )));
         }
+        if pod.kind.agent_in_guest()
+            && let Some(m) = config.mounts.iter().find(|m| !m.host_path.is_empty())
+        {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "host path mount {} -> {}: the VM sandbox cannot share host directories yet \
+                 (virtio-fs volumes are not built); use a namespace-sandbox handler (husk-ns)",
+                m.host_path, m.container_path
+            )));
+        }
         let img = self
             .images
             .status(&image)
@@ -104,12 +113,10 @@ impl Manager {
         )?;
         let spec = serde_json::to_vec(&spec)
             .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))?;
-        let lower_dirs = self
-            .images
-            .lower_dirs(&img)
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        let agent_proc = prec.agent.clone().ok_or_else(|| {
+            RuntimeError::FailedPrecondition(format!("pod sandbox {pod_id} has no agent"))
+        })?;
+        let rootfs = pod.kind.rootfs(pod_id, &agent_proc, &img).await?;
 
         let id = new_id();
         let log_path = (!pod.config.log_directory.is_empty() && !config.log_path.is_empty())
@@ -142,7 +149,7 @@ impl Manager {
             stop_signal: convert::stop_signal(&image_config)?,
         };
         let resp = agent
-            .create_container(&id, spec, lower_dirs, config.stdin, config.tty)
+            .create_container(&id, spec, rootfs, config.stdin, config.tty)
             .await
             .map_err(|e| RuntimeError::agent("create container", e))?;
         rec.pid = resp.pid;

@@ -1,21 +1,41 @@
 //! The one seam between the shared pod machinery and how a pod's agent is
 //! run: [`SandboxKind`], with the namespace sandbox (`husk-ns`: a host
-//! process in fresh namespaces) and the VM sandbox (`husk`: not yet).
+//! process in fresh namespaces) here and the VM sandbox in `vm/`.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_proto::agent as pb;
+use husk_proto::cri;
+
 use super::RuntimeError;
-use super::agent::Agent;
+use super::agent::{Agent, AgentError};
 use super::state::AgentProcess;
+use crate::image::ImageService;
+use crate::image::store::ImageRecord;
+
+/// What a pod's sandbox is started with.
+pub struct LaunchSpec<'a> {
+    /// The pod's cgroup, relative to the cgroup root.
+    pub cgroup_parent: &'a str,
+    pub config: &'a cri::PodSandboxConfig,
+}
 
 /// How a pod's agent is launched, found again and stopped.
 #[async_trait::async_trait]
 pub trait SandboxKind: Send + Sync {
     /// Starts the agent of pod `id` and connects to it.
-    async fn launch(&self, id: &str) -> Result<(AgentProcess, Agent), RuntimeError>;
+    async fn launch(
+        &self,
+        id: &str,
+        spec: &LaunchSpec<'_>,
+    ) -> Result<(AgentProcess, Agent), RuntimeError>;
+    /// Dials the agent of a running pod again (after a huskd restart).
+    async fn connect(&self, p: &AgentProcess) -> Result<Agent, AgentError> {
+        Agent::connect(&p.socket).await
+    }
     /// Whether the agent process is still there (not exited, pid not reused).
     fn alive(&self, p: &AgentProcess) -> bool;
     /// Stops the agent process: SIGTERM, `grace`, SIGKILL.
@@ -33,26 +53,17 @@ pub trait SandboxKind: Send + Sync {
             "port forwarding is not available for this sandbox kind yet".into(),
         ))
     }
-}
-
-/// `husk`: one husk-vmm microVM per pod. Comes with the VM issue.
-pub struct VmSandbox;
-
-#[async_trait::async_trait]
-impl SandboxKind for VmSandbox {
-    async fn launch(&self, _id: &str) -> Result<(AgentProcess, Agent), RuntimeError> {
-        Err(RuntimeError::FailedPrecondition(
-            "the VM sandbox (runtime handler \"husk\") is not available in this huskd yet; \
-             use the namespace sandbox: runtime handler \"husk-ns\" (husk run --runtime husk-ns), \
-             which is container-level isolation, not a VM"
-                .into(),
-        ))
-    }
-    fn alive(&self, _p: &AgentProcess) -> bool {
+    /// Makes `image` available to the pod's agent as a container rootfs.
+    async fn rootfs(
+        &self,
+        id: &str,
+        p: &AgentProcess,
+        image: &ImageRecord,
+    ) -> Result<pb::Rootfs, RuntimeError>;
+    /// The agent runs in a guest (host paths are not visible to it).
+    fn agent_in_guest(&self) -> bool {
         false
     }
-    async fn shutdown(&self, _p: &AgentProcess, _grace: Duration) {}
-    fn cleanup(&self, _id: &str) {}
 }
 
 /// `husk-ns`: per pod a `husk-agent --host` process, the init of a fresh PID
@@ -64,6 +75,7 @@ pub struct NamespaceSandbox {
     pub run_dir: PathBuf,
     pub agent_binary: PathBuf,
     pub start_timeout: Duration,
+    pub images: std::sync::Arc<ImageService>,
 }
 
 impl NamespaceSandbox {
@@ -74,7 +86,11 @@ impl NamespaceSandbox {
 
 #[async_trait::async_trait]
 impl SandboxKind for NamespaceSandbox {
-    async fn launch(&self, id: &str) -> Result<(AgentProcess, Agent), RuntimeError> {
+    async fn launch(
+        &self,
+        id: &str,
+        _spec: &LaunchSpec<'_>,
+    ) -> Result<(AgentProcess, Agent), RuntimeError> {
         let dir = self.pod_dir(id);
         let internal =
             |what: &str, e: std::io::Error| RuntimeError::Internal(format!("{what}: {e}"));
@@ -119,6 +135,7 @@ impl SandboxKind for NamespaceSandbox {
             pid,
             start_time: start_time(pid).unwrap_or(0),
             socket: socket.clone(),
+            vm: None,
         };
         let deadline = Instant::now() + self.start_timeout;
         loop {
@@ -157,12 +174,27 @@ impl SandboxKind for NamespaceSandbox {
     }
 
     fn alive(&self, p: &AgentProcess) -> bool {
-        match proc_stat(p.pid) {
-            Some((state, start)) => {
-                state != 'Z' && state != 'X' && (p.start_time == 0 || start == p.start_time)
-            }
-            None => false,
-        }
+        proc_alive(p.pid, p.start_time)
+    }
+
+    async fn rootfs(
+        &self,
+        _id: &str,
+        _p: &AgentProcess,
+        image: &ImageRecord,
+    ) -> Result<pb::Rootfs, RuntimeError> {
+        Ok(pb::Rootfs {
+            source: Some(pb::rootfs::Source::Overlay(pb::OverlayRootfs {
+                lower_dirs: self
+                    .images
+                    .lower_dirs(image)
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
     }
 
     async fn shutdown(&self, p: &AgentProcess, grace: Duration) {
@@ -229,6 +261,17 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let state = fields.first()?.chars().next()?;
     let start = fields.get(19)?.parse().ok()?;
     Some((state, start))
+}
+
+/// `pid` runs (not a zombie) and is the process started at `start_time`
+/// (0 = not recorded).
+pub fn proc_alive(pid: i32, start_time: u64) -> bool {
+    match proc_stat(pid) {
+        Some((state, start)) => {
+            state != 'Z' && state != 'X' && (start_time == 0 || start == start_time)
+        }
+        None => false,
+    }
 }
 
 pub fn start_time(pid: i32) -> Option<u64> {

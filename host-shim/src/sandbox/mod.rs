@@ -19,6 +19,7 @@ pub mod state;
 mod stats;
 pub mod stream;
 mod supervise;
+pub mod vm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -27,7 +28,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use husk_proto::cri;
 
 use self::agent::{Agent, AgentError};
-use self::kind::{NamespaceSandbox, SandboxKind, VmSandbox};
+use self::kind::{NamespaceSandbox, SandboxKind};
+use self::vm::VmSandbox;
 use self::logs::CriLog;
 use self::state::{ContainerRecord, PodRecord};
 use crate::config::{self, RuntimeConfig};
@@ -197,8 +199,11 @@ pub struct Manager {
     store: Store,
     images: Arc<ImageService>,
     ns: Arc<NamespaceSandbox>,
+    /// husk-vmm.
     vm: Arc<VmSandbox>,
     net: Arc<Network>,
+    /// QEMU by accelerator: kvm, tcg, auto.
+    qemu: [Arc<VmSandbox>; 3],
     pods: RwLock<HashMap<String, Arc<Pod>>>,
     containers: RwLock<HashMap<String, Arc<Container>>>,
     /// name key (name/namespace/uid/attempt) → pod id; reserved before any I/O.
@@ -222,6 +227,7 @@ impl Manager {
             start_timeout: std::time::Duration::from_millis(
                 settings.runtime.agent_start_timeout_ms,
             ),
+            images: images.clone(),
         });
         let net = Network::open(
             settings.network.clone(),
@@ -229,12 +235,28 @@ impl Manager {
             settings.run_dir.join("netns"),
         )
         .map_err(|e| RuntimeError::Internal(e.to_string()))?;
+        let vm = |backend, accel| {
+            Arc::new(VmSandbox::new(
+                backend,
+                accel,
+                settings.runtime.vm.clone(),
+                settings.run_dir.clone(),
+                images.clone(),
+            ))
+        };
+        let vmm = vm(config::SandboxKind::Vm, config::Accel::Auto);
+        let qemu = [
+            vm(config::SandboxKind::Qemu, config::Accel::Kvm),
+            vm(config::SandboxKind::Qemu, config::Accel::Tcg),
+            vm(config::SandboxKind::Qemu, config::Accel::Auto),
+        ];
         let m = Arc::new(Self {
             cfg: settings.runtime,
             store,
             images,
             ns,
-            vm: Arc::new(VmSandbox),
+            vm: vmm,
+            qemu,
             net: Arc::new(net),
             pods: RwLock::new(HashMap::new()),
             containers: RwLock::new(HashMap::new()),
@@ -253,10 +275,14 @@ impl Manager {
         &self.net
     }
 
-    fn kind(&self, k: config::SandboxKind) -> Arc<dyn SandboxKind> {
-        match k {
-            config::SandboxKind::Vm => self.vm.clone(),
+    fn kind(&self, h: impl Into<config::Handler>) -> Arc<dyn SandboxKind> {
+        let h = h.into();
+        match h.kind {
             config::SandboxKind::Namespace => self.ns.clone(),
+            _ => match self.kind_vm(h) {
+                Some(v) => v.clone(),
+                None => self.vm.clone(),
+            },
         }
     }
 
@@ -318,8 +344,39 @@ impl Manager {
             .ok()
     }
 
-    /// Whether a RuntimeClass handler would give working pods, for Status.
-    pub fn handlers(&self) -> Vec<(String, config::SandboxKind)> {
+    /// Per handler: can it start a pod here (what is missing if not)?
+    /// Checks binaries, guest image and KVM; a VM that then fails to boot
+    /// still fails RunPodSandbox with its console tail.
+    pub fn handler_readiness(&self) -> Vec<(String, std::result::Result<(), String>)> {
+        self.cfg
+            .handlers
+            .iter()
+            .map(|(n, h)| {
+                let r = match h.kind {
+                    config::SandboxKind::Namespace => Ok(()),
+                    config::SandboxKind::Vm => self.vm.ready(),
+                    config::SandboxKind::Qemu => match self.kind_vm(*h) {
+                        Some(v) => v.ready(),
+                        None => Ok(()),
+                    },
+                };
+                (n.clone(), r)
+            })
+            .collect()
+    }
+
+    fn kind_vm(&self, h: config::Handler) -> Option<&Arc<VmSandbox>> {
+        match (h.kind, h.accel.unwrap_or(self.cfg.vm.qemu_accel)) {
+            (config::SandboxKind::Qemu, config::Accel::Kvm) => Some(&self.qemu[0]),
+            (config::SandboxKind::Qemu, config::Accel::Tcg) => Some(&self.qemu[1]),
+            (config::SandboxKind::Qemu, config::Accel::Auto) => Some(&self.qemu[2]),
+            (config::SandboxKind::Vm, _) => Some(&self.vm),
+            _ => None,
+        }
+    }
+
+    /// The configured RuntimeClass handlers.
+    pub fn handlers(&self) -> Vec<(String, config::Handler)> {
         self.cfg
             .handlers
             .iter()

@@ -9,7 +9,7 @@ use husk_proto::cri;
 use prost::Message;
 use protobuf::MessageField;
 
-use super::kind::remove_pod_cgroups;
+use super::kind::{LaunchSpec, remove_pod_cgroups};
 use super::state::{ContainerState, PodRecord, PodState, new_id, now_ns};
 use super::{ContainerView, Manager, Pod, Result, RuntimeError, lock};
 use crate::config::SandboxKind as Kind;
@@ -61,7 +61,7 @@ impl Manager {
                     "pod sandbox config: metadata with a name is required".into(),
                 )
             })?;
-        let (handler, kind) = self.cfg.resolve(handler).ok_or_else(|| {
+        let (handler, spec) = self.cfg.resolve(handler).ok_or_else(|| {
             RuntimeError::InvalidArgument(format!(
                 "unknown runtime handler {handler:?} (configured: {})",
                 self.cfg
@@ -73,7 +73,23 @@ impl Manager {
             ))
         })?;
         let handler = handler.to_string();
+        let kind = spec.kind;
         let ns = pod_ns(&config);
+        if kind.is_vm() {
+            for (what, mode) in [
+                ("network", ns.network),
+                ("PID", ns.pid),
+                ("IPC", ns.ipc),
+            ] {
+                if mode == NS_NODE {
+                    return Err(RuntimeError::InvalidArgument(format!(
+                        "the VM sandbox (handler {handler:?}) cannot share the host {what} namespace: \
+                         a pod in a VM has its own kernel; use a namespace-sandbox handler (husk-ns) for host-{} pods",
+                        what.to_lowercase()
+                    )));
+                }
+            }
+        }
         if kind == Kind::Namespace && ns.pid == NS_NODE {
             return Err(RuntimeError::InvalidArgument(
                 "host PID namespace is not supported by the namespace sandbox (its agent is the init of its own PID namespace)".into(),
@@ -114,7 +130,7 @@ impl Manager {
             names.insert(key.clone(), id.clone());
         }
         let result = self
-            .run_pod_reserved(&id, config, &handler, kind, cgroup_parent, owns_cgroup)
+            .run_pod_reserved(&id, config, &handler, spec, cgroup_parent, owns_cgroup)
             .await;
         if result.is_err() {
             lock(&self.pod_names).remove(&key);
@@ -127,11 +143,12 @@ impl Manager {
         id: &str,
         config: cri::PodSandboxConfig,
         handler: &str,
-        kind: Kind,
+        spec: crate::config::Handler,
         cgroup_parent: String,
         owns_cgroup: bool,
     ) -> Result<()> {
-        let kind_impl = self.kind(kind);
+        let kind = spec.kind;
+        let kind_impl = self.kind(spec);
         let mut rec = PodRecord {
             id: id.to_string(),
             handler: handler.to_string(),
@@ -144,10 +161,6 @@ impl Manager {
             agent: None,
             reason: String::new(),
         };
-        // A VM pod fails here, before anything exists.
-        if kind == Kind::Vm {
-            kind_impl.launch(id).await?;
-        }
         self.store.put_pod(id, &rec)?;
         // Before the agent starts: its mount namespace must see the pinned netns.
         let netns = match self.net.setup(id, &config).await {
@@ -175,7 +188,11 @@ impl Manager {
                 let _ = store.remove_pod(&id);
             }
         };
-        let (proc, agent) = match kind_impl.launch(id).await {
+        let launch = LaunchSpec {
+            cgroup_parent: &cgroup_parent,
+            config: &config,
+        };
+        let (proc, agent) = match kind_impl.launch(id, &launch).await {
             Ok(x) => x,
             Err(e) => {
                 cleanup(None).await;
@@ -203,14 +220,18 @@ impl Manager {
                 options: dns.options,
                 ..Default::default()
             }),
+            // In a VM the guest's own namespaces are the pod's.
             namespaces: MessageField::some(pb::SandboxNamespaces {
-                network: ns.network != NS_NODE,
-                ipc: ns.ipc != NS_NODE,
-                uts: ns.network != NS_NODE,
+                network: !kind.is_vm() && ns.network != NS_NODE,
+                ipc: !kind.is_vm() && ns.ipc != NS_NODE,
+                uts: !kind.is_vm() && ns.network != NS_NODE,
                 // The agent's own fresh PID namespace is the pod's.
                 pid: false,
+                // A host path: only the namespace sandbox can join it (a VM
+                // pod's network reaches the guest through a tap).
                 network_path: netns
                     .as_ref()
+                    .filter(|_| !kind.is_vm())
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
                 ..Default::default()

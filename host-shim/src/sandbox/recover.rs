@@ -10,10 +10,10 @@ use husk_proto::cri;
 use prost::Message;
 
 use super::agent::Agent;
-use super::kind::remove_pod_cgroups;
+use super::kind::{SandboxKind, remove_pod_cgroups};
 use super::logs::CriLog;
 use super::pod::CGROUP_WAIT;
-use super::state::{ContainerRecord, ContainerState, PodRecord, PodState, now_ns};
+use super::state::{AgentProcess, ContainerRecord, ContainerState, PodRecord, PodState, now_ns};
 use super::{Container, Manager, Pod, Result, lock};
 
 impl Manager {
@@ -64,7 +64,7 @@ impl Manager {
         if prec.state == PodState::Ready {
             let alive = prec.agent.as_ref().is_some_and(|p| kind.alive(p));
             if alive && let Some(p) = &prec.agent {
-                agent = dial(&p.socket, &id).await;
+                agent = dial(kind.as_ref(), p, &id).await;
             }
             if agent.is_none() {
                 prec.state = PodState::NotReady;
@@ -147,10 +147,10 @@ impl Manager {
 
 /// Connects to the agent of pod `id`; `None` unless it answers, serves
 /// that pod and its namespace holder is alive.
-async fn dial(socket: &std::path::Path, id: &str) -> Option<Agent> {
+async fn dial(kind: &dyn SandboxKind, p: &AgentProcess, id: &str) -> Option<Agent> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        if let Ok(a) = Agent::connect(socket).await
+        if let Ok(a) = kind.connect(p).await
             && let Ok(check) = a.check(Duration::from_secs(2)).await
         {
             if check.sandbox_id == id && check.sandbox_ready {

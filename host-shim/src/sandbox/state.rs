@@ -58,7 +58,29 @@ pub struct AgentProcess {
     pub pid: i32,
     /// Its start time (clock ticks since boot, /proc/PID/stat field 22): guards against pid reuse.
     pub start_time: u64,
+    /// The agent's ttrpc socket (husk-ns), or the VM's hybrid-vsock socket.
     pub socket: PathBuf,
+    /// VM sandbox: the VMM's helper processes and run dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmProcess>,
+}
+
+/// A process found again by pid and start time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRef {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+/// What a VM pod runs besides the VMM (`AgentProcess::pid`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProcess {
+    /// `Vm` (husk-vmm) or `Qemu`.
+    pub backend: SandboxKind,
+    /// E.g. the vhost-user vsock server QEMU uses.
+    pub helpers: Vec<ProcRef>,
+    /// Run dir: console.log, the VMM's control/QMP socket, vhost-user sockets.
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,0 +1,599 @@
+//! The VM sandbox: one micro-VM per pod, the agent as the guest's PID 1,
+//! reached over hybrid vsock. Two backends behind one small set of calls
+//! (launch, attach a disk, stop, kill, find again):
+//! - `husk-vmm` (handler `husk`): our own VMM on hardware KVM; it serves the
+//!   hybrid-vsock socket itself.
+//! - QEMU (handler `husk-qemu`, KVM or TCG): q35 with husk-vmm's virtio-vsock
+//!   device served over vhost-user (`husk-vmm vhost-user vsock`), QMP for
+//!   disk hot-plug and shutdown.
+//!
+//! Every process is started detached (own session, outlives huskd), placed
+//! in the pod's host cgroup, and recorded by pid + start time so a restarted
+//! huskd finds it again.
+
+pub mod hybrid;
+pub mod qemu;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use husk_proto::agent as pb;
+use husk_proto::cri;
+
+use super::RuntimeError;
+use super::agent::{Agent, AgentError};
+use super::kind::{LaunchSpec, SandboxKind, proc_alive, start_time};
+use super::state::{AgentProcess, ProcRef, VmProcess};
+use crate::config::{Accel, SandboxKind as Kind, VmConfig};
+use crate::image::store::{ImageRecord, hex_of};
+use crate::image::{ImageService, KeyedLocks};
+
+/// The agent's vsock port (guest-agent `VSOCK_PORT`).
+pub const AGENT_PORT: u32 = 1024;
+/// The agent's port-forward endpoint (guest-agent `forward::VSOCK_PORT`).
+pub const FORWARD_PORT: u32 = 1025;
+/// Guest CID given to the vsock device (one VM per device: any ≥ 3 works).
+const GUEST_CID: u64 = 3;
+/// How long a vhost-user server gets to create its socket.
+const HELPER_WAIT: Duration = Duration::from_secs(10);
+/// QMP answers (hot-plug, quit).
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Console/log lines quoted in start errors.
+const TAIL_LINES: usize = 15;
+
+pub struct VmSandbox {
+    pub backend: Kind,
+    /// QEMU only; `Auto` is resolved at launch.
+    pub accel: Accel,
+    pub cfg: VmConfig,
+    pub run_dir: PathBuf,
+    pub images: Arc<ImageService>,
+    hotplug: KeyedLocks,
+}
+
+impl VmSandbox {
+    pub fn new(
+        backend: Kind,
+        accel: Accel,
+        cfg: VmConfig,
+        run_dir: PathBuf,
+        images: Arc<ImageService>,
+    ) -> Self {
+        Self {
+            backend,
+            accel,
+            cfg,
+            run_dir,
+            images,
+            hotplug: KeyedLocks::default(),
+        }
+    }
+
+    /// Short (unix socket paths must fit in 108 bytes): run_dir/vm/<16 hex>.
+    fn pod_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join("vm").join(&id[..16.min(id.len())])
+    }
+
+    fn name(&self) -> &'static str {
+        match self.backend {
+            Kind::Qemu => "QEMU",
+            _ => "husk-vmm",
+        }
+    }
+
+    /// Whether a pod could be started (binaries, guest image, KVM).
+    pub fn ready(&self) -> Result<(), String> {
+        self.preflight(qemu::resolve_accel(self.accel))
+            .map_err(|e| e.to_string())
+    }
+
+    /// What must exist before anything is started.
+    fn preflight(&self, accel: Accel) -> Result<(), RuntimeError> {
+        let missing = |what: String| Err(RuntimeError::FailedPrecondition(what));
+        for (what, p) in [("kernel", &self.cfg.kernel), ("initrd", &self.cfg.initrd)] {
+            if !p.is_file() {
+                return missing(format!(
+                    "VM sandbox: guest {what} {} not found (build it with images/build-kernel.sh and images/build-initramfs.sh, \
+                     or set runtime.vm.{what} in huskd's config)",
+                    p.display()
+                ));
+            }
+        }
+        let vmm = self.cfg.vmm_path();
+        if qemu::find_binary(&vmm).is_none() {
+            return missing(format!(
+                "VM sandbox: husk-vmm binary {} not found (runtime.vm.vmm_binary)",
+                vmm.display()
+            ));
+        }
+        match self.backend {
+            Kind::Qemu => {
+                if qemu::find_binary(&self.cfg.qemu_binary).is_none() {
+                    return missing(format!(
+                        "VM sandbox: {} not found (apt install qemu-system-x86, or set runtime.vm.qemu_binary)",
+                        self.cfg.qemu_binary.display()
+                    ));
+                }
+                if accel == Accel::Kvm && !qemu::kvm_opens() {
+                    return missing(
+                        "VM sandbox: QEMU with accel kvm needs /dev/kvm, which cannot be opened here \
+                         (use accel \"tcg\" or \"auto\")"
+                            .into(),
+                    );
+                }
+            }
+            _ => {
+                if !qemu::kvm_opens() {
+                    return missing(
+                        "VM sandbox: husk-vmm needs /dev/kvm, which cannot be opened here \
+                         (no KVM: use the husk-qemu handler, which can run on TCG)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// vCPUs and MiB: the defaults plus the pod's limits (rounded up).
+    fn size(&self, config: &cri::PodSandboxConfig) -> (u32, u32) {
+        let r = config.linux.as_ref().and_then(|l| l.resources.as_ref());
+        let cpus = r
+            .filter(|r| r.cpu_quota > 0 && r.cpu_period > 0)
+            .map(|r| (r.cpu_quota as u64).div_ceil(r.cpu_period as u64) as u32)
+            .unwrap_or(0);
+        let mem = r
+            .map(|r| (r.memory_limit_in_bytes.max(0) as u64).div_ceil(1 << 20) as u32)
+            .unwrap_or(0);
+        (
+            (self.cfg.vcpus + cpus).min(self.cfg.max_vcpus),
+            (self.cfg.memory_mib.saturating_add(mem)).min(self.cfg.max_memory_mib),
+        )
+    }
+
+    fn cmdline(&self) -> String {
+        let mut c = String::from("console=ttyS0 panic=-1 quiet");
+        if self.backend == Kind::Vm {
+            c.push_str(" reboot=k noapictimer");
+        }
+        if !self.cfg.kernel_params.trim().is_empty() {
+            c.push(' ');
+            c.push_str(self.cfg.kernel_params.trim());
+        }
+        c
+    }
+
+    /// Starts the VMM (and for QEMU its vsock server). Returns the VMM
+    /// and the helpers.
+    fn start_processes(
+        &self,
+        id: &str,
+        dir: &Path,
+        accel: Accel,
+        (vcpus, memory_mib): (u32, u32),
+    ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
+        let uds = dir.join("vsock.sock");
+        let console = dir.join("console.log");
+        let vmm = self.cfg.vmm_path();
+        match self.backend {
+            Kind::Qemu => {
+                let vu = dir.join("vu.sock");
+                let mut cmd = Command::new(&vmm);
+                cmd.args(["vhost-user", "vsock", "--cid", &GUEST_CID.to_string()])
+                    .arg("--socket")
+                    .arg(&vu)
+                    .arg("--uds")
+                    .arg(&uds);
+                let helper = spawn_detached(cmd, &dir.join("vsock.log"))?;
+                let t = Instant::now();
+                while !vu.exists() {
+                    if !proc_alive(helper.pid, helper.start_time) || t.elapsed() > HELPER_WAIT {
+                        kill_wait(&helper);
+                        return Err(RuntimeError::Internal(format!(
+                            "husk-vmm vhost-user vsock did not start: {}",
+                            tail(&dir.join("vsock.log"), 5)
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let args = qemu::args(&qemu::QemuSpec {
+                    binary: &self.cfg.qemu_binary,
+                    accel,
+                    vcpus,
+                    memory_mib,
+                    kernel: &self.cfg.kernel,
+                    initrd: &self.cfg.initrd,
+                    cmdline: &self.cmdline(),
+                    console: &console,
+                    vhost_user_vsock: &vu,
+                    qmp: &dir.join("qmp.sock"),
+                    hotplug_slots: self.cfg.hotplug_slots,
+                    name: &format!("husk-{}", &id[..12.min(id.len())]),
+                });
+                let mut cmd = Command::new(&self.cfg.qemu_binary);
+                cmd.args(args);
+                match spawn_detached(cmd, &dir.join("vmm.log")) {
+                    Ok(vm) => Ok((vm, vec![helper])),
+                    Err(e) => {
+                        kill_wait(&helper);
+                        Err(e)
+                    }
+                }
+            }
+            _ => {
+                let mut cmd = Command::new(&vmm);
+                cmd.arg("--kernel")
+                    .arg(&self.cfg.kernel)
+                    .arg("--initrd")
+                    .arg(&self.cfg.initrd)
+                    .args(["--cmdline", &self.cmdline()])
+                    .args(["--vcpus", &vcpus.min(255).to_string()])
+                    .args(["--memory", &memory_mib.to_string()])
+                    .arg("--vsock")
+                    .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
+                    .arg("--serial")
+                    .arg(format!("file:{}", console.display()))
+                    .arg("--control-socket")
+                    .arg(dir.join("control.sock"));
+                Ok((spawn_detached(cmd, &dir.join("vmm.log"))?, vec![]))
+            }
+        }
+    }
+
+    fn procs(p: &AgentProcess) -> Vec<ProcRef> {
+        let mut v = vec![ProcRef {
+            pid: p.pid,
+            start_time: p.start_time,
+        }];
+        if let Some(vm) = &p.vm {
+            v.extend(vm.helpers.iter().cloned());
+        }
+        v
+    }
+
+    /// The start failure, with the tails of the guest console and the logs.
+    fn start_error(&self, id: &str, dir: &Path, what: &str, timeout: bool) -> RuntimeError {
+        let msg = format!(
+            "{} VM of pod {id} {what}; guest console (last lines): {}; {} log: {}{}",
+            self.name(),
+            tail(&dir.join("console.log"), TAIL_LINES),
+            self.name(),
+            tail(&dir.join("vmm.log"), 5),
+            if self.backend == Kind::Qemu {
+                format!("; vsock server log: {}", tail(&dir.join("vsock.log"), 5))
+            } else {
+                String::new()
+            }
+        );
+        if timeout {
+            RuntimeError::DeadlineExceeded(msg)
+        } else {
+            RuntimeError::Unavailable(msg)
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SandboxKind for VmSandbox {
+    async fn launch(
+        &self,
+        id: &str,
+        spec: &LaunchSpec<'_>,
+    ) -> Result<(AgentProcess, Agent), RuntimeError> {
+        let accel = qemu::resolve_accel(self.accel);
+        self.preflight(accel)?;
+        let dir = self.pod_dir(id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| RuntimeError::Internal(format!("pod run dir {}: {e}", dir.display())))?;
+        let started = Instant::now();
+        let size = self.size(spec.config);
+        let (vm, helpers) = match self.start_processes(id, &dir, accel, size) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let proc = AgentProcess {
+            pid: vm.pid,
+            start_time: vm.start_time,
+            socket: dir.join("vsock.sock"),
+            vm: Some(VmProcess {
+                backend: self.backend,
+                helpers,
+                dir: dir.clone(),
+            }),
+        };
+        for p in Self::procs(&proc) {
+            if let Err(e) = place_in_cgroup(p.pid, spec.cgroup_parent) {
+                tracing::warn!(pod = id, pid = p.pid, error = %e, "VMM process not placed in the pod cgroup");
+            }
+        }
+        tracing::info!(pod = id, backend = self.name(), ?accel, vcpus = size.0, memory_mib = size.1, pid = vm.pid, "VM starting");
+        let deadline = started + Duration::from_millis(self.cfg.boot_timeout_ms);
+        loop {
+            if !self.alive(&proc) {
+                self.shutdown(&proc, Duration::ZERO).await;
+                return Err(self.start_error(id, &dir, "exited during boot", false));
+            }
+            if let Ok(s) = hybrid::connect(&proc.socket, AGENT_PORT, Duration::from_secs(2)).await {
+                let agent = Agent::over(s);
+                if agent.check(Duration::from_secs(5)).await.is_ok() {
+                    tracing::info!(pod = id, elapsed_ms = started.elapsed().as_millis() as u64, "guest agent up");
+                    return Ok((proc, agent));
+                }
+            }
+            if Instant::now() > deadline {
+                self.shutdown(&proc, Duration::ZERO).await;
+                return Err(self.start_error(
+                    id,
+                    &dir,
+                    &format!(
+                        "did not bring the agent up within {} ms (runtime.vm.boot_timeout_ms)",
+                        self.cfg.boot_timeout_ms
+                    ),
+                    true,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn connect(&self, p: &AgentProcess) -> Result<Agent, AgentError> {
+        let s = hybrid::connect(&p.socket, AGENT_PORT, Duration::from_secs(3))
+            .await
+            .map_err(|e| AgentError::Transport(e.to_string()))?;
+        Ok(Agent::over(s))
+    }
+
+    async fn dial_forward(&self, p: &AgentProcess) -> Result<tokio::net::UnixStream, RuntimeError> {
+        hybrid::connect(&p.socket, FORWARD_PORT, Duration::from_secs(5))
+            .await
+            .map_err(|e| RuntimeError::Unavailable(format!("agent port-forward endpoint in the guest: {e}")))
+    }
+
+    fn alive(&self, p: &AgentProcess) -> bool {
+        Self::procs(p)
+            .iter()
+            .all(|r| proc_alive(r.pid, r.start_time))
+    }
+
+    async fn shutdown(&self, p: &AgentProcess, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let vmm = ProcRef {
+            pid: p.pid,
+            start_time: p.start_time,
+        };
+        if !grace.is_zero() && proc_alive(vmm.pid, vmm.start_time) {
+            // The agent destroys the sandbox and powers the guest off.
+            if let Ok(agent) = self.connect(p).await
+                && let Err(e) = agent.shutdown(Duration::from_secs(2)).await
+            {
+                tracing::debug!(error = %e, "agent shutdown");
+            }
+            while proc_alive(vmm.pid, vmm.start_time) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if proc_alive(vmm.pid, vmm.start_time)
+                && let Some(vm) = &p.vm
+                && vm.backend == Kind::Qemu
+            {
+                let _ = qemu::quit(&vm.dir.join("qmp.sock"), Duration::from_secs(1)).await;
+                let t = Instant::now();
+                while proc_alive(vmm.pid, vmm.start_time) && t.elapsed() < Duration::from_secs(1) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        for r in Self::procs(p) {
+            kill_wait_async(&r).await;
+        }
+    }
+
+    fn cleanup(&self, id: &str) {
+        let dir = self.pod_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(pod = id, error = %e, "remove pod run dir");
+        }
+    }
+
+    async fn rootfs(
+        &self,
+        id: &str,
+        p: &AgentProcess,
+        image: &ImageRecord,
+    ) -> Result<pb::Rootfs, RuntimeError> {
+        if self.backend != Kind::Qemu {
+            return Err(RuntimeError::FailedPrecondition(
+                "husk-vmm cannot attach image disks to a running VM yet (no disk hot-plug); \
+                 use the husk-qemu handler"
+                    .into(),
+            ));
+        }
+        let dir = p
+            .vm
+            .as_ref()
+            .map(|v| v.dir.clone())
+            .unwrap_or_else(|| self.pod_dir(id));
+        let file = self
+            .images
+            .block_image(image)
+            .await
+            .map_err(|e| RuntimeError::Internal(format!("rootfs block image: {e}")))?;
+        let h = &hex_of(&image.id)[..16.min(hex_of(&image.id).len())];
+        let names = qemu::DiskNames {
+            node: format!("img-{h}"),
+            device: format!("blk-{h}"),
+            serial: format!("img{h}"),
+        };
+        {
+            let _g = self.hotplug.lock(id).await;
+            qemu::hotplug_disk(
+                &dir.join("qmp.sock"),
+                &file,
+                &names,
+                self.cfg.hotplug_slots,
+                QMP_TIMEOUT,
+            )
+            .await
+            .map_err(|e| RuntimeError::Internal(format!("attach image disk: {e}")))?;
+        }
+        Ok(pb::Rootfs {
+            source: Some(pb::rootfs::Source::Block(pb::BlockRootfs {
+                device: format!("virtio-blk:{}", names.serial),
+                fstype: "erofs".into(),
+                options: vec!["ro".into()],
+                overlay: true,
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+    }
+
+    fn agent_in_guest(&self) -> bool {
+        true
+    }
+}
+
+/// Spawns `cmd` in its own session with stdout+stderr to `log`; a thread
+/// reaps it while this huskd lives (init does after a restart).
+fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, RuntimeError> {
+    let f = std::fs::File::create(log)
+        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
+    let f2 = f
+        .try_clone()
+        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
+    cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+    // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RuntimeError::FailedPrecondition(format!("start {program}: {e}")))?;
+    let pid = child.id() as i32;
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(ProcRef {
+        pid,
+        start_time: start_time(pid).unwrap_or(0),
+    })
+}
+
+fn kill_wait(r: &ProcRef) {
+    if proc_alive(r.pid, r.start_time) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(r.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let t = Instant::now();
+    while proc_alive(r.pid, r.start_time) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+async fn kill_wait_async(r: &ProcRef) {
+    if proc_alive(r.pid, r.start_time) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(r.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let t = Instant::now();
+    while proc_alive(r.pid, r.start_time) && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Moves `pid` into `<hierarchy>/<parent>` of every host cgroup hierarchy
+/// that accounts resources (v1: cpu, cpuacct, memory, pids, blkio; v2: the
+/// unified tree), creating the directories.
+fn place_in_cgroup(pid: i32, parent: &str) -> std::io::Result<()> {
+    let parent = parent.trim_matches('/');
+    let root = Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![];
+    if root.join("cgroup.procs").exists() {
+        dirs.push(root.join(parent));
+    } else {
+        for e in std::fs::read_dir(root)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let wanted = name
+                .split(',')
+                .any(|c| matches!(c, "cpu" | "cpuacct" | "memory" | "pids" | "blkio"));
+            if wanted && e.path().join("cgroup.procs").exists() && !e.path().is_symlink() {
+                dirs.push(e.path().join(parent));
+            }
+        }
+    }
+    for d in dirs {
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("cgroup.procs"), pid.to_string())?;
+    }
+    Ok(())
+}
+
+/// The last `n` non-empty lines of a log file, joined with " | ".
+fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read(path).unwrap_or_default();
+    let s = String::from_utf8_lossy(&s);
+    let lines: Vec<&str> = s
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return "(empty)".into();
+    }
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_of_logs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l");
+        std::fs::write(&p, "a\n\nb\nc\n").unwrap();
+        assert_eq!(tail(&p, 2), "b | c");
+        assert_eq!(tail(&d.path().join("none"), 2), "(empty)");
+    }
+
+    #[test]
+    fn pod_sizing() {
+        let img = crate::image::ImageService::open(crate::image::ImageSettings {
+            root: tempfile::tempdir().unwrap().keep(),
+            registry_config_dir: None,
+            docker_config: None,
+            max_concurrent_downloads: 1,
+        })
+        .unwrap();
+        let vm = VmSandbox::new(Kind::Qemu, Accel::Tcg, VmConfig::default(), "/tmp".into(), img);
+        let mut c = cri::PodSandboxConfig::default();
+        assert_eq!(vm.size(&c), (1, 256));
+        c.linux = Some(cri::LinuxPodSandboxConfig {
+            resources: Some(cri::LinuxContainerResources {
+                cpu_quota: 150_000,
+                cpu_period: 100_000,
+                memory_limit_in_bytes: 100 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(vm.size(&c), (3, 356));
+        c.linux.as_mut().unwrap().resources.as_mut().unwrap().memory_limit_in_bytes = 1 << 40;
+        assert_eq!(vm.size(&c).1, 8192);
+    }
+}

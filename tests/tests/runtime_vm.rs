@@ -1,0 +1,533 @@
+#![allow(clippy::unwrap_used)]
+//! CRI RuntimeService end to end with the VM sandbox on QEMU/TCG (handler
+//! `husk-qemu`, accel tcg): a real guest kernel (images/), the real
+//! husk-agent as the guest's PID 1, husk-vmm's virtio-vsock device over
+//! vhost-user, image rootfs as erofs disks hot-plugged through QMP.
+//!
+//! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (tests/run.sh builds them)
+//! and qemu-system-x86_64; prints `skipped: <reason>` otherwise.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use husk_proto::cri;
+use husk_tests::cri_env::CriEnv;
+use husk_tests::oci::{Compression, ImageSpec, Layer, Pusher, build_image, busybox_layer, file};
+use husk_tests::registry;
+use husk_tests::require;
+use husk_tests::runtime::{
+    alive, cgroup_exists, container_status, eventually, info, log_records, pod_status,
+    wait_exited,
+};
+use tonic::Code;
+
+const QEMU: &str = "husk-qemu";
+
+fn guest() -> Option<(String, String)> {
+    let k = std::env::var("HUSK_GUEST_KERNEL").ok()?;
+    let i = std::env::var("HUSK_GUEST_INITRD").ok()?;
+    Some((k, i))
+}
+
+fn env_ok() -> bool {
+    registry::available()
+        && husk_tests::is_root()
+        && guest().is_some()
+        && std::process::Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+const NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
+
+/// huskd config: husk-qemu on TCG is the default handler.
+fn vm_config(kernel: &str, initrd: &str, boot_timeout_ms: u64) -> String {
+    format!(
+        "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\nhusk = \"vm\"\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+         [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = {boot_timeout_ms}\nmemory_mib = 256\n"
+    )
+}
+
+async fn vm_env() -> CriEnv {
+    let (k, i) = guest().unwrap();
+    CriEnv::new(QEMU, &vm_config(&k, &i, 90_000)).await
+}
+
+fn host_file(p: &str) -> String {
+    std::fs::read_to_string(p).unwrap().trim().to_string()
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The pod's VMM pid and its helpers' pids, from the verbose status.
+async fn vm_pids(e: &CriEnv, pod: &str) -> Vec<i32> {
+    let st = pod_status(&e.c, pod).await.unwrap();
+    let i = info(&st.info);
+    let mut v = vec![i["agentPid"].as_i64().unwrap() as i32];
+    v.extend(
+        i["vmHelpers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.as_i64().map(|p| p as i32)),
+    );
+    v
+}
+
+/// After RemovePodSandbox: no process, run dir or cgroup of the pod left.
+async fn assert_pod_gone(e: &CriEnv, pod: &str, pids: &[i32]) {
+    let dir = e.d.run_dir().join("vm").join(&pod[..16]);
+    eventually("VM processes gone", Duration::from_secs(15), || async {
+        pids.iter().all(|p| !alive(*p))
+    })
+    .await;
+    assert!(!dir.exists(), "run dir {} left", dir.display());
+    assert!(
+        !cgroup_exists(&format!("husk/{pod}")),
+        "pod cgroup left behind"
+    );
+    assert_eq!(
+        pod_status(&e.c, pod).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
+    require!(env_ok(), NEEDS);
+    let e = vm_env().await;
+    let pcfg = e.pod("vm1");
+    let t = Instant::now();
+    let pod = e
+        .run_pod(&pcfg)
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    println!("RunPodSandbox (QEMU/TCG boot + agent) {:?}", t.elapsed());
+    let st = pod_status(&e.c, &pod).await.unwrap();
+    assert_eq!(
+        st.status.as_ref().unwrap().state,
+        cri::PodSandboxState::SandboxReady as i32
+    );
+    let i = info(&st.info);
+    assert_eq!(i["kind"], "qemu");
+    assert_eq!(i["isolation"], "virtual machine (QEMU)");
+    let pids = vm_pids(&e, &pod).await;
+    assert!(comm(pids[0]).starts_with("qemu-system"), "{}", comm(pids[0]));
+    assert_eq!(pids.len(), 2, "QEMU and its vhost-user vsock server");
+    // Every VM process is in the pod's host cgroup.
+    for p in &pids {
+        let cg = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
+        assert!(cg.contains(&format!("husk/{pod}")), "pid {p} not in the pod cgroup: {cg}");
+    }
+
+    // A container on the guest kernel, logs written on the host.
+    let c1 = e
+        .run(
+            &pod,
+            &e.ctr("main", &["sh", "-c", "echo out; echo err >&2; exec sleep 1000"]),
+            &pcfg,
+        )
+        .await;
+    let log = e.log_path(&pcfg, "main");
+    eventually("both log lines", Duration::from_secs(30), || async {
+        log_records(&log).len() >= 2
+    })
+    .await;
+    let recs = log_records(&log);
+    assert!(recs.contains(&("stdout".into(), false, "out".into())), "{recs:?}");
+    assert!(recs.contains(&("stderr".into(), false, "err".into())), "{recs:?}");
+
+    // It really runs on the guest's kernel.
+    let rel = e.sh(&c1, "uname -r").await;
+    assert_ne!(rel.trim(), host_file("/proc/sys/kernel/osrelease"));
+    let boot = e.sh(&c1, "cat /proc/sys/kernel/random/boot_id").await;
+    assert_ne!(boot.trim(), host_file("/proc/sys/kernel/random/boot_id"));
+    let cpuinfo = e.sh(&c1, "grep -c ^processor /proc/cpuinfo").await;
+    assert_eq!(cpuinfo.trim(), "1", "one vCPU by default");
+    assert_eq!(e.sh(&c1, "hostname").await.trim(), "vm1");
+
+    // ExecSync exit codes, stderr, timeout.
+    let r = e.exec(&c1, &["sh", "-c", "echo x >&2; exit 3"], 30).await.unwrap();
+    assert_eq!(r.exit_code, 3);
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "x\n");
+    let r = e.exec(&c1, &["sleep", "30"], 1).await;
+    assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+
+    // Stats from the guest's cgroup v2.
+    let stats = e
+        .c
+        .runtime
+        .clone()
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: c1.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    let ps = e
+        .c
+        .runtime
+        .clone()
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(ps.linux.unwrap().memory.unwrap().working_set_bytes.unwrap().value > 0);
+
+    // Resource updates land in the guest's cgroup.
+    e.c.runtime
+        .clone()
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: c1.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|err| panic!("update: {err:?}\n{}", e.d.log()));
+    let max = e
+        .sh(
+            &c1,
+            &format!("cat /sys/fs/cgroup/husk/{pod}/{c1}/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory.max"),
+        )
+        .await;
+    assert_eq!(max.trim(), (64u64 << 20).to_string());
+
+    // A second container of the same image shares the hot-plugged disk,
+    // with its own writable layer.
+    let c2 = e
+        .run(
+            &pod,
+            &e.ctr("second", &["sh", "-c", "echo mine > /own; exec sleep 1000"]),
+            &pcfg,
+        )
+        .await;
+    eventually("second writes", Duration::from_secs(20), || async {
+        e.exec(&c2, &["cat", "/own"], 10)
+            .await
+            .is_ok_and(|r| r.exit_code == 0)
+    })
+    .await;
+    let r = e.exec(&c1, &["cat", "/own"], 10).await.unwrap();
+    assert_ne!(r.exit_code, 0, "container upper dirs must be separate");
+
+    // Host directories cannot be shared into the VM yet: refused clearly.
+    let mut m = e.ctr("mounts", &["true"]);
+    m.mounts.push(cri::Mount {
+        container_path: "/data".into(),
+        host_path: "/tmp".into(),
+        ..Default::default()
+    });
+    let err = e.create(&pod, &m, &pcfg).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // StopContainer: SIGTERM ends sleep (not PID 1: the pod's PID namespace).
+    e.stop_container(&c1, 10).await.unwrap();
+    let st = wait_exited(&e.c, &c1, Duration::from_secs(30)).await;
+    assert_eq!(st.exit_code, 143, "{st:?}");
+    e.remove_container(&c1).await.unwrap();
+    assert_eq!(
+        container_status(&e.c, &c1).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // Stop: the guest is shut down, the VMM exits; remove leaves nothing.
+    let t = Instant::now();
+    e.stop_pod(&pod).await.unwrap();
+    println!("StopPodSandbox {:?}", t.elapsed());
+    for p in &pids {
+        assert!(!alive(*p), "pid {p} ({}) survived StopPodSandbox", comm(*p));
+    }
+    let st = container_status(&e.c, &c2).await.unwrap().status.unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+    e.remove_pod(&pod).await.unwrap();
+    assert_pod_gone(&e, &pod, &pids).await;
+}
+
+#[tokio::test]
+async fn vm_oom_second_image_hotplug_and_cli() {
+    require!(env_ok(), NEEDS);
+    let e = vm_env().await;
+    // A second image: busybox plus a layer with a marker file.
+    let img = build_image(&ImageSpec {
+        layers: vec![
+            busybox_layer(Compression::Gzip).unwrap(),
+            Layer {
+                entries: vec![file("marker", "second image\n")],
+                compression: Compression::Gzip,
+            },
+        ],
+        ..Default::default()
+    });
+    Pusher::new(&e.reg.addr, None)
+        .push_image("e2e/marked", Some("1"), &img)
+        .await
+        .unwrap();
+    let marked = format!("{}/e2e/marked:1", e.reg.addr);
+    e.pull(&marked).await;
+
+    let pcfg = e.pod("vm2");
+    let pod = e
+        .run_pod(&pcfg)
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    let pids = vm_pids(&e, &pod).await;
+
+    // OOM inside the guest → OOMKilled.
+    let mut hog = e.ctr(
+        "hog",
+        &["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"],
+    );
+    hog.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 32 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let h = e.run(&pod, &hog, &pcfg).await;
+    let st = wait_exited(&e.c, &h, Duration::from_secs(120)).await;
+    assert_eq!(st.reason, "OOMKilled", "{st:?}");
+    assert_eq!(st.exit_code, 137);
+
+    // A container of another image: a second disk hot-plugged.
+    let mut m = e.ctr("marked", &["sh", "-c", "cat /marker; exec sleep 1000"]);
+    m.image = Some(cri::ImageSpec {
+        image: marked.clone(),
+        ..Default::default()
+    });
+    let c = match e.create(&pod, &m, &pcfg).await {
+        Ok(c) => c,
+        Err(err) => {
+            let dir = e.d.run_dir().join("vm").join(&pod[..16]);
+            panic!(
+                "create marked: {err:?}\nconsole:\n{}\nqemu:\n{}",
+                std::fs::read_to_string(dir.join("console.log")).unwrap_or_default(),
+                std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default()
+            );
+        }
+    };
+    e.start(&c).await.unwrap();
+    let log = e.log_path(&pcfg, "marked");
+    eventually("marker in the log", Duration::from_secs(30), || async {
+        log_records(&log).iter().any(|r| r.2 == "second image")
+    })
+    .await;
+    let disks = e.sh(&c, "for f in /sys/block/vd*/serial; do cat $f; echo; done").await;
+    assert_eq!(disks.lines().count(), 2, "two image disks: {disks}");
+
+    // The pod's VM shows up in ListPodSandbox with its handler.
+    let list = e
+        .c
+        .runtime
+        .clone()
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(list.iter().any(|p| p.id == pod && p.runtime_handler == QEMU));
+
+    // Host networking in a VM is refused (a VM has its own kernel).
+    let mut hn = e.pod("hostnet");
+    hn.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert_eq!(e.run_pod(&hn).await.unwrap_err().code(), Code::InvalidArgument);
+
+    e.stop_pod(&pod).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+    assert_pod_gone(&e, &pod, &pids).await;
+
+    // `husk run` uses the default handler: the VM.
+    let out = std::process::Command::new(husk_tests::bin_path("husk"))
+        .arg("--socket")
+        .arg(&e.d.socket)
+        .args(["run", "--rm", &e.image, "--", "uname", "-r"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rel = String::from_utf8_lossy(&out.stdout);
+    assert!(!rel.trim().is_empty());
+    assert_ne!(rel.trim(), host_file("/proc/sys/kernel/osrelease"));
+}
+
+#[tokio::test]
+async fn vm_huskd_kill9_and_restart_reattaches() {
+    require!(env_ok(), NEEDS);
+    let mut e = vm_env().await;
+    let pcfg = e.pod("vm3");
+    let pod = e
+        .run_pod(&pcfg)
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    let pids = vm_pids(&e, &pod).await;
+    let c = e
+        .run(
+            &pod,
+            &e.ctr("ticker", &["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]),
+            &pcfg,
+        )
+        .await;
+    let log = e.log_path(&pcfg, "ticker");
+    eventually("ticks", Duration::from_secs(30), || async {
+        log_records(&log).len() >= 3
+    })
+    .await;
+    e.d.crash_and_restart().await.unwrap();
+    e.c = e.d.clients().await.unwrap();
+    // Same VM, still ready; the container still runs and logs.
+    for p in &pids {
+        assert!(alive(*p), "VM process {p} died with huskd");
+    }
+    let st = pod_status(&e.c, &pod).await.unwrap();
+    assert_eq!(
+        st.status.unwrap().state,
+        cri::PodSandboxState::SandboxReady as i32,
+        "{}",
+        e.d.log()
+    );
+    assert_eq!(vm_pids(&e, &pod).await, pids);
+    let st = container_status(&e.c, &c).await.unwrap().status.unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+    let n = log_records(&log).len();
+    eventually("ticks after the restart", Duration::from_secs(30), || async {
+        log_records(&log).len() > n + 3
+    })
+    .await;
+    assert!(e.sh(&c, "echo alive").await.contains("alive"));
+    e.stop_pod(&pod).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+    assert_pod_gone(&e, &pod, &pids).await;
+}
+
+/// No VMM process whose command line mentions `needle` remains.
+fn no_process_mentions(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<i32>().is_ok())
+        .all(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmd).contains(needle)
+        })
+}
+
+fn pods_dir_empty(run_dir: &Path) -> bool {
+    ["pods", "vm"].iter().all(|d| {
+        std::fs::read_dir(run_dir.join(d))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true)
+    })
+}
+
+#[tokio::test]
+async fn vm_start_failures_are_clear_and_leak_nothing() {
+    require!(env_ok(), NEEDS);
+    let (k, i) = guest().unwrap();
+
+    // 1. The husk-vmm handler. Where hardware KVM exists the pod boots; on
+    // this kind of host (kvm-pvm or no KVM) it fails with a clear reason
+    // (boot timeout with the guest console's tail, or no /dev/kvm).
+    {
+        let mut cfg = vm_config(&k, &i, 15_000);
+        cfg = cfg.replace("default_handler = \"husk-qemu\"", "default_handler = \"husk\"");
+        let e = CriEnv::new("husk", &cfg).await;
+        let pcfg = e.pod("vmm");
+        match e.run_pod(&pcfg).await {
+            Ok(pod) => {
+                println!("husk-vmm booted the guest here (hardware KVM)");
+                e.stop_pod(&pod).await.unwrap();
+                e.remove_pod(&pod).await.unwrap();
+            }
+            Err(s) => {
+                println!("husk-vmm: {:?}: {}", s.code(), s.message());
+                match s.code() {
+                    Code::FailedPrecondition => assert!(s.message().contains("/dev/kvm"), "{s:?}"),
+                    Code::DeadlineExceeded | Code::Unavailable => {
+                        assert!(s.message().contains("guest console"), "{s:?}")
+                    }
+                    other => panic!("unexpected {other:?}: {s:?}"),
+                }
+            }
+        }
+        assert!(pods_dir_empty(&e.d.run_dir()), "run dir left");
+        assert!(no_process_mentions(&e.d.run_dir().display().to_string()));
+        let list = e
+            .c
+            .runtime
+            .clone()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert!(list.is_empty() || list.iter().all(|p| p.state == cri::PodSandboxState::SandboxReady as i32));
+        // The name can be used again (nothing reserved by the failure).
+        let _ = e.run_pod(&pcfg).await;
+    }
+
+    // 2. A guest kernel QEMU cannot load: the VMM exits during boot.
+    {
+        let e = CriEnv::new(QEMU, &vm_config("/bin/busybox", &i, 30_000)).await;
+        let s = e.run_pod(&e.pod("badkernel")).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        assert!(s.message().contains("exited during boot"), "{s:?}");
+        assert!(s.message().contains("guest console"), "{s:?}");
+        assert!(pods_dir_empty(&e.d.run_dir()));
+        assert!(no_process_mentions(&e.d.run_dir().display().to_string()));
+        assert!(std::fs::read_dir(e.d.state_dir().join("pods")).unwrap().next().is_none());
+    }
+
+    // 3. A missing kernel: refused before anything starts; Status says so.
+    {
+        let missing: PathBuf = "/nonexistent/bzImage".into();
+        let e = CriEnv::new(QEMU, &vm_config(&missing.display().to_string(), &i, 30_000)).await;
+        let s = e.run_pod(&e.pod("nokernel")).await.unwrap_err();
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(s.message().contains("/nonexistent/bzImage"), "{s:?}");
+        let st = e
+            .c
+            .runtime
+            .clone()
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner();
+        let rr = st
+            .status
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.r#type == "RuntimeReady")
+            .unwrap();
+        // husk-ns still works, so the runtime is ready; the message names the broken handler.
+        assert!(rr.status);
+        assert!(rr.message.contains("husk-qemu: not ready"), "{rr:?}");
+        assert!(pods_dir_empty(&e.d.run_dir()));
+    }
+}
