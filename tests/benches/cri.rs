@@ -12,12 +12,11 @@
 //! gets a pause image (busybox `sleep`) from the same local registry.
 //! `HUSK_BENCH_RUNS` (default 10) sets N; M = 2N.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_host::client::Clients;
 use husk_proto::cri;
+use husk_tests::containerd::{Containerd, connect, pull};
 use husk_tests::huskd::{Huskd, Options};
 use husk_tests::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer, set_cmd};
 use husk_tests::registry::Registry;
@@ -187,123 +186,6 @@ async fn measure(t: &Target, runs: usize) -> anyhow::Result<Result3> {
         exec_ms: husk_tests::bench::median(execs),
         parallel_s,
     })
-}
-
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-    sock: std::path::PathBuf,
-}
-
-impl Containerd {
-    fn start(registry: &str, pause: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let d = dir.path();
-        let sock = d.join("containerd.sock");
-        let certs = d.join("certs.d");
-        std::fs::create_dir_all(certs.join(registry))?;
-        std::fs::write(
-            certs.join(registry).join("hosts.toml"),
-            format!(
-                "server = \"http://{registry}\"\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
-        )?;
-        for sub in ["cni/bin", "cni/conf"] {
-            std::fs::create_dir_all(d.join(sub))?;
-        }
-        let cfg = d.join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{sock}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  # Lowering oom_score_adj (the pause container's -998) needs CAP_SYS_RESOURCE,
-  # which this machine's root lacks: clamp to containerd's own value.
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{certs}"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-      BinaryName = "{runc}"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cnibin}"
-    conf_dir = "{cniconf}"
-"#,
-                root = d.join("root").display(),
-                state = d.join("state").display(),
-                sock = sock.display(),
-                certs = certs.display(),
-                cnibin = d.join("cni/bin").display(),
-                cniconf = d.join("cni/conf").display(),
-                runc = std::env::var("HUSK_BENCH_RUNC").unwrap_or_else(|_| "runc".into()),
-            ),
-        )?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("containerd.log"))?)
-            .spawn()?;
-        Ok(Self { child, dir, sock })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.path().join("root"))
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.path().join("state"))
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-async fn pull(c: &Clients, image: &str) -> anyhow::Result<()> {
-    c.image
-        .clone()
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
-}
-
-async fn connect(sock: &Path) -> anyhow::Result<Clients> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if sock.exists()
-            && let Ok(mut c) = Clients::connect(sock).await
-            && c.runtime
-                .version(cri::VersionRequest::default())
-                .await
-                .is_ok()
-        {
-            return Ok(c);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no CRI on {}", sock.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::main]

@@ -744,3 +744,59 @@ async fn cli_exec_attach_and_port_forward() {
         child.wait().unwrap();
     }
 }
+
+/// Debian's python3-kubernetes, the official Python client (WebSocket
+/// v4.channel.k8s.io), as an independent check of the wire format.
+fn python_kubernetes() -> bool {
+    std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import kubernetes.stream.ws_client"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_kubernetes_client_interoperates() {
+    require!(env_ok(), NEEDS);
+    require!(
+        python_kubernetes(),
+        "needs Debian's python3-kubernetes (tests/install-deps.sh installs it)"
+    );
+    let env = Env::new("stream-py").await;
+    let id = env
+        .run(
+            "web",
+            &["sh", "-c", "mkdir -p /www && echo py-hello > /www/index.html && httpd -p 8080 -h /www && exec sleep 3600"],
+            |_| {},
+        )
+        .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/k8s_python_client.py");
+    let url = env
+        .exec_url(
+            &id,
+            &["sh", "-c", "head -n1; echo to-stderr >&2; exit 3"],
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .args([script, "exec", &url])
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["stdout"], "line-from-python\n");
+    assert_eq!(v["stderr"], "to-stderr\n");
+    assert_eq!(v["rc"], 3);
+
+    let url = env.pf_url(&[]).await;
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .args([script, "portforward", &url, "8080"])
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(v["body"].as_str().unwrap().ends_with("py-hello\n"), "{v}");
+}

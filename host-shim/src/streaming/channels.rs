@@ -258,6 +258,11 @@ pub fn ws_tasks(
         while let Some(Ok(msg)) = stream.next().await {
             let (ch, data) = match msg {
                 Message::Binary(d) if !d.is_empty() && !b64 => (d[0], d.slice(1..)),
+                // Some clients (the Python one) send binary-protocol frames as text.
+                Message::Text(t) if !t.is_empty() && !b64 => {
+                    let d = Bytes::copy_from_slice(t.as_bytes());
+                    (d[0], d.slice(1..))
+                }
                 Message::Text(t) if b64 && !t.is_empty() => {
                     let t = t.as_str();
                     let ch = t.as_bytes()[0].wrapping_sub(b'0');

@@ -202,8 +202,9 @@ async fn route(s: Arc<StreamingServer>, mut req: Request<Incoming>) -> Resp {
 fn query_ports(q: &str) -> Vec<u16> {
     q.split('&')
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == "port")
-        .filter_map(|(_, v)| v.parse().ok())
+        .filter(|(k, _)| *k == "port" || *k == "ports")
+        .flat_map(|(_, v)| v.split("%2C").flat_map(|v| v.split(',')))
+        .filter_map(|v| v.parse().ok())
         .collect()
 }
 
