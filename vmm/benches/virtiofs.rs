@@ -7,7 +7,8 @@
 //! sequential write (dd 64 MiB, fsync), sequential read of a 64 MiB file the host wrote (not in
 //! the guest's page cache), and 500 small files created, listed with attributes (`ls -l`:
 //! readdir + one getattr each) and removed. Times come from /proc/uptime inside the guest
-//! (10 ms resolution); each figure is the median of HUSK_BENCH_RUNS rounds (default 3).
+//! (10 ms resolution); each figure is the median of HUSK_BENCH_RUNS rounds (default 3), the
+//! two servers alternating round by round, each round in a freshly booted VM.
 //!
 //! Needs HUSK_GUEST_KERNEL, HUSK_GUEST_INITRD (an agent that can start containers in the
 //! guest), qemu-system-x86_64, /usr/bin/busybox and virtiofsd (HUSK_VIRTIOFSD, default
@@ -172,12 +173,19 @@ fn main() {
         println!("skipped: {virtiofsd} missing (cargo install virtiofsd; HUSK_VIRTIOFSD=PATH)");
         return;
     }
-    let Some(husk) = guest_rounds(&kernel, &initrd, "husk", runs, &virtiofsd) else {
-        return;
-    };
-    let Some(vfsd) = guest_rounds(&kernel, &initrd, "virtiofsd", runs, &virtiofsd) else {
-        return;
-    };
+    // Alternate the servers round by round (a fresh VM each), so the machine's load, which
+    // swings here, falls on both alike.
+    let (mut husk, mut vfsd) = (vec![], vec![]);
+    for _ in 0..runs {
+        let Some(h) = guest_rounds(&kernel, &initrd, "husk", 1, &virtiofsd) else {
+            return;
+        };
+        let Some(v) = guest_rounds(&kernel, &initrd, "virtiofsd", 1, &virtiofsd) else {
+            return;
+        };
+        husk.extend(h);
+        vfsd.extend(v);
+    }
     let host = host_rounds(runs);
     let (h, v, o) = (summarize(&husk), summarize(&vfsd), summarize(&host));
     println!(

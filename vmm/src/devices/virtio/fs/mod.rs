@@ -15,7 +15,8 @@ pub mod server;
 pub mod vhost_user;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::volatile_memory::PtrGuardMut;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::queue::Segments;
 pub use server::Server;
@@ -68,6 +69,9 @@ fn serve_chain(
     server: &Server,
     scratch: &mut Vec<u8>,
 ) -> u32 {
+    if let Some(used) = zero_copy(segs, mem, server) {
+        return used;
+    }
     if segs.read_len > server::MAX_REQUEST {
         tracing::warn!(len = segs.read_len, "virtio-fs: request too long");
         return 0;
@@ -87,4 +91,95 @@ fn serve_chain(
             0
         }
     }
+}
+
+/// READ and WRITE move file data straight between the file and guest memory (preadv/pwritev
+/// on the chain's buffers). None: not one of those, or buffers that need the copying path.
+fn zero_copy(segs: &Segments, mem: &GuestMemoryMmap, server: &Server) -> Option<u32> {
+    const FIXED: usize = abi::IN_HEADER_LEN + 40;
+    let mut head = [0u8; FIXED];
+    if segs.read_at(mem, 0, &mut head).ok()? != FIXED {
+        return None;
+    }
+    let mut r = abi::Reader::new(&head);
+    let (len, opcode, unique) = (r.u32("").ok()?, r.u32("").ok()?, r.u64("").ok()?);
+    r.take(24, "").ok()?;
+    let (fh, offset, size) = (r.u64("").ok()?, r.u64("").ok()?, r.u32("").ok()? as usize);
+    let reply = |error: i32, body_len: usize| {
+        let mut w = abi::Writer::default();
+        w.u32((abi::OUT_HEADER_LEN + body_len) as u32)
+            .u32(error as u32)
+            .u64(unique);
+        w.buf
+    };
+    match opcode {
+        abi::op::WRITE => {
+            if len as usize != FIXED + size
+                || segs.read_len < FIXED + size
+                || size > server::MAX_WRITE as usize
+                || segs.write_len < abi::OUT_HEADER_LEN + 8
+            {
+                return None;
+            }
+            let (iov, _guards) = iovecs(&segs.readable, mem, FIXED, size)?;
+            let out = match server.fs().write_iov(fh, offset, &iov) {
+                Ok(n) => {
+                    let mut w = abi::Writer::default();
+                    w.bytes(&reply(0, 8)).u32(n as u32).u32(0);
+                    w.buf
+                }
+                Err(e) => reply(-e.0, 0),
+            };
+            segs.write_at(mem, 0, &out).ok().map(|n| n as u32)
+        }
+        abi::op::READ => {
+            if len as usize != FIXED || segs.write_len < abi::OUT_HEADER_LEN {
+                return None;
+            }
+            let room = (segs.write_len - abi::OUT_HEADER_LEN)
+                .min(size)
+                .min(server::MAX_WRITE as usize);
+            let (iov, _guards) = iovecs(&segs.writable, mem, abi::OUT_HEADER_LEN, room)?;
+            let (hdr, n) = match server.fs().read_iov(fh, offset, &iov) {
+                Ok(n) => (reply(0, n), n),
+                Err(e) => (reply(-e.0, 0), 0),
+            };
+            segs.write_at(mem, 0, &hdr).ok()?;
+            Some((abi::OUT_HEADER_LEN + n) as u32)
+        }
+        _ => None,
+    }
+}
+
+/// `len` bytes of a segment list from `offset` as iovecs into guest memory (None if a piece
+/// crosses a memory region: the copying path handles that). The guards keep the mappings.
+fn iovecs(
+    segs: &[(GuestAddress, u32)],
+    mem: &GuestMemoryMmap,
+    mut offset: usize,
+    mut len: usize,
+) -> Option<(Vec<libc::iovec>, Vec<PtrGuardMut>)> {
+    let (mut iov, mut guards) = (Vec::new(), Vec::new());
+    for &(addr, seg) in segs {
+        let seg = seg as usize;
+        if len == 0 {
+            break;
+        }
+        if offset >= seg {
+            offset -= seg;
+            continue;
+        }
+        let n = (seg - offset).min(len);
+        let at = GuestAddress(addr.0.checked_add(offset as u64)?);
+        let slice = mem.get_slice(at, n).ok()?;
+        let g = slice.ptr_guard_mut();
+        iov.push(libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: n,
+        });
+        guards.push(g);
+        len -= n;
+        offset = 0;
+    }
+    (len == 0).then_some((iov, guards))
 }

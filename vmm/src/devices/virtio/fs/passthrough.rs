@@ -413,6 +413,65 @@ impl PassthroughFs {
         Ok(h.file.write_at(data, offset)?)
     }
 
+    /// pwritev from caller-provided buffers (guest memory).
+    pub fn write_iov(&self, fh: u64, offset: u64, iov: &[libc::iovec]) -> Res<usize> {
+        let h = self.handle(fh)?;
+        // SAFETY: the iovecs point at memory the caller keeps mapped for the call.
+        let n = unsafe {
+            libc::pwritev(
+                h.file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                offset as i64,
+            )
+        };
+        if n < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// preadv into caller-provided buffers (guest memory); short reads go on until EOF.
+    pub fn read_iov(&self, fh: u64, offset: u64, iov: &[libc::iovec]) -> Res<usize> {
+        let h = self.handle(fh)?;
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let mut done = 0usize;
+        while done < total {
+            let mut rest = Vec::with_capacity(iov.len());
+            let mut skip = done;
+            for v in iov {
+                if skip >= v.iov_len {
+                    skip -= v.iov_len;
+                    continue;
+                }
+                // SAFETY: stays inside the same iovec's buffer (skip < iov_len).
+                let base = unsafe { v.iov_base.cast::<u8>().add(skip) };
+                rest.push(libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: v.iov_len - skip,
+                });
+                skip = 0;
+            }
+            let at = (offset + done as u64) as i64;
+            // SAFETY: the iovecs point at memory the caller keeps mapped for the call.
+            let n =
+                unsafe { libc::preadv(h.file.as_raw_fd(), rest.as_ptr(), rest.len() as i32, at) };
+            if n == 0 {
+                break;
+            }
+            if n < 0 {
+                let e = Errno::last();
+                if e.0 == libc::EINTR {
+                    continue;
+                }
+                return Err(e);
+            }
+            done += n as usize;
+        }
+        Ok(done)
+    }
+
     pub fn fsync(&self, fh: u64, datasync: bool) -> Res<()> {
         let h = self.handle(fh)?;
         if datasync {

@@ -38,6 +38,12 @@ impl Server {
                 return Some(abi::reply(unique, -libc::EINVAL, &[]));
             }
         };
+        tracing::trace!(
+            opcode = h.opcode,
+            nodeid = h.nodeid,
+            len = h.len,
+            "virtio-fs request"
+        );
         let r = match self.dispatch(&h, body, room.saturating_sub(abi::OUT_HEADER_LEN)) {
             Ok(None) => return None,
             Ok(Some(body)) => abi::reply(h.unique, 0, &body),
@@ -192,7 +198,14 @@ impl Server {
         let want = abi::init::ASYNC_READ
             | abi::init::BIG_WRITES
             | abi::init::PARALLEL_DIROPS
-            | abi::init::MAX_PAGES;
+            | abi::init::MAX_PAGES
+            | abi::init::DO_READDIRPLUS
+            | abi::init::READDIRPLUS_AUTO;
+        tracing::info!(
+            offered = format!("{flags:#x}"),
+            granted = format!("{:#x}", flags & want),
+            "virtio-fs: INIT flags"
+        );
         let mut w = Writer::default();
         w.u32(abi::KERNEL_VERSION)
             .u32(abi::KERNEL_MINOR_VERSION.min(minor))

@@ -47,6 +47,17 @@ fn init_lookup_open_read_write() {
         u32::from_le_bytes(body[20..24].try_into().expect("x")),
         MAX_WRITE
     );
+    let granted = u32::from_le_bytes(body[12..16].try_into().expect("x"));
+    assert_ne!(
+        granted & abi::init::DO_READDIRPLUS,
+        0,
+        "READDIRPLUS granted: {granted:#x}"
+    );
+    assert_eq!(
+        granted & (1 << 16),
+        0,
+        "no writeback cache (host changes must show)"
+    );
 
     let r = s
         .handle(&req(op::LOOKUP, 2, 1, b"hello\0"), 4096)
