@@ -8,6 +8,12 @@ use std::time::{Duration, Instant};
 use husk_host::client::Clients;
 use husk_proto::cri;
 
+/// Where containerd's CRI plugin finds CNI: plugin binaries and config.
+pub struct Cni<'a> {
+    pub bin_dir: &'a Path,
+    pub conf_dir: &'a Path,
+}
+
 pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
@@ -16,6 +22,12 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(registry: &str, pause: &str) -> anyhow::Result<Self> {
+        Self::start_with_cni(registry, pause, None)
+    }
+
+    /// Like [`Self::start`], with containerd's CNI pointed at `cni` (else
+    /// empty dirs: pods must use the host network).
+    pub fn start_with_cni(registry: &str, pause: &str, cni: Option<Cni>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
         let sock = d.join("containerd.sock");
@@ -58,8 +70,14 @@ state = "{state}"
                 state = d.join("state").display(),
                 sock = sock.display(),
                 certs = certs.display(),
-                cnibin = d.join("cni/bin").display(),
-                cniconf = d.join("cni/conf").display(),
+                cnibin = cni
+                    .as_ref()
+                    .map_or(d.join("cni/bin"), |c| c.bin_dir.to_path_buf())
+                    .display(),
+                cniconf = cni
+                    .as_ref()
+                    .map_or(d.join("cni/conf"), |c| c.conf_dir.to_path_buf())
+                    .display(),
                 runc = std::env::var("HUSK_BENCH_RUNC").unwrap_or_else(|_| "runc".into()),
             ),
         )?;
