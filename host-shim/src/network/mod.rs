@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 
 use self::cni::{Attachment, CniError, CniResult, ConfList, Plugins};
 use self::netns::NetnsError;
-use crate::config::{NetworkConfig, SandboxKind};
+use crate::config::NetworkConfig;
 use crate::sandbox::RuntimeError;
 use crate::store::{StoreError, write_atomic};
 
@@ -35,8 +35,6 @@ const NS_NODE: i32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("{0}")]
-    HostNetwork(String),
     #[error("pod network: {0}")]
     Cni(#[from] CniError),
     #[error("pod network namespace: {0}")]
@@ -56,7 +54,6 @@ pub enum NetworkError {
 impl From<NetworkError> for RuntimeError {
     fn from(e: NetworkError) -> Self {
         match e {
-            NetworkError::HostNetwork(m) => RuntimeError::InvalidArgument(m),
             NetworkError::Cni(CniError::PluginNotFound { .. } | CniError::BadConfig { .. }) => {
                 RuntimeError::FailedPrecondition(e.to_string())
             }
@@ -92,24 +89,6 @@ impl PodNetwork {
     pub fn ips(&self) -> Vec<String> {
         self.result().pod_ips()
     }
-}
-
-/// Refuses what a sandbox kind cannot do with the host network: a VM has
-/// its own kernel, so it cannot share the host's network stack (Kata
-/// refuses the same).
-pub fn check_host_network(
-    kind: SandboxKind,
-    config: &cri::PodSandboxConfig,
-) -> Result<(), NetworkError> {
-    if kind.is_vm() && uses_host_network(config) {
-        return Err(NetworkError::HostNetwork(
-            "hostNetwork pods are not supported by the VM sandbox (runtime handler \"husk\"): \
-             a VM has its own kernel and cannot share the host's network stack; \
-             run the pod with the namespace sandbox (runtime handler \"husk-ns\") instead"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 fn uses_host_network(config: &cri::PodSandboxConfig) -> bool {
@@ -520,17 +499,6 @@ mod tests {
             }),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn host_network_only_in_the_namespace_sandbox() {
-        assert!(check_host_network(SandboxKind::Namespace, &pod(true)).is_ok());
-        assert!(check_host_network(SandboxKind::Vm, &pod(false)).is_ok());
-        let e = check_host_network(SandboxKind::Vm, &pod(true)).unwrap_err();
-        assert!(matches!(
-            RuntimeError::from(e),
-            RuntimeError::InvalidArgument(_)
-        ));
     }
 
     #[tokio::test]

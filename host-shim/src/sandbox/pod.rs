@@ -95,7 +95,6 @@ impl Manager {
                 "host PID namespace is not supported by the namespace sandbox (its agent is the init of its own PID namespace)".into(),
             ));
         }
-        crate::network::check_host_network(kind, &config)?;
         let cgroup_parent = match config
             .linux
             .as_ref()
