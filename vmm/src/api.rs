@@ -1,7 +1,9 @@
 //! The VM's control plane on the event loop: the exit eventfd, SIGTERM/SIGINT (Ctrl-Alt-Del to
 //! the guest, then exit after a grace period), and the optional control socket, a line protocol:
 //! `status` → `running vcpus=N memory_mib=M`, `stop` (like SIGTERM) and `kill` (exit now),
-//! each answered on one line.
+//! `disks` → `disks 0=SERIAL 1=- ...` (the disk slots, `-` when empty) and
+//! `disk-attach SLOT PATH SERIAL` (fill an empty slot read-only with PATH) → `ok`, each answered
+//! on one line; failures answer `error <why>`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,12 +19,14 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
+use crate::devices::virtio::block::BlockDevice;
 use crate::devices::{ExitReason, ExitSignal};
 
 const TOKEN_EXIT: u32 = 0;
 const TOKEN_SIGNAL: u32 = 1;
 const TOKEN_LISTENER: u32 = 2;
-const MAX_LINE: usize = 256;
+/// Longest command line accepted (`disk-attach` carries a path).
+const MAX_LINE: usize = 4096 + 64;
 
 /// The control socket; its file is removed when the VMM stops.
 pub struct ControlSocket {
@@ -58,6 +62,7 @@ pub struct Control {
     status: String,
     stop_grace: Duration,
     stop_deadline: Option<Instant>,
+    disk_slots: Vec<Arc<Mutex<BlockDevice>>>,
 }
 
 impl Control {
@@ -78,6 +83,52 @@ impl Control {
             status,
             stop_grace,
             stop_deadline: None,
+            disk_slots: Vec::new(),
+        }
+    }
+
+    /// The disk slots `disks` and `disk-attach` work on.
+    pub fn with_disk_slots(mut self, slots: Vec<Arc<Mutex<BlockDevice>>>) -> Self {
+        self.disk_slots = slots;
+        self
+    }
+
+    fn disks(&self) -> String {
+        let mut s = String::from("disks");
+        for (i, d) in self.disk_slots.iter().enumerate() {
+            let d = lock(d);
+            let serial = if d.is_empty_slot() { "-" } else { d.serial() };
+            s.push_str(&format!(" {i}={serial}"));
+        }
+        s
+    }
+
+    /// `SLOT PATH SERIAL`; the path may contain spaces (it is everything between the two).
+    fn disk_attach(&self, args: &str) -> String {
+        let args = args.trim();
+        let parsed = args.split_once(' ').and_then(|(slot, rest)| {
+            let (path, serial) = rest.trim().rsplit_once(' ')?;
+            Some((slot, path.trim(), serial))
+        });
+        let Some((slot, path, serial)) = parsed.filter(|(_, p, _)| !p.is_empty()) else {
+            return "error usage: disk-attach SLOT PATH SERIAL".into();
+        };
+        let Some(dev) = slot
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| self.disk_slots.get(i))
+        else {
+            return format!(
+                "error no disk slot {slot:?} (slots: {})",
+                self.disk_slots.len()
+            );
+        };
+        match lock(dev).fill(Path::new(path), serial) {
+            Ok(()) => "ok".into(),
+            Err(e) => {
+                tracing::warn!(slot, path, serial, error = %e, "disk-attach refused");
+                format!("error slot {slot}: {e}")
+            }
         }
     }
 
@@ -94,7 +145,11 @@ impl Control {
     }
 
     fn command(&mut self, line: &str) -> String {
+        if let Some(args) = line.trim_start().strip_prefix("disk-attach ") {
+            return self.disk_attach(args);
+        }
         match line.trim() {
+            "disks" => self.disks(),
             "status" => self.status.clone(),
             "stop" => {
                 self.request_stop();
@@ -128,7 +183,7 @@ impl Control {
         let mut reply = None;
         let mut close = false;
         if let Some((s, buf)) = self.clients.get_mut(&fd) {
-            let mut chunk = [0u8; 64];
+            let mut chunk = [0u8; 512];
             match s.read(&mut chunk) {
                 Ok(0) => close = true,
                 Ok(n) => {

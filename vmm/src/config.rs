@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub const MIN_MEM_MIB: u32 = 2;
 /// Largest vCPU count accepted (the MP table and APIC ids are laid out for this many).
 pub const MAX_VCPUS: u8 = 32;
+/// Largest number of empty disk slots (`--disk-slots`): each takes one of the 19 virtio IRQs.
+pub const MAX_DISK_SLOTS: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +44,8 @@ pub enum ConfigError {
     Cid(u64),
     #[error("duplicate device id {0:?}")]
     DuplicateId(String),
+    #[error("disk slots must be at most {MAX_DISK_SLOTS}, got {0}")]
+    DiskSlots(u32),
 }
 
 /// Where the guest's 8250 output goes.
@@ -118,6 +122,10 @@ pub struct VmConfig {
     pub memory_mib: u32,
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Empty read-only virtio-blk slots, filled at run time through the control socket
+    /// (`disk-attach SLOT PATH SERIAL`); placed after `disks`.
+    #[serde(default)]
+    pub disk_slots: u32,
     #[serde(default)]
     pub net: Vec<NetConfig>,
     #[serde(default)]
@@ -172,6 +180,9 @@ impl VmConfig {
             if !ids.insert(d.id.clone()) {
                 return Err(ConfigError::DuplicateId(d.id.clone()));
             }
+        }
+        if self.disk_slots > MAX_DISK_SLOTS {
+            return Err(ConfigError::DiskSlots(self.disk_slots));
         }
         for n in &self.net {
             if n.tap.is_empty() || n.tap.len() >= libc::IFNAMSIZ {

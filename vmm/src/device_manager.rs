@@ -14,7 +14,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KBD_IRQ};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, PendingFlush, SerialDevice};
 use crate::devices::virtio::mmio::{MMIO_SIZE, MmioTransport, NOTIFY_OFFSET};
-use crate::devices::virtio::{DeviceChannel, DeviceInfo, Interrupt};
+use crate::devices::virtio::{ConfigSpace, DeviceChannel, DeviceInfo, Interrupt};
 use crate::vstate::memory::MMIO_HOLE_START;
 
 /// First IRQ for virtio devices (after the legacy ISA ones we use).
@@ -146,6 +146,19 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         backend: Subscriber,
     ) -> Result<(), DeviceManagerError> {
+        let config = Arc::new(ConfigSpace::new(info.config.clone()));
+        self.attach_virtio_with_config(slot, info, config, mem, backend)
+    }
+
+    /// As `attach_virtio`, for a backend that changes its config space at run time.
+    pub fn attach_virtio_with_config(
+        &mut self,
+        slot: &VirtioSlot,
+        info: DeviceInfo,
+        config: Arc<ConfigSpace>,
+        mem: &GuestMemoryMmap,
+        backend: Subscriber,
+    ) -> Result<(), DeviceManagerError> {
         let evts = slot
             .queue_evts
             .iter()
@@ -157,7 +170,8 @@ impl DeviceManager {
             slot.channel.clone(),
             slot.interrupt.clone(),
             evts,
-        );
+        )
+        .with_config(config);
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_SIZE)?;
         self.subscribers.push(backend);

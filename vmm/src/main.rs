@@ -32,6 +32,9 @@ struct Cli {
     /// Disk: `id=ID,path=PATH[,ro]` (repeatable).
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// Empty read-only disk slots, filled later with the control socket's `disk-attach`.
+    #[arg(long)]
+    disk_slots: Option<u32>,
     /// Network interface: `tap=NAME[,mac=xx:xx:xx:xx:xx:xx]` (repeatable).
     #[arg(long = "net")]
     nets: Vec<String>,
@@ -45,7 +48,7 @@ struct Cli {
     /// Serial output: `stdout`, `none` or `file:PATH`.
     #[arg(long)]
     serial: Option<String>,
-    /// Control socket (line protocol: status, stop, kill).
+    /// Control socket (line protocol: status, stop, kill, disks, disk-attach).
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// Milliseconds the guest gets to shut down after Ctrl-Alt-Del (SIGTERM, `stop`).
@@ -144,6 +147,7 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             vcpus: 1,
             memory_mib: 128,
             disks: vec![],
+            disk_slots: 0,
             net: vec![],
             vsock: None,
             fs: vec![],
@@ -174,6 +178,9 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             path: get(&p, "path", "--disk")?.into(),
             read_only: p.iter().any(|(k, _)| k == "ro"),
         });
+    }
+    if let Some(n) = cli.disk_slots {
+        cfg.disk_slots = n;
     }
     for n in &cli.nets {
         let p = kv(n);

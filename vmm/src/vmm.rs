@@ -115,7 +115,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     tracing::debug!("vm created");
     let exit = Arc::new(ExitSignal::new().map_err(VmmError::Signal)?);
     let mut dm = DeviceManager::new(&vm.fd, exit.clone(), serial_output(&cfg.serial)?)?;
-    attach_virtio_devices(cfg, &vm, &mem, &mut dm)?;
+    let slots = attach_virtio_devices(cfg, &vm, &mem, &mut dm)?;
 
     let mut cmdline = cfg.cmdline.clone();
     for d in &dm.cmdline_devices {
@@ -146,14 +146,17 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         None => None,
     };
     let status = format!("running vcpus={} memory_mib={}", cfg.vcpus, cfg.memory_mib);
-    let control = Arc::new(Mutex::new(Control::new(
-        exit.clone(),
-        signals,
-        dm.i8042.clone(),
-        api,
-        status,
-        std::time::Duration::from_millis(cfg.stop_grace_ms),
-    )));
+    let control = Arc::new(Mutex::new(
+        Control::new(
+            exit.clone(),
+            signals,
+            dm.i8042.clone(),
+            api,
+            status,
+            std::time::Duration::from_millis(cfg.stop_grace_ms),
+        )
+        .with_disk_slots(slots),
+    ));
     evmgr.add_subscriber(control.clone());
 
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
@@ -193,14 +196,14 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     }
 }
 
-/// Creates the configured virtio devices, in the order vsock, disks, file systems, network
-/// interfaces.
+/// Creates the configured virtio devices, in the order vsock, disks, disk slots, file systems,
+/// network interfaces. Returns the disk slots (for the control socket).
 fn attach_virtio_devices(
     cfg: &VmConfig,
     vm: &Vm,
     mem: &vm_memory::GuestMemoryMmap,
     dm: &mut DeviceManager,
-) -> Result<(), VmmError> {
+) -> Result<Vec<Arc<Mutex<BlockDevice>>>, VmmError> {
     if let Some(v) = &cfg.vsock {
         let slot = dm.allocate_virtio(&vm.fd, 3)?;
         let muxer = VsockDevice::bind(v.guest_cid, &v.uds_path)?;
@@ -226,6 +229,16 @@ fn attach_virtio_devices(
         )?;
         let info = dev.info();
         dm.attach_virtio(&slot, info, mem, Arc::new(Mutex::new(dev)))?;
+    }
+    let mut slots = Vec::with_capacity(cfg.disk_slots as usize);
+    for _ in 0..cfg.disk_slots {
+        let slot = dm.allocate_virtio(&vm.fd, 1)?;
+        let evt = clone_evts(&slot.queue_evts)?.remove(0);
+        let dev = BlockDevice::slot(slot.channel.clone(), slot.interrupt.clone(), evt);
+        let (info, config) = (dev.info(), dev.config_space());
+        let dev = Arc::new(Mutex::new(dev));
+        dm.attach_virtio_with_config(&slot, info, config, mem, dev.clone())?;
+        slots.push(dev);
     }
     for f in &cfg.fs {
         let slot = dm.allocate_virtio(&vm.fd, fs::NUM_QUEUES)?;
@@ -257,7 +270,7 @@ fn attach_virtio_devices(
         );
         dm.attach_virtio(&slot, net::device_info(mac), mem, Arc::new(Mutex::new(dev)))?;
     }
-    Ok(())
+    Ok(slots)
 }
 
 fn clone_evts(

@@ -1,4 +1,6 @@
 //! virtio-blk exercise: get-id, read 8 sectors (sum printed), write sector 2 + flush + read back.
+//! An empty disk slot (capacity 0) instead waits for the host to fill it: the config-change
+//! interrupt, the new capacity and serial, and the new file's bytes.
 
 use crate::virtio::{F_NEXT, F_WRITE, Mmio, Vq};
 use crate::{BLK_AREA, put_dec, put_hex, putb, puts, rd8, wr32, wr64, wr8};
@@ -37,6 +39,10 @@ pub fn run(base: u64, area: u64, irq: u32) {
     let mut q = Vq::new(&m, 0, area);
     m.driver_ok();
     let cap = crate::rd64(base + 0x100);
+    if cap == 0 {
+        slot(&m, &mut q, irq);
+        return;
+    }
 
     let st = request(&mut q, 8, 0, DATA, 20, true);
     // The device raised its interrupt status for that completion; acknowledge it.
@@ -120,4 +126,90 @@ pub fn run(base: u64, area: u64, irq: u32) {
     puts("blk: beyond-end status=");
     put_dec(st as u64);
     puts("\n");
+}
+
+/// Capacity read as a driver must: retry until ConfigGeneration is the same before and after.
+fn capacity(m: &Mmio) -> (u64, u32) {
+    loop {
+        let g = m.r(0xfc);
+        let cap = crate::rd64(m.0 + 0x100);
+        if m.r(0xfc) == g {
+            return (cap, g);
+        }
+    }
+}
+
+fn print_id(st: u8) {
+    let mut n = 0;
+    while n < 20 && rd8(DATA + n) != 0 {
+        n += 1;
+    }
+    puts(" id=");
+    putb(unsafe { core::slice::from_raw_parts(DATA as *const u8, n as usize) });
+    puts(" id_status=");
+    put_dec(st as u64);
+}
+
+/// An empty slot: no serial, reads fail; then idle in `hlt` until the config-change interrupt,
+/// re-read the capacity and serial, and read the new disk.
+fn slot(m: &Mmio, q: &mut Vq, irq: u32) {
+    let (cap, gen0) = capacity(m);
+    for i in 0..20 {
+        wr8(DATA + i, 0);
+    }
+    let st = request(q, 8, 0, DATA, 20, true);
+    puts("blkslot: empty sectors=");
+    put_dec(cap);
+    puts(" gen=");
+    put_dec(gen0 as u64);
+    print_id(st);
+    puts("\n");
+    let st = request(q, 0, 0, DATA, 512, true);
+    puts("blkslot: read-empty status=");
+    put_dec(st as u64);
+    puts("\n");
+    m.w(0x64, m.r(0x60));
+    crate::enable_irq(irq);
+    puts("blkslot: waiting\n");
+    loop {
+        // cli, check, then `sti; hlt` (the STI shadow makes the pair atomic): no lost wakeup.
+        unsafe { core::arch::asm!("cli") };
+        if crate::rd32(crate::IRQ_COUNT) != 0 {
+            break;
+        }
+        unsafe { core::arch::asm!("sti; hlt") };
+    }
+    crate::disable_irq();
+    let isr = m.r(0x60);
+    m.w(0x64, isr);
+    let (cap, gen1) = capacity(m);
+    puts("blkslot: isr=");
+    put_dec(isr as u64);
+    puts(" sectors=");
+    put_dec(cap);
+    puts(" gen=");
+    put_dec(gen1 as u64);
+    puts("\n");
+    for i in 0..20 {
+        wr8(DATA + i, 0);
+    }
+    let st = request(q, 8, 0, DATA, 20, true);
+    puts("blkslot: filled");
+    print_id(st);
+    puts("\n");
+    let st = request(q, 0, 0, DATA, 4096, true);
+    let mut sum: u32 = 0;
+    for i in 0..4096u64 {
+        sum = sum.wrapping_mul(31).wrapping_add(rd8(DATA + i) as u32);
+    }
+    puts("blkslot: read status=");
+    put_dec(st as u64);
+    puts(" sum=");
+    put_hex(sum as u64, 8);
+    puts("\n");
+    let st = request(q, 0, cap, DATA, 512, true);
+    puts("blkslot: beyond-end status=");
+    put_dec(st as u64);
+    puts("\n");
+    m.w(0x64, m.r(0x60));
 }

@@ -82,3 +82,71 @@ fn block_read_write_flush_id_and_read_only() {
         "read-only image untouched"
     );
 }
+
+/// One control-socket command, its one-line answer (without the newline).
+fn ctl(sock: &std::path::Path, cmd: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect control socket");
+    s.write_all(format!("{cmd}\n").as_bytes()).expect("w");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("reply");
+    line.trim_end().to_string()
+}
+
+#[test]
+fn disk_slot_filled_at_run_time_raises_config_change() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempdir();
+    let sock = tmp_path(&dir, "ctl.sock");
+    let image = tmp_path(&dir, "an image.img");
+    let img = disk_image();
+    std::fs::write(&image, &img).expect("w");
+    let mut vm = Vm::spawn(&args(
+        GUEST_PVH,
+        "husk.wait",
+        &["--disk-slots", "1", "--control-socket", &path_str(&sock)],
+    ));
+    // The slot is an empty read-only disk: no capacity, no serial, reads fail.
+    let l = vm.expect_line("blkslot: empty");
+    assert!(l.ends_with("sectors=0 gen=0 id= id_status=0"), "{l}");
+    assert!(vm.expect_line("blkslot: read-empty").ends_with("status=1"));
+    vm.expect_line("blkslot: waiting");
+    assert_eq!(ctl(&sock, "disks"), "disks 0=-");
+    assert!(ctl(&sock, "disk-attach 0").starts_with("error usage"));
+    assert!(ctl(&sock, "disk-attach 1 /x s").starts_with("error no disk slot"));
+    let missing = format!("disk-attach 0 {}/missing s", dir.path().display());
+    assert!(ctl(&sock, &missing).starts_with("error slot 0: cannot open disk"));
+    let bad_serial = format!("disk-attach 0 {} {}", image.display(), "s".repeat(21));
+    assert!(ctl(&sock, &bad_serial).starts_with("error slot 0: serial"));
+    assert_eq!(
+        ctl(&sock, "disks"),
+        "disks 0=-",
+        "refusals leave the slot empty"
+    );
+
+    let t = std::time::Instant::now();
+    let attach = format!("disk-attach 0 {} img0123456789abcdef", image.display());
+    assert_eq!(ctl(&sock, &attach), "ok");
+    // The guest idles in hlt until the config-change interrupt (ISR bit 1), then re-reads the
+    // capacity (new generation), the serial and the new file's bytes.
+    let l = vm.expect_line("blkslot: isr=");
+    let seen = t.elapsed();
+    assert!(l.ends_with("isr=2 sectors=128 gen=1"), "{l}");
+    println!("disk-attach to the guest printing the new capacity: {seen:?}");
+    let l = vm.expect_line("blkslot: filled");
+    assert!(l.ends_with("id=img0123456789abcdef id_status=0"), "{l}");
+    let sum = format!("status=0 sum={:08x}", guest_sum(&img));
+    assert!(vm.expect_line("blkslot: read").ends_with(&sum));
+    assert!(vm.expect_line("blkslot: beyond-end").ends_with("status=1"));
+    vm.expect_line("waiting for ctrl-alt-del");
+    assert_eq!(ctl(&sock, "disks"), "disks 0=img0123456789abcdef");
+    let again = ctl(&sock, &attach);
+    assert!(
+        again.contains("already holds disk"),
+        "a filled slot is never swapped: {again}"
+    );
+    assert_eq!(ctl(&sock, "stop"), "ok");
+    assert_eq!(vm.wait().0, 0);
+}

@@ -7,7 +7,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceChannel, DeviceInfo, Interrupt, TransportMsg, VIRTIO_F_VERSION_1};
+use super::{ConfigSpace, DeviceChannel, DeviceInfo, Interrupt, TransportMsg, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -38,7 +38,8 @@ pub struct MmioTransport {
     acked_sel: u32,
     queue_sel: u32,
     status: u32,
-    config_generation: u32,
+    /// The device's config space; shared with backends that change it at run time.
+    config: Arc<ConfigSpace>,
 }
 
 impl MmioTransport {
@@ -57,6 +58,7 @@ impl MmioTransport {
                     .unwrap_or_else(|_| Queue::new(256).expect("256 is a valid queue size"))
             })
             .collect();
+        let config = Arc::new(ConfigSpace::new(info.config.clone()));
         Self {
             info,
             mem,
@@ -69,8 +71,14 @@ impl MmioTransport {
             acked_sel: 0,
             queue_sel: 0,
             status: 0,
-            config_generation: 0,
+            config,
         }
+    }
+
+    /// Serves `config` (which the backend may change) instead of the static `info.config`.
+    pub fn with_config(mut self, config: Arc<ConfigSpace>) -> Self {
+        self.config = config;
+        self
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
@@ -137,10 +145,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
-            let off = (offset - 0x100) as usize;
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.info.config.get(off + i).copied().unwrap_or(0);
-            }
+            self.config.read((offset - 0x100) as usize, data);
             return;
         }
         if data.len() != 4 {
@@ -164,7 +169,7 @@ impl BusDevice for MmioTransport {
             0x70 => self.status,
             // Shared memory regions (SHMLen/SHMBase): none, reported as all-ones.
             0xb0..=0xbc => u32::MAX,
-            0xfc => self.config_generation,
+            0xfc => self.config.generation(),
             _ => 0,
         };
         data.copy_from_slice(&v.to_le_bytes());

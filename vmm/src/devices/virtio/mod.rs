@@ -45,10 +45,56 @@ impl Interrupt {
     }
 
     pub fn signal_used_queue(&self) {
-        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.raise(INT_VRING);
+    }
+
+    /// The device's configuration space changed (VIRTIO_MMIO_INT_CONFIG): the driver re-reads it.
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             tracing::warn!("cannot raise virtio interrupt: {e}");
         }
+    }
+}
+
+/// A device configuration space the backend may change at run time (a block slot's capacity),
+/// shared with the transport, which reads it on vCPU threads. Every change bumps the
+/// generation the driver checks around multi-word reads (ConfigGeneration).
+pub struct ConfigSpace {
+    bytes: Mutex<Vec<u8>>,
+    generation: AtomicU32,
+}
+
+impl ConfigSpace {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes: Mutex::new(bytes),
+            generation: AtomicU32::new(0),
+        }
+    }
+
+    /// Copies bytes from `offset` into `data`; bytes past the end read as 0.
+    pub fn read(&self, offset: usize, data: &mut [u8]) {
+        let b = lock(&self.bytes);
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = b.get(offset + i).copied().unwrap_or(0);
+        }
+    }
+
+    /// Changes the bytes and bumps the generation (under the same lock, so a reader never sees
+    /// new bytes with the old generation after both reads).
+    pub fn update(&self, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut b = lock(&self.bytes);
+        f(&mut b);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::SeqCst)
     }
 }
 

@@ -1,4 +1,10 @@
 //! virtio-blk on a host file: read, write, flush, get-id; read-only disks refuse writes.
+//!
+//! A disk *slot* starts empty (capacity 0, no serial, read-only) and can be filled once, at run
+//! time, with a file (`fill`): the capacity and serial change and the device raises a
+//! config-change interrupt, so the guest's driver re-reads the capacity (Linux:
+//! `virtblk_config_changed` → `set_capacity_and_notify`). A filled slot is never swapped again:
+//! the guest may have cached its blocks.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -12,7 +18,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::Segments;
-use super::{DeviceChannel, DeviceInfo, Interrupt, TYPE_BLOCK, TransportMsg, VIRTIO_F_VERSION_1};
+use super::{
+    ConfigSpace, DeviceChannel, DeviceInfo, Interrupt, TYPE_BLOCK, TransportMsg, VIRTIO_F_VERSION_1,
+};
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
@@ -40,13 +48,26 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("not a disk slot (only --disk-slots devices can be filled)")]
+    NotASlot,
+    #[error("slot already holds disk {serial:?} (a filled slot is never swapped)")]
+    SlotInUse { serial: String },
+    #[error("serial {0:?} must be 1 to 20 printable ASCII bytes without spaces")]
+    Serial(String),
+    #[error("disk {0} is smaller than one 512-byte sector")]
+    TooSmall(PathBuf),
 }
 
 pub struct BlockDevice {
-    file: File,
+    /// None: an empty slot.
+    file: Option<File>,
     read_only: bool,
+    /// Fillable once (`fill`) while `file` is None.
+    slot: bool,
     id: String,
     capacity_bytes: u64,
+    /// The config space as the transport serves it (capacity changes when a slot is filled).
+    config: Arc<ConfigSpace>,
     channel: Arc<DeviceChannel>,
     interrupt: Arc<Interrupt>,
     queue_evt: EventFd,
@@ -73,17 +94,112 @@ impl BlockDevice {
             .open(path)
             .map_err(err)?;
         let capacity_bytes = file.metadata().map_err(err)?.len();
-        Ok(Self {
+        Ok(Self::new(
+            Some(file),
+            read_only,
+            false,
+            id,
+            capacity_bytes,
+            channel,
+            interrupt,
+            queue_evt,
+        ))
+    }
+
+    /// An empty, read-only disk slot: capacity 0 and no serial until `fill`.
+    pub fn slot(
+        channel: Arc<DeviceChannel>,
+        interrupt: Arc<Interrupt>,
+        queue_evt: EventFd,
+    ) -> Self {
+        Self::new(None, true, true, "", 0, channel, interrupt, queue_evt)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        file: Option<File>,
+        read_only: bool,
+        slot: bool,
+        id: &str,
+        capacity_bytes: u64,
+        channel: Arc<DeviceChannel>,
+        interrupt: Arc<Interrupt>,
+        queue_evt: EventFd,
+    ) -> Self {
+        let mut d = Self {
             file,
             read_only,
+            slot,
             id: id.to_string(),
             capacity_bytes,
+            config: Arc::new(ConfigSpace::new(vec![])),
             channel,
             interrupt,
             queue_evt,
             active: None,
             buf: vec![0u8; CHUNK],
-        })
+        };
+        d.config = Arc::new(ConfigSpace::new(d.info().config));
+        d
+    }
+
+    /// The live config space, for the transport.
+    pub fn config_space(&self) -> Arc<ConfigSpace> {
+        self.config.clone()
+    }
+
+    /// The disk's serial (GET_ID); empty for an empty slot.
+    pub fn serial(&self) -> &str {
+        &self.id
+    }
+
+    pub fn is_empty_slot(&self) -> bool {
+        self.slot && self.file.is_none()
+    }
+
+    /// Fills an empty slot with `path` (opened read-only) under `serial`, then tells the guest
+    /// through a config-change interrupt. Only empty slots can be filled.
+    pub fn fill(&mut self, path: &Path, serial: &str) -> Result<(), BlockError> {
+        if !self.slot {
+            return Err(BlockError::NotASlot);
+        }
+        if self.file.is_some() {
+            return Err(BlockError::SlotInUse {
+                serial: self.id.clone(),
+            });
+        }
+        if serial.is_empty()
+            || serial.len() > ID_BYTES
+            || !serial.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(BlockError::Serial(serial.to_string()));
+        }
+        let err = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        if !meta.is_file() {
+            return Err(err(std::io::Error::other("not a regular file")));
+        }
+        // Whole sectors only: a trailing partial sector cannot be addressed.
+        let capacity_bytes = meta.len() / SECTOR_SIZE * SECTOR_SIZE;
+        if capacity_bytes == 0 {
+            return Err(BlockError::TooSmall(path.to_owned()));
+        }
+        self.file = Some(file);
+        self.capacity_bytes = capacity_bytes;
+        self.id = serial.to_string();
+        let sectors = capacity_bytes / SECTOR_SIZE;
+        self.config.update(|c| {
+            if c.len() >= 8 {
+                c[..8].copy_from_slice(&sectors.to_le_bytes());
+            }
+        });
+        self.interrupt.signal_config_change();
+        tracing::info!(serial, path = %path.display(), sectors, "disk slot filled");
+        Ok(())
     }
 
     pub fn info(&self) -> DeviceInfo {
@@ -128,12 +244,14 @@ impl BlockDevice {
                 if out_len != 0 || !range_ok(in_len) {
                     return (S_IOERR, 0);
                 }
+                let Some(file) = &self.file else {
+                    return if in_len == 0 { (S_OK, 0) } else { (S_IOERR, 0) };
+                };
                 let mut off = 0;
                 while off < in_len {
                     let n = (in_len - off).min(CHUNK);
                     let buf = &mut self.buf[..n];
-                    if self
-                        .file
+                    if file
                         .read_exact_at(buf, sector * SECTOR_SIZE + off as u64)
                         .is_err()
                         || segs.write_at(mem, off, buf) != Ok(n)
@@ -148,13 +266,15 @@ impl BlockDevice {
                 if self.read_only || in_len != 0 || !range_ok(out_len) {
                     return (S_IOERR, 0);
                 }
+                let Some(file) = &self.file else {
+                    return (S_IOERR, 0);
+                };
                 let mut off = 0;
                 while off < out_len {
                     let n = (out_len - off).min(CHUNK);
                     let buf = &mut self.buf[..n];
                     if segs.read_at(mem, 16 + off, buf) != Ok(n)
-                        || self
-                            .file
+                        || file
                             .write_all_at(buf, sector * SECTOR_SIZE + off as u64)
                             .is_err()
                     {
@@ -164,10 +284,12 @@ impl BlockDevice {
                 }
                 (S_OK, 0)
             }
-            T_FLUSH => match self.read_only || self.file.sync_data().is_ok() {
-                true => (S_OK, 0),
-                false => (S_IOERR, 0),
-            },
+            T_FLUSH => {
+                match self.read_only || self.file.as_ref().is_none_or(|f| f.sync_data().is_ok()) {
+                    true => (S_OK, 0),
+                    false => (S_IOERR, 0),
+                }
+            }
             T_GET_ID => {
                 let mut id = [0u8; ID_BYTES];
                 let b = self.id.as_bytes();
@@ -421,6 +543,154 @@ mod tests {
         assert_eq!(run(&mut dev, &mem, &d), (S_OK, 0));
         let after = std::fs::read(f.path()).expect("r");
         assert_eq!(after[512..512 + 200 * 1024], data[..200 * 1024]);
+    }
+
+    #[test]
+    fn slot_fill_updates_config_serial_and_raises_config_interrupt() {
+        use crate::devices::bus::BusDevice;
+        use crate::devices::virtio::INT_CONFIG;
+        use crate::devices::virtio::mmio::MmioTransport;
+        use crate::devices::virtio::queue::tests::{MockSplitQueue, used};
+        use std::sync::atomic::Ordering;
+        let ch = Arc::new(DeviceChannel::new().expect("ch"));
+        let irq = Arc::new(Interrupt::new().expect("irq"));
+        let mut dev = BlockDevice::slot(ch.clone(), irq.clone(), EventFd::new(0).expect("e"));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let mut t = MmioTransport::new(dev.info(), mem.clone(), ch, irq.clone(), vec![])
+            .with_config(dev.config_space());
+        let reg = |t: &mut MmioTransport, off: u64| {
+            let mut b = [0u8; 8];
+            t.read(
+                off,
+                if off >= 0x100 {
+                    &mut b[..]
+                } else {
+                    &mut b[..4]
+                },
+            );
+            u64::from_le_bytes(b)
+        };
+        assert!(dev.is_empty_slot());
+        assert_ne!(dev.info().features & F_RO, 0, "slots are read-only");
+        assert_eq!(
+            (reg(&mut t, 0x100), reg(&mut t, 0xfc)),
+            (0, 0),
+            "capacity, generation"
+        );
+
+        // Empty: GET_ID answers no serial, reads fail, writes fail.
+        req(&mem, T_GET_ID, 0);
+        mem.write_slice(&[0xee; 20], GuestAddress(0x5000))
+            .expect("w");
+        let id = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x5000, 20, F_WRITE | F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
+        assert_eq!(run(&mut dev, &mem, &id), (S_OK, 20));
+        let mut b = [0u8; 20];
+        mem.read_slice(&mut b, GuestAddress(0x5000)).expect("r");
+        assert_eq!(b, [0u8; 20]);
+        req(&mem, T_IN, 0);
+        let rd = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x2000, 512, F_WRITE | F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
+        assert_eq!(run(&mut dev, &mem, &rd).0, S_IOERR);
+        assert_eq!(irq.status.load(Ordering::SeqCst), 0);
+
+        let f = tempfile::NamedTempFile::new().expect("tmp");
+        let data: Vec<u8> = (0..6 * 512 + 100u32).map(|i| (i / 512) as u8 + 1).collect();
+        std::fs::write(f.path(), &data).expect("write");
+        dev.fill(f.path(), "img0123456789abcdef").expect("fill");
+        assert!(!dev.is_empty_slot());
+        assert_eq!(reg(&mut t, 0x100), 6, "whole sectors only");
+        assert_eq!(reg(&mut t, 0xfc), 1, "generation bumped");
+        assert_eq!(
+            reg(&mut t, 0x60) as u32,
+            INT_CONFIG,
+            "config-change interrupt"
+        );
+        t.write(0x64, &INT_CONFIG.to_le_bytes());
+        assert_eq!(reg(&mut t, 0x60), 0, "acknowledged");
+
+        req(&mem, T_GET_ID, 0);
+        assert_eq!(run(&mut dev, &mem, &id), (S_OK, 20));
+        mem.read_slice(&mut b, GuestAddress(0x5000)).expect("r");
+        assert_eq!(&b[..19], b"img0123456789abcdef");
+        assert_eq!(b[19], 0);
+        // Reads through the queue now see the file; the last whole sector is readable, the
+        // partial one after it is not.
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        dev.active = Some((mem.clone(), q.create_queue().expect("q")));
+        req(&mem, T_IN, 5);
+        q.add_desc_chains(&rd, 0).expect("chain");
+        dev.process_queue();
+        assert_eq!(used(&mem, &q), vec![(0, 513)]);
+        let mut s = [0u8; 512];
+        mem.read_slice(&mut s, GuestAddress(0x2000)).expect("r");
+        assert!(s.iter().all(|x| *x == 6), "sector 5 of the new file");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).expect("r"), S_OK);
+        req(&mem, T_IN, 6);
+        assert_eq!(run(&mut dev, &mem, &rd).0, S_IOERR);
+        req(&mem, T_OUT, 0);
+        let wr = [
+            desc(0x1000, 16, F_NEXT, 1),
+            desc(0x2000, 512, F_NEXT, 2),
+            desc(0x3000, 1, F_WRITE, 0),
+        ];
+        assert_eq!(
+            run(&mut dev, &mem, &wr).0,
+            S_IOERR,
+            "filled slots stay read-only"
+        );
+
+        // A filled slot is never swapped: the guest may have cached its blocks.
+        let e = dev.fill(f.path(), "other").expect_err("in use");
+        assert!(
+            matches!(e, BlockError::SlotInUse { ref serial } if serial == "img0123456789abcdef")
+        );
+        assert_eq!(reg(&mut t, 0xfc), 1);
+        assert_eq!(dev.serial(), "img0123456789abcdef");
+    }
+
+    #[test]
+    fn slot_fill_refusals() {
+        let (mut disk, _mem, f) = setup(true);
+        assert!(matches!(
+            disk.fill(f.path(), "x"),
+            Err(BlockError::NotASlot)
+        ));
+        let ch = Arc::new(DeviceChannel::new().expect("ch"));
+        let irq = Arc::new(Interrupt::new().expect("irq"));
+        let mut dev = BlockDevice::slot(ch, irq.clone(), EventFd::new(0).expect("e"));
+        for bad in ["", "has space", "123456789012345678901", "tab\t"] {
+            assert!(
+                matches!(dev.fill(f.path(), bad), Err(BlockError::Serial(_))),
+                "{bad:?}"
+            );
+        }
+        let d = tempfile::tempdir().expect("d");
+        assert!(matches!(
+            dev.fill(&d.path().join("missing"), "a"),
+            Err(BlockError::Open { .. })
+        ));
+        assert!(
+            matches!(dev.fill(d.path(), "a"), Err(BlockError::Open { .. })),
+            "a directory"
+        );
+        let small = d.path().join("small");
+        std::fs::write(&small, [1u8; 511]).expect("w");
+        assert!(matches!(
+            dev.fill(&small, "a"),
+            Err(BlockError::TooSmall(_))
+        ));
+        // Nothing changed and the guest was not told anything.
+        assert!(dev.is_empty_slot());
+        assert_eq!(dev.config_space().generation(), 0);
+        assert_eq!(irq.status.load(std::sync::atomic::Ordering::SeqCst), 0);
+        dev.fill(f.path(), "ok").expect("fill after refusals");
     }
 
     #[test]
