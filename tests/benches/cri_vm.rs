@@ -55,7 +55,8 @@ async fn pod_to_running(e: &CriEnv, name: &str) -> (String, Duration, Duration) 
         .await
         .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
     let ready = t0.elapsed();
-    e.run(&pod, &e.ctr("main", &["sleep", "100000"]), &pcfg).await;
+    e.run(&pod, &e.ctr("main", &["sleep", "100000"]), &pcfg)
+        .await;
     (pod, ready, t0.elapsed())
 }
 
@@ -121,7 +122,8 @@ async fn main() {
             .sum();
         helpers.push(h as f64 / 1024.0);
     }
-    let huskd_per_pod = (huskd_rss_kib(huskd_pid).saturating_sub(huskd_before)) as f64 / 1024.0 / 5.0;
+    let huskd_per_pod =
+        (huskd_rss_kib(huskd_pid).saturating_sub(huskd_before)) as f64 / 1024.0 / 5.0;
     for p in &idle {
         remove(&e, p).await;
     }
@@ -145,7 +147,9 @@ async fn main() {
         remove(&e, p).await;
     }
 
-    println!("backend: {handler} (accel {accel}), {runs} sequential pods, {PARALLEL} parallel; guest 1 vCPU / 256 MiB");
+    println!(
+        "backend: {handler} (accel {accel}), {runs} sequential pods, {PARALLEL} parallel; guest 1 vCPU / 256 MiB"
+    );
     println!("| metric | p50 | p99 |");
     println!("|---|---|---|");
     println!(

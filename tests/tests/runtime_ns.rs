@@ -870,9 +870,11 @@ async fn agent_crash_makes_pod_notready_and_containers_exited() {
     assert_eq!(st.reason, "SandboxAgentExited");
     assert!(!st.message.is_empty() && st.finished_at > 0);
     // Removed by the pod monitor right after it records the exits.
-    eventually("cgroups of the dead pod removed", Duration::from_secs(10), || async {
-        !cgroup_exists(&cg)
-    })
+    eventually(
+        "cgroups of the dead pod removed",
+        Duration::from_secs(10),
+        || async { !cgroup_exists(&cg) },
+    )
     .await;
     // RPCs keep working.
     assert_eq!(e.list_pods(None).await.len(), 1);

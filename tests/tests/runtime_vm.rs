@@ -16,8 +16,7 @@ use husk_tests::oci::{Compression, ImageSpec, Layer, Pusher, build_image, busybo
 use husk_tests::registry;
 use husk_tests::require;
 use husk_tests::runtime::{
-    alive, cgroup_exists, container_status, eventually, info, log_records, pod_status,
-    wait_exited,
+    alive, cgroup_exists, container_status, eventually, info, log_records, pod_status, wait_exited,
 };
 use tonic::Code;
 
@@ -119,19 +118,33 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     assert_eq!(i["kind"], "qemu");
     assert_eq!(i["isolation"], "virtual machine (QEMU)");
     let pids = vm_pids(&e, &pod).await;
-    assert!(comm(pids[0]).starts_with("qemu-system"), "{}", comm(pids[0]));
-    assert_eq!(pids.len(), 2, "QEMU and its vhost-user vsock server");
+    assert!(
+        comm(pids[0]).starts_with("qemu-system"),
+        "{}",
+        comm(pids[0])
+    );
+    assert_eq!(
+        pids.len(),
+        3,
+        "QEMU and its vhost-user vsock and fs servers"
+    );
     // Every VM process is in the pod's host cgroup.
     for p in &pids {
         let cg = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
-        assert!(cg.contains(&format!("husk/{pod}")), "pid {p} not in the pod cgroup: {cg}");
+        assert!(
+            cg.contains(&format!("husk/{pod}")),
+            "pid {p} not in the pod cgroup: {cg}"
+        );
     }
 
     // A container on the guest kernel, logs written on the host.
     let c1 = e
         .run(
             &pod,
-            &e.ctr("main", &["sh", "-c", "echo out; echo err >&2; exec sleep 1000"]),
+            &e.ctr(
+                "main",
+                &["sh", "-c", "echo out; echo err >&2; exec sleep 1000"],
+            ),
             &pcfg,
         )
         .await;
@@ -141,8 +154,14 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     })
     .await;
     let recs = log_records(&log);
-    assert!(recs.contains(&("stdout".into(), false, "out".into())), "{recs:?}");
-    assert!(recs.contains(&("stderr".into(), false, "err".into())), "{recs:?}");
+    assert!(
+        recs.contains(&("stdout".into(), false, "out".into())),
+        "{recs:?}"
+    );
+    assert!(
+        recs.contains(&("stderr".into(), false, "err".into())),
+        "{recs:?}"
+    );
 
     // It really runs on the guest's kernel.
     let rel = e.sh(&c1, "uname -r").await;
@@ -154,40 +173,50 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     assert_eq!(e.sh(&c1, "hostname").await.trim(), "vm1");
 
     // ExecSync exit codes, stderr, timeout.
-    let r = e.exec(&c1, &["sh", "-c", "echo x >&2; exit 3"], 30).await.unwrap();
+    let r = e
+        .exec(&c1, &["sh", "-c", "echo x >&2; exit 3"], 30)
+        .await
+        .unwrap();
     assert_eq!(r.exit_code, 3);
     assert_eq!(String::from_utf8_lossy(&r.stderr), "x\n");
     let r = e.exec(&c1, &["sleep", "30"], 1).await;
     assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
 
     // Stats from the guest's cgroup v2.
-    let stats = e
-        .c
-        .runtime
-        .clone()
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: c1.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
+    let stats =
+        e.c.runtime
+            .clone()
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: c1.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap();
     assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
     assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
-    let ps = e
-        .c
-        .runtime
-        .clone()
-        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
-    assert!(ps.linux.unwrap().memory.unwrap().working_set_bytes.unwrap().value > 0);
+    let ps =
+        e.c.runtime
+            .clone()
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap();
+    assert!(
+        ps.linux
+            .unwrap()
+            .memory
+            .unwrap()
+            .working_set_bytes
+            .unwrap()
+            .value
+            > 0
+    );
 
     // Resource updates land in the guest's cgroup.
     e.c.runtime
@@ -228,15 +257,17 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     let r = e.exec(&c1, &["cat", "/own"], 10).await.unwrap();
     assert_ne!(r.exit_code, 0, "container upper dirs must be separate");
 
-    // Host directories cannot be shared into the VM yet: refused clearly.
+    // Bidirectional propagation cannot cross into the VM: refused clearly.
     let mut m = e.ctr("mounts", &["true"]);
     m.mounts.push(cri::Mount {
         container_path: "/data".into(),
         host_path: "/tmp".into(),
+        propagation: cri::MountPropagation::PropagationBidirectional as i32,
         ..Default::default()
     });
     let err = e.create(&pod, &m, &pcfg).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("bidirectional"), "{err:?}");
 
     // StopContainer: SIGTERM ends sleep (not PID 1: the pod's PID namespace).
     e.stop_container(&c1, 10).await.unwrap();
@@ -293,7 +324,11 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     // OOM inside the guest → OOMKilled.
     let mut hog = e.ctr(
         "hog",
-        &["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"],
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
     );
     hog.linux = Some(cri::LinuxContainerConfig {
         resources: Some(cri::LinuxContainerResources {
@@ -330,20 +365,24 @@ async fn vm_oom_second_image_hotplug_and_cli() {
         log_records(&log).iter().any(|r| r.2 == "second image")
     })
     .await;
-    let disks = e.sh(&c, "for f in /sys/block/vd*/serial; do cat $f; echo; done").await;
+    let disks = e
+        .sh(&c, "for f in /sys/block/vd*/serial; do cat $f; echo; done")
+        .await;
     assert_eq!(disks.lines().count(), 2, "two image disks: {disks}");
 
     // The pod's VM shows up in ListPodSandbox with its handler.
-    let list = e
-        .c
-        .runtime
-        .clone()
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
-    assert!(list.iter().any(|p| p.id == pod && p.runtime_handler == QEMU));
+    let list =
+        e.c.runtime
+            .clone()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+    assert!(
+        list.iter()
+            .any(|p| p.id == pod && p.runtime_handler == QEMU)
+    );
 
     // Host networking in a VM is refused (a VM has its own kernel).
     let mut hn = e.pod("hostnet");
@@ -357,7 +396,10 @@ async fn vm_oom_second_image_hotplug_and_cli() {
         }),
         ..Default::default()
     });
-    assert_eq!(e.run_pod(&hn).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        e.run_pod(&hn).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();
@@ -370,7 +412,11 @@ async fn vm_oom_second_image_hotplug_and_cli() {
         .args(["run", "--rm", &e.image, "--", "uname", "-r"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rel = String::from_utf8_lossy(&out.stdout);
     assert!(!rel.trim().is_empty());
     assert_ne!(rel.trim(), host_file("/proc/sys/kernel/osrelease"));
@@ -389,7 +435,14 @@ async fn vm_huskd_kill9_and_restart_reattaches() {
     let c = e
         .run(
             &pod,
-            &e.ctr("ticker", &["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]),
+            &e.ctr(
+                "ticker",
+                &[
+                    "sh",
+                    "-c",
+                    "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+                ],
+            ),
             &pcfg,
         )
         .await;
@@ -415,9 +468,11 @@ async fn vm_huskd_kill9_and_restart_reattaches() {
     let st = container_status(&e.c, &c).await.unwrap().status.unwrap();
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     let n = log_records(&log).len();
-    eventually("ticks after the restart", Duration::from_secs(30), || async {
-        log_records(&log).len() > n + 3
-    })
+    eventually(
+        "ticks after the restart",
+        Duration::from_secs(30),
+        || async { log_records(&log).len() > n + 3 },
+    )
     .await;
     assert!(e.sh(&c, "echo alive").await.contains("alive"));
     e.stop_pod(&pod).await.unwrap();
@@ -455,7 +510,10 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
     // (boot timeout with the guest console's tail, or no /dev/kvm).
     {
         let mut cfg = vm_config(&k, &i, 15_000);
-        cfg = cfg.replace("default_handler = \"husk-qemu\"", "default_handler = \"husk\"");
+        cfg = cfg.replace(
+            "default_handler = \"husk-qemu\"",
+            "default_handler = \"husk\"",
+        );
         let e = CriEnv::new("husk", &cfg).await;
         let pcfg = e.pod("vmm");
         match e.run_pod(&pcfg).await {
@@ -477,16 +535,20 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
         }
         assert!(pods_dir_empty(&e.d.run_dir()), "run dir left");
         assert!(no_process_mentions(&e.d.run_dir().display().to_string()));
-        let list = e
-            .c
-            .runtime
-            .clone()
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        assert!(list.is_empty() || list.iter().all(|p| p.state == cri::PodSandboxState::SandboxReady as i32));
+        let list =
+            e.c.runtime
+                .clone()
+                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+                .await
+                .unwrap()
+                .into_inner()
+                .items;
+        assert!(
+            list.is_empty()
+                || list
+                    .iter()
+                    .all(|p| p.state == cri::PodSandboxState::SandboxReady as i32)
+        );
         // The name can be used again (nothing reserved by the failure).
         let _ = e.run_pod(&pcfg).await;
     }
@@ -500,7 +562,12 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
         assert!(s.message().contains("guest console"), "{s:?}");
         assert!(pods_dir_empty(&e.d.run_dir()));
         assert!(no_process_mentions(&e.d.run_dir().display().to_string()));
-        assert!(std::fs::read_dir(e.d.state_dir().join("pods")).unwrap().next().is_none());
+        assert!(
+            std::fs::read_dir(e.d.state_dir().join("pods"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
     }
 
     // 3. A missing kernel: refused before anything starts; Status says so.
@@ -510,14 +577,13 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
         let s = e.run_pod(&e.pod("nokernel")).await.unwrap_err();
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
         assert!(s.message().contains("/nonexistent/bzImage"), "{s:?}");
-        let st = e
-            .c
-            .runtime
-            .clone()
-            .status(cri::StatusRequest { verbose: true })
-            .await
-            .unwrap()
-            .into_inner();
+        let st =
+            e.c.runtime
+                .clone()
+                .status(cri::StatusRequest { verbose: true })
+                .await
+                .unwrap()
+                .into_inner();
         let rr = st
             .status
             .unwrap()
@@ -530,4 +596,119 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
         assert!(rr.message.contains("husk-qemu: not ready"), "{rr:?}");
         assert!(pods_dir_empty(&e.d.run_dir()));
     }
+}
+
+/// CRI mounts in a VM pod: the host directories reach the guest through husk-vmm's virtio-fs
+/// server (the pod share): both directions, read-only refused, a single-file mount, a
+/// ConfigMap-style `..data` swap on the host seen in the container, and after removal the
+/// share holds nothing while the volumes are untouched.
+#[tokio::test]
+async fn vm_pod_host_mounts_over_virtio_fs() {
+    require!(env_ok(), NEEDS);
+    let e = vm_env().await;
+    let vols = tempfile::tempdir().unwrap();
+    let data = vols.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("from-host"), b"host bytes\n").unwrap();
+    let cfg = vols.path().join("cfg");
+    std::fs::create_dir_all(cfg.join("..v1")).unwrap();
+    std::fs::write(cfg.join("..v1/key"), b"v1").unwrap();
+    std::os::unix::fs::symlink("..v1", cfg.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/key", cfg.join("key")).unwrap();
+    let single = vols.path().join("termination-log");
+    std::fs::write(&single, b"").unwrap();
+    let ro = vols.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::write(ro.join("r"), b"read only\n").unwrap();
+
+    let pcfg = e.pod("vmfs");
+    let pod = e
+        .run_pod(&pcfg)
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    let mount = |host: &Path, ctr: &str, readonly: bool| cri::Mount {
+        container_path: ctr.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let mut c = e.ctr("vol", &["sleep", "1000"]);
+    c.mounts = vec![
+        mount(&data, "/data", false),
+        mount(&cfg, "/config", true),
+        mount(&single, "/dev/termination-log", false),
+        mount(&ro, "/ro", true),
+    ];
+    let id = e.run(&pod, &c, &pcfg).await;
+    let share = e.d.run_dir().join("vm").join(&pod[..16]).join("share");
+
+    // Host -> guest, with the host's attributes.
+    assert_eq!(e.sh(&id, "cat /data/from-host").await, "host bytes\n");
+    assert_eq!(e.sh(&id, "cat /config/key").await, "v1");
+    assert_eq!(e.sh(&id, "cat /ro/r").await, "read only\n");
+    // Guest -> host: a file with owner and mode, a single-file mount.
+    e.sh(&id, "echo guest bytes > /data/from-guest && chown 1234:4321 /data/from-guest && chmod 640 /data/from-guest && echo done > /dev/termination-log").await;
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(data.join("from-guest")).unwrap();
+    assert_eq!(
+        std::fs::read(data.join("from-guest")).unwrap(),
+        b"guest bytes\n"
+    );
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (1234, 4321, 0o640));
+    assert_eq!(std::fs::read(&single).unwrap(), b"done\n");
+    // Read-only mounts refuse writes.
+    let r = e
+        .exec(&id, &["sh", "-c", "echo x > /ro/new"], 30)
+        .await
+        .unwrap();
+    assert_ne!(r.exit_code, 0);
+    assert!(!ro.join("new").exists());
+    // The kubelet's ConfigMap update: atomic ..data swap on the host.
+    std::fs::create_dir_all(cfg.join("..v2")).unwrap();
+    std::fs::write(cfg.join("..v2/key"), b"v2").unwrap();
+    std::os::unix::fs::symlink("..v2", cfg.join("..data_tmp")).unwrap();
+    std::fs::rename(cfg.join("..data_tmp"), cfg.join("..data")).unwrap();
+    eventually(
+        "ConfigMap swap seen in the guest",
+        Duration::from_secs(10),
+        || async {
+            e.exec(&id, &["cat", "/config/key"], 10)
+                .await
+                .is_ok_and(|r| r.stdout == b"v2")
+        },
+    )
+    .await;
+    // The guest sees the share's entries only, never the host around them.
+    let r = e
+        .exec(
+            &id,
+            &["sh", "-c", "ls /data/.. /data/../.. | grep -c share"],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "0");
+    assert!(
+        std::fs::read_dir(&share).unwrap().count() >= 4,
+        "entries bound into the share"
+    );
+
+    e.stop_container(&id, 0).await.unwrap();
+    e.remove_container(&id).await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(&share).unwrap().count(),
+        0,
+        "the container's entries unbound"
+    );
+    let pids = vm_pids(&e, &pod).await;
+    e.stop_pod(&pod).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+    assert_pod_gone(&e, &pod, &pids).await;
+    // The volumes are intact (removing the pod never reached into them).
+    assert_eq!(
+        std::fs::read(data.join("from-host")).unwrap(),
+        b"host bytes\n"
+    );
+    assert_eq!(std::fs::read(ro.join("r")).unwrap(), b"read only\n");
+    assert!(cfg.join("..v2/key").exists());
 }

@@ -103,7 +103,10 @@ impl RuntimeService for Runtime {
             let h: Vec<_> = handlers
                 .iter()
                 .map(|(n, k)| {
-                    let ready = readiness.iter().find(|(r, _)| r == n).map(|(_, r)| r.clone());
+                    let ready = readiness
+                        .iter()
+                        .find(|(r, _)| r == n)
+                        .map(|(_, r)| r.clone());
                     serde_json::json!({
                         "name": n,
                         "kind": k.kind,

@@ -35,7 +35,8 @@ pub enum BlockError {
 
 /// The cached block image of image `image_id` (`sha256:<hex>`).
 pub fn image_path(root: &Path, image_id: &str) -> PathBuf {
-    root.join("blocks").join(format!("{}.erofs", hex_of(image_id)))
+    root.join("blocks")
+        .join(format!("{}.erofs", hex_of(image_id)))
 }
 
 /// Builds (or reuses) the erofs image of the layers `lower_dirs` (top layer
@@ -221,8 +222,11 @@ mod tests {
         std::fs::create_dir_all(base.join("opaque/old")).unwrap();
         std::fs::write(base.join("opaque/old/f"), "hidden").unwrap();
         std::fs::write(base.join("bin-tool"), "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(base.join("bin-tool"), std::fs::Permissions::from_mode(0o4755))
-            .unwrap();
+        std::fs::set_permissions(
+            base.join("bin-tool"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
         std::fs::hard_link(base.join("bin-tool"), base.join("bin-link")).unwrap();
         std::os::unix::fs::chown(base.join("etc/passwd"), Some(1000), Some(2000)).unwrap();
         std::fs::create_dir_all(top.join("etc")).unwrap();
@@ -283,7 +287,10 @@ mod tests {
 
         remove(&root, "sha256:abc");
         assert!(!img.exists());
-        assert!(matches!(ensure(&root, "sha256:none", &[]), Err(BlockError::NoLayers)));
+        assert!(matches!(
+            ensure(&root, "sha256:none", &[]),
+            Err(BlockError::NoLayers)
+        ));
     }
 
     fn xattr_set(p: &Path, name: &str, value: &[u8]) {

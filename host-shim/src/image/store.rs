@@ -160,7 +160,11 @@ impl ImageStore {
             }
         }
         // Half-built VM block images (image/block.rs) of a killed huskd.
-        for e in fs::read_dir(root.join("blocks")).into_iter().flatten().flatten() {
+        for e in fs::read_dir(root.join("blocks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(".tmp-") {
                 let _ = fs::remove_file(e.path());

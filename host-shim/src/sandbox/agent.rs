@@ -80,7 +80,9 @@ impl Agent {
 
     /// Asks the agent to stop (a guest agent powers the VM off).
     pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
-        self.client.shutdown(ctx(timeout), &pb::Empty::new()).await?;
+        self.client
+            .shutdown(ctx(timeout), &pb::Empty::new())
+            .await?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use prost::Message;
 
 use super::logs::CriLog;
 use super::pod::labels_match;
+use super::share;
 use super::state::{ContainerRecord, ContainerState, PodState, new_id, now_ns};
 use super::{Container, Manager, Pod, Result, RuntimeError, lock};
 use crate::cri::convert;
@@ -85,15 +86,6 @@ impl Manager {
                 md.name, md.attempt, other.id
             )));
         }
-        if pod.kind.agent_in_guest()
-            && let Some(m) = config.mounts.iter().find(|m| !m.host_path.is_empty())
-        {
-            return Err(RuntimeError::FailedPrecondition(format!(
-                "host path mount {} -> {}: the VM sandbox cannot share host directories yet \
-                 (virtio-fs volumes are not built); use a namespace-sandbox handler (husk-ns)",
-                m.host_path, m.container_path
-            )));
-        }
         let img = self
             .images
             .status(&image)
@@ -105,20 +97,51 @@ impl Manager {
             .images
             .config_json(&img)
             .map_err(|e| RuntimeError::Internal(e.to_string()))?;
-        let spec = convert::container_spec(
+        let mut spec = convert::container_spec(
             &config,
             &pod.config,
             &image_config,
             self.min_oom_score_adj(),
         )?;
-        let spec = serde_json::to_vec(&spec)
-            .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))?;
         let agent_proc = prec.agent.clone().ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!("pod sandbox {pod_id} has no agent"))
         })?;
-        let rootfs = pod.kind.rootfs(pod_id, &agent_proc, &img).await?;
-
         let id = new_id();
+        // A VM pod sees host paths only through its virtio-fs share.
+        let share = match pod.kind.share_dir(&agent_proc) {
+            Some(dir) => Some(share::PodShare::open(&dir)?),
+            None if pod.kind.agent_in_guest()
+                && config.mounts.iter().any(|m| !m.host_path.is_empty()) =>
+            {
+                return Err(RuntimeError::FailedPrecondition(
+                    "this VM sandbox has no share for host path mounts".into(),
+                ));
+            }
+            None => None,
+        };
+        if let Some(s) = &share {
+            share::share_mounts(s, &id, &config.mounts, &mut spec)?;
+        }
+        let unshare = || {
+            if let Some(s) = &share {
+                s.unbind_container(&id);
+            }
+        };
+        let spec = match serde_json::to_vec(&spec) {
+            Ok(s) => s,
+            Err(e) => {
+                unshare();
+                return Err(RuntimeError::Internal(format!("oci spec: {e}")));
+            }
+        };
+        let rootfs = match pod.kind.rootfs(pod_id, &agent_proc, &img).await {
+            Ok(r) => r,
+            Err(e) => {
+                unshare();
+                return Err(e);
+            }
+        };
+
         let log_path = (!pod.config.log_directory.is_empty() && !config.log_path.is_empty())
             .then(|| std::path::Path::new(&pod.config.log_directory).join(&config.log_path));
         let resources = config
@@ -148,14 +171,21 @@ impl Manager {
             pid: 0,
             stop_signal: convert::stop_signal(&image_config)?,
         };
-        let resp = agent
+        let resp = match agent
             .create_container(&id, spec, rootfs, config.stdin, config.tty)
             .await
-            .map_err(|e| RuntimeError::agent("create container", e))?;
+        {
+            Ok(r) => r,
+            Err(e) => {
+                unshare();
+                return Err(RuntimeError::agent("create container", e));
+            }
+        };
         rec.pid = resp.pid;
         let c = Container::new(rec, config);
         if let Err(e) = c.persist(&self.store) {
             let _ = agent.remove_container(&id, true).await;
+            unshare();
             return Err(e);
         }
         lock(&pod.containers).insert(id.clone(), c.clone());
@@ -286,6 +316,16 @@ impl Manager {
             }
         }
         self.store.remove_container(&c.pod_id, id)?;
+        // Its CRI mounts leave the pod's share.
+        if let Some(dir) = pod
+            .record()
+            .agent
+            .as_ref()
+            .and_then(|p| pod.kind.share_dir(p))
+            && let Some(s) = share::PodShare::existing(&dir)
+        {
+            s.unbind_container(id);
+        }
         lock(&pod.containers).remove(id);
         self.containers
             .write()

@@ -64,6 +64,11 @@ pub trait SandboxKind: Send + Sync {
     fn agent_in_guest(&self) -> bool {
         false
     }
+    /// The host directory the guest sees as sandbox mount `share` (virtio-fs), where a
+    /// container's CRI mounts are bound (`share.rs`); None: host paths are used directly.
+    fn share_dir(&self, _p: &AgentProcess) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// `husk-ns`: per pod a `husk-agent --host` process, the init of a fresh PID

@@ -29,9 +29,9 @@ use husk_proto::cri;
 
 use self::agent::{Agent, AgentError};
 use self::kind::{NamespaceSandbox, SandboxKind};
-use self::vm::VmSandbox;
 use self::logs::CriLog;
 use self::state::{ContainerRecord, PodRecord};
+use self::vm::VmSandbox;
 use crate::config::{self, RuntimeConfig};
 use crate::image::ImageService;
 use crate::network::Network;

@@ -76,11 +76,7 @@ impl Manager {
         let kind = spec.kind;
         let ns = pod_ns(&config);
         if kind.is_vm() {
-            for (what, mode) in [
-                ("network", ns.network),
-                ("PID", ns.pid),
-                ("IPC", ns.ipc),
-            ] {
+            for (what, mode) in [("network", ns.network), ("PID", ns.pid), ("IPC", ns.ipc)] {
                 if mode == NS_NODE {
                     return Err(RuntimeError::InvalidArgument(format!(
                         "the VM sandbox (handler {handler:?}) cannot share the host {what} namespace: \
@@ -236,6 +232,17 @@ impl Manager {
                 ..Default::default()
             }),
             cgroup_parent: cgroup_parent.clone(),
+            // A VM pod's share (CRI mounts are bound into it): virtio-fs in the guest.
+            mounts: kind_impl
+                .share_dir(&proc)
+                .map(|_| pb::SandboxMount {
+                    name: super::share::SHARE.into(),
+                    source: super::vm::SHARE_TAG.into(),
+                    fstype: "virtiofs".into(),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
             ..Default::default()
         };
         if let Err(e) = agent.create_sandbox(req).await {

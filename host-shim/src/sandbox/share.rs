@@ -57,6 +57,13 @@ impl PodShare {
         })
     }
 
+    /// The share of a pod if it exists (never creates it).
+    pub fn existing(dir: &Path) -> Option<Self> {
+        dir.is_dir().then(|| Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -161,6 +168,56 @@ impl PodShare {
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(dir = %self.dir.display(), error = %e, "remove pod share");
+        }
+    }
+}
+
+/// For a VM pod: binds every CRI mount into the share and points the spec's mount for it
+/// (destination = container path, source = host path) at `sandbox:share/<entry>`. On error
+/// nothing of `container`'s stays bound.
+pub fn share_mounts(
+    share: &PodShare,
+    container: &str,
+    mounts: &[husk_proto::cri::Mount],
+    spec: &mut oci_spec::runtime::Spec,
+) -> Result<(), ShareError> {
+    let mut specs = spec.mounts().clone().unwrap_or_default();
+    for (n, m) in mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| !m.host_path.is_empty())
+    {
+        let hm = HostMount {
+            host_path: m.host_path.clone(),
+            container_path: m.container_path.clone(),
+            readonly: m.readonly,
+            propagation: m.propagation,
+            selinux_relabel: m.selinux_relabel,
+        };
+        let src = match share.bind(container, n, &hm) {
+            Ok(s) => s,
+            Err(e) => {
+                share.unbind_container(container);
+                return Err(e);
+            }
+        };
+        for s in specs.iter_mut().filter(|s| {
+            s.destination() == Path::new(&m.container_path)
+                && s.source().as_deref() == Some(Path::new(&m.host_path))
+        }) {
+            s.set_source(Some(PathBuf::from(&src)));
+        }
+    }
+    spec.set_mounts(Some(specs));
+    Ok(())
+}
+
+impl From<ShareError> for super::RuntimeError {
+    fn from(e: ShareError) -> Self {
+        match e {
+            ShareError::Refused { .. } => super::RuntimeError::FailedPrecondition(e.to_string()),
+            ShareError::Source(..) => super::RuntimeError::InvalidArgument(e.to_string()),
+            _ => super::RuntimeError::Internal(e.to_string()),
         }
     }
 }

@@ -113,13 +113,27 @@ mod tests {
         let (_d, p) = fake_vmm(b"").await;
         // The fake closes after the echo attempt: EOF before OK = refused.
         let e = connect(&p, 1024, Duration::from_secs(2)).await;
-        assert!(matches!(e, Err(HybridError::Timeout { .. }) | Err(HybridError::Handshake { .. })), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                Err(HybridError::Timeout { .. }) | Err(HybridError::Handshake { .. })
+            ),
+            "{e:?}"
+        );
         let (_d2, p2) = fake_vmm(b"NOPE 1\n").await;
-        let e = connect(&p2, 1024, Duration::from_secs(2)).await.unwrap_err();
+        let e = connect(&p2, 1024, Duration::from_secs(2))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("bad handshake"), "{e}");
         let (_d3, p3) = fake_vmm(b"OK 1234567890123456789012345678901234567890\n").await;
         assert!(connect(&p3, 1024, Duration::from_secs(2)).await.is_err());
-        let e = connect(Path::new("/nonexistent/x.sock"), 1024, Duration::from_secs(1)).await.unwrap_err();
+        let e = connect(
+            Path::new("/nonexistent/x.sock"),
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, HybridError::Connect { .. }));
     }
 }

@@ -26,6 +26,7 @@ use husk_proto::cri;
 use super::RuntimeError;
 use super::agent::{Agent, AgentError};
 use super::kind::{LaunchSpec, SandboxKind, proc_alive, start_time};
+use super::share::PodShare;
 use super::state::{AgentProcess, ProcRef, VmProcess};
 use crate::config::{Accel, SandboxKind as Kind, VmConfig};
 use crate::image::store::{ImageRecord, hex_of};
@@ -37,6 +38,8 @@ pub const AGENT_PORT: u32 = 1024;
 pub const FORWARD_PORT: u32 = 1025;
 /// Guest CID given to the vsock device (one VM per device: any ≥ 3 works).
 const GUEST_CID: u64 = 3;
+/// The virtio-fs tag of the pod share (the agent mounts it as sandbox mount `share`).
+pub const SHARE_TAG: &str = "husk-share";
 /// How long a vhost-user server gets to create its socket.
 const HELPER_WAIT: Duration = Duration::from_secs(10);
 /// QMP answers (hot-plug, quit).
@@ -178,8 +181,23 @@ impl VmSandbox {
         let uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
         let vmm = self.cfg.vmm_path();
+        let share = dir.join("share");
+        std::fs::create_dir_all(&share)
+            .map_err(|e| RuntimeError::Internal(format!("pod share {}: {e}", share.display())))?;
         match self.backend {
             Kind::Qemu => {
+                let fs_sock = dir.join("fs.sock");
+                let mut cmd = Command::new(&vmm);
+                cmd.args(["vhost-user", "fs", "--tag", SHARE_TAG])
+                    .arg("--socket")
+                    .arg(&fs_sock)
+                    .arg("--shared-dir")
+                    .arg(&share);
+                let fs = spawn_detached(cmd, &dir.join("fs.log"))?;
+                if let Err(e) = wait_socket(&fs, &fs_sock, &dir.join("fs.log"), "fs") {
+                    kill_wait(&fs);
+                    return Err(e);
+                }
                 let vu = dir.join("vu.sock");
                 let mut cmd = Command::new(&vmm);
                 cmd.args(["vhost-user", "vsock", "--cid", &GUEST_CID.to_string()])
@@ -187,17 +205,17 @@ impl VmSandbox {
                     .arg(&vu)
                     .arg("--uds")
                     .arg(&uds);
-                let helper = spawn_detached(cmd, &dir.join("vsock.log"))?;
-                let t = Instant::now();
-                while !vu.exists() {
-                    if !proc_alive(helper.pid, helper.start_time) || t.elapsed() > HELPER_WAIT {
-                        kill_wait(&helper);
-                        return Err(RuntimeError::Internal(format!(
-                            "husk-vmm vhost-user vsock did not start: {}",
-                            tail(&dir.join("vsock.log"), 5)
-                        )));
+                let helper = match spawn_detached(cmd, &dir.join("vsock.log")) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        kill_wait(&fs);
+                        return Err(e);
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                };
+                if let Err(e) = wait_socket(&helper, &vu, &dir.join("vsock.log"), "vsock") {
+                    kill_wait(&helper);
+                    kill_wait(&fs);
+                    return Err(e);
                 }
                 let args = qemu::args(&qemu::QemuSpec {
                     binary: &self.cfg.qemu_binary,
@@ -209,6 +227,7 @@ impl VmSandbox {
                     cmdline: &self.cmdline(),
                     console: &console,
                     vhost_user_vsock: &vu,
+                    vhost_user_fs: Some((&fs_sock, SHARE_TAG)),
                     qmp: &dir.join("qmp.sock"),
                     hotplug_slots: self.cfg.hotplug_slots,
                     name: &format!("husk-{}", &id[..12.min(id.len())]),
@@ -216,9 +235,10 @@ impl VmSandbox {
                 let mut cmd = Command::new(&self.cfg.qemu_binary);
                 cmd.args(args);
                 match spawn_detached(cmd, &dir.join("vmm.log")) {
-                    Ok(vm) => Ok((vm, vec![helper])),
+                    Ok(vm) => Ok((vm, vec![helper, fs])),
                     Err(e) => {
                         kill_wait(&helper);
+                        kill_wait(&fs);
                         Err(e)
                     }
                 }
@@ -234,6 +254,8 @@ impl VmSandbox {
                     .args(["--memory", &memory_mib.to_string()])
                     .arg("--vsock")
                     .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
+                    .arg("--fs")
+                    .arg(format!("tag={SHARE_TAG},dir={}", share.display()))
                     .arg("--serial")
                     .arg(format!("file:{}", console.display()))
                     .arg("--control-socket")
@@ -312,7 +334,15 @@ impl SandboxKind for VmSandbox {
                 tracing::warn!(pod = id, pid = p.pid, error = %e, "VMM process not placed in the pod cgroup");
             }
         }
-        tracing::info!(pod = id, backend = self.name(), ?accel, vcpus = size.0, memory_mib = size.1, pid = vm.pid, "VM starting");
+        tracing::info!(
+            pod = id,
+            backend = self.name(),
+            ?accel,
+            vcpus = size.0,
+            memory_mib = size.1,
+            pid = vm.pid,
+            "VM starting"
+        );
         let deadline = started + Duration::from_millis(self.cfg.boot_timeout_ms);
         loop {
             if !self.alive(&proc) {
@@ -322,7 +352,11 @@ impl SandboxKind for VmSandbox {
             if let Ok(s) = hybrid::connect(&proc.socket, AGENT_PORT, Duration::from_secs(2)).await {
                 let agent = Agent::over(s);
                 if agent.check(Duration::from_secs(5)).await.is_ok() {
-                    tracing::info!(pod = id, elapsed_ms = started.elapsed().as_millis() as u64, "guest agent up");
+                    tracing::info!(
+                        pod = id,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "guest agent up"
+                    );
                     return Ok((proc, agent));
                 }
             }
@@ -352,7 +386,9 @@ impl SandboxKind for VmSandbox {
     async fn dial_forward(&self, p: &AgentProcess) -> Result<tokio::net::UnixStream, RuntimeError> {
         hybrid::connect(&p.socket, FORWARD_PORT, Duration::from_secs(5))
             .await
-            .map_err(|e| RuntimeError::Unavailable(format!("agent port-forward endpoint in the guest: {e}")))
+            .map_err(|e| {
+                RuntimeError::Unavailable(format!("agent port-forward endpoint in the guest: {e}"))
+            })
     }
 
     fn alive(&self, p: &AgentProcess) -> bool {
@@ -395,6 +431,11 @@ impl SandboxKind for VmSandbox {
 
     fn cleanup(&self, id: &str) {
         let dir = self.pod_dir(id);
+        // The share's bind mounts go first: removing the run dir must never reach into a
+        // pod's volumes.
+        if let Some(share) = PodShare::existing(&dir.join("share")) {
+            share.destroy();
+        }
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -415,11 +456,10 @@ impl SandboxKind for VmSandbox {
                     .into(),
             ));
         }
-        let dir = p
-            .vm
-            .as_ref()
-            .map(|v| v.dir.clone())
-            .unwrap_or_else(|| self.pod_dir(id));
+        let dir =
+            p.vm.as_ref()
+                .map(|v| v.dir.clone())
+                .unwrap_or_else(|| self.pod_dir(id));
         let file = self
             .images
             .block_image(image)
@@ -458,10 +498,29 @@ impl SandboxKind for VmSandbox {
     fn agent_in_guest(&self) -> bool {
         true
     }
+
+    fn share_dir(&self, p: &AgentProcess) -> Option<PathBuf> {
+        p.vm.as_ref().map(|v| v.dir.join("share"))
+    }
 }
 
 /// Spawns `cmd` in its own session with stdout+stderr to `log`; a thread
 /// reaps it while this huskd lives (init does after a restart).
+/// Waits for a vhost-user server's socket (or its early exit).
+fn wait_socket(p: &ProcRef, sock: &Path, log: &Path, what: &str) -> Result<(), RuntimeError> {
+    let t = Instant::now();
+    while !sock.exists() {
+        if !proc_alive(p.pid, p.start_time) || t.elapsed() > HELPER_WAIT {
+            return Err(RuntimeError::Internal(format!(
+                "husk-vmm vhost-user {what} did not start: {}",
+                tail(log, 5)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, RuntimeError> {
     let f = std::fs::File::create(log)
         .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
@@ -580,7 +639,13 @@ mod tests {
             max_concurrent_downloads: 1,
         })
         .unwrap();
-        let vm = VmSandbox::new(Kind::Qemu, Accel::Tcg, VmConfig::default(), "/tmp".into(), img);
+        let vm = VmSandbox::new(
+            Kind::Qemu,
+            Accel::Tcg,
+            VmConfig::default(),
+            "/tmp".into(),
+            img,
+        );
         let mut c = cri::PodSandboxConfig::default();
         assert_eq!(vm.size(&c), (1, 256));
         c.linux = Some(cri::LinuxPodSandboxConfig {
@@ -593,7 +658,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(vm.size(&c), (3, 356));
-        c.linux.as_mut().unwrap().resources.as_mut().unwrap().memory_limit_in_bytes = 1 << 40;
+        c.linux
+            .as_mut()
+            .unwrap()
+            .resources
+            .as_mut()
+            .unwrap()
+            .memory_limit_in_bytes = 1 << 40;
         assert_eq!(vm.size(&c).1, 8192);
     }
 }

@@ -46,6 +46,8 @@ pub struct QemuSpec<'a> {
     pub cmdline: &'a str,
     pub console: &'a Path,
     pub vhost_user_vsock: &'a Path,
+    /// husk-vmm's virtio-fs server for the pod share (`husk-vmm vhost-user fs`) and its tag.
+    pub vhost_user_fs: Option<(&'a Path, &'a str)>,
     pub qmp: &'a Path,
     pub hotplug_slots: u32,
     pub name: &'a str,
@@ -65,8 +67,20 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
         _ => ("tcg", "max"),
     };
     push(&["-name", &format!("{},debug-threads=on", spec.name)]);
-    push(&["-machine", "q35,memory-backend=mem", "-accel", accel, "-cpu", cpu]);
-    push(&["-smp", &spec.vcpus.to_string(), "-m", &format!("{}M", spec.memory_mib)]);
+    push(&[
+        "-machine",
+        "q35,memory-backend=mem",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+    ]);
+    push(&[
+        "-smp",
+        &spec.vcpus.to_string(),
+        "-m",
+        &format!("{}M", spec.memory_mib),
+    ]);
     // vhost-user devices map guest memory: it must be a shareable fd.
     push(&[
         "-object",
@@ -75,8 +89,17 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
             spec.memory_mib
         ),
     ]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-    push(&["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-global",
+        "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+    ]);
     push(&["-serial", &format!("file:{}", spec.console.display())]);
     push(&["-kernel", &spec.kernel.display().to_string()]);
     push(&["-initrd", &spec.initrd.display().to_string()]);
@@ -87,7 +110,18 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
         "-device",
         "vhost-user-vsock-pci,chardev=vsock",
     ]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp.display())]);
+    if let Some((sock, tag)) = spec.vhost_user_fs {
+        push(&[
+            "-chardev",
+            &format!("socket,id=fs,path={}", sock.display()),
+            "-device",
+            &format!("vhost-user-fs-pci,chardev=fs,tag={tag}"),
+        ]);
+    }
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", spec.qmp.display()),
+    ]);
     for i in 0..spec.hotplug_slots {
         push(&[
             "-device",
@@ -125,7 +159,9 @@ impl Qmp {
         };
         let greeting = q.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting}"
+            )));
         }
         q.execute("qmp_capabilities", json!({})).await?;
         Ok(q)
@@ -331,7 +367,10 @@ mod tests {
             {"qdev_id": "hp1", "pci_bridge": {"devices": []}},
             {"qdev_id": "hp2", "pci_bridge": {"devices": [{"qdev_id": "blk-b"}]}},
         ]}]);
-        assert_eq!(pci_usage(&pci, "blk-b"), (true, vec!["hp0".to_string(), "hp2".to_string()]));
+        assert_eq!(
+            pci_usage(&pci, "blk-b"),
+            (true, vec!["hp0".to_string(), "hp2".to_string()])
+        );
         assert!(!pci_usage(&pci, "blk-c").0);
     }
 
@@ -348,6 +387,7 @@ mod tests {
             cmdline: "console=ttyS0",
             console: p("/d/console.log"),
             vhost_user_vsock: p("/d/vu.sock"),
+            vhost_user_fs: Some((p("/d/fs.sock"), "husk-share")),
             qmp: p("/d/qmp.sock"),
             hotplug_slots: 2,
             name: "husk-x",
@@ -355,9 +395,21 @@ mod tests {
         let s = a.join(" ");
         assert!(s.contains("-accel tcg -cpu max"), "{s}");
         assert!(s.contains("-smp 2 -m 384M"), "{s}");
-        assert!(s.contains("memory-backend-memfd,id=mem,size=384M,share=on"), "{s}");
+        assert!(
+            s.contains("memory-backend-memfd,id=mem,size=384M,share=on"),
+            "{s}"
+        );
         assert!(s.contains("vhost-user-vsock-pci,chardev=vsock"), "{s}");
-        assert!(s.contains("pcie-root-port,id=hp1,bus=pcie.0,chassis=2,slot=2"), "{s}");
+        assert!(
+            s.contains(
+                "socket,id=fs,path=/d/fs.sock -device vhost-user-fs-pci,chardev=fs,tag=husk-share"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("pcie-root-port,id=hp1,bus=pcie.0,chassis=2,slot=2"),
+            "{s}"
+        );
         assert!(!s.contains("hp2"), "{s}");
         assert!(s.contains("-append console=ttyS0"), "{s}");
         assert_eq!(resolve_accel(Accel::Tcg), Accel::Tcg);
@@ -374,7 +426,9 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             let (r, mut w) = s.into_split();
             let mut r = BufReader::new(r);
-            w.write_all(b"{\"QMP\": {\"version\": {}}}\n").await.unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}}}\n")
+                .await
+                .unwrap();
             let mut line = String::new();
             r.read_line(&mut line).await.unwrap();
             assert!(line.contains("qmp_capabilities"));
@@ -395,7 +449,10 @@ mod tests {
         let mut q = Qmp::connect(&path, Duration::from_secs(2)).await.unwrap();
         let r = q.execute("query-status", json!({})).await.unwrap();
         assert_eq!(r["status"], "running");
-        let e = q.execute("device_add", json!({"id": "x"})).await.unwrap_err();
+        let e = q
+            .execute("device_add", json!({"id": "x"}))
+            .await
+            .unwrap_err();
         assert_eq!(e.to_string(), "QMP device_add: GenericError: boom");
     }
 }
