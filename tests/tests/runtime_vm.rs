@@ -480,6 +480,107 @@ async fn vm_huskd_kill9_and_restart_reattaches() {
     assert_pod_gone(&e, &pod, &pids).await;
 }
 
+/// husk-vmm's control socket: one command, its answer line.
+fn vmm_ctl(e: &CriEnv, pod: &str, cmd: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = e.d.run_dir().join("vm").join(&pod[..16]).join("control.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line.trim_end().to_string()
+}
+
+/// The handler `husk` (husk-vmm) end to end where a Linux guest boots on it (hardware KVM):
+/// containers whose image disks fill husk-vmm's pre-attached disk slots, one slot per image
+/// (a second container of an image reuses its slot, also after a huskd restart, which reads
+/// the slots back from husk-vmm). Detection is a real pod start with a short boot timeout:
+/// where the guest does not boot (no /dev/kvm, kvm-pvm) it prints `skipped: <reason>`.
+#[tokio::test]
+async fn vmm_pod_containers_on_disk_slots() {
+    require!(
+        registry::available() && husk_tests::is_root() && guest().is_some(),
+        "needs root, docker-registry and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD"
+    );
+    let (k, i) = guest().unwrap();
+    let cfg = vm_config(&k, &i, 20_000)
+        .replace("default_handler = \"husk-qemu\"", "default_handler = \"husk\"")
+        + "hotplug_slots = 3\n";
+    let mut e = CriEnv::new("husk", &cfg).await;
+    let pcfg = e.pod("vmm-slots");
+    let pod = match e.run_pod(&pcfg).await {
+        Ok(pod) => pod,
+        Err(s) => {
+            let why: String = s.message().chars().take(300).collect();
+            println!("skipped: no Linux guest boots on husk-vmm here ({:?}: {why})", s.code());
+            return;
+        }
+    };
+    let pids = vm_pids(&e, &pod).await;
+    assert!(comm(pids[0]).starts_with("husk-vmm"), "{}", comm(pids[0]));
+    assert_eq!(vmm_ctl(&e, &pod, "disks"), "disks 0=- 1=- 2=-");
+
+    let c1 = e
+        .run(&pod, &e.ctr("main", &["sh", "-c", "echo out; exec sleep 1000"]), &pcfg)
+        .await;
+    let log = e.log_path(&pcfg, "main");
+    eventually("log line", Duration::from_secs(30), || async {
+        log_records(&log).iter().any(|r| r.2 == "out")
+    })
+    .await;
+    let rel = e.sh(&c1, "uname -r").await;
+    assert_ne!(rel.trim(), host_file("/proc/sys/kernel/osrelease"), "runs on the guest kernel");
+    let d = vmm_ctl(&e, &pod, "disks");
+    assert!(d.starts_with("disks 0=img") && d.ends_with(" 1=- 2=-"), "{d}");
+    let serial = d.split(' ').nth(1).unwrap().trim_start_matches("0=").to_string();
+    let serials = e.sh(&c1, "cat /sys/block/vd*/serial").await;
+    assert!(serials.contains(&serial), "guest serials {serials:?}, slot {serial}");
+
+    // The same image again: the same slot.
+    e.run(&pod, &e.ctr("again", &["sleep", "1000"]), &pcfg).await;
+    assert_eq!(vmm_ctl(&e, &pod, "disks"), d);
+
+    // Another image: the next slot; after a huskd crash the slots are read back from husk-vmm.
+    let img = build_image(&ImageSpec {
+        layers: vec![
+            busybox_layer(Compression::Gzip).unwrap(),
+            Layer {
+                entries: vec![file("marker", "second image\n")],
+                compression: Compression::Gzip,
+            },
+        ],
+        ..Default::default()
+    });
+    Pusher::new(&e.reg.addr, None)
+        .push_image("e2e/vmm-marked", Some("1"), &img)
+        .await
+        .unwrap();
+    let marked = format!("{}/e2e/vmm-marked:1", e.reg.addr);
+    e.pull(&marked).await;
+    let mut m = e.ctr("marked", &["sh", "-c", "cat /marker; exec sleep 1000"]);
+    m.image = Some(cri::ImageSpec {
+        image: marked.clone(),
+        ..Default::default()
+    });
+    e.run(&pod, &m, &pcfg).await;
+    let mlog = e.log_path(&pcfg, "marked");
+    eventually("marker in the log", Duration::from_secs(30), || async {
+        log_records(&mlog).iter().any(|r| r.2 == "second image")
+    })
+    .await;
+    let d2 = vmm_ctl(&e, &pod, "disks");
+    assert!(d2.starts_with(&format!("disks 0={serial} 1=img")) && d2.ends_with(" 2=-"), "{d2}");
+    e.d.crash_and_restart().await.unwrap();
+    e.c = e.d.clients().await.unwrap();
+    m.metadata.as_mut().unwrap().name = "marked2".into();
+    e.run(&pod, &m, &pcfg).await;
+    assert_eq!(vmm_ctl(&e, &pod, "disks"), d2, "no new slot after the restart");
+
+    e.stop_pod(&pod).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+    assert_pod_gone(&e, &pod, &pids).await;
+}
+
 /// No VMM process whose command line mentions `needle` remains.
 fn no_process_mentions(needle: &str) -> bool {
     std::fs::read_dir("/proc")

@@ -13,6 +13,7 @@
 
 pub mod hybrid;
 pub mod qemu;
+pub mod vmmctl;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ pub const SHARE_TAG: &str = "husk-share";
 const HELPER_WAIT: Duration = Duration::from_secs(10);
 /// QMP answers (hot-plug, quit).
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// husk-vmm control-socket answers (disk slots).
+const VMM_CTL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Disk slots husk-vmm supports (its MAX_DISK_SLOTS: one virtio IRQ each).
+const VMM_MAX_DISK_SLOTS: u32 = 16;
 /// Console/log lines quoted in start errors.
 const TAIL_LINES: usize = 15;
 
@@ -129,6 +134,12 @@ impl VmSandbox {
                 }
             }
             _ => {
+                if self.cfg.hotplug_slots > VMM_MAX_DISK_SLOTS {
+                    return missing(format!(
+                        "VM sandbox: runtime.vm.hotplug_slots is {}, husk-vmm supports at most {VMM_MAX_DISK_SLOTS} disk slots",
+                        self.cfg.hotplug_slots
+                    ));
+                }
                 if !qemu::kvm_opens() {
                     return missing(
                         "VM sandbox: husk-vmm needs /dev/kvm, which cannot be opened here \
@@ -259,7 +270,9 @@ impl VmSandbox {
                     .arg("--serial")
                     .arg(format!("file:{}", console.display()))
                     .arg("--control-socket")
-                    .arg(dir.join("control.sock"));
+                    .arg(dir.join("control.sock"))
+                    // Empty read-only virtio-blk slots for image disks (filled by `rootfs`).
+                    .args(["--disk-slots", &self.cfg.hotplug_slots.to_string()]);
                 Ok((spawn_detached(cmd, &dir.join("vmm.log"))?, vec![]))
             }
         }
@@ -449,13 +462,6 @@ impl SandboxKind for VmSandbox {
         p: &AgentProcess,
         image: &ImageRecord,
     ) -> Result<pb::Rootfs, RuntimeError> {
-        if self.backend != Kind::Qemu {
-            return Err(RuntimeError::FailedPrecondition(
-                "husk-vmm cannot attach image disks to a running VM yet (no disk hot-plug); \
-                 use the husk-qemu handler"
-                    .into(),
-            ));
-        }
         let dir =
             p.vm.as_ref()
                 .map(|v| v.dir.clone())
@@ -473,15 +479,29 @@ impl SandboxKind for VmSandbox {
         };
         {
             let _g = self.hotplug.lock(id).await;
-            qemu::hotplug_disk(
-                &dir.join("qmp.sock"),
-                &file,
-                &names,
-                self.cfg.hotplug_slots,
-                QMP_TIMEOUT,
-            )
-            .await
-            .map_err(|e| RuntimeError::Internal(format!("attach image disk: {e}")))?;
+            match self.backend {
+                Kind::Qemu => qemu::hotplug_disk(
+                    &dir.join("qmp.sock"),
+                    &file,
+                    &names,
+                    self.cfg.hotplug_slots,
+                    QMP_TIMEOUT,
+                )
+                .await
+                .map_err(|e| RuntimeError::Internal(format!("attach image disk: {e}")))?,
+                // husk-vmm: the image's slot if one holds it, else the next empty one.
+                _ => vmmctl::attach_disk(
+                    &dir.join("control.sock"),
+                    &file,
+                    &names.serial,
+                    VMM_CTL_TIMEOUT,
+                )
+                .await
+                .map_err(|e| match e {
+                    vmmctl::VmmCtlError::Full(_) => RuntimeError::FailedPrecondition(e.to_string()),
+                    e => RuntimeError::Internal(format!("attach image disk: {e}")),
+                })?,
+            }
         }
         Ok(pb::Rootfs {
             source: Some(pb::rootfs::Source::Block(pb::BlockRootfs {

@@ -1,0 +1,127 @@
+//! husk-vmm's control socket (`<vm dir>/control.sock`), a line protocol: one command, one
+//! answer line. Used for the pod's image disks: husk-vmm starts with `--disk-slots N` empty
+//! read-only virtio-blk slots; `disk-attach SLOT PATH SERIAL` fills one (the guest sees the
+//! capacity change through a config-change interrupt) and `disks` lists them, so a restarted
+//! huskd reads the slot state from the VMM itself.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmCtlError {
+    #[error("husk-vmm control socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("husk-vmm control socket {0}: no answer in time")]
+    Timeout(String),
+    #[error("husk-vmm refused {command:?}: {why}")]
+    Refused { command: String, why: String },
+    #[error("husk-vmm answered {command:?} with {answer:?}")]
+    Protocol { command: String, answer: String },
+    #[error("all {0} disk slots are in use (runtime.vm.hotplug_slots): one disk per image per pod")]
+    Full(usize),
+}
+
+/// Sends one command line and returns the answer line (without the newline).
+pub async fn command(sock: &Path, cmd: &str, timeout: Duration) -> Result<String, VmmCtlError> {
+    let path = sock.display().to_string();
+    let io = |source| VmmCtlError::Io {
+        path: path.clone(),
+        source,
+    };
+    let talk = async {
+        let mut s = UnixStream::connect(sock).await.map_err(io)?;
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .map_err(io)?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).await.map_err(io)?;
+        Ok(line.trim_end().to_string())
+    };
+    let answer = tokio::time::timeout(timeout, talk)
+        .await
+        .map_err(|_| VmmCtlError::Timeout(path.clone()))??;
+    match answer.strip_prefix("error ") {
+        Some(why) => Err(VmmCtlError::Refused {
+            command: cmd.to_string(),
+            why: why.to_string(),
+        }),
+        None => Ok(answer),
+    }
+}
+
+/// The disk slots: the serial in each, `None` when empty.
+pub async fn disks(sock: &Path, timeout: Duration) -> Result<Vec<Option<String>>, VmmCtlError> {
+    let answer = command(sock, "disks", timeout).await?;
+    parse_disks(&answer).ok_or_else(|| VmmCtlError::Protocol {
+        command: "disks".into(),
+        answer,
+    })
+}
+
+/// `disks 0=SERIAL 1=- ...` → slots in order.
+fn parse_disks(answer: &str) -> Option<Vec<Option<String>>> {
+    let mut words = answer.split_whitespace();
+    if words.next()? != "disks" {
+        return None;
+    }
+    let mut slots = vec![];
+    for (i, w) in words.enumerate() {
+        let (n, serial) = w.split_once('=')?;
+        if n.parse::<usize>().ok()? != i || serial.is_empty() {
+            return None;
+        }
+        slots.push((serial != "-").then(|| serial.to_string()));
+    }
+    Some(slots)
+}
+
+/// Makes `file` visible in the guest as the virtio-blk disk with `serial`: nothing to do when a
+/// slot already holds that serial (idempotent per image per pod), else fill the first empty
+/// slot. Callers serialise attaches per VM.
+pub async fn attach_disk(
+    sock: &Path,
+    file: &Path,
+    serial: &str,
+    timeout: Duration,
+) -> Result<(), VmmCtlError> {
+    let slots = disks(sock, timeout).await?;
+    if slots.iter().any(|s| s.as_deref() == Some(serial)) {
+        return Ok(());
+    }
+    let Some(free) = slots.iter().position(Option::is_none) else {
+        return Err(VmmCtlError::Full(slots.len()));
+    };
+    let cmd = format!("disk-attach {free} {} {serial}", file.display());
+    let answer = command(sock, &cmd, timeout).await?;
+    if answer != "ok" {
+        return Err(VmmCtlError::Protocol {
+            command: cmd,
+            answer,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_answer() {
+        assert_eq!(parse_disks("disks"), Some(vec![]));
+        assert_eq!(
+            parse_disks("disks 0=img00 1=- 2=x"),
+            Some(vec![Some("img00".into()), None, Some("x".into())])
+        );
+        for bad in ["", "running", "disks 1=a", "disks 0=", "disks 0a"] {
+            assert_eq!(parse_disks(bad), None, "{bad:?}");
+        }
+    }
+}
