@@ -162,17 +162,23 @@ pub fn sandbox_source(mounts: &std::collections::HashMap<String, PathBuf>, src: 
 }
 
 /// A guest block device by path, or "virtio-blk:SERIAL" looked up in sysfs.
+/// A device whose size is still 0 does not count yet: husk-vmm fills an empty
+/// disk slot (serial and capacity change together on the host), and the
+/// guest kernel picks the new capacity up from the config-change interrupt
+/// a moment later.
 pub fn resolve_device(device: &Path, sys_block: &Path) -> Result<PathBuf> {
     let Some(serial) = device.to_str().and_then(|d| d.strip_prefix("virtio-blk:")) else {
         return Ok(device.to_path_buf());
     };
     for entry in std::fs::read_dir(sys_block).into_iter().flatten().flatten() {
         let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
-        if found.trim() == serial {
+        let size = std::fs::read_to_string(entry.path().join("size")).ok();
+        let empty = size.is_some_and(|s| s.trim() == "0");
+        if found.trim() == serial && !empty {
             return Ok(Path::new("/dev").join(entry.file_name()));
         }
     }
-    Err(AgentError::InvalidArgument(format!("no virtio-blk device with serial {serial}")))
+    Err(AgentError::InvalidArgument(format!("no virtio-blk device with serial {serial} and a non-zero size")))
 }
 
 /// How long a hot-plugged disk may take to show up in the guest.
@@ -391,6 +397,13 @@ mod tests {
         assert_eq!(resolve_device(Path::new("virtio-blk:rootfs-c1"), sys.path()).expect("found"), Path::new("/dev/vdb"));
         assert_eq!(resolve_device(Path::new("/dev/vdc"), sys.path()).expect("path"), Path::new("/dev/vdc"));
         assert!(matches!(resolve_device(Path::new("virtio-blk:nope"), sys.path()), Err(AgentError::InvalidArgument(_))));
+        // A husk-vmm disk slot whose new capacity the kernel has not read yet.
+        std::fs::create_dir_all(sys.path().join("vdc")).expect("mkdir");
+        std::fs::write(sys.path().join("vdc/serial"), "img0123").expect("write");
+        std::fs::write(sys.path().join("vdc/size"), "0\n").expect("write");
+        assert!(matches!(resolve_device(Path::new("virtio-blk:img0123"), sys.path()), Err(AgentError::InvalidArgument(_))));
+        std::fs::write(sys.path().join("vdc/size"), "16\n").expect("write");
+        assert_eq!(resolve_device(Path::new("virtio-blk:img0123"), sys.path()).expect("filled"), Path::new("/dev/vdc"));
     }
 
     #[test]
