@@ -687,4 +687,32 @@ mod tests {
             .memory_limit_in_bytes = 1 << 40;
         assert_eq!(vm.size(&c).1, 8192);
     }
+
+    #[test]
+    fn husk_vmm_disk_slot_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let img = crate::image::ImageService::open(crate::image::ImageSettings {
+            root: d.path().join("img"),
+            registry_config_dir: None,
+            docker_config: None,
+            max_concurrent_downloads: 1,
+        })
+        .unwrap();
+        let (k, i) = (d.path().join("bzImage"), d.path().join("initrd"));
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        let cfg = VmConfig {
+            kernel: k,
+            initrd: i,
+            vmm_binary: Some("/bin/true".into()),
+            hotplug_slots: VMM_MAX_DISK_SLOTS + 1,
+            ..VmConfig::default()
+        };
+        let vm = VmSandbox::new(Kind::Vm, Accel::Auto, cfg, d.path().into(), img);
+        let e = vm.preflight(Accel::Auto).unwrap_err();
+        assert!(
+            matches!(&e, RuntimeError::FailedPrecondition(m) if m.contains("hotplug_slots is 17")),
+            "{e}"
+        );
+    }
 }
