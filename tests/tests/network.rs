@@ -144,6 +144,11 @@ struct Env {
 
 impl Env {
     async fn new() -> Env {
+        Self::with("").await
+    }
+
+    /// With `extra` huskd config after the `[network]` keys.
+    async fn with(extra: &str) -> Env {
         let reg = Registry::start(None).unwrap();
         let img = build_image(&ImageSpec {
             layers: vec![busybox_layer(Compression::Gzip).unwrap()],
@@ -155,7 +160,7 @@ impl Env {
             .unwrap();
         let d = Huskd::start_with(
             Options::plain_http(&reg.addr),
-            &format!("cni_bin_dirs = [\"{CNI_BIN}\"]\n"),
+            &format!("cni_bin_dirs = [\"{CNI_BIN}\"]\n{extra}"),
         )
         .await
         .unwrap();
@@ -204,17 +209,30 @@ impl Env {
 
     /// A pod serving "hi-<name>" over HTTP on :8080 (busybox httpd).
     async fn server(&self, cfg: &cri::PodSandboxConfig) -> (String, String) {
+        self.server_on(cfg, NS).await
+    }
+
+    async fn server_on(&self, cfg: &cri::PodSandboxConfig, handler: &str) -> (String, String) {
         let name = &cfg.metadata.as_ref().unwrap().name;
         let script = format!(
             "busybox mkdir -p /tmp/w && echo hi-{name} > /tmp/w/index.html && exec httpd -f -p 8080 -h /tmp/w"
         );
-        self.pod_with(cfg, &["sh", "-c", &script]).await
+        self.pod_on(cfg, handler, &["sh", "-c", &script]).await
     }
 
     /// A pod with one running container.
     async fn pod_with(&self, cfg: &cri::PodSandboxConfig, cmd: &[&str]) -> (String, String) {
+        self.pod_on(cfg, NS, cmd).await
+    }
+
+    async fn pod_on(
+        &self,
+        cfg: &cri::PodSandboxConfig,
+        handler: &str,
+        cmd: &[&str],
+    ) -> (String, String) {
         let pod = self
-            .run_pod(cfg, NS)
+            .run_pod(cfg, handler)
             .await
             .unwrap_or_else(|e| panic!("run pod: {e:?}\n{}", self.d.log()));
         let ctr = container_config("web", &self.image, cmd);
@@ -665,4 +683,65 @@ async fn host_network_pods_share_the_host_namespace_and_vm_refuses_them() {
     assert!(net.allocations().is_empty());
     e.remove(&pod).await;
     e.assert_clean(&net, &[&pod], &[]);
+}
+
+/// The VM sandbox (QEMU/TCG, the project's guest kernel and agent) on the
+/// same CNI network: the tap and tc redirects carry the guest's traffic.
+#[tokio::test]
+async fn vm_pod_on_the_cni_network() {
+    require!(env_ok(), NEEDS);
+    let (Ok(kernel), Ok(initrd)) = (
+        std::env::var("HUSK_GUEST_KERNEL"),
+        std::env::var("HUSK_GUEST_INITRD"),
+    ) else {
+        eprintln!(
+            "skipped: needs HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh builds them) and qemu-system-x86_64"
+        );
+        return;
+    };
+    let e = Env::with(&format!(
+        "[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+         [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
+    ))
+    .await;
+    let net = Net::new(e.d.dir.path());
+    net.install(&e.d, 24);
+    let (vm, vm_ctr) = e.server_on(&e.pod("vm"), "husk-qemu").await;
+    let (ns, ns_ctr) = e.server(&e.pod("ns")).await;
+    let (vm_ips, ns_ips) = (e.ips(&vm).await, e.ips(&ns).await);
+    assert_eq!(vm_ips.len(), 2, "{vm_ips:?}");
+    // Inside the guest: eth0 with the CNI addresses (the agent configured it).
+    let (_, addrs) = e
+        .exec(&vm_ctr, &["busybox", "ip", "-o", "addr", "show", "eth0"])
+        .await;
+    assert!(addrs.contains(&format!("{}/24", vm_ips[0])), "{addrs}");
+    // Both ways between the VM pod and a namespace pod, IPv4 and IPv6.
+    assert_eq!(e.get(&ns_ctr, &vm_ips[0], 8080).await.trim(), "hi-vm");
+    assert_eq!(e.get(&vm_ctr, &ns_ips[0], 8080).await.trim(), "hi-ns");
+    assert_eq!(e.get(&ns_ctr, &vm_ips[1], 8080).await.trim(), "hi-vm");
+    // The VM pod reaches the host side of the bridge.
+    let l = TcpListener::bind(format!("{}:0", net.gateway())).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let (code, out) = e
+        .exec(
+            &vm_ctr,
+            &[
+                "sh",
+                "-c",
+                &format!("echo from-vm | nc -w 10 {} {port}", net.gateway()),
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "nc: {out}");
+    assert_eq!(got.join().unwrap().trim(), "from-vm");
+    e.remove(&vm).await;
+    e.remove(&ns).await;
+    e.assert_clean(&net, &[&vm, &ns], &[vm_ips, ns_ips].concat());
 }

@@ -313,6 +313,22 @@ impl Network {
         Ok(())
     }
 
+    /// A VM pod: the tap and tc redirects in its namespace, and what the
+    /// VMM and the agent need. `None` when the pod has no CNI network.
+    pub fn attach_vm(&self, id: &str) -> Result<Option<tap::VmNic>, NetworkError> {
+        let Some(rec) = self.pod(id) else {
+            return Ok(None);
+        };
+        let nic = tap::attach(
+            rec.netns(),
+            &rec.attachment.ifname,
+            tap::TAP_NAME,
+            &rec.result(),
+        )?;
+        tracing::info!(pod = id, mac = %nic.mac, mtu = nic.mtu, "VM pod network: tap redirected to {}", rec.attachment.ifname);
+        Ok(Some(nic))
+    }
+
     /// CHECK (where the config version supports it): `Ok(false)` when not
     /// supported or the pod has no CNI network.
     pub async fn check(&self, id: &str) -> Result<bool, NetworkError> {

@@ -73,6 +73,8 @@ fn tun_open(name: &str) -> std::io::Result<OwnedFd> {
 /// What the VMM and the agent need for the pod's one NIC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmNic {
+    /// The pod's network namespace (where the tap is).
+    pub netns: std::path::PathBuf,
     /// Tap name inside the pod's namespace (QEMU gets an fd from [`open`]).
     pub tap: String,
     /// The guest NIC's MAC: the CNI interface's.
@@ -167,6 +169,7 @@ pub fn attach(ns: &Path, ifname: &str, tap: &str, cni: &CniResult) -> Result<VmN
         }
     }
     Ok(VmNic {
+        netns: ns.to_path_buf(),
         tap: tap.to_string(),
         mac,
         mtu,
@@ -224,6 +227,7 @@ mod tests {
     #[test]
     fn configure_request_from_nic() {
         let nic = VmNic {
+            netns: "/run/husk/netns/p".into(),
             tap: TAP_NAME.into(),
             mac: "0a:58:0a:01:00:05".into(),
             mtu: 1450,

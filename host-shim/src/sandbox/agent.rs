@@ -93,6 +93,14 @@ impl Agent {
             .await?)
     }
 
+    /// The guest's interfaces and routes (VM pods with a CNI network).
+    pub async fn configure_network(&self, req: pb::ConfigureNetworkRequest) -> Result<()> {
+        self.client
+            .configure_network(ctx(RPC_TIMEOUT), &req)
+            .await?;
+        Ok(())
+    }
+
     pub async fn create_sandbox(
         &self,
         req: pb::CreateSandboxRequest,

@@ -21,6 +21,8 @@ pub struct LaunchSpec<'a> {
     /// The pod's cgroup, relative to the cgroup root.
     pub cgroup_parent: &'a str,
     pub config: &'a cri::PodSandboxConfig,
+    /// VM sandboxes: the pod's CNI network as a tap (None: no CNI network).
+    pub network: Option<&'a crate::network::tap::VmNic>,
 }
 
 /// How a pod's agent is launched, found again and stopped.

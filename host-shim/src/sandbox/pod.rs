@@ -183,9 +183,22 @@ impl Manager {
                 let _ = store.remove_pod(&id);
             }
         };
+        // A VM pod's CNI network reaches the guest through a tap.
+        let vm_nic = if kind.is_vm() {
+            match self.net.attach_vm(id) {
+                Ok(n) => n,
+                Err(e) => {
+                    cleanup(None).await;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
         let launch = LaunchSpec {
             cgroup_parent: &cgroup_parent,
             config: &config,
+            network: vm_nic.as_ref(),
         };
         let (proc, agent) = match kind_impl.launch(id, &launch).await {
             Ok(x) => x,
@@ -248,6 +261,15 @@ impl Manager {
         if let Err(e) = agent.create_sandbox(req).await {
             cleanup(Some(proc)).await;
             return Err(RuntimeError::agent("create sandbox", e));
+        }
+        if let Some(nic) = &vm_nic
+            && let Err(e) = agent
+                .configure_network(nic.configure_request(crate::network::IFNAME))
+                .await
+        {
+            let _ = agent.destroy_sandbox(id).await;
+            cleanup(Some(proc)).await;
+            return Err(RuntimeError::agent("configure the guest network", e));
         }
         rec.state = PodState::Ready;
         if let Err(e) = self.store.put_pod(id, &rec) {

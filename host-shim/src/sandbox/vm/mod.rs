@@ -12,6 +12,7 @@
 //! huskd finds it again.
 
 pub mod hybrid;
+mod net;
 pub mod qemu;
 pub mod vmmctl;
 
@@ -188,6 +189,7 @@ impl VmSandbox {
         dir: &Path,
         accel: Accel,
         (vcpus, memory_mib): (u32, u32),
+        nic: Option<&crate::network::tap::VmNic>,
     ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
         let uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
@@ -245,7 +247,17 @@ impl VmSandbox {
                 });
                 let mut cmd = Command::new(&self.cfg.qemu_binary);
                 cmd.args(args);
-                match spawn_detached(cmd, &dir.join("vmm.log")) {
+                let tap_fd = match nic.map(|n| net::qemu(&mut cmd, n)).transpose() {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        kill_wait(&helper);
+                        kill_wait(&fs);
+                        return Err(e);
+                    }
+                };
+                let spawned = spawn_detached(cmd, &dir.join("vmm.log"));
+                drop(tap_fd);
+                match spawned {
                     Ok(vm) => Ok((vm, vec![helper, fs])),
                     Err(e) => {
                         kill_wait(&helper);
@@ -273,7 +285,10 @@ impl VmSandbox {
                     .arg(dir.join("control.sock"))
                     // Empty read-only virtio-blk slots for image disks (filled by `rootfs`).
                     .args(["--disk-slots", &self.cfg.hotplug_slots.to_string()]);
-                Ok((spawn_detached(cmd, &dir.join("vmm.log"))?, vec![]))
+                let ns = nic.map(|n| net::husk_vmm(&mut cmd, n)).transpose()?;
+                let spawned = spawn_detached(cmd, &dir.join("vmm.log"));
+                drop(ns);
+                Ok((spawned?, vec![]))
             }
         }
     }
@@ -325,7 +340,7 @@ impl SandboxKind for VmSandbox {
             .map_err(|e| RuntimeError::Internal(format!("pod run dir {}: {e}", dir.display())))?;
         let started = Instant::now();
         let size = self.size(spec.config);
-        let (vm, helpers) = match self.start_processes(id, &dir, accel, size) {
+        let (vm, helpers) = match self.start_processes(id, &dir, accel, size, spec.network) {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
