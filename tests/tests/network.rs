@@ -706,7 +706,15 @@ async fn vm_pod_on_the_cni_network() {
     .await;
     let net = Net::new(e.d.dir.path());
     net.install(&e.d, 24);
-    let (vm, vm_ctr) = e.server_on(&e.pod("vm"), "husk-qemu").await;
+    let host_port = husk_tests::free_port();
+    let mut vm_cfg = e.pod("vm");
+    vm_cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: host_port as i32,
+        host_ip: String::new(),
+    }];
+    let (vm, vm_ctr) = e.server_on(&vm_cfg, "husk-qemu").await;
     let (ns, ns_ctr) = e.server(&e.pod("ns")).await;
     let (vm_ips, ns_ips) = (e.ips(&vm).await, e.ips(&ns).await);
     assert_eq!(vm_ips.len(), 2, "{vm_ips:?}");
@@ -741,6 +749,13 @@ async fn vm_pod_on_the_cni_network() {
         .await;
     assert_eq!(code, 0, "nc: {out}");
     assert_eq!(got.join().unwrap().trim(), "from-vm");
+    // hostPort (portmap) into the VM.
+    let mut s = TcpStream::connect((net.gateway().as_str(), host_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.contains("hi-vm"), "{resp}");
     e.remove(&vm).await;
     e.remove(&ns).await;
     e.assert_clean(&net, &[&vm, &ns], &[vm_ips, ns_ips].concat());
