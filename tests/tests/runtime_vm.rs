@@ -118,6 +118,7 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     assert_eq!(i["kind"], "qemu");
     assert_eq!(i["isolation"], "virtual machine (QEMU)");
     let pids = vm_pids(&e, &pod).await;
+    assert!(i["vmHostRssBytes"].as_u64().unwrap() > 10 << 20, "{i}");
     assert!(
         comm(pids[0]).starts_with("qemu-system"),
         "{}",
