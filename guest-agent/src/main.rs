@@ -109,6 +109,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if is_init {
         init::mount_guest_filesystems(&LinuxSyscall).context("guest mounts")?;
         init::enable_cgroup_controllers(&args.cgroup_root);
+        // The guest's own network namespace is the pod's: its loopback must
+        // be up (localhost in the pod, port-forward to localhost:<port>).
+        if let Err(e) = runner::exec::loopback_up() {
+            eprintln!("husk-agent: loopback up: {e}");
+        }
         // SAFETY: still single-threaded.
         unsafe { std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") };
     } else {

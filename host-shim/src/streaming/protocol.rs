@@ -141,7 +141,11 @@ pub fn error_status(format: StatusFormat, message: &str) -> Vec<u8> {
 /// What a client makes of the error channel: Ok(exit code) or Err(message).
 pub fn parse_status(format: StatusFormat, data: &[u8]) -> Result<i32, String> {
     if data.is_empty() {
-        return Ok(0);
+        // v4+ servers always send a status: none means the stream broke.
+        return match format {
+            StatusFormat::Text => Ok(0),
+            StatusFormat::Json => Err("the connection ended without an exit status".into()),
+        };
     }
     if format == StatusFormat::Text {
         return Err(String::from_utf8_lossy(data).into_owned());
@@ -187,6 +191,7 @@ mod tests {
             let ok = exit_status(f, 0).unwrap_or_default();
             assert_eq!(parse_status(f, &ok), Ok(0));
         }
+        assert!(parse_status(StatusFormat::Json, b"").is_err());
         let s = exit_status(StatusFormat::Json, 42).expect("status");
         assert_eq!(parse_status(StatusFormat::Json, &s), Ok(42));
         let v: serde_json::Value = serde_json::from_slice(&s).expect("json");
