@@ -9,6 +9,9 @@
 //! - latency: `HUSK_BENCH_RR` (default 20000) 1-byte request/response round
 //!   trips on one connection (TCP_NODELAY), p50 and p99.
 //!
+//! With HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD set, also a VM-sandbox server
+//! pod (husk-qemu, QEMU/TCG) with a husk-ns client pod.
+//!
 //! The client and server are `tests/netperf/netperf.rs`, built here with
 //! rustc as a static binary and added to a busybox image.
 
@@ -109,13 +112,18 @@ fn pod_config(t: &Target, name: &str) -> cri::PodSandboxConfig {
 }
 
 /// A pod with one running container; (pod id, container id, pod IP).
-async fn pod(t: &Target, name: &str, cmd: &[&str]) -> anyhow::Result<(String, String, String)> {
+async fn pod(
+    t: &Target,
+    handler: &str,
+    name: &str,
+    cmd: &[&str],
+) -> anyhow::Result<(String, String, String)> {
     let mut rt = t.c.runtime.clone();
     let pcfg = pod_config(t, name);
     let pod = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(pcfg.clone()),
-            runtime_handler: t.handler.clone(),
+            runtime_handler: handler.into(),
         })
         .await?
         .into_inner()
@@ -211,9 +219,21 @@ struct Numbers {
     p99_us: f64,
 }
 
-async fn measure(t: &Target, secs: u64, rr: usize) -> anyhow::Result<Numbers> {
-    let (server, _, ip) = pod(t, "server", &["/bin/netperf", "server", PORT]).await?;
-    let (client, ctr, _) = pod(t, "client", &["sleep", "100000"]).await?;
+/// Server pod with `server_handler`, client pod with the target's handler.
+async fn measure(
+    t: &Target,
+    server_handler: &str,
+    secs: u64,
+    rr: usize,
+) -> anyhow::Result<Numbers> {
+    let (server, _, ip) = pod(
+        t,
+        server_handler,
+        "server",
+        &["/bin/netperf", "server", PORT],
+    )
+    .await?;
+    let (client, ctr, _) = pod(t, &t.handler, "client", &["sleep", "100000"]).await?;
     let secs_s = secs.to_string();
     let result = async {
         // Warm-up (ARP, first connection).
@@ -285,9 +305,23 @@ async fn main() -> anyhow::Result<()> {
     let ctd_net = Net::new(free[1], &work.path().join("ipam-containerd"));
 
     let logs = tempfile::tempdir()?;
+    // The VM sandbox too where the guest image is built (QEMU/TCG here).
+    let guest = match (
+        std::env::var("HUSK_GUEST_KERNEL"),
+        std::env::var("HUSK_GUEST_INITRD"),
+    ) {
+        (Ok(k), Ok(i)) => Some(format!(
+            "[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+             [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 120000\nmemory_mib = 256\n"
+        )),
+        _ => None,
+    };
     let d = Huskd::start_with(
         Options::plain_http(&reg.addr),
-        &format!("cni_bin_dirs = [\"{CNI_BIN}\"]\n"),
+        &format!(
+            "cni_bin_dirs = [\"{CNI_BIN}\"]\n{}",
+            guest.clone().unwrap_or_default()
+        ),
     )
     .await?;
     std::fs::write(
@@ -328,8 +362,8 @@ async fn main() -> anyhow::Result<()> {
         logs: logs.path().join("containerd"),
     };
 
-    let h = measure(&husk, secs, rr).await?;
-    let c = match measure(&containerd, secs, rr).await {
+    let h = measure(&husk, "husk-ns", secs, rr).await?;
+    let c = match measure(&containerd, "", secs, rr).await {
         Ok(c) => c,
         Err(e) => anyhow::bail!(
             "containerd: {e}\n{}",
@@ -367,5 +401,15 @@ async fn main() -> anyhow::Result<()> {
         c.p99_us,
         h.p99_us / c.p99_us
     );
+    if guest.is_some() {
+        let v = measure(&husk, "husk-qemu", secs, rr).await?;
+        println!(
+            "VM sandbox (husk-qemu on QEMU/TCG: emulated CPU) server pod, husk-ns client pod: \
+             {:.3} Gbit/s, round trip p50 {:.1} µs, p99 {:.1} µs",
+            v.gbit, v.p50_us, v.p99_us
+        );
+    } else {
+        println!("VM sandbox: not measured (set HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD)");
+    }
     Ok(())
 }
