@@ -11,7 +11,7 @@ use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::registry;
 use husk_tests::require;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const QEMU: &str = "husk-qemu";
 const NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
@@ -117,7 +117,7 @@ async fn vm_pod_exec_attach_and_port_forward() {
     let url = rt
         .port_forward(cri::PortForwardRequest {
             pod_sandbox_id: pod.clone(),
-            port: vec![9],
+            port: vec![9, 8080],
         })
         .await
         .unwrap()
@@ -129,6 +129,17 @@ async fn vm_pod_exec_attach_and_port_forward() {
         let _ = bad.read_to_end(&mut Vec::new()).await;
         let m = bad_err.await.unwrap();
         assert!(m.contains("error forwarding port 9"), "{m}");
+    }
+    // ... and a listening port answers through the same session: busybox
+    // httpd in the guest, reached via the guest's loopback.
+    for _ in 0..2 {
+        let (mut s, err) = f.open(8080).await.unwrap();
+        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.starts_with("HTTP/1.") && text.ends_with("vm-hello\n"), "{text}");
+        assert_eq!(err.await.unwrap(), "");
     }
     f.close().await;
     let _ = e.stop_pod(&pod).await;
