@@ -108,6 +108,10 @@ pub struct Network {
     state_dir: PathBuf,
     pod_cidr: Mutex<String>,
     pods: Mutex<HashMap<String, PodNetwork>>,
+    /// One CNI operation per pod at a time: the CHECK that recovery runs in
+    /// the background must not interleave with a DEL of the same pod (their
+    /// iptables edits race).
+    ops: crate::image::KeyedLocks,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,6 +161,7 @@ impl Network {
             state_dir,
             pod_cidr: Mutex::new(String::new()),
             pods: Mutex::new(pods),
+            ops: crate::image::KeyedLocks::default(),
         })
     }
 
@@ -282,6 +287,7 @@ impl Network {
     /// recorded config, then the namespace goes. Idempotent: no record, no
     /// work; a failed DEL keeps the record for the next try.
     pub async fn teardown(&self, id: &str) -> Result<(), NetworkError> {
+        let _op = self.ops.lock(id).await;
         let Some(rec) = self.pod(id) else {
             return Ok(());
         };
@@ -332,6 +338,7 @@ impl Network {
     /// CHECK (where the config version supports it): `Ok(false)` when not
     /// supported or the pod has no CNI network.
     pub async fn check(&self, id: &str) -> Result<bool, NetworkError> {
+        let _op = self.ops.lock(id).await;
         let Some(rec) = self.pod(id) else {
             return Ok(false);
         };
