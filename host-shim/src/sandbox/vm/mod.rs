@@ -456,9 +456,8 @@ impl SandboxKind for VmSandbox {
                 }
             }
         }
-        for r in Self::procs(p) {
-            kill_wait_async(&r).await;
-        }
+        let procs = Self::procs(p);
+        let _ = tokio::task::spawn_blocking(move || procs.iter().for_each(kill_wait)).await;
     }
 
     fn cleanup(&self, id: &str) {
@@ -588,6 +587,7 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, RuntimeError>
     })
 }
 
+/// SIGKILL (if still running), then wait up to 5 s for it to be gone.
 fn kill_wait(r: &ProcRef) {
     if proc_alive(r.pid, r.start_time) {
         let _ = nix::sys::signal::kill(
@@ -598,19 +598,6 @@ fn kill_wait(r: &ProcRef) {
     let t = Instant::now();
     while proc_alive(r.pid, r.start_time) && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-async fn kill_wait_async(r: &ProcRef) {
-    if proc_alive(r.pid, r.start_time) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(r.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let t = Instant::now();
-    while proc_alive(r.pid, r.start_time) && t.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
