@@ -29,17 +29,20 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v[i]
 }
 
-/// (anon + file, shmem) resident KiB of a process.
+/// (anon + file, shmem) resident KiB of a process, from `/proc/PID/status`
+/// (smaps_rollup has no per-kind Rss split). Panics when the process is gone:
+/// a zero here would be a wrong number, not a small one.
 fn rss_kib(pid: i32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
     let get = |k: &str| {
         s.lines()
             .find(|l| l.starts_with(k))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("{k} missing in /proc/{pid}/status"))
     };
-    (get("Rss_Anon:") + get("Rss_File:"), get("Rss_Shmem:"))
+    (get("RssAnon:") + get("RssFile:"), get("RssShmem:"))
 }
 
 fn huskd_rss_kib(pid: u32) -> u64 {
