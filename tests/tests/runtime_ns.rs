@@ -1453,6 +1453,42 @@ async fn cli_run_ps_logs_exec_stop_rm() {
 }
 
 #[tokio::test]
+async fn cli_bench_cri_measures_and_removes_its_pods() {
+    require!(env_ok(), NEEDS);
+    let e = Env::new().await;
+    let bench = |extra: &[&str]| {
+        std::process::Command::new(husk_tests::bin_path("husk"))
+            .arg("--socket")
+            .arg(&e.d.socket)
+            .args(["bench", "cri", "--runtime", NS, "--image", &e.image])
+            .args(["--runs", "2", "--parallel", "3", "--idle", "2", "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = bench(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ms = |k: &str, p: &str| r[k][p].as_f64().unwrap();
+    assert!(ms("readyMs", "p50") > 0.0, "{r}");
+    assert!(ms("runningMs", "p50") > ms("readyMs", "p50"), "{r}");
+    assert!(ms("parallelRunningMs", "p99") <= r["parallelWallMs"].as_f64().unwrap(), "{r}");
+    assert_eq!(r["parallel"], 3);
+    // No VM: no guest RAM; the agent's own memory is the overhead.
+    assert!(r["guestRamMib"].is_null(), "{r}");
+    assert!(r["overheadRssMib"].as_f64().unwrap() > 0.1, "{r}");
+    assert!(e.list_pods(None).await.is_empty(), "bench pods left behind");
+
+    // A step that fails after pods exist: the error names it, and no pod is left.
+    let out = bench(&["--", "/no/such/command"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("StartContainer"), "{err}");
+    assert!(e.list_pods(None).await.is_empty(), "failed bench left pods");
+}
+
+#[tokio::test]
 async fn a_slow_stop_blocks_nothing_else() {
     require!(env_ok(), NEEDS);
     let e = Env::new().await;

@@ -118,7 +118,12 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     assert_eq!(i["kind"], "qemu");
     assert_eq!(i["isolation"], "virtual machine (QEMU)");
     let pids = vm_pids(&e, &pod).await;
-    assert!(i["vmHostRssBytes"].as_u64().unwrap() > 10 << 20, "{i}");
+    // Host memory: guest RAM (MADV_DONTDUMP mappings) apart from QEMU's own.
+    let m = &i["vmHostMemory"];
+    assert!(m["guestRamBytes"].as_u64().unwrap() > 10 << 20, "{i}");
+    assert!(m["guestRamBytes"].as_u64().unwrap() <= 512 << 20, "{i}");
+    assert!(m["overheadRssBytes"].as_u64().unwrap() > 1 << 20, "{i}");
+    assert!(m["overheadPssBytes"].as_u64() <= m["overheadRssBytes"].as_u64(), "{i}");
     assert!(
         comm(pids[0]).starts_with("qemu-system"),
         "{}",
@@ -421,6 +426,36 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     let rel = String::from_utf8_lossy(&out.stdout);
     assert!(!rel.trim().is_empty());
     assert_ne!(rel.trim(), host_file("/proc/sys/kernel/osrelease"));
+
+    // `husk bench cri` on the VM handler: host memory splits guest RAM from QEMU's own.
+    let out = std::process::Command::new(husk_tests::bin_path("husk"))
+        .arg("--socket")
+        .arg(&e.d.socket)
+        .args(["bench", "cri", "--image", &e.image, "--json"])
+        .args(["--runs", "1", "--parallel", "2", "--idle", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        e.d.log()
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["readyMs"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    let guest = r["guestRamMib"].as_f64().unwrap();
+    assert!(guest > 10.0 && guest <= 256.0, "{r}");
+    assert!(r["overheadRssMib"].as_f64().unwrap() > 1.0, "{r}");
+    let left = e
+        .c
+        .runtime
+        .clone()
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(left.is_empty(), "bench pods left: {left:?}");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use husk_host::cli::{images, runtime, stream};
+use husk_host::cli::{bench, images, runtime, stream};
 use husk_host::client::Clients;
 use husk_host::config::DEFAULT_SOCKET;
 use husk_host::streaming::client::Transport;
@@ -145,6 +145,40 @@ enum Cmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Measure huskd: pod start latency and host memory per pod.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Through the CRI: RunPodSandbox → Ready and → first container running (p50/p99,
+    /// sequential and in parallel), host memory of idle pods. Every pod it makes is removed.
+    Cri {
+        /// RuntimeClass handler (default: huskd's default handler).
+        #[arg(long, default_value = "")]
+        runtime: String,
+        /// Image of the container; its command must keep running.
+        #[arg(long, default_value = "docker.io/library/busybox:latest")]
+        image: String,
+        /// Sequential pods measured (after one warm-up pod).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Pods started at once.
+        #[arg(long, default_value_t = 20)]
+        parallel: usize,
+        /// Idle pods whose host memory is measured.
+        #[arg(long, default_value_t = 5)]
+        idle: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The container's command.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -231,6 +265,38 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         } => unit(stream::port_forward(&mut c, &pod, &ports, protocol).await),
         Cmd::Stop { timeout, ids } => unit(runtime::stop(&mut c, &ids, timeout).await),
         Cmd::Rm { ids } => unit(runtime::rm(&mut c, &ids).await),
+        Cmd::Bench {
+            what:
+                BenchCmd::Cri {
+                    runtime: handler,
+                    image,
+                    runs,
+                    parallel,
+                    idle,
+                    json,
+                    cmd,
+                },
+        } => {
+            let o = bench::BenchOptions {
+                runtime: handler,
+                image,
+                cmd: if cmd.is_empty() {
+                    vec!["sleep".into(), "1000000".into()]
+                } else {
+                    cmd
+                },
+                runs,
+                parallel,
+                idle,
+            };
+            let r = bench::cri(&c, &args.socket, &o).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.markdown());
+            }
+            Ok(0)
+        }
         Cmd::Pull {
             image,
             creds,

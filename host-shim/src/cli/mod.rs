@@ -1,5 +1,6 @@
 //! The `husk` command line: a CRI client of huskd, like crictl.
 
+pub mod bench;
 pub mod images;
 pub mod runtime;
 pub mod stream;

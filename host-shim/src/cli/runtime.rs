@@ -38,7 +38,7 @@ fn ago(ns: i64) -> String {
 }
 
 /// Pulls `image` unless present.
-async fn ensure_image(c: &mut Clients, image: &str) -> anyhow::Result<()> {
+pub(super) async fn ensure_image(c: &mut Clients, image: &str) -> anyhow::Result<()> {
     let spec = Some(cri::ImageSpec {
         image: image.into(),
         ..Default::default()

@@ -765,16 +765,6 @@ pub fn pod_sandbox(v: &PodView) -> cri::PodSandbox {
     }
 }
 
-/// VmRSS of a process (0 when gone).
-fn rss_bytes(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
-}
-
 /// Verbose info: one "info" key holding JSON, like containerd.
 pub fn pod_info(v: &PodView) -> HashMap<String, String> {
     let info = serde_json::json!({
@@ -789,13 +779,13 @@ pub fn pod_info(v: &PodView) -> HashMap<String, String> {
         "agentAlive": v.agent_alive,
         "vmHelpers": v.rec.agent.as_ref().and_then(|a| a.vm.as_ref()).map(|vm| vm.helpers.iter().map(|h| h.pid).collect::<Vec<_>>()),
         "vmDir": v.rec.agent.as_ref().and_then(|a| a.vm.as_ref()).map(|vm| vm.dir.display().to_string()),
-        // Host-side cost of a VM pod: resident memory of the VMM and its
-        // helpers (guest RAM the guest touched included; it is a shared memfd).
-        "vmHostRssBytes": v.rec.agent.as_ref().filter(|a| a.vm.is_some()).map(|a| {
-            std::iter::once(a.pid)
-                .chain(a.vm.iter().flat_map(|vm| vm.helpers.iter().map(|h| h.pid)))
-                .map(rss_bytes)
-                .sum::<u64>()
+        // Host-side cost of a VM pod: the VMM's and its helpers' resident memory,
+        // guest RAM apart from their own overhead.
+        "vmHostMemory": v.rec.agent.as_ref().filter(|a| a.vm.is_some()).map(|a| {
+            crate::sandbox::vm::memory::of_processes(
+                std::iter::once(a.pid)
+                    .chain(a.vm.iter().flat_map(|vm| vm.helpers.iter().map(|h| h.pid))),
+            )
         }),
         "isolation": match v.rec.kind {
             crate::config::SandboxKind::Namespace => "namespaces (container-level isolation, not a VM)",

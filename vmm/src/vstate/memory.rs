@@ -31,11 +31,35 @@ pub fn ram_ranges(mem_mib: u32) -> Vec<(GuestAddress, usize)> {
 
 /// Allocates guest RAM as private anonymous mappings (pages are faulted in only when touched,
 /// so untouched guest memory costs the host nothing).
+///
+/// The mappings are marked `MADV_DONTDUMP`: a core dump of the VMM must not carry the
+/// tenant's memory. The flag (`dd` in `/proc/PID/smaps`) is also how huskd tells guest RAM
+/// apart from the VMM's own memory when it accounts a pod's host overhead; QEMU gets the
+/// same with `dump=off` on its memory backend.
 pub fn create_guest_memory(mem_mib: u32) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| MemoryError::Alloc {
-        mib: mem_mib,
-        source,
-    })
+    let mem =
+        GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| MemoryError::Alloc {
+            mib: mem_mib,
+            source,
+        })?;
+    exclude_from_core_dumps(&mem);
+    Ok(mem)
+}
+
+/// Marks every region of `mem` `MADV_DONTDUMP` (best effort: a failure is logged). Used on
+/// the VMM's own guest RAM and on the guest memory a vhost-user backend maps.
+pub fn exclude_from_core_dumps(mem: &GuestMemoryMmap) {
+    for r in mem.iter() {
+        // SAFETY: the range is exactly one mapping this GuestMemoryMmap owns; MADV_DONTDUMP
+        // changes only core-dump behaviour, never the contents or the mapping.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTDUMP) };
+        if rc != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "madvise(MADV_DONTDUMP) on guest memory failed; a core dump would include it"
+            );
+        }
+    }
 }
 
 /// End (exclusive) of the RAM below the MMIO hole.
@@ -59,6 +83,30 @@ mod tests {
         assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
         assert_eq!(r[1].0, GuestAddress(FOUR_GIB));
         assert_eq!(r[0].1 + r[1].1, 4096 << 20);
+    }
+
+    #[test]
+    fn guest_memory_is_left_out_of_core_dumps() {
+        let m = create_guest_memory(8).expect("alloc");
+        let start = m.iter().next().expect("region").as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut in_region = false;
+        let mut flags = None;
+        for l in smaps.lines() {
+            if let Some((range, _)) = l.split_once(' ')
+                && let Some((a, _)) = range.split_once('-')
+                && let Ok(a) = usize::from_str_radix(a, 16)
+                && !l.starts_with("VmFlags")
+            {
+                in_region = a == start;
+                continue;
+            }
+            if in_region && let Some(f) = l.strip_prefix("VmFlags:") {
+                flags = Some(f.split_whitespace().map(String::from).collect::<Vec<_>>());
+            }
+        }
+        let flags = flags.expect("guest memory mapping in smaps");
+        assert!(flags.iter().any(|f| f == "dd"), "flags {flags:?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! huskd finds it again.
 
 pub mod hybrid;
+pub mod memory;
 mod net;
 pub mod qemu;
 pub mod vmmctl;

@@ -85,7 +85,7 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
     push(&[
         "-object",
         &format!(
-            "memory-backend-memfd,id=mem,size={}M,share=on",
+            "memory-backend-memfd,id=mem,size={}M,share=on,dump=off",
             spec.memory_mib
         ),
     ]);
@@ -396,7 +396,7 @@ mod tests {
         assert!(s.contains("-accel tcg -cpu max"), "{s}");
         assert!(s.contains("-smp 2 -m 384M"), "{s}");
         assert!(
-            s.contains("memory-backend-memfd,id=mem,size=384M,share=on"),
+            s.contains("memory-backend-memfd,id=mem,size=384M,share=on,dump=off"),
             "{s}"
         );
         assert!(s.contains("vhost-user-vsock-pci,chardev=vsock"), "{s}");

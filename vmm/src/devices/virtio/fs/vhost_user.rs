@@ -129,6 +129,7 @@ impl VhostUserBackendMut for FsBackend {
     }
 
     fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        crate::vstate::memory::exclude_from_core_dumps(&mem.memory());
         self.mem = Some(mem);
         Ok(())
     }

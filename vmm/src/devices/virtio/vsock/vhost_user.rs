@@ -179,6 +179,7 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        crate::vstate::memory::exclude_from_core_dumps(&mem.memory());
         tracing::debug!("vhost-user vsock: guest memory table set");
         self.mem = Some(mem);
         Ok(())
