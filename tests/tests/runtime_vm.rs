@@ -458,6 +458,80 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     assert!(left.is_empty(), "bench pods left: {left:?}");
 }
 
+/// With one hot-plug slot: a second image's container is refused (ResourceExhausted) while the
+/// first image's container exists; once it is removed, the unused disk is unplugged and the
+/// second image's disk takes its slot.
+#[tokio::test]
+async fn vm_unused_image_disk_makes_room() {
+    require!(env_ok(), NEEDS);
+    let (k, i) = guest().unwrap();
+    let e = CriEnv::new(QEMU, &(vm_config(&k, &i, 90_000) + "hotplug_slots = 1\n")).await;
+    let img = build_image(&ImageSpec {
+        layers: vec![
+            busybox_layer(Compression::Gzip).unwrap(),
+            Layer {
+                entries: vec![file("marker", "other image\n")],
+                compression: Compression::Gzip,
+            },
+        ],
+        ..Default::default()
+    });
+    Pusher::new(&e.reg.addr, None)
+        .push_image("e2e/other", Some("1"), &img)
+        .await
+        .unwrap();
+    let other = format!("{}/e2e/other:1", e.reg.addr);
+    e.pull(&other).await;
+    let pcfg = e.pod("vm-slot");
+    let pod = e
+        .run_pod(&pcfg)
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    let first = e.run(&pod, &e.ctr("first", &["sleep", "1000"]), &pcfg).await;
+    let mut o = e.ctr("other", &["sh", "-c", "cat /marker; exec sleep 1000"]);
+    o.image = Some(cri::ImageSpec {
+        image: other.clone(),
+        ..Default::default()
+    });
+    let err = e.create(&pod, &o, &pcfg).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("hotplug_slots"), "{err:?}");
+
+    e.c.runtime
+        .clone()
+        .stop_container(cri::StopContainerRequest {
+            container_id: first.clone(),
+            timeout: 0,
+        })
+        .await
+        .unwrap();
+    e.c.runtime
+        .clone()
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: first,
+        })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let c = e
+        .create(&pod, &o, &pcfg)
+        .await
+        .unwrap_or_else(|err| panic!("create after removal: {err:?}\n{}", e.d.log()));
+    println!("create with an unplug first: {:?}", t.elapsed());
+    e.start(&c).await.unwrap();
+    let log = e.log_path(&pcfg, "other");
+    eventually("marker in the log", Duration::from_secs(30), || async {
+        log_records(&log).iter().any(|r| r.2 == "other image")
+    })
+    .await;
+    let disks = e
+        .sh(&c, "for f in /sys/block/vd*/serial; do cat $f; echo; done")
+        .await;
+    assert_eq!(disks.lines().count(), 1, "only the other image's disk: {disks}");
+    e.stop_pod(&pod).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+}
+
 #[tokio::test]
 async fn vm_huskd_kill9_and_restart_reattaches() {
     require!(env_ok(), NEEDS);

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! huskd's side of husk-vmm's disk slots (`sandbox::vm::vmmctl`) against a real husk-vmm:
 //! `attach_disk` fills the first empty slot, finds an image's slot again (idempotent per image,
-//! from husk-vmm's own `disks` answer, as after a huskd restart) and reports full slots. The
+//! from husk-vmm's own `disks` answer, as after a huskd restart), empties a slot whose image no
+//! container uses for another image, and reports slots full of used images. The
 //! slots are VMM state, so the guest need not get far: any kernel husk-vmm loads will do (the
 //! guest side is tested in vmm/tests/block.rs and tests/tests/runtime_vm.rs).
 //!
@@ -47,25 +48,34 @@ async fn attach_disk_fills_slots_in_order_idempotently() {
         p
     };
     let (a, b, c) = (img("a.erofs"), img("b.erofs"), img("c.erofs"));
+    let all = |_: &str| true;
     let result = async {
         assert_eq!(vmmctl::disks(&sock, timeout).await.unwrap(), [None, None]);
-        vmmctl::attach_disk(&sock, &a, "imga", timeout)
+        vmmctl::attach_disk(&sock, &a, "imga", timeout, &all)
             .await
             .unwrap();
-        vmmctl::attach_disk(&sock, &a, "imga", timeout)
+        vmmctl::attach_disk(&sock, &a, "imga", timeout, &all)
             .await
             .unwrap();
-        vmmctl::attach_disk(&sock, &b, "imgb", timeout)
+        vmmctl::attach_disk(&sock, &b, "imgb", timeout, &all)
             .await
             .unwrap();
         assert_eq!(
             vmmctl::disks(&sock, timeout).await.unwrap(),
             [Some("imga".to_string()), Some("imgb".to_string())]
         );
-        let e = vmmctl::attach_disk(&sock, &c, "imgc", timeout)
+        let e = vmmctl::attach_disk(&sock, &c, "imgc", timeout, &all)
             .await
             .unwrap_err();
         assert!(matches!(e, VmmCtlError::Full(2)), "{e}");
+        // imga is no container's any more: its slot takes imgc.
+        vmmctl::attach_disk(&sock, &c, "imgc", timeout, &|s| s != "imga")
+            .await
+            .unwrap();
+        assert_eq!(
+            vmmctl::disks(&sock, timeout).await.unwrap(),
+            [Some("imgc".to_string()), Some("imgb".to_string())]
+        );
         // husk-vmm's own refusals come back as errors with its reason.
         let e = vmmctl::command(&sock, "disk-attach 0 /nonexistent x", timeout)
             .await

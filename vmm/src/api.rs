@@ -2,7 +2,8 @@
 //! the guest, then exit after a grace period), and the optional control socket, a line protocol:
 //! `status` → `running vcpus=N memory_mib=M`, `stop` (like SIGTERM) and `kill` (exit now),
 //! `disks` → `disks 0=SERIAL 1=- ...` (the disk slots, `-` when empty) and
-//! `disk-attach SLOT PATH SERIAL` (fill an empty slot read-only with PATH) → `ok`, each answered
+//! `disk-attach SLOT PATH SERIAL` (fill an empty slot read-only with PATH) → `ok` and
+//! `disk-detach SLOT` (empty it again; the guest must have unmounted it) → `ok`, each answered
 //! on one line; failures answer `error <why>`.
 
 use std::collections::HashMap;
@@ -132,6 +133,24 @@ impl Control {
         }
     }
 
+    fn disk_detach(&self, slot: &str) -> String {
+        let slot = slot.trim();
+        let Some(dev) = slot
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| self.disk_slots.get(i))
+        else {
+            return format!(
+                "error no disk slot {slot:?} (slots: {})",
+                self.disk_slots.len()
+            );
+        };
+        match lock(dev).empty() {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("error slot {slot}: {e}"),
+        }
+    }
+
     /// When the VMM exits if the guest has not shut down by itself.
     pub fn stop_deadline(&self) -> Option<Instant> {
         self.stop_deadline
@@ -147,6 +166,9 @@ impl Control {
     fn command(&mut self, line: &str) -> String {
         if let Some(args) = line.trim_start().strip_prefix("disk-attach ") {
             return self.disk_attach(args);
+        }
+        if let Some(slot) = line.trim_start().strip_prefix("disk-detach ") {
+            return self.disk_detach(slot);
         }
         match line.trim() {
             "disks" => self.disks(),

@@ -48,7 +48,7 @@ struct Cli {
     /// Serial output: `stdout`, `none` or `file:PATH`.
     #[arg(long)]
     serial: Option<String>,
-    /// Control socket (line protocol: status, stop, kill, disks, disk-attach).
+    /// Control socket (line protocol: status, stop, kill, disks, disk-attach, disk-detach).
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// Milliseconds the guest gets to shut down after Ctrl-Alt-Del (SIGTERM, `stop`).

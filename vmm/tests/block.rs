@@ -147,6 +147,14 @@ fn disk_slot_filled_at_run_time_raises_config_change() {
         again.contains("already holds disk"),
         "a filled slot is never swapped: {again}"
     );
+    // Emptied (the guest is done with it), the slot takes a disk again.
+    assert!(ctl(&sock, "disk-detach 3").starts_with("error no disk slot"));
+    assert_eq!(ctl(&sock, "disk-detach 0"), "ok");
+    assert_eq!(ctl(&sock, "disks"), "disks 0=-");
+    assert_eq!(ctl(&sock, "disk-detach 0"), "ok", "idempotent");
+    let other = format!("disk-attach 0 {} imgother", image.display());
+    assert_eq!(ctl(&sock, &other), "ok");
+    assert_eq!(ctl(&sock, "disks"), "disks 0=imgother");
     assert_eq!(ctl(&sock, "stop"), "ok");
     assert_eq!(vm.wait().0, 0);
 }

@@ -184,6 +184,17 @@ pub fn resolve_device(device: &Path, sys_block: &Path) -> Result<PathBuf> {
 /// How long a hot-plugged disk may take to show up in the guest.
 const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
+nix::ioctl_none!(blkflsbuf, 0x12, 97);
+
+/// Drops the guest's cached blocks of `device` (BLKFLSBUF): a husk-vmm disk slot that held
+/// another image before shows new content under the same device node.
+fn drop_cached_blocks(device: &Path) -> Result<()> {
+    let f = std::fs::File::open(device).map_err(|e| AgentError::Io(format!("open {}", device.display()), e))?;
+    // SAFETY: BLKFLSBUF takes no argument; the fd is a block device opened above.
+    unsafe { blkflsbuf(std::os::fd::AsRawFd::as_raw_fd(&f)) }.map_err(|e| AgentError::Os("BLKFLSBUF on the rootfs block device", e))?;
+    Ok(())
+}
+
 fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> Result<PathBuf> {
     // huskd hot-plugs the image disk just before CreateContainer: the guest
     // kernel may still be probing it.
@@ -197,6 +208,7 @@ fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> 
         }
     };
     let device = device.as_path();
+    drop_cached_blocks(device)?;
     let target = dir.join("block");
     std::fs::create_dir_all(&target).map_err(|e| AgentError::Io(format!("mkdir {}", target.display()), e))?;
     let o = crate::runner::rootfs::parse_options(options);

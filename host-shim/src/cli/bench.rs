@@ -134,10 +134,16 @@ struct Made(Arc<Mutex<Vec<String>>>);
 
 impl Made {
     fn add(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(id.into());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id.into());
     }
     fn take(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != id);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != id);
     }
     fn list(&self) -> Vec<String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -14,6 +14,7 @@ impl From<RuntimeError> for Status {
             RuntimeError::FailedPrecondition(_) => Code::FailedPrecondition,
             RuntimeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             RuntimeError::Unavailable(_) => Code::Unavailable,
+            RuntimeError::ResourceExhausted(_) => Code::ResourceExhausted,
             RuntimeError::Internal(_) | RuntimeError::Store(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -134,7 +134,13 @@ impl Manager {
                 return Err(RuntimeError::Internal(format!("oci spec: {e}")));
             }
         };
-        let rootfs = match pod.kind.rootfs(pod_id, &agent_proc, &img).await {
+        // Creates in a pod are serialised (pod.lifecycle): no other container is half made.
+        let in_use = pod
+            .containers()
+            .iter()
+            .map(|c| c.record().image_id)
+            .collect();
+        let rootfs = match pod.kind.rootfs(pod_id, &agent_proc, &img, &in_use).await {
             Ok(r) => r,
             Err(e) => {
                 unshare();

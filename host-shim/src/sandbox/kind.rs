@@ -2,6 +2,7 @@
 //! run: [`SandboxKind`], with the namespace sandbox (`husk-ns`: a host
 //! process in fresh namespaces) here and the VM sandbox in `vm/`.
 
+use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -55,12 +56,15 @@ pub trait SandboxKind: Send + Sync {
             "port forwarding is not available for this sandbox kind yet".into(),
         ))
     }
-    /// Makes `image` available to the pod's agent as a container rootfs.
+    /// Makes `image` available to the pod's agent as a container rootfs. `in_use`: the ids
+    /// of the images the pod's containers use now (a VM kind may unplug the disk of an image
+    /// outside it to make room).
     async fn rootfs(
         &self,
         id: &str,
         p: &AgentProcess,
         image: &ImageRecord,
+        in_use: &HashSet<String>,
     ) -> Result<pb::Rootfs, RuntimeError>;
     /// The agent runs in a guest (host paths are not visible to it).
     fn agent_in_guest(&self) -> bool {
@@ -189,6 +193,7 @@ impl SandboxKind for NamespaceSandbox {
         _id: &str,
         _p: &AgentProcess,
         image: &ImageRecord,
+        _in_use: &HashSet<String>,
     ) -> Result<pb::Rootfs, RuntimeError> {
         Ok(pb::Rootfs {
             source: Some(pb::rootfs::Source::Overlay(pb::OverlayRootfs {

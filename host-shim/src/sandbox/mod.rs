@@ -55,6 +55,8 @@ pub enum RuntimeError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
     Internal(String),
     #[error("state store: {0}")]
     Store(#[from] StoreError),

@@ -15,8 +15,10 @@ pub mod hybrid;
 pub mod memory;
 mod net;
 pub mod qemu;
+pub mod qmp;
 pub mod vmmctl;
 
+use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -450,7 +452,7 @@ impl SandboxKind for VmSandbox {
                 && let Some(vm) = &p.vm
                 && vm.backend == Kind::Qemu
             {
-                let _ = qemu::quit(&vm.dir.join("qmp.sock"), Duration::from_secs(1)).await;
+                let _ = qmp::quit(&vm.dir.join("qmp.sock"), Duration::from_secs(1)).await;
                 let t = Instant::now();
                 while proc_alive(vmm.pid, vmm.start_time) && t.elapsed() < Duration::from_secs(1) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -480,6 +482,7 @@ impl SandboxKind for VmSandbox {
         id: &str,
         p: &AgentProcess,
         image: &ImageRecord,
+        in_use: &HashSet<String>,
     ) -> Result<pb::Rootfs, RuntimeError> {
         let dir =
             p.vm.as_ref()
@@ -490,34 +493,35 @@ impl SandboxKind for VmSandbox {
             .block_image(image)
             .await
             .map_err(|e| RuntimeError::Internal(format!("rootfs block image: {e}")))?;
-        let h = &hex_of(&image.id)[..16.min(hex_of(&image.id).len())];
-        let names = qemu::DiskNames {
-            node: format!("img-{h}"),
-            device: format!("blk-{h}"),
-            serial: format!("img{h}"),
-        };
+        let names = disk_names(&image.id);
+        let used: HashSet<String> = in_use.iter().map(|i| disk_names(i).serial).collect();
         {
             let _g = self.hotplug.lock(id).await;
             match self.backend {
-                Kind::Qemu => qemu::hotplug_disk(
+                Kind::Qemu => qmp::hotplug_disk(
                     &dir.join("qmp.sock"),
                     &file,
                     &names,
                     self.cfg.hotplug_slots,
                     QMP_TIMEOUT,
+                    &|device| used.contains(&device.replacen("blk-", "img", 1)),
                 )
                 .await
-                .map_err(|e| RuntimeError::Internal(format!("attach image disk: {e}")))?,
+                .map_err(|e| match e {
+                    qmp::QmpError::SlotsFull(_) => RuntimeError::ResourceExhausted(e.to_string()),
+                    e => RuntimeError::Internal(format!("attach image disk: {e}")),
+                })?,
                 // husk-vmm: the image's slot if one holds it, else the next empty one.
                 _ => vmmctl::attach_disk(
                     &dir.join("control.sock"),
                     &file,
                     &names.serial,
                     VMM_CTL_TIMEOUT,
+                    &|serial| used.contains(serial),
                 )
                 .await
                 .map_err(|e| match e {
-                    vmmctl::VmmCtlError::Full(_) => RuntimeError::FailedPrecondition(e.to_string()),
+                    vmmctl::VmmCtlError::Full(_) => RuntimeError::ResourceExhausted(e.to_string()),
                     e => RuntimeError::Internal(format!("attach image disk: {e}")),
                 })?,
             }
@@ -546,6 +550,18 @@ impl SandboxKind for VmSandbox {
 /// Spawns `cmd` in its own session with stdout+stderr to `log`; a thread
 /// reaps it while this huskd lives (init does after a restart).
 /// Waits for a vhost-user server's socket (or its early exit).
+/// QMP node, device id and virtio-blk serial of an image's disk (from the image id's first
+/// 16 hex digits).
+fn disk_names(image_id: &str) -> qmp::DiskNames {
+    let hex = hex_of(image_id);
+    let h = &hex[..16.min(hex.len())];
+    qmp::DiskNames {
+        node: format!("img-{h}"),
+        device: format!("blk-{h}"),
+        serial: format!("img{h}"),
+    }
+}
+
 fn wait_socket(p: &ProcRef, sock: &Path, log: &Path, what: &str) -> Result<(), RuntimeError> {
     let t = Instant::now();
     while !sock.exists() {

@@ -24,7 +24,9 @@ pub enum VmmCtlError {
     Refused { command: String, why: String },
     #[error("husk-vmm answered {command:?} with {answer:?}")]
     Protocol { command: String, answer: String },
-    #[error("all {0} disk slots are in use (runtime.vm.hotplug_slots): one disk per image per pod")]
+    #[error(
+        "all {0} disk slots hold disks of images that containers use (runtime.vm.hotplug_slots): one disk per image per pod"
+    )]
     Full(usize),
 }
 
@@ -84,25 +86,47 @@ fn parse_disks(answer: &str) -> Option<Vec<Option<String>>> {
 
 /// Makes `file` visible in the guest as the virtio-blk disk with `serial`: nothing to do when a
 /// slot already holds that serial (idempotent per image per pod), else fill the first empty
-/// slot. Callers serialise attaches per VM.
+/// slot. When none is empty, a slot whose disk `in_use` says no container needs is emptied
+/// (`disk-detach`) and filled (the agent drops the guest's cached blocks before it mounts).
+/// Callers serialise attaches per VM.
 pub async fn attach_disk(
     sock: &Path,
     file: &Path,
     serial: &str,
     timeout: Duration,
+    in_use: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<(), VmmCtlError> {
     let slots = disks(sock, timeout).await?;
     if slots.iter().any(|s| s.as_deref() == Some(serial)) {
         return Ok(());
     }
-    let Some(free) = slots.iter().position(Option::is_none) else {
-        return Err(VmmCtlError::Full(slots.len()));
+    let slot = match slots.iter().position(Option::is_none) {
+        Some(free) => free,
+        None => {
+            let Some(unused) = slots
+                .iter()
+                .position(|s| s.as_deref().is_some_and(|s| !in_use(s)))
+            else {
+                return Err(VmmCtlError::Full(slots.len()));
+            };
+            expect_ok(sock, &format!("disk-detach {unused}"), timeout).await?;
+            tracing::info!(slot = unused, old = ?slots[unused], "disk slot emptied for another image (no container used it)");
+            unused
+        }
     };
-    let cmd = format!("disk-attach {free} {} {serial}", file.display());
-    let answer = command(sock, &cmd, timeout).await?;
+    expect_ok(
+        sock,
+        &format!("disk-attach {slot} {} {serial}", file.display()),
+        timeout,
+    )
+    .await
+}
+
+async fn expect_ok(sock: &Path, cmd: &str, timeout: Duration) -> Result<(), VmmCtlError> {
+    let answer = command(sock, cmd, timeout).await?;
     if answer != "ok" {
         return Err(VmmCtlError::Protocol {
-            command: cmd,
+            command: cmd.to_string(),
             answer,
         });
     }
