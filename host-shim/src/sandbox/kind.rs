@@ -228,14 +228,8 @@ impl SandboxKind for NamespaceSandbox {
         }
         if self.alive(p) {
             // --kill-child: the agent (and with it the pod's PID namespace) gets SIGKILL too.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.alive(p) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let (pid, start) = (p.pid, p.start_time);
+            let _ = tokio::task::spawn_blocking(move || kill_wait(pid, start)).await;
         }
     }
 
@@ -277,6 +271,21 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
 
 /// `pid` runs (not a zombie) and is the process started at `start_time`
 /// (0 = not recorded).
+/// SIGKILL to process `pid` (if it is still the one started at `start_time`), then wait up
+/// to 5 s for it to be gone. Blocking.
+pub fn kill_wait(pid: i32, start_time: u64) {
+    if proc_alive(pid, start_time) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let t = Instant::now();
+    while proc_alive(pid, start_time) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn proc_alive(pid: i32, start_time: u64) -> bool {
     match proc_stat(pid) {
         Some((state, start)) => {

@@ -16,12 +16,13 @@ pub mod memory;
 mod net;
 pub mod qemu;
 pub mod qmp;
+mod process;
+use process::{kill_wait, place_in_cgroup, spawn_detached, tail, wait_socket};
 pub mod vmmctl;
 
 use std::collections::HashSet;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use husk_proto::cri;
 
 use super::RuntimeError;
 use super::agent::{Agent, AgentError};
-use super::kind::{LaunchSpec, SandboxKind, proc_alive, start_time};
+use super::kind::{LaunchSpec, SandboxKind, proc_alive};
 use super::share::PodShare;
 use super::state::{AgentProcess, ProcRef, VmProcess};
 use crate::config::{Accel, SandboxKind as Kind, VmConfig};
@@ -46,7 +47,7 @@ const GUEST_CID: u64 = 3;
 /// The virtio-fs tag of the pod share (the agent mounts it as sandbox mount `share`).
 pub const SHARE_TAG: &str = "husk-share";
 /// How long a vhost-user server gets to create its socket.
-const HELPER_WAIT: Duration = Duration::from_secs(10);
+pub(super) const HELPER_WAIT: Duration = Duration::from_secs(10);
 /// QMP answers (hot-plug, quit).
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// husk-vmm control-socket answers (disk slots).
@@ -562,116 +563,9 @@ fn disk_names(image_id: &str) -> qmp::DiskNames {
     }
 }
 
-fn wait_socket(p: &ProcRef, sock: &Path, log: &Path, what: &str) -> Result<(), RuntimeError> {
-    let t = Instant::now();
-    while !sock.exists() {
-        if !proc_alive(p.pid, p.start_time) || t.elapsed() > HELPER_WAIT {
-            return Err(RuntimeError::Internal(format!(
-                "husk-vmm vhost-user {what} did not start: {}",
-                tail(log, 5)
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, RuntimeError> {
-    let f = std::fs::File::create(log)
-        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
-    let f2 = f
-        .try_clone()
-        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
-    cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
-    // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| RuntimeError::FailedPrecondition(format!("start {program}: {e}")))?;
-    let pid = child.id() as i32;
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
-    Ok(ProcRef {
-        pid,
-        start_time: start_time(pid).unwrap_or(0),
-    })
-}
-
-/// SIGKILL (if still running), then wait up to 5 s for it to be gone.
-fn kill_wait(r: &ProcRef) {
-    if proc_alive(r.pid, r.start_time) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(r.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let t = Instant::now();
-    while proc_alive(r.pid, r.start_time) && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Moves `pid` into `<hierarchy>/<parent>` of every host cgroup hierarchy
-/// that accounts resources (v1: cpu, cpuacct, memory, pids, blkio; v2: the
-/// unified tree), creating the directories.
-fn place_in_cgroup(pid: i32, parent: &str) -> std::io::Result<()> {
-    let parent = parent.trim_matches('/');
-    let root = Path::new("/sys/fs/cgroup");
-    let mut dirs = vec![];
-    if root.join("cgroup.procs").exists() {
-        dirs.push(root.join(parent));
-    } else {
-        for e in std::fs::read_dir(root)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let wanted = name
-                .split(',')
-                .any(|c| matches!(c, "cpu" | "cpuacct" | "memory" | "pids" | "blkio"));
-            if wanted && e.path().join("cgroup.procs").exists() && !e.path().is_symlink() {
-                dirs.push(e.path().join(parent));
-            }
-        }
-    }
-    for d in dirs {
-        std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join("cgroup.procs"), pid.to_string())?;
-    }
-    Ok(())
-}
-
-/// The last `n` non-empty lines of a log file, joined with " | ".
-fn tail(path: &Path, n: usize) -> String {
-    let s = std::fs::read(path).unwrap_or_default();
-    let s = String::from_utf8_lossy(&s);
-    let lines: Vec<&str> = s
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        return "(empty)".into();
-    }
-    lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tail_of_logs() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("l");
-        std::fs::write(&p, "a\n\nb\nc\n").unwrap();
-        assert_eq!(tail(&p, 2), "b | c");
-        assert_eq!(tail(&d.path().join("none"), 2), "(empty)");
-    }
 
     #[test]
     fn pod_sizing() {
