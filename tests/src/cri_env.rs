@@ -199,6 +199,18 @@ impl CriEnv {
             .map(|_| ())
     }
 
+    /// Every pod sandbox huskd lists.
+    pub async fn pods(&self) -> Vec<cri::PodSandbox> {
+        self.c
+            .runtime
+            .clone()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap_or_else(|e| panic!("list pods: {e:?}"))
+            .into_inner()
+            .items
+    }
+
     pub async fn remove_pod(&self, id: &str) -> Result<(), tonic::Status> {
         self.c
             .runtime

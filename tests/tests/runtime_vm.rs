@@ -53,6 +53,27 @@ async fn vm_env() -> CriEnv {
     CriEnv::new(QEMU, &vm_config(&k, &i, 90_000)).await
 }
 
+/// Pushes and pulls `repo:1`: busybox plus a layer with `/marker` holding `marker`.
+async fn marked_image(e: &CriEnv, repo: &str, marker: &str) -> String {
+    let img = build_image(&ImageSpec {
+        layers: vec![
+            busybox_layer(Compression::Gzip).unwrap(),
+            Layer {
+                entries: vec![file("marker", format!("{marker}\n"))],
+                compression: Compression::Gzip,
+            },
+        ],
+        ..Default::default()
+    });
+    Pusher::new(&e.reg.addr, None)
+        .push_image(repo, Some("1"), &img)
+        .await
+        .unwrap();
+    let r = format!("{}/{repo}:1", e.reg.addr);
+    e.pull(&r).await;
+    r
+}
+
 fn host_file(p: &str) -> String {
     std::fs::read_to_string(p).unwrap().trim().to_string()
 }
@@ -303,22 +324,7 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     require!(env_ok(), NEEDS);
     let e = vm_env().await;
     // A second image: busybox plus a layer with a marker file.
-    let img = build_image(&ImageSpec {
-        layers: vec![
-            busybox_layer(Compression::Gzip).unwrap(),
-            Layer {
-                entries: vec![file("marker", "second image\n")],
-                compression: Compression::Gzip,
-            },
-        ],
-        ..Default::default()
-    });
-    Pusher::new(&e.reg.addr, None)
-        .push_image("e2e/marked", Some("1"), &img)
-        .await
-        .unwrap();
-    let marked = format!("{}/e2e/marked:1", e.reg.addr);
-    e.pull(&marked).await;
+    let marked = marked_image(&e, "e2e/marked", "second image").await;
 
     let pcfg = e.pod("vm2");
     let pod = e
@@ -377,14 +383,7 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     assert_eq!(disks.lines().count(), 2, "two image disks: {disks}");
 
     // The pod's VM shows up in ListPodSandbox with its handler.
-    let list =
-        e.c.runtime
-            .clone()
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
+    let list = e.pods().await;
     assert!(
         list.iter()
             .any(|p| p.id == pod && p.runtime_handler == QEMU)
@@ -446,15 +445,7 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     let guest = r["guestRamMib"].as_f64().unwrap();
     assert!(guest > 10.0 && guest <= 256.0, "{r}");
     assert!(r["overheadRssMib"].as_f64().unwrap() > 1.0, "{r}");
-    let left = e
-        .c
-        .runtime
-        .clone()
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let left = e.pods().await;
     assert!(left.is_empty(), "bench pods left: {left:?}");
 }
 
@@ -466,22 +457,7 @@ async fn vm_unused_image_disk_makes_room() {
     require!(env_ok(), NEEDS);
     let (k, i) = guest().unwrap();
     let e = CriEnv::new(QEMU, &(vm_config(&k, &i, 90_000) + "hotplug_slots = 1\n")).await;
-    let img = build_image(&ImageSpec {
-        layers: vec![
-            busybox_layer(Compression::Gzip).unwrap(),
-            Layer {
-                entries: vec![file("marker", "other image\n")],
-                compression: Compression::Gzip,
-            },
-        ],
-        ..Default::default()
-    });
-    Pusher::new(&e.reg.addr, None)
-        .push_image("e2e/other", Some("1"), &img)
-        .await
-        .unwrap();
-    let other = format!("{}/e2e/other:1", e.reg.addr);
-    e.pull(&other).await;
+    let other = marked_image(&e, "e2e/other", "other image").await;
     let pcfg = e.pod("vm-slot");
     let pod = e
         .run_pod(&pcfg)
@@ -497,21 +473,8 @@ async fn vm_unused_image_disk_makes_room() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("hotplug_slots"), "{err:?}");
 
-    e.c.runtime
-        .clone()
-        .stop_container(cri::StopContainerRequest {
-            container_id: first.clone(),
-            timeout: 0,
-        })
-        .await
-        .unwrap();
-    e.c.runtime
-        .clone()
-        .remove_container(cri::RemoveContainerRequest {
-            container_id: first,
-        })
-        .await
-        .unwrap();
+    e.stop_container(&first, 0).await.unwrap();
+    e.remove_container(&first).await.unwrap();
     let t = Instant::now();
     let c = e
         .create(&pod, &o, &pcfg)
@@ -647,26 +610,11 @@ async fn vmm_pod_containers_on_disk_slots() {
     assert!(serials.contains(&serial), "guest serials {serials:?}, slot {serial}");
 
     // The same image again: the same slot.
-    e.run(&pod, &e.ctr("again", &["sleep", "1000"]), &pcfg).await;
+    let again = e.run(&pod, &e.ctr("again", &["sleep", "1000"]), &pcfg).await;
     assert_eq!(vmm_ctl(&e, &pod, "disks"), d);
 
     // Another image: the next slot; after a huskd crash the slots are read back from husk-vmm.
-    let img = build_image(&ImageSpec {
-        layers: vec![
-            busybox_layer(Compression::Gzip).unwrap(),
-            Layer {
-                entries: vec![file("marker", "second image\n")],
-                compression: Compression::Gzip,
-            },
-        ],
-        ..Default::default()
-    });
-    Pusher::new(&e.reg.addr, None)
-        .push_image("e2e/vmm-marked", Some("1"), &img)
-        .await
-        .unwrap();
-    let marked = format!("{}/e2e/vmm-marked:1", e.reg.addr);
-    e.pull(&marked).await;
+    let marked = marked_image(&e, "e2e/vmm-marked", "second image").await;
     let mut m = e.ctr("marked", &["sh", "-c", "cat /marker; exec sleep 1000"]);
     m.image = Some(cri::ImageSpec {
         image: marked.clone(),
@@ -685,6 +633,31 @@ async fn vmm_pod_containers_on_disk_slots() {
     m.metadata.as_mut().unwrap().name = "marked2".into();
     e.run(&pod, &m, &pcfg).await;
     assert_eq!(vmm_ctl(&e, &pod, "disks"), d2, "no new slot after the restart");
+
+    // A third image takes the last slot; with every slot full, a fourth image's disk goes
+    // into the slot of the first image once no container uses it, and the container sees
+    // the fourth image's files (not the first's blocks cached by the guest).
+    let third = marked_image(&e, "e2e/vmm-third", "third image").await;
+    let mut t = e.ctr("third", &["sleep", "1000"]);
+    t.image = Some(cri::ImageSpec { image: third, ..Default::default() });
+    e.run(&pod, &t, &pcfg).await;
+    let fourth = marked_image(&e, "e2e/vmm-fourth", "fourth image").await;
+    let mut f = e.ctr("fourth", &["sh", "-c", "cat /marker; exec sleep 1000"]);
+    f.image = Some(cri::ImageSpec { image: fourth, ..Default::default() });
+    let full = e.create(&pod, &f, &pcfg).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    for c in [&c1, &again] {
+        e.stop_container(c, 0).await.unwrap();
+        e.remove_container(c).await.unwrap();
+    }
+    e.run(&pod, &f, &pcfg).await;
+    let flog = e.log_path(&pcfg, "fourth");
+    eventually("fourth marker in the log", Duration::from_secs(30), || async {
+        log_records(&flog).iter().any(|r| r.2 == "fourth image")
+    })
+    .await;
+    let d4 = vmm_ctl(&e, &pod, "disks");
+    assert!(!d4.contains(&serial) && !d4.contains("=-"), "slot 0 reused: {d4}");
 
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();

@@ -104,6 +104,19 @@ impl Control {
         s
     }
 
+    /// Disk slot number `slot`, or the `error …` answer.
+    fn slot(&self, slot: &str) -> Result<&Arc<Mutex<BlockDevice>>, String> {
+        slot.parse::<usize>()
+            .ok()
+            .and_then(|i| self.disk_slots.get(i))
+            .ok_or_else(|| {
+                format!(
+                    "error no disk slot {slot:?} (slots: {})",
+                    self.disk_slots.len()
+                )
+            })
+    }
+
     /// `SLOT PATH SERIAL`; the path may contain spaces (it is everything between the two).
     fn disk_attach(&self, args: &str) -> String {
         let args = args.trim();
@@ -114,15 +127,9 @@ impl Control {
         let Some((slot, path, serial)) = parsed.filter(|(_, p, _)| !p.is_empty()) else {
             return "error usage: disk-attach SLOT PATH SERIAL".into();
         };
-        let Some(dev) = slot
-            .parse::<usize>()
-            .ok()
-            .and_then(|i| self.disk_slots.get(i))
-        else {
-            return format!(
-                "error no disk slot {slot:?} (slots: {})",
-                self.disk_slots.len()
-            );
+        let dev = match self.slot(slot) {
+            Ok(d) => d,
+            Err(e) => return e,
         };
         match lock(dev).fill(Path::new(path), serial) {
             Ok(()) => "ok".into(),
@@ -135,15 +142,9 @@ impl Control {
 
     fn disk_detach(&self, slot: &str) -> String {
         let slot = slot.trim();
-        let Some(dev) = slot
-            .parse::<usize>()
-            .ok()
-            .and_then(|i| self.disk_slots.get(i))
-        else {
-            return format!(
-                "error no disk slot {slot:?} (slots: {})",
-                self.disk_slots.len()
-            );
+        let dev = match self.slot(slot) {
+            Ok(d) => d,
+            Err(e) => return e,
         };
         match lock(dev).empty() {
             Ok(()) => "ok".into(),
