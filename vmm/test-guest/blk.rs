@@ -171,16 +171,23 @@ fn slot(m: &Mmio, q: &mut Vq, irq: u32) {
     m.w(0x64, m.r(0x60));
     crate::enable_irq(irq);
     puts("blkslot: waiting\n");
-    loop {
+    let isr = loop {
         // cli, check, then `sti; hlt` (the STI shadow makes the pair atomic): no lost wakeup.
         unsafe { core::arch::asm!("cli") };
         if crate::rd32(crate::IRQ_COUNT) != 0 {
-            break;
+            let isr = m.r(0x60);
+            if isr & 2 != 0 {
+                break isr;
+            }
+            // The edge of the read-empty request's used-buffer interrupt can arrive after
+            // its ISR bit was acknowledged above (the VMM sets the bit, then signals): not
+            // the config change; wait on.
+            m.w(0x64, isr);
+            crate::wr32(crate::IRQ_COUNT, 0);
         }
         unsafe { core::arch::asm!("sti; hlt") };
-    }
+    };
     crate::disable_irq();
-    let isr = m.r(0x60);
     m.w(0x64, isr);
     let (cap, gen1) = capacity(m);
     puts("blkslot: isr=");
