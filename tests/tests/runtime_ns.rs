@@ -1006,6 +1006,17 @@ async fn bad_input_and_failed_creates_clean_up() {
     rt().update_runtime_config(cri::UpdateRuntimeConfigRequest::default())
         .await
         .unwrap();
+    let bad_cidr = cri::UpdateRuntimeConfigRequest {
+        runtime_config: Some(cri::RuntimeConfig {
+            network_config: Some(cri::NetworkConfig {
+                pod_cidr: "10.0.0.0/99".into(),
+            }),
+        }),
+    };
+    assert_eq!(
+        code_of(rt().update_runtime_config(bad_cidr).await),
+        Code::InvalidArgument
+    );
 
     // Unknown ids.
     assert_eq!(code_of(pod_status(&e.c, nope).await), Code::NotFound);

@@ -416,7 +416,11 @@ impl RuntimeService for Runtime {
             .map(|n| n.pod_cidr)
         {
             tracing::info!(%cidr, "UpdateRuntimeConfig: pod CIDR");
-            self.s.runtime.network().set_pod_cidr(&cidr);
+            self.s
+                .runtime
+                .network()
+                .set_pod_cidr(&cidr)
+                .map_err(crate::sandbox::RuntimeError::from)?;
         }
         ok(cri::UpdateRuntimeConfigResponse {})
     }

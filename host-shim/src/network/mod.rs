@@ -49,6 +49,8 @@ pub enum NetworkError {
     },
     #[error("pod network: {0}")]
     Tap(#[from] tap::TapError),
+    #[error("pod CIDR {0:?}: want comma-separated ADDRESS/PREFIX (IPv4 or IPv6)")]
+    BadCidr(String),
 }
 
 impl From<NetworkError> for RuntimeError {
@@ -57,6 +59,7 @@ impl From<NetworkError> for RuntimeError {
             NetworkError::Cni(CniError::PluginNotFound { .. } | CniError::BadConfig { .. }) => {
                 RuntimeError::FailedPrecondition(e.to_string())
             }
+            NetworkError::BadCidr(_) => RuntimeError::InvalidArgument(e.to_string()),
             e => RuntimeError::Internal(e.to_string()),
         }
     }
@@ -99,6 +102,9 @@ fn uses_host_network(config: &cri::PodSandboxConfig) -> bool {
         .and_then(|s| s.namespace_options.as_ref())
         .is_some_and(|n| n.network == NS_NODE)
 }
+
+/// The node's pod CIDR (UpdateRuntimeConfig), in the network state dir (not a `.json` record).
+const POD_CIDR_FILE: &str = "pod-cidr";
 
 /// Pod networking for every pod of this huskd.
 pub struct Network {
@@ -151,6 +157,10 @@ impl Network {
                 }
             }
         }
+        // The node's pod CIDR outlives a restart: kubelet sends it again only when it changes.
+        let pod_cidr = std::fs::read_to_string(state_dir.join(POD_CIDR_FILE))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         Ok(Self {
             plugins: Plugins {
                 bin_dirs: cfg.cni_bin_dirs.clone(),
@@ -159,7 +169,7 @@ impl Network {
             cfg,
             netns_dir,
             state_dir,
-            pod_cidr: Mutex::new(String::new()),
+            pod_cidr: Mutex::new(pod_cidr),
             pods: Mutex::new(pods),
             ops: crate::image::KeyedLocks::default(),
         })
@@ -191,8 +201,21 @@ impl Network {
 
     /// UpdateRuntimeConfig: the node's pod CIDR, given to IPAM plugins that
     /// declare the `ipRanges` capability (host-local does).
-    pub fn set_pod_cidr(&self, cidr: &str) {
-        *lock(&self.pod_cidr) = cidr.to_string();
+    /// Kept in the network state dir. An empty CIDR clears it.
+    pub fn set_pod_cidr(&self, cidr: &str) -> Result<(), NetworkError> {
+        let ok = cidr.split(',').map(str::trim).filter(|c| !c.is_empty()).all(|c| {
+            c.split_once('/').is_some_and(|(a, p)| match a.parse::<std::net::IpAddr>() {
+                Ok(ip) => p.parse::<u8>().is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 }),
+                Err(_) => false,
+            })
+        });
+        if !ok {
+            return Err(NetworkError::BadCidr(cidr.to_string()));
+        }
+        let mut cur = lock(&self.pod_cidr);
+        write_atomic(&self.state_dir.join(POD_CIDR_FILE), cidr.as_bytes())?;
+        *cur = cidr.to_string();
+        Ok(())
     }
 
     pub fn pod_cidr(&self) -> String {
@@ -542,7 +565,24 @@ mod tests {
         assert_eq!(n.setup("p1", &pod(false)).await.unwrap(), None);
         assert!(n.pod("p1").is_none());
         n.teardown("p1").await.unwrap();
-        n.set_pod_cidr("10.5.0.0/24, fd00:5::/64");
+        n.set_pod_cidr("10.5.0.0/24, fd00:5::/64").unwrap();
+        for bad in ["10.5.0.0", "10.5.0.0/33", "fd00::/129", "x/8", "10.5.0.0/24,junk"] {
+            assert!(
+                matches!(n.set_pod_cidr(bad), Err(NetworkError::BadCidr(_))),
+                "{bad}"
+            );
+        }
+        let reopened = Network::open(
+            NetworkConfig {
+                cni_conf_dir: d.path().join("net.d"),
+                cni_bin_dirs: vec![d.path().join("bin")],
+                cni_timeout_ms: 1000,
+            },
+            d.path().join("state"),
+            d.path().join("netns"),
+        )
+        .unwrap();
+        assert_eq!(reopened.pod_cidr(), "10.5.0.0/24, fd00:5::/64", "kept across a restart");
         let caps = n.capability_args(&pod(false));
         assert_eq!(caps["portMappings"][0]["protocol"], "udp");
         assert_eq!(caps["portMappings"][0]["hostPort"], 5353);
