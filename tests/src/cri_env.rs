@@ -1,6 +1,9 @@
 //! A CRI test environment for one runtime handler: a local registry with
 //! busybox, a huskd that pulled it, and thin wrappers of the RuntimeService
 //! calls the suites repeat.
+//!
+//! The wrappers return the RPC's `Result` (tests assert on error codes);
+//! the list calls, which no test expects to fail, panic with huskd's log.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +13,7 @@ use husk_proto::cri;
 use crate::huskd::{Huskd, Options};
 use crate::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer};
 use crate::registry::Registry;
-use crate::runtime::{container_config, kill_leftover_pods, pod_config};
+use crate::runtime::{container_config, info, kill_leftover_pods, pod_config, pod_status};
 
 pub struct CriEnv {
     pub reg: Registry,
@@ -20,6 +23,9 @@ pub struct CriEnv {
     pub image: String,
     pub logs: PathBuf,
     pub handler: String,
+    /// On drop, remove every pod through huskd before stopping it (so CNI
+    /// DEL runs for the pods of a failed test): see [`Self::remove_pods_on_drop`].
+    remove_pods_on_drop: bool,
 }
 
 impl CriEnv {
@@ -46,9 +52,17 @@ impl CriEnv {
             c,
             image: image.clone(),
             handler: handler.to_string(),
+            remove_pods_on_drop: false,
         };
         e.pull(&image).await;
         e
+    }
+
+    /// On drop, remove the pods a failed test left through the CRI first
+    /// (killing their agents alone would leave veths and iptables rules).
+    pub fn remove_pods_on_drop(mut self) -> Self {
+        self.remove_pods_on_drop = true;
+        self
     }
 
     pub async fn pull(&self, image: &str) {
@@ -74,13 +88,23 @@ impl CriEnv {
         container_config(name, &self.image, cmd)
     }
 
+    /// RunPodSandbox with this environment's handler.
     pub async fn run_pod(&self, cfg: &cri::PodSandboxConfig) -> Result<String, tonic::Status> {
+        self.run_pod_on(cfg, &self.handler).await
+    }
+
+    /// RunPodSandbox with another runtime handler.
+    pub async fn run_pod_on(
+        &self,
+        cfg: &cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, tonic::Status> {
         self.c
             .runtime
             .clone()
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(cfg.clone()),
-                runtime_handler: self.handler.clone(),
+                runtime_handler: handler.into(),
             })
             .await
             .map(|r| r.into_inner().pod_sandbox_id)
@@ -222,13 +246,245 @@ impl CriEnv {
             .map(|_| ())
     }
 
+    /// StopPodSandbox + RemovePodSandbox; panics with huskd's log on failure.
+    pub async fn stop_and_remove_pod(&self, id: &str) {
+        self.stop_pod(id)
+            .await
+            .unwrap_or_else(|e| panic!("stop pod: {e:?}\n{}", self.d.log()));
+        self.remove_pod(id)
+            .await
+            .unwrap_or_else(|e| panic!("remove pod: {e:?}\n{}", self.d.log()));
+    }
+
+    pub async fn list_pods(&self, filter: Option<cri::PodSandboxFilter>) -> Vec<cri::PodSandbox> {
+        self.c
+            .runtime
+            .clone()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter })
+            .await
+            .unwrap_or_else(|e| panic!("list pods: {e:?}\n{}", self.d.log()))
+            .into_inner()
+            .items
+    }
+
+    pub async fn list_containers(&self, filter: cri::ContainerFilter) -> Vec<cri::Container> {
+        self.c
+            .runtime
+            .clone()
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(filter),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("list containers: {e:?}\n{}", self.d.log()))
+            .into_inner()
+            .containers
+    }
+
+    /// The pod's `agentPid` from its verbose status (the VMM's pid in a VM pod).
+    pub async fn agent_pid(&self, pod: &str) -> i32 {
+        let st = pod_status(&self.c, pod)
+            .await
+            .unwrap_or_else(|e| panic!("pod status: {e:?}\n{}", self.d.log()));
+        info(&st.info)["agentPid"].as_i64().expect("agentPid") as i32
+    }
+
+    /// The pod's IPs (primary first) from its status.
+    pub async fn pod_ips(&self, pod: &str) -> Vec<String> {
+        let n = pod_status(&self.c, pod)
+            .await
+            .unwrap_or_else(|e| panic!("pod status: {e:?}\n{}", self.d.log()))
+            .status
+            .expect("status")
+            .network
+            .expect("network status");
+        std::iter::once(n.ip)
+            .chain(n.additional_ips.into_iter().map(|i| i.ip))
+            .filter(|i| !i.is_empty())
+            .collect()
+    }
+
+    pub async fn container_stats(
+        &self,
+        id: &str,
+    ) -> Result<cri::ContainerStatsResponse, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn list_container_stats(
+        &self,
+        filter: Option<cri::ContainerStatsFilter>,
+    ) -> Result<Vec<cri::ContainerStats>, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .list_container_stats(cri::ListContainerStatsRequest { filter })
+            .await
+            .map(|r| r.into_inner().stats)
+    }
+
+    pub async fn pod_stats(&self, id: &str) -> Result<cri::PodSandboxStatsResponse, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn list_pod_stats(
+        &self,
+        filter: Option<cri::PodSandboxStatsFilter>,
+    ) -> Result<Vec<cri::PodSandboxStats>, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter })
+            .await
+            .map(|r| r.into_inner().stats)
+    }
+
+    pub async fn update_resources(
+        &self,
+        id: &str,
+        linux: cri::LinuxContainerResources,
+    ) -> Result<(), tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: id.into(),
+                linux: Some(linux),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn reopen_log(&self, id: &str) -> Result<(), tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .reopen_container_log(cri::ReopenContainerLogRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The streaming URL of an Exec (stdout always; stderr unless `tty`).
+    pub async fn exec_url(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        stdin: bool,
+        tty: bool,
+    ) -> Result<String, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .exec(cri::ExecRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                tty,
+                stdin,
+                stdout: true,
+                stderr: !tty,
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    }
+
+    /// The streaming URL of an Attach (stdout always; stderr unless `tty`).
+    pub async fn attach_url(
+        &self,
+        id: &str,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<String, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .attach(cri::AttachRequest {
+                container_id: id.into(),
+                stdin,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    }
+
+    /// The streaming URL of a PortForward.
+    pub async fn port_forward_url(
+        &self,
+        pod: &str,
+        ports: &[i32],
+    ) -> Result<String, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: ports.to_vec(),
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    }
+
     pub fn log_path(&self, pod_cfg: &cri::PodSandboxConfig, name: &str) -> PathBuf {
         Path::new(&pod_cfg.log_directory).join(format!("{name}.log"))
+    }
+
+    /// Removes every pod through huskd, ignoring errors (drop-time cleanup).
+    fn remove_all_pods_blocking(&self) {
+        let socket = self.d.socket.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(c) = Clients::connect(&socket).await else {
+                    return;
+                };
+                let rt = c.runtime.clone();
+                let pods = rt
+                    .clone()
+                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+                    .await
+                    .map(|r| r.into_inner().items)
+                    .unwrap_or_default();
+                for p in pods {
+                    let _ = rt
+                        .clone()
+                        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                            pod_sandbox_id: p.id,
+                        })
+                        .await;
+                }
+            })
+        })
+        .join();
     }
 }
 
 impl Drop for CriEnv {
     fn drop(&mut self) {
+        if self.remove_pods_on_drop {
+            self.remove_all_pods_blocking();
+        }
         self.d.terminate();
         kill_leftover_pods(&self.d.state_dir());
     }

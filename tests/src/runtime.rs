@@ -1,6 +1,6 @@
 //! Helpers for the RuntimeService suites: CRI config builders, CRI log
-//! parsing, waiting, and cleanup of pods a test left behind (their agents
-//! outlive huskd by design).
+//! parsing, waiting, cgroup files, and cleanup of pods a test left behind
+//! (their agents outlive huskd by design).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -200,4 +200,54 @@ pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
         .unwrap_or(false)
+}
+
+/// The namespace sandbox's runtime handler.
+pub const NS: &str = "husk-ns";
+
+/// What the namespace-sandbox suites need (printed when they skip).
+pub const NS_NEEDS: &str = "needs root, /usr/bin/docker-registry, /bin/busybox and unshare(1) (tests/run.sh installs them)";
+
+/// Whether the namespace sandbox can run here: root, docker-registry,
+/// busybox and unshare(1).
+pub fn ns_env_ok() -> bool {
+    crate::registry::available()
+        && crate::is_root()
+        && Path::new("/bin/busybox").exists()
+        && std::process::Command::new("unshare")
+            .arg("--version")
+            .output()
+            .is_ok()
+}
+
+/// The gRPC code of a call that must fail.
+pub fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    r.expect_err("expected an error").code()
+}
+
+pub fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// A cgroup file of `rel`: the v1 controller's `v1` file, or the unified `v2` one.
+pub fn cgroup_file(rel: &str, controller: &str, v1: &str, v2: &str) -> String {
+    let p = if cgroup_v2() {
+        Path::new("/sys/fs/cgroup").join(rel).join(v2)
+    } else {
+        let root = Path::new("/sys/fs/cgroup");
+        let dir = [
+            controller.to_string(),
+            format!("{controller},cpuacct"),
+            format!("cpu,{controller}"),
+        ]
+        .iter()
+        .map(|c| root.join(c))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| root.join(controller));
+        dir.join(rel).join(v1)
+    };
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .trim()
+        .to_string()
 }

@@ -13,16 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use husk_host::client::Clients;
 use husk_proto::cri;
-use husk_tests::huskd::{Huskd, Options};
-use husk_tests::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer};
-use husk_tests::registry::{self, Registry};
+use husk_tests::cri_env::CriEnv;
+use husk_tests::huskd::Huskd;
+use husk_tests::registry;
 use husk_tests::require;
-use husk_tests::runtime::{container_config, kill_leftover_pods, pod_config, pod_status};
+use husk_tests::runtime::NS;
 use tonic::Code;
 
-const NS: &str = "husk-ns";
 const NEEDS: &str = "needs root, /usr/bin/docker-registry, /bin/busybox, iptables and the CNI plugins in /usr/lib/cni (tests/install-deps.sh installs them)";
 const CNI_BIN: &str = "/usr/lib/cni";
 
@@ -134,80 +132,35 @@ impl Drop for Net {
     }
 }
 
-struct Env {
-    _reg: Registry,
-    d: Huskd,
-    c: Clients,
-    image: String,
-    logs: PathBuf,
+/// The shared CRI environment (husk-ns) with the CNI plugins, `extra` huskd
+/// config after the `[network]` keys. On drop it removes what pods a failed
+/// test left through huskd, so that CNI DEL runs.
+async fn env(extra: &str) -> CriEnv {
+    CriEnv::new(NS, &format!("cni_bin_dirs = [\"{CNI_BIN}\"]\n{extra}"))
+        .await
+        .remove_pods_on_drop()
 }
 
-impl Env {
-    async fn new() -> Env {
-        Self::with("").await
-    }
-
-    /// With `extra` huskd config after the `[network]` keys.
-    async fn with(extra: &str) -> Env {
-        let reg = Registry::start(None).unwrap();
-        let img = build_image(&ImageSpec {
-            layers: vec![busybox_layer(Compression::Gzip).unwrap()],
-            ..Default::default()
-        });
-        Pusher::new(&reg.addr, None)
-            .push_image("e2e/busybox", Some("1"), &img)
-            .await
-            .unwrap();
-        let d = Huskd::start_with(
-            Options::plain_http(&reg.addr),
-            &format!("cni_bin_dirs = [\"{CNI_BIN}\"]\n{extra}"),
-        )
-        .await
-        .unwrap();
-        let c = d.clients().await.unwrap();
-        let image = format!("{}/e2e/busybox:1", reg.addr);
-        c.image
-            .clone()
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let logs = d.dir.path().join("logs");
-        Env {
-            _reg: reg,
-            d,
-            c,
-            image,
-            logs,
-        }
-    }
-
-    fn pod(&self, name: &str) -> cri::PodSandboxConfig {
-        pod_config(name, &self.logs)
-    }
-
-    async fn run_pod(
+/// What the network tests do with pods, on top of [`CriEnv`].
+trait NetEnv {
+    /// A pod serving "hi-<name>" over HTTP on :8080 (busybox httpd).
+    async fn server(&self, cfg: &cri::PodSandboxConfig) -> (String, String);
+    async fn server_on(&self, cfg: &cri::PodSandboxConfig, handler: &str) -> (String, String);
+    /// A pod with one running container, "web".
+    async fn pod_on(
         &self,
         cfg: &cri::PodSandboxConfig,
         handler: &str,
-    ) -> Result<String, tonic::Status> {
-        self.c
-            .runtime
-            .clone()
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(cfg.clone()),
-                runtime_handler: handler.into(),
-            })
-            .await
-            .map(|r| r.into_inner().pod_sandbox_id)
-    }
+        cmd: &[&str],
+    ) -> (String, String);
+    /// ExecSync (20 s): the exit code and stdout followed by stderr.
+    async fn exec_out(&self, ctr: &str, cmd: &[&str]) -> (i32, String);
+    async fn get(&self, ctr: &str, ip: &str, port: u16) -> String;
+    async fn network_ready(&self) -> cri::RuntimeCondition;
+    fn assert_clean(&self, net: &Net, pods: &[&str], ips: &[String]);
+}
 
-    /// A pod serving "hi-<name>" over HTTP on :8080 (busybox httpd).
+impl NetEnv for CriEnv {
     async fn server(&self, cfg: &cri::PodSandboxConfig) -> (String, String) {
         self.server_on(cfg, NS).await
     }
@@ -220,11 +173,6 @@ impl Env {
         self.pod_on(cfg, handler, &["sh", "-c", &script]).await
     }
 
-    /// A pod with one running container.
-    async fn pod_with(&self, cfg: &cri::PodSandboxConfig, cmd: &[&str]) -> (String, String) {
-        self.pod_on(cfg, NS, cmd).await
-    }
-
     async fn pod_on(
         &self,
         cfg: &cri::PodSandboxConfig,
@@ -232,44 +180,15 @@ impl Env {
         cmd: &[&str],
     ) -> (String, String) {
         let pod = self
-            .run_pod(cfg, handler)
+            .run_pod_on(cfg, handler)
             .await
             .unwrap_or_else(|e| panic!("run pod: {e:?}\n{}", self.d.log()));
-        let ctr = container_config("web", &self.image, cmd);
-        let rt = self.c.runtime.clone();
-        let id = rt
-            .clone()
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(ctr),
-                sandbox_config: Some(cfg.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("create: {e:?}\n{}", self.d.log()))
-            .into_inner()
-            .container_id;
-        rt.clone()
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap();
+        let id = self.run(&pod, &self.ctr("web", cmd), cfg).await;
         (pod, id)
     }
 
-    async fn exec(&self, ctr: &str, cmd: &[&str]) -> (i32, String) {
-        let r = self
-            .c
-            .runtime
-            .clone()
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: ctr.into(),
-                cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: 20,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    async fn exec_out(&self, ctr: &str, cmd: &[&str]) -> (i32, String) {
+        let r = self.exec(ctr, cmd, 20).await.unwrap();
         (
             r.exit_code,
             format!(
@@ -287,7 +206,7 @@ impl Env {
         let script = format!("busybox printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} {port}");
         let mut last = String::new();
         for _ in 0..50 {
-            let (code, out) = self.exec(ctr, &["sh", "-c", &script]).await;
+            let (code, out) = self.exec_out(ctr, &["sh", "-c", &script]).await;
             if code == 0
                 && let Some((_, body)) = out.split_once("\r\n\r\n")
             {
@@ -297,7 +216,7 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (_, diag) = self
-            .exec(
+            .exec_out(
                 ctr,
                 &[
                     "sh",
@@ -310,36 +229,6 @@ impl Env {
             "GET {ip}:{port} from {ctr} failed: {last}\n{diag}\n{}",
             self.d.log()
         );
-    }
-
-    async fn ips(&self, pod: &str) -> Vec<String> {
-        let n = pod_status(&self.c, pod)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .network
-            .unwrap();
-        std::iter::once(n.ip)
-            .chain(n.additional_ips.into_iter().map(|i| i.ip))
-            .filter(|i| !i.is_empty())
-            .collect()
-    }
-
-    async fn remove(&self, pod: &str) {
-        let rt = self.c.runtime.clone();
-        rt.clone()
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("stop pod: {e:?}\n{}", self.d.log()));
-        rt.clone()
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("remove pod: {e:?}\n{}", self.d.log()));
     }
 
     async fn network_ready(&self) -> cri::RuntimeCondition {
@@ -397,47 +286,10 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        // A failed test's pods: remove them through huskd so CNI DEL runs
-        // (killing their agents alone would leave veths and iptables rules).
-        let socket = self.d.socket.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let Ok(c) = Clients::connect(&socket).await else {
-                    return;
-                };
-                let rt = c.runtime.clone();
-                let pods = rt
-                    .clone()
-                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-                    .await
-                    .map(|r| r.into_inner().items)
-                    .unwrap_or_default();
-                for p in pods {
-                    let _ = rt
-                        .clone()
-                        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                            pod_sandbox_id: p.id,
-                        })
-                        .await;
-                }
-            })
-        })
-        .join();
-        self.d.terminate();
-        kill_leftover_pods(&self.d.state_dir());
-    }
-}
-
 #[tokio::test]
 async fn pods_reach_each_other_the_host_and_host_ports() {
     require!(env_ok(), NEEDS);
-    let e = Env::new().await;
+    let e = env("").await;
     let net = Net::new(e.d.dir.path());
     // No config yet: not ready, with the reason; pods keep a loopback-only namespace.
     let cond = e.network_ready().await;
@@ -468,7 +320,7 @@ async fn pods_reach_each_other_the_host_and_host_ports() {
     let (b, b_ctr) = e.server(&e.pod("net-b")).await;
 
     // Status: one IPv4 and one IPv6 address each, from the test's ranges.
-    let (a_ips, b_ips) = (e.ips(&a).await, e.ips(&b).await);
+    let (a_ips, b_ips) = (e.pod_ips(&a).await, e.pod_ips(&b).await);
     for ips in [&a_ips, &b_ips] {
         assert_eq!(ips.len(), 2, "{ips:?}");
         assert!(ips[0].starts_with(&format!("198.18.{}.", net.x)), "{ips:?}");
@@ -480,7 +332,7 @@ async fn pods_reach_each_other_the_host_and_host_ports() {
     assert_ne!(a_ips, b_ips);
     // ... and they are what the container sees on eth0.
     let (_, addrs) = e
-        .exec(&a_ctr, &["busybox", "ip", "-o", "addr", "show", "eth0"])
+        .exec_out(&a_ctr, &["busybox", "ip", "-o", "addr", "show", "eth0"])
         .await;
     assert!(addrs.contains(&format!("{}/24", a_ips[0])), "{addrs}");
     assert!(addrs.contains(&format!("{}/64", a_ips[1])), "{addrs}");
@@ -490,7 +342,7 @@ async fn pods_reach_each_other_the_host_and_host_ports() {
     assert_eq!(e.get(&a_ctr, &b_ips[0], 8080).await.trim(), "hi-net-b");
     assert_eq!(e.get(&a_ctr, &b_ips[1], 8080).await.trim(), "hi-net-b");
     let (code, out) = e
-        .exec(
+        .exec_out(
             &a_ctr,
             &["busybox", "ping", "-c", "1", "-W", "5", &b_ips[0]],
         )
@@ -508,7 +360,7 @@ async fn pods_reach_each_other_the_host_and_host_ports() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     });
     let (code, out) = e
-        .exec(
+        .exec_out(
             &b_ctr,
             &[
                 "sh",
@@ -529,7 +381,7 @@ async fn pods_reach_each_other_the_host_and_host_ports() {
     assert!(resp.contains("hi-net-a"), "{resp}");
 
     // The CRI DNS config is the container's resolv.conf.
-    let (_, resolv) = e.exec(&a_ctr, &["cat", "/etc/resolv.conf"]).await;
+    let (_, resolv) = e.exec_out(&a_ctr, &["cat", "/etc/resolv.conf"]).await;
     assert!(resolv.contains("nameserver 198.18.0.53"), "{resolv}");
     assert!(resolv.contains("search svc.husk.test"), "{resolv}");
     assert!(resolv.contains("options ndots:3"), "{resolv}");
@@ -543,16 +395,10 @@ async fn pods_reach_each_other_the_host_and_host_ports() {
         "portmap's rules name the pod (what assert_clean looks for)"
     );
 
-    e.remove(&a).await;
-    e.remove(&b).await;
+    e.stop_and_remove_pod(&a).await;
+    e.stop_and_remove_pod(&b).await;
     // Idempotent.
-    e.c.runtime
-        .clone()
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: a.clone(),
-        })
-        .await
-        .unwrap();
+    e.remove_pod(&a).await.unwrap();
     e.assert_clean(&net, &[&a, &b], &[a_ips, b_ips].concat());
     assert!(!sh(&["iptables-save"]).contains(&format!("--dport {host_port}")));
 }
@@ -560,7 +406,7 @@ async fn pods_reach_each_other_the_host_and_host_ports() {
 #[tokio::test]
 async fn kill9_huskd_then_remove_is_clean() {
     require!(env_ok(), NEEDS);
-    let mut e = Env::new().await;
+    let mut e = env("").await;
     let net = Net::new(e.d.dir.path());
     net.install(&e.d, 24);
     let host_port = husk_tests::free_port();
@@ -572,7 +418,7 @@ async fn kill9_huskd_then_remove_is_clean() {
         host_ip: String::new(),
     }];
     let (pod, _ctr) = e.server(&cfg).await;
-    let ips = e.ips(&pod).await;
+    let ips = e.pod_ips(&pod).await;
     assert_eq!(ips.len(), 2);
     e.d.crash_and_restart().await.unwrap();
     e.c = e.d.clients().await.unwrap();
@@ -581,7 +427,7 @@ async fn kill9_huskd_then_remove_is_clean() {
     // portmap of containernetworking-plugins 1.1.1 fails its own CHECK on
     // any host with ip6tables (it looks for the IPv4 rules in the IPv6
     // table), which huskd logs as a warning and otherwise ignores.
-    assert_eq!(e.ips(&pod).await, ips);
+    assert_eq!(e.pod_ips(&pod).await, ips);
     husk_tests::runtime::eventually("CHECK after restart", Duration::from_secs(20), || {
         let log = e.d.log();
         async move { log.contains("pod network checked") || log.contains("CHECK failed") }
@@ -601,11 +447,7 @@ async fn kill9_huskd_then_remove_is_clean() {
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.contains("hi-crash"), "{resp}");
     // Removing without a stop first, after the crash: DEL from the record.
-    e.c.runtime
-        .clone()
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
+    e.remove_pod(&pod)
         .await
         .unwrap_or_else(|err| panic!("remove: {err:?}\n{}", e.d.log()));
     e.assert_clean(&net, &[&pod], &ips);
@@ -614,13 +456,13 @@ async fn kill9_huskd_then_remove_is_clean() {
 #[tokio::test]
 async fn failed_add_leaks_nothing() {
     require!(env_ok(), NEEDS);
-    let e = Env::new().await;
+    let e = env("").await;
     let net = Net::new(e.d.dir.path());
     // A /30: the gateway takes .1, one pod gets .2, the next ADD fails in IPAM.
     net.install(&e.d, 30);
     let (first, _) = e.server(&e.pod("only")).await;
-    let first_ips = e.ips(&first).await;
-    let err = e.run_pod(&e.pod("one-too-many"), NS).await.unwrap_err();
+    let first_ips = e.pod_ips(&first).await;
+    let err = e.run_pod(&e.pod("one-too-many")).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(
         err.message().contains("host-local") || err.message().contains("no IP addresses available"),
@@ -638,23 +480,16 @@ async fn failed_add_leaks_nothing() {
     assert_eq!(netns.len(), 1);
     assert_eq!(net.veths().lines().count(), 1, "{}", net.veths());
     assert_eq!(net.allocations().len(), 2, "{:?}", net.allocations());
-    let pods =
-        e.c.runtime
-            .clone()
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
+    let pods = e.list_pods(None).await;
     assert_eq!(pods.len(), 1);
-    e.remove(&first).await;
+    e.stop_and_remove_pod(&first).await;
     e.assert_clean(&net, &[&first], &first_ips);
 }
 
 #[tokio::test]
 async fn host_network_pods_share_the_host_namespace_and_vm_refuses_them() {
     require!(env_ok(), NEEDS);
-    let e = Env::new().await;
+    let e = env("").await;
     let net = Net::new(e.d.dir.path());
     net.install(&e.d, 24);
     let mut cfg = e.pod("hostnet");
@@ -669,19 +504,19 @@ async fn host_network_pods_share_the_host_namespace_and_vm_refuses_them() {
         ..Default::default()
     });
     // The VM sandbox refuses, clearly, before doing anything.
-    let err = e.run_pod(&cfg, "husk").await.unwrap_err();
+    let err = e.run_pod_on(&cfg, "husk").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("host network"), "{err:?}");
     // The namespace sandbox runs it in the host's network namespace, without CNI.
-    let (pod, ctr) = e.pod_with(&cfg, &["sleep", "3600"]).await;
+    let (pod, ctr) = e.pod_on(&cfg, NS, &["sleep", "3600"]).await;
     let (_, theirs) = e
-        .exec(&ctr, &["busybox", "readlink", "/proc/self/ns/net"])
+        .exec_out(&ctr, &["busybox", "readlink", "/proc/self/ns/net"])
         .await;
     let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
     assert_eq!(theirs.trim(), ours.to_string_lossy());
-    assert!(e.ips(&pod).await.is_empty());
+    assert!(e.pod_ips(&pod).await.is_empty());
     assert!(net.allocations().is_empty());
-    e.remove(&pod).await;
+    e.stop_and_remove_pod(&pod).await;
     e.assert_clean(&net, &[&pod], &[]);
 }
 
@@ -699,7 +534,7 @@ async fn vm_pod_on_the_cni_network() {
         );
         return;
     };
-    let e = Env::with(&format!(
+    let e = env(&format!(
         "[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
          [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
     ))
@@ -716,11 +551,11 @@ async fn vm_pod_on_the_cni_network() {
     }];
     let (vm, vm_ctr) = e.server_on(&vm_cfg, "husk-qemu").await;
     let (ns, ns_ctr) = e.server(&e.pod("ns")).await;
-    let (vm_ips, ns_ips) = (e.ips(&vm).await, e.ips(&ns).await);
+    let (vm_ips, ns_ips) = (e.pod_ips(&vm).await, e.pod_ips(&ns).await);
     assert_eq!(vm_ips.len(), 2, "{vm_ips:?}");
     // Inside the guest: eth0 with the CNI addresses (the agent configured it).
     let (_, addrs) = e
-        .exec(&vm_ctr, &["busybox", "ip", "-o", "addr", "show", "eth0"])
+        .exec_out(&vm_ctr, &["busybox", "ip", "-o", "addr", "show", "eth0"])
         .await;
     assert!(addrs.contains(&format!("{}/24", vm_ips[0])), "{addrs}");
     // Both ways between the VM pod and a namespace pod, IPv4 and IPv6.
@@ -738,7 +573,7 @@ async fn vm_pod_on_the_cni_network() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     });
     let (code, out) = e
-        .exec(
+        .exec_out(
             &vm_ctr,
             &[
                 "sh",
@@ -756,7 +591,7 @@ async fn vm_pod_on_the_cni_network() {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.contains("hi-vm"), "{resp}");
-    e.remove(&vm).await;
-    e.remove(&ns).await;
+    e.stop_and_remove_pod(&vm).await;
+    e.stop_and_remove_pod(&ns).await;
     e.assert_clean(&net, &[&vm, &ns], &[vm_ips, ns_ips].concat());
 }

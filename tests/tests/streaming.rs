@@ -3,18 +3,17 @@
 //! sandbox, the CRI client for the URLs, husk's own SPDY and WebSocket
 //! clients for the streams.
 
+use std::ops::Deref;
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use husk_host::client::Clients;
 use husk_host::streaming::client::{self, CommandIo, SpdyForwarder, Transport};
 use husk_proto::cri;
-use husk_tests::huskd::{Huskd, Options};
-use husk_tests::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer};
-use husk_tests::registry::{self, Registry};
+use husk_tests::cri_env::CriEnv;
+use husk_tests::registry;
 use husk_tests::require;
-use husk_tests::runtime::{container_config, kill_leftover_pods, pod_config};
+use husk_tests::runtime::NS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -26,136 +25,51 @@ fn env_ok() -> bool {
     registry::available() && husk_tests::is_root() && Path::new("/bin/busybox").exists()
 }
 
+/// The shared CRI environment (husk-ns) with the one pod each test streams to.
 struct Env {
-    _reg: Registry,
-    d: Huskd,
-    c: Clients,
-    image: String,
+    e: CriEnv,
     pod: String,
     pod_cfg: cri::PodSandboxConfig,
 }
 
+impl Deref for Env {
+    type Target = CriEnv;
+    fn deref(&self) -> &CriEnv {
+        &self.e
+    }
+}
+
 impl Env {
     async fn new(name: &str) -> Env {
-        let reg = Registry::start(None).unwrap();
-        let img = build_image(&ImageSpec {
-            layers: vec![busybox_layer(Compression::Gzip).unwrap()],
-            ..Default::default()
-        });
-        Pusher::new(&reg.addr, None)
-            .push_image("e2e/busybox", Some("1"), &img)
+        let e = CriEnv::new(NS, "").await;
+        let pod_cfg = e.pod(name);
+        let pod = e
+            .run_pod(&pod_cfg)
             .await
-            .unwrap();
-        let d = Huskd::start(Options::plain_http(&reg.addr)).await.unwrap();
-        let c = d.clients().await.unwrap();
-        let image = format!("{}/e2e/busybox:1", reg.addr);
-        c.image
-            .clone()
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let pod_cfg = pod_config(name, &d.dir.path().join("logs"));
-        let pod = c
-            .runtime
-            .clone()
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(pod_cfg.clone()),
-                runtime_handler: "husk-ns".into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("run pod: {e:?}\n{}", d.log()))
-            .into_inner()
-            .pod_sandbox_id;
-        Env {
-            _reg: reg,
-            d,
-            c,
-            image,
-            pod,
-            pod_cfg,
-        }
+            .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+        Env { e, pod, pod_cfg }
     }
 
+    /// Create + start in the pod; `f` adjusts the config.
     async fn run(
         &self,
         name: &str,
         cmd: &[&str],
         f: impl FnOnce(&mut cri::ContainerConfig),
     ) -> String {
-        let mut cfg = container_config(name, &self.image, cmd);
+        let mut cfg = self.ctr(name, cmd);
         f(&mut cfg);
-        let mut rt = self.c.runtime.clone();
-        let id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: self.pod.clone(),
-                config: Some(cfg),
-                sandbox_config: Some(self.pod_cfg.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("create: {e:?}\n{}", self.d.log()))
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("start: {e:?}\n{}", self.d.log()));
-        id
-    }
-
-    async fn exec_url(
-        &self,
-        id: &str,
-        cmd: &[&str],
-        stdin: bool,
-        tty: bool,
-    ) -> Result<String, tonic::Status> {
-        self.c
-            .runtime
-            .clone()
-            .exec(cri::ExecRequest {
-                container_id: id.into(),
-                cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                tty,
-                stdin,
-                stdout: true,
-                stderr: !tty,
-            })
-            .await
-            .map(|r| r.into_inner().url)
+        self.e.run(&self.pod, &cfg, &self.pod_cfg).await
     }
 
     async fn pf_url(&self, ports: &[i32]) -> String {
-        self.c
-            .runtime
-            .clone()
-            .port_forward(cri::PortForwardRequest {
-                pod_sandbox_id: self.pod.clone(),
-                port: ports.to_vec(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url
+        self.port_forward_url(&self.pod, ports).await.unwrap()
     }
 
     fn huskd_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.d.pid().unwrap()))
             .unwrap()
             .count()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.d.terminate();
-        kill_leftover_pods(&self.d.state_dir());
     }
 }
 
@@ -314,19 +228,9 @@ async fn exec_bad_requests_and_faults_are_clean() {
         ),
         Code::FailedPrecondition
     );
-    let pf = rt
-        .port_forward(cri::PortForwardRequest {
-            pod_sandbox_id: env.pod.clone(),
-            port: vec![70000],
-        })
-        .await;
+    let pf = env.port_forward_url(&env.pod, &[70000]).await;
     assert_eq!(pf.unwrap_err().code(), Code::InvalidArgument);
-    let pf = rt
-        .port_forward(cri::PortForwardRequest {
-            pod_sandbox_id: "nope".into(),
-            port: vec![80],
-        })
-        .await;
+    let pf = env.port_forward_url("nope", &[80]).await;
     assert_eq!(pf.unwrap_err().code(), Code::NotFound);
 
     let fds = env.huskd_fds();
@@ -508,21 +412,6 @@ async fn port_forward_parallel_connections_through_both_protocols() {
     fds_settle(&env, fds).await;
 }
 
-async fn attach_url(env: &Env, id: &str, stdin: bool, tty: bool) -> Result<String, tonic::Status> {
-    env.c
-        .runtime
-        .clone()
-        .attach(cri::AttachRequest {
-            container_id: id.into(),
-            stdin,
-            tty,
-            stdout: true,
-            stderr: !tty,
-        })
-        .await
-        .map(|r| r.into_inner().url)
-}
-
 /// Feeds `out_rx` into a buffer until it contains `want` (or 15 s pass).
 async fn read_until(out_rx: &mut mpsc::Receiver<Bytes>, buf: &mut Vec<u8>, want: &str) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -554,9 +443,9 @@ async fn attach_to_running_containers_through_both_protocols() {
         )
         .await;
     let no_stdin = env.run("plain", &["sleep", "3600"], |_| {}).await;
-    let r = attach_url(&env, &no_stdin, true, false).await;
+    let r = env.attach_url(&no_stdin, true, false).await;
     assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
-    let r = attach_url(&env, &no_stdin, false, true).await;
+    let r = env.attach_url(&no_stdin, false, true).await;
     assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
     let mut ttys = Vec::new();
     for t in BOTH {
@@ -571,7 +460,7 @@ async fn attach_to_running_containers_through_both_protocols() {
     }
     let fds = env.huskd_fds();
     for (i, t) in BOTH.into_iter().enumerate() {
-        let url = attach_url(&env, &echo, true, false).await.unwrap();
+        let url = env.attach_url(&echo, true, false).await.unwrap();
         let (in_tx, in_rx) = mpsc::channel(4);
         let (out_tx, mut out_rx) = mpsc::channel(16);
         let (err_tx, mut err_rx) = mpsc::channel(16);
@@ -612,7 +501,7 @@ async fn attach_to_running_containers_through_both_protocols() {
     // A tty container: the resize reaches the terminal, and the attach ends
     // (successfully) when the container exits.
     for (t, tty) in ttys {
-        let url = attach_url(&env, &tty, true, true).await.unwrap();
+        let url = env.attach_url(&tty, true, true).await.unwrap();
         let (in_tx, in_rx) = mpsc::channel(4);
         let (out_tx, mut out_rx) = mpsc::channel(16);
         let (rs_tx, rs_rx) = mpsc::channel(4);
@@ -652,14 +541,6 @@ fn husk(env: &Env) -> std::process::Command {
     let mut c = std::process::Command::new(husk_tests::bin_path("husk"));
     c.arg("--socket").arg(&env.d.socket);
     c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -713,7 +594,7 @@ async fn cli_exec_attach_and_port_forward() {
         child.wait().unwrap();
 
         // port-forward LOCAL:REMOTE, several connections.
-        let port = free_port();
+        let port = husk_tests::free_port();
         let mut child = husk(&env)
             .args([
                 "port-forward",
