@@ -13,7 +13,9 @@ use husk_proto::cri;
 use crate::huskd::{Huskd, Options};
 use crate::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer};
 use crate::registry::Registry;
-use crate::runtime::{container_config, info, kill_leftover_pods, pod_config, pod_status};
+use crate::runtime::{
+    container_config, container_status, info, kill_leftover_pods, pod_config, pod_status,
+};
 
 pub struct CriEnv {
     pub reg: Registry,
@@ -278,6 +280,15 @@ impl CriEnv {
             .unwrap_or_else(|e| panic!("list containers: {e:?}\n{}", self.d.log()))
             .into_inner()
             .containers
+    }
+
+    /// ContainerStatus (verbose) that must succeed: the status.
+    pub async fn ctr_status(&self, id: &str) -> cri::ContainerStatus {
+        container_status(&self.c, id)
+            .await
+            .unwrap_or_else(|e| panic!("container status {id}: {e:?}\n{}", self.d.log()))
+            .status
+            .expect("status")
     }
 
     /// The pod's `agentPid` from its verbose status (the VMM's pid in a VM pod).

@@ -46,7 +46,7 @@ async fn pod_and_container_lifecycle_logs_and_filters() {
         ..Default::default()
     }];
     let c1 = e.create(&pod, &cfg, &pcfg).await.unwrap();
-    let created = container_status(&e.c, &c1).await.unwrap().status.unwrap();
+    let created = e.ctr_status(&c1).await;
     assert_eq!(created.state, cri::ContainerState::ContainerCreated as i32);
     assert!(created.created_at > 0 && created.started_at == 0);
     e.start(&c1).await.unwrap();
@@ -145,11 +145,7 @@ async fn pod_and_container_lifecycle_logs_and_filters() {
         t.elapsed() >= Duration::from_secs(1),
         "SIGKILL came before the timeout"
     );
-    let st = container_status(&e.c, &sleeper)
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let st = e.ctr_status(&sleeper).await;
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(st.exit_code, 137);
     e.stop_container(&sleeper, 1).await.unwrap(); // idempotent
@@ -349,7 +345,7 @@ async fn exec_sync_stats_resources_and_log_reopen() {
         assert_eq!(cgroup_file(&cg, "cpu", "cpu.cfs_quota_us", ""), "50000");
         assert_eq!(cgroup_file(&cg, "cpu", "cpu.shares", ""), "512");
     }
-    let st = container_status(&e.c, &id).await.unwrap().status.unwrap();
+    let st = e.ctr_status(&id).await;
     assert_eq!(
         st.resources.unwrap().linux.unwrap().memory_limit_in_bytes,
         128 << 20

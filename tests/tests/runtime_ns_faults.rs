@@ -63,24 +63,15 @@ async fn huskd_kill9_and_restart_recovers_pods_containers_and_logs() {
         cri::PodSandboxState::SandboxReady as i32
     );
     assert_eq!(info(&ps.info)["agentPid"].as_i64(), Some(agent as i64));
-    let st = container_status(&e.c, &done).await.unwrap().status.unwrap();
+    let st = e.ctr_status(&done).await;
     assert_eq!(
         (st.state, st.exit_code),
         (cri::ContainerState::ContainerExited as i32, 7)
     );
-    let st = container_status(&e.c, &ticker)
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let st = e.ctr_status(&ticker).await;
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     assert_eq!(
-        container_status(&e.c, &created)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .state,
+        e.ctr_status(&created).await.state,
         cri::ContainerState::ContainerCreated as i32
     );
 
@@ -112,15 +103,7 @@ async fn huskd_kill9_and_restart_recovers_pods_containers_and_logs() {
         0
     );
     e.stop_container(&ticker, 0).await.unwrap();
-    assert_eq!(
-        container_status(&e.c, &ticker)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .exit_code,
-        137
-    );
+    assert_eq!(e.ctr_status(&ticker).await.exit_code, 137);
     // Duplicate names are still known after the restart.
     assert_eq!(code_of(e.run_pod(&pcfg).await), Code::AlreadyExists);
     e.stop_pod(&pod).await.unwrap();
@@ -385,7 +368,7 @@ async fn bad_input_and_failed_creates_clean_up() {
         Ok(id) => {
             // Or it fails at start: then it is recorded as exited with the reason.
             assert!(e.start(&id).await.is_err());
-            let st = container_status(&e.c, &id).await.unwrap().status.unwrap();
+            let st = e.ctr_status(&id).await;
             assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
         }
     }
@@ -526,11 +509,7 @@ async fn a_slow_stop_blocks_nothing_else() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // While the stop waits out its grace period: the same pod and other pods answer.
     let t = Instant::now();
-    let st = container_status(&e.c, &stubborn)
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let st = e.ctr_status(&stubborn).await;
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     assert_eq!(
         e.exec(&other, &["echo", "ok"], 5).await.unwrap().stdout,
@@ -549,15 +528,7 @@ async fn a_slow_stop_blocks_nothing_else() {
     );
     stop.await.unwrap();
     assert!(t0.elapsed() >= Duration::from_secs(6));
-    assert_eq!(
-        container_status(&e.c, &stubborn)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .exit_code,
-        137
-    );
+    assert_eq!(e.ctr_status(&stubborn).await.exit_code, 137);
     for p in [pod_a, pod_b] {
         e.stop_pod(&p).await.unwrap();
         e.remove_pod(&p).await.unwrap();

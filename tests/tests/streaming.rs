@@ -491,11 +491,7 @@ async fn attach_to_running_containers_through_both_protocols() {
         run.abort();
         drop(in_tx);
     }
-    let st = husk_tests::runtime::container_status(&env.c, &echo)
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let st = env.ctr_status(&echo).await;
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
 
     // A tty container: the resize reaches the terminal, and the attach ends
