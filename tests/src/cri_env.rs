@@ -227,14 +227,7 @@ impl CriEnv {
 
     /// Every pod sandbox huskd lists.
     pub async fn pods(&self) -> Vec<cri::PodSandbox> {
-        self.c
-            .runtime
-            .clone()
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap_or_else(|e| panic!("list pods: {e:?}"))
-            .into_inner()
-            .items
+        self.list_pods(None).await
     }
 
     pub async fn remove_pod(&self, id: &str) -> Result<(), tonic::Status> {
@@ -258,6 +251,7 @@ impl CriEnv {
             .unwrap_or_else(|e| panic!("remove pod: {e:?}\n{}", self.d.log()));
     }
 
+    /// The pods huskd lists through `filter`.
     pub async fn list_pods(&self, filter: Option<cri::PodSandboxFilter>) -> Vec<cri::PodSandbox> {
         self.c
             .runtime

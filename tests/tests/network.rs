@@ -480,7 +480,7 @@ async fn failed_add_leaks_nothing() {
     assert_eq!(netns.len(), 1);
     assert_eq!(net.veths().lines().count(), 1, "{}", net.veths());
     assert_eq!(net.allocations().len(), 2, "{:?}", net.allocations());
-    let pods = e.list_pods(None).await;
+    let pods = e.pods().await;
     assert_eq!(pods.len(), 1);
     e.stop_and_remove_pod(&first).await;
     e.assert_clean(&net, &[&first], &first_ips);

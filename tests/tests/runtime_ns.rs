@@ -436,7 +436,7 @@ async fn twenty_pods_in_parallel() {
         started.push(t.await.unwrap());
     }
     eprintln!("20 pods with a running container in {:?}", t.elapsed());
-    assert_eq!(e.list_pods(None).await.len(), 20);
+    assert_eq!(e.pods().await.len(), 20);
     let running = e
         .list_containers(cri::ContainerFilter {
             state: Some(cri::ContainerStateValue {
@@ -477,7 +477,7 @@ async fn twenty_pods_in_parallel() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert!(e.list_pods(None).await.is_empty());
+    assert!(e.pods().await.is_empty());
 }
 
 #[tokio::test]
@@ -516,7 +516,7 @@ async fn cli_run_ps_logs_exec_stop_rm() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("oops"));
-    assert!(e.list_pods(None).await.is_empty(), "--rm left the pod");
+    assert!(e.pods().await.is_empty(), "--rm left the pod");
 
     // The default runtime (VM) is not there yet: a clear error with the way out.
     let out = cli(&[
@@ -556,7 +556,7 @@ async fn cli_run_ps_logs_exec_stop_rm() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pods = e.list_pods(None).await;
+    let pods = e.pods().await;
     assert_eq!(pods.len(), 1);
     let pod = pods[0].id.clone();
     let pcfg = e.pod("svc");
@@ -602,7 +602,7 @@ async fn cli_run_ps_logs_exec_stop_rm() {
     let out = cli(&["logs", "-f", &svc[..12]]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "up\n");
     assert!(cli(&["rm", &pod[..12], &svc_pod[..12]]).status.success());
-    assert!(e.list_pods(None).await.is_empty());
+    assert!(e.pods().await.is_empty());
     let _ = std::fs::remove_dir_all(&logs);
 }
 
@@ -635,14 +635,14 @@ async fn cli_bench_cri_measures_and_removes_its_pods() {
     // No VM: no guest RAM; the agent's own memory is the overhead.
     assert!(r["guestRamMib"].is_null(), "{r}");
     assert!(r["overheadRssMib"].as_f64().unwrap() > 0.1, "{r}");
-    assert!(e.list_pods(None).await.is_empty(), "bench pods left behind");
+    assert!(e.pods().await.is_empty(), "bench pods left behind");
 
     // A step that fails after pods exist: the error names it, and no pod is left.
     let out = bench(&["--", "/no/such/command"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("StartContainer"), "{err}");
-    assert!(e.list_pods(None).await.is_empty(), "failed bench left pods");
+    assert!(e.pods().await.is_empty(), "failed bench left pods");
 }
 
 #[tokio::test]

@@ -149,7 +149,7 @@ async fn agent_crash_makes_pod_notready_and_containers_exited() {
     )
     .await;
     // RPCs keep working.
-    assert_eq!(e.list_pods(None).await.len(), 1);
+    assert_eq!(e.pods().await.len(), 1);
     assert_eq!(
         code_of(e.create(&pod, &e.ctr("after", &["true"]), &pcfg).await),
         Code::FailedPrecondition
@@ -163,7 +163,7 @@ async fn agent_crash_makes_pod_notready_and_containers_exited() {
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();
     e.remove_pod(&other).await.unwrap();
-    assert!(e.list_pods(None).await.is_empty());
+    assert!(e.pods().await.is_empty());
 }
 
 #[tokio::test]
@@ -276,10 +276,7 @@ async fn bad_input_and_failed_creates_clean_up() {
         ..Default::default()
     });
     assert_eq!(code_of(e.run_pod(&host_pid).await), Code::InvalidArgument);
-    assert!(
-        e.list_pods(None).await.is_empty(),
-        "failed RunPodSandbox left a pod"
-    );
+    assert!(e.pods().await.is_empty(), "failed RunPodSandbox left a pod");
     assert_eq!(
         std::fs::read_dir(e.d.run_dir().join("pods"))
             .map(|d| d.count())
@@ -452,7 +449,7 @@ async fn failed_agent_start_cleans_up() {
         "{}",
         r.message()
     );
-    assert!(e.list_pods(None).await.is_empty());
+    assert!(e.pods().await.is_empty());
     assert_eq!(
         std::fs::read_dir(e.d.run_dir().join("pods"))
             .map(|d| d.count())
@@ -519,7 +516,7 @@ async fn a_slow_stop_blocks_nothing_else() {
     let pod_b = e.run_pod(&pb).await.unwrap();
     let b = e.run(&pod_b, &e.ctr("b", &["sleep", "1000"]), &pb).await;
     assert_eq!(e.exec(&b, &["echo", "b"], 5).await.unwrap().stdout, b"b\n");
-    assert_eq!(e.list_pods(None).await.len(), 2);
+    assert_eq!(e.pods().await.len(), 2);
     let elapsed = t.elapsed();
     assert!(!stop.is_finished(), "the stop should still be waiting");
     assert!(
@@ -603,7 +600,7 @@ async fn failed_create_sandbox_cleans_up_agent_socket_and_cgroups() {
     });
     let r = e.run_pod(&pcfg).await.unwrap_err();
     assert!(r.message().contains("create sandbox"), "{r:?}");
-    assert!(e.list_pods(None).await.is_empty());
+    assert!(e.pods().await.is_empty());
     let run = e.d.run_dir().join("pods");
     assert_eq!(
         std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0),
