@@ -21,7 +21,10 @@ fn main() {
             .inputs(["protos/agent.proto"])
             .include("protos")
             .rust_protobuf()
-            .customize(ttrpc_codegen::Customize { async_all: true, ..Default::default() })
+            .customize(ttrpc_codegen::Customize {
+                async_all: true,
+                ..Default::default()
+            })
             .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false))
             .run()
             .expect("ttrpc codegen for agent.proto");

@@ -102,7 +102,11 @@ pub struct Agent {
 impl Agent {
     /// `protect_exe`: run runners from a read-only bind mount of this binary
     /// (only when the agent's mounts are private: host mode or PID 1).
-    pub fn new(config: AgentConfig, reaper: Arc<Reaper>, protect_exe: bool) -> std::result::Result<Arc<Self>, CgroupError> {
+    pub fn new(
+        config: AgentConfig,
+        reaper: Arc<Reaper>,
+        protect_exe: bool,
+    ) -> std::result::Result<Arc<Self>, CgroupError> {
         let cgroups = Hierarchy::detect(&config.cgroup_root)?;
         let exe = match protect_exe.then(|| readonly_exe(&config.state_dir)) {
             Some(Ok(p)) => p,
@@ -128,11 +132,16 @@ impl Agent {
     }
 
     pub fn sandbox(&self) -> Result<Arc<Sandbox>> {
-        lock(&self.sandbox).clone().ok_or_else(|| AgentError::FailedPrecondition("no sandbox: call CreateSandbox first".into()))
+        lock(&self.sandbox).clone().ok_or_else(|| {
+            AgentError::FailedPrecondition("no sandbox: call CreateSandbox first".into())
+        })
     }
 
     pub fn container(&self, id: &str) -> Result<Arc<Container>> {
-        lock(&self.containers).get(id).cloned().ok_or_else(|| AgentError::NotFound(format!("container {id}")))
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("container {id}")))
     }
 
     pub fn all_containers(&self) -> Vec<Arc<Container>> {
@@ -169,13 +178,21 @@ pub fn readonly_exe(state_dir: &std::path::Path) -> std::io::Result<PathBuf> {
     use nix::mount::MsFlags;
     let target = state_dir.join(".husk-runner");
     std::fs::create_dir_all(state_dir)?;
-    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&target)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&target)?;
     let none: Option<&str> = None;
     // By path, not /proc/self/exe: that names the mount we were exec'd from,
     // which belongs to the mount namespace we left (EINVAL).
     let source = std::env::current_exe()?;
     nix::mount::mount(Some(&source), &target, none, MsFlags::MS_BIND, none)?;
-    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let ro = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
     if let Err(e) = nix::mount::mount(none, &target, none, ro, none) {
         let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
         return Err(e.into());
@@ -187,9 +204,15 @@ pub fn readonly_exe(state_dir: &std::path::Path) -> std::io::Result<PathBuf> {
 pub fn validate_id(kind: &str, id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !id.starts_with('.');
-    if ok { Ok(()) } else { Err(AgentError::InvalidArgument(format!("bad {kind} id {id:?}"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::InvalidArgument(format!("bad {kind} id {id:?}")))
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +223,13 @@ mod tests {
     fn ids_are_validated() {
         assert!(validate_id("container", "abc-1_2.x").is_ok());
         for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(129)] {
-            assert!(matches!(validate_id("container", bad), Err(AgentError::InvalidArgument(_))), "{bad}");
+            assert!(
+                matches!(
+                    validate_id("container", bad),
+                    Err(AgentError::InvalidArgument(_))
+                ),
+                "{bad}"
+            );
         }
     }
 

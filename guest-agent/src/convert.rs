@@ -23,7 +23,10 @@ pub fn sandbox_config(r: &pb::CreateSandboxRequest) -> SandboxConfig {
         new_ipc: ns.is_some_and(|n| n.ipc),
         new_uts: ns.is_some_and(|n| n.uts),
         new_pid: ns.is_some_and(|n| n.pid),
-        network_path: ns.map(|n| n.network_path.clone()).filter(|p| !p.is_empty()).map(PathBuf::from),
+        network_path: ns
+            .map(|n| n.network_path.clone())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
         mounts: r
             .mounts
             .iter()
@@ -42,9 +45,9 @@ pub fn sandbox_config(r: &pb::CreateSandboxRequest) -> SandboxConfig {
 
 pub fn rootfs(r: Option<&pb::Rootfs>) -> Option<RootfsSource> {
     match r?.source.as_ref()? {
-        pb::rootfs::Source::Overlay(o) => {
-            Some(RootfsSource::Overlay { lower_dirs: o.lower_dirs.iter().map(PathBuf::from).collect() })
-        }
+        pb::rootfs::Source::Overlay(o) => Some(RootfsSource::Overlay {
+            lower_dirs: o.lower_dirs.iter().map(PathBuf::from).collect(),
+        }),
         pb::rootfs::Source::Block(b) => Some(RootfsSource::Block {
             device: PathBuf::from(&b.device),
             fstype: b.fstype.clone(),
@@ -95,7 +98,13 @@ pub fn stats(s: &Stats) -> pb::ContainerStatsResponse {
 
 pub fn network(
     r: &pb::ConfigureNetworkRequest,
-) -> Result<(Vec<crate::network::InterfaceConfig>, Vec<crate::network::RouteConfig>), crate::network::NetError> {
+) -> Result<
+    (
+        Vec<crate::network::InterfaceConfig>,
+        Vec<crate::network::RouteConfig>,
+    ),
+    crate::network::NetError,
+> {
     use crate::network::{InterfaceConfig, NetError, RouteConfig, parse_cidr};
     let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let interfaces = r
@@ -108,7 +117,11 @@ pub fn network(
             Ok(InterfaceConfig {
                 mac: some(&i.mac),
                 name: some(&i.name),
-                addresses: i.addresses.iter().map(|a| parse_cidr(a)).collect::<Result<_, _>>()?,
+                addresses: i
+                    .addresses
+                    .iter()
+                    .map(|a| parse_cidr(a))
+                    .collect::<Result<_, _>>()?,
                 mtu: i.mtu,
             })
         })
@@ -128,7 +141,11 @@ pub fn network(
             if destination.is_none() && gateway.is_none() {
                 return Err(NetError::Address("default route without a gateway".into()));
             }
-            Ok(RouteConfig { destination, gateway, device: some(&rt.device) })
+            Ok(RouteConfig {
+                destination,
+                gateway,
+                device: some(&rt.device),
+            })
         })
         .collect::<Result<_, _>>()?;
     Ok((interfaces, routes))

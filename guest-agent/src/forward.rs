@@ -41,7 +41,10 @@ impl std::str::FromStr for ForwardListen {
             return Ok(ForwardListen::Unix(p.trim_start_matches("//").into()));
         }
         if let Some(p) = s.strip_prefix("vsock:") {
-            return p.parse().map(ForwardListen::Vsock).map_err(|_| ForwardError::Address(s.into()));
+            return p
+                .parse()
+                .map(ForwardListen::Vsock)
+                .map_err(|_| ForwardError::Address(s.into()));
         }
         Err(ForwardError::Address(s.into()))
     }
@@ -68,7 +71,9 @@ pub fn serve(agent: Arc<Agent>, listen: &ForwardListen) -> Result<(), ForwardErr
             });
         }
         ForwardListen::Vsock(port) => {
-            use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, bind, listen, socket};
+            use nix::sys::socket::{
+                AddressFamily, SockFlag, SockType, VsockAddr, bind, listen, socket,
+            };
             let fd = socket(
                 AddressFamily::Vsock,
                 SockType::Stream,
@@ -76,9 +81,13 @@ pub fn serve(agent: Arc<Agent>, listen: &ForwardListen) -> Result<(), ForwardErr
                 None,
             )
             .map_err(std::io::Error::from)?;
-            bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port)).map_err(std::io::Error::from)?;
-            listen(&fd, nix::sys::socket::Backlog::new(64).map_err(std::io::Error::from)?)
+            bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port))
                 .map_err(std::io::Error::from)?;
+            listen(
+                &fd,
+                nix::sys::socket::Backlog::new(64).map_err(std::io::Error::from)?,
+            )
+            .map_err(std::io::Error::from)?;
             // SAFETY: `fd` is a listening socket we own; AsyncFd takes it over.
             let afd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -86,8 +95,11 @@ pub fn serve(agent: Arc<Agent>, listen: &ForwardListen) -> Result<(), ForwardErr
                 loop {
                     let accepted = match afd.readable().await {
                         Ok(mut g) => match g.try_io(|f| {
-                            nix::sys::socket::accept4(f.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
-                                .map_err(std::io::Error::from)
+                            nix::sys::socket::accept4(
+                                f.as_raw_fd(),
+                                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                            )
+                            .map_err(std::io::Error::from)
                         }) {
                             Ok(r) => r,
                             Err(_would_block) => continue,
@@ -104,7 +116,9 @@ pub fn serve(agent: Arc<Agent>, listen: &ForwardListen) -> Result<(), ForwardErr
                                 Ok(s) => {
                                     tokio::spawn(handle(agent.clone(), s));
                                 }
-                                Err(e) => tracing::warn!(error = %e, "forward: wrap vsock connection"),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "forward: wrap vsock connection")
+                                }
                             }
                         }
                         Err(e) => {
@@ -177,14 +191,18 @@ async fn connect(agent: &Agent, port: u16) -> Result<tokio::net::TcpStream, Stri
         .name("forward-connect".into())
         .spawn(move || {
             let r = (|| -> Result<TcpStream, String> {
-                let f = std::fs::File::open(&netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
+                let f = std::fs::File::open(&netns)
+                    .map_err(|e| format!("open {}: {e}", netns.display()))?;
                 nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(|e| format!("join the pod network namespace: {e}"))?;
                 let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                 match TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT) {
                     Ok(s) => Ok(s),
-                    Err(e4) => TcpStream::connect_timeout(&SocketAddr::from((Ipv6Addr::LOCALHOST, port)), CONNECT_TIMEOUT)
-                        .map_err(|_| format!("dial tcp 127.0.0.1:{port}: {e4}")),
+                    Err(e4) => TcpStream::connect_timeout(
+                        &SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+                        CONNECT_TIMEOUT,
+                    )
+                    .map_err(|_| format!("dial tcp 127.0.0.1:{port}: {e4}")),
                 }
             })();
             let _ = tx.send(r);
@@ -202,8 +220,14 @@ mod tests {
 
     #[test]
     fn parses_listen() {
-        assert_eq!("unix:/a/f.sock".parse::<ForwardListen>().expect("unix"), ForwardListen::Unix("/a/f.sock".into()));
-        assert_eq!("vsock:1025".parse::<ForwardListen>().expect("vsock"), ForwardListen::Vsock(1025));
+        assert_eq!(
+            "unix:/a/f.sock".parse::<ForwardListen>().expect("unix"),
+            ForwardListen::Unix("/a/f.sock".into())
+        );
+        assert_eq!(
+            "vsock:1025".parse::<ForwardListen>().expect("vsock"),
+            ForwardListen::Vsock(1025)
+        );
         assert!("tcp:1".parse::<ForwardListen>().is_err());
     }
 
@@ -211,7 +235,13 @@ mod tests {
     async fn request_lines() {
         let mut ok: &[u8] = b"FORWARD 8080\n";
         assert_eq!(request_port(&mut ok).await, Ok(8080));
-        for bad in [&b"FORWARD 0\n"[..], b"FORWARD x\n", b"GET / HTTP/1.1\n", b"FORWARD 70000\n", b"FORWARD 1"] {
+        for bad in [
+            &b"FORWARD 0\n"[..],
+            b"FORWARD x\n",
+            b"GET / HTTP/1.1\n",
+            b"FORWARD 70000\n",
+            b"FORWARD 1",
+        ] {
             let mut b = bad;
             assert!(request_port(&mut b).await.is_err(), "{bad:?}");
         }

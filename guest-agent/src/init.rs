@@ -17,13 +17,61 @@ pub enum InitError {
 
 /// (source, target, fstype, flags, data) of the guest's early mounts.
 const MOUNTS: &[(&str, &str, &str, MsFlags, Option<&str>)] = &[
-    ("proc", "/proc", "proc", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), None),
-    ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), None),
-    ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
-    ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC), Some("newinstance,ptmxmode=0666,mode=0620")),
-    ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), Some("mode=1777")),
-    ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), Some("mode=0755")),
-    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), None),
+    (
+        "proc",
+        "/proc",
+        "proc",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        None,
+    ),
+    (
+        "sysfs",
+        "/sys",
+        "sysfs",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        None,
+    ),
+    (
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    ),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    ),
+    (
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        Some("mode=1777"),
+    ),
+    (
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        Some("mode=0755"),
+    ),
+    (
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        None,
+    ),
 ];
 
 /// Mount the guest's pseudo filesystems. A mount that already exists (EBUSY,
@@ -34,7 +82,10 @@ pub fn mount_guest_filesystems(sys: &dyn Syscall) -> Result<(), InitError> {
         sys.create_dir_all(target)?;
         match sys.mount(Some(Path::new(source)), target, Some(fstype), *flags, *data) {
             Ok(()) => {}
-            Err(SyscallError::Nix { source: nix::Error::EBUSY, .. }) => {}
+            Err(SyscallError::Nix {
+                source: nix::Error::EBUSY,
+                ..
+            }) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -61,8 +112,14 @@ pub fn leave_initramfs() -> Result<(), InitError> {
     let os = |what: &'static str| move |e: nix::Error| InitError::Os(what, e);
     let new = Path::new("/newroot");
     let _ = std::fs::create_dir(new);
-    nix::mount::mount(Some("tmpfs"), new, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-        .map_err(os("mount tmpfs root"))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(os("mount tmpfs root"))?;
     for d in ["dev", "proc", "sys", "run", "tmp", "etc", "mnt"] {
         let _ = std::fs::create_dir(new.join(d));
     }
@@ -72,11 +129,17 @@ pub fn leave_initramfs() -> Result<(), InitError> {
         nix::sys::stat::Mode::from_bits_truncate(0o1777),
         nix::sys::stat::FchmodatFlags::FollowSymlink,
     );
-    std::fs::copy("/init", new.join("init")).map_err(|e| InitError::Os("copy /init", nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    std::fs::copy("/init", new.join("init")).map_err(|e| {
+        InitError::Os(
+            "copy /init",
+            nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
     // The initramfs copy is not needed any more: free its memory.
     let _ = std::fs::remove_file("/init");
     nix::unistd::chdir(new).map_err(os("chdir /newroot"))?;
-    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(os("move root"))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(os("move root"))?;
     nix::unistd::chroot(".").map_err(os("chroot"))?;
     nix::unistd::chdir("/").map_err(os("chdir /"))?;
     let argv: Vec<std::ffi::CString> = std::env::args_os()
@@ -111,11 +174,19 @@ pub fn enable_cgroup_controllers(root: &Path) {
 /// a fresh PID namespace, /proc must show that namespace: /proc/PID/ns paths
 /// of the pod are resolved through it.
 pub fn host_process_setup(private_mounts: bool, pid1: bool) -> Result<(), InitError> {
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| InitError::Os("set child subreaper", e))?;
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| InitError::Os("set child subreaper", e))?;
     if private_mounts || pid1 {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| InitError::Os("unshare mount ns", e))?;
-        nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
-            .map_err(|e| InitError::Os("make / rslave", e))?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+            .map_err(|e| InitError::Os("unshare mount ns", e))?;
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_SLAVE,
+            None::<&str>,
+        )
+        .map_err(|e| InitError::Os("make / rslave", e))?;
     }
     if pid1 {
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -127,7 +198,10 @@ pub fn host_process_setup(private_mounts: bool, pid1: bool) -> Result<(), InitEr
 
 /// PID 1 shutdown: stop everything, flush, power off. Never returns.
 pub fn poweroff() -> ! {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     std::process::exit(0)
@@ -142,10 +216,28 @@ mod tests {
     fn guest_mounts_in_order() {
         let sys = RecordingSyscall::default();
         mount_guest_filesystems(&sys).expect("mounts");
-        let targets: Vec<String> = sys.mounts().iter().map(|m| m.1.display().to_string()).collect();
-        assert_eq!(targets, ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/sys/fs/cgroup"]);
+        let targets: Vec<String> = sys
+            .mounts()
+            .iter()
+            .map(|m| m.1.display().to_string())
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                "/proc",
+                "/sys",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/run",
+                "/sys/fs/cgroup"
+            ]
+        );
         let cg = &sys.mounts()[6];
         assert_eq!(cg.2.as_deref(), Some("cgroup2"));
-        assert!(sys.calls().contains(&crate::syscall::Call::Symlink("pts/ptmx".into(), "/dev/ptmx".into())));
+        assert!(sys.calls().contains(&crate::syscall::Call::Symlink(
+            "pts/ptmx".into(),
+            "/dev/ptmx".into()
+        )));
     }
 }

@@ -14,7 +14,11 @@ use husk_agent::syscall::LinuxSyscall;
 use husk_agent::{init, runner, sandbox, server};
 
 #[derive(Debug, Parser)]
-#[command(name = "husk-agent", version, about = "husk's agent: runs the containers of one sandbox")]
+#[command(
+    name = "husk-agent",
+    version,
+    about = "husk's agent: runs the containers of one sandbox"
+)]
 struct Args {
     /// unix:PATH or vsock:PORT (default vsock:1024 when PID 1).
     #[arg(long)]
@@ -84,7 +88,9 @@ fn known_args(argv: &[String]) -> Vec<String> {
     let mut out: Vec<String> = argv.iter().take(1).cloned().collect();
     let mut it = argv.iter().skip(1).peekable();
     while let Some(a) = it.next() {
-        let Some(long) = a.strip_prefix("--") else { continue };
+        let Some(long) = a.strip_prefix("--") else {
+            continue;
+        };
         let (name, inline) = match long.split_once('=') {
             Some((n, _)) => (n, true),
             None => (long, false),
@@ -115,13 +121,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("husk-agent: loopback up: {e}");
         }
         // SAFETY: still single-threaded.
-        unsafe { std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") };
+        unsafe {
+            std::env::set_var(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+        };
     } else {
         init::host_process_setup(!args.shared_mounts, pid1).context("host process setup")?;
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "husk_agent=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "husk_agent=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -130,16 +142,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         None if is_init => Listen::Vsock(VSOCK_PORT),
         None => anyhow::bail!("--listen unix:PATH is required when not PID 1"),
     };
-    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("mkdir {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("mkdir {}", args.state_dir.display()))?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let reaper = Reaper::new();
         tokio::spawn(reaper.clone().run());
-        let config = AgentConfig { state_dir: args.state_dir.clone(), cgroup_root: args.cgroup_root.clone(), is_init };
-        let agent = Agent::new(config, reaper, is_init || !args.shared_mounts).context("cgroups")?;
+        let config = AgentConfig {
+            state_dir: args.state_dir.clone(),
+            cgroup_root: args.cgroup_root.clone(),
+            is_init,
+        };
+        let agent =
+            Agent::new(config, reaper, is_init || !args.shared_mounts).context("cgroups")?;
         tokio::spawn(agent.clone().oom_monitor());
-        let mut server = server::serve(agent.clone(), &listen).await.context("serve")?;
+        let mut server = server::serve(agent.clone(), &listen)
+            .await
+            .context("serve")?;
         let forward: Option<ForwardListen> = match &args.forward_listen {
             Some(l) => Some(l.parse()?),
             None if is_init => Some(ForwardListen::Vsock(forward::VSOCK_PORT)),
@@ -151,7 +174,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                 tracing::error!(error = %e, ?f, "port-forward endpoint");
             }
         }
-        tracing::info!(?listen, ?forward, cgroup = agent.cgroups.version(), is_init, "husk-agent ready");
+        tracing::info!(
+            ?listen,
+            ?forward,
+            cgroup = agent.cgroups.version(),
+            is_init,
+            "husk-agent ready"
+        );
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -164,9 +193,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server.shutdown()).await;
         let sandbox_id = agent.sandbox().ok().map(|s| s.id.clone());
         if let Some(id) = sandbox_id
-            && let Err(e) = sandbox::do_destroy(&agent, &id).await {
-                tracing::warn!(error = %e, "destroy sandbox on shutdown");
-            }
+            && let Err(e) = sandbox::do_destroy(&agent, &id).await
+        {
+            tracing::warn!(error = %e, "destroy sandbox on shutdown");
+        }
         if let Listen::Unix(p) = &listen {
             let _ = std::fs::remove_file(p);
         }
@@ -185,11 +215,24 @@ mod tests {
 
     #[test]
     fn stray_kernel_words_are_dropped() {
-        let argv: Vec<String> = ["/init", "splash", "--listen", "unix:/a", "--bogus", "x", "--host", "--state-dir=/s", "--cgroup-root"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(known_args(&argv), ["/init", "--listen", "unix:/a", "--host", "--state-dir=/s"]);
+        let argv: Vec<String> = [
+            "/init",
+            "splash",
+            "--listen",
+            "unix:/a",
+            "--bogus",
+            "x",
+            "--host",
+            "--state-dir=/s",
+            "--cgroup-root",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            known_args(&argv),
+            ["/init", "--listen", "unix:/a", "--host", "--state-dir=/s"]
+        );
         let a = Args::try_parse_from(known_args(&argv)).expect("parse");
         assert_eq!(a.listen.as_deref(), Some("unix:/a"));
         assert!(a.host);

@@ -63,7 +63,11 @@ const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 
 fn family(ip: &IpAddr) -> u8 {
-    if ip.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 }
+    if ip.is_ipv4() {
+        libc::AF_INET as u8
+    } else {
+        libc::AF_INET6 as u8
+    }
 }
 
 fn octets(ip: &IpAddr) -> Vec<u8> {
@@ -116,22 +120,53 @@ pub fn addr_message(index: u32, ip: &IpAddr, prefix: u8, seq: u32) -> Vec<u8> {
     // ifaddrmsg: family, prefixlen, flags, scope, index
     let mut body = vec![family(ip), prefix, 0, 0];
     body.extend_from_slice(&index.to_ne_bytes());
-    let mut m = Message::new(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, &body)
-        .attr(IFA_ADDRESS, &octets(ip));
+    let mut m = Message::new(
+        RTM_NEWADDR,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        seq,
+        &body,
+    )
+    .attr(IFA_ADDRESS, &octets(ip));
     if ip.is_ipv4() {
         m = m.attr(IFA_LOCAL, &octets(ip));
     }
     m.bytes()
 }
 
-pub fn route_message(dest: Option<(IpAddr, u8)>, gateway: Option<IpAddr>, oif: Option<u32>, seq: u32) -> Vec<u8> {
-    let fam_ip = dest.map(|d| d.0).or(gateway).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+pub fn route_message(
+    dest: Option<(IpAddr, u8)>,
+    gateway: Option<IpAddr>,
+    oif: Option<u32>,
+    seq: u32,
+) -> Vec<u8> {
+    let fam_ip = dest
+        .map(|d| d.0)
+        .or(gateway)
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     let dst_len = dest.map(|d| d.1).unwrap_or(0);
-    let scope = if gateway.is_some() { 0 } else { libc::RT_SCOPE_LINK };
+    let scope = if gateway.is_some() {
+        0
+    } else {
+        libc::RT_SCOPE_LINK
+    };
     // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
-    let mut body = vec![family(&fam_ip), dst_len, 0, 0, libc::RT_TABLE_MAIN, libc::RTPROT_BOOT, scope, libc::RTN_UNICAST];
+    let mut body = vec![
+        family(&fam_ip),
+        dst_len,
+        0,
+        0,
+        libc::RT_TABLE_MAIN,
+        libc::RTPROT_BOOT,
+        scope,
+        libc::RTN_UNICAST,
+    ];
     body.extend_from_slice(&0u32.to_ne_bytes());
-    let mut m = Message::new(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, &body);
+    let mut m = Message::new(
+        RTM_NEWROUTE,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        seq,
+        &body,
+    );
     if let Some((ip, len)) = dest
         && len > 0
     {
@@ -154,12 +189,24 @@ struct Netlink {
 impl Netlink {
     fn open() -> Result<Self> {
         // SAFETY: plain socket() call.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
         if fd < 0 {
-            return Err(NetError::Os("netlink socket".into(), std::io::Error::last_os_error()));
+            return Err(NetError::Os(
+                "netlink socket".into(),
+                std::io::Error::last_os_error(),
+            ));
         }
         // SAFETY: fresh fd we own.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, seq: 1 })
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            seq: 1,
+        })
     }
 
     /// Send one request and wait for its ACK.
@@ -174,17 +221,24 @@ impl Netlink {
         let mut buf = vec![0u8; 8192];
         loop {
             // SAFETY: buf is writable for its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 return Err(os(std::io::Error::last_os_error()));
             }
             let mut off = 0usize;
             while off + 16 <= n as usize {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
+                let len =
+                    u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
                 let typ = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
                 if typ == NLMSG_ERROR && off + 20 <= n as usize {
-                    let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or_default());
-                    return if code == 0 { Ok(()) } else { Err(os(std::io::Error::from_raw_os_error(-code))) };
+                    let code =
+                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or_default());
+                    return if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(os(std::io::Error::from_raw_os_error(-code)))
+                    };
                 }
                 if len < 16 {
                     break;
@@ -199,7 +253,10 @@ fn ioctl_socket() -> Result<OwnedFd> {
     // SAFETY: plain socket() call.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(NetError::Os("socket".into(), std::io::Error::last_os_error()));
+        return Err(NetError::Os(
+            "socket".into(),
+            std::io::Error::last_os_error(),
+        ));
     }
     // SAFETY: fresh fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -228,7 +285,11 @@ fn interface_names() -> Vec<String> {
         }
         let mut p = list;
         while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             p = p.add(1);
         }
         libc::if_freenameindex(list);
@@ -244,7 +305,13 @@ fn mac_of(sock: &OwnedFd, name: &str) -> Option<String> {
     }
     // SAFETY: the kernel filled ifru_hwaddr.
     let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
-    Some(data[..6].iter().map(|b| format!("{:02x}", *b as u8)).collect::<Vec<_>>().join(":"))
+    Some(
+        data[..6]
+            .iter()
+            .map(|b| format!("{:02x}", *b as u8))
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
 }
 
 /// A name or MAC to an interface name.
@@ -304,7 +371,10 @@ pub fn configure(interfaces: &[InterfaceConfig], routes: &[RouteConfig]) -> Resu
         let index = index_of(&name)?;
         for (ip, prefix) in &i.addresses {
             let seq = nl.seq;
-            nl.request(&format!("add address {ip}/{prefix} to {name}"), addr_message(index, ip, *prefix, seq))?;
+            nl.request(
+                &format!("add address {ip}/{prefix} to {name}"),
+                addr_message(index, ip, *prefix, seq),
+            )?;
         }
     }
     for r in routes {
@@ -325,7 +395,10 @@ mod tests {
 
     #[test]
     fn cidrs_parse() {
-        assert_eq!(parse_cidr("10.0.0.5/24").expect("v4"), ("10.0.0.5".parse().expect("ip"), 24));
+        assert_eq!(
+            parse_cidr("10.0.0.5/24").expect("v4"),
+            ("10.0.0.5".parse().expect("ip"), 24)
+        );
         assert_eq!(parse_cidr("fd00::1/64").expect("v6").1, 64);
         for bad in ["10.0.0.5", "10.0.0.5/33", "x/1", "fd00::1/129"] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
@@ -338,7 +411,10 @@ mod tests {
         // header 16 + ifaddrmsg 8 + two 8-byte attributes
         assert_eq!(m.len(), 40);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().expect("len")), 40);
-        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().expect("type")), RTM_NEWADDR);
+        assert_eq!(
+            u16::from_ne_bytes(m[4..6].try_into().expect("type")),
+            RTM_NEWADDR
+        );
         assert_eq!(u32::from_ne_bytes(m[8..12].try_into().expect("seq")), 9);
         assert_eq!(&m[16..20], &[libc::AF_INET as u8, 16, 0, 0]);
         assert_eq!(u32::from_ne_bytes(m[20..24].try_into().expect("index")), 7);

@@ -82,12 +82,26 @@ impl Reaper {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
                     tracing::debug!(pid = pid.as_raw(), code, "reaped");
-                    self.on_exit(pid.as_raw(), ExitStatus { code, signal: 0, at: SystemTime::now() });
+                    self.on_exit(
+                        pid.as_raw(),
+                        ExitStatus {
+                            code,
+                            signal: 0,
+                            at: SystemTime::now(),
+                        },
+                    );
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
                     tracing::debug!(pid = pid.as_raw(), ?sig, "reaped (signal)");
                     let signal = sig as i32;
-                    self.on_exit(pid.as_raw(), ExitStatus { code: 128 + signal, signal, at: SystemTime::now() });
+                    self.on_exit(
+                        pid.as_raw(),
+                        ExitStatus {
+                            code: 128 + signal,
+                            signal,
+                            at: SystemTime::now(),
+                        },
+                    );
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
@@ -114,7 +128,11 @@ mod tests {
     use super::*;
 
     fn status(code: i32) -> ExitStatus {
-        ExitStatus { code, signal: 0, at: SystemTime::now() }
+        ExitStatus {
+            code,
+            signal: 0,
+            at: SystemTime::now(),
+        }
     }
 
     #[test]
@@ -150,12 +168,18 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         while rx.borrow().is_none() && Instant::now() < deadline {
             // Only reap our own child, other tests may fork too.
-            if let Ok(WaitStatus::Exited(p, code)) = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            if let Ok(WaitStatus::Exited(p, code)) =
+                waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG))
+            {
                 r.on_exit(p.as_raw(), status(code));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let got = rx.wait_for(Option::is_some).await.expect("exit").map(|s| s.code);
+        let got = rx
+            .wait_for(Option::is_some)
+            .await
+            .expect("exit")
+            .map(|s| s.code);
         assert_eq!(got, Some(9));
     }
 }

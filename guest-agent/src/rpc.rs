@@ -11,9 +11,9 @@ use ttrpc::{Code, Status};
 use crate::agent::{Agent, AgentError};
 use crate::cgroup::CgroupError;
 use crate::container::spawn::SpawnError;
-use crate::network::NetError;
 use crate::container::stdio::{ReadAt, StdioError};
 use crate::container::{create, exec, remove, signal, start, stats};
+use crate::network::NetError;
 use crate::{convert, sandbox};
 
 const DEFAULT_READ: usize = 64 * 1024;
@@ -28,10 +28,11 @@ pub fn code(e: &AgentError) -> Code {
         | AgentError::Stdio(StdioError::BadOffset(_))
         | AgentError::Cgroup(CgroupError::Invalid(_))
         | AgentError::Spawn(SpawnError::Invalid(_))
-        | AgentError::Net(NetError::Address(_) | NetError::NoInterface(_)) => Code::INVALID_ARGUMENT,
-        AgentError::FailedPrecondition(_) | AgentError::Stdio(StdioError::NoStdin | StdioError::NoTty) => {
-            Code::FAILED_PRECONDITION
+        | AgentError::Net(NetError::Address(_) | NetError::NoInterface(_)) => {
+            Code::INVALID_ARGUMENT
         }
+        AgentError::FailedPrecondition(_)
+        | AgentError::Stdio(StdioError::NoStdin | StdioError::NoTty) => Code::FAILED_PRECONDITION,
         AgentError::Spawn(SpawnError::Timeout) => Code::DEADLINE_EXCEEDED,
         AgentError::Stdio(StdioError::Gone { .. }) => Code::OUT_OF_RANGE,
         AgentError::Stdio(StdioError::Unacknowledged(_)) => Code::RESOURCE_EXHAUSTED,
@@ -60,13 +61,20 @@ pub struct AgentService {
 
 fn read_at(r: &pb::ReadStreamRequest) -> ReadAt {
     match r.offset {
-        Some(offset) => ReadAt::Offset { offset, consumed: r.consumed },
+        Some(offset) => ReadAt::Offset {
+            offset,
+            consumed: r.consumed,
+        },
         None => ReadAt::Next,
     }
 }
 
 fn read_len(max: u32) -> usize {
-    if max == 0 { DEFAULT_READ } else { (max as usize).min(MAX_READ) }
+    if max == 0 {
+        DEFAULT_READ
+    } else {
+        (max as usize).min(MAX_READ)
+    }
 }
 
 #[async_trait]
@@ -84,10 +92,19 @@ impl pb::Agent for AgentService {
         })
     }
 
-    async fn create_sandbox(&self, _: &TtrpcContext, r: pb::CreateSandboxRequest) -> R<pb::CreateSandboxResponse> {
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        r: pb::CreateSandboxRequest,
+    ) -> R<pb::CreateSandboxResponse> {
         tracing::info!(sandbox = %r.sandbox_id, "CreateSandbox");
-        let s = sandbox::do_create(&self.agent, convert::sandbox_config(&r)).await.map_err(status)?;
-        Ok(pb::CreateSandboxResponse { pid: s.holder_pid as u32, ..Default::default() })
+        let s = sandbox::do_create(&self.agent, convert::sandbox_config(&r))
+            .await
+            .map_err(status)?;
+        Ok(pb::CreateSandboxResponse {
+            pid: s.holder_pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn shutdown(&self, _: &TtrpcContext, _: pb::Empty) -> R<pb::Empty> {
@@ -101,20 +118,40 @@ impl pb::Agent for AgentService {
         Ok(pb::Empty::new())
     }
 
-    async fn destroy_sandbox(&self, _: &TtrpcContext, r: pb::DestroySandboxRequest) -> R<pb::Empty> {
+    async fn destroy_sandbox(
+        &self,
+        _: &TtrpcContext,
+        r: pb::DestroySandboxRequest,
+    ) -> R<pb::Empty> {
         tracing::info!(sandbox = %r.sandbox_id, "DestroySandbox");
-        sandbox::do_destroy(&self.agent, &r.sandbox_id).await.map_err(status)?;
+        sandbox::do_destroy(&self.agent, &r.sandbox_id)
+            .await
+            .map_err(status)?;
         Ok(pb::Empty::new())
     }
 
-    async fn configure_network(&self, _: &TtrpcContext, r: pb::ConfigureNetworkRequest) -> R<pb::Empty> {
-        tracing::info!(interfaces = r.interfaces.len(), routes = r.routes.len(), "ConfigureNetwork");
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ConfigureNetworkRequest,
+    ) -> R<pb::Empty> {
+        tracing::info!(
+            interfaces = r.interfaces.len(),
+            routes = r.routes.len(),
+            "ConfigureNetwork"
+        );
         let (interfaces, routes) = convert::network(&r).map_err(|e| status(e.into()))?;
-        sandbox::do_configure_network(&self.agent, interfaces, routes).await.map_err(status)?;
+        sandbox::do_configure_network(&self.agent, interfaces, routes)
+            .await
+            .map_err(status)?;
         Ok(pb::Empty::new())
     }
 
-    async fn create_container(&self, _: &TtrpcContext, r: pb::CreateContainerRequest) -> R<pb::CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::CreateContainerRequest,
+    ) -> R<pb::CreateContainerResponse> {
         tracing::info!(container = %r.container_id, "CreateContainer");
         let stdio = r.stdio.as_ref();
         let req = create::CreateRequest {
@@ -125,38 +162,68 @@ impl pb::Agent for AgentService {
             tty: stdio.is_some_and(|s| s.tty),
         };
         let c = create::do_create(&self.agent, req).await.map_err(status)?;
-        Ok(pb::CreateContainerResponse { pid: c.init.pid as u32, ..Default::default() })
+        Ok(pb::CreateContainerResponse {
+            pid: c.init.pid as u32,
+            ..Default::default()
+        })
     }
 
-    async fn start_container(&self, _: &TtrpcContext, r: pb::StartContainerRequest) -> R<pb::Empty> {
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::StartContainerRequest,
+    ) -> R<pb::Empty> {
         tracing::info!(container = %r.container_id, "StartContainer");
-        start::do_start(&self.agent, &r.container_id).await.map_err(status)?;
+        start::do_start(&self.agent, &r.container_id)
+            .await
+            .map_err(status)?;
         Ok(pb::Empty::new())
     }
 
-    async fn remove_container(&self, _: &TtrpcContext, r: pb::RemoveContainerRequest) -> R<pb::Empty> {
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::RemoveContainerRequest,
+    ) -> R<pb::Empty> {
         tracing::info!(container = %r.container_id, force = r.force, "RemoveContainer");
-        remove::do_remove(&self.agent, &r.container_id, r.force).await.map_err(status)?;
+        remove::do_remove(&self.agent, &r.container_id, r.force)
+            .await
+            .map_err(status)?;
         Ok(pb::Empty::new())
     }
 
-    async fn container_state(&self, _: &TtrpcContext, r: pb::ContainerStateRequest) -> R<pb::ContainerStateResponse> {
+    async fn container_state(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerStateRequest,
+    ) -> R<pb::ContainerStateResponse> {
         let c = self.agent.container(&r.container_id).map_err(status)?;
         // Up to date even between two polls of the OOM monitor.
         self.agent.refresh_oom(&c);
         Ok(convert::container_state(&c))
     }
 
-    async fn list_containers(&self, _: &TtrpcContext, _: pb::ListContainersRequest) -> R<pb::ListContainersResponse> {
+    async fn list_containers(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ListContainersRequest,
+    ) -> R<pb::ListContainersResponse> {
         let all = self.agent.all_containers();
         for c in &all {
             self.agent.refresh_oom(c);
         }
         let containers = all.iter().map(|c| convert::container_state(c)).collect();
-        Ok(pb::ListContainersResponse { containers, ..Default::default() })
+        Ok(pb::ListContainersResponse {
+            containers,
+            ..Default::default()
+        })
     }
 
-    async fn exec_process(&self, _: &TtrpcContext, r: pb::ExecProcessRequest) -> R<pb::ExecProcessResponse> {
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ExecProcessRequest,
+    ) -> R<pb::ExecProcessResponse> {
         tracing::info!(container = %r.container_id, exec = %r.exec_id, "ExecProcess");
         let stdio = r.stdio.as_ref();
         let req = exec::ExecRequest {
@@ -167,7 +234,10 @@ impl pb::Agent for AgentService {
             tty: stdio.is_some_and(|s| s.tty),
         };
         let p = exec::do_exec(&self.agent, req).await.map_err(status)?;
-        Ok(pb::ExecProcessResponse { pid: p.pid as u32, ..Default::default() })
+        Ok(pb::ExecProcessResponse {
+            pid: p.pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn remove_process(&self, _: &TtrpcContext, r: pb::RemoveProcessRequest) -> R<pb::Empty> {
@@ -177,12 +247,19 @@ impl pb::Agent for AgentService {
 
     async fn signal_process(&self, _: &TtrpcContext, r: pb::SignalProcessRequest) -> R<pb::Empty> {
         tracing::info!(container = %r.container_id, exec = %r.exec_id, signal = r.signal, "SignalProcess");
-        signal::do_signal(&self.agent, &r.container_id, &r.exec_id, r.signal, r.all).map_err(status)?;
+        signal::do_signal(&self.agent, &r.container_id, &r.exec_id, r.signal, r.all)
+            .map_err(status)?;
         Ok(pb::Empty::new())
     }
 
-    async fn wait_process(&self, _: &TtrpcContext, r: pb::WaitProcessRequest) -> R<pb::WaitProcessResponse> {
-        let (exit, started) = signal::do_wait(&self.agent, &r.container_id, &r.exec_id).await.map_err(status)?;
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        r: pb::WaitProcessRequest,
+    ) -> R<pb::WaitProcessResponse> {
+        let (exit, started) = signal::do_wait(&self.agent, &r.container_id, &r.exec_id)
+            .await
+            .map_err(status)?;
         let oom_killed = r.exec_id.is_empty() && self.oom_killed(&r.container_id);
         Ok(pb::WaitProcessResponse {
             oom_killed,
@@ -194,10 +271,20 @@ impl pb::Agent for AgentService {
         })
     }
 
-    async fn write_stdin(&self, _: &TtrpcContext, r: pb::WriteStdinRequest) -> R<pb::WriteStdinResponse> {
+    async fn write_stdin(
+        &self,
+        _: &TtrpcContext,
+        r: pb::WriteStdinRequest,
+    ) -> R<pb::WriteStdinResponse> {
         let p = self.process(&r.container_id, &r.exec_id)?;
-        let len = p.io.write_stdin(&r.data).await.map_err(|e| status(e.into()))?;
-        Ok(pb::WriteStdinResponse { len: len as u32, ..Default::default() })
+        let len =
+            p.io.write_stdin(&r.data)
+                .await
+                .map_err(|e| status(e.into()))?;
+        Ok(pb::WriteStdinResponse {
+            len: len as u32,
+            ..Default::default()
+        })
     }
 
     async fn close_stdin(&self, _: &TtrpcContext, r: pb::CloseStdinRequest) -> R<pb::Empty> {
@@ -206,43 +293,89 @@ impl pb::Agent for AgentService {
         Ok(pb::Empty::new())
     }
 
-    async fn read_stdout(&self, _: &TtrpcContext, r: pb::ReadStreamRequest) -> R<pb::ReadStreamResponse> {
+    async fn read_stdout(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ReadStreamRequest,
+    ) -> R<pb::ReadStreamResponse> {
         let p = self.process(&r.container_id, &r.exec_id)?;
-        let c = p.io.read_stdout(read_at(&r), read_len(r.max_len)).await.map_err(|e| status(e.into()))?;
-        Ok(pb::ReadStreamResponse { data: c.data, eof: c.eof, offset: c.offset, ..Default::default() })
+        let c =
+            p.io.read_stdout(read_at(&r), read_len(r.max_len))
+                .await
+                .map_err(|e| status(e.into()))?;
+        Ok(pb::ReadStreamResponse {
+            data: c.data,
+            eof: c.eof,
+            offset: c.offset,
+            ..Default::default()
+        })
     }
 
-    async fn read_stderr(&self, _: &TtrpcContext, r: pb::ReadStreamRequest) -> R<pb::ReadStreamResponse> {
+    async fn read_stderr(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ReadStreamRequest,
+    ) -> R<pb::ReadStreamResponse> {
         let p = self.process(&r.container_id, &r.exec_id)?;
-        let c = p.io.read_stderr(read_at(&r), read_len(r.max_len)).await.map_err(|e| status(e.into()))?;
-        Ok(pb::ReadStreamResponse { data: c.data, eof: c.eof, offset: c.offset, ..Default::default() })
+        let c =
+            p.io.read_stderr(read_at(&r), read_len(r.max_len))
+                .await
+                .map_err(|e| status(e.into()))?;
+        Ok(pb::ReadStreamResponse {
+            data: c.data,
+            eof: c.eof,
+            offset: c.offset,
+            ..Default::default()
+        })
     }
 
     async fn resize_tty(&self, _: &TtrpcContext, r: pb::ResizeTtyRequest) -> R<pb::Empty> {
         let p = self.process(&r.container_id, &r.exec_id)?;
         let (rows, cols) = (u16::try_from(r.rows), u16::try_from(r.cols));
         let (Ok(rows), Ok(cols)) = (rows, cols) else {
-            return Err(status(AgentError::InvalidArgument(format!("tty size {}x{}", r.rows, r.cols))));
+            return Err(status(AgentError::InvalidArgument(format!(
+                "tty size {}x{}",
+                r.rows, r.cols
+            ))));
         };
         p.io.resize(rows, cols).map_err(|e| status(e.into()))?;
         Ok(pb::Empty::new())
     }
 
-    async fn list_processes(&self, _: &TtrpcContext, r: pb::ListProcessesRequest) -> R<pb::ListProcessesResponse> {
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ListProcessesRequest,
+    ) -> R<pb::ListProcessesResponse> {
         let procs = stats::do_list_processes(&self.agent, &r.container_id).map_err(status)?;
         let processes = procs
             .into_iter()
-            .map(|(pid, cmdline)| pb::ProcessInfo { pid: pid as u32, cmdline, ..Default::default() })
+            .map(|(pid, cmdline)| pb::ProcessInfo {
+                pid: pid as u32,
+                cmdline,
+                ..Default::default()
+            })
             .collect();
-        Ok(pb::ListProcessesResponse { processes, ..Default::default() })
+        Ok(pb::ListProcessesResponse {
+            processes,
+            ..Default::default()
+        })
     }
 
-    async fn container_stats(&self, _: &TtrpcContext, r: pb::ContainerStatsRequest) -> R<pb::ContainerStatsResponse> {
+    async fn container_stats(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerStatsRequest,
+    ) -> R<pb::ContainerStatsResponse> {
         let s = stats::do_stats(&self.agent, &r.container_id).map_err(status)?;
         Ok(convert::stats(&s))
     }
 
-    async fn sandbox_stats(&self, _: &TtrpcContext, r: pb::SandboxStatsRequest) -> R<pb::SandboxStatsResponse> {
+    async fn sandbox_stats(
+        &self,
+        _: &TtrpcContext,
+        r: pb::SandboxStatsRequest,
+    ) -> R<pb::SandboxStatsResponse> {
         let (s, ifs) = stats::do_sandbox_stats(&self.agent, &r.sandbox_id).map_err(status)?;
         let interfaces = ifs
             .into_iter()
@@ -255,10 +388,18 @@ impl pb::Agent for AgentService {
                 ..Default::default()
             })
             .collect();
-        Ok(pb::SandboxStatsResponse { cgroup: Some(convert::stats(&s)).into(), interfaces, ..Default::default() })
+        Ok(pb::SandboxStatsResponse {
+            cgroup: Some(convert::stats(&s)).into(),
+            interfaces,
+            ..Default::default()
+        })
     }
 
-    async fn update_resources(&self, _: &TtrpcContext, r: pb::UpdateResourcesRequest) -> R<pb::Empty> {
+    async fn update_resources(
+        &self,
+        _: &TtrpcContext,
+        r: pb::UpdateResourcesRequest,
+    ) -> R<pb::Empty> {
         tracing::info!(container = %r.container_id, "UpdateResources");
         stats::do_update(&self.agent, &r.container_id, &r.resources).map_err(status)?;
         Ok(pb::Empty::new())
@@ -266,7 +407,10 @@ impl pb::Agent for AgentService {
 
     async fn get_oom_event(&self, _: &TtrpcContext, _: pb::GetOomEventRequest) -> R<pb::OomEvent> {
         let id = self.agent.oom.next().await;
-        Ok(pb::OomEvent { container_id: id, ..Default::default() })
+        Ok(pb::OomEvent {
+            container_id: id,
+            ..Default::default()
+        })
     }
 }
 
@@ -284,7 +428,10 @@ impl AgentService {
     }
 
     fn process(&self, container_id: &str, exec_id: &str) -> R<Arc<crate::container::Process>> {
-        self.agent.container(container_id).and_then(|c| c.process(exec_id)).map_err(status)
+        self.agent
+            .container(container_id)
+            .and_then(|c| c.process(exec_id))
+            .map_err(status)
     }
 }
 
@@ -295,13 +442,34 @@ mod tests {
     #[test]
     fn codes() {
         assert_eq!(code(&AgentError::NotFound("x".into())), Code::NOT_FOUND);
-        assert_eq!(code(&AgentError::AlreadyExists("x".into())), Code::ALREADY_EXISTS);
-        assert_eq!(code(&AgentError::Spawn(SpawnError::Invalid("x".into()))), Code::INVALID_ARGUMENT);
-        assert_eq!(code(&AgentError::Cgroup(CgroupError::Invalid("x".into()))), Code::INVALID_ARGUMENT);
-        assert_eq!(code(&AgentError::Stdio(StdioError::NoStdin)), Code::FAILED_PRECONDITION);
+        assert_eq!(
+            code(&AgentError::AlreadyExists("x".into())),
+            Code::ALREADY_EXISTS
+        );
+        assert_eq!(
+            code(&AgentError::Spawn(SpawnError::Invalid("x".into()))),
+            Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(&AgentError::Cgroup(CgroupError::Invalid("x".into()))),
+            Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(&AgentError::Stdio(StdioError::NoStdin)),
+            Code::FAILED_PRECONDITION
+        );
         assert_eq!(code(&AgentError::Spawn(SpawnError::Died)), Code::INTERNAL);
-        assert_eq!(code(&AgentError::Stdio(StdioError::Gone { offset: 1, held: 2 })), Code::OUT_OF_RANGE);
-        assert_eq!(code(&AgentError::Stdio(StdioError::BadOffset("x".into()))), Code::INVALID_ARGUMENT);
-        assert_eq!(code(&AgentError::Stdio(StdioError::Unacknowledged(1))), Code::RESOURCE_EXHAUSTED);
+        assert_eq!(
+            code(&AgentError::Stdio(StdioError::Gone { offset: 1, held: 2 })),
+            Code::OUT_OF_RANGE
+        );
+        assert_eq!(
+            code(&AgentError::Stdio(StdioError::BadOffset("x".into()))),
+            Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(&AgentError::Stdio(StdioError::Unacknowledged(1))),
+            Code::RESOURCE_EXHAUSTED
+        );
     }
 }

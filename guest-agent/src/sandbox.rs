@@ -124,10 +124,16 @@ fn mount_opts(options: &[String]) -> (MsFlags, String) {
 pub async fn do_create(agent: &Arc<Agent>, c: SandboxConfig) -> Result<Arc<Sandbox>> {
     validate_id("sandbox", &c.id)?;
     if let Some(s) = lock(&agent.sandbox).as_ref() {
-        return Err(AgentError::AlreadyExists(format!("sandbox {} (this agent serves one sandbox)", s.id)));
+        return Err(AgentError::AlreadyExists(format!(
+            "sandbox {} (this agent serves one sandbox)",
+            s.id
+        )));
     }
     if !lock(&agent.busy).insert(format!("sandbox/{}", c.id)) {
-        return Err(AgentError::AlreadyExists(format!("sandbox {} (being created)", c.id)));
+        return Err(AgentError::AlreadyExists(format!(
+            "sandbox {} (being created)",
+            c.id
+        )));
     }
     let result = create_inner(agent, &c).await;
     lock(&agent.busy).remove(&format!("sandbox/{}", c.id));
@@ -140,15 +146,24 @@ async fn create_inner(agent: &Arc<Agent>, c: &SandboxConfig) -> Result<Sandbox> 
     for m in &c.mounts {
         validate_id("sandbox mount", &m.name)?;
         if m.name == "shm" {
-            return Err(AgentError::InvalidArgument("sandbox mount name shm is reserved".into()));
+            return Err(AgentError::InvalidArgument(
+                "sandbox mount name shm is reserved".into(),
+            ));
         }
     }
     let dir = agent.config.state_dir.join(&c.id);
     if dir.exists() {
-        return Err(AgentError::AlreadyExists(format!("sandbox state {}", dir.display())));
+        return Err(AgentError::AlreadyExists(format!(
+            "sandbox state {}",
+            dir.display()
+        )));
     }
     std::fs::create_dir_all(&dir).map_err(io_err(format!("mkdir {}", dir.display())))?;
-    let mut made = Made { dir: dir.clone(), mounts: Vec::new(), cgroups: Vec::new() };
+    let mut made = Made {
+        dir: dir.clone(),
+        mounts: Vec::new(),
+        cgroups: Vec::new(),
+    };
     match build(agent, c, &dir, &mut made).await {
         Ok(s) => Ok(s),
         Err(e) => {
@@ -177,7 +192,12 @@ impl Made {
     }
 }
 
-async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Made) -> Result<Sandbox> {
+async fn build(
+    agent: &Arc<Agent>,
+    c: &SandboxConfig,
+    dir: &Path,
+    made: &mut Made,
+) -> Result<Sandbox> {
     let write = |name: &str, content: &str| {
         let p = dir.join(name);
         std::fs::write(&p, content).map_err(io_err(format!("write {}", p.display())))
@@ -193,7 +213,11 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
     let mut mounts = HashMap::new();
     let shm = dir.join("shm");
     std::fs::create_dir_all(&shm).map_err(io_err("mkdir shm".into()))?;
-    let size = if c.shm_size == 0 { 64 << 20 } else { c.shm_size };
+    let size = if c.shm_size == 0 {
+        64 << 20
+    } else {
+        c.shm_size
+    };
     nix::mount::mount(
         Some("shm"),
         &shm,
@@ -209,9 +233,19 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
         std::fs::create_dir_all(&target).map_err(io_err(format!("mkdir {}", target.display())))?;
         let (flags, data) = mount_opts(&m.options);
         let fstype = (!m.fstype.is_empty() && m.fstype != "bind").then_some(m.fstype.as_str());
-        let flags = if m.fstype == "bind" { flags | MsFlags::MS_BIND } else { flags };
-        nix::mount::mount(Some(m.source.as_str()), &target, fstype, flags, (!data.is_empty()).then_some(data.as_str()))
-            .map_err(|e| AgentError::InvalidArgument(format!("sandbox mount {}: {e}", m.name)))?;
+        let flags = if m.fstype == "bind" {
+            flags | MsFlags::MS_BIND
+        } else {
+            flags
+        };
+        nix::mount::mount(
+            Some(m.source.as_str()),
+            &target,
+            fstype,
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(|e| AgentError::InvalidArgument(format!("sandbox mount {}: {e}", m.name)))?;
         made.mounts.push(target.clone());
         mounts.insert(m.name.clone(), target);
     }
@@ -221,8 +255,14 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
     } else {
         PathBuf::from(c.cgroup_parent.trim_start_matches('/'))
     };
-    if cgroup_parent.components().any(|p| matches!(p, std::path::Component::ParentDir)) {
-        return Err(AgentError::InvalidArgument(format!("cgroup parent {}", c.cgroup_parent)));
+    if cgroup_parent
+        .components()
+        .any(|p| matches!(p, std::path::Component::ParentDir))
+    {
+        return Err(AgentError::InvalidArgument(format!(
+            "cgroup parent {}",
+            c.cgroup_parent
+        )));
     }
     let parent = agent.cgroups.create(&cgroup_parent)?;
     made.cgroups.push(parent.clone());
@@ -244,11 +284,22 @@ async fn build(agent: &Arc<Agent>, c: &SandboxConfig, dir: &Path, made: &mut Mad
     let new_net = c.new_net && c.network_path.is_none();
     if let Some(path) = &c.network_path {
         if !path.is_absolute() || !path.exists() {
-            return Err(AgentError::InvalidArgument(format!("network namespace {} does not exist", path.display())));
+            return Err(AgentError::InvalidArgument(format!(
+                "network namespace {} does not exist",
+                path.display()
+            )));
         }
-        join.push(NsJoin { ns: Ns::Net, path: path.clone() });
+        join.push(NsJoin {
+            ns: Ns::Net,
+            path: path.clone(),
+        });
     }
-    for (want, ns) in [(new_net, Ns::Net), (c.new_ipc, Ns::Ipc), (c.new_uts, Ns::Uts), (c.new_pid, Ns::Pid)] {
+    for (want, ns) in [
+        (new_net, Ns::Net),
+        (c.new_ipc, Ns::Ipc),
+        (c.new_uts, Ns::Uts),
+        (c.new_pid, Ns::Pid),
+    ] {
         if want {
             unshare.push(ns);
         }
@@ -287,13 +338,20 @@ pub async fn do_configure_network(
     let sandbox = agent.sandbox()?;
     let netns = sandbox.ns_path(Ns::Net);
     let work = move || -> Result<()> {
-        let file = std::fs::File::open(&netns).map_err(|e| AgentError::Io(format!("open {}", netns.display()), e))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| AgentError::Os("setns net", e))?;
+        let file = std::fs::File::open(&netns)
+            .map_err(|e| AgentError::Io(format!("open {}", netns.display()), e))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| AgentError::Os("setns net", e))?;
         Ok(crate::network::configure(&interfaces, &routes)?)
     };
     tokio::task::spawn_blocking(move || std::thread::spawn(work).join())
         .await
-        .map_err(|e| AgentError::Io("network thread".into(), std::io::Error::other(e.to_string())))?
+        .map_err(|e| {
+            AgentError::Io(
+                "network thread".into(),
+                std::io::Error::other(e.to_string()),
+            )
+        })?
         .map_err(|_| AgentError::Io("network thread".into(), std::io::Error::other("panicked")))?
 }
 
@@ -312,7 +370,10 @@ pub async fn do_destroy(agent: &Arc<Agent>, id: &str) -> Result<()> {
     for m in sandbox.mounts.values() {
         let _ = nix::mount::umount2(m, MntFlags::MNT_DETACH);
     }
-    for rel in [sandbox.cgroup_parent.join(PAUSE_CGROUP), sandbox.cgroup_parent.clone()] {
+    for rel in [
+        sandbox.cgroup_parent.join(PAUSE_CGROUP),
+        sandbox.cgroup_parent.clone(),
+    ] {
         if let Ok(cg) = agent.cgroups.create(&rel) {
             let _ = cg.destroy();
         }
@@ -342,7 +403,10 @@ mod tests {
         );
         assert!(hosts_file(&c).contains("127.0.1.1\tweb-0\n"));
         assert_eq!(resolv_conf(&SandboxConfig::default()), None);
-        let c = SandboxConfig { hosts: "1.2.3.4 x\n".into(), ..Default::default() };
+        let c = SandboxConfig {
+            hosts: "1.2.3.4 x\n".into(),
+            ..Default::default()
+        };
         assert_eq!(hosts_file(&c), "1.2.3.4 x\n");
     }
 }

@@ -28,15 +28,24 @@ pub enum ServerError {
 impl std::str::FromStr for Listen {
     type Err = ServerError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(p) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
             if p.is_empty() {
                 return Err(ServerError::Address(s.into()));
             }
             return Ok(Listen::Unix(PathBuf::from(p)));
         }
-        if let Some(port) = s.strip_prefix("vsock://").or_else(|| s.strip_prefix("vsock:")) {
+        if let Some(port) = s
+            .strip_prefix("vsock://")
+            .or_else(|| s.strip_prefix("vsock:"))
+        {
             let port = port.rsplit(':').next().unwrap_or(port);
-            return port.parse().map(Listen::Vsock).map_err(|_| ServerError::Address(s.into()));
+            return port
+                .parse()
+                .map(Listen::Vsock)
+                .map_err(|_| ServerError::Address(s.into()));
         }
         Err(ServerError::Address(s.into()))
     }
@@ -52,7 +61,10 @@ impl Listen {
 }
 
 /// Bind and start serving; returns the running server.
-pub async fn serve(agent: Arc<Agent>, listen: &Listen) -> Result<ttrpc::r#async::Server, ServerError> {
+pub async fn serve(
+    agent: Arc<Agent>,
+    listen: &Listen,
+) -> Result<ttrpc::r#async::Server, ServerError> {
     if let Listen::Unix(p) = listen {
         match std::fs::remove_file(p) {
             Ok(()) => {}
@@ -64,7 +76,9 @@ pub async fn serve(agent: Arc<Agent>, listen: &Listen) -> Result<ttrpc::r#async:
         }
     }
     let service = husk_proto::agent::create_agent(Arc::new(AgentService { agent }));
-    let mut server = ttrpc::r#async::Server::new().bind(&listen.ttrpc_address())?.register_service(service);
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&listen.ttrpc_address())?
+        .register_service(service);
     server.start().await?;
     Ok(server)
 }
@@ -75,10 +89,22 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert_eq!("unix:/run/a.sock".parse::<Listen>().expect("unix"), Listen::Unix("/run/a.sock".into()));
-        assert_eq!("unix:///run/a.sock".parse::<Listen>().expect("unix"), Listen::Unix("/run/a.sock".into()));
-        assert_eq!("vsock:1024".parse::<Listen>().expect("vsock"), Listen::Vsock(1024));
-        assert_eq!("vsock://-1:1024".parse::<Listen>().expect("vsock"), Listen::Vsock(1024));
+        assert_eq!(
+            "unix:/run/a.sock".parse::<Listen>().expect("unix"),
+            Listen::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            "unix:///run/a.sock".parse::<Listen>().expect("unix"),
+            Listen::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            "vsock:1024".parse::<Listen>().expect("vsock"),
+            Listen::Vsock(1024)
+        );
+        assert_eq!(
+            "vsock://-1:1024".parse::<Listen>().expect("vsock"),
+            Listen::Vsock(1024)
+        );
         assert!("tcp:1".parse::<Listen>().is_err());
         assert!("unix:".parse::<Listen>().is_err());
     }

@@ -12,16 +12,39 @@ use husk_proto::agent as pb;
 #[tokio::test]
 async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
     require_root!();
-    if std::process::Command::new("unshare").arg("--version").output().is_err() {
+    if std::process::Command::new("unshare")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipped: unshare(1) missing");
         return;
     }
     // Stray words, as the kernel passes unknown command-line words to init.
-    let mut a = TestAgent::start_wrapped_args(&["unshare", "--pid", "--fork", "--mount", "--uts", "--propagation", "private"], &["splash", "--no-such-flag"]).await;
-    let check = a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("check");
+    let mut a = TestAgent::start_wrapped_args(
+        &[
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+        ],
+        &["splash", "--no-such-flag"],
+    )
+    .await;
+    let check = a
+        .client
+        .check(ctx(), &pb::CheckRequest::new())
+        .await
+        .expect("check");
     assert!(check.init, "{check:?}");
     assert_eq!(check.pid, 1);
-    assert_eq!(check.cgroup_version, "v2", "PID 1 mounts cgroup2 at /sys/fs/cgroup");
+    assert_eq!(
+        check.cgroup_version, "v2",
+        "PID 1 mounts cgroup2 at /sys/fs/cgroup"
+    );
 
     // VM style: no new namespaces, the agent's own are the pod's.
     let req = pb::CreateSandboxRequest {
@@ -32,11 +55,18 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
     };
     a.client.create_sandbox(ctx(), &req).await.expect("sandbox");
     let id = unique("pid1");
-    let (out, err, code) = a.output(&id, &spec(&["sh", "-c", "hostname; echo $$; exit 7"])).await;
+    let (out, err, code) = a
+        .output(&id, &spec(&["sh", "-c", "hostname; echo $$; exit 7"]))
+        .await;
     assert_eq!(code, 7, "{err}");
     assert_eq!(out, format!("{}\n1\n", a.hostname));
     // The host's hostname is not the pod's.
-    assert_ne!(nix::unistd::gethostname().expect("hostname").to_string_lossy(), a.hostname);
+    assert_ne!(
+        nix::unistd::gethostname()
+            .expect("hostname")
+            .to_string_lossy(),
+        a.hostname
+    );
     let deadline = Instant::now() + Duration::from_secs(3);
     while !common::zombie_children(a.agent_pid).is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -51,7 +81,11 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
 
     // A long-running container, then SIGTERM: the agent tears down and "powers off".
     a.run(&unique("sleeper"), &spec(&["sleep", "1000"])).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.agent_pid), nix::sys::signal::Signal::SIGTERM).expect("term");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.agent_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("term");
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(s) = a.child.try_wait().expect("wait unshare") {
@@ -66,7 +100,10 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
     assert!(a.log().contains("shutting down"), "{}", a.log());
     let unified = std::path::Path::new("/sys/fs/cgroup/unified/husk-test").join(&a.sandbox_id);
     let v2root = std::path::Path::new("/sys/fs/cgroup/husk-test").join(&a.sandbox_id);
-    assert!(!unified.exists() && !v2root.exists(), "sandbox cgroup removed");
+    assert!(
+        !unified.exists() && !v2root.exists(),
+        "sandbox cgroup removed"
+    );
 }
 
 /// The namespace sandbox as huskd should launch it: the agent is the init of
@@ -74,16 +111,33 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
 #[tokio::test]
 async fn host_mode_agent_as_init_of_its_own_pid_namespace() {
     require_root!();
-    if std::process::Command::new("unshare").arg("--version").output().is_err() {
+    if std::process::Command::new("unshare")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipped: unshare(1) missing");
         return;
     }
-    let a = TestAgent::start_wrapped_args(&["unshare", "--pid", "--fork", "--kill-child"], &["--host"]).await;
-    let check = a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("check");
+    let a =
+        TestAgent::start_wrapped_args(&["unshare", "--pid", "--fork", "--kill-child"], &["--host"])
+            .await;
+    let check = a
+        .client
+        .check(ctx(), &pb::CheckRequest::new())
+        .await
+        .expect("check");
     assert!(!check.init, "{check:?}");
     assert_eq!(check.pid, 1);
-    let host_cgroups = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() { "v2" } else { "v1" };
-    assert_eq!(check.cgroup_version, host_cgroups, "the host's hierarchy, not a fresh cgroup2 mount");
+    let host_cgroups = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "v2"
+    } else {
+        "v1"
+    };
+    assert_eq!(
+        check.cgroup_version, host_cgroups,
+        "the host's hierarchy, not a fresh cgroup2 mount"
+    );
     a.create_sandbox(true).await;
     let mut s = spec(&["sh", "-c", "echo $$; hostname"]);
     s["linux"]["resources"] = serde_json::json!({"memory": {"limit": 67108864}});
@@ -95,14 +149,26 @@ async fn host_mode_agent_as_init_of_its_own_pid_namespace() {
     a.run(&unique("orphan"), &spec(&["sleep", "1000"])).await;
     let sleeper = common::children(a.agent_pid)
         .into_iter()
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().starts_with("sleep"))
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .starts_with("sleep")
+        })
         .expect("sleep is the agent's child");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.agent_pid), nix::sys::signal::Signal::SIGKILL).expect("kill agent");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.agent_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill agent");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::path::Path::new(&format!("/proc/{sleeper}")).exists() {
         assert!(Instant::now() < deadline, "container outlived its agent");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     common::remove_cgroup_tree(&a.cgroup_parent());
-    assert!(!std::path::Path::new("/sys/fs/cgroup/memory").join(a.cgroup_parent()).exists());
+    assert!(
+        !std::path::Path::new("/sys/fs/cgroup/memory")
+            .join(a.cgroup_parent())
+            .exists()
+    );
 }

@@ -85,10 +85,19 @@ async fn garbage_frames_do_not_crash_the_agent() {
     .await
     .expect("send");
     // Still alive and serving, on a fresh connection and the old one.
-    let r = a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("check after garbage");
+    let r = a
+        .client
+        .check(ctx(), &pb::CheckRequest::new())
+        .await
+        .expect("check after garbage");
     assert!(r.pid > 0);
-    let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display())).await.expect("connect");
-    pb::AgentClient::new(c).check(ctx(), &pb::CheckRequest::new()).await.expect("fresh check");
+    let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+        .await
+        .expect("connect");
+    pb::AgentClient::new(c)
+        .check(ctx(), &pb::CheckRequest::new())
+        .await
+        .expect("fresh check");
     assert!(a.child_alive());
 }
 
@@ -107,7 +116,10 @@ async fn mangled_specs_are_rejected_cleanly() {
     let a = TestAgent::with_sandbox().await;
     let good = serde_json::to_vec(&common::spec(&["true"])).expect("json");
     // HUSK_FUZZ_SEED explores other mutations; the default keeps CI deterministic.
-    let mut x: u64 = std::env::var("HUSK_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x2545_f491_4f6c_dd1d);
+    let mut x: u64 = std::env::var("HUSK_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x2545_f491_4f6c_dd1d);
     let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -150,7 +162,9 @@ async fn mangled_specs_are_rejected_cleanly() {
             container_id: id.clone(),
             oci_spec: v.clone(),
             rootfs: Some(pb::Rootfs {
-                source: Some(pb::rootfs::Source::Path(common::rootfs().display().to_string())),
+                source: Some(pb::rootfs::Source::Path(
+                    common::rootfs().display().to_string(),
+                )),
                 ..Default::default()
             })
             .into(),
@@ -161,11 +175,19 @@ async fn mangled_specs_are_rejected_cleanly() {
                 created += 1;
                 a.remove(&id, true).await.expect("remove");
             }
-            Err(e) => assert_ne!(common::code(&e), ttrpc::Code::INTERNAL, "variant {i}: {e:?}\n{}", String::from_utf8_lossy(v)),
+            Err(e) => assert_ne!(
+                common::code(&e),
+                ttrpc::Code::INTERNAL,
+                "variant {i}: {e:?}\n{}",
+                String::from_utf8_lossy(v)
+            ),
         }
     }
     assert!(created < variants.len(), "mangling must reject something");
-    a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("alive");
+    a.client
+        .check(ctx(), &pb::CheckRequest::new())
+        .await
+        .expect("alive");
 }
 
 /// Every RPC with an empty request, before and after CreateSandbox: an
@@ -187,28 +209,70 @@ async fn empty_requests_get_meaningful_codes() {
                 codes.push(($name, $fut.await.map(|_| ()).map_err(|e| common::code(&e))));
             };
         }
-        call!("CreateSandbox", c.create_sandbox(short(), &Default::default()));
-        call!("ConfigureNetwork", c.configure_network(short(), &Default::default()));
-        call!("CreateContainer", c.create_container(short(), &Default::default()));
-        call!("StartContainer", c.start_container(short(), &Default::default()));
-        call!("RemoveContainer", c.remove_container(short(), &Default::default()));
-        call!("ContainerState", c.container_state(short(), &Default::default()));
-        call!("ListContainers", c.list_containers(short(), &Default::default()));
+        call!(
+            "CreateSandbox",
+            c.create_sandbox(short(), &Default::default())
+        );
+        call!(
+            "ConfigureNetwork",
+            c.configure_network(short(), &Default::default())
+        );
+        call!(
+            "CreateContainer",
+            c.create_container(short(), &Default::default())
+        );
+        call!(
+            "StartContainer",
+            c.start_container(short(), &Default::default())
+        );
+        call!(
+            "RemoveContainer",
+            c.remove_container(short(), &Default::default())
+        );
+        call!(
+            "ContainerState",
+            c.container_state(short(), &Default::default())
+        );
+        call!(
+            "ListContainers",
+            c.list_containers(short(), &Default::default())
+        );
         call!("ExecProcess", c.exec_process(short(), &Default::default()));
-        call!("RemoveProcess", c.remove_process(short(), &Default::default()));
-        call!("SignalProcess", c.signal_process(short(), &Default::default()));
+        call!(
+            "RemoveProcess",
+            c.remove_process(short(), &Default::default())
+        );
+        call!(
+            "SignalProcess",
+            c.signal_process(short(), &Default::default())
+        );
         call!("WaitProcess", c.wait_process(short(), &Default::default()));
         call!("WriteStdin", c.write_stdin(short(), &Default::default()));
         call!("CloseStdin", c.close_stdin(short(), &Default::default()));
         call!("ReadStdout", c.read_stdout(short(), &Default::default()));
         call!("ReadStderr", c.read_stderr(short(), &Default::default()));
         call!("ResizeTty", c.resize_tty(short(), &Default::default()));
-        call!("ListProcesses", c.list_processes(short(), &Default::default()));
-        call!("ContainerStats", c.container_stats(short(), &Default::default()));
-        call!("SandboxStats", c.sandbox_stats(short(), &Default::default()));
-        call!("UpdateResources", c.update_resources(short(), &Default::default()));
+        call!(
+            "ListProcesses",
+            c.list_processes(short(), &Default::default())
+        );
+        call!(
+            "ContainerStats",
+            c.container_stats(short(), &Default::default())
+        );
+        call!(
+            "SandboxStats",
+            c.sandbox_stats(short(), &Default::default())
+        );
+        call!(
+            "UpdateResources",
+            c.update_resources(short(), &Default::default())
+        );
         call!("GetOomEvent", c.get_oom_event(short(), &Default::default()));
-        call!("DestroySandbox", c.destroy_sandbox(short(), &Default::default()));
+        call!(
+            "DestroySandbox",
+            c.destroy_sandbox(short(), &Default::default())
+        );
         for (name, r) in &codes {
             assert_ne!(*r, Err(Code::INTERNAL), "round {round}: {name}");
             // GetOomEvent has nothing to say: the client's own deadline ends it.
@@ -216,14 +280,31 @@ async fn empty_requests_get_meaningful_codes() {
                 assert_ne!(*r, Err(Code::UNKNOWN), "round {round}: {name} (transport)");
             }
         }
-        let get = |n: &str| codes.iter().find(|(name, _)| *name == n).map(|(_, r)| *r).expect("called");
-        assert_eq!(get("CreateSandbox"), Err(Code::INVALID_ARGUMENT), "empty id");
+        let get = |n: &str| {
+            codes
+                .iter()
+                .find(|(name, _)| *name == n)
+                .map(|(_, r)| *r)
+                .expect("called")
+        };
+        assert_eq!(
+            get("CreateSandbox"),
+            Err(Code::INVALID_ARGUMENT),
+            "empty id"
+        );
         assert_eq!(get("ContainerState"), Err(Code::NOT_FOUND));
         assert_eq!(get("ListContainers"), Ok(()));
         assert!(get("GetOomEvent").is_err(), "no OOM happened");
-        let no_sandbox = if round == 0 { Err(Code::FAILED_PRECONDITION) } else { Err(Code::NOT_FOUND) };
+        let no_sandbox = if round == 0 {
+            Err(Code::FAILED_PRECONDITION)
+        } else {
+            Err(Code::NOT_FOUND)
+        };
         assert_eq!(get("SandboxStats"), no_sandbox);
         assert_eq!(get("DestroySandbox"), no_sandbox);
     }
-    a.client.check(ctx(), &pb::CheckRequest::new()).await.expect("alive");
+    a.client
+        .check(ctx(), &pb::CheckRequest::new())
+        .await
+        .expect("alive");
 }

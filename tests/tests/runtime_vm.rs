@@ -144,7 +144,10 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     assert!(m["guestRamBytes"].as_u64().unwrap() > 10 << 20, "{i}");
     assert!(m["guestRamBytes"].as_u64().unwrap() <= 512 << 20, "{i}");
     assert!(m["overheadRssBytes"].as_u64().unwrap() > 1 << 20, "{i}");
-    assert!(m["overheadPssBytes"].as_u64() <= m["overheadRssBytes"].as_u64(), "{i}");
+    assert!(
+        m["overheadPssBytes"].as_u64() <= m["overheadRssBytes"].as_u64(),
+        "{i}"
+    );
     assert!(
         comm(pids[0]).starts_with("qemu-system"),
         "{}",
@@ -463,7 +466,9 @@ async fn vm_unused_image_disk_makes_room() {
         .run_pod(&pcfg)
         .await
         .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
-    let first = e.run(&pod, &e.ctr("first", &["sleep", "1000"]), &pcfg).await;
+    let first = e
+        .run(&pod, &e.ctr("first", &["sleep", "1000"]), &pcfg)
+        .await;
     let mut o = e.ctr("other", &["sh", "-c", "cat /marker; exec sleep 1000"]);
     o.image = Some(cri::ImageSpec {
         image: other.clone(),
@@ -490,7 +495,11 @@ async fn vm_unused_image_disk_makes_room() {
     let disks = e
         .sh(&c, "for f in /sys/block/vd*/serial; do cat $f; echo; done")
         .await;
-    assert_eq!(disks.lines().count(), 1, "only the other image's disk: {disks}");
+    assert_eq!(
+        disks.lines().count(),
+        1,
+        "only the other image's disk: {disks}"
+    );
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();
 }
@@ -556,7 +565,11 @@ async fn vm_huskd_kill9_and_restart_reattaches() {
 /// husk-vmm's control socket: one command, its answer line.
 fn vmm_ctl(e: &CriEnv, pod: &str, cmd: &str) -> String {
     use std::io::{BufRead, BufReader, Write};
-    let sock = e.d.run_dir().join("vm").join(&pod[..16]).join("control.sock");
+    let sock =
+        e.d.run_dir()
+            .join("vm")
+            .join(&pod[..16])
+            .join("control.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
     let mut line = String::new();
@@ -576,16 +589,20 @@ async fn vmm_pod_containers_on_disk_slots() {
         "needs root, docker-registry and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD"
     );
     let (k, i) = guest().unwrap();
-    let cfg = vm_config(&k, &i, 20_000)
-        .replace("default_handler = \"husk-qemu\"", "default_handler = \"husk\"")
-        + "hotplug_slots = 3\n";
+    let cfg = vm_config(&k, &i, 20_000).replace(
+        "default_handler = \"husk-qemu\"",
+        "default_handler = \"husk\"",
+    ) + "hotplug_slots = 3\n";
     let mut e = CriEnv::new("husk", &cfg).await;
     let pcfg = e.pod("vmm-slots");
     let pod = match e.run_pod(&pcfg).await {
         Ok(pod) => pod,
         Err(s) => {
             let why: String = s.message().chars().take(300).collect();
-            println!("skipped: no Linux guest boots on husk-vmm here ({:?}: {why})", s.code());
+            println!(
+                "skipped: no Linux guest boots on husk-vmm here ({:?}: {why})",
+                s.code()
+            );
             return;
         }
     };
@@ -594,7 +611,11 @@ async fn vmm_pod_containers_on_disk_slots() {
     assert_eq!(vmm_ctl(&e, &pod, "disks"), "disks 0=- 1=- 2=-");
 
     let c1 = e
-        .run(&pod, &e.ctr("main", &["sh", "-c", "echo out; exec sleep 1000"]), &pcfg)
+        .run(
+            &pod,
+            &e.ctr("main", &["sh", "-c", "echo out; exec sleep 1000"]),
+            &pcfg,
+        )
         .await;
     let log = e.log_path(&pcfg, "main");
     eventually("log line", Duration::from_secs(30), || async {
@@ -602,15 +623,32 @@ async fn vmm_pod_containers_on_disk_slots() {
     })
     .await;
     let rel = e.sh(&c1, "uname -r").await;
-    assert_ne!(rel.trim(), host_file("/proc/sys/kernel/osrelease"), "runs on the guest kernel");
+    assert_ne!(
+        rel.trim(),
+        host_file("/proc/sys/kernel/osrelease"),
+        "runs on the guest kernel"
+    );
     let d = vmm_ctl(&e, &pod, "disks");
-    assert!(d.starts_with("disks 0=img") && d.ends_with(" 1=- 2=-"), "{d}");
-    let serial = d.split(' ').nth(1).unwrap().trim_start_matches("0=").to_string();
+    assert!(
+        d.starts_with("disks 0=img") && d.ends_with(" 1=- 2=-"),
+        "{d}"
+    );
+    let serial = d
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("0=")
+        .to_string();
     let serials = e.sh(&c1, "cat /sys/block/vd*/serial").await;
-    assert!(serials.contains(&serial), "guest serials {serials:?}, slot {serial}");
+    assert!(
+        serials.contains(&serial),
+        "guest serials {serials:?}, slot {serial}"
+    );
 
     // The same image again: the same slot.
-    let again = e.run(&pod, &e.ctr("again", &["sleep", "1000"]), &pcfg).await;
+    let again = e
+        .run(&pod, &e.ctr("again", &["sleep", "1000"]), &pcfg)
+        .await;
     assert_eq!(vmm_ctl(&e, &pod, "disks"), d);
 
     // Another image: the next slot; after a huskd crash the slots are read back from husk-vmm.
@@ -627,23 +665,36 @@ async fn vmm_pod_containers_on_disk_slots() {
     })
     .await;
     let d2 = vmm_ctl(&e, &pod, "disks");
-    assert!(d2.starts_with(&format!("disks 0={serial} 1=img")) && d2.ends_with(" 2=-"), "{d2}");
+    assert!(
+        d2.starts_with(&format!("disks 0={serial} 1=img")) && d2.ends_with(" 2=-"),
+        "{d2}"
+    );
     e.d.crash_and_restart().await.unwrap();
     e.c = e.d.clients().await.unwrap();
     m.metadata.as_mut().unwrap().name = "marked2".into();
     e.run(&pod, &m, &pcfg).await;
-    assert_eq!(vmm_ctl(&e, &pod, "disks"), d2, "no new slot after the restart");
+    assert_eq!(
+        vmm_ctl(&e, &pod, "disks"),
+        d2,
+        "no new slot after the restart"
+    );
 
     // A third image takes the last slot; with every slot full, a fourth image's disk goes
     // into the slot of the first image once no container uses it, and the container sees
     // the fourth image's files (not the first's blocks cached by the guest).
     let third = marked_image(&e, "e2e/vmm-third", "third image").await;
     let mut t = e.ctr("third", &["sleep", "1000"]);
-    t.image = Some(cri::ImageSpec { image: third, ..Default::default() });
+    t.image = Some(cri::ImageSpec {
+        image: third,
+        ..Default::default()
+    });
     e.run(&pod, &t, &pcfg).await;
     let fourth = marked_image(&e, "e2e/vmm-fourth", "fourth image").await;
     let mut f = e.ctr("fourth", &["sh", "-c", "cat /marker; exec sleep 1000"]);
-    f.image = Some(cri::ImageSpec { image: fourth, ..Default::default() });
+    f.image = Some(cri::ImageSpec {
+        image: fourth,
+        ..Default::default()
+    });
     let full = e.create(&pod, &f, &pcfg).await.unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
     for c in [&c1, &again] {
@@ -652,12 +703,17 @@ async fn vmm_pod_containers_on_disk_slots() {
     }
     e.run(&pod, &f, &pcfg).await;
     let flog = e.log_path(&pcfg, "fourth");
-    eventually("fourth marker in the log", Duration::from_secs(30), || async {
-        log_records(&flog).iter().any(|r| r.2 == "fourth image")
-    })
+    eventually(
+        "fourth marker in the log",
+        Duration::from_secs(30),
+        || async { log_records(&flog).iter().any(|r| r.2 == "fourth image") },
+    )
     .await;
     let d4 = vmm_ctl(&e, &pod, "disks");
-    assert!(!d4.contains(&serial) && !d4.contains("=-"), "slot 0 reused: {d4}");
+    assert!(
+        !d4.contains(&serial) && !d4.contains("=-"),
+        "slot 0 reused: {d4}"
+    );
 
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();

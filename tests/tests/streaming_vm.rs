@@ -134,11 +134,16 @@ async fn vm_pod_exec_attach_and_port_forward() {
     // httpd in the guest, reached via the guest's loopback.
     for _ in 0..2 {
         let (mut s, err) = f.open(8080).await.unwrap();
-        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
         let mut body = Vec::new();
         s.read_to_end(&mut body).await.unwrap();
         let text = String::from_utf8_lossy(&body);
-        assert!(text.starts_with("HTTP/1.") && text.ends_with("vm-hello\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.") && text.ends_with("vm-hello\n"),
+            "{text}"
+        );
         assert_eq!(err.await.unwrap(), "");
     }
     f.close().await;

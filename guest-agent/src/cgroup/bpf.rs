@@ -49,7 +49,12 @@ const ACC_READ: i32 = 2;
 const ACC_WRITE: i32 = 4;
 
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn { code, regs: (src << 4) | dst, off, imm }
+    Insn {
+        code,
+        regs: (src << 4) | dst,
+        off,
+        imm,
+    }
 }
 
 fn access_bits(access: &str) -> i32 {
@@ -167,12 +172,25 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, BpfError> {
     };
     // SAFETY: attr points at live buffers (program, license, log) for the call.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoadAttr, std::mem::size_of::<ProgLoadAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoadAttr,
+            std::mem::size_of::<ProgLoadAttr>(),
+        )
     };
     if fd < 0 {
         let err = std::io::Error::last_os_error();
-        let msg = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
-        return Err(BpfError::Load(err, if msg.is_empty() { msg } else { format!(": {msg}") }));
+        let msg = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)])
+            .into_owned();
+        return Err(BpfError::Load(
+            err,
+            if msg.is_empty() {
+                msg
+            } else {
+                format!(": {msg}")
+            },
+        ));
     }
     // SAFETY: the kernel returned a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -181,7 +199,8 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, BpfError> {
 /// Load the filter for `rules` and attach it to the cgroup directory `dir`.
 pub fn attach(dir: &Path, rules: &[DeviceRule]) -> Result<(), BpfError> {
     let prog = load(&program(rules))?;
-    let cgroup = std::fs::File::open(dir).map_err(|e| BpfError::Open(dir.display().to_string(), e))?;
+    let cgroup =
+        std::fs::File::open(dir).map_err(|e| BpfError::Open(dir.display().to_string(), e))?;
     let attr = ProgAttachAttr {
         target_fd: cgroup.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
@@ -191,10 +210,18 @@ pub fn attach(dir: &Path, rules: &[DeviceRule]) -> Result<(), BpfError> {
     };
     // SAFETY: attr is a valid BPF_PROG_ATTACH argument for the call.
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_ATTACH, &attr as *const ProgAttachAttr, std::mem::size_of::<ProgAttachAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attr as *const ProgAttachAttr,
+            std::mem::size_of::<ProgAttachAttr>(),
+        )
     };
     if r < 0 {
-        return Err(BpfError::Attach(dir.display().to_string(), std::io::Error::last_os_error()));
+        return Err(BpfError::Attach(
+            dir.display().to_string(),
+            std::io::Error::last_os_error(),
+        ));
     }
     // The attachment holds the program; our fds may close.
     Ok(())
@@ -233,8 +260,20 @@ mod tests {
         }
     }
 
-    fn rule(allow: bool, typ: char, major: Option<i64>, minor: Option<i64>, access: &str) -> DeviceRule {
-        DeviceRule { allow, typ, major, minor, access: access.into() }
+    fn rule(
+        allow: bool,
+        typ: char,
+        major: Option<i64>,
+        minor: Option<i64>,
+        access: &str,
+    ) -> DeviceRule {
+        DeviceRule {
+            allow,
+            typ,
+            major,
+            minor,
+            access: access.into(),
+        }
     }
 
     #[test]
@@ -248,22 +287,35 @@ mod tests {
         ];
         let p = program(&rules);
         assert_eq!(run(&p, DEV_CHAR, ACC_READ, 1, 3), 1, "null readable");
-        assert_eq!(run(&p, DEV_CHAR, ACC_WRITE, 1, 3), 0, "null write denied by the later rule");
+        assert_eq!(
+            run(&p, DEV_CHAR, ACC_WRITE, 1, 3),
+            0,
+            "null write denied by the later rule"
+        );
         assert_eq!(run(&p, DEV_CHAR, ACC_MKNOD, 8, 0), 1, "mknod any char");
         assert_eq!(run(&p, DEV_BLOCK, ACC_MKNOD, 8, 0), 0, "no block mknod");
         assert_eq!(run(&p, DEV_BLOCK, ACC_READ, 8, 0), 0, "disk denied");
         assert_eq!(run(&p, DEV_CHAR, ACC_WRITE, 136, 7), 1, "pts");
-        assert_eq!(run(&p, DEV_CHAR, ACC_MKNOD, 136, 7), 1, "mknod via the char rule");
+        assert_eq!(
+            run(&p, DEV_CHAR, ACC_MKNOD, 136, 7),
+            1,
+            "mknod via the char rule"
+        );
         assert_eq!(run(&p, DEV_CHAR, ACC_READ, 1, 5), 0, "zero not listed");
     }
 
     #[test]
     fn default_rules_through_the_program() {
-        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2"})).expect("spec");
+        let spec: oci_spec::runtime::Spec =
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2"})).expect("spec");
         let p = program(&super::super::devices::rules(&spec));
         assert_eq!(run(&p, DEV_CHAR, ACC_READ, 1, 9), 1, "urandom");
         assert_eq!(run(&p, DEV_BLOCK, ACC_READ, 7, 0), 0, "loop0");
-        assert_eq!(run(&p, DEV_BLOCK, ACC_MKNOD, 7, 0), 1, "mknod is fine, use is not");
+        assert_eq!(
+            run(&p, DEV_BLOCK, ACC_MKNOD, 7, 0),
+            1,
+            "mknod is fine, use is not"
+        );
     }
 
     /// For real: a child in a cgroup2 cgroup with the filter can open
@@ -277,15 +329,17 @@ mod tests {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let Some(root) = mountinfo.lines().find_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ").then(|| pre.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+            post.starts_with("cgroup2 ")
+                .then(|| pre.split_whitespace().nth(4).map(std::path::PathBuf::from))?
         }) else {
             eprintln!("skipped: no cgroup2 mount");
             return;
         };
         // The verifier takes the full default program too.
-        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2",
+        let spec: oci_spec::runtime::Spec =
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2",
             "linux": {"devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]}}))
-        .expect("spec");
+            .expect("spec");
         load(&program(&super::super::devices::rules(&spec))).expect("default program loads");
 
         let dir = root.join(format!("husk-bpf-test-{}", std::process::id()));
@@ -297,9 +351,13 @@ mod tests {
             }
         }
         let _cleanup = Rmdir(dir.clone());
-        let rules = [rule(false, 'a', None, None, "rwm"), rule(true, 'c', Some(1), Some(3), "rwm")];
+        let rules = [
+            rule(false, 'a', None, None, "rwm"),
+            rule(true, 'c', Some(1), Some(3), "rwm"),
+        ];
         attach(&dir, &rules).expect("attach");
-        let procs = std::ffi::CString::new(dir.join("cgroup.procs").display().to_string()).expect("path");
+        let procs =
+            std::ffi::CString::new(dir.join("cgroup.procs").display().to_string()).expect("path");
         // SAFETY: the child only makes raw syscalls on prepared C strings, then _exits.
         let pid = match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => unsafe {
@@ -310,11 +368,21 @@ mod tests {
                 let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
                 let zero = libc::open(c"/dev/zero".as_ptr(), libc::O_RDONLY);
                 let eperm = zero < 0 && *libc::__errno_location() == libc::EPERM;
-                libc::_exit(if null >= 0 && eperm { 0 } else if null < 0 { 11 } else { 12 });
+                libc::_exit(if null >= 0 && eperm {
+                    0
+                } else if null < 0 {
+                    11
+                } else {
+                    12
+                });
             },
             nix::unistd::ForkResult::Parent { child } => child,
         };
         let status = nix::sys::wait::waitpid(pid, None).expect("wait");
-        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0), "10: join, 11: /dev/null denied, 12: /dev/zero allowed");
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(pid, 0),
+            "10: join, 11: /dev/null denied, 12: /dev/zero allowed"
+        );
     }
 }

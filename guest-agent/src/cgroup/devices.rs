@@ -20,7 +20,13 @@ pub struct DeviceRule {
 
 impl DeviceRule {
     fn allow(typ: char, major: Option<i64>, minor: Option<i64>, access: &str) -> Self {
-        Self { allow: true, typ, major, minor, access: access.into() }
+        Self {
+            allow: true,
+            typ,
+            major,
+            minor,
+            access: access.into(),
+        }
     }
 
     /// The line written to devices.allow / devices.deny.
@@ -29,20 +35,53 @@ impl DeviceRule {
             return "a".into();
         }
         let n = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "*".into());
-        let access = if self.access.is_empty() { "rwm" } else { &self.access };
-        format!("{} {}:{} {}", self.typ, n(self.major), n(self.minor), access)
+        let access = if self.access.is_empty() {
+            "rwm"
+        } else {
+            &self.access
+        };
+        format!(
+            "{} {}:{} {}",
+            self.typ,
+            n(self.major),
+            n(self.minor),
+            access
+        )
     }
 }
 
 /// null, zero, full, random, urandom, tty, console, ptmx, and the pts devices.
-const DEFAULT_ALLOWED: [(i64, Option<i64>); 9] =
-    [(1, Some(3)), (1, Some(5)), (1, Some(7)), (1, Some(8)), (1, Some(9)), (5, Some(0)), (5, Some(1)), (5, Some(2)), (136, None)];
+const DEFAULT_ALLOWED: [(i64, Option<i64>); 9] = [
+    (1, Some(3)),
+    (1, Some(5)),
+    (1, Some(7)),
+    (1, Some(8)),
+    (1, Some(9)),
+    (5, Some(0)),
+    (5, Some(1)),
+    (5, Some(2)),
+    (136, None),
+];
 
 pub fn rules(spec: &Spec) -> Vec<DeviceRule> {
-    let mut out = vec![DeviceRule { allow: false, typ: 'a', major: None, minor: None, access: "rwm".into() }];
+    let mut out = vec![DeviceRule {
+        allow: false,
+        typ: 'a',
+        major: None,
+        minor: None,
+        access: "rwm".into(),
+    }];
     let linux = spec.linux().as_ref();
-    for d in linux.and_then(|l| l.resources().as_ref()).and_then(|r| r.devices().as_ref()).into_iter().flatten() {
-        let typ = d.typ().map(|t| t.as_str().chars().next().unwrap_or('a')).unwrap_or('a');
+    for d in linux
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.devices().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let typ = d
+            .typ()
+            .map(|t| t.as_str().chars().next().unwrap_or('a'))
+            .unwrap_or('a');
         out.push(DeviceRule {
             allow: d.allow(),
             typ,
@@ -58,10 +97,19 @@ pub fn rules(spec: &Spec) -> Vec<DeviceRule> {
     for (major, minor) in DEFAULT_ALLOWED {
         out.push(DeviceRule::allow('c', Some(major), minor, "rwm"));
     }
-    for d in linux.and_then(|l| l.devices().as_ref()).into_iter().flatten() {
+    for d in linux
+        .and_then(|l| l.devices().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let typ = d.typ().as_str().chars().next().unwrap_or('c');
         if typ == 'b' || typ == 'c' {
-            out.push(DeviceRule::allow(typ, Some(d.major()), Some(d.minor()), "rwm"));
+            out.push(DeviceRule::allow(
+                typ,
+                Some(d.major()),
+                Some(d.minor()),
+                "rwm",
+            ));
         }
     }
     out
@@ -81,13 +129,21 @@ mod tests {
             }
         }))
         .expect("spec");
-        let lines: Vec<(bool, String)> = rules(&spec).iter().map(|r| (r.allow, r.v1_line())).collect();
+        let lines: Vec<(bool, String)> = rules(&spec)
+            .iter()
+            .map(|r| (r.allow, r.v1_line()))
+            .collect();
         assert_eq!(lines[0], (false, "a".to_string()));
         // The spec's rules next, in order.
         assert_eq!(lines[1], (false, "a".to_string()));
         assert_eq!(lines[2], (true, "c 10:200 rw".to_string()));
         // Then the defaults (after the spec's deny-all) and the spec's devices.
-        let pos = |l: &str| lines.iter().position(|x| x == &(true, l.to_string())).unwrap_or_else(|| panic!("{l}"));
+        let pos = |l: &str| {
+            lines
+                .iter()
+                .position(|x| x == &(true, l.to_string()))
+                .unwrap_or_else(|| panic!("{l}"))
+        };
         assert!(pos("c 1:3 rwm") > 2 && pos("c 136:* rwm") > 2 && pos("b *:* m") > 2);
         assert_eq!(lines.last(), Some(&(true, "c 10:229 rwm".to_string())));
     }

@@ -31,11 +31,19 @@ pub enum CgroupError {
 pub type Result<T> = std::result::Result<T, CgroupError>;
 
 pub(crate) fn write(path: &Path, value: &str) -> Result<()> {
-    std::fs::write(path, value).map_err(|source| CgroupError::Io { op: "write", path: path.display().to_string(), source })
+    std::fs::write(path, value).map_err(|source| CgroupError::Io {
+        op: "write",
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 pub(crate) fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| CgroupError::Io { op: "read", path: path.display().to_string(), source })
+    std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        op: "read",
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 pub(crate) fn read_u64(path: &Path) -> Option<u64> {
@@ -46,7 +54,9 @@ pub(crate) fn read_u64(path: &Path) -> Option<u64> {
 pub(crate) fn keyed(content: &str, key: &str) -> Option<u64> {
     content.lines().find_map(|l| {
         let mut it = l.split_whitespace();
-        (it.next() == Some(key)).then(|| it.next()?.parse().ok()).flatten()
+        (it.next() == Some(key))
+            .then(|| it.next()?.parse().ok())
+            .flatten()
     })
 }
 
@@ -58,7 +68,13 @@ pub(crate) fn rmdir_retry(path: &Path) -> Result<()> {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 49 => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(source) => return Err(CgroupError::Io { op: "rmdir", path: path.display().to_string(), source }),
+            Err(source) => {
+                return Err(CgroupError::Io {
+                    op: "rmdir",
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
         }
     }
     Ok(())
@@ -133,7 +149,9 @@ impl Cgroup {
     pub fn apply(&self, res: &LinuxResources) -> Result<()> {
         validate(res)?;
         if matches!(self, Cgroup::V1(_)) && res.unified().as_ref().is_some_and(|u| !u.is_empty()) {
-            return Err(CgroupError::Invalid("unified resources need cgroup v2".into()));
+            return Err(CgroupError::Invalid(
+                "unified resources need cgroup v2".into(),
+            ));
         }
         match self {
             Cgroup::V1(c) => c.apply(res),
@@ -187,19 +205,25 @@ pub fn validate(res: &LinuxResources) -> Result<()> {
             && !(2..=262_144).contains(&shares)
             && shares != 0
         {
-            return Err(CgroupError::Invalid(format!("cpu shares {shares} not in 2..=262144")));
+            return Err(CgroupError::Invalid(format!(
+                "cpu shares {shares} not in 2..=262144"
+            )));
         }
         if let Some(period) = cpu.period()
             && period != 0
             && !(1000..=1_000_000).contains(&period)
         {
-            return Err(CgroupError::Invalid(format!("cpu period {period} not in 1000..=1000000")));
+            return Err(CgroupError::Invalid(format!(
+                "cpu period {period} not in 1000..=1000000"
+            )));
         }
         if let Some(quota) = cpu.quota()
             && quota > 0
             && quota < 1000
         {
-            return Err(CgroupError::Invalid(format!("cpu quota {quota} below 1000")));
+            return Err(CgroupError::Invalid(format!(
+                "cpu quota {quota} below 1000"
+            )));
         }
     }
     if let Some(mem) = res.memory() {
@@ -207,7 +231,9 @@ pub fn validate(res: &LinuxResources) -> Result<()> {
             && limit > 0
             && limit < 4096
         {
-            return Err(CgroupError::Invalid(format!("memory limit {limit} below one page")));
+            return Err(CgroupError::Invalid(format!(
+                "memory limit {limit} below one page"
+            )));
         }
         if let Some(sw) = mem.swappiness()
             && sw > 100
@@ -216,8 +242,17 @@ pub fn validate(res: &LinuxResources) -> Result<()> {
         }
     }
     for key in res.unified().iter().flatten().map(|(k, _)| k) {
-        let reserved = ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control", "cgroup.type"];
-        if key.is_empty() || key.contains('/') || key.starts_with('.') || reserved.contains(&key.as_str()) {
+        let reserved = [
+            "cgroup.procs",
+            "cgroup.threads",
+            "cgroup.subtree_control",
+            "cgroup.type",
+        ];
+        if key.is_empty()
+            || key.contains('/')
+            || key.starts_with('.')
+            || reserved.contains(&key.as_str())
+        {
             return Err(CgroupError::Invalid(format!("unified key {key:?}")));
         }
     }
@@ -226,7 +261,11 @@ pub fn validate(res: &LinuxResources) -> Result<()> {
 
 /// CRI shares (2..262144) to a cgroup v2 weight (1..10000), as runc does.
 pub fn shares_to_weight(shares: u64) -> u64 {
-    if shares == 0 { 100 } else { 1 + ((shares.saturating_sub(2)) * 9999) / 262_142 }
+    if shares == 0 {
+        100
+    } else {
+        1 + ((shares.saturating_sub(2)) * 9999) / 262_142
+    }
 }
 
 #[cfg(test)]
@@ -240,8 +279,13 @@ mod tests {
         assert!(validate(&res(serde_json::json!({"cpu": {"period": 10}}))).is_err());
         assert!(validate(&res(serde_json::json!({"cpu": {"quota": 5}}))).is_err());
         assert!(validate(&res(serde_json::json!({"memory": {"limit": 100}}))).is_err());
-        assert!(validate(&res(serde_json::json!({"cpu": {"shares": 512, "quota": -1, "period": 100000},
-            "memory": {"limit": 67108864}}))).is_ok());
+        assert!(
+            validate(&res(
+                serde_json::json!({"cpu": {"shares": 512, "quota": -1, "period": 100000},
+            "memory": {"limit": 67108864}})
+            ))
+            .is_ok()
+        );
     }
 
     #[test]
@@ -253,7 +297,10 @@ mod tests {
 
     #[test]
     fn keyed_files_parse() {
-        assert_eq!(keyed("low 0\nhigh 0\noom 2\noom_kill 1\n", "oom_kill"), Some(1));
+        assert_eq!(
+            keyed("low 0\nhigh 0\noom 2\noom_kill 1\n", "oom_kill"),
+            Some(1)
+        );
         assert_eq!(keyed("usage_usec 1500\n", "user_usec"), None);
     }
 }

@@ -7,7 +7,9 @@ use oci_spec::runtime::LinuxResources;
 
 use super::{CgroupError, Result, Stats, keyed, read, read_u64, write};
 
-const CONTROLLERS: [&str; 8] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "hugetlb"];
+const CONTROLLERS: [&str; 8] = [
+    "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "hugetlb",
+];
 
 /// Mount point of each controller we use.
 #[derive(Debug, Clone, Default)]
@@ -25,13 +27,17 @@ impl V1 {
     pub fn from_mountinfo(mountinfo: &str) -> Self {
         let mut mounts = BTreeMap::new();
         for line in mountinfo.lines() {
-            let Some((pre, post)) = line.split_once(" - ") else { continue };
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
             let mut post = post.split_whitespace();
             if post.next() != Some("cgroup") {
                 continue;
             }
             let opts = post.nth(1).unwrap_or_default();
-            let Some(mount_point) = pre.split_whitespace().nth(4) else { continue };
+            let Some(mount_point) = pre.split_whitespace().nth(4) else {
+                continue;
+            };
             for c in CONTROLLERS {
                 if opts.split(',').any(|o| o == c) {
                     mounts.insert(c, PathBuf::from(mount_point));
@@ -57,7 +63,10 @@ impl V1 {
                     cur.push(part);
                     mkdir(&cur)?;
                     for f in ["cpuset.cpus", "cpuset.mems"] {
-                        if read(&cur.join(f)).map(|s| s.trim().is_empty()).unwrap_or(false) {
+                        if read(&cur.join(f))
+                            .map(|s| s.trim().is_empty())
+                            .unwrap_or(false)
+                        {
                             write(&cur.join(f), read(&parent.join(f))?.trim())?;
                         }
                     }
@@ -72,7 +81,11 @@ impl V1 {
 }
 
 fn mkdir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| CgroupError::Io { op: "mkdir", path: dir.display().to_string(), source })
+    std::fs::create_dir_all(dir).map_err(|source| CgroupError::Io {
+        op: "mkdir",
+        path: dir.display().to_string(),
+        source,
+    })
 }
 
 impl Cgroup {
@@ -111,7 +124,11 @@ impl Cgroup {
                 self.set("cpu", "cpu.cfs_period_us", &period.to_string())?;
             }
             if let Some(quota) = cpu.quota() {
-                self.set("cpu", "cpu.cfs_quota_us", &(if quota > 0 { quota } else { -1 }).to_string())?;
+                self.set(
+                    "cpu",
+                    "cpu.cfs_quota_us",
+                    &(if quota > 0 { quota } else { -1 }).to_string(),
+                )?;
             }
             if let Some(cpus) = cpu.cpus().as_deref().filter(|s| !s.is_empty()) {
                 self.set("cpuset", "cpuset.cpus", cpus)?;
@@ -134,20 +151,33 @@ impl Cgroup {
         }
         if let Some(mem) = res.memory() {
             if let Some(r) = mem.reservation() {
-                self.set("memory", "memory.soft_limit_in_bytes", &(if r > 0 { r } else { -1 }).to_string())?;
+                self.set(
+                    "memory",
+                    "memory.soft_limit_in_bytes",
+                    &(if r > 0 { r } else { -1 }).to_string(),
+                )?;
             }
             if let Some(sw) = mem.swappiness() {
                 self.set("memory", "memory.swappiness", &sw.to_string())?;
             }
         }
         if let Some(pids) = res.pids() {
-            let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
+            let v = if pids.limit() > 0 {
+                pids.limit().to_string()
+            } else {
+                "max".into()
+            };
             self.set("pids", "pids.max", &v)?;
         }
         for h in res.hugepage_limits().iter().flatten() {
-            match self.file("hugetlb", &format!("hugetlb.{}.limit_in_bytes", h.page_size())) {
+            match self.file(
+                "hugetlb",
+                &format!("hugetlb.{}.limit_in_bytes", h.page_size()),
+            ) {
                 Some(p) if p.exists() => write(&p, &h.limit().to_string())?,
-                _ => tracing::warn!(page_size = %h.page_size(), "no hugetlb controller for this page size"),
+                _ => {
+                    tracing::warn!(page_size = %h.page_size(), "no hugetlb controller for this page size")
+                }
             }
         }
         Ok(())
@@ -155,13 +185,24 @@ impl Cgroup {
 
     pub fn apply_devices(&self, rules: &[super::devices::DeviceRule]) -> Result<()> {
         for r in rules {
-            self.set("devices", if r.allow { "devices.allow" } else { "devices.deny" }, &r.v1_line())?;
+            self.set(
+                "devices",
+                if r.allow {
+                    "devices.allow"
+                } else {
+                    "devices.deny"
+                },
+                &r.v1_line(),
+            )?;
         }
         Ok(())
     }
 
     pub fn stats(&self) -> Stats {
-        let mem_stat = self.file("memory", "memory.stat").and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+        let mem_stat = self
+            .file("memory", "memory.stat")
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
         let usage = self.get("memory", "memory.usage_in_bytes").unwrap_or(0);
         let inactive = keyed(&mem_stat, "total_inactive_file").unwrap_or(0);
         let (mut rd, mut wr) = (0, 0);
@@ -179,7 +220,9 @@ impl Cgroup {
                 }
             }
         }
-        let pids_limit = self.file("pids", "pids.max").and_then(|p| std::fs::read_to_string(p).ok());
+        let pids_limit = self
+            .file("pids", "pids.max")
+            .and_then(|p| std::fs::read_to_string(p).ok());
         Stats {
             cpu_usage_ns: self.get("cpuacct", "cpuacct.usage").unwrap_or(0),
             memory_usage: usage,
@@ -217,8 +260,14 @@ mod tests {
     #[test]
     fn finds_controllers_in_mountinfo() {
         let v1 = V1::from_mountinfo(MOUNTINFO);
-        assert_eq!(v1.mounts.get("cpu"), Some(&PathBuf::from("/sys/fs/cgroup/cpu")));
-        assert_eq!(v1.mounts.get("memory"), Some(&PathBuf::from("/sys/fs/cgroup/memory")));
+        assert_eq!(
+            v1.mounts.get("cpu"),
+            Some(&PathBuf::from("/sys/fs/cgroup/cpu"))
+        );
+        assert_eq!(
+            v1.mounts.get("memory"),
+            Some(&PathBuf::from("/sys/fs/cgroup/memory"))
+        );
         assert!(!v1.mounts.contains_key("pids"));
         assert_eq!(v1.mounts.len(), 3);
     }
@@ -240,13 +289,20 @@ mod tests {
         std::fs::write(root.path().join("cpuset/husk/cpuset.cpus"), "").expect("w");
         std::fs::write(root.path().join("cpuset/husk/cpuset.mems"), "").expect("w");
         let cg = v1.create(Path::new("husk/c1")).expect("create");
-        assert_eq!(std::fs::read_to_string(root.path().join("cpuset/husk/cpuset.cpus")).expect("r"), "0-1");
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("cpuset/husk/cpuset.cpus")).expect("r"),
+            "0-1"
+        );
         assert_eq!(cg.dirs().count(), 4);
         // Reservation and swappiness.
-        let res: LinuxResources =
-            serde_json::from_value(serde_json::json!({"memory": {"reservation": 1048576, "swappiness": 10}})).expect("res");
+        let res: LinuxResources = serde_json::from_value(
+            serde_json::json!({"memory": {"reservation": 1048576, "swappiness": 10}}),
+        )
+        .expect("res");
         cg.apply(&res).expect("apply");
-        let r0 = |c: &str, f: &str| std::fs::read_to_string(root.path().join(c).join("husk/c1").join(f)).expect(f);
+        let r0 = |c: &str, f: &str| {
+            std::fs::read_to_string(root.path().join(c).join("husk/c1").join(f)).expect(f)
+        };
         assert_eq!(r0("memory", "memory.soft_limit_in_bytes"), "1048576");
         assert_eq!(r0("memory", "memory.swappiness"), "10");
         let res: LinuxResources = serde_json::from_value(serde_json::json!({
@@ -255,16 +311,38 @@ mod tests {
         }))
         .expect("res");
         cg.apply(&res).expect("apply");
-        let r = |c: &str, f: &str| std::fs::read_to_string(root.path().join(c).join("husk/c1").join(f)).expect(f);
+        let r = |c: &str, f: &str| {
+            std::fs::read_to_string(root.path().join(c).join("husk/c1").join(f)).expect(f)
+        };
         assert_eq!(r("cpu", "cpu.shares"), "512");
         assert_eq!(r("cpu", "cpu.cfs_quota_us"), "-1");
         assert_eq!(r("memory", "memory.limit_in_bytes"), "33554432");
         assert_eq!(r("pids", "pids.max"), "max");
         std::fs::write(root.path().join("cpu/husk/c1/cpuacct.usage"), "12345\n").expect("w");
-        std::fs::write(root.path().join("memory/husk/c1/memory.usage_in_bytes"), "4096\n").expect("w");
-        std::fs::write(root.path().join("memory/husk/c1/memory.stat"), "cache 1\ntotal_inactive_file 1024\n").expect("w");
-        std::fs::write(root.path().join("memory/husk/c1/memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").expect("w");
+        std::fs::write(
+            root.path().join("memory/husk/c1/memory.usage_in_bytes"),
+            "4096\n",
+        )
+        .expect("w");
+        std::fs::write(
+            root.path().join("memory/husk/c1/memory.stat"),
+            "cache 1\ntotal_inactive_file 1024\n",
+        )
+        .expect("w");
+        std::fs::write(
+            root.path().join("memory/husk/c1/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .expect("w");
         let s = cg.stats();
-        assert_eq!((s.cpu_usage_ns, s.memory_usage, s.memory_working_set, s.oom_kills), (12345, 4096, 3072, 3));
+        assert_eq!(
+            (
+                s.cpu_usage_ns,
+                s.memory_usage,
+                s.memory_working_set,
+                s.oom_kills
+            ),
+            (12345, 4096, 3072, 3)
+        );
     }
 }

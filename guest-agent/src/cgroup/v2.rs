@@ -25,15 +25,26 @@ impl V2 {
 
     pub fn create(&self, rel: &Path) -> Result<Cgroup> {
         let dir = self.root.join(rel);
-        std::fs::create_dir_all(&dir)
-            .map_err(|source| CgroupError::Io { op: "mkdir", path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Io {
+            op: "mkdir",
+            path: dir.display().to_string(),
+            source,
+        })?;
         // Delegate controllers down to the parent of the leaf.
         let mut cur = self.root.clone();
         let parts: Vec<_> = rel.components().collect();
-        for part in parts.iter().take(parts.len().saturating_sub(1)).map(|c| Some(*c)).chain([None]) {
+        for part in parts
+            .iter()
+            .take(parts.len().saturating_sub(1))
+            .map(|c| Some(*c))
+            .chain([None])
+        {
             let control = cur.join("cgroup.subtree_control");
             if let Ok(available) = std::fs::read_to_string(cur.join("cgroup.controllers")) {
-                for c in CONTROLLERS.iter().filter(|c| available.split_whitespace().any(|a| a == **c)) {
+                for c in CONTROLLERS
+                    .iter()
+                    .filter(|c| available.split_whitespace().any(|a| a == **c))
+                {
                     // Best effort: a controller may be busy in a threaded subtree.
                     let _ = std::fs::write(&control, format!("+{c}"));
                 }
@@ -71,20 +82,36 @@ impl Cgroup {
             }
         }
         if let Some(mem) = res.memory()
-            && let Some(limit) = mem.limit() {
-                let v = if limit > 0 { limit.to_string() } else { "max".into() };
-                write(&d.join("memory.max"), &v)?;
-                if let Some(swap) = mem.swap() {
-                    // OCI swap is memory+swap; v2 wants swap alone.
-                    let v = if swap > 0 && limit > 0 { (swap - limit).max(0).to_string() } else { "max".into() };
-                    let _ = write(&d.join("memory.swap.max"), &v);
-                }
+            && let Some(limit) = mem.limit()
+        {
+            let v = if limit > 0 {
+                limit.to_string()
+            } else {
+                "max".into()
+            };
+            write(&d.join("memory.max"), &v)?;
+            if let Some(swap) = mem.swap() {
+                // OCI swap is memory+swap; v2 wants swap alone.
+                let v = if swap > 0 && limit > 0 {
+                    (swap - limit).max(0).to_string()
+                } else {
+                    "max".into()
+                };
+                let _ = write(&d.join("memory.swap.max"), &v);
             }
+        }
         if let Some(r) = res.memory().as_ref().and_then(|m| m.reservation()) {
-            write(&d.join("memory.low"), &(if r > 0 { r.to_string() } else { "0".into() }))?;
+            write(
+                &d.join("memory.low"),
+                &(if r > 0 { r.to_string() } else { "0".into() }),
+            )?;
         }
         if let Some(pids) = res.pids() {
-            let v = if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() };
+            let v = if pids.limit() > 0 {
+                pids.limit().to_string()
+            } else {
+                "max".into()
+            };
             write(&d.join("pids.max"), &v)?;
         }
         for h in res.hugepage_limits().iter().flatten() {
@@ -109,7 +136,10 @@ impl Cgroup {
         let usage = read_u64(&d.join("memory.current")).unwrap_or(0);
         let inactive = keyed(&mem_stat, "inactive_file").unwrap_or(0);
         let (mut rd, mut wr) = (0, 0);
-        for line in std::fs::read_to_string(d.join("io.stat")).unwrap_or_default().lines() {
+        for line in std::fs::read_to_string(d.join("io.stat"))
+            .unwrap_or_default()
+            .lines()
+        {
             for kv in line.split_whitespace().skip(1) {
                 match kv.split_once('=') {
                     Some(("rbytes", v)) => rd += v.parse::<u64>().unwrap_or(0),
@@ -147,7 +177,10 @@ mod tests {
         std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").expect("w");
         let h = V2::new(root.path().to_path_buf());
         let cg = h.create(Path::new("husk/pod/c1")).expect("create");
-        assert_eq!(std::fs::read_to_string(root.path().join("cgroup.subtree_control")).expect("r"), "+pids");
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("cgroup.subtree_control")).expect("r"),
+            "+pids"
+        );
         let res: LinuxResources = serde_json::from_value(serde_json::json!({
             "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0"},
             "memory": {"limit": 67108864}, "pids": {"limit": 64}
@@ -167,17 +200,30 @@ mod tests {
         cg.apply(&res).expect("apply");
         assert_eq!(r("memory.low"), "4096");
         assert_eq!(r("memory.high"), "1000000");
-        let bad: LinuxResources = serde_json::from_value(serde_json::json!({"unified": {"../x": "1"}})).expect("res");
+        let bad: LinuxResources =
+            serde_json::from_value(serde_json::json!({"unified": {"../x": "1"}})).expect("res");
         assert!(matches!(cg.apply(&bad), Err(CgroupError::Invalid(_))));
-        let bad: LinuxResources = serde_json::from_value(serde_json::json!({"unified": {"cgroup.procs": "1"}})).expect("res");
+        let bad: LinuxResources =
+            serde_json::from_value(serde_json::json!({"unified": {"cgroup.procs": "1"}}))
+                .expect("res");
         assert!(matches!(cg.apply(&bad), Err(CgroupError::Invalid(_))));
         std::fs::write(cg.dir.join("cpu.stat"), "usage_usec 2000\nuser_usec 1\n").expect("w");
         std::fs::write(cg.dir.join("memory.current"), "1000\n").expect("w");
         std::fs::write(cg.dir.join("memory.stat"), "anon 1\ninactive_file 300\n").expect("w");
         std::fs::write(cg.dir.join("memory.events"), "oom 1\noom_kill 2\n").expect("w");
-        std::fs::write(cg.dir.join("io.stat"), "8:0 rbytes=10 wbytes=20 rios=1\n8:16 rbytes=1 wbytes=2\n").expect("w");
+        std::fs::write(
+            cg.dir.join("io.stat"),
+            "8:0 rbytes=10 wbytes=20 rios=1\n8:16 rbytes=1 wbytes=2\n",
+        )
+        .expect("w");
         let s = cg.stats();
-        assert_eq!((s.cpu_usage_ns, s.memory_usage, s.memory_working_set), (2_000_000, 1000, 700));
-        assert_eq!((s.io_read_bytes, s.io_write_bytes, s.oom_kills, s.pids_limit), (11, 22, 2, 64));
+        assert_eq!(
+            (s.cpu_usage_ns, s.memory_usage, s.memory_working_set),
+            (2_000_000, 1000, 700)
+        );
+        assert_eq!(
+            (s.io_read_bytes, s.io_write_bytes, s.oom_kills, s.pids_limit),
+            (11, 22, 2, 64)
+        );
     }
 }

@@ -21,8 +21,16 @@ pub const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urand
 /// Where the rootfs comes from (wire `Rootfs` converted in rpc.rs).
 #[derive(Debug, Clone)]
 pub enum RootfsSource {
-    Overlay { lower_dirs: Vec<PathBuf> },
-    Block { device: PathBuf, fstype: String, options: Vec<String>, subpath: String, overlay: bool },
+    Overlay {
+        lower_dirs: Vec<PathBuf>,
+    },
+    Block {
+        device: PathBuf,
+        fstype: String,
+        options: Vec<String>,
+        subpath: String,
+        overlay: bool,
+    },
     Path(PathBuf),
 }
 
@@ -55,7 +63,9 @@ fn plan_with(spec: &Spec, holder_pid: i32) -> Result<(Vec<NsJoin>, Vec<Ns>)> {
         .map(|n| (n.typ(), n.path().clone()))
         .collect();
     if listed.contains_key(&LinuxNamespaceType::User) {
-        return Err(AgentError::InvalidArgument("user namespaces are not supported".into()));
+        return Err(AgentError::InvalidArgument(
+            "user namespaces are not supported".into(),
+        ));
     }
     let mut join = Vec::new();
     let mut unshare = vec![Ns::Mnt];
@@ -64,13 +74,23 @@ fn plan_with(spec: &Spec, holder_pid: i32) -> Result<(Vec<NsJoin>, Vec<Ns>)> {
         (LinuxNamespaceType::Ipc, Ns::Ipc),
         (LinuxNamespaceType::Uts, Ns::Uts),
     ] {
-        let path = listed.get(&typ).cloned().flatten().unwrap_or_else(|| pod(ns));
+        let path = listed
+            .get(&typ)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| pod(ns));
         join.push(NsJoin { ns, path });
     }
     match listed.get(&LinuxNamespaceType::Pid) {
-        Some(Some(path)) => join.push(NsJoin { ns: Ns::Pid, path: path.clone() }),
+        Some(Some(path)) => join.push(NsJoin {
+            ns: Ns::Pid,
+            path: path.clone(),
+        }),
         Some(None) => unshare.push(Ns::Pid),
-        None => join.push(NsJoin { ns: Ns::Pid, path: pod(Ns::Pid) }),
+        None => join.push(NsJoin {
+            ns: Ns::Pid,
+            path: pod(Ns::Pid),
+        }),
     }
     if listed.contains_key(&LinuxNamespaceType::Cgroup) {
         unshare.push(Ns::Cgroup);
@@ -79,11 +99,18 @@ fn plan_with(spec: &Spec, holder_pid: i32) -> Result<(Vec<NsJoin>, Vec<Ns>)> {
 }
 
 fn has_mount(spec: &Spec, dest: &str) -> bool {
-    spec.mounts().iter().flatten().any(|m| m.destination() == Path::new(dest))
+    spec.mounts()
+        .iter()
+        .flatten()
+        .any(|m| m.destination() == Path::new(dest))
 }
 
 fn bind(dest: &str, source: &Path, ro: bool) -> Mount {
-    let mut opts = vec!["rbind".to_string(), "nosuid".to_string(), "nodev".to_string()];
+    let mut opts = vec![
+        "rbind".to_string(),
+        "nosuid".to_string(),
+        "nodev".to_string(),
+    ];
     if ro {
         opts.push("ro".into());
     }
@@ -101,22 +128,39 @@ pub fn adjust_spec(spec: &mut Spec, sandbox: &Sandbox, joins_pod_ipc: bool) -> R
     let mut mounts: Vec<Mount> = Vec::new();
     for mut m in spec.mounts().clone().unwrap_or_default() {
         if !m.destination().is_absolute() {
-            return Err(AgentError::InvalidArgument(format!("mount destination {} is relative", m.destination().display())));
+            return Err(AgentError::InvalidArgument(format!(
+                "mount destination {} is relative",
+                m.destination().display()
+            )));
         }
         if joins_pod_ipc && m.destination() == Path::new("/dev/shm") {
             continue;
         }
         let is_bind = m.typ().as_deref() == Some("bind")
-            || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
-        if let Some(src) = m.source().as_ref().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("sandbox:")) {
+            || m.options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        if let Some(src) = m
+            .source()
+            .as_ref()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix("sandbox:"))
+        {
             m.set_source(Some(sandbox_source(&sandbox.mounts, src)?));
         } else if is_bind {
             let src = m.source().clone().unwrap_or_default();
             if !src.is_absolute() {
-                return Err(AgentError::InvalidArgument(format!("bind source {} is not absolute", src.display())));
+                return Err(AgentError::InvalidArgument(format!(
+                    "bind source {} is not absolute",
+                    src.display()
+                )));
             }
             if !src.exists() {
-                return Err(AgentError::InvalidArgument(format!("bind source {} does not exist", src.display())));
+                return Err(AgentError::InvalidArgument(format!(
+                    "bind source {} does not exist",
+                    src.display()
+                )));
             }
         }
         mounts.push(m);
@@ -139,7 +183,10 @@ pub fn adjust_spec(spec: &mut Spec, sandbox: &Sandbox, joins_pod_ipc: bool) -> R
 /// NAME, or a file or directory beneath it (a VM pod's CRI mounts live in subdirectories of
 /// its virtio-fs share). SUB/PATH is plain components only, none of them a symlink, and must
 /// exist.
-pub fn sandbox_source(mounts: &std::collections::HashMap<String, PathBuf>, src: &str) -> Result<PathBuf> {
+pub fn sandbox_source(
+    mounts: &std::collections::HashMap<String, PathBuf>,
+    src: &str,
+) -> Result<PathBuf> {
     let (name, sub) = src.split_once('/').unwrap_or((src, ""));
     let mut path = mounts
         .get(name)
@@ -147,15 +194,24 @@ pub fn sandbox_source(mounts: &std::collections::HashMap<String, PathBuf>, src: 
         .clone();
     for c in Path::new(sub).components() {
         let std::path::Component::Normal(c) = c else {
-            return Err(AgentError::InvalidArgument(format!("sandbox mount path {src}: only plain components")));
+            return Err(AgentError::InvalidArgument(format!(
+                "sandbox mount path {src}: only plain components"
+            )));
         };
         path.push(c);
         match std::fs::symlink_metadata(&path) {
             Ok(md) if md.file_type().is_symlink() => {
-                return Err(AgentError::InvalidArgument(format!("sandbox mount path {src}: {} is a symlink", path.display())));
+                return Err(AgentError::InvalidArgument(format!(
+                    "sandbox mount path {src}: {} is a symlink",
+                    path.display()
+                )));
             }
             Ok(_) => {}
-            Err(e) => return Err(AgentError::InvalidArgument(format!("sandbox mount path {src}: {e}"))),
+            Err(e) => {
+                return Err(AgentError::InvalidArgument(format!(
+                    "sandbox mount path {src}: {e}"
+                )));
+            }
         }
     }
     Ok(path)
@@ -178,7 +234,9 @@ pub fn resolve_device(device: &Path, sys_block: &Path) -> Result<PathBuf> {
             return Ok(Path::new("/dev").join(entry.file_name()));
         }
     }
-    Err(AgentError::InvalidArgument(format!("no virtio-blk device with serial {serial} and a non-zero size")))
+    Err(AgentError::InvalidArgument(format!(
+        "no virtio-blk device with serial {serial} and a non-zero size"
+    )))
 }
 
 /// How long a hot-plugged disk may take to show up in the guest.
@@ -189,9 +247,11 @@ nix::ioctl_none!(blkflsbuf, 0x12, 97);
 /// Drops the guest's cached blocks of `device` (BLKFLSBUF): a husk-vmm disk slot that held
 /// another image before shows new content under the same device node.
 fn drop_cached_blocks(device: &Path) -> Result<()> {
-    let f = std::fs::File::open(device).map_err(|e| AgentError::Io(format!("open {}", device.display()), e))?;
+    let f = std::fs::File::open(device)
+        .map_err(|e| AgentError::Io(format!("open {}", device.display()), e))?;
     // SAFETY: BLKFLSBUF takes no argument; the fd is a block device opened above.
-    unsafe { blkflsbuf(std::os::fd::AsRawFd::as_raw_fd(&f)) }.map_err(|e| AgentError::Os("BLKFLSBUF on the rootfs block device", e))?;
+    unsafe { blkflsbuf(std::os::fd::AsRawFd::as_raw_fd(&f)) }
+        .map_err(|e| AgentError::Os("BLKFLSBUF on the rootfs block device", e))?;
     Ok(())
 }
 
@@ -210,7 +270,8 @@ fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> 
     let device = device.as_path();
     drop_cached_blocks(device)?;
     let target = dir.join("block");
-    std::fs::create_dir_all(&target).map_err(|e| AgentError::Io(format!("mkdir {}", target.display()), e))?;
+    std::fs::create_dir_all(&target)
+        .map_err(|e| AgentError::Io(format!("mkdir {}", target.display()), e))?;
     let o = crate::runner::rootfs::parse_options(options);
     let data = o.data.join(",");
     nix::mount::mount(
@@ -225,7 +286,10 @@ fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> 
 }
 
 /// Reject what the runner would reject, before spawning anything.
-pub fn validate_process(process: &oci_spec::runtime::Process, linux: Option<&oci_spec::runtime::Linux>) -> Result<()> {
+pub fn validate_process(
+    process: &oci_spec::runtime::Process,
+    linux: Option<&oci_spec::runtime::Linux>,
+) -> Result<()> {
     let invalid = |e: String| AgentError::InvalidArgument(e);
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(invalid("process.args is empty".into()));
@@ -248,12 +312,20 @@ pub async fn do_create(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Con
     validate_id("container", &req.id)?;
     let sandbox = agent.sandbox()?;
     if !sandbox.alive() {
-        return Err(AgentError::FailedPrecondition(format!("sandbox {} is not running", sandbox.id)));
+        return Err(AgentError::FailedPrecondition(format!(
+            "sandbox {} is not running",
+            sandbox.id
+        )));
     }
     if lock(&agent.containers).contains_key(&req.id) || !lock(&agent.busy).insert(req.id.clone()) {
         return Err(AgentError::AlreadyExists(format!("container {}", req.id)));
     }
-    let dir = agent.config.state_dir.join(&sandbox.id).join("containers").join(&req.id);
+    let dir = agent
+        .config
+        .state_dir
+        .join(&sandbox.id)
+        .join("containers")
+        .join(&req.id);
     let result = create(agent, &sandbox, &req, &dir).await;
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -264,46 +336,79 @@ pub async fn do_create(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Con
     result
 }
 
-async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest, dir: &Path) -> Result<Arc<Container>> {
+async fn create(
+    agent: &Arc<Agent>,
+    sandbox: &Arc<Sandbox>,
+    req: &CreateRequest,
+    dir: &Path,
+) -> Result<Arc<Container>> {
     let mut spec: Spec = serde_json::from_slice(&req.spec_json)
         .map_err(|e| AgentError::InvalidArgument(format!("oci spec: {e}")))?;
-    let process = spec.process().as_ref().ok_or_else(|| AgentError::InvalidArgument("oci spec: no process".into()))?;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| AgentError::InvalidArgument("oci spec: no process".into()))?;
     validate_process(process, spec.linux().as_ref())?;
     let (join, unshare) = plan_namespaces(&spec, sandbox)?;
-    let joins_pod_ipc = join.iter().any(|j| j.ns == Ns::Ipc && j.path == sandbox.ns_path(Ns::Ipc));
+    let joins_pod_ipc = join
+        .iter()
+        .any(|j| j.ns == Ns::Ipc && j.path == sandbox.ns_path(Ns::Ipc));
     adjust_spec(&mut spec, sandbox, joins_pod_ipc)?;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
     if let Some(r) = &resources {
         crate::cgroup::validate(r).map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
     }
 
-    std::fs::create_dir_all(dir).map_err(|e| AgentError::Io(format!("mkdir {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| AgentError::Io(format!("mkdir {}", dir.display()), e))?;
     let mut agent_mounts = Vec::new();
     let (upper, work) = (dir.join("upper"), dir.join("work"));
     let rootfs = match req.rootfs.clone() {
         Some(RootfsSource::Overlay { lower_dirs }) => {
             if lower_dirs.is_empty() {
-                return Err(AgentError::InvalidArgument("overlay rootfs without lower dirs".into()));
+                return Err(AgentError::InvalidArgument(
+                    "overlay rootfs without lower dirs".into(),
+                ));
             }
             for l in &lower_dirs {
                 if !l.is_absolute() || !l.is_dir() {
-                    return Err(AgentError::InvalidArgument(format!("lower dir {} is not an absolute directory", l.display())));
+                    return Err(AgentError::InvalidArgument(format!(
+                        "lower dir {} is not an absolute directory",
+                        l.display()
+                    )));
                 }
             }
-            RootfsMount::Overlay { lower: lower_dirs, upper: upper.clone(), work: work.clone() }
+            RootfsMount::Overlay {
+                lower: lower_dirs,
+                upper: upper.clone(),
+                work: work.clone(),
+            }
         }
         Some(RootfsSource::Path(path)) => {
             if !path.is_absolute() || !path.is_dir() {
-                return Err(AgentError::InvalidArgument(format!("rootfs {} is not an absolute directory", path.display())));
+                return Err(AgentError::InvalidArgument(format!(
+                    "rootfs {} is not an absolute directory",
+                    path.display()
+                )));
             }
             RootfsMount::Bind { path }
         }
-        Some(RootfsSource::Block { device, fstype, options, subpath, overlay }) => {
+        Some(RootfsSource::Block {
+            device,
+            fstype,
+            options,
+            subpath,
+            overlay,
+        }) => {
             let mounted = block_rootfs(dir, &device, &fstype, &options)?;
             agent_mounts.push(mounted.clone());
             let root = crate::runner::rootfs::secure_join(&mounted, Path::new(&subpath));
             if overlay {
-                RootfsMount::Overlay { lower: vec![root], upper: upper.clone(), work: work.clone() }
+                RootfsMount::Overlay {
+                    lower: vec![root],
+                    upper: upper.clone(),
+                    work: work.clone(),
+                }
             } else {
                 RootfsMount::Bind { path: root }
             }
@@ -312,7 +417,8 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
     };
     if matches!(rootfs, RootfsMount::Overlay { .. }) {
         for d in [&upper, &work] {
-            std::fs::create_dir_all(d).map_err(|e| AgentError::Io(format!("mkdir {}", d.display()), e))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| AgentError::Io(format!("mkdir {}", d.display()), e))?;
         }
     }
 
@@ -331,7 +437,9 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
     if let Some(r) = &resources {
         cgroup.apply(r).map_err(|e| undo(e.into()))?;
     }
-    cgroup.apply_devices(&crate::cgroup::devices::rules(&spec)).map_err(|e| undo(e.into()))?;
+    cgroup
+        .apply_devices(&crate::cgroup::devices::rules(&spec))
+        .map_err(|e| undo(e.into()))?;
 
     let own_pid_ns = unshare.contains(&Ns::Pid);
     let config = InitConfig {
@@ -348,11 +456,16 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
         }),
     };
     let (child, io) = stdio::make(req.stdin, req.tty).map_err(|e| undo(e.into()))?;
-    let spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, true).await.map_err(|e| undo(e.into()))?;
+    let spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, true)
+        .await
+        .map_err(|e| undo(e.into()))?;
     let io = match io.finish().await {
         Ok(io) => io,
         Err(e) => {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(spawned.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             return Err(undo(e.into()));
         }
     };
@@ -369,7 +482,10 @@ async fn create(agent: &Arc<Agent>, sandbox: &Arc<Sandbox>, req: &CreateRequest,
         created_at: SystemTime::now(),
         inner: Mutex::new(Inner {
             status: Status::Created,
-            pending: Some(Pending { start: spawned.start, sync: spawned.sync }),
+            pending: Some(Pending {
+                start: spawned.start,
+                sync: spawned.sync,
+            }),
             execs: HashMap::new(),
             oom_seen: 0,
             oom_killed: false,
@@ -390,12 +506,29 @@ mod tests {
         std::os::unix::fs::symlink("/etc", share.join("link")).expect("symlink");
         let mounts = std::collections::HashMap::from([("share".to_string(), share.clone())]);
         assert_eq!(sandbox_source(&mounts, "share").expect("whole"), share);
-        assert_eq!(sandbox_source(&mounts, "share/m0/sub").expect("dir"), share.join("m0/sub"));
-        assert_eq!(sandbox_source(&mounts, "share/m1").expect("single file"), share.join("m1"));
-        for bad in ["share/../x", "share/m0/../../x", "share/link", "share/link/passwd", "share/nope", "other", "share//etc"] {
+        assert_eq!(
+            sandbox_source(&mounts, "share/m0/sub").expect("dir"),
+            share.join("m0/sub")
+        );
+        assert_eq!(
+            sandbox_source(&mounts, "share/m1").expect("single file"),
+            share.join("m1")
+        );
+        for bad in [
+            "share/../x",
+            "share/m0/../../x",
+            "share/link",
+            "share/link/passwd",
+            "share/nope",
+            "other",
+            "share//etc",
+        ] {
             let r = sandbox_source(&mounts, bad);
             // "share//etc" normalises to share/etc, which does not exist.
-            assert!(matches!(r, Err(AgentError::InvalidArgument(_))), "{bad}: {r:?}");
+            assert!(
+                matches!(r, Err(AgentError::InvalidArgument(_))),
+                "{bad}: {r:?}"
+            );
         }
     }
 
@@ -406,16 +539,31 @@ mod tests {
             std::fs::create_dir_all(sys.path().join(dev)).expect("mkdir");
             std::fs::write(sys.path().join(dev).join("serial"), serial).expect("write");
         }
-        assert_eq!(resolve_device(Path::new("virtio-blk:rootfs-c1"), sys.path()).expect("found"), Path::new("/dev/vdb"));
-        assert_eq!(resolve_device(Path::new("/dev/vdc"), sys.path()).expect("path"), Path::new("/dev/vdc"));
-        assert!(matches!(resolve_device(Path::new("virtio-blk:nope"), sys.path()), Err(AgentError::InvalidArgument(_))));
+        assert_eq!(
+            resolve_device(Path::new("virtio-blk:rootfs-c1"), sys.path()).expect("found"),
+            Path::new("/dev/vdb")
+        );
+        assert_eq!(
+            resolve_device(Path::new("/dev/vdc"), sys.path()).expect("path"),
+            Path::new("/dev/vdc")
+        );
+        assert!(matches!(
+            resolve_device(Path::new("virtio-blk:nope"), sys.path()),
+            Err(AgentError::InvalidArgument(_))
+        ));
         // A husk-vmm disk slot whose new capacity the kernel has not read yet.
         std::fs::create_dir_all(sys.path().join("vdc")).expect("mkdir");
         std::fs::write(sys.path().join("vdc/serial"), "img0123").expect("write");
         std::fs::write(sys.path().join("vdc/size"), "0\n").expect("write");
-        assert!(matches!(resolve_device(Path::new("virtio-blk:img0123"), sys.path()), Err(AgentError::InvalidArgument(_))));
+        assert!(matches!(
+            resolve_device(Path::new("virtio-blk:img0123"), sys.path()),
+            Err(AgentError::InvalidArgument(_))
+        ));
         std::fs::write(sys.path().join("vdc/size"), "16\n").expect("write");
-        assert_eq!(resolve_device(Path::new("virtio-blk:img0123"), sys.path()).expect("filled"), Path::new("/dev/vdc"));
+        assert_eq!(
+            resolve_device(Path::new("virtio-blk:img0123"), sys.path()).expect("filled"),
+            Path::new("/dev/vdc")
+        );
     }
 
     #[test]
@@ -423,18 +571,36 @@ mod tests {
         let sandbox_pid = 4242;
         let ns = |n: &str| PathBuf::from(format!("/proc/{sandbox_pid}/ns/{n}"));
         let plan = |namespaces: serde_json::Value| {
-            let spec: Spec = serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": namespaces}}))
-                .expect("spec");
+            let spec: Spec = serde_json::from_value(
+                serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": namespaces}}),
+            )
+            .expect("spec");
             plan_with(&spec, sandbox_pid)
         };
-        let (join, unshare) = plan(serde_json::json!([{"type": "pid"}, {"type": "network"}])).expect("plan");
+        let (join, unshare) =
+            plan(serde_json::json!([{"type": "pid"}, {"type": "network"}])).expect("plan");
         assert_eq!(unshare, vec![Ns::Mnt, Ns::Pid]);
-        assert_eq!(join.iter().map(|j| (j.ns, j.path.clone())).collect::<Vec<_>>(),
-            vec![(Ns::Net, ns("net")), (Ns::Ipc, ns("ipc")), (Ns::Uts, ns("uts"))]);
+        assert_eq!(
+            join.iter()
+                .map(|j| (j.ns, j.path.clone()))
+                .collect::<Vec<_>>(),
+            vec![
+                (Ns::Net, ns("net")),
+                (Ns::Ipc, ns("ipc")),
+                (Ns::Uts, ns("uts"))
+            ]
+        );
         let (join, unshare) = plan(serde_json::json!([{"type": "network", "path": "/var/run/netns/x"}, {"type": "cgroup"}])).expect("plan");
         assert_eq!(unshare, vec![Ns::Mnt, Ns::Cgroup]);
         assert_eq!(join[0].path, PathBuf::from("/var/run/netns/x"));
-        assert_eq!(join.last().map(|j| (j.ns, j.path.clone())), Some((Ns::Pid, ns("pid"))), "pod pid ns");
-        assert!(matches!(plan(serde_json::json!([{"type": "user"}])), Err(AgentError::InvalidArgument(_))));
+        assert_eq!(
+            join.last().map(|j| (j.ns, j.path.clone())),
+            Some((Ns::Pid, ns("pid"))),
+            "pod pid ns"
+        );
+        assert!(matches!(
+            plan(serde_json::json!([{"type": "user"}])),
+            Err(AgentError::InvalidArgument(_))
+        ));
     }
 }

@@ -23,7 +23,9 @@ pub fn merge_process(base: Option<&OciProcess>, json: &[u8]) -> Result<OciProces
     let bad = |e: serde_json::Error| AgentError::InvalidArgument(format!("oci process: {e}"));
     let overlay: serde_json::Value = serde_json::from_slice(json).map_err(bad)?;
     let serde_json::Value::Object(overlay) = overlay else {
-        return Err(AgentError::InvalidArgument("oci process: not a JSON object".into()));
+        return Err(AgentError::InvalidArgument(
+            "oci process: not a JSON object".into(),
+        ));
     };
     let mut merged = match base.map(serde_json::to_value).transpose().map_err(bad)? {
         Some(serde_json::Value::Object(m)) => m,
@@ -36,12 +38,16 @@ pub fn merge_process(base: Option<&OciProcess>, json: &[u8]) -> Result<OciProces
 /// RemoveProcess: forget an exited exec.
 pub fn do_remove_process(agent: &Arc<Agent>, container_id: &str, exec_id: &str) -> Result<()> {
     if exec_id.is_empty() {
-        return Err(AgentError::InvalidArgument("exec_id is empty (use RemoveContainer)".into()));
+        return Err(AgentError::InvalidArgument(
+            "exec_id is empty (use RemoveContainer)".into(),
+        ));
     }
     let c = agent.container(container_id)?;
     let p = c.process(exec_id)?;
     if p.exited().is_none() {
-        return Err(AgentError::FailedPrecondition(format!("exec {exec_id} is still running")));
+        return Err(AgentError::FailedPrecondition(format!(
+            "exec {exec_id} is still running"
+        )));
     }
     lock(&c.inner).execs.remove(exec_id);
     Ok(())
@@ -51,7 +57,10 @@ pub async fn do_exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<Arc<Process
     validate_id("exec", &req.exec_id)?;
     let c = agent.container(&req.container_id)?;
     if c.status() != Status::Running {
-        return Err(AgentError::FailedPrecondition(format!("container {} is not running", c.id)));
+        return Err(AgentError::FailedPrecondition(format!(
+            "container {} is not running",
+            c.id
+        )));
     }
     let process = merge_process(c.spec.process().as_ref(), &req.process_json)?;
     super::create::validate_process(&process, c.spec.linux().as_ref())?;
@@ -60,35 +69,62 @@ pub async fn do_exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<Arc<Process
     }
     let key = format!("{}/{}", c.id, req.exec_id);
     if lock(&c.inner).execs.contains_key(&req.exec_id) || !lock(&agent.busy).insert(key.clone()) {
-        return Err(AgentError::AlreadyExists(format!("exec {} in container {}", req.exec_id, c.id)));
+        return Err(AgentError::AlreadyExists(format!(
+            "exec {} in container {}",
+            req.exec_id, c.id
+        )));
     }
     let result = async {
         let mut join: Vec<NsJoin> = [Ns::Ipc, Ns::Uts, Ns::Net, Ns::Pid, Ns::Mnt]
             .into_iter()
-            .map(|ns| NsJoin { ns, path: format!("/proc/{}/ns/{}", c.init.pid, ns.proc_name()).into() })
+            .map(|ns| NsJoin {
+                ns,
+                path: format!("/proc/{}/ns/{}", c.init.pid, ns.proc_name()).into(),
+            })
             .collect();
-        if c.spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()).is_some_and(|n| {
-            n.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup)
-        }) {
-            join.push(NsJoin { ns: Ns::Cgroup, path: format!("/proc/{}/ns/cgroup", c.init.pid).into() });
+        if c.spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|n| {
+                n.iter()
+                    .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup)
+            })
+        {
+            join.push(NsJoin {
+                ns: Ns::Cgroup,
+                path: format!("/proc/{}/ns/cgroup", c.init.pid).into(),
+            });
         }
         let config = InitConfig {
             cgroup_procs: c.cgroup.procs_files(),
             join,
             unshare: Vec::new(),
-            mode: InitMode::Exec(ExecInit { process, linux: c.spec.linux().clone(), tty: req.tty }),
+            mode: InitMode::Exec(ExecInit {
+                process,
+                linux: c.spec.linux().clone(),
+                tty: req.tty,
+            }),
         };
         let (child, io) = stdio::make(req.stdin, req.tty)?;
         let mut spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, false).await?;
         let io = match io.finish().await {
             Ok(io) => io,
             Err(e) => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(spawned.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 return Err(e.into());
             }
         };
         spawned.sync.wait_exec().await?;
-        let p = Arc::new(Process::new(req.exec_id.clone(), spawned.pid, io, spawned.exit));
+        let p = Arc::new(Process::new(
+            req.exec_id.clone(),
+            spawned.pid,
+            io,
+            spawned.exit,
+        ));
         *lock(&p.started_at) = Some(SystemTime::now());
         Ok::<_, AgentError>(p)
     }
@@ -118,7 +154,13 @@ mod tests {
         assert_eq!(p.cwd(), std::path::Path::new("/srv"));
         assert_eq!((p.user().uid(), p.user().gid()), (7, 8));
         assert_eq!(p.no_new_privileges(), Some(true));
-        assert!(matches!(merge_process(Some(&base), b"[1]"), Err(AgentError::InvalidArgument(_))));
-        assert!(matches!(merge_process(None, br#"{"args": 5}"#), Err(AgentError::InvalidArgument(_))));
+        assert!(matches!(
+            merge_process(Some(&base), b"[1]"),
+            Err(AgentError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            merge_process(None, br#"{"args": 5}"#),
+            Err(AgentError::InvalidArgument(_))
+        ));
     }
 }

@@ -11,8 +11,8 @@ pub mod stdio;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use oci_spec::runtime::Spec;
@@ -44,7 +44,13 @@ pub struct Process {
 
 impl Process {
     pub fn new(exec_id: String, pid: i32, io: ProcessIo, exit: ExitWatch) -> Self {
-        Self { exec_id, pid, io, exit, started_at: Mutex::new(None) }
+        Self {
+            exec_id,
+            pid,
+            io,
+            exit,
+            started_at: Mutex::new(None),
+        }
     }
 
     pub fn exited(&self) -> Option<ExitStatus> {
@@ -63,7 +69,11 @@ impl Process {
 }
 
 fn unreachable_exit() -> ExitStatus {
-    ExitStatus { code: 255, signal: 0, at: SystemTime::now() }
+    ExitStatus {
+        code: 255,
+        signal: 0,
+        at: SystemTime::now(),
+    }
 }
 
 /// What CreateContainer prepared before starting.
@@ -133,5 +143,7 @@ impl Container {
 
 /// Unix nanoseconds (0 for None).
 pub fn unix_nanos(t: Option<SystemTime>) -> i64 {
-    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }

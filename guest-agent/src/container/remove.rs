@@ -13,10 +13,14 @@ pub async fn do_remove(agent: &Arc<Agent>, id: &str, force: bool) -> Result<()> 
     let c = agent.container(id)?;
     // A created container (never started) can always be removed.
     if c.status() == Status::Running && !force {
-        return Err(AgentError::FailedPrecondition(format!("container {id} is running (use force)")));
+        return Err(AgentError::FailedPrecondition(format!(
+            "container {id} is running (use force)"
+        )));
     }
     if !lock(&agent.busy).insert(id.to_string()) {
-        return Err(AgentError::FailedPrecondition(format!("container {id} is busy")));
+        return Err(AgentError::FailedPrecondition(format!(
+            "container {id} is busy"
+        )));
     }
     let result = async {
         let mut procs = vec![c.init.clone()];
@@ -33,8 +37,14 @@ pub async fn do_remove(agent: &Arc<Agent>, id: &str, force: bool) -> Result<()> 
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for p in &procs {
-            if tokio::time::timeout(Duration::from_secs(10), p.wait()).await.is_err() {
-                return Err(AgentError::FailedPrecondition(format!("process {} of {id} did not die", p.pid)));
+            if tokio::time::timeout(Duration::from_secs(10), p.wait())
+                .await
+                .is_err()
+            {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "process {} of {id} did not die",
+                    p.pid
+                )));
             }
         }
         c.cgroup.destroy()?;
@@ -42,7 +52,14 @@ pub async fn do_remove(agent: &Arc<Agent>, id: &str, force: bool) -> Result<()> 
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
         // The rootfs overlay lived in the container's mount namespace, gone now.
-        std::fs::remove_dir_all(&c.dir).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        std::fs::remove_dir_all(&c.dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(|e| AgentError::Io(format!("remove {}", c.dir.display()), e))?;
         lock(&agent.containers).remove(id);
         tracing::info!(container = %id, "container removed");

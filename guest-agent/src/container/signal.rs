@@ -12,12 +12,21 @@ pub fn parse_signal(n: u32) -> Result<Signal> {
     Signal::try_from(n as i32).map_err(|_| AgentError::InvalidArgument(format!("signal {n}")))
 }
 
-pub fn do_signal(agent: &Arc<Agent>, container_id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+pub fn do_signal(
+    agent: &Arc<Agent>,
+    container_id: &str,
+    exec_id: &str,
+    signal: u32,
+    all: bool,
+) -> Result<()> {
     let sig = parse_signal(signal)?;
     let c = agent.container(container_id)?;
     let p = c.process(exec_id)?;
     if p.exited().is_some() {
-        return Err(AgentError::FailedPrecondition(format!("process {} of {container_id} has exited", p.pid)));
+        return Err(AgentError::FailedPrecondition(format!(
+            "process {} of {container_id} has exited",
+            p.pid
+        )));
     }
     if all && exec_id.is_empty() {
         for pid in c.cgroup.pids() {
@@ -30,7 +39,11 @@ pub fn do_signal(agent: &Arc<Agent>, container_id: &str, exec_id: &str, signal: 
     }
 }
 
-pub async fn do_wait(agent: &Arc<Agent>, container_id: &str, exec_id: &str) -> Result<(ExitStatus, Option<std::time::SystemTime>)> {
+pub async fn do_wait(
+    agent: &Arc<Agent>,
+    container_id: &str,
+    exec_id: &str,
+) -> Result<(ExitStatus, Option<std::time::SystemTime>)> {
     let c = agent.container(container_id)?;
     let p = c.process(exec_id)?;
     let status = p.wait().await;

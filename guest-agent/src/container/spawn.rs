@@ -50,7 +50,9 @@ impl SyncReader {
             .map_err(|e| SpawnError::Io("read sync", e))?;
         match line {
             None => Ok(None),
-            Some(l) => serde_json::from_str(&l).map(Some).map_err(|e| SpawnError::Child(format!("bad sync message: {e}"))),
+            Some(l) => serde_json::from_str(&l)
+                .map(Some)
+                .map_err(|e| SpawnError::Child(format!("bad sync message: {e}"))),
         }
     }
 
@@ -67,7 +69,11 @@ impl SyncReader {
 }
 
 fn error(invalid: bool, message: String) -> SpawnError {
-    if invalid { SpawnError::Invalid(message) } else { SpawnError::Child(message) }
+    if invalid {
+        SpawnError::Invalid(message)
+    } else {
+        SpawnError::Child(message)
+    }
 }
 
 /// A runner that reported ready.
@@ -92,10 +98,15 @@ pub async fn spawn(
     stdio: ChildStdio,
     with_start: bool,
 ) -> Result<Spawned> {
-    let json = serde_json::to_vec(config).map_err(|e| SpawnError::Child(format!("encode config: {e}")))?;
+    let json =
+        serde_json::to_vec(config).map_err(|e| SpawnError::Child(format!("encode config: {e}")))?;
     let (init_r, init_w) = cloexec_pipe()?;
     let (sync_r, sync_w) = cloexec_pipe()?;
-    let (start_r, start_w) = if with_start { cloexec_pipe().map(|(r, w)| (Some(r), Some(w)))? } else { (None, None) };
+    let (start_r, start_w) = if with_start {
+        cloexec_pipe().map(|(r, w)| (Some(r), Some(w)))?
+    } else {
+        (None, None)
+    };
     let child_fds: Vec<RawFd> = [
         Some(init_r.as_raw_fd()),
         Some(sync_w.as_raw_fd()),
@@ -105,7 +116,11 @@ pub async fn spawn(
     .into_iter()
     .map(|f| f.unwrap_or(-1))
     .collect();
-    let fds_env = child_fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(",");
+    let fds_env = child_fds
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
 
     let mut cmd = Command::new(exe);
     cmd.arg(INIT_ARG)
@@ -137,10 +152,17 @@ pub async fn spawn(
     drop(child);
     drop((init_r, sync_w, start_r));
 
-    let mut init = pipe::Sender::from_owned_fd(init_w).map_err(|e| SpawnError::Io("init pipe", e))?;
-    let receiver = pipe::Receiver::from_owned_fd(sync_r).map_err(|e| SpawnError::Io("sync pipe", e))?;
-    let mut sync = SyncReader { lines: BufReader::new(receiver).lines() };
-    let start = start_w.map(pipe::Sender::from_owned_fd).transpose().map_err(|e| SpawnError::Io("start pipe", e))?;
+    let mut init =
+        pipe::Sender::from_owned_fd(init_w).map_err(|e| SpawnError::Io("init pipe", e))?;
+    let receiver =
+        pipe::Receiver::from_owned_fd(sync_r).map_err(|e| SpawnError::Io("sync pipe", e))?;
+    let mut sync = SyncReader {
+        lines: BufReader::new(receiver).lines(),
+    };
+    let start = start_w
+        .map(pipe::Sender::from_owned_fd)
+        .transpose()
+        .map_err(|e| SpawnError::Io("start pipe", e))?;
     // A runner that died early closes its end: ignore EPIPE, the sync channel says why.
     let _ = tokio::time::timeout(SETUP_TIMEOUT, async {
         init.write_all(&json).await?;
@@ -166,9 +188,17 @@ pub async fn spawn(
         }
     };
     match (result, pid) {
-        (Ok(()), Some((pid, exit))) => Ok(Spawned { pid, exit, sync, start }),
+        (Ok(()), Some((pid, exit))) => Ok(Spawned {
+            pid,
+            exit,
+            sync,
+            start,
+        }),
         (Err(e), Some((pid, _))) => {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             Err(e)
         }
         (Err(e), None) => Err(e),
@@ -180,7 +210,9 @@ impl Spawned {
     /// Let a created container exec its process; Ok once execve succeeded.
     pub async fn start(start: Option<pipe::Sender>, sync: &mut SyncReader) -> Result<()> {
         if let Some(mut s) = start {
-            s.write_all(b"s").await.map_err(|e| SpawnError::Io("start", e))?;
+            s.write_all(b"s")
+                .await
+                .map_err(|e| SpawnError::Io("start", e))?;
         }
         sync.wait_exec().await
     }

@@ -12,14 +12,18 @@ pub async fn do_start(agent: &Arc<Agent>, id: &str) -> Result<Arc<Container>> {
     let pending = {
         let mut inner = lock(&c.inner);
         if inner.status != Status::Created || c.init.exited().is_some() {
-            return Err(AgentError::FailedPrecondition(format!("container {id} is not in created state")));
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id} is not in created state"
+            )));
         }
         // Taking `pending` makes a concurrent second start fail above.
         inner.status = Status::Running;
         inner.pending.take()
     };
     let Some(mut pending) = pending else {
-        return Err(AgentError::FailedPrecondition(format!("container {id} is already starting")));
+        return Err(AgentError::FailedPrecondition(format!(
+            "container {id} is already starting"
+        )));
     };
     *lock(&c.init.started_at) = Some(SystemTime::now());
     if let Err(e) = Spawned::start(pending.start.take(), &mut pending.sync).await {

@@ -27,7 +27,10 @@ pub fn parse_net_dev(content: &str) -> Vec<Interface> {
         .skip(2)
         .filter_map(|l| {
             let (name, rest) = l.split_once(':')?;
-            let f: Vec<u64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
             (f.len() >= 12).then(|| Interface {
                 name: name.trim().to_string(),
                 rx_bytes: f[0],
@@ -67,8 +70,11 @@ pub fn do_list_processes(agent: &Arc<Agent>, id: &str) -> Result<Vec<(i32, Strin
         .into_iter()
         .map(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd: Vec<String> =
-                cmd.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+            let cmd: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect();
             (pid, cmd.join(" "))
         })
         .collect())
@@ -87,7 +93,19 @@ mod tests {
 ";
         let ifs = parse_net_dev(c);
         assert_eq!(ifs.len(), 2);
-        assert_eq!(ifs[0], Interface { name: "lo".into(), rx_bytes: 1234, rx_errors: 1, tx_bytes: 5678, tx_errors: 2 });
-        assert_eq!((ifs[1].name.as_str(), ifs[1].rx_bytes, ifs[1].tx_bytes), ("eth0", 99, 77));
+        assert_eq!(
+            ifs[0],
+            Interface {
+                name: "lo".into(),
+                rx_bytes: 1234,
+                rx_errors: 1,
+                tx_bytes: 5678,
+                tx_errors: 2
+            }
+        );
+        assert_eq!(
+            (ifs[1].name.as_str(), ifs[1].rx_bytes, ifs[1].tx_bytes),
+            ("eth0", 99, 77)
+        );
     }
 }

@@ -49,7 +49,12 @@ struct OutStream {
 impl OutStream {
     fn new(fd: Option<AsyncFd<OwnedFd>>) -> Self {
         let eof = fd.is_none();
-        Self { fd, base: 0, held: Vec::new(), eof }
+        Self {
+            fd,
+            base: 0,
+            held: Vec::new(),
+            eof,
+        }
     }
 
     fn end(&self) -> u64 {
@@ -107,12 +112,21 @@ impl IoPlan {
             IoPlan::Ready(io) => Ok(*io),
             IoPlan::Console { sock, stdin } => {
                 let timeout = nix::sys::time::TimeVal::new(30, 0);
-                nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
-                    .map_err(|e| StdioError::Os("console timeout", e))?;
-                let master = tokio::task::spawn_blocking(move || crate::runner::console::recv_fd(&sock))
-                    .await
-                    .map_err(|e| StdioError::Io("console", std::io::Error::other(e.to_string())))?
-                    .map_err(|e| StdioError::Io("console", std::io::Error::other(e.to_string())))?;
+                nix::sys::socket::setsockopt(
+                    &sock,
+                    nix::sys::socket::sockopt::ReceiveTimeout,
+                    &timeout,
+                )
+                .map_err(|e| StdioError::Os("console timeout", e))?;
+                let master =
+                    tokio::task::spawn_blocking(move || crate::runner::console::recv_fd(&sock))
+                        .await
+                        .map_err(|e| {
+                            StdioError::Io("console", std::io::Error::other(e.to_string()))
+                        })?
+                        .map_err(|e| {
+                            StdioError::Io("console", std::io::Error::other(e.to_string()))
+                        })?;
                 ProcessIo::from_master(master, stdin)
             }
         }
@@ -151,7 +165,9 @@ fn dup(fd: &OwnedFd) -> Result<OwnedFd> {
 }
 
 fn dev_null() -> Result<OwnedFd> {
-    std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|e| StdioError::Io("open /dev/null", e))
+    std::fs::File::open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| StdioError::Io("open /dev/null", e))
 }
 
 /// Make the pipes (or the console socket) for a new process.
@@ -164,13 +180,27 @@ pub fn make(stdin: bool, tty: bool) -> Result<(ChildStdio, IoPlan)> {
             nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| StdioError::Os("socketpair", e))?;
-        let child = ChildStdio { stdin: dev_null()?, stdout: dev_null()?, stderr: dev_null()?, console: Some(child_sock) };
+        let child = ChildStdio {
+            stdin: dev_null()?,
+            stdout: dev_null()?,
+            stderr: dev_null()?,
+            console: Some(child_sock),
+        };
         return Ok((child, IoPlan::Console { sock, stdin }));
     }
-    let (in_r, in_w) = if stdin { pipe().map(|(r, w)| (r, Some(w)))? } else { (dev_null()?, None) };
+    let (in_r, in_w) = if stdin {
+        pipe().map(|(r, w)| (r, Some(w)))?
+    } else {
+        (dev_null()?, None)
+    };
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let child = ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w, console: None };
+    let child = ChildStdio {
+        stdin: in_r,
+        stdout: out_w,
+        stderr: err_w,
+        console: None,
+    };
     let io = ProcessIo {
         stdin: Mutex::new(in_w.map(|w| async_fd(w, Interest::WRITABLE)).transpose()?),
         stdout: Mutex::new(OutStream::new(Some(async_fd(out_r, Interest::READABLE)?))),
@@ -184,8 +214,15 @@ impl ProcessIo {
     /// Io over a pty master: stdout reads it, stdin writes it, stderr is empty.
     pub fn from_master(master: OwnedFd, stdin: bool) -> Result<Self> {
         Ok(ProcessIo {
-            stdin: Mutex::new(if stdin { Some(async_fd(dup(&master)?, Interest::WRITABLE)?) } else { None }),
-            stdout: Mutex::new(OutStream::new(Some(async_fd(dup(&master)?, Interest::READABLE)?))),
+            stdin: Mutex::new(if stdin {
+                Some(async_fd(dup(&master)?, Interest::WRITABLE)?)
+            } else {
+                None
+            }),
+            stdout: Mutex::new(OutStream::new(Some(async_fd(
+                dup(&master)?,
+                Interest::READABLE,
+            )?))),
             stderr: Mutex::new(OutStream::new(None)),
             pty: Some(master),
         })
@@ -290,7 +327,9 @@ impl ProcessIo {
         let mut done = 0;
         while done < data.len() {
             let mut ready = fd.writable().await.map_err(|e| StdioError::Io("poll", e))?;
-            match ready.try_io(|inner| nix::unistd::write(inner.get_ref(), &data[done..]).map_err(std::io::Error::from)) {
+            match ready.try_io(|inner| {
+                nix::unistd::write(inner.get_ref(), &data[done..]).map_err(std::io::Error::from)
+            }) {
                 Ok(Ok(n)) => done += n,
                 Ok(Err(e)) => return Err(StdioError::Io("write stdin", e)),
                 Err(_would_block) => continue,
@@ -301,21 +340,28 @@ impl ProcessIo {
 
     /// Close stdin: EOF for a pipe, ^D for a tty.
     pub async fn close_stdin(&self) -> Result<()> {
-        if self.pty.is_some()
-            && self.stdin.lock().await.is_some() {
-                self.write_stdin(&[0x04]).await?;
-            }
+        if self.pty.is_some() && self.stdin.lock().await.is_some() {
+            self.write_stdin(&[0x04]).await?;
+        }
         self.stdin.lock().await.take();
         Ok(())
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
         let pty = self.pty.as_ref().ok_or(StdioError::NoTty)?;
-        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ reads a winsize from the pointer we pass.
         let r = unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if r < 0 {
-            return Err(StdioError::Io("TIOCSWINSZ", std::io::Error::last_os_error()));
+            return Err(StdioError::Io(
+                "TIOCSWINSZ",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }

@@ -10,14 +10,47 @@ pub enum CapsError {
 }
 
 const NAMES: [&str; 41] = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 ];
 
 /// A set of capabilities as a bitmask (bit n = capability n).
@@ -29,8 +62,15 @@ impl CapSet {
         let mut bits = 0u64;
         for n in names {
             let n = n.as_ref().to_ascii_uppercase();
-            let full = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
-            let i = NAMES.iter().position(|x| *x == full).ok_or(CapsError::Unknown(full))?;
+            let full = if n.starts_with("CAP_") {
+                n
+            } else {
+                format!("CAP_{n}")
+            };
+            let i = NAMES
+                .iter()
+                .position(|x| *x == full)
+                .ok_or(CapsError::Unknown(full))?;
             bits |= 1 << i;
         }
         Ok(CapSet(bits))
@@ -79,7 +119,11 @@ fn last_cap() -> usize {
 fn prctl(op: libc::c_int, a: libc::c_ulong, b: libc::c_ulong) -> std::io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     let r = unsafe { libc::prctl(op, a, b, 0 as libc::c_ulong, 0 as libc::c_ulong) };
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Drop everything outside the bounding set (needs CAP_SETPCAP: call as root,
@@ -87,7 +131,8 @@ fn prctl(op: libc::c_int, a: libc::c_ulong, b: libc::c_ulong) -> std::io::Result
 pub fn apply_bounding(caps: &Caps) -> Result<(), CapsError> {
     for cap in 0..=last_cap() {
         if !caps.bounding.contains(cap) {
-            prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0).map_err(|e| CapsError::Os("drop bounding", e))?;
+            prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0)
+                .map_err(|e| CapsError::Os("drop bounding", e))?;
         }
     }
     Ok(())
@@ -111,7 +156,10 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Set effective/permitted/inheritable, then raise ambient ones.
 pub fn apply_sets(caps: &Caps) -> Result<(), CapsError> {
-    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
     let mut data = [CapData::default(); 2];
     for (i, d) in data.iter_mut().enumerate() {
         let shift = 32 * i;
@@ -120,14 +168,24 @@ pub fn apply_sets(caps: &Caps) -> Result<(), CapsError> {
         d.inheritable = (caps.inheritable.0 >> shift) as u32;
     }
     // SAFETY: header and two data structs laid out as the kernel's v3 ABI.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_mut_ptr()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
     if r < 0 {
         return Err(CapsError::Os("capset", std::io::Error::last_os_error()));
     }
     for cap in 0..=last_cap() {
         if caps.ambient.contains(cap) {
             // Ambient needs the cap in permitted and inheritable; ignore others like runc.
-            let _ = prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, cap as libc::c_ulong);
+            let _ = prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                cap as libc::c_ulong,
+            );
         }
     }
     Ok(())
@@ -143,10 +201,14 @@ mod tests {
 
     #[test]
     fn parses_names_with_and_without_prefix() {
-        let s = CapSet::parse(["CAP_CHOWN", "net_bind_service", "CAP_CHECKPOINT_RESTORE"]).expect("parse");
+        let s = CapSet::parse(["CAP_CHOWN", "net_bind_service", "CAP_CHECKPOINT_RESTORE"])
+            .expect("parse");
         assert!(s.contains(0) && s.contains(10) && s.contains(40));
         assert!(!s.contains(21));
-        assert!(matches!(CapSet::parse(["CAP_BOGUS"]), Err(CapsError::Unknown(_))));
+        assert!(matches!(
+            CapSet::parse(["CAP_BOGUS"]),
+            Err(CapsError::Unknown(_))
+        ));
     }
 
     #[test]

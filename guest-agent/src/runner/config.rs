@@ -52,7 +52,11 @@ pub struct NsJoin {
 #[serde(rename_all = "snake_case")]
 pub enum RootfsMount {
     /// overlay with lowerdirs (top first) and a per-container upper/work dir.
-    Overlay { lower: Vec<PathBuf>, upper: PathBuf, work: PathBuf },
+    Overlay {
+        lower: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+    },
     /// A directory bind-mounted as the root.
     Bind { path: PathBuf },
 }

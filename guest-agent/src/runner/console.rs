@@ -23,12 +23,17 @@ type Result<T> = std::result::Result<T, ConsoleError>;
 /// make the slave stdin/stdout/stderr and the controlling terminal.
 pub fn setup(console: &OwnedFd) -> Result<()> {
     let os = |what| move |e| ConsoleError::Os(what, e);
-    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY).map_err(os("open /dev/ptmx (is /dev/pts mounted?)"))?;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)
+        .map_err(os("open /dev/ptmx (is /dev/pts mounted?)"))?;
     nix::pty::grantpt(&master).map_err(os("grantpt"))?;
     nix::pty::unlockpt(&master).map_err(os("unlockpt"))?;
     let name = nix::pty::ptsname_r(&master).map_err(os("ptsname"))?;
-    let slave = nix::fcntl::open(name.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY, nix::sys::stat::Mode::empty())
-        .map_err(os("open pty slave"))?;
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(os("open pty slave"))?;
     send_fd(console, master.as_raw_fd())?;
     drop(master);
     for target in 0..3 {
@@ -48,8 +53,14 @@ pub fn setup(console: &OwnedFd) -> Result<()> {
 pub fn send_fd(sock: &OwnedFd, fd: RawFd) -> Result<()> {
     let fds = [fd];
     let iov = [IoSlice::new(b"m")];
-    sendmsg::<()>(sock.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
-        .map_err(|e| ConsoleError::Os("send pty master", e))?;
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| ConsoleError::Os("send pty master", e))?;
     Ok(())
 }
 
@@ -58,9 +69,17 @@ pub fn recv_fd(sock: &OwnedFd) -> Result<OwnedFd> {
     let mut byte = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| ConsoleError::Os("receive pty master", e))?;
-    for cmsg in msg.cmsgs().map_err(|e| ConsoleError::Os("control message", e))? {
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| ConsoleError::Os("receive pty master", e))?;
+    for cmsg in msg
+        .cmsgs()
+        .map_err(|e| ConsoleError::Os("control message", e))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = cmsg
             && let Some(fd) = fds.first()
         {

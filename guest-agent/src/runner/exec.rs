@@ -76,7 +76,11 @@ pub fn merge_env(env: &[String], extra: &[String], home: &str) -> Vec<String> {
     out
 }
 
-pub fn prepare_process(process: Option<&Process>, linux: Option<&Linux>, extra_env: &[String]) -> Result<ExecPlan> {
+pub fn prepare_process(
+    process: Option<&Process>,
+    linux: Option<&Linux>,
+    extra_env: &[String],
+) -> Result<ExecPlan> {
     let process = process.ok_or(ExecError::NoArgs)?;
     let args = process.args().clone().unwrap_or_default();
     if args.is_empty() {
@@ -89,8 +93,16 @@ pub fn prepare_process(process: Option<&Process>, linux: Option<&Linux>, extra_e
         u.gid(),
         u.additional_gids().as_deref().unwrap_or_default(),
     )?;
-    let env = merge_env(process.env().as_deref().unwrap_or_default(), extra_env, &user.home);
-    let caps = process.capabilities().as_ref().map(Caps::from_oci).transpose()?;
+    let env = merge_env(
+        process.env().as_deref().unwrap_or_default(),
+        extra_env,
+        &user.home,
+    );
+    let caps = process
+        .capabilities()
+        .as_ref()
+        .map(Caps::from_oci)
+        .transpose()?;
     let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
         Some(s) => Some((seccomp::compile(s)?, seccomp::flags(s))),
         None => None,
@@ -141,7 +153,10 @@ fn rlimit_resource(name: &str) -> Option<u32> {
 /// no_new_privs is off) seccomp, which then needs CAP_SYS_ADMIN still held.
 pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
     for (res, soft, hard) in &plan.rlimits {
-        let lim = libc::rlimit { rlim_cur: *soft, rlim_max: *hard };
+        let lim = libc::rlimit {
+            rlim_cur: *soft,
+            rlim_max: *hard,
+        };
         // SAFETY: plain setrlimit with a valid struct.
         if unsafe { libc::setrlimit(*res, &lim) } < 0 {
             return Err(ExecError::Os("setrlimit", nix::Error::last()));
@@ -150,7 +165,9 @@ pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
     if let Some(adj) = plan.oom_score_adj {
         let _ = std::fs::write("/proc/self/oom_score_adj", adj.to_string());
     }
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(plan.umask as libc::mode_t));
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        plan.umask as libc::mode_t,
+    ));
     // As runc: a working directory the image lacks is created (by root, 0755).
     if let Err(nix::Error::ENOENT) = nix::unistd::chdir(&plan.cwd) {
         let _ = std::fs::create_dir_all(&plan.cwd);
@@ -165,12 +182,25 @@ pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
         seccomp::load(filter, *flags)?;
     }
     caps::keep_caps(true)?;
-    let groups: Vec<Gid> = plan.user.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+    let groups: Vec<Gid> = plan
+        .user
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
     nix::unistd::setgroups(&groups).map_err(|e| ExecError::Os("setgroups", e))?;
-    nix::unistd::setresgid(Gid::from_raw(plan.user.gid), Gid::from_raw(plan.user.gid), Gid::from_raw(plan.user.gid))
-        .map_err(|e| ExecError::Os("setgid", e))?;
-    nix::unistd::setresuid(Uid::from_raw(plan.user.uid), Uid::from_raw(plan.user.uid), Uid::from_raw(plan.user.uid))
-        .map_err(|e| ExecError::Os("setuid", e))?;
+    nix::unistd::setresgid(
+        Gid::from_raw(plan.user.gid),
+        Gid::from_raw(plan.user.gid),
+        Gid::from_raw(plan.user.gid),
+    )
+    .map_err(|e| ExecError::Os("setgid", e))?;
+    nix::unistd::setresuid(
+        Uid::from_raw(plan.user.uid),
+        Uid::from_raw(plan.user.uid),
+        Uid::from_raw(plan.user.uid),
+    )
+    .map_err(|e| ExecError::Os("setuid", e))?;
     caps::keep_caps(false)?;
     if let Some(caps) = &plan.caps {
         caps::apply_sets(caps)?;
@@ -216,12 +246,23 @@ pub fn reset_signals() {
         restorer: usize,
         mask: u64,
     }
-    let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
     for sig in 1..=64 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
             // SAFETY: rt_sigaction with a valid struct and a null old-action pointer.
             unsafe {
-                libc::syscall(libc::SYS_rt_sigaction, sig, &default as *const KernelSigaction, std::ptr::null::<u8>(), 8usize)
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &default as *const KernelSigaction,
+                    std::ptr::null::<u8>(),
+                    8usize,
+                )
             };
         }
     }
@@ -233,15 +274,26 @@ pub fn exec(plan: &ExecPlan) -> Result<()> {
     let exe = find_executable(&plan.args[0], &plan.env)?;
     let cstr = |s: &str, what| CString::new(s).map_err(|_| ExecError::Nul(what));
     let path = cstr(&exe.display().to_string(), "path")?;
-    let args = plan.args.iter().map(|a| cstr(a, "args")).collect::<Result<Vec<_>>>()?;
-    let env = plan.env.iter().map(|e| cstr(e, "env")).collect::<Result<Vec<_>>>()?;
+    let args = plan
+        .args
+        .iter()
+        .map(|a| cstr(a, "args"))
+        .collect::<Result<Vec<_>>>()?;
+    let env = plan
+        .env
+        .iter()
+        .map(|e| cstr(e, "env"))
+        .collect::<Result<Vec<_>>>()?;
     reset_signals();
     if plan.no_new_privs
         && let Some((filter, flags)) = &plan.seccomp
     {
         seccomp::load(filter, *flags)?;
     }
-    match nix::unistd::execve(&path, &args, &env).err().unwrap_or(nix::Error::UnknownErrno) {
+    match nix::unistd::execve(&path, &args, &env)
+        .err()
+        .unwrap_or(nix::Error::UnknownErrno)
+    {
         nix::Error::ENOENT => Err(ExecError::NotFound(exe.display().to_string())),
         nix::Error::EACCES => Err(ExecError::NotExecutable(exe.display().to_string())),
         err => Err(ExecError::Os("execve", err)),
@@ -282,7 +334,11 @@ mod tests {
 
     #[test]
     fn env_defaults_do_not_override() {
-        let env = merge_env(&["PATH=/x".into(), "A=1".into()], &["A=2".into(), "B=3".into()], "/root");
+        let env = merge_env(
+            &["PATH=/x".into(), "A=1".into()],
+            &["A=2".into(), "B=3".into()],
+            "/root",
+        );
         assert_eq!(env, vec!["PATH=/x", "A=1", "B=3", "HOME=/root"]);
     }
 
@@ -295,7 +351,13 @@ mod tests {
         std::fs::write(dir.path().join("data"), "").expect("write");
         let env = vec![format!("PATH=/nonexistent:{}", dir.path().display())];
         assert_eq!(find_executable("tool", &env).expect("found"), exe);
-        assert!(matches!(find_executable("data", &env), Err(ExecError::NotFound(_))));
-        assert_eq!(find_executable("/abs/x", &env).expect("abs"), PathBuf::from("/abs/x"));
+        assert!(matches!(
+            find_executable("data", &env),
+            Err(ExecError::NotFound(_))
+        ));
+        assert_eq!(
+            find_executable("/abs/x", &env).expect("abs"),
+            PathBuf::from("/abs/x")
+        );
     }
 }

@@ -43,7 +43,10 @@ pub enum SyncMsg {
     Pid(i32),
     Ready,
     /// `invalid`: caused by the request (bad spec, missing binary, unknown user).
-    Error { invalid: bool, message: String },
+    Error {
+        invalid: bool,
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,15 +102,18 @@ impl RunnerError {
                     | rootfs::RootfsError::Sysctl(_)
                     | rootfs::RootfsError::Device(_)
                     | rootfs::RootfsError::BadMount(_),
-            )
-                | RunnerError::User(_)
+            ) | RunnerError::User(_)
                 | RunnerError::Caps(caps::CapsError::Unknown(_))
-                | RunnerError::Exec(exec::ExecError::NoArgs
+                | RunnerError::Exec(
+                    exec::ExecError::NoArgs
                         | exec::ExecError::NotFound(_)
                         | exec::ExecError::NotExecutable(_)
                         | exec::ExecError::Cwd(..)
-                        | exec::ExecError::User(_))
-                | RunnerError::Seccomp(seccomp::SeccompError::Action(_) | seccomp::SeccompError::ArgIndex(_))
+                        | exec::ExecError::User(_)
+                )
+                | RunnerError::Seccomp(
+                    seccomp::SeccompError::Action(_) | seccomp::SeccompError::ArgIndex(_)
+                )
         )
     }
 }
@@ -124,8 +130,13 @@ fn fds() -> [RawFd; 4] {
 /// Mark every fd above stderr close-on-exec except `keep`, so nothing of the
 /// agent leaks into a container.
 fn cloexec_others(keep: &[RawFd]) {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
-    let fds: Vec<RawFd> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
     for fd in fds.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
         // SAFETY: F_SETFD on an fd number; harmless if it was the dir's own fd.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
@@ -148,17 +159,23 @@ pub fn main() -> ! {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // SAFETY: the agent passed these fds to us (spawn.rs); we take ownership once.
-    let mut sync = Sync { file: unsafe { File::from_raw_fd(sync_fd) } };
+    let mut sync = Sync {
+        file: unsafe { File::from_raw_fd(sync_fd) },
+    };
     // SAFETY: as above.
     let init = unsafe { File::from_raw_fd(init_fd) };
     // SAFETY: as above.
     let start = (start_fd >= 0).then(|| unsafe { File::from_raw_fd(start_fd) });
     // SAFETY: as above.
-    let console = (console_fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(console_fd) });
+    let console =
+        (console_fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(console_fd) });
     let code = match run(&mut sync, init, start, console) {
         Ok(()) => 0,
         Err(e) => {
-            sync.send(&SyncMsg::Error { invalid: e.is_invalid(), message: e.to_string() });
+            sync.send(&SyncMsg::Error {
+                invalid: e.is_invalid(),
+                message: e.to_string(),
+            });
             1
         }
     };
@@ -172,9 +189,11 @@ fn run(
     console: Option<std::os::fd::OwnedFd>,
 ) -> Result<(), RunnerError> {
     let mut buf = Vec::new();
-    init.read_to_end(&mut buf).map_err(|e| RunnerError::Config(e.to_string()))?;
+    init.read_to_end(&mut buf)
+        .map_err(|e| RunnerError::Config(e.to_string()))?;
     drop(init);
-    let config: InitConfig = serde_json::from_slice(&buf).map_err(|e| RunnerError::Config(e.to_string()))?;
+    let config: InitConfig =
+        serde_json::from_slice(&buf).map_err(|e| RunnerError::Config(e.to_string()))?;
     let sys = LinuxSyscall;
 
     // Join the cgroups first so everything below is accounted.
@@ -185,7 +204,8 @@ fn run(
     // changes what /proc/PID/ns paths resolve to.
     let mut joins = Vec::new();
     for j in &config.join {
-        let file = File::open(&j.path).map_err(|e| RunnerError::Io(format!("open {}", j.path.display()), e))?;
+        let file = File::open(&j.path)
+            .map_err(|e| RunnerError::Io(format!("open {}", j.path.display()), e))?;
         joins.push((file, j.ns));
     }
     joins.sort_by_key(|(_, ns)| *ns == Ns::Mnt);
@@ -217,12 +237,20 @@ fn run(
                 console::setup(console.as_ref().ok_or(RunnerError::NoConsole)?)?;
             }
             drop(console);
-            let plan = exec::prepare_process(c.spec.process().as_ref(), c.spec.linux().as_ref(), &c.extra_env)?;
+            let plan = exec::prepare_process(
+                c.spec.process().as_ref(),
+                c.spec.linux().as_ref(),
+                &c.extra_env,
+            )?;
             exec::drop_privileges(&plan)?;
             sync.send(&SyncMsg::Ready);
             let mut start = start.ok_or(RunnerError::NotStarted)?;
             let mut byte = [0u8; 1];
-            if start.read(&mut byte).map_err(|e| RunnerError::Io("wait for start".into(), e))? != 1 {
+            if start
+                .read(&mut byte)
+                .map_err(|e| RunnerError::Io("wait for start".into(), e))?
+                != 1
+            {
                 return Err(RunnerError::NotStarted);
             }
             drop(start);
@@ -268,11 +296,15 @@ fn pause(sys: &dyn Syscall, sync: &mut Sync, p: &config::PauseInit) -> Result<()
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGCHLD);
-    set.thread_block().map_err(|e| RunnerError::Os("sigprocmask", e))?;
+    set.thread_block()
+        .map_err(|e| RunnerError::Os("sigprocmask", e))?;
     loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => {
-                while let Ok(status) = nix::sys::wait::waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                while let Ok(status) = nix::sys::wait::waitpid(
+                    Pid::from_raw(-1),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                ) {
                     if status == nix::sys::wait::WaitStatus::StillAlive {
                         break;
                     }
@@ -283,4 +315,3 @@ fn pause(sys: &dyn Syscall, sync: &mut Sync, p: &config::PauseInit) -> Result<()
         }
     }
 }
-

@@ -79,13 +79,29 @@ pub fn parse_options(options: &[String]) -> MountOptions {
                 continue;
             }
             "private" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_PRIVATE),
-            "rprivate" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+            "rprivate" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+            ),
             "shared" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SHARED),
-            "rshared" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SHARED | MsFlags::MS_REC),
+            "rshared" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_SHARED | MsFlags::MS_REC,
+            ),
             "slave" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SLAVE),
-            "rslave" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SLAVE | MsFlags::MS_REC),
+            "rslave" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            ),
             "unbindable" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_UNBINDABLE),
-            "runbindable" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_UNBINDABLE | MsFlags::MS_REC),
+            "runbindable" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+            ),
             other => {
                 o.data.push(other.to_string());
                 continue;
@@ -103,7 +119,11 @@ pub fn parse_options(options: &[String]) -> MountOptions {
 /// malicious image cannot point a mount destination outside of it.
 pub fn secure_join(root: &Path, path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
-    let mut pending: Vec<PathBuf> = path.components().rev().map(|c| PathBuf::from(c.as_os_str())).collect();
+    let mut pending: Vec<PathBuf> = path
+        .components()
+        .rev()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
     let mut hops = 0;
     while let Some(part) = pending.pop() {
         match part.components().next() {
@@ -147,11 +167,22 @@ fn propagation_flags(name: Option<&str>) -> Result<MsFlags> {
 
 pub fn overlay_data(lower: &[PathBuf], upper: &Path, work: &Path) -> String {
     let lower: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
-    format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display())
+    format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    )
 }
 
 /// Set up the container's mount namespace and pivot into it.
-pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, host_devices: &[String]) -> Result<()> {
+pub fn setup(
+    sys: &dyn Syscall,
+    spec: &Spec,
+    rootfs: &RootfsMount,
+    dir: &Path,
+    host_devices: &[String],
+) -> Result<()> {
     let linux = spec.linux().as_ref();
     // Stop our mounts from leaking to the parent namespace (and back).
     let prop = propagation_flags(linux.and_then(|l| l.rootfs_propagation().as_deref()))?;
@@ -161,10 +192,22 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
     match rootfs {
         RootfsMount::Overlay { lower, upper, work } => {
             let data = overlay_data(lower, upper, work);
-            sys.mount(Some(Path::new("overlay")), dir, Some("overlay"), MsFlags::empty(), Some(&data))?;
+            sys.mount(
+                Some(Path::new("overlay")),
+                dir,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(&data),
+            )?;
         }
         RootfsMount::Bind { path } => {
-            sys.mount(Some(path), dir, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+            sys.mount(
+                Some(path),
+                dir,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )?;
         }
     }
 
@@ -179,17 +222,28 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
             let refused = matches!(
                 &e,
                 RootfsError::Sys(SyscallError::Nix {
-                    source: nix::Error::EINVAL | nix::Error::ENODEV | nix::Error::ENOTDIR | nix::Error::ENOENT,
+                    source: nix::Error::EINVAL
+                        | nix::Error::ENODEV
+                        | nix::Error::ENOTDIR
+                        | nix::Error::ENOENT,
                     ..
                 })
             );
-            if refused { RootfsError::BadMount(format!("{}: {e}", m.destination().display())) } else { e }
+            if refused {
+                RootfsError::BadMount(format!("{}: {e}", m.destination().display()))
+            } else {
+                e
+            }
         })?;
     }
     if dev_mounted {
         setup_dev(sys, dir, host_devices)?;
     }
-    for d in linux.and_then(|l| l.devices().as_ref()).into_iter().flatten() {
+    for d in linux
+        .and_then(|l| l.devices().as_ref())
+        .into_iter()
+        .flatten()
+    {
         create_device(sys, dir, d)?;
     }
 
@@ -210,8 +264,19 @@ pub fn setup(sys: &dyn Syscall, spec: &Spec, rootfs: &RootfsMount, dir: &Path, h
     if let Some(h) = spec.hostname() {
         sys.sethostname(h)?;
     }
-    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
-        sys.mount(None, Path::new("/"), None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)?;
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        sys.mount(
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -253,7 +318,13 @@ fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount) -> Result<()> {
         sys.mount(Some(source), &target, None, flags, None)?;
         // Bind mounts ignore flags on the first call: remount to apply ro etc.
         if !opts.flags.is_empty() {
-            sys.mount(None, &target, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | opts.flags, None)?;
+            sys.mount(
+                None,
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | opts.flags,
+                None,
+            )?;
         }
     } else {
         let fstype = match fstype {
@@ -315,13 +386,20 @@ fn setup_dev(sys: &dyn Syscall, root: &Path, host_devices: &[String]) -> Result<
 fn create_device(sys: &dyn Syscall, root: &Path, d: &oci_spec::runtime::LinuxDevice) -> Result<()> {
     use nix::sys::stat::SFlag;
     if !d.path().is_absolute() {
-        return Err(RootfsError::RelativeDestination(d.path().display().to_string()));
+        return Err(RootfsError::RelativeDestination(
+            d.path().display().to_string(),
+        ));
     }
     let kind = match d.typ().as_str() {
         "b" => SFlag::S_IFBLK,
         "c" | "u" => SFlag::S_IFCHR,
         "p" => SFlag::S_IFIFO,
-        other => return Err(RootfsError::Device(format!("{}: type {other}", d.path().display()))),
+        other => {
+            return Err(RootfsError::Device(format!(
+                "{}: type {other}",
+                d.path().display()
+            )));
+        }
     };
     let target = secure_join(root, d.path());
     if let Some(parent) = target.parent() {
@@ -338,9 +416,21 @@ fn mask_path(sys: &dyn Syscall, path: &Path) -> Result<()> {
         return Ok(());
     }
     if sys.is_dir(path) {
-        sys.mount(Some(Path::new("tmpfs")), path, Some("tmpfs"), MsFlags::MS_RDONLY, None)?;
+        sys.mount(
+            Some(Path::new("tmpfs")),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None,
+        )?;
     } else {
-        sys.mount(Some(Path::new("/dev/null")), path, None, MsFlags::MS_BIND, None)?;
+        sys.mount(
+            Some(Path::new("/dev/null")),
+            path,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -349,7 +439,13 @@ fn readonly_path(sys: &dyn Syscall, path: &Path) -> Result<()> {
     if !sys.exists(path) {
         return Ok(());
     }
-    sys.mount(Some(path), path, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    sys.mount(
+        Some(path),
+        path,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     sys.mount(
         None,
         path,
@@ -376,7 +472,13 @@ mod tests {
 
     #[test]
     fn options_parse_flags_propagation_and_data() {
-        let o = parse_options(&["ro".into(), "nosuid".into(), "rbind".into(), "rslave".into(), "size=65536k".into()]);
+        let o = parse_options(&[
+            "ro".into(),
+            "nosuid".into(),
+            "rbind".into(),
+            "rslave".into(),
+            "size=65536k".into(),
+        ]);
         assert_eq!(o.flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
         assert_eq!(o.propagation, MsFlags::MS_SLAVE | MsFlags::MS_REC);
         assert!(o.bind && o.recursive);
@@ -387,8 +489,14 @@ mod tests {
 
     #[test]
     fn sysctl_names_cannot_escape() {
-        assert_eq!(sysctl_path("net.ipv4.ip_forward").expect("ok"), Path::new("/proc/sys/net/ipv4/ip_forward"));
-        assert_eq!(sysctl_path("net/ipv4/conf/eth0.1/rp_filter").expect("ok"), Path::new("/proc/sys/net/ipv4/conf/eth0/1/rp_filter"));
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward").expect("ok"),
+            Path::new("/proc/sys/net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("net/ipv4/conf/eth0.1/rp_filter").expect("ok"),
+            Path::new("/proc/sys/net/ipv4/conf/eth0/1/rp_filter")
+        );
         for bad in ["", "net..x", "../../etc/passwd", "/abs", "kernel/../x"] {
             assert!(sysctl_path(bad).is_err(), "{bad}");
         }
@@ -399,9 +507,18 @@ mod tests {
         let root = tempfile::tempdir().expect("tmp");
         std::os::unix::fs::symlink("/etc", root.path().join("evil")).expect("symlink");
         std::os::unix::fs::symlink("../../../..", root.path().join("up")).expect("symlink");
-        assert_eq!(secure_join(root.path(), Path::new("/evil/passwd")), root.path().join("etc/passwd"));
-        assert_eq!(secure_join(root.path(), Path::new("/up/x")), root.path().join("x"));
-        assert_eq!(secure_join(root.path(), Path::new("/../../a/./b")), root.path().join("a/b"));
+        assert_eq!(
+            secure_join(root.path(), Path::new("/evil/passwd")),
+            root.path().join("etc/passwd")
+        );
+        assert_eq!(
+            secure_join(root.path(), Path::new("/up/x")),
+            root.path().join("x")
+        );
+        assert_eq!(
+            secure_join(root.path(), Path::new("/../../a/./b")),
+            root.path().join("a/b")
+        );
     }
 
     #[test]
@@ -429,11 +546,24 @@ mod tests {
             upper: "/u".into(),
             work: "/w".into(),
         };
-        setup(&sys, &s, &rootfs, Path::new("/run/c1/rootfs"), &["null".into()]).expect("setup");
+        setup(
+            &sys,
+            &s,
+            &rootfs,
+            Path::new("/run/c1/rootfs"),
+            &["null".into()],
+        )
+        .expect("setup");
         let calls = sys.calls();
         assert_eq!(
             calls[0],
-            Call::Mount { source: None, target: "/".into(), fstype: None, flags: MsFlags::MS_SLAVE | MsFlags::MS_REC, data: None }
+            Call::Mount {
+                source: None,
+                target: "/".into(),
+                fstype: None,
+                flags: MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                data: None
+            }
         );
         assert!(calls.contains(&Call::Mount {
             source: Some("overlay".into()),
@@ -444,7 +574,10 @@ mod tests {
         }));
         let mounts = sys.mounts();
         let targets: Vec<_> = mounts.iter().map(|m| m.1.display().to_string()).collect();
-        let pivot = calls.iter().position(|c| matches!(c, Call::PivotRoot(_))).expect("pivot");
+        let pivot = calls
+            .iter()
+            .position(|c| matches!(c, Call::PivotRoot(_)))
+            .expect("pivot");
         let data_ro = calls
             .iter()
             .position(|c| matches!(c, Call::Mount { target, flags, .. } if target == Path::new("/run/c1/rootfs/data") && flags.contains(MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY)))
@@ -455,11 +588,25 @@ mod tests {
             if path == Path::new("/run/c1/rootfs/dev/fuse") && *dev == nix::sys::stat::makedev(10, 229)));
         assert!(mknod.expect("fuse node") < pivot);
         // Masked file gets /dev/null, masked dir a ro tmpfs, missing is skipped.
-        assert!(mounts.contains(&(Some("/dev/null".into()), "/proc/kcore".into(), None, MsFlags::MS_BIND)));
-        assert!(mounts.contains(&(Some("tmpfs".into()), "/proc/acpi".into(), Some("tmpfs".into()), MsFlags::MS_RDONLY)));
+        assert!(mounts.contains(&(
+            Some("/dev/null".into()),
+            "/proc/kcore".into(),
+            None,
+            MsFlags::MS_BIND
+        )));
+        assert!(mounts.contains(&(
+            Some("tmpfs".into()),
+            "/proc/acpi".into(),
+            Some("tmpfs".into()),
+            MsFlags::MS_RDONLY
+        )));
         assert!(!targets.contains(&"/proc/missing".to_string()));
-        let sysctl = calls.iter().position(|c| *c == Call::Write("/proc/sys/net/ipv4/ip_forward".into(), b"1".to_vec()));
-        let ro_sys = calls.iter().position(|c| matches!(c, Call::Mount { target, .. } if target == Path::new("/proc/sys")));
+        let sysctl = calls
+            .iter()
+            .position(|c| *c == Call::Write("/proc/sys/net/ipv4/ip_forward".into(), b"1".to_vec()));
+        let ro_sys = calls.iter().position(
+            |c| matches!(c, Call::Mount { target, .. } if target == Path::new("/proc/sys")),
+        );
         assert!(sysctl.expect("sysctl written") < ro_sys.expect("/proc/sys made read-only"));
         assert!(calls.contains(&Call::Sethostname("pod".into())));
         // Read-only root is the last step.
@@ -480,11 +627,26 @@ mod tests {
         let sys = RecordingSyscall::default();
         let s = spec(serde_json::json!({"ociVersion": "1.0.2",
             "mounts": [{"destination": "/x", "type": "bind", "source": "/nope", "options": ["bind"]}]}));
-        let r = setup(&sys, &s, &RootfsMount::Bind { path: "/r".into() }, Path::new("/t"), &[]);
+        let r = setup(
+            &sys,
+            &s,
+            &RootfsMount::Bind { path: "/r".into() },
+            Path::new("/t"),
+            &[],
+        );
         assert!(matches!(r, Err(RootfsError::MissingSource(_))), "{r:?}");
         let s = spec(serde_json::json!({"ociVersion": "1.0.2",
             "mounts": [{"destination": "x", "type": "tmpfs", "source": "tmpfs"}]}));
-        let r = setup(&sys, &s, &RootfsMount::Bind { path: "/r".into() }, Path::new("/t"), &[]);
-        assert!(matches!(r, Err(RootfsError::RelativeDestination(_))), "{r:?}");
+        let r = setup(
+            &sys,
+            &s,
+            &RootfsMount::Bind { path: "/r".into() },
+            Path::new("/t"),
+            &[],
+        );
+        assert!(
+            matches!(r, Err(RootfsError::RelativeDestination(_))),
+            "{r:?}"
+        );
     }
 }

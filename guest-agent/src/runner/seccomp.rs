@@ -60,7 +60,12 @@ fn lookup(table: &[(&str, i64)], name: &str) -> Option<i64> {
 }
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt: 0, jf: 0, k }
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
@@ -72,8 +77,12 @@ pub fn action_value(action: LinuxSeccompAction, errno: Option<u32>) -> Result<u3
         LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => RET_KILL_THREAD,
         LinuxSeccompAction::ScmpActKillProcess => RET_KILL_PROCESS,
         LinuxSeccompAction::ScmpActTrap => RET_TRAP,
-        LinuxSeccompAction::ScmpActErrno => RET_ERRNO | (errno.unwrap_or(libc::EPERM as u32) & 0xffff),
-        LinuxSeccompAction::ScmpActTrace => RET_TRACE | (errno.unwrap_or(libc::EPERM as u32) & 0xffff),
+        LinuxSeccompAction::ScmpActErrno => {
+            RET_ERRNO | (errno.unwrap_or(libc::EPERM as u32) & 0xffff)
+        }
+        LinuxSeccompAction::ScmpActTrace => {
+            RET_TRACE | (errno.unwrap_or(libc::EPERM as u32) & 0xffff)
+        }
         LinuxSeccompAction::ScmpActLog => RET_LOG,
         LinuxSeccompAction::ScmpActAllow => RET_ALLOW,
         other => return Err(SeccompError::Action(other)),
@@ -96,25 +105,49 @@ struct Insn {
     jf: To,
 }
 
-fn check(index: usize, op: LinuxSeccompOperator, value: u64, value_two: u64) -> Result<Vec<Insn>, SeccompError> {
+fn check(
+    index: usize,
+    op: LinuxSeccompOperator,
+    value: u64,
+    value_two: u64,
+) -> Result<Vec<Insn>, SeccompError> {
     if index > 5 {
         return Err(SeccompError::ArgIndex(index));
     }
     let lo_off = OFF_ARGS + 8 * index as u32;
     let hi_off = lo_off + 4;
-    let ld = |off| Insn { code: LD_W_ABS, k: off, jt: To::Skip(0), jf: To::Skip(0) };
+    let ld = |off| Insn {
+        code: LD_W_ABS,
+        k: off,
+        jt: To::Skip(0),
+        jf: To::Skip(0),
+    };
     let j = |code, k, jt, jf| Insn { code, k, jt, jf };
     let (vhi, vlo) = ((value >> 32) as u32, value as u32);
     use To::{Fail, Skip};
     Ok(match op {
         LinuxSeccompOperator::ScmpCmpEq => {
-            vec![ld(hi_off), j(JEQ_K, vhi, Skip(0), Fail), ld(lo_off), j(JEQ_K, vlo, Skip(0), Fail)]
+            vec![
+                ld(hi_off),
+                j(JEQ_K, vhi, Skip(0), Fail),
+                ld(lo_off),
+                j(JEQ_K, vlo, Skip(0), Fail),
+            ]
         }
         LinuxSeccompOperator::ScmpCmpNe => {
-            vec![ld(hi_off), j(JEQ_K, vhi, Skip(0), Skip(2)), ld(lo_off), j(JEQ_K, vlo, Fail, Skip(0))]
+            vec![
+                ld(hi_off),
+                j(JEQ_K, vhi, Skip(0), Skip(2)),
+                ld(lo_off),
+                j(JEQ_K, vlo, Fail, Skip(0)),
+            ]
         }
         LinuxSeccompOperator::ScmpCmpGt | LinuxSeccompOperator::ScmpCmpGe => {
-            let lo_code = if op == LinuxSeccompOperator::ScmpCmpGt { JGT_K } else { JGE_K };
+            let lo_code = if op == LinuxSeccompOperator::ScmpCmpGt {
+                JGT_K
+            } else {
+                JGE_K
+            };
             vec![
                 ld(hi_off),
                 j(JGT_K, vhi, Skip(3), Skip(0)),
@@ -124,7 +157,11 @@ fn check(index: usize, op: LinuxSeccompOperator, value: u64, value_two: u64) -> 
             ]
         }
         LinuxSeccompOperator::ScmpCmpLt | LinuxSeccompOperator::ScmpCmpLe => {
-            let lo_code = if op == LinuxSeccompOperator::ScmpCmpLt { JGE_K } else { JGT_K };
+            let lo_code = if op == LinuxSeccompOperator::ScmpCmpLt {
+                JGE_K
+            } else {
+                JGT_K
+            };
             vec![
                 ld(hi_off),
                 j(JGT_K, vhi, Fail, Skip(0)),
@@ -152,11 +189,16 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<libc::sock_filter>, Seccomp
     let default = action_value(profile.default_action(), profile.default_errno_ret())?;
     let x64 = section(profile, SYSCALLS_X86_64, default, true)?;
     let i386 = match profile.architectures() {
-        Some(archs) if archs.contains(&Arch::ScmpArchX86) => Some(section(profile, SYSCALLS_I386, default, false)?),
+        Some(archs) if archs.contains(&Arch::ScmpArchX86) => {
+            Some(section(profile, SYSCALLS_I386, default, false)?)
+        }
         _ => None,
     };
     // Dispatch on the architecture; sections are too long for 8-bit jumps.
-    let mut prog = vec![stmt(LD_W_ABS, OFF_ARCH), jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 1)];
+    let mut prog = vec![
+        stmt(LD_W_ABS, OFF_ARCH),
+        jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 1),
+    ];
     let x64_at = prog.len();
     prog.push(stmt(JA, 0));
     let mut i386_at = None;
@@ -197,7 +239,12 @@ fn section(
         }
         let mut checks = Vec::new();
         for a in rule.args().iter().flatten() {
-            checks.extend(check(a.index(), a.op(), a.value(), a.value_two().unwrap_or(0))?);
+            checks.extend(check(
+                a.index(),
+                a.op(),
+                a.value(),
+                a.value_two().unwrap_or(0),
+            )?);
         }
         for name in rule.names() {
             let Some(nr) = lookup(table, name) else {
@@ -218,7 +265,12 @@ fn section(
                     To::Skip(n) => n,
                     To::Fail => (fail_at - i - 1) as u8,
                 };
-                prog.push(libc::sock_filter { code: c.code, jt: resolve(c.jt), jf: resolve(c.jf), k: c.k });
+                prog.push(libc::sock_filter {
+                    code: c.code,
+                    jt: resolve(c.jt),
+                    jf: resolve(c.jf),
+                    k: c.k,
+                });
             }
             prog.push(stmt(RET_K, action));
             if reload {
@@ -246,13 +298,25 @@ pub fn flags(profile: &LinuxSeccomp) -> u32 {
 
 /// Install the filter for this thread (and its future children).
 pub fn load(prog: &[libc::sock_filter], flags: u32) -> Result<(), SeccompError> {
-    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
     const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
     // SAFETY: fprog points at `prog`, which outlives the call; the kernel copies it.
     let r = unsafe {
-        libc::syscall(libc::SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags as libc::c_ulong, &fprog as *const libc::sock_fprog)
+        libc::syscall(
+            libc::SYS_seccomp,
+            SECCOMP_SET_MODE_FILTER,
+            flags as libc::c_ulong,
+            &fprog as *const libc::sock_fprog,
+        )
     };
-    if r < 0 { Err(SeccompError::Load(std::io::Error::last_os_error())) } else { Ok(()) }
+    if r < 0 {
+        Err(SeccompError::Load(std::io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -307,21 +371,44 @@ mod tests {
         let mkdir = syscall_number("mkdir").expect("mkdir");
         assert_eq!(run(&prog, AUDIT_ARCH_X86_64, read, [0; 6]), RET_ALLOW);
         assert_eq!(run(&prog, AUDIT_ARCH_X86_64, mkdir, [0; 6]), RET_ERRNO | 1);
-        assert_eq!(run(&prog, 0x4000_0003, read, [0; 6]), RET_ERRNO | 1, "foreign arch gets the default");
-        assert_eq!(run(&prog, AUDIT_ARCH_X86_64, read | 0x4000_0000, [0; 6]), RET_ERRNO | 1, "x32");
+        assert_eq!(
+            run(&prog, 0x4000_0003, read, [0; 6]),
+            RET_ERRNO | 1,
+            "foreign arch gets the default"
+        );
+        assert_eq!(
+            run(&prog, AUDIT_ARCH_X86_64, read | 0x4000_0000, [0; 6]),
+            RET_ERRNO | 1,
+            "x32"
+        );
     }
 
     #[test]
     fn i386_only_when_listed() {
-        let rules = serde_json::json!([{"names": ["read", "socketcall"], "action": "SCMP_ACT_ALLOW"}]);
-        let with = profile(serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"], "syscalls": rules}));
-        let without = profile(serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": rules}));
-        let (read32, socketcall) = (lookup(SYSCALLS_I386, "read").expect("read"), lookup(SYSCALLS_I386, "socketcall").expect("sc"));
+        let rules =
+            serde_json::json!([{"names": ["read", "socketcall"], "action": "SCMP_ACT_ALLOW"}]);
+        let with = profile(
+            serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"], "syscalls": rules}),
+        );
+        let without =
+            profile(serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": rules}));
+        let (read32, socketcall) = (
+            lookup(SYSCALLS_I386, "read").expect("read"),
+            lookup(SYSCALLS_I386, "socketcall").expect("sc"),
+        );
         let read64 = syscall_number("read").expect("read");
         let p = compile(&with).expect("compile");
         assert_eq!(run(&p, AUDIT_ARCH_I386, read32, [0; 6]), RET_ALLOW);
-        assert_eq!(run(&p, AUDIT_ARCH_I386, socketcall, [0; 6]), RET_ALLOW, "i386-only syscall");
-        assert_eq!(run(&p, AUDIT_ARCH_I386, read64, [0; 6]), RET_ERRNO | 1, "x86_64 number 0 is restart_syscall on i386");
+        assert_eq!(
+            run(&p, AUDIT_ARCH_I386, socketcall, [0; 6]),
+            RET_ALLOW,
+            "i386-only syscall"
+        );
+        assert_eq!(
+            run(&p, AUDIT_ARCH_I386, read64, [0; 6]),
+            RET_ERRNO | 1,
+            "x86_64 number 0 is restart_syscall on i386"
+        );
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, read64, [0; 6]), RET_ALLOW);
         let p = compile(&without).expect("compile");
         assert_eq!(run(&p, AUDIT_ARCH_I386, read32, [0; 6]), RET_ERRNO | 1);
@@ -332,13 +419,57 @@ mod tests {
     fn argument_operators_compare_64_bits() {
         let nr = syscall_number("personality").expect("nr");
         let cases = [
-            ("SCMP_CMP_EQ", 0x1_0000_0005u64, 0u64, vec![(0x1_0000_0005u64, true), (5, false), (0x1_0000_0006, false)]),
-            ("SCMP_CMP_NE", 8, 0, vec![(8, false), (9, true), (0x1_0000_0008, true)]),
-            ("SCMP_CMP_GT", 0x1_0000_0000, 0, vec![(0x1_0000_0001, true), (0x1_0000_0000, false), (0xffff_ffff, false), (0x2_0000_0000, true)]),
-            ("SCMP_CMP_GE", 10, 0, vec![(10, true), (9, false), (0x1_0000_0000, true)]),
-            ("SCMP_CMP_LT", 0x1_0000_0000, 0, vec![(0xffff_ffff, true), (0x1_0000_0000, false), (0x2_0000_0000, false)]),
-            ("SCMP_CMP_LE", 10, 0, vec![(10, true), (11, false), (0, true), (0x1_0000_0000, false)]),
-            ("SCMP_CMP_MASKED_EQ", 0xff, 0x08, vec![(0x108, true), (0x109, false)]),
+            (
+                "SCMP_CMP_EQ",
+                0x1_0000_0005u64,
+                0u64,
+                vec![(0x1_0000_0005u64, true), (5, false), (0x1_0000_0006, false)],
+            ),
+            (
+                "SCMP_CMP_NE",
+                8,
+                0,
+                vec![(8, false), (9, true), (0x1_0000_0008, true)],
+            ),
+            (
+                "SCMP_CMP_GT",
+                0x1_0000_0000,
+                0,
+                vec![
+                    (0x1_0000_0001, true),
+                    (0x1_0000_0000, false),
+                    (0xffff_ffff, false),
+                    (0x2_0000_0000, true),
+                ],
+            ),
+            (
+                "SCMP_CMP_GE",
+                10,
+                0,
+                vec![(10, true), (9, false), (0x1_0000_0000, true)],
+            ),
+            (
+                "SCMP_CMP_LT",
+                0x1_0000_0000,
+                0,
+                vec![
+                    (0xffff_ffff, true),
+                    (0x1_0000_0000, false),
+                    (0x2_0000_0000, false),
+                ],
+            ),
+            (
+                "SCMP_CMP_LE",
+                10,
+                0,
+                vec![(10, true), (11, false), (0, true), (0x1_0000_0000, false)],
+            ),
+            (
+                "SCMP_CMP_MASKED_EQ",
+                0xff,
+                0x08,
+                vec![(0x108, true), (0x109, false)],
+            ),
         ];
         for (op, value, value_two, probes) in cases {
             let p = profile(serde_json::json!({
@@ -349,8 +480,16 @@ mod tests {
             }));
             let prog = compile(&p).expect("compile");
             for (arg, matches) in probes {
-                let want = if matches { RET_ERRNO | 22 } else { RET_KILL_PROCESS };
-                assert_eq!(run(&prog, AUDIT_ARCH_X86_64, nr, [arg, 0, 0, 0, 0, 0]), want, "{op} {value:#x} vs {arg:#x}");
+                let want = if matches {
+                    RET_ERRNO | 22
+                } else {
+                    RET_KILL_PROCESS
+                };
+                assert_eq!(
+                    run(&prog, AUDIT_ARCH_X86_64, nr, [arg, 0, 0, 0, 0, 0]),
+                    want,
+                    "{op} {value:#x} vs {arg:#x}"
+                );
             }
         }
     }

@@ -59,8 +59,17 @@ pub fn parse_group(content: &str) -> Vec<(String, u32, Vec<String>)> {
             if f.len() < 3 {
                 return None;
             }
-            let members = f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect());
-            Some((f[0].to_string(), f[2].parse().ok()?, members.unwrap_or_default()))
+            let members = f.get(3).map(|m| {
+                m.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            });
+            Some((
+                f[0].to_string(),
+                f[2].parse().ok()?,
+                members.unwrap_or_default(),
+            ))
         })
         .collect()
 }
@@ -96,11 +105,21 @@ pub fn resolve_from(
             }
         }
     }
-    Ok(ResolvedUser { uid, gid, additional_gids: groups, home })
+    Ok(ResolvedUser {
+        uid,
+        gid,
+        additional_gids: groups,
+        home,
+    })
 }
 
 /// Resolve against the current root's /etc (call after pivot_root).
-pub fn resolve(username: Option<&str>, uid: u32, gid: u32, additional: &[u32]) -> Result<ResolvedUser, UserError> {
+pub fn resolve(
+    username: Option<&str>,
+    uid: u32,
+    gid: u32,
+    additional: &[u32],
+) -> Result<ResolvedUser, UserError> {
     let passwd = std::fs::read_to_string(Path::new("/etc/passwd")).unwrap_or_default();
     let group = std::fs::read_to_string(Path::new("/etc/group")).unwrap_or_default();
     resolve_from(&passwd, &group, username, uid, gid, additional)
@@ -116,7 +135,15 @@ mod tests {
     #[test]
     fn resolves_username_with_groups() {
         let u = resolve_from(PASSWD, GROUP, Some("alice"), 0, 0, &[5]).expect("alice");
-        assert_eq!(u, ResolvedUser { uid: 1000, gid: 1000, additional_gids: vec![5, 10, 100], home: "/home/alice".into() });
+        assert_eq!(
+            u,
+            ResolvedUser {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![5, 10, 100],
+                home: "/home/alice".into()
+            }
+        );
     }
 
     #[test]
@@ -129,6 +156,9 @@ mod tests {
 
     #[test]
     fn unknown_username_is_an_error() {
-        assert!(matches!(resolve_from(PASSWD, GROUP, Some("mallory"), 0, 0, &[]), Err(UserError::UnknownUser(_))));
+        assert!(matches!(
+            resolve_from(PASSWD, GROUP, Some("mallory"), 0, 0, &[]),
+            Err(UserError::UnknownUser(_))
+        ));
     }
 }

@@ -43,7 +43,8 @@ impl Syscall for LinuxSyscall {
         // unmount of "." then drops it without needing a put_old directory.
         nix::unistd::chdir(new_root).map_err(nix_err("chdir", new_root))?;
         nix::unistd::pivot_root(".", ".").map_err(nix_err("pivot_root", new_root))?;
-        nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(nix_err("umount old root", new_root))?;
+        nix::mount::umount2(".", MntFlags::MNT_DETACH)
+            .map_err(nix_err("umount old root", new_root))?;
         nix::unistd::chdir("/").map_err(nix_err("chdir", Path::new("/")))
     }
 
@@ -75,7 +76,13 @@ impl Syscall for LinuxSyscall {
         if let Some(parent) = path.parent() {
             self.create_dir_all(parent)?;
         }
-        OpenOptions::new().create(true).truncate(false).write(true).open(path).map(drop).map_err(io_err("create", path))
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map(drop)
+            .map_err(io_err("create", path))
     }
 
     fn write_file(&self, path: &Path, data: &[u8]) -> Result<()> {
@@ -86,11 +93,22 @@ impl Syscall for LinuxSyscall {
         std::os::unix::fs::symlink(target, link).map_err(io_err("symlink", link))
     }
 
-    fn mknod(&self, path: &Path, kind: nix::sys::stat::SFlag, mode: u32, dev: u64, owner: (u32, u32)) -> Result<()> {
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: nix::sys::stat::SFlag,
+        mode: u32,
+        dev: u64,
+        owner: (u32, u32),
+    ) -> Result<()> {
         let perm = nix::sys::stat::Mode::from_bits_truncate(mode);
         nix::sys::stat::mknod(path, kind, perm, dev).map_err(nix_err("mknod", path))?;
-        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(owner.0)), Some(nix::unistd::Gid::from_raw(owner.1)))
-            .map_err(nix_err("chown", path))
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(owner.0)),
+            Some(nix::unistd::Gid::from_raw(owner.1)),
+        )
+        .map_err(nix_err("chown", path))
     }
 
     fn exists(&self, path: &Path) -> bool {

@@ -55,7 +55,14 @@ pub trait Syscall {
     fn write_file(&self, path: &Path, data: &[u8]) -> Result<()>;
     fn symlink(&self, target: &Path, link: &Path) -> Result<()>;
     /// mknod a device node (kind: S_IFCHR/S_IFBLK/S_IFIFO) and chown it.
-    fn mknod(&self, path: &Path, kind: nix::sys::stat::SFlag, mode: u32, dev: u64, owner: (u32, u32)) -> Result<()>;
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: nix::sys::stat::SFlag,
+        mode: u32,
+        dev: u64,
+        owner: (u32, u32),
+    ) -> Result<()>;
     fn exists(&self, path: &Path) -> bool;
     fn is_dir(&self, path: &Path) -> bool;
 }

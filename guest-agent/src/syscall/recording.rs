@@ -11,8 +11,17 @@ use super::{Result, Syscall};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    Mount { source: Option<PathBuf>, target: PathBuf, fstype: Option<String>, flags: MsFlags, data: Option<String> },
-    Umount { target: PathBuf, flags: MntFlags },
+    Mount {
+        source: Option<PathBuf>,
+        target: PathBuf,
+        fstype: Option<String>,
+        flags: MsFlags,
+        data: Option<String>,
+    },
+    Umount {
+        target: PathBuf,
+        flags: MntFlags,
+    },
     PivotRoot(PathBuf),
     Chdir(PathBuf),
     Sethostname(String),
@@ -22,7 +31,13 @@ pub enum Call {
     Touch(PathBuf),
     Write(PathBuf, Vec<u8>),
     Symlink(PathBuf, PathBuf),
-    Mknod { path: PathBuf, kind: nix::sys::stat::SFlag, mode: u32, dev: u64, owner: (u32, u32) },
+    Mknod {
+        path: PathBuf,
+        kind: nix::sys::stat::SFlag,
+        mode: u32,
+        dev: u64,
+        owner: (u32, u32),
+    },
 }
 
 /// Records every call; `dirs` decides what `is_dir`/`exists` answer.
@@ -43,9 +58,13 @@ impl RecordingSyscall {
             .borrow()
             .iter()
             .filter_map(|c| match c {
-                Call::Mount { source, target, fstype, flags, .. } => {
-                    Some((source.clone(), target.clone(), fstype.clone(), *flags))
-                }
+                Call::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    ..
+                } => Some((source.clone(), target.clone(), fstype.clone(), *flags)),
                 _ => None,
             })
             .collect()
@@ -57,7 +76,14 @@ impl RecordingSyscall {
 }
 
 impl Syscall for RecordingSyscall {
-    fn mount(&self, source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<()> {
         self.push(Call::Mount {
             source: source.map(Path::to_path_buf),
             target: target.to_path_buf(),
@@ -68,7 +94,10 @@ impl Syscall for RecordingSyscall {
         Ok(())
     }
     fn umount2(&self, target: &Path, flags: MntFlags) -> Result<()> {
-        self.push(Call::Umount { target: target.to_path_buf(), flags });
+        self.push(Call::Umount {
+            target: target.to_path_buf(),
+            flags,
+        });
         Ok(())
     }
     fn pivot_root(&self, new_root: &Path) -> Result<()> {
@@ -109,9 +138,22 @@ impl Syscall for RecordingSyscall {
         self.push(Call::Symlink(target.to_path_buf(), link.to_path_buf()));
         Ok(())
     }
-    fn mknod(&self, path: &Path, kind: nix::sys::stat::SFlag, mode: u32, dev: u64, owner: (u32, u32)) -> Result<()> {
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: nix::sys::stat::SFlag,
+        mode: u32,
+        dev: u64,
+        owner: (u32, u32),
+    ) -> Result<()> {
         self.files.borrow_mut().insert(path.to_path_buf());
-        self.push(Call::Mknod { path: path.to_path_buf(), kind, mode, dev, owner });
+        self.push(Call::Mknod {
+            path: path.to_path_buf(),
+            kind,
+            mode,
+            dev,
+            owner,
+        });
         Ok(())
     }
     fn exists(&self, path: &Path) -> bool {

@@ -20,7 +20,9 @@ pub fn skip_reason() -> Option<String> {
         return Some("not root".into());
     }
     if !Path::new(BUSYBOX).exists() {
-        return Some(format!("{BUSYBOX} missing (apt-get install busybox-static)"));
+        return Some(format!(
+            "{BUSYBOX} missing (apt-get install busybox-static)"
+        ));
     }
     None
 }
@@ -36,8 +38,8 @@ macro_rules! require_root {
 }
 
 const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "id", "hostname", "touch", "pwd", "env", "ls", "mkdir", "head", "tr", "true",
-    "false", "kill", "wc", "grep", "stty", "dd", "ps", "rm", "test", "readlink",
+    "sh", "echo", "cat", "sleep", "id", "hostname", "touch", "pwd", "env", "ls", "mkdir", "head",
+    "tr", "true", "false", "kill", "wc", "grep", "stty", "dd", "ps", "rm", "test", "readlink",
 ];
 
 /// A busybox rootfs (built once per test binary), used as an overlay lower dir.
@@ -45,9 +47,22 @@ pub fn rootfs() -> &'static Path {
     static ROOTFS: OnceLock<tempfile::TempDir> = OnceLock::new();
     ROOTFS
         .get_or_init(|| {
-            let dir = tempfile::Builder::new().prefix("husk-agent-rootfs").tempdir().expect("tmp");
+            let dir = tempfile::Builder::new()
+                .prefix("husk-agent-rootfs")
+                .tempdir()
+                .expect("tmp");
             let r = dir.path();
-            for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root", "home/alice", "data"] {
+            for d in [
+                "bin",
+                "etc",
+                "tmp",
+                "proc",
+                "sys",
+                "dev",
+                "root",
+                "home/alice",
+                "data",
+            ] {
                 std::fs::create_dir_all(r.join(d)).expect("mkdir");
             }
             std::fs::copy(BUSYBOX, r.join("bin/busybox")).expect("copy busybox");
@@ -59,7 +74,11 @@ pub fn rootfs() -> &'static Path {
                 "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
             )
             .expect("passwd");
-            std::fs::write(r.join("etc/group"), "root:x:0:\nwheel:x:10:alice\nalice:x:1000:\n").expect("group");
+            std::fs::write(
+                r.join("etc/group"),
+                "root:x:0:\nwheel:x:10:alice\nalice:x:1000:\n",
+            )
+            .expect("group");
             std::fs::write(r.join("etc/motd"), "from the image\n").expect("motd");
             // World-writable tmp, as images have it.
             nix::sys::stat::fchmodat(
@@ -77,8 +96,19 @@ pub fn rootfs() -> &'static Path {
 /// A runc-like default spec running `args`.
 pub fn spec(args: &[&str]) -> serde_json::Value {
     let caps = [
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-        "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
         "CAP_AUDIT_WRITE",
     ];
     serde_json::json!({
@@ -120,7 +150,11 @@ pub fn short_ctx(d: Duration) -> Context {
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A running agent process with its client. Dropping it stops the agent
@@ -148,10 +182,14 @@ impl TestAgent {
 
     /// Start the agent under `wrapper` with extra agent arguments.
     pub async fn start_wrapped_args(wrapper: &[&str], extra: &[&str]) -> TestAgent {
-        let dir = tempfile::Builder::new().prefix("husk-agent-test").tempdir().expect("tmp");
+        let dir = tempfile::Builder::new()
+            .prefix("husk-agent-test")
+            .tempdir()
+            .expect("tmp");
         let socket = dir.path().join("agent.sock");
         // HUSK_AGENT_BIN runs the suite against another build (e.g. the static one).
-        let bin = std::env::var("HUSK_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_husk-agent").to_string());
+        let bin = std::env::var("HUSK_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_husk-agent").to_string());
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -175,18 +213,39 @@ impl TestAgent {
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
             if socket.exists()
-                && let Ok(c) = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display())).await
+                && let Ok(c) =
+                    ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display())).await
             {
                 let client = pb::AgentClient::new(c);
-                if client.check(short_ctx(Duration::from_secs(2)), &pb::CheckRequest::new()).await.is_ok() {
+                if client
+                    .check(short_ctx(Duration::from_secs(2)), &pb::CheckRequest::new())
+                    .await
+                    .is_ok()
+                {
                     break client;
                 }
             }
-            assert!(Instant::now() < deadline, "agent did not come up: {}", std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not come up: {}",
+                std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let agent_pid = if wrapper.is_empty() { child.id() as i32 } else { children(child.id() as i32)[0] };
-        TestAgent { child, agent_pid, dir, socket, client, sandbox_id: unique("sb"), hostname: unique("host") }
+        let agent_pid = if wrapper.is_empty() {
+            child.id() as i32
+        } else {
+            children(child.id() as i32)[0]
+        };
+        TestAgent {
+            child,
+            agent_pid,
+            dir,
+            socket,
+            client,
+            sandbox_id: unique("sb"),
+            hostname: unique("host"),
+        }
     }
 
     /// Start an agent and create a sandbox with fresh net/ipc/uts namespaces.
@@ -212,26 +271,53 @@ impl TestAgent {
     ) -> pb::CreateSandboxResponse {
         let req = pb::CreateSandboxRequest {
             mounts,
-            resources: resources.map(|r| serde_json::to_vec(&r).expect("json")).unwrap_or_default(),
+            resources: resources
+                .map(|r| serde_json::to_vec(&r).expect("json"))
+                .unwrap_or_default(),
             sandbox_id: self.sandbox_id.clone(),
             hostname: self.hostname.clone(),
-            dns: Some(pb::DnsConfig { servers: vec!["10.96.0.10".into()], searches: vec!["svc.local".into()], ..Default::default() }).into(),
-            namespaces: Some(pb::SandboxNamespaces { network: true, ipc: true, uts: true, pid: pid_ns, ..Default::default() }).into(),
+            dns: Some(pb::DnsConfig {
+                servers: vec!["10.96.0.10".into()],
+                searches: vec!["svc.local".into()],
+                ..Default::default()
+            })
+            .into(),
+            namespaces: Some(pb::SandboxNamespaces {
+                network: true,
+                ipc: true,
+                uts: true,
+                pid: pid_ns,
+                ..Default::default()
+            })
+            .into(),
             cgroup_parent: self.cgroup_parent(),
             ..Default::default()
         };
-        self.client.create_sandbox(ctx(), &req).await.expect("create sandbox")
+        self.client
+            .create_sandbox(ctx(), &req)
+            .await
+            .expect("create sandbox")
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
-    pub async fn create(&self, id: &str, spec: &serde_json::Value) -> ttrpc::Result<pb::CreateContainerResponse> {
+    pub async fn create(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
         self.create_with(id, spec, false, false).await
     }
 
-    pub async fn create_with(&self, id: &str, spec: &serde_json::Value, stdin: bool, tty: bool) -> ttrpc::Result<pb::CreateContainerResponse> {
+    pub async fn create_with(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+        stdin: bool,
+        tty: bool,
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
         let req = pb::CreateContainerRequest {
             container_id: id.into(),
             oci_spec: serde_json::to_vec(spec).expect("json"),
@@ -243,27 +329,48 @@ impl TestAgent {
                 ..Default::default()
             })
             .into(),
-            stdio: Some(pb::StdioConfig { stdin, tty, ..Default::default() }).into(),
+            stdio: Some(pb::StdioConfig {
+                stdin,
+                tty,
+                ..Default::default()
+            })
+            .into(),
             ..Default::default()
         };
         self.client.create_container(ctx(), &req).await
     }
 
     pub async fn start_container(&self, id: &str) -> ttrpc::Result<pb::Empty> {
-        self.client.start_container(ctx(), &pb::StartContainerRequest { container_id: id.into(), ..Default::default() }).await
+        self.client
+            .start_container(
+                ctx(),
+                &pb::StartContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
     }
 
     /// Create and start.
     pub async fn run(&self, id: &str, spec: &serde_json::Value) {
-        self.create(id, spec).await.unwrap_or_else(|e| panic!("create {id}: {e:?}\n{}", self.log()));
-        self.start_container(id).await.unwrap_or_else(|e| panic!("start {id}: {e:?}\n{}", self.log()));
+        self.create(id, spec)
+            .await
+            .unwrap_or_else(|e| panic!("create {id}: {e:?}\n{}", self.log()));
+        self.start_container(id)
+            .await
+            .unwrap_or_else(|e| panic!("start {id}: {e:?}\n{}", self.log()));
     }
 
     /// Read a stream to EOF.
     pub async fn read_all(&self, id: &str, exec_id: &str, stderr: bool) -> String {
         let mut out = Vec::new();
         loop {
-            let req = pb::ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+            let req = pb::ReadStreamRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            };
             let r = if stderr {
                 self.client.read_stderr(ctx(), &req).await
             } else {
@@ -279,17 +386,35 @@ impl TestAgent {
     }
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> pb::WaitProcessResponse {
-        let req = pb::WaitProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req = pb::WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
         self.client.wait_process(ctx(), &req).await.expect("wait")
     }
 
     pub async fn signal(&self, id: &str, exec_id: &str, sig: i32) -> ttrpc::Result<pb::Empty> {
-        let req = pb::SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal: sig as u32, ..Default::default() };
+        let req = pb::SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal: sig as u32,
+            ..Default::default()
+        };
         self.client.signal_process(ctx(), &req).await
     }
 
     pub async fn remove(&self, id: &str, force: bool) -> ttrpc::Result<pb::Empty> {
-        self.client.remove_container(ctx(), &pb::RemoveContainerRequest { container_id: id.into(), force, ..Default::default() }).await
+        self.client
+            .remove_container(
+                ctx(),
+                &pb::RemoveContainerRequest {
+                    container_id: id.into(),
+                    force,
+                    ..Default::default()
+                },
+            )
+            .await
     }
 
     /// Run `args` to completion: (stdout, stderr, exit code).
@@ -301,14 +426,26 @@ impl TestAgent {
         (out, err, code)
     }
 
-    pub async fn exec(&self, id: &str, exec_id: &str, args: &[&str], stdin: bool, tty: bool) -> ttrpc::Result<pb::ExecProcessResponse> {
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[&str],
+        stdin: bool,
+        tty: bool,
+    ) -> ttrpc::Result<pb::ExecProcessResponse> {
         // Only args: the rest comes from the container's process.
         let process = serde_json::json!({"args": args});
         let req = pb::ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
             process: serde_json::to_vec(&process).expect("json"),
-            stdio: Some(pb::StdioConfig { stdin, tty, ..Default::default() }).into(),
+            stdio: Some(pb::StdioConfig {
+                stdin,
+                tty,
+                ..Default::default()
+            })
+            .into(),
             ..Default::default()
         };
         self.client.exec_process(ctx(), &req).await
@@ -327,7 +464,13 @@ pub fn remove_cgroup_tree(rel: &str) {
         let _ = std::fs::remove_dir(dir);
     }
     let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
-    roots.extend(std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path()));
+    roots.extend(
+        std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    );
     for r in roots {
         let d = r.join(rel);
         if d.is_dir() {
@@ -339,7 +482,11 @@ pub fn remove_cgroup_tree(rel: &str) {
 /// Direct children of `pid`.
 pub fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
         out.extend(c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
     }
@@ -352,7 +499,9 @@ pub fn zombie_children(pid: i32) -> Vec<i32> {
         .into_iter()
         .filter(|c| {
             let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
-            stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')).unwrap_or(false)
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| rest.starts_with('Z'))
+                .unwrap_or(false)
         })
         .collect()
 }
@@ -372,7 +521,9 @@ impl Drop for TestAgent {
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();

@@ -203,12 +203,19 @@ impl Network {
     /// declare the `ipRanges` capability (host-local does).
     /// Kept in the network state dir. An empty CIDR clears it.
     pub fn set_pod_cidr(&self, cidr: &str) -> Result<(), NetworkError> {
-        let ok = cidr.split(',').map(str::trim).filter(|c| !c.is_empty()).all(|c| {
-            c.split_once('/').is_some_and(|(a, p)| match a.parse::<std::net::IpAddr>() {
-                Ok(ip) => p.parse::<u8>().is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 }),
-                Err(_) => false,
-            })
-        });
+        let ok = cidr
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .all(|c| {
+                c.split_once('/')
+                    .is_some_and(|(a, p)| match a.parse::<std::net::IpAddr>() {
+                        Ok(ip) => p
+                            .parse::<u8>()
+                            .is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 }),
+                        Err(_) => false,
+                    })
+            });
         if !ok {
             return Err(NetworkError::BadCidr(cidr.to_string()));
         }
@@ -566,7 +573,13 @@ mod tests {
         assert!(n.pod("p1").is_none());
         n.teardown("p1").await.unwrap();
         n.set_pod_cidr("10.5.0.0/24, fd00:5::/64").unwrap();
-        for bad in ["10.5.0.0", "10.5.0.0/33", "fd00::/129", "x/8", "10.5.0.0/24,junk"] {
+        for bad in [
+            "10.5.0.0",
+            "10.5.0.0/33",
+            "fd00::/129",
+            "x/8",
+            "10.5.0.0/24,junk",
+        ] {
             assert!(
                 matches!(n.set_pod_cidr(bad), Err(NetworkError::BadCidr(_))),
                 "{bad}"
@@ -582,7 +595,11 @@ mod tests {
             d.path().join("netns"),
         )
         .unwrap();
-        assert_eq!(reopened.pod_cidr(), "10.5.0.0/24, fd00:5::/64", "kept across a restart");
+        assert_eq!(
+            reopened.pod_cidr(),
+            "10.5.0.0/24, fd00:5::/64",
+            "kept across a restart"
+        );
         let caps = n.capability_args(&pod(false));
         assert_eq!(caps["portMappings"][0]["protocol"], "udp");
         assert_eq!(caps["portMappings"][0]["hostPort"], 5353);

@@ -166,13 +166,19 @@ mod tests {
         assert!(t.take("portforward", &a, t0).is_some());
         assert!(t.take("portforward", &a, t0).is_none(), "used once");
         assert!(t.take("exec", &b, t0).is_none(), "wrong kind");
-        assert!(t.take("portforward", &b, t0).is_none(), "a wrong try consumes it");
+        assert!(
+            t.take("portforward", &b, t0).is_none(),
+            "a wrong try consumes it"
+        );
         assert!(t.take("portforward", "nope", t0).is_none());
 
         let c = t.issue(pf(), t0).unwrap();
         let d = t.issue(pf(), t0).unwrap();
         let ttl = Duration::from_secs(60);
-        assert!(t.take("portforward", &c, t0 + ttl - Duration::from_millis(1)).is_some());
+        assert!(
+            t.take("portforward", &c, t0 + ttl - Duration::from_millis(1))
+                .is_some()
+        );
         assert!(t.take("portforward", &d, t0 + ttl).is_none(), "expired");
     }
 
@@ -185,6 +191,9 @@ mod tests {
             t.issue(pf(), t0).unwrap();
         }
         assert!(matches!(t.issue(pf(), t0), Err(StreamingError::TooMany)));
-        assert!(t.issue(pf(), t0 + ttl).is_ok(), "expired tokens are dropped");
+        assert!(
+            t.issue(pf(), t0 + ttl).is_ok(),
+            "expired tokens are dropped"
+        );
     }
 }

@@ -37,11 +37,12 @@ pub fn ram_ranges(mem_mib: u32) -> Vec<(GuestAddress, usize)> {
 /// apart from the VMM's own memory when it accounts a pod's host overhead; QEMU gets the
 /// same with `dump=off` on its memory backend.
 pub fn create_guest_memory(mem_mib: u32) -> Result<GuestMemoryMmap, MemoryError> {
-    let mem =
-        GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| MemoryError::Alloc {
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| {
+        MemoryError::Alloc {
             mib: mem_mib,
             source,
-        })?;
+        }
+    })?;
     exclude_from_core_dumps(&mem);
     Ok(mem)
 }

@@ -14,9 +14,9 @@
 pub mod hybrid;
 pub mod memory;
 mod net;
+mod process;
 pub mod qemu;
 pub mod qmp;
-mod process;
 use process::{kill_wait, place_in_cgroup, spawn_detached, tail, wait_socket};
 pub mod vmmctl;
 

@@ -141,9 +141,8 @@ fn large_requests_stream_through_the_bounce_buffer() {
     std::fs::write(f.path(), &data).expect("w");
     let ch = Arc::new(DeviceChannel::new().expect("ch"));
     let irq = Arc::new(Interrupt::new().expect("irq"));
-    let mut dev =
-        BlockDevice::open(f.path(), false, "big", ch, irq, EventFd::new(0).expect("e"))
-            .expect("open");
+    let mut dev = BlockDevice::open(f.path(), false, "big", ch, irq, EventFd::new(0).expect("e"))
+        .expect("open");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem");
     assert_eq!(dev.info().config[12..16], 254u32.to_le_bytes(), "seg_max");
     // 200 KiB read over two data descriptors, then written back 1 sector further.
@@ -275,9 +274,7 @@ fn slot_fill_updates_config_serial_and_raises_config_interrupt() {
 
     // A filled slot is never swapped: the guest may have cached its blocks.
     let e = dev.fill(f.path(), "other").expect_err("in use");
-    assert!(
-        matches!(e, BlockError::SlotInUse { ref serial } if serial == "img0123456789abcdef")
-    );
+    assert!(matches!(e, BlockError::SlotInUse { ref serial } if serial == "img0123456789abcdef"));
     assert_eq!(reg(&mut t, 0xfc), 1);
     assert_eq!(dev.serial(), "img0123456789abcdef");
 
