@@ -6,6 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: sudo bash tests/run.sh" >&2; exit 1; }
 bash tests/install-deps.sh
+# Style and lints first: a formatting slip or a new warning fails the run.
+if cargo fmt --version >/dev/null 2>&1; then
+    cargo fmt --all --check
+else
+    echo "skipped: cargo fmt --check (rustfmt is not installed)"
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+else
+    echo "skipped: cargo clippy (clippy is not installed)"
+fi
 cargo build --workspace --bins --locked
 # Guest kernel + initramfs (cached by input hash under /var/cache/husk/guest).
 kernel_dir=$(bash images/build-kernel.sh)
