@@ -3,6 +3,7 @@
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod confine;
 pub mod device_manager;
 pub mod devices;
 pub mod vmm;

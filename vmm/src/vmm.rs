@@ -47,6 +47,8 @@ pub enum VmmError {
     Vsock(#[from] MuxerError),
     #[error(transparent)]
     Fs(#[from] FsDeviceError),
+    #[error("confine the VMM: {0}")]
+    Confine(#[from] crate::confine::ConfineError),
     #[error("cannot open serial output {path}: {source}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -165,6 +167,15 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         v.configure(&kvm.supported_cpuid, cfg.vcpus, entry)?;
         vcpus.push(v);
     }
+    // Everything is open and mapped: from here on the guest can reach the device models, so
+    // the process gives up what they never need (the in-process file server keeps its file
+    // capabilities).
+    crate::confine::confine(if cfg.fs.is_empty() {
+        &[]
+    } else {
+        crate::confine::FS_CAPS
+    })?;
+    tracing::debug!("confined");
     let shared = Arc::new(VcpuShared {
         pio: std::mem::take(&mut dm.pio),
         mmio: std::mem::take(&mut dm.mmio),

@@ -113,6 +113,12 @@ fn disk_slot_filled_at_run_time_raises_config_change() {
     assert!(l.ends_with("sectors=0 gen=0 id= id_status=0"), "{l}");
     assert!(vm.expect_line("blkslot: read-empty").ends_with("status=1"));
     vm.expect_line("blkslot: waiting");
+    // The guest runs: the VMM has given up every capability and installed its seccomp filter
+    // (disk-attach below opens files all the same).
+    assert_eq!(
+        confinement(vm.child.id()),
+        ("1".into(), "2".into(), "0000000000000000".into())
+    );
     assert_eq!(ctl(&sock, "disks"), "disks 0=-");
     assert!(ctl(&sock, "disk-attach 0").starts_with("error usage"));
     assert!(ctl(&sock, "disk-attach 1 /x s").starts_with("error no disk slot"));

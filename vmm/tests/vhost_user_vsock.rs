@@ -221,6 +221,11 @@ fn agent_answers_check_over_husk_vhost_user_vsock() {
     let mut g = boot(&kernel, &initrd);
     let stream = connect_agent(&mut g);
     let connected = g.started.elapsed();
+    // The vsock server serves a frontend confined: no capabilities, seccomp filter.
+    assert_eq!(
+        common::confinement(g.backend.id()),
+        ("1".into(), "2".into(), "0000000000000000".into())
+    );
     let rt = runtime();
     let resp = rt.block_on(async {
         let client = agent_client(stream);

@@ -176,3 +176,16 @@ pub fn path_str(p: &std::path::Path) -> String {
 pub fn tmp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// `NoNewPrivs`, `Seccomp` and `CapEff` of process `pid`, from /proc.
+pub fn confinement(pid: u32) -> (String, String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l[k.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    (field("NoNewPrivs:"), field("Seccomp:"), field("CapEff:"))
+}

@@ -5,10 +5,9 @@
 //! Layers: `abi` (FUSE wire format, hostile-input parsing), `passthrough` (the file system,
 //! confined to the share by `O_PATH` fds and `openat2(RESOLVE_BENEATH)`), `server` (request
 //! dispatch), [`process_queue`] (descriptor chains in, replies out), `vhost_user` (the
-//! backend), `confine` (what the serving process gives up).
+//! backend); `crate::confine` is what the serving process gives up.
 
 pub mod abi;
-pub mod confine;
 pub mod device;
 pub mod passthrough;
 pub mod server;

@@ -24,7 +24,7 @@ pub enum VhostUserFsError {
     #[error("share {0}: {1}")]
     Share(String, #[source] std::io::Error),
     #[error(transparent)]
-    Confine(#[from] super::confine::ConfineError),
+    Confine(#[from] crate::confine::ConfineError),
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
     #[error("virtqueue: {0}")]
@@ -153,7 +153,7 @@ impl VhostUserBackendMut for FsBackend {
 /// privileges first (see `confine`).
 pub fn serve(socket: &Path, share: &Path, tag: &str) -> Result<(), VhostUserFsError> {
     let backend = FsBackend::new(share, tag)?;
-    super::confine::confine()?;
+    crate::confine::confine(crate::confine::FS_CAPS)?;
     let mut daemon = VhostUserDaemon::new(
         "husk-vhost-user-fs".into(),
         Arc::new(Mutex::new(backend)),

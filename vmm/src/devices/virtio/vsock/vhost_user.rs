@@ -49,6 +49,8 @@ pub enum VhostUserVsockError {
     UnknownEvent(u16),
     #[error("cannot signal the frontend: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
 }
 
 impl From<VhostUserVsockError> for std::io::Error {
@@ -211,6 +213,8 @@ impl VhostUserBackendMut for VsockBackend {
 /// disconnects.
 pub fn serve(socket: &Path, uds: &Path, cid: u64) -> Result<(), VhostUserVsockError> {
     let backend = VsockBackend::new(cid, uds)?;
+    // The hybrid socket is bound: give up what a vsock device never needs (no capabilities).
+    crate::confine::confine(&[])?;
     let muxer_fd = backend.muxer_fd();
     let backend = Arc::new(Mutex::new(backend));
     let mut daemon = VhostUserDaemon::new(

@@ -1,9 +1,11 @@
-//! What a process serving a share gives up before it takes requests: new privileges, every
-//! capability but those a passthrough server needs to act on files the guest owns, and (seccomp)
-//! the system calls a file server never makes: exec, mounts and namespaces, module loading,
-//! tracing other processes, BPF, keyrings, file handles (`open_by_handle_at` is the classic
-//! container escape), reboot, swap, kexec. They fail with EPERM. A deny list, not an allow list:
-//! the vhost-user library's own needs are not pinned down here.
+//! What a husk-vmm process gives up before the guest can reach it (the VMM before its vCPUs
+//! run, a vhost-user server before it takes a frontend): new privileges, every capability but
+//! the ones it names (none, or `FS_CAPS` for a passthrough file server acting on files the
+//! guest owns), and (seccomp) the system calls a device model never makes: exec, mounts and
+//! namespaces, module loading, tracing other processes, BPF, keyrings, file handles
+//! (`open_by_handle_at` is the classic container escape), reboot, swap, kexec. They fail with
+//! EPERM. A deny list, not an allow list: KVM's and the vhost-user library's own needs are not
+//! pinned down here.
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfineError {
@@ -11,15 +13,17 @@ pub enum ConfineError {
     Os(&'static str, #[source] std::io::Error),
 }
 
-/// Capabilities kept: chown, dac_override, dac_read_search, fowner, fsetid (file ownership and
-/// permission bits as the guest asks; reading files of any owner in the share).
-const KEEP: [u32; 5] = [0, 1, 2, 3, 4];
+/// Capabilities a virtio-fs server keeps: chown, dac_override, dac_read_search, fowner, fsetid
+/// (file ownership and permission bits as the guest asks; reading files of any owner in the
+/// share).
+pub const FS_CAPS: &[u32] = &[0, 1, 2, 3, 4];
 const LAST_CAP: u32 = 63;
 
-/// Sets no_new_privs and drops every other capability from the bounding, effective, permitted
-/// and inheritable sets. Without CAP_SETPCAP (not root) only no_new_privs is set.
-pub fn confine() -> Result<(), ConfineError> {
-    drop_privileges()?;
+/// Sets no_new_privs, drops every capability but `keep` from the bounding, effective, permitted
+/// and inheritable sets (without CAP_SETPCAP, i.e. not root, they are left as they are), and
+/// installs the deny list on every thread of the process.
+pub fn confine(keep: &[u32]) -> Result<(), ConfineError> {
+    drop_privileges(keep)?;
     deny_syscalls(true)
 }
 
@@ -141,7 +145,7 @@ pub fn deny_syscalls(all_threads: bool) -> Result<(), ConfineError> {
 }
 
 /// no_new_privs and the capability drop.
-fn drop_privileges() -> Result<(), ConfineError> {
+fn drop_privileges(keep: &[u32]) -> Result<(), ConfineError> {
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(ConfineError::Os(
@@ -150,7 +154,7 @@ fn drop_privileges() -> Result<(), ConfineError> {
         ));
     }
     for cap in 0..=LAST_CAP {
-        if KEEP.contains(&cap) {
+        if keep.contains(&cap) {
             continue;
         }
         // SAFETY: prctl with integer arguments; EINVAL past the kernel's last cap is fine.
@@ -160,14 +164,14 @@ fn drop_privileges() -> Result<(), ConfineError> {
             match e.raw_os_error() {
                 Some(libc::EINVAL) => break,
                 Some(libc::EPERM) => {
-                    tracing::info!("virtio-fs: not privileged, capabilities left as they are");
+                    tracing::info!("not privileged: capabilities left as they are");
                     return Ok(());
                 }
                 _ => return Err(ConfineError::Os("drop bounding capability", e)),
             }
         }
     }
-    let mask: u32 = KEEP.iter().fold(0, |m, c| m | (1 << c));
+    let mask: u64 = keep.iter().fold(0, |m, c| m | (1u64 << c));
     #[repr(C)]
     struct Header {
         version: u32,
@@ -186,13 +190,13 @@ fn drop_privileges() -> Result<(), ConfineError> {
     };
     let data = [
         Data {
-            effective: mask,
-            permitted: mask,
+            effective: mask as u32,
+            permitted: mask as u32,
             inheritable: 0,
         },
         Data {
-            effective: 0,
-            permitted: 0,
+            effective: (mask >> 32) as u32,
+            permitted: (mask >> 32) as u32,
             inheritable: 0,
         },
     ];
