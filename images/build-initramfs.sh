@@ -22,9 +22,10 @@ strip --strip-debug "$stage/init"
 mknod -m 0600 "$stage/dev/console" c 5 1
 mknod -m 0666 "$stage/dev/null" c 1 3
 mkdir -p "$out_root"
-(cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --quiet | gzip -9n) > "$out.tmp"
-mv "$out.tmp" "$out"
-# Older builds are not needed any more.
-find "$out_root" -maxdepth 1 -name 'initramfs-*.cpio.gz' ! -path "$out" -delete
+(cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --quiet | gzip -9n) > "$out.tmp.$$"
+mv "$out.tmp.$$" "$out"
+# Older builds go once they are a day old: a running huskd (or a concurrent test run) may
+# still be configured with one.
+find "$out_root" -maxdepth 1 -name 'initramfs-*.cpio.gz' ! -path "$out" -mmin +1440 -delete
 echo "initramfs: built $out ($(du -h "$out" | cut -f1))" >&2
 echo "$out"

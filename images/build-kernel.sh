@@ -47,7 +47,7 @@ mv .config "$out.tmp/config"
 mv "$out.tmp" "$out"
 cd /
 rm -rf "$build"
-# Older kernels are not needed any more.
-find "$out_root" -maxdepth 1 -name 'kernel-*' ! -path "$out" -exec rm -rf {} +
+# Older kernels go once they are a day old: a running huskd may still be configured with one.
+find "$out_root" -maxdepth 1 -name 'kernel-*' ! -path "$out" -mmin +1440 -exec rm -rf {} +
 echo "guest kernel: built $out" >&2
 echo "$out"
