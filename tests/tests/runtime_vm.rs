@@ -213,30 +213,10 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
 
     // Stats from the guest's cgroup v2.
-    let stats =
-        e.c.runtime
-            .clone()
-            .container_stats(cri::ContainerStatsRequest {
-                container_id: c1.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .stats
-            .unwrap();
+    let stats = e.container_stats(&c1).await.unwrap().stats.unwrap();
     assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
     assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
-    let ps =
-        e.c.runtime
-            .clone()
-            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .stats
-            .unwrap();
+    let ps = e.pod_stats(&pod).await.unwrap().stats.unwrap();
     assert!(
         ps.linux
             .unwrap()
@@ -249,18 +229,15 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     );
 
     // Resource updates land in the guest's cgroup.
-    e.c.runtime
-        .clone()
-        .update_container_resources(cri::UpdateContainerResourcesRequest {
-            container_id: c1.clone(),
-            linux: Some(cri::LinuxContainerResources {
-                memory_limit_in_bytes: 64 << 20,
-                ..Default::default()
-            }),
+    e.update_resources(
+        &c1,
+        cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
             ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|err| panic!("update: {err:?}\n{}", e.d.log()));
+        },
+    )
+    .await
+    .unwrap_or_else(|err| panic!("update: {err:?}\n{}", e.d.log()));
     let max = e
         .sh(
             &c1,
@@ -775,14 +752,7 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
         }
         assert!(pods_dir_empty(&e.d.run_dir()), "run dir left");
         assert!(no_process_mentions(&e.d.run_dir().display().to_string()));
-        let list =
-            e.c.runtime
-                .clone()
-                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-                .await
-                .unwrap()
-                .into_inner()
-                .items;
+        let list = e.pods().await;
         assert!(
             list.is_empty()
                 || list

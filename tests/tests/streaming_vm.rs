@@ -53,39 +53,31 @@ async fn vm_pod_exec_attach_and_port_forward() {
     );
     ccfg.stdin = true;
     let id = e.run(&pod, &ccfg, &pcfg).await;
-    let mut rt = e.c.runtime.clone();
     for t in [Transport::Spdy, Transport::WebSocket] {
-        let url = rt
-            .exec(cri::ExecRequest {
-                container_id: id.clone(),
-                cmd: vec!["sh".into(), "-c".into(), "cat; uname -r; exit 9".into()],
-                stdin: true,
-                stdout: true,
-                stderr: true,
-                tty: false,
-            })
+        let url = e
+            .exec_url(&id, &["sh", "-c", "cat; uname -r; exit 9"], true, false)
             .await
-            .unwrap()
-            .into_inner()
-            .url;
+            .unwrap();
         let (o, _, r) = client::exec_collect(&url, t, Some(b"in-vm\n".to_vec()), true).await;
         let text = String::from_utf8_lossy(&o);
         assert!(text.starts_with("in-vm\n"), "{t:?}: {text}");
         assert_eq!(r, Ok(9), "{t:?}");
     }
     // Attach: stdin in, output out.
-    let url = rt
-        .attach(cri::AttachRequest {
-            container_id: id.clone(),
-            stdin: true,
-            stdout: true,
-            stderr: false,
-            tty: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+    let url =
+        e.c.runtime
+            .clone()
+            .attach(cri::AttachRequest {
+                container_id: id.clone(),
+                stdin: true,
+                stdout: true,
+                stderr: false,
+                tty: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
     let (in_tx, in_rx) = tokio::sync::mpsc::channel(4);
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(16);
     let run = tokio::spawn(async move {
@@ -114,15 +106,7 @@ async fn vm_pod_exec_attach_and_port_forward() {
 
     // Port-forward reaches the agent's endpoint in the guest (vsock 1025):
     // a closed port gives a clean per-connection error, the session goes on.
-    let url = rt
-        .port_forward(cri::PortForwardRequest {
-            pod_sandbox_id: pod.clone(),
-            port: vec![9, 8080],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+    let url = e.port_forward_url(&pod, &[9, 8080]).await.unwrap();
     let f = SpdyForwarder::connect(&url).await.unwrap();
     for _ in 0..2 {
         let (mut bad, bad_err) = f.open(9).await.unwrap();
