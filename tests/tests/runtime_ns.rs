@@ -634,6 +634,7 @@ async fn cli_bench_cri_measures_and_removes_its_pods() {
     assert_eq!(r["parallel"], 3);
     // No VM: no guest RAM; the agent's own memory is the overhead.
     assert!(r["guestRamMib"].is_null(), "{r}");
+    assert!(r["isolation"].as_str().unwrap().contains("not a VM"), "{r}");
     assert!(r["overheadRssMib"].as_f64().unwrap() > 0.1, "{r}");
     assert!(e.pods().await.is_empty(), "bench pods left behind");
 

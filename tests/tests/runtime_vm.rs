@@ -422,6 +422,7 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["readyMs"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["isolation"], "virtual machine (QEMU)", "{r}");
     let guest = r["guestRamMib"].as_f64().unwrap();
     assert!(guest > 10.0 && guest <= 256.0, "{r}");
     assert!(r["overheadRssMib"].as_f64().unwrap() > 1.0, "{r}");

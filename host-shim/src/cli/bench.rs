@@ -59,6 +59,9 @@ impl Percentiles {
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     pub handler: String,
+    /// What the handler's pods are, from huskd's verbose pod status (e.g. "virtual
+    /// machine (QEMU)").
+    pub isolation: String,
     pub runs: usize,
     pub ready_ms: Percentiles,
     pub running_ms: Percentiles,
@@ -79,13 +82,14 @@ impl Report {
     pub fn markdown(&self) -> String {
         let p = |x: Percentiles| format!("{:.0} ms | {:.0} ms", x.p50, x.p99);
         let mut s = format!(
-            "handler {}: {} sequential pods, {} in parallel, {} idle\n\n\
+            "handler {} ({}): {} sequential pods, {} in parallel, {} idle\n\n\
              | metric | p50 | p99 |\n|---|---|---|\n\
              | RunPodSandbox → Ready | {} |\n\
              | RunPodSandbox → first container running | {} |\n\
              | {} in parallel, per pod → running | {} |\n\
              | {} in parallel, wall | {:.0} ms | |\n",
             self.handler,
+            self.isolation,
             self.runs,
             self.parallel,
             self.idle_pods,
@@ -237,8 +241,8 @@ impl Bench<'_> {
         }
     }
 
-    /// Host memory of a running pod, from huskd's verbose status.
-    async fn pod_memory(&self, pod: &str) -> anyhow::Result<(bool, HostMemory)> {
+    /// Isolation and host memory of a running pod, from huskd's verbose status.
+    async fn pod_memory(&self, pod: &str) -> anyhow::Result<(String, bool, HostMemory)> {
         let st = self
             .c
             .clone()
@@ -253,10 +257,12 @@ impl Bench<'_> {
         let info: serde_json::Value =
             serde_json::from_str(st.info.get("info").map_or("{}", String::as_str))
                 .context("verbose pod info")?;
+        let isolation = info["isolation"].as_str().unwrap_or("?").to_string();
         let m = &info["vmHostMemory"];
         if m.is_object() {
             let get = |k: &str| m[k].as_u64().unwrap_or(0);
             return Ok((
+                isolation,
                 true,
                 HostMemory {
                     guest_ram_bytes: get("guestRamBytes"),
@@ -268,7 +274,7 @@ impl Bench<'_> {
         let pid = info["agentPid"]
             .as_i64()
             .context("verbose pod info has no agentPid")?;
-        Ok((false, memory::of_process(pid as i32)))
+        Ok((isolation, false, memory::of_process(pid as i32)))
     }
 
     async fn run(&self, socket: &Path) -> anyhow::Result<Report> {
@@ -292,8 +298,10 @@ impl Bench<'_> {
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (mut vm, mut guest, mut rss, mut pss) = (false, vec![], vec![], vec![]);
+        let mut isolation = String::new();
         for p in &idle {
-            let (is_vm, m) = self.pod_memory(p).await?;
+            let (iso, is_vm, m) = self.pod_memory(p).await?;
+            isolation = iso;
             vm |= is_vm;
             guest.push(m.guest_ram_bytes as f64 / 1048576.0);
             rss.push(m.overhead_rss_bytes as f64 / 1048576.0);
@@ -324,6 +332,7 @@ impl Bench<'_> {
             } else {
                 self.o.runtime.clone()
             },
+            isolation,
             runs: self.o.runs,
             ready_ms: Percentiles::of(ready),
             running_ms: Percentiles::of(running),
