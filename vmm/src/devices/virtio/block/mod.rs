@@ -189,15 +189,9 @@ impl BlockDevice {
             return Err(BlockError::TooSmall(path.to_owned()));
         }
         self.file = Some(file);
-        self.capacity_bytes = capacity_bytes;
         self.id = serial.to_string();
+        self.set_capacity(capacity_bytes);
         let sectors = capacity_bytes / SECTOR_SIZE;
-        self.config.update(|c| {
-            if c.len() >= 8 {
-                c[..8].copy_from_slice(&sectors.to_le_bytes());
-            }
-        });
-        self.interrupt.signal_config_change();
         tracing::info!(serial, path = %path.display(), sectors, "disk slot filled");
         Ok(())
     }
@@ -215,15 +209,22 @@ impl BlockDevice {
             return Ok(());
         }
         let serial = std::mem::take(&mut self.id);
-        self.capacity_bytes = 0;
+        self.set_capacity(0);
+        tracing::info!(serial, "disk slot emptied");
+        Ok(())
+    }
+
+    /// A slot's new capacity: into the live config space (capacity in sectors, generation
+    /// bumped), then the config-change interrupt tells the guest.
+    fn set_capacity(&mut self, bytes: u64) {
+        self.capacity_bytes = bytes;
+        let sectors = bytes / SECTOR_SIZE;
         self.config.update(|c| {
             if c.len() >= 8 {
-                c[..8].copy_from_slice(&0u64.to_le_bytes());
+                c[..8].copy_from_slice(&sectors.to_le_bytes());
             }
         });
         self.interrupt.signal_config_change();
-        tracing::info!(serial, "disk slot emptied");
-        Ok(())
     }
 
     pub fn info(&self) -> DeviceInfo {
