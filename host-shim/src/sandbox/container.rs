@@ -138,7 +138,7 @@ impl Manager {
         let in_use = pod
             .containers()
             .iter()
-            .map(|c| c.record().image_id)
+            .map(|c| lock(&c.rec).image_id.clone())
             .collect();
         let rootfs = match pod.kind.rootfs(pod_id, &agent_proc, &img, &in_use).await {
             Ok(r) => r,

@@ -505,7 +505,7 @@ impl SandboxKind for VmSandbox {
                     &names,
                     self.cfg.hotplug_slots,
                     QMP_TIMEOUT,
-                    &|device| used.contains(&device.replacen("blk-", "img", 1)),
+                    &|disk| used.contains(&disk.serial),
                 )
                 .await
                 .map_err(|e| match e {
@@ -548,19 +548,10 @@ impl SandboxKind for VmSandbox {
     }
 }
 
-/// Spawns `cmd` in its own session with stdout+stderr to `log`; a thread
-/// reaps it while this huskd lives (init does after a restart).
-/// Waits for a vhost-user server's socket (or its early exit).
-/// QMP node, device id and virtio-blk serial of an image's disk (from the image id's first
-/// 16 hex digits).
+/// The disk names of an image (from the image id's first 16 hex digits).
 fn disk_names(image_id: &str) -> qmp::DiskNames {
     let hex = hex_of(image_id);
-    let h = &hex[..16.min(hex.len())];
-    qmp::DiskNames {
-        node: format!("img-{h}"),
-        device: format!("blk-{h}"),
-        serial: format!("img{h}"),
-    }
+    qmp::DiskNames::new(&hex[..16.min(hex.len())])
 }
 
 #[cfg(test)]

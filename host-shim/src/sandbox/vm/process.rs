@@ -12,6 +12,7 @@ use super::super::kind::{proc_alive, start_time};
 use super::super::state::ProcRef;
 use super::HELPER_WAIT;
 
+/// Waits for a vhost-user server's socket (or its early exit).
 pub(super) fn wait_socket(
     p: &ProcRef,
     sock: &Path,
@@ -31,6 +32,8 @@ pub(super) fn wait_socket(
     Ok(())
 }
 
+/// Spawns `cmd` in its own session with stdout+stderr to `log`; a thread
+/// reaps it while this huskd lives (init does after a restart).
 pub(super) fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, RuntimeError> {
     let f = std::fs::File::create(log)
         .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;

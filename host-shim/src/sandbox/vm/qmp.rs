@@ -134,7 +134,8 @@ impl Qmp {
     }
 }
 
-/// Names of a hot-plugged read-only disk.
+/// Names of a hot-plugged read-only image disk, all from one short hex name `H`: block node
+/// `img-H`, device `blk-H`, virtio-blk serial `imgH`.
 pub struct DiskNames {
     pub node: String,
     pub device: String,
@@ -142,12 +143,27 @@ pub struct DiskNames {
     pub serial: String,
 }
 
+impl DiskNames {
+    pub fn new(h: &str) -> Self {
+        Self {
+            node: format!("img-{h}"),
+            device: format!("blk-{h}"),
+            serial: format!("img{h}"),
+        }
+    }
+
+    /// The names of the image disk with device id `device`; None for another device.
+    fn of_device(device: &str) -> Option<Self> {
+        device.strip_prefix("blk-").map(Self::new)
+    }
+}
+
 /// How long the guest may take to give up a disk: Linux's pciehp waits 5 s after the
 /// attention button before it powers a slot off (the user's chance to cancel).
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Attaches `file` read-only as a virtio-blk disk on the first free root port. Attaching the
-/// same names twice is a no-op. When every port holds a disk, one whose device `in_use` says
+/// same names twice is a no-op. When every port holds a disk, an image disk that `in_use` says
 /// no container needs is unplugged first (about 5 s: the guest's pciehp delay); only when all
 /// are in use does it fail.
 pub async fn hotplug_disk(
@@ -156,7 +172,7 @@ pub async fn hotplug_disk(
     names: &DiskNames,
     slots: u32,
     timeout: Duration,
-    in_use: &(dyn Fn(&str) -> bool + Sync),
+    in_use: &(dyn Fn(&DiskNames) -> bool + Sync),
 ) -> Result<(), QmpError> {
     let mut q = Qmp::connect(qmp_path, timeout).await?;
     // Never device_add onto an occupied root port: QEMU 7.2's failing
@@ -174,13 +190,15 @@ pub async fn hotplug_disk(
         Some(bus) => bus,
         None => {
             let unused = ports.iter().find_map(|(p, devs)| match devs.as_slice() {
-                [d] if d.starts_with("blk-") && !in_use(d) => Some((p.clone(), d.clone())),
+                [d] => DiskNames::of_device(d)
+                    .filter(|n| !in_use(n))
+                    .map(|n| (p.clone(), n)),
                 _ => None,
             });
-            let Some((port, device)) = unused else {
+            let Some((port, disk)) = unused else {
                 return Err(QmpError::SlotsFull(slots));
             };
-            unplug_disk(&mut q, &device).await?;
+            unplug_disk(&mut q, &disk).await?;
             port
         }
     };
@@ -214,14 +232,15 @@ pub async fn hotplug_disk(
     Ok(())
 }
 
-/// Unplugs image disk `device` (`blk-H`): `device_del`, the guest's acknowledgement
-/// (DEVICE_DELETED), then its block node (`img-H`) goes, closing the image file.
-async fn unplug_disk(q: &mut Qmp, device: &str) -> Result<(), QmpError> {
+/// Unplugs an image disk: `device_del`, the guest's acknowledgement (DEVICE_DELETED), then
+/// its block node goes, closing the image file.
+async fn unplug_disk(q: &mut Qmp, disk: &DiskNames) -> Result<(), QmpError> {
     let deadline = Instant::now() + UNPLUG_TIMEOUT;
+    let device = disk.device.as_str();
     q.execute("device_del", json!({ "id": device })).await?;
     q.wait_event("DEVICE_DELETED", |d| d["device"] == device, deadline)
         .await?;
-    let node = format!("img-{}", device.trim_start_matches("blk-"));
+    let node = disk.node.as_str();
     match q
         .execute("blockdev-del", json!({ "node-name": node }))
         .await
@@ -277,6 +296,22 @@ pub async fn status(qmp_path: &Path, timeout: Duration) -> Result<String, QmpErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_disk_names() {
+        let n = DiskNames::new("0123456789abcdef");
+        assert_eq!(
+            (n.node.as_str(), n.device.as_str(), n.serial.as_str()),
+            (
+                "img-0123456789abcdef",
+                "blk-0123456789abcdef",
+                "img0123456789abcdef"
+            )
+        );
+        let back = DiskNames::of_device(&n.device).unwrap();
+        assert_eq!((back.node, back.serial), (n.node, n.serial));
+        assert!(DiskNames::of_device("vhost-user-vsock").is_none());
+    }
 
     #[test]
     fn occupied_root_ports() {
