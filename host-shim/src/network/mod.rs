@@ -203,19 +203,15 @@ impl Network {
     /// declare the `ipRanges` capability (host-local does).
     /// Kept in the network state dir. An empty CIDR clears it.
     pub fn set_pod_cidr(&self, cidr: &str) -> Result<(), NetworkError> {
-        let ok = cidr
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .all(|c| {
-                c.split_once('/')
-                    .is_some_and(|(a, p)| match a.parse::<std::net::IpAddr>() {
-                        Ok(ip) => p
-                            .parse::<u8>()
-                            .is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 }),
-                        Err(_) => false,
-                    })
-            });
+        let ok = cidrs(cidr).all(|c| {
+            c.split_once('/')
+                .is_some_and(|(a, p)| match a.parse::<std::net::IpAddr>() {
+                    Ok(ip) => p
+                        .parse::<u8>()
+                        .is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 }),
+                    Err(_) => false,
+                })
+        });
         if !ok {
             return Err(NetworkError::BadCidr(cidr.to_string()));
         }
@@ -459,16 +455,16 @@ impl Network {
         }
         let cidr = self.pod_cidr();
         if !cidr.is_empty() {
-            let ranges: Vec<Value> = cidr
-                .split(',')
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .map(|c| json!([{"subnet": c}]))
-                .collect();
+            let ranges: Vec<Value> = cidrs(&cidr).map(|c| json!([{"subnet": c}])).collect();
             caps.insert("ipRanges".into(), Value::Array(ranges));
         }
         caps
     }
+}
+
+/// The CIDRs of a pod CIDR string (kubelet's comma-separated dual-stack form).
+fn cidrs(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|c| !c.is_empty())
 }
 
 /// `CNI_ARGS` as kubelet-era runtimes pass them.
