@@ -13,6 +13,11 @@ src_tar=/usr/src/linux-source-6.12.tar.xz
 ver=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 hash=$( { echo "$ver"; cat "$here/guest-kernel.config" "$here/required-options.txt" "$0"; } | sha256sum | cut -c1-16)
 out=$out_root/kernel-$hash
+mkdir -p "$out_root"
+# One build per input hash at a time: a second caller waits and then finds it cached
+# (two builds of one hash used to delete each other's tree).
+exec 9>"$out_root/.kernel-$hash.lock"
+flock 9
 if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
   echo "guest kernel: cached $out" >&2
   echo "$out"

@@ -9,10 +9,10 @@
 # the first build takes a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "run as root: sudo bash tests/demo.sh" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "run as root: bash tests/demo.sh (as root, or through sudo)" >&2; exit 1; }
 bash tests/install-deps.sh
 cargo build --workspace --bins --locked
-bin=target/debug
+bin=${CARGO_TARGET_DIR:-target}/debug
 kernel=$(bash images/build-kernel.sh)/bzImage
 initrd=$(bash images/build-initramfs.sh)
 work=$(mktemp -d /tmp/husk-demo.XXXXXX)

@@ -4,7 +4,7 @@
 # namespaces, KVM, chown in image unpacking).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "run as root: sudo bash tests/run.sh" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "run as root: bash tests/run.sh (as root, or through sudo)" >&2; exit 1; }
 bash tests/install-deps.sh
 # Style and lints first: a formatting slip or a new warning fails the run.
 if cargo fmt --version >/dev/null 2>&1; then
