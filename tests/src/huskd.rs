@@ -10,6 +10,8 @@ pub struct Huskd {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// Extra environment for the next (re)start.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -69,6 +71,7 @@ impl Huskd {
             dir,
             socket,
             config,
+            env: vec![],
             child: None,
         };
         d.spawn().await?;
@@ -108,6 +111,7 @@ impl Huskd {
         let child = Command::new(crate::bin_path("huskd"))
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -124,6 +128,26 @@ impl Huskd {
     pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
         self.spawn().await
+    }
+
+    /// Starts huskd again (after it died or was killed) on the same state.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn().await
+    }
+
+    /// Waits up to `timeout` for huskd to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let t = std::time::Instant::now();
+        while t.elapsed() < timeout {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn kill9(&mut self) {

@@ -54,7 +54,11 @@ fn install_into_a_staging_root_runs_and_uninstalls() {
     require!(is_root(), "needs root (huskd mounts and makes cgroups)");
     let bin_dir = bin_path("huskd").parent().expect("bin dir").to_path_buf();
     for b in BINS {
-        assert!(bin_dir.join(b).exists(), "{b} not built in {}", bin_dir.display());
+        assert!(
+            bin_dir.join(b).exists(),
+            "{b} not built in {}",
+            bin_dir.display()
+        );
     }
     let root = tempfile::tempdir().expect("tempdir");
     let dest = root.path().join("dest");
@@ -131,10 +135,16 @@ fn install_into_a_staging_root_runs_and_uninstalls() {
     let run = root.path().join("run");
     let state = root.path().join("state");
     let cfg = config
-        .replace("/var/lib/husk/guest", &format!("{}/var/lib/husk/guest", dest.display()))
+        .replace(
+            "/var/lib/husk/guest",
+            &format!("{}/var/lib/husk/guest", dest.display()),
+        )
         .replace("/var/lib/husk", state.to_str().expect("utf-8"))
         .replace("/run/husk", run.to_str().expect("utf-8"))
-        .replace("/etc/husk/certs.d", &format!("{}/certs.d", root.path().display()));
+        .replace(
+            "/etc/husk/certs.d",
+            &format!("{}/certs.d", root.path().display()),
+        );
     let cfg_path = root.path().join("config.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
     let mut huskd = Command::new(dest.join("usr/local/bin/huskd"))
@@ -169,7 +179,10 @@ fn install_into_a_staging_root_runs_and_uninstalls() {
     );
     assert!(String::from_utf8_lossy(&version.stdout).contains("husk"));
     assert!(pods.status.success(), "husk pods: {pods:?}");
-    assert!(status.success(), "installed huskd did not stop cleanly: {status}\n{log}");
+    assert!(
+        status.success(),
+        "installed huskd did not stop cleanly: {status}\n{log}"
+    );
 
     // A re-install keeps the operator's config.
     std::fs::write(
@@ -263,13 +276,18 @@ fn runtimeclass_manifests_match_the_example_config() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
-    let classes: Vec<&serde_json::Value> =
-        docs.iter().filter(|d| d["kind"] == "RuntimeClass").collect();
+    let classes: Vec<&serde_json::Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "RuntimeClass")
+        .collect();
     let class_handlers: std::collections::BTreeSet<String> = classes
         .iter()
         .map(|d| d["handler"].as_str().expect("handler").to_string())
         .collect();
-    assert_eq!(class_handlers, handlers, "RuntimeClass handlers vs [runtime.handlers]");
+    assert_eq!(
+        class_handlers, handlers,
+        "RuntimeClass handlers vs [runtime.handlers]"
+    );
     const MIB: i64 = 1 << 20;
     for c in &classes {
         let memory = c["memory"].as_i64().expect("memory");
@@ -278,14 +296,20 @@ fn runtimeclass_manifests_match_the_example_config() {
         // husk-qemu's overhead covers what `husk bench cri` measured for an idle pod:
         // 42.6 MiB guest RAM + 96.5 MiB PSS of QEMU and its vsock server.
         if c["handler"] == "husk-qemu" {
-            assert!(memory >= 140 * MIB, "husk-qemu overhead below the measured {c}");
+            assert!(
+                memory >= 140 * MIB,
+                "husk-qemu overhead below the measured {c}"
+            );
         }
     }
     let names: Vec<&str> = classes
         .iter()
         .map(|d| d["name"].as_str().expect("name"))
         .collect();
-    let pod = docs.iter().find(|d| d["kind"] == "Pod").expect("example pod");
+    let pod = docs
+        .iter()
+        .find(|d| d["kind"] == "Pod")
+        .expect("example pod");
     assert!(
         names.contains(&pod["runtime_class"].as_str().expect("runtimeClassName")),
         "the example pod names a RuntimeClass that is not defined: {pod}"

@@ -122,6 +122,7 @@ impl Manager {
         if let Some(s) = &share {
             share::share_mounts(s, &id, &config.mounts, &mut spec)?;
         }
+        super::orphans::crash_point("create_container:shared");
         let unshare = || {
             if let Some(s) = &share {
                 s.unbind_container(&id);
@@ -147,6 +148,7 @@ impl Manager {
                 return Err(e);
             }
         };
+        super::orphans::crash_point("create_container:rootfs");
 
         let log_path = (!pod.config.log_directory.is_empty() && !config.log_path.is_empty())
             .then(|| std::path::Path::new(&pod.config.log_directory).join(&config.log_path));
@@ -187,6 +189,7 @@ impl Manager {
                 return Err(RuntimeError::agent("create container", e));
             }
         };
+        super::orphans::crash_point("create_container:agent-created");
         rec.pid = resp.pid;
         let c = Container::new(rec, config);
         if let Err(e) = c.persist(&self.store) {

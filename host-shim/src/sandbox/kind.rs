@@ -127,6 +127,7 @@ impl SandboxKind for NamespaceSandbox {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        super::orphans::mark(&mut cmd, id, &self.run_dir);
         // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -138,6 +139,7 @@ impl SandboxKind for NamespaceSandbox {
             .spawn()
             .map_err(|e| internal(&format!("spawn unshare {}", self.agent_binary.display()), e))?;
         let pid = child.id() as i32;
+        super::orphans::crash_point("run_pod:spawned");
         // Reap it while this huskd lives; after a restart init does.
         std::thread::spawn(move || {
             let _ = child.wait();

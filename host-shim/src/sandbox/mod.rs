@@ -12,6 +12,7 @@ mod container;
 mod exec;
 pub mod kind;
 pub mod logs;
+pub mod orphans;
 mod pod;
 mod recover;
 pub mod share;

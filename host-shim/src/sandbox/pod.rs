@@ -10,6 +10,7 @@ use prost::Message;
 use protobuf::MessageField;
 
 use super::kind::{LaunchSpec, remove_pod_cgroups};
+use super::orphans::crash_point;
 use super::state::{ContainerState, PodRecord, PodState, new_id, now_ns};
 use super::{ContainerView, Manager, Pod, Result, RuntimeError, lock};
 use crate::config::SandboxKind as Kind;
@@ -157,6 +158,7 @@ impl Manager {
             reason: String::new(),
         };
         self.store.put_pod(id, &rec)?;
+        crash_point("run_pod:recorded");
         // Before the agent starts: its mount namespace must see the pinned netns.
         let netns = match self.net.setup(id, &config).await {
             Ok(p) => p,
@@ -195,6 +197,7 @@ impl Manager {
         } else {
             None
         };
+        crash_point("run_pod:network");
         let launch = LaunchSpec {
             cgroup_parent: &cgroup_parent,
             config: &config,
@@ -207,11 +210,13 @@ impl Manager {
                 return Err(e);
             }
         };
+        crash_point("run_pod:launched");
         rec.agent = Some(proc.clone());
         if let Err(e) = self.store.put_pod(id, &rec) {
             cleanup(Some(proc)).await;
             return Err(e.into());
         }
+        crash_point("run_pod:agent-recorded");
         let ns = pod_ns(&config);
         let dns = config.dns_config.clone().unwrap_or_default();
         let md = config.metadata.clone().unwrap_or_default();
@@ -262,6 +267,7 @@ impl Manager {
             cleanup(Some(proc)).await;
             return Err(RuntimeError::agent("create sandbox", e));
         }
+        crash_point("run_pod:sandbox-created");
         if let Some(nic) = &vm_nic
             && let Err(e) = agent
                 .configure_network(nic.configure_request(crate::network::IFNAME))

@@ -12,6 +12,7 @@ use prost::Message;
 use super::agent::Agent;
 use super::kind::{SandboxKind, remove_pod_cgroups};
 use super::logs::CriLog;
+use super::orphans;
 use super::pod::CGROUP_WAIT;
 use super::state::{AgentProcess, ContainerRecord, ContainerState, PodRecord, PodState, now_ns};
 use super::{Container, Manager, Pod, Result, lock};
@@ -25,6 +26,7 @@ impl Manager {
                 tracing::error!(pod = %id, error = %e, "recover pod");
             }
         }
+        self.kill_unrecorded().await;
         let pods = self.pods.read().unwrap_or_else(|e| e.into_inner()).clone();
         self.net
             .remove_orphans(&|id: &str| pods.contains_key(id))
@@ -36,6 +38,30 @@ impl Manager {
             .collect();
         self.net.clone().spawn_checks(ready);
         Ok(())
+    }
+
+    /// Kills the processes of pods huskd has no record of (a crash after a pod's
+    /// record went but before its processes did) and removes their run dirs and cgroups.
+    async fn kill_unrecorded(self: &Arc<Self>) {
+        let known: std::collections::HashSet<String> = self
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let run_dir = self.ns.run_dir.clone();
+        let killed = tokio::task::spawn_blocking(move || {
+            orphans::kill_unknown(&run_dir, &|p| known.contains(p))
+        })
+        .await
+        .unwrap_or_default();
+        for id in killed {
+            self.ns.cleanup(&id);
+            self.vm.cleanup(&id);
+            let cg = format!("{}/{id}", self.cfg.cgroup_parent.trim_matches('/'));
+            remove_pod_cgroups(&cg, true, CGROUP_WAIT).await;
+        }
     }
 
     async fn recover_pod(
@@ -51,6 +77,10 @@ impl Manager {
             if let Some(p) = &prec.agent {
                 kind.shutdown(p, Duration::ZERO).await;
             }
+            // Also what it started before recording a pid (a VM boots for seconds first).
+            let run_dir = self.ns.run_dir.clone();
+            let pod = id.clone();
+            let _ = tokio::task::spawn_blocking(move || orphans::kill_pod(&run_dir, &pod)).await;
             kind.cleanup(&id);
             remove_pod_cgroups(&prec.cgroup_parent, prec.owns_cgroup, CGROUP_WAIT).await;
             if let Err(e) = self.net.teardown(&id).await {
@@ -116,6 +146,20 @@ impl Manager {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(c.id.clone(), c);
+        }
+        // A VM pod's share entries of containers huskd never recorded (a crash during
+        // CreateContainer, after the binds).
+        if let Some(share) = prec
+            .agent
+            .as_ref()
+            .and_then(|p| pod.kind.share_dir(p))
+            .and_then(|d| super::share::PodShare::existing(&d))
+        {
+            let known = lock(&pod.containers).keys().cloned().collect();
+            for cid in super::share::unrecorded_containers(&share, &known) {
+                tracing::info!(pod = %id, container = %cid, "unbinding the share entries of a container huskd has no record of");
+                share.unbind_container(&cid);
+            }
         }
         // Containers the agent has but huskd never recorded (crash between the two).
         if let Some(a) = &agent {

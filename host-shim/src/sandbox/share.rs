@@ -175,6 +175,28 @@ impl PodShare {
 /// For a VM pod: binds every CRI mount into the share and points the spec's mount for it
 /// (destination = container path, source = host path) at `sandbox:share/<entry>`. On error
 /// nothing of `container`'s stays bound.
+/// Container ids (64 hex digits) with entries in `share` that are not in `known`. The
+/// names come from a directory the guest can write: they select only what
+/// [`PodShare::unbind_container`] then undoes inside the share.
+pub fn unrecorded_containers(
+    share: &PodShare,
+    known: &std::collections::HashSet<String>,
+) -> std::collections::BTreeSet<String> {
+    let Ok(dir) = std::fs::read_dir(share.dir()) else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (cid, n) = name.rsplit_once('-')?;
+            let ok = cid.len() == 64
+                && cid.bytes().all(|b| b.is_ascii_hexdigit())
+                && n.parse::<usize>().is_ok();
+            (ok && !known.contains(cid)).then(|| cid.to_string())
+        })
+        .collect()
+}
+
 pub fn share_mounts(
     share: &PodShare,
     container: &str,

@@ -17,6 +17,7 @@ mod net;
 mod process;
 pub mod qemu;
 pub mod qmp;
+use super::orphans::{crash_point, mark};
 use process::{kill_wait, place_in_cgroup, spawn_detached, tail, wait_socket};
 pub mod vmmctl;
 
@@ -214,6 +215,7 @@ impl VmSandbox {
                     .arg(&fs_sock)
                     .arg("--shared-dir")
                     .arg(&share);
+                mark(&mut cmd, id, &self.run_dir);
                 let fs = spawn_detached(cmd, &dir.join("fs.log"))?;
                 if let Err(e) = wait_socket(&fs, &fs_sock, &dir.join("fs.log"), "fs") {
                     kill_wait(&fs);
@@ -226,6 +228,7 @@ impl VmSandbox {
                     .arg(&vu)
                     .arg("--uds")
                     .arg(&uds);
+                mark(&mut cmd, id, &self.run_dir);
                 let helper = match spawn_detached(cmd, &dir.join("vsock.log")) {
                     Ok(h) => h,
                     Err(e) => {
@@ -255,6 +258,7 @@ impl VmSandbox {
                 });
                 let mut cmd = Command::new(&self.cfg.qemu_binary);
                 cmd.args(args);
+                mark(&mut cmd, id, &self.run_dir);
                 let tap_fd = match nic.map(|n| net::qemu(&mut cmd, n)).transpose() {
                     Ok(fd) => fd,
                     Err(e) => {
@@ -293,6 +297,7 @@ impl VmSandbox {
                     .arg(dir.join("control.sock"))
                     // Empty read-only virtio-blk slots for image disks (filled by `rootfs`).
                     .args(["--disk-slots", &self.cfg.hotplug_slots.to_string()]);
+                mark(&mut cmd, id, &self.run_dir);
                 let ns = nic.map(|n| net::husk_vmm(&mut cmd, n)).transpose()?;
                 let spawned = spawn_detached(cmd, &dir.join("vmm.log"));
                 drop(ns);
@@ -355,6 +360,7 @@ impl SandboxKind for VmSandbox {
                 return Err(e);
             }
         };
+        crash_point("run_pod:spawned");
         let proc = AgentProcess {
             pid: vm.pid,
             start_time: vm.start_time,

@@ -1,0 +1,178 @@
+//! Finding a pod's host processes without huskd's records.
+//!
+//! Every process huskd starts for a pod (a VMM, its vhost-user servers, a husk-ns
+//! agent) carries `HUSK_SANDBOX=<pod id>:<run dir>` in its environment, set before
+//! exec. A restarted huskd finds them by scanning `/proc`, whatever point a `kill -9`
+//! interrupted it at: before their pid was recorded (a VM boots for seconds between
+//! spawn and record), or after the pod's record was gone. The run dir names the huskd
+//! instance, so one huskd never touches another's pods on the same host.
+//!
+//! Also here: the crash points a test arms through `HUSK_TEST_CRASH_AT` to kill huskd
+//! (SIGKILL, exactly as `kill -9`) at a named step of a pod's or container's start.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use super::kind::{kill_wait, start_time};
+
+/// The environment variable that marks a pod's processes.
+pub const POD_ENV: &str = "HUSK_SANDBOX";
+
+/// At most this much of a process's environment is read while scanning (ours put
+/// the marker among a handful of variables; a huge foreign environ is skipped).
+const ENVIRON_READ_MAX: u64 = 256 * 1024;
+
+/// Marks `cmd` as a process of pod `id` of the huskd whose run dir is `run_dir`.
+pub fn mark(cmd: &mut Command, id: &str, run_dir: &Path) {
+    cmd.env(POD_ENV, marker(id, run_dir));
+}
+
+fn marker(id: &str, run_dir: &Path) -> String {
+    format!("{id}:{}", run_dir.display())
+}
+
+/// A marked process: pid, start time (to never kill a recycled pid) and its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marked {
+    pub pid: i32,
+    pub start_time: u64,
+    pub pod: String,
+}
+
+/// Every live process marked by the huskd of `run_dir`.
+pub fn scan(run_dir: &Path) -> Vec<Marked> {
+    let suffix = format!(":{}", run_dir.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Some(value) = env_value(pid, POD_ENV) else {
+            continue;
+        };
+        let Some(pod) = value.strip_suffix(&suffix) else {
+            continue;
+        };
+        if pod.is_empty() || !pod.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            continue;
+        }
+        if let Some(st) = start_time(pid) {
+            out.push(Marked {
+                pid,
+                start_time: st,
+                pod: pod.to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// `name`'s value in `pid`'s environment (as it was at exec).
+fn env_value(pid: i32, name: &str) -> Option<String> {
+    let f = std::fs::File::open(format!("/proc/{pid}/environ")).ok()?;
+    let mut buf = vec![];
+    f.take(ENVIRON_READ_MAX).read_to_end(&mut buf).ok()?;
+    let prefix = format!("{name}=");
+    buf.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// SIGKILLs (and waits for) every process of pod `id`; returns how many there were.
+pub fn kill_pod(run_dir: &Path, id: &str) -> usize {
+    let procs: Vec<Marked> = scan(run_dir).into_iter().filter(|m| m.pod == id).collect();
+    for m in &procs {
+        tracing::info!(
+            pod = id,
+            pid = m.pid,
+            "killing a process of an interrupted pod"
+        );
+        kill_wait(m.pid, m.start_time);
+    }
+    procs.len()
+}
+
+/// SIGKILLs every marked process whose pod `known` does not know; returns those pods.
+pub fn kill_unknown(run_dir: &Path, known: &dyn Fn(&str) -> bool) -> BTreeSet<String> {
+    let mut pods = BTreeSet::new();
+    for m in scan(run_dir) {
+        if known(&m.pod) {
+            continue;
+        }
+        tracing::warn!(pod = %m.pod, pid = m.pid, "killing a process of a pod huskd has no record of");
+        kill_wait(m.pid, m.start_time);
+        pods.insert(m.pod);
+    }
+    pods
+}
+
+/// Kills huskd with SIGKILL when `HUSK_TEST_CRASH_AT` names `point` (a fault-injection
+/// hook for the crash-recovery tests; unset, it costs one cached comparison).
+pub fn crash_point(point: &str) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("HUSK_TEST_CRASH_AT").ok());
+    if at.as_deref() == Some(point) {
+        tracing::warn!(point, "HUSK_TEST_CRASH_AT: killing huskd");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_and_kills_only_its_own_marked_processes() {
+        let run = tempfile::tempdir().expect("tempdir");
+        let other = tempfile::tempdir().expect("tempdir");
+        let spawn = |id: &str, dir: &Path| {
+            let mut c = Command::new("sleep");
+            c.arg("60");
+            mark(&mut c, id, dir);
+            c.spawn().expect("sleep")
+        };
+        let mut mine = spawn("abc123", run.path());
+        let mut theirs = spawn("abc123", other.path());
+        let mut unknown = spawn("def456", run.path());
+        let found = scan(run.path());
+        assert!(
+            found
+                .iter()
+                .any(|m| m.pid == mine.id() as i32 && m.pod == "abc123")
+        );
+        assert!(
+            found
+                .iter()
+                .any(|m| m.pid == unknown.id() as i32 && m.pod == "def456")
+        );
+        assert!(!found.iter().any(|m| m.pid == theirs.id() as i32));
+
+        let killed = kill_unknown(run.path(), &|p| p == "abc123");
+        assert_eq!(
+            killed.into_iter().collect::<Vec<_>>(),
+            vec!["def456".to_string()]
+        );
+        assert!(
+            unknown.try_wait().expect("wait").is_some(),
+            "unknown pod's process killed"
+        );
+        assert!(
+            mine.try_wait().expect("wait").is_none(),
+            "known pod's process kept"
+        );
+        assert_eq!(kill_pod(run.path(), "abc123"), 1);
+        assert!(mine.try_wait().expect("wait").is_some());
+        assert!(
+            theirs.try_wait().expect("wait").is_none(),
+            "another huskd's pod untouched"
+        );
+        let _ = theirs.kill();
+        let _ = theirs.wait();
+    }
+}
