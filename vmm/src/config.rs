@@ -82,6 +82,9 @@ pub struct NetConfig {
 pub struct FsConfig {
     pub tag: String,
     pub shared_dir: PathBuf,
+    /// Let the guest make set-id files and FIFOs in the share (refused by default).
+    #[serde(default)]
+    pub allow_special_files: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

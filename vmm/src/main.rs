@@ -38,8 +38,8 @@ struct Cli {
     /// Network interface: `tap=NAME[,mac=xx:xx:xx:xx:xx:xx]` (repeatable).
     #[arg(long = "net")]
     nets: Vec<String>,
-    /// virtio-fs share: `tag=TAG,dir=PATH` (repeatable); the guest mounts it with
-    /// `mount -t virtiofs TAG DIR`.
+    /// virtio-fs share: `tag=TAG,dir=PATH[,special=on]` (repeatable); the guest mounts it with
+    /// `mount -t virtiofs TAG DIR`. `special=on` lets the guest make set-id files and FIFOs.
     #[arg(long = "fs")]
     shares: Vec<String>,
     /// vsock: `cid=N,uds=PATH`.
@@ -92,6 +92,9 @@ enum VhostUserDevice {
         /// Mount tag (`mount -t virtiofs TAG DIR` in the guest).
         #[arg(long)]
         tag: String,
+        /// Let the guest make set-id files and FIFOs (refused by default).
+        #[arg(long)]
+        allow_special_files: bool,
     },
 }
 
@@ -110,7 +113,13 @@ fn run_vhost_user(dev: VhostUserDevice) -> i32 {
             socket,
             shared_dir,
             tag,
-        } => match husk_vmm::devices::virtio::fs::vhost_user::serve(&socket, &shared_dir, &tag) {
+            allow_special_files,
+        } => match husk_vmm::devices::virtio::fs::vhost_user::serve(
+            &socket,
+            &shared_dir,
+            &tag,
+            allow_special_files,
+        ) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("husk-vmm: vhost-user fs: {e:#}");
@@ -194,6 +203,11 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
         cfg.fs.push(FsConfig {
             tag: get(&p, "tag", "--fs")?,
             shared_dir: get(&p, "dir", "--fs")?.into(),
+            allow_special_files: match get(&p, "special", "--fs").ok().as_deref() {
+                None | Some("off") => false,
+                Some("on") => true,
+                Some(v) => anyhow::bail!("--fs: special={v:?}: on or off"),
+            },
         });
     }
     if let Some(v) = &cli.vsock {

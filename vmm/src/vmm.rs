@@ -258,7 +258,8 @@ fn attach_virtio_devices(
             slot.channel.clone(),
             slot.interrupt.clone(),
             clone_evts(&slot.queue_evts)?,
-        )?;
+        )?
+        .allow_special_files(f.allow_special_files);
         dm.attach_virtio(
             &slot,
             fs::device::device_info(&f.tag),

@@ -354,8 +354,7 @@ fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<LinuxSeccom
                     p.localhost_ref
                 )));
             }
-            let data = std::fs::read(&path)
-                .map_err(|e| invalid(format!("seccomp profile {}: {e}", path.display())))?;
+            let data = super::validate::read_seccomp_profile(&path)?;
             serde_json::from_slice(&data)
                 .map(Some)
                 .map_err(|e| invalid(format!("seccomp profile {}: {e}", path.display())))

@@ -8,6 +8,7 @@ mod husk;
 mod image;
 mod runtime;
 mod streaming;
+pub mod validate;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -64,6 +65,9 @@ pub async fn serve(
     tracing::info!(socket = %socket.display(), "serving CRI");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            validate::decode_error_is_invalid_argument::<tonic::body::Body>,
+        ))
         .add_service(
             RuntimeServiceServer::new(runtime::Runtime::new(services.clone()))
                 .max_decoding_message_size(16 << 20),

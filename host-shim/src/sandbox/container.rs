@@ -12,7 +12,7 @@ use super::pod::labels_match;
 use super::share;
 use super::state::{ContainerRecord, ContainerState, PodState, new_id, now_ns};
 use super::{Container, Manager, Pod, Result, RuntimeError, lock};
-use crate::cri::convert;
+use crate::cri::{convert, validate};
 
 /// A container as the CRI layer sees it.
 #[derive(Debug, Clone)]
@@ -66,7 +66,10 @@ impl Manager {
         if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
             convert::validate_resources(r)?;
         }
+        validate::container_config(&config)?;
         let pod = self.pod(pod_id)?;
+        // Confined below the pod's log directory before anything is made.
+        let log_path = validate::log_path(&pod.config.log_directory, &config.log_path)?;
         let _g = pod.lifecycle.lock().await;
         let prec = pod.record();
         if prec.state != PodState::Ready {
@@ -97,12 +100,14 @@ impl Manager {
             .images
             .config_json(&img)
             .map_err(|e| RuntimeError::Internal(e.to_string()))?;
-        let mut spec = convert::container_spec(
-            &config,
-            &pod.config,
-            &image_config,
-            self.min_oom_score_adj(),
-        )?;
+        let stop_signal = convert::stop_signal(&image_config)?;
+        // Off the executor: a seccomp `localhost/` profile is read from disk.
+        let mut spec = {
+            let (c, p, min) = (config.clone(), pod.config.clone(), self.min_oom_score_adj());
+            tokio::task::spawn_blocking(move || convert::container_spec(&c, &p, &image_config, min))
+                .await
+                .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))??
+        };
         let agent_proc = prec.agent.clone().ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!("pod sandbox {pod_id} has no agent"))
         })?;
@@ -150,8 +155,6 @@ impl Manager {
         };
         super::orphans::crash_point("create_container:rootfs");
 
-        let log_path = (!pod.config.log_directory.is_empty() && !config.log_path.is_empty())
-            .then(|| std::path::Path::new(&pod.config.log_directory).join(&config.log_path));
         let resources = config
             .linux
             .as_ref()
@@ -177,7 +180,7 @@ impl Manager {
             log_path,
             resources: resources.encode_to_vec(),
             pid: 0,
-            stop_signal: convert::stop_signal(&image_config)?,
+            stop_signal,
         };
         let resp = match agent
             .create_container(&id, spec, rootfs, config.stdin, config.tty)

@@ -8,6 +8,7 @@
 //! start/stop/remove. Records sit in short std mutexes.
 
 pub mod agent;
+mod beneath;
 mod container;
 mod exec;
 pub mod kind;

@@ -53,6 +53,7 @@ impl Manager {
         config: cri::PodSandboxConfig,
         handler: &str,
     ) -> Result<String> {
+        crate::cri::validate::pod_config(&config)?;
         let md = config
             .metadata
             .clone()

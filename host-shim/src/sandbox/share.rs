@@ -10,9 +10,10 @@
 //! server); bidirectional cannot cross the VM boundary and is refused, as is SELinux
 //! relabeling (the guest has no SELinux).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use nix::mount::{MntFlags, MsFlags};
+use super::beneath::{self, Dir, Kind};
 
 /// The sandbox mount name the agent gives the share.
 pub const SHARE: &str = "share";
@@ -29,8 +30,6 @@ pub enum ShareError {
     Source(String, #[source] std::io::Error),
     #[error("{0} {1}: {2}")]
     Io(&'static str, PathBuf, #[source] std::io::Error),
-    #[error("{0} {1}: {2}")]
-    Os(&'static str, PathBuf, #[source] nix::Error),
 }
 
 /// One CRI mount as the share needs it.
@@ -44,32 +43,48 @@ pub struct HostMount {
     pub selinux_relabel: bool,
 }
 
+/// The guest writes the share (its root included: it can plant symlinks, directories and
+/// files under any name), so everything here works on the share's descriptor, one component
+/// at a time (see [`beneath`]): never by a path below [`PodShare::dir`].
 pub struct PodShare {
     dir: PathBuf,
+    fd: Dir,
 }
 
 impl PodShare {
     /// The share directory of a pod (created if missing).
     pub fn open(dir: &Path) -> Result<Self, ShareError> {
         std::fs::create_dir_all(dir).map_err(|e| ShareError::Io("mkdir", dir.to_path_buf(), e))?;
+        let fd = Dir::open(dir).map_err(|e| ShareError::Io("open", dir.to_path_buf(), e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            fd,
         })
     }
 
     /// The share of a pod if it exists (never creates it).
     pub fn existing(dir: &Path) -> Option<Self> {
-        dir.is_dir().then(|| Self {
-            dir: dir.to_path_buf(),
-        })
+        match Dir::open(dir) {
+            Ok(fd) => Some(Self {
+                dir: dir.to_path_buf(),
+                fd,
+            }),
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %dir.display(), error = %e, "open pod share");
+                }
+                None
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Binds `m.host_path` into the share as entry `<container>-<n>`; returns the agent's
-    /// mount source for it (`sandbox:share/<entry>`).
+    /// Binds `m.host_path` into the share as entry `<container>-<n>` (`nosuid,nodev`, and
+    /// read-only through the whole tree when asked); returns the agent's mount source for it
+    /// (`sandbox:share/<entry>`).
     pub fn bind(&self, container: &str, n: usize, m: &HostMount) -> Result<String, ShareError> {
         let refuse = |why| ShareError::Refused {
             source_path: m.host_path.clone(),
@@ -93,55 +108,27 @@ impl PodShare {
         let meta =
             std::fs::metadata(src).map_err(|e| ShareError::Source(m.host_path.clone(), e))?;
         let entry = format!("{container}-{n}");
-        if entry.contains('/') || container.is_empty() {
+        if entry.contains('/') || container.is_empty() || container.starts_with('.') {
             return Err(refuse("bad container id"));
         }
-        let target = self.dir.join(&entry);
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target)
-                .map_err(|e| ShareError::Io("mkdir", target.clone(), e))?;
-        } else {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&target)
-                .map_err(|e| ShareError::Io("create", target.clone(), e))?;
+        let mut attrs = beneath::MOUNT_ATTR_NOSUID | beneath::MOUNT_ATTR_NODEV;
+        if m.readonly {
+            attrs |= beneath::MOUNT_ATTR_RDONLY;
         }
-        let t = target.as_path();
-        let os = |what: &'static str| move |e| ShareError::Os(what, t.to_path_buf(), e);
-        nix::mount::mount(
-            Some(src),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(os("bind"))?;
-        let done = (|| {
-            nix::mount::mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_SLAVE | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .map_err(os("make rslave"))?;
-            if m.readonly {
-                nix::mount::mount(
-                    None::<&str>,
-                    &target,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                    None::<&str>,
-                )
-                .map_err(os("remount read-only"))?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = done {
-            unmount_entry(&target);
-            return Err(e);
+        // The source is cloned first: nothing is left in the share if it cannot be.
+        let tree = beneath::clone_tree(src, attrs)
+            .map_err(|e| ShareError::Io("clone mount", src.to_path_buf(), e))?;
+        let name = OsStr::new(&entry);
+        let target = self.dir.join(&entry);
+        let (made, want) = if meta.is_dir() {
+            (self.fd.mkdir(name, 0o755), Kind::Dir)
+        } else {
+            (self.fd.create_file(name, 0o644), Kind::File)
+        };
+        made.map_err(|e| ShareError::Io("create", target.clone(), e))?;
+        if let Err(e) = self.fd.attach(&tree, name, want) {
+            self.remove_entry(name);
+            return Err(ShareError::Io("bind", target, e));
         }
         Ok(format!("sandbox:{SHARE}/{entry}"))
     }
@@ -149,26 +136,54 @@ impl PodShare {
     /// Unmounts and removes every entry of `container` (after it is removed).
     pub fn unbind_container(&self, container: &str) {
         let prefix = format!("{container}-");
-        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let n = name.strip_prefix(&prefix);
+        for name in self.list() {
+            let n = name.to_str().and_then(|s| s.strip_prefix(&prefix));
             if n.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
-                unmount_entry(&e.path());
+                self.remove_entry(&name);
             }
         }
     }
 
-    /// Unmounts every entry and removes the share (after the pod's VM is gone).
-    pub fn destroy(self) {
-        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            unmount_entry(&e.path());
+    /// Unmounts every entry and removes the share (after the pod's VM is gone). Returns
+    /// false when something could not be taken off or removed: the share (and whatever is
+    /// still mounted below it) is then left in place, and nothing may remove it by path.
+    pub fn destroy(self) -> bool {
+        let mut clean = true;
+        for name in self.list() {
+            clean &= self.remove_entry(&name);
+        }
+        if !clean {
+            return false;
         }
         if let Err(e) = std::fs::remove_dir(&self.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(dir = %self.dir.display(), error = %e, "remove pod share");
+            return false;
         }
+        true
+    }
+
+    fn list(&self) -> Vec<std::ffi::OsString> {
+        self.fd.entries().unwrap_or_else(|e| {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "list pod share");
+            Vec::new()
+        })
+    }
+
+    /// Lazily unmounts entry `name` (every mount stacked on it) and removes it (whatever the
+    /// guest made of it). Never follows a symlink; a failure is logged and reported.
+    fn remove_entry(&self, name: &OsStr) -> bool {
+        let r = self
+            .fd
+            .unmount(name)
+            .map_err(|e| ("unmount", e))
+            .and_then(|_| self.fd.remove_tree(name).map_err(|e| ("remove", e)));
+        if let Err((what, e)) = r {
+            tracing::warn!(dir = %self.dir.display(), entry = ?name, error = %e, "{what} share entry");
+            return false;
+        }
+        true
     }
 }
 
@@ -241,21 +256,6 @@ impl From<ShareError> for super::RuntimeError {
             ShareError::Source(..) => super::RuntimeError::InvalidArgument(e.to_string()),
             _ => super::RuntimeError::Internal(e.to_string()),
         }
-    }
-}
-
-/// Lazily unmounts `p` (every stacked mount) and removes the mount point.
-fn unmount_entry(p: &Path) {
-    while nix::mount::umount2(p, MntFlags::MNT_DETACH).is_ok() {}
-    let r = if p.is_dir() {
-        std::fs::remove_dir(p)
-    } else {
-        std::fs::remove_file(p)
-    };
-    if let Err(e) = r
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %p.display(), error = %e, "remove share entry");
     }
 }
 
@@ -366,5 +366,197 @@ mod tests {
         share.destroy();
         assert!(!s.exists());
         assert!(hosts.exists() && vol.join("b").exists());
+    }
+
+    /// A tmpfs mounted at `<d>/hostmnt` with a file in it: a host mount point the guest
+    /// must not be able to unmount. Unmounted (lazily) when dropped.
+    struct HostMnt(PathBuf);
+
+    impl HostMnt {
+        fn new(d: &Path) -> Self {
+            let p = d.join("hostmnt");
+            std::fs::create_dir(&p).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                &p,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("size=1m"),
+            )
+            .unwrap();
+            std::fs::write(p.join("keep"), b"host data").unwrap();
+            Self(p)
+        }
+
+        fn mounted(&self) -> bool {
+            use std::os::unix::fs::MetadataExt;
+            let parent = self.0.parent().unwrap();
+            std::fs::metadata(&self.0).unwrap().dev() != std::fs::metadata(parent).unwrap().dev()
+        }
+    }
+
+    impl Drop for HostMnt {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn planted_symlinks_never_reach_a_host_mount_or_file() {
+        if !is_root() {
+            eprintln!("skipped: mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let host = HostMnt::new(d.path());
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, b"host file").unwrap();
+        let vol = d.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        let share = PodShare::open(&d.path().join("share")).unwrap();
+        let s = share.dir().to_path_buf();
+        share.bind("c1", 0, &hm(&vol, "/data", false)).unwrap();
+        // What a guest can do in the share root: links named like entries (ours and
+        // others'), at any name, to the host mount and to a host file; a directory of
+        // links; a link replacing one of our entries' names after its mount went away.
+        let ln =
+            |target: &Path, name: &str| std::os::unix::fs::symlink(target, s.join(name)).unwrap();
+        ln(&host.0, "c1-1");
+        ln(&host.0, "c2-0");
+        ln(&host.0, "anything");
+        ln(&outside, "c1-2");
+        ln(&d.path().join("vol"), "c1-3");
+        std::fs::create_dir(s.join("guestdir")).unwrap();
+        ln(&host.0, "guestdir/c1-0");
+        ln(&outside, "guestdir/f");
+
+        share.unbind_container("c1");
+        assert!(host.mounted(), "the host mount is still mounted");
+        assert!(!s.join("c1-0").exists(), "our entry went");
+        for n in ["c1-1", "c1-2", "c1-3"] {
+            assert!(
+                std::fs::symlink_metadata(s.join(n)).is_err(),
+                "{n}: the link went"
+            );
+        }
+        assert!(
+            std::fs::symlink_metadata(s.join("c2-0")).is_ok(),
+            "not c1's"
+        );
+        share.unbind_container("c2");
+        assert!(host.mounted());
+        let share = PodShare::existing(&s).unwrap();
+        assert!(
+            share.destroy(),
+            "a share of links and guest dirs is removed"
+        );
+        assert!(!s.exists());
+        assert!(host.mounted(), "the host mount is still mounted");
+        assert_eq!(std::fs::read(host.0.join("keep")).unwrap(), b"host data");
+        assert_eq!(std::fs::read(&outside).unwrap(), b"host file");
+        assert!(vol.is_dir(), "the volume source is untouched");
+    }
+
+    #[test]
+    fn a_bind_never_follows_a_planted_target() {
+        if !is_root() {
+            eprintln!("skipped: mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let host = HostMnt::new(d.path());
+        let vol = d.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        std::fs::write(vol.join("v"), b"volume").unwrap();
+        let file = d.path().join("file");
+        std::fs::write(&file, b"single").unwrap();
+        let share = PodShare::open(&d.path().join("share")).unwrap();
+        let s = share.dir().to_path_buf();
+        // A link already at the entry's name: refused, nothing mounted over the host.
+        std::os::unix::fs::symlink(&host.0, s.join("c1-0")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("file2"), s.join("c1-1")).unwrap();
+        assert!(share.bind("c1", 0, &hm(&vol, "/data", false)).is_err());
+        assert!(share.bind("c1", 1, &hm(&file, "/f", false)).is_err());
+        assert!(
+            !host.0.join("v").exists(),
+            "nothing bound over the host mount"
+        );
+        assert!(
+            !d.path().join("file2").exists(),
+            "no file made through the link"
+        );
+        // Swapped for a link between creation and mount: the mount refuses it.
+        let fd = &share.fd;
+        fd.mkdir(OsStr::new("x"), 0o755).unwrap();
+        std::fs::remove_dir(s.join("x")).unwrap();
+        std::os::unix::fs::symlink(&host.0, s.join("x")).unwrap();
+        let tree = beneath::clone_tree(&vol, 0).unwrap();
+        assert!(fd.attach(&tree, OsStr::new("x"), Kind::Dir).is_err());
+        assert!(!host.0.join("v").exists());
+        assert!(share.destroy());
+        assert!(host.mounted());
+        assert_eq!(std::fs::read(host.0.join("keep")).unwrap(), b"host data");
+    }
+
+    #[test]
+    fn volumes_are_nosuid_nodev_and_read_only_all_the_way_down() {
+        if !is_root() {
+            eprintln!("skipped: mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let vol = d.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        let host = HostMnt::new(&vol);
+        let share = PodShare::open(&d.path().join("share")).unwrap();
+        share.bind("c", 0, &hm(&vol, "/rw", false)).unwrap();
+        share.bind("c", 1, &hm(&vol, "/ro", true)).unwrap();
+        let s = share.dir().to_path_buf();
+        let flags = |p: &Path| nix::sys::statvfs::statvfs(p).unwrap().flags();
+        use nix::sys::statvfs::FsFlags;
+        for p in [
+            s.join("c-0"),
+            s.join("c-0/hostmnt"),
+            s.join("c-1"),
+            s.join("c-1/hostmnt"),
+        ] {
+            let f = flags(&p);
+            assert!(
+                f.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+                "{}: {f:?}",
+                p.display()
+            );
+        }
+        assert!(!flags(&s.join("c-0/hostmnt")).contains(FsFlags::ST_RDONLY));
+        assert!(
+            flags(&s.join("c-1/hostmnt")).contains(FsFlags::ST_RDONLY),
+            "submounts too"
+        );
+        assert!(
+            !flags(&vol).contains(FsFlags::ST_NOSUID),
+            "the source keeps its flags"
+        );
+        assert!(share.destroy());
+        assert!(host.mounted());
+    }
+
+    #[test]
+    fn removal_never_crosses_a_mount_below_the_share() {
+        if !is_root() {
+            eprintln!("skipped: mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let share = PodShare::open(&d.path().join("share")).unwrap();
+        let s = share.dir().to_path_buf();
+        std::fs::create_dir(s.join("g")).unwrap();
+        let host = HostMnt::new(&s.join("g"));
+        assert!(
+            !share.destroy(),
+            "a mount below an entry is not removed through"
+        );
+        assert!(host.mounted());
+        assert_eq!(std::fs::read(host.0.join("keep")).unwrap(), b"host data");
+        assert!(s.exists(), "the share stays for a human");
     }
 }

@@ -7,8 +7,12 @@
 //!
 //! Every write is atomic (temp file, fsync, rename), so a `kill -9` of huskd
 //! leaves either the old or the new record, never a torn one.
+//!
+//! Records hold container config (environment, i.e. secrets): files are 0600 and
+//! directories 0700, and [`Store::open`] puts existing ones back to those modes.
 
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -37,17 +41,34 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Writes `data` to `path` atomically.
+/// Mode of a record file (only huskd reads them).
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of a directory of records.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Makes `dir` and its missing parents with [`DIR_MODE`].
+fn create_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+/// Writes `data` to `path` atomically, readable by root only ([`FILE_MODE`]).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    create_dir(dir).map_err(io(dir))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", rand::random::<u32>()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -65,8 +86,11 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (or makes) the store at `root`; records and directories made by an older huskd
+    /// with wider modes are narrowed to [`FILE_MODE`]/[`DIR_MODE`].
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(root).map_err(io(root))?;
+        create_dir(root).map_err(io(root))?;
+        narrow_modes(root, 3).map_err(io(root))?;
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -168,6 +192,31 @@ impl Store {
     }
 }
 
+/// Sets [`DIR_MODE`] on `dir` and, `depth` levels down (never following a symlink),
+/// [`DIR_MODE`] on directories and [`FILE_MODE`] on files.
+fn narrow_modes(dir: &Path, depth: usize) -> std::io::Result<()> {
+    let set = |p: &Path, mode: u32| -> std::io::Result<()> {
+        let m = std::fs::symlink_metadata(p)?;
+        if m.permissions().mode() & 0o7777 != mode {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    };
+    set(dir, DIR_MODE)?;
+    if depth == 0 {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => narrow_modes(&p, depth - 1)?,
+            Ok(t) if t.is_file() => set(&p, FILE_MODE)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn put<T: Serialize>(path: &Path, rec: &T) -> Result<(), StoreError> {
     let data = serde_json::to_vec_pretty(rec).map_err(|source| StoreError::Json {
         path: path.to_path_buf(),
@@ -215,5 +264,48 @@ mod tests {
         s.remove_container("p1", "c1").unwrap();
         s.remove_pod("p1").unwrap();
         assert!(!d.path().join("p1").exists());
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn records_are_root_only_and_old_modes_are_narrowed() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("pods");
+        let s = Store::open(&root).unwrap();
+        s.put_pod("p1", &serde_json::json!({"id": "p1"})).unwrap();
+        s.put_container("p1", "c1", &serde_json::json!({"env": ["SECRET=x"]}))
+            .unwrap();
+        assert_eq!(mode(&root), DIR_MODE);
+        assert_eq!(mode(&root.join("p1")), DIR_MODE);
+        assert_eq!(mode(&root.join("p1/containers")), DIR_MODE);
+        assert_eq!(mode(&root.join("p1/pod.json")), FILE_MODE);
+        assert_eq!(mode(&root.join("p1/containers/c1.json")), FILE_MODE);
+        // What an older huskd left (0755 dirs, 0644 files) is narrowed on open.
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        set(&root, 0o755);
+        set(&root.join("p1"), 0o755);
+        set(&root.join("p1/containers"), 0o755);
+        set(&root.join("p1/pod.json"), 0o644);
+        set(&root.join("p1/containers/c1.json"), 0o644);
+        std::fs::write(root.join("p1/containers/c1.progress"), b"").unwrap();
+        set(&root.join("p1/containers/c1.progress"), 0o644);
+        // A symlink planted in the store is not followed.
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, b"").unwrap();
+        set(&outside, 0o644);
+        std::os::unix::fs::symlink(&outside, root.join("p1/link")).unwrap();
+        let _s = Store::open(&root).unwrap();
+        assert_eq!(mode(&root), DIR_MODE);
+        assert_eq!(mode(&root.join("p1")), DIR_MODE);
+        assert_eq!(mode(&root.join("p1/containers")), DIR_MODE);
+        assert_eq!(mode(&root.join("p1/pod.json")), FILE_MODE);
+        assert_eq!(mode(&root.join("p1/containers/c1.json")), FILE_MODE);
+        assert_eq!(mode(&root.join("p1/containers/c1.progress")), FILE_MODE);
+        assert_eq!(mode(&outside), 0o644);
     }
 }

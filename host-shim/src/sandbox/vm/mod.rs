@@ -473,9 +473,12 @@ impl SandboxKind for VmSandbox {
     fn cleanup(&self, id: &str) {
         let dir = self.pod_dir(id);
         // The share's bind mounts go first: removing the run dir must never reach into a
-        // pod's volumes.
-        if let Some(share) = PodShare::existing(&dir.join("share")) {
-            share.destroy();
+        // pod's volumes, so a share that could not be emptied keeps the run dir.
+        if let Some(share) = PodShare::existing(&dir.join("share"))
+            && !share.destroy()
+        {
+            tracing::warn!(pod = id, dir = %dir.display(), "pod share not emptied: run dir kept");
+            return;
         }
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -66,6 +66,14 @@ impl FsDevice {
         })
     }
 
+    /// See [`PassthroughFs::allow_special_files`].
+    pub fn allow_special_files(self, allow: bool) -> Self {
+        Self {
+            server: self.server.allow_special_files(allow),
+            ..self
+        }
+    }
+
     pub(crate) fn handle_channel(&mut self) {
         for m in self.channel.take() {
             match m {

@@ -12,7 +12,12 @@
 //!   server issued (unknown ones are `EBADF`/`ENOENT`);
 //! - files are reopened for I/O through `/proc/self/fd/N` of their vetted `O_PATH` fd, and
 //!   only regular files and directories are opened (device nodes, FIFOs and sockets in the
-//!   share are never opened on the host); `mknod` only makes regular files, FIFOs and sockets.
+//!   share are never opened on the host); `mknod` only makes regular files and sockets;
+//! - the guest is hostile, so what it makes must not be a tool against the host: set-user-id
+//!   (anything) and set-group-id (anything but a directory) bits are refused (`EPERM`) on
+//!   create, mkdir, mknod and chmod, and so are FIFOs (a host process opening one would block);
+//!   [`PassthroughFs::allow_special_files`] lifts both for a share that needs them. Device
+//!   nodes are never made (no device number is ever passed).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -88,6 +93,8 @@ pub struct SetAttr {
 
 pub struct PassthroughFs {
     proc_self_fd: OwnedFd,
+    /// Set-id bits and FIFOs allowed (off by default).
+    special_files: bool,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -214,6 +221,7 @@ impl PassthroughFs {
         by_id.insert(ROOT_ID, Arc::new(root));
         Ok(Self {
             proc_self_fd,
+            special_files: false,
             inodes: Mutex::new(Inodes {
                 by_id,
                 by_key,
@@ -222,6 +230,28 @@ impl PassthroughFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         })
+    }
+
+    /// Lets the guest make set-id files and FIFOs (refused by default: a setuid-root binary or
+    /// a FIFO the guest leaves in a host volume is a tool against the host).
+    pub fn allow_special_files(mut self, allow: bool) -> Self {
+        self.special_files = allow;
+        self
+    }
+
+    /// `EPERM` for a mode the guest may not give a `kind` (file type) of node.
+    fn vet_mode(&self, kind: u32, mode: u32) -> Res<()> {
+        if self.special_files {
+            return Ok(());
+        }
+        let set_id = match kind {
+            libc::S_IFDIR => mode & libc::S_ISUID,
+            _ => mode & (libc::S_ISUID | libc::S_ISGID),
+        };
+        if set_id != 0 || kind == libc::S_IFIFO {
+            return Err(Errno(libc::EPERM));
+        }
+        Ok(())
     }
 
     fn inode(&self, id: u64) -> Res<Arc<Inode>> {
@@ -604,6 +634,7 @@ impl PassthroughFs {
         who: Caller,
     ) -> Res<(u64, libc::stat64)> {
         let name = valid_name(name)?;
+        self.vet_mode(libc::S_IFDIR, mode)?;
         // SAFETY: mkdirat of a validated component in our own dir fd.
         self.dir_fd(parent, |dir| {
             check(unsafe { libc::mkdirat(dir, name.as_ptr(), mode & 0o7777) })
@@ -623,6 +654,7 @@ impl PassthroughFs {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
             _ => return Err(Errno(libc::EPERM)),
         }
+        self.vet_mode(ftype(mode), mode)?;
         // SAFETY: mknodat of a validated component; device numbers are never passed.
         self.dir_fd(parent, |dir| {
             check(unsafe { libc::mknodat(dir, name.as_ptr(), mode, 0) })
@@ -656,6 +688,7 @@ impl PassthroughFs {
         who: Caller,
     ) -> Res<((u64, libc::stat64), u64)> {
         let name = valid_name(name)?;
+        self.vet_mode(libc::S_IFREG, mode)?;
         let flags = Self::open_flags(flags) & !libc::O_DIRECTORY;
         let excl = (flags as u32 & libc::O_EXCL as u32) != 0;
         let file = self.dir_fd(parent, |dir| {
@@ -728,6 +761,7 @@ impl PassthroughFs {
                 if ftype(mode) == libc::S_IFLNK {
                     return Err(Errno(libc::EOPNOTSUPP));
                 }
+                self.vet_mode(ftype(mode), m)?;
                 // SAFETY: chmod of our own vetted inode through its /proc/self/fd entry.
                 check(unsafe { libc::fchmodat(pfd, name.as_ptr(), m & 0o7777, 0) })?;
             }

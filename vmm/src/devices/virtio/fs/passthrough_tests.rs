@@ -249,12 +249,16 @@ fn special_files_are_not_opened_and_devices_not_made() {
             .map(|_| ()),
         Err(Errno(libc::EPERM))
     );
-    let (fifo, st) =
-        t.fs.mknod(ROOT_ID, b"fifo", libc::S_IFIFO | 0o600, ME)
-            .expect("fifo");
+    // Where FIFOs are allowed, one is made but never opened on the host.
+    let special = PassthroughFs::new(&t.share)
+        .expect("fs")
+        .allow_special_files(true);
+    let (fifo, st) = special
+        .mknod(ROOT_ID, b"fifo", libc::S_IFIFO | 0o600, ME)
+        .expect("fifo");
     assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFIFO);
     assert_eq!(
-        t.fs.open(fifo, libc::O_RDONLY as u32),
+        special.open(fifo, libc::O_RDONLY as u32),
         Err(Errno(libc::EACCES))
     );
     // A device node the host put in the share is not opened either.
@@ -270,6 +274,78 @@ fn special_files_are_not_opened_and_devices_not_made() {
     );
     std::fs::set_permissions(t.share.join("sub"), std::fs::Permissions::from_mode(0o700))
         .expect("chmod");
+}
+
+#[test]
+fn set_id_files_and_fifos_are_refused_unless_allowed() {
+    let t = setup();
+    let eperm = Err(Errno(libc::EPERM));
+    let ty = |p: &str| {
+        std::fs::symlink_metadata(t.share.join(p))
+            .map(|m| m.mode())
+            .ok()
+    };
+    // Made with a set-id bit: create, mknod, mkdir (setuid).
+    for (name, mode) in [(&b"suid"[..], 0o4755), (b"sgid", 0o2755), (b"both", 0o6711)] {
+        assert_eq!(
+            t.fs.create(ROOT_ID, name, libc::O_RDWR as u32, mode, ME)
+                .map(|_| ()),
+            eperm,
+            "create {mode:o}"
+        );
+        assert_eq!(
+            t.fs.mknod(ROOT_ID, name, libc::S_IFREG | mode, ME)
+                .map(|_| ()),
+            eperm,
+            "mknod {mode:o}"
+        );
+        assert_eq!(ty(std::str::from_utf8(name).expect("utf8")), None);
+    }
+    assert_eq!(t.fs.mkdir(ROOT_ID, b"sdir", 0o4755, ME).map(|_| ()), eperm);
+    assert_eq!(ty("sdir"), None);
+    // A set-group-id directory is ordinary (group inheritance), not a privilege.
+    t.fs.mkdir(ROOT_ID, b"gdir", 0o2775, ME)
+        .expect("setgid dir");
+    assert!(ty("gdir").is_some());
+    // chmod to set-id afterwards: refused, the file keeps its mode.
+    let ((id, _), fh) =
+        t.fs.create(ROOT_ID, b"tool", libc::O_RDWR as u32, 0o755, ME)
+            .expect("create");
+    t.fs.release(fh);
+    for m in [0o4755, 0o2755, 0o6755] {
+        let sa = SetAttr {
+            mode: Some(m),
+            ..Default::default()
+        };
+        assert_eq!(t.fs.setattr(id, sa).map(|_| ()), eperm, "chmod {m:o}");
+    }
+    assert_eq!(ty("tool").map(|m| m & 0o7777), Some(0o755));
+    // A FIFO (a host process opening it would block) is not made either.
+    assert_eq!(
+        t.fs.mknod(ROOT_ID, b"fifo", libc::S_IFIFO | 0o644, ME)
+            .map(|_| ()),
+        eperm
+    );
+    assert_eq!(ty("fifo"), None);
+    // Sockets stay allowed (a guest bind() on the share).
+    t.fs.mknod(ROOT_ID, b"sock", libc::S_IFSOCK | 0o755, ME)
+        .expect("socket");
+
+    // A share configured for them allows both.
+    let special = PassthroughFs::new(&t.share)
+        .expect("fs")
+        .allow_special_files(true);
+    let (_, st) = special
+        .mknod(ROOT_ID, b"fifo", libc::S_IFIFO | 0o644, ME)
+        .expect("fifo");
+    assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFIFO);
+    let (id, _) = special.lookup(ROOT_ID, b"tool").expect("lookup");
+    let sa = SetAttr {
+        mode: Some(0o4755),
+        ..Default::default()
+    };
+    special.setattr(id, sa).expect("chmod u+s where allowed");
+    assert_eq!(ty("tool").map(|m| m & 0o7777), Some(0o4755));
 }
 
 fn nix_mknod_null(p: &std::path::Path) -> bool {

@@ -25,6 +25,13 @@ impl Server {
         &self.fs
     }
 
+    /// See [`PassthroughFs::allow_special_files`].
+    pub fn allow_special_files(self, allow: bool) -> Self {
+        Self {
+            fs: self.fs.allow_special_files(allow),
+        }
+    }
+
     /// Handles one request; `room` is how many reply bytes the guest provided.
     pub fn handle(&self, req: &[u8], room: usize) -> Option<Vec<u8>> {
         let (h, body) = match abi::parse_request(req) {

@@ -49,9 +49,11 @@ pub struct FsBackend {
 }
 
 impl FsBackend {
-    pub fn new(share: &Path, tag: &str) -> Result<Self, VhostUserFsError> {
+    /// `special_files`: see [`PassthroughFs::allow_special_files`].
+    pub fn new(share: &Path, tag: &str, special_files: bool) -> Result<Self, VhostUserFsError> {
         let fs = PassthroughFs::new(share)
-            .map_err(|e| VhostUserFsError::Share(share.display().to_string(), e))?;
+            .map_err(|e| VhostUserFsError::Share(share.display().to_string(), e))?
+            .allow_special_files(special_files);
         Ok(Self {
             server: Server::new(fs),
             tag: tag.to_string(),
@@ -151,8 +153,13 @@ impl VhostUserBackendMut for FsBackend {
 
 /// Serves one frontend on `socket` (we listen) until it disconnects. The process gives up
 /// privileges first (see `confine`).
-pub fn serve(socket: &Path, share: &Path, tag: &str) -> Result<(), VhostUserFsError> {
-    let backend = FsBackend::new(share, tag)?;
+pub fn serve(
+    socket: &Path,
+    share: &Path,
+    tag: &str,
+    special_files: bool,
+) -> Result<(), VhostUserFsError> {
+    let backend = FsBackend::new(share, tag, special_files)?;
     crate::confine::confine(crate::confine::FS_CAPS)?;
     let mut daemon = VhostUserDaemon::new(
         "husk-vhost-user-fs".into(),
