@@ -9,7 +9,7 @@
 
 pub mod agent;
 mod container;
-mod exec;
+pub mod exec;
 pub mod kind;
 pub mod logs;
 mod pod;
@@ -76,7 +76,7 @@ impl RuntimeError {
                 _ => RuntimeError::Internal(msg),
             },
             AgentError::Timeout => RuntimeError::DeadlineExceeded(msg),
-            AgentError::Transport(_) => RuntimeError::Unavailable(msg),
+            AgentError::Transport(_) | AgentError::BadReply(_) => RuntimeError::Unavailable(msg),
         }
     }
 }
