@@ -6,5 +6,6 @@ pub mod config;
 pub mod confine;
 pub mod device_manager;
 pub mod devices;
+pub mod logwriter;
 pub mod vmm;
 pub mod vstate;

@@ -64,6 +64,16 @@ enum Command {
     /// Serve a device to another VMM over vhost-user instead of booting a VM.
     #[command(subcommand)]
     VhostUser(VhostUserDevice),
+    /// Copy pipes (inherited fds) into size-capped, rotated log files until every pipe is
+    /// closed (a VM pod's console and its processes' output).
+    LogWriter {
+        /// Bytes each log keeps at most, over `<PATH>` and `<PATH>.1`.
+        #[arg(long, default_value_t = husk_vmm::logwriter::DEFAULT_MAX_BYTES)]
+        max_bytes: u64,
+        /// `FD=PATH`: an inherited pipe (FD >= 3) and its log file (repeatable).
+        #[arg(required = true)]
+        logs: Vec<String>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -127,6 +137,25 @@ fn run_vhost_user(dev: VhostUserDevice) -> i32 {
             }
         },
     }
+}
+
+fn run_log_writer(max_bytes: u64, logs: &[String]) -> anyhow::Result<()> {
+    use husk_vmm::logwriter;
+    let mut pipes = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for l in logs {
+        let (fd, path) = logwriter::parse_spec(l)?;
+        // SAFETY: F_GETFD only queries the descriptor table.
+        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        anyhow::ensure!(
+            open && seen.insert(fd),
+            "log-writer: fd {fd} is not an inherited pipe"
+        );
+        // SAFETY: `fd` is open (checked above), inherited from our parent, and taken once.
+        pipes.push((unsafe { logwriter::inherited(fd) }, path));
+    }
+    logwriter::run(pipes, max_bytes)?;
+    Ok(())
 }
 
 fn kv(spec: &str) -> Vec<(String, String)> {
@@ -250,8 +279,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let mut cli = Cli::parse();
-    if let Some(Command::VhostUser(dev)) = cli.command.take() {
-        std::process::exit(run_vhost_user(dev));
+    match cli.command.take() {
+        Some(Command::VhostUser(dev)) => std::process::exit(run_vhost_user(dev)),
+        Some(Command::LogWriter { max_bytes, logs }) => {
+            if let Err(e) = run_log_writer(max_bytes, &logs) {
+                eprintln!("husk-vmm: log-writer: {e:#}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+        None => {}
     }
     let boot_timer = cli.boot_timer.then_some(t0);
     let result = build_config(cli).and_then(|cfg| {

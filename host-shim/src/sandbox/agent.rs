@@ -25,6 +25,10 @@ pub enum AgentError {
     /// The connection could not be made or broke (agent gone?).
     #[error("agent connection: {0}")]
     Transport(String),
+    /// The agent answered something that does not decode (a string field that
+    /// is not UTF-8, a truncated message): the guest is broken or hostile.
+    #[error("agent sent a malformed reply: {0}")]
+    BadReply(String),
 }
 
 impl AgentError {
@@ -39,11 +43,21 @@ impl From<ttrpc::Error> for AgentError {
             ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::DEADLINE_EXCEEDED => {
                 AgentError::Timeout
             }
+            // ttrpc refuses a reply over `MESSAGE_LENGTH_MAX` (4 MiB) with a
+            // status of its own: the agent's fault, not the caller's argument.
+            ttrpc::Error::RpcStatus(s)
+                if s.code() == ttrpc::Code::INVALID_ARGUMENT
+                    && s.message().contains("exceed maximum message size") =>
+            {
+                AgentError::BadReply(s.message().to_string())
+            }
             ttrpc::Error::RpcStatus(s) => AgentError::Rpc {
                 code: s.code(),
                 message: s.message().to_string(),
             },
             ttrpc::Error::Others(m) if m.contains("deadline") => AgentError::Timeout,
+            // ttrpc's words for a reply (envelope or payload) that does not decode.
+            ttrpc::Error::Others(m) if m.starts_with("Unpack") => AgentError::BadReply(m),
             other => AgentError::Transport(other.to_string()),
         }
     }
@@ -320,5 +334,80 @@ impl Agent {
         };
         self.client.update_resources(ctx(RPC_TIMEOUT), &req).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A hostile agent: answers the first request with `reply(stream_id)`, raw bytes.
+    async fn hostile(
+        reply: impl Fn(u32) -> Vec<u8> + Send + 'static,
+    ) -> (Agent, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("agent.sock");
+        let l = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut h = [0u8; 10];
+            s.read_exact(&mut h).await.unwrap();
+            let len = u32::from_be_bytes(h[0..4].try_into().unwrap()) as usize;
+            let id = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).await.unwrap();
+            s.write_all(&reply(id)).await.unwrap();
+            // Keep the connection open: the client must not wait for more.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        (Agent::connect(&sock).await.unwrap(), d)
+    }
+
+    /// A ttrpc frame: header (length, stream id, type, flags) and payload.
+    fn frame(id: u32, len: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = len.to_be_bytes().to_vec();
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(&[2, 0]); // MESSAGE_TYPE_RESPONSE, no flags
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A length-delimited protobuf field.
+    fn field(n: u8, data: &[u8]) -> Vec<u8> {
+        assert!(data.len() < 128);
+        let mut f = vec![(n << 3) | 2, data.len() as u8];
+        f.extend_from_slice(data);
+        f
+    }
+
+    #[tokio::test]
+    async fn non_utf8_strings_in_a_reply_are_a_bad_reply() {
+        let (agent, _d) = hostile(|id| {
+            // Response { payload: CheckResponse { version: b"\xff\xfe" } }
+            let resp = field(2, &field(1, b"v\xff\xfe"));
+            frame(id, resp.len() as u32, &resp)
+        })
+        .await;
+        let e = agent.check(Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(e, AgentError::BadReply(_)), "{e:?}");
+        assert!(matches!(
+            crate::sandbox::RuntimeError::agent("check", e),
+            crate::sandbox::RuntimeError::Unavailable(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn oversized_replies_are_refused_without_buffering_them() {
+        // Claims 1 GiB (ttrpc reads at most MESSAGE_LENGTH_MAX = 4 MiB per
+        // message and discards the rest page by page), then sends 8 MiB.
+        let (agent, _d) = hostile(|id| frame(id, 1 << 30, &vec![0u8; 8 << 20])).await;
+        let e = agent.check(Duration::from_secs(3)).await.unwrap_err();
+        // The body never ends: the call ends at its deadline, nothing buffered.
+        assert!(matches!(e, AgentError::Timeout), "{e:?}");
+        let (agent, _d) = hostile(|id| frame(id, (8 << 20) as u32, &vec![0u8; 8 << 20])).await;
+        let e = agent.check(Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(e, AgentError::BadReply(_)), "{e:?}");
     }
 }

@@ -1,14 +1,25 @@
 //! ExecSync: run a command in a container, collect its output and exit code.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::agent::{Agent, AgentError, POLL_TIMEOUT};
 use super::state::{ContainerState, new_id};
 use super::{Manager, Result, RuntimeError};
 
-/// CRI's cap on ExecSync output per stream (kubelet: 16 MiB).
+/// The largest ExecSync response the kubelet accepts (its gRPC client's
+/// receive limit): stdout and stderr *together* stay below it.
 pub const MAX_OUTPUT: usize = 16 << 20;
+/// Room kept for the rest of the response: field tags, the exit code and the
+/// truncation markers.
+const RESPONSE_SLACK: usize = 4 << 10;
+/// Output bytes kept from both streams together.
+pub const OUTPUT_BUDGET: usize = MAX_OUTPUT - RESPONSE_SLACK;
+/// Ends a stream whose output did not fit in [`OUTPUT_BUDGET`] (the same in
+/// both sandbox kinds: both run ExecSync through the agent).
+pub const TRUNCATED_MARKER: &[u8] =
+    b"\n[husk: output truncated: stdout and stderr together exceed 16 MiB]\n";
 
 #[derive(Debug, Default)]
 pub struct ExecOutput {
@@ -73,9 +84,10 @@ impl Manager {
 }
 
 async fn run_to_end(agent: &Agent, id: &str, exec_id: &str) -> Result<ExecOutput> {
+    let budget = AtomicUsize::new(OUTPUT_BUDGET);
     let (stdout, stderr) = tokio::join!(
-        read_all(agent, id, exec_id, false),
-        read_all(agent, id, exec_id, true)
+        read_all(agent, id, exec_id, false, &budget),
+        read_all(agent, id, exec_id, true, &budget)
     );
     let exit_code = loop {
         match agent.wait(id, exec_id, POLL_TIMEOUT).await {
@@ -91,8 +103,33 @@ async fn run_to_end(agent: &Agent, id: &str, exec_id: &str) -> Result<ExecOutput
     })
 }
 
-async fn read_all(agent: &Agent, id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>> {
+/// Takes up to `want` bytes from the shared output budget; returns how many.
+fn take_budget(budget: &AtomicUsize, want: usize) -> usize {
+    let mut got = 0;
+    let _ = budget.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+        got = want.min(left);
+        Some(left - got)
+    });
+    got
+}
+
+/// Keeps what the shared budget allows of `data`; once something was cut,
+/// the stream ends with [`TRUNCATED_MARKER`] (appended by the caller).
+fn keep(out: &mut Vec<u8>, data: &[u8], budget: &AtomicUsize, truncated: &mut bool) {
+    let n = take_budget(budget, data.len());
+    out.extend_from_slice(&data[..n]);
+    *truncated |= n < data.len();
+}
+
+async fn read_all(
+    agent: &Agent,
+    id: &str,
+    exec_id: &str,
+    stderr: bool,
+    budget: &AtomicUsize,
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
+    let mut truncated = false;
     let mut offset = 0u64;
     loop {
         match agent
@@ -101,14 +138,46 @@ async fn read_all(agent: &Agent, id: &str, exec_id: &str, stderr: bool) -> Resul
         {
             Ok(r) => {
                 offset = r.offset + r.data.len() as u64;
-                let room = MAX_OUTPUT.saturating_sub(out.len());
-                out.extend_from_slice(&r.data[..r.data.len().min(room)]);
+                keep(&mut out, &r.data, budget, &mut truncated);
                 if r.eof {
+                    if truncated {
+                        out.extend_from_slice(TRUNCATED_MARKER);
+                    }
                     return Ok(out);
                 }
             }
             Err(AgentError::Timeout) => continue,
             Err(e) => return Err(RuntimeError::agent("exec output", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_streams_share_one_budget() {
+        let budget = AtomicUsize::new(OUTPUT_BUDGET);
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let (mut to, mut te) = (false, false);
+        let chunk = vec![b'x'; 4 << 20];
+        // 20 MiB to each stream, interleaved as the two readers would see it.
+        for _ in 0..5 {
+            keep(&mut o, &chunk, &budget, &mut to);
+            keep(&mut e, &chunk, &budget, &mut te);
+        }
+        assert!(to && te, "both streams were cut");
+        assert_eq!(o.len() + e.len(), OUTPUT_BUDGET);
+        o.extend_from_slice(TRUNCATED_MARKER);
+        e.extend_from_slice(TRUNCATED_MARKER);
+        assert!(o.len() + e.len() + 64 < MAX_OUTPUT, "a response still fits");
+        // Small output is untouched.
+        let budget = AtomicUsize::new(OUTPUT_BUDGET);
+        let mut t = false;
+        let mut out = Vec::new();
+        keep(&mut out, b"hello", &budget, &mut t);
+        assert!(!t);
+        assert_eq!(out, b"hello");
     }
 }

@@ -10,7 +10,7 @@
 pub mod agent;
 mod beneath;
 mod container;
-mod exec;
+pub mod exec;
 pub mod kind;
 pub mod logs;
 pub mod orphans;
@@ -78,7 +78,7 @@ impl RuntimeError {
                 _ => RuntimeError::Internal(msg),
             },
             AgentError::Timeout => RuntimeError::DeadlineExceeded(msg),
-            AgentError::Transport(_) => RuntimeError::Unavailable(msg),
+            AgentError::Transport(_) | AgentError::BadReply(_) => RuntimeError::Unavailable(msg),
         }
     }
 }

@@ -164,6 +164,25 @@ fn unreachable_log() -> CriLog {
     CriLog::new(None).unwrap()
 }
 
+/// Turns one agent reply (at most ttrpc's 4 MiB) into log records on a
+/// blocking thread: a reply of newlines is millions of records, and that
+/// file work stays off the async workers. Hands the data back.
+async fn write_log(log: &Arc<CriLog>, stream: Stream, data: Vec<u8>) -> Vec<u8> {
+    let l = log.clone();
+    match tokio::task::spawn_blocking(move || {
+        l.write(stream, &data);
+        data
+    })
+    .await
+    {
+        Ok(data) => data,
+        Err(e) => {
+            tracing::error!(error = %e, "log writer task failed");
+            Vec::new()
+        }
+    }
+}
+
 /// Long-polls one stream into the log until end of stream or agent loss.
 /// Reads are acknowledged: each request carries the offset the log has
 /// durably consumed, so a response lost in flight (a timeout firing as the
@@ -191,8 +210,8 @@ async fn copy(
                     tracing::warn!(container = %id, asked = at.0, got = r.offset, "log stream offset moved");
                     log.skip_to(stream, r.offset);
                 }
-                log.write(stream, &r.data);
-                fan(&r.data);
+                let data = write_log(&log, stream, r.data).await;
+                fan(&data);
                 if r.eof {
                     log.finish(stream);
                     let _ = fanout.send(OutputChunk::Eof(stream));
@@ -207,8 +226,8 @@ async fn copy(
                 tracing::error!(container = %id, error = %e, "container output lost; resuming at the oldest held byte");
                 if let Ok(r) = agent.read(&id, "", stderr, None, POLL_TIMEOUT).await {
                     log.skip_to(stream, r.offset);
-                    log.write(stream, &r.data);
-                    fan(&r.data);
+                    let data = write_log(&log, stream, r.data).await;
+                    fan(&data);
                 }
             }
             Err(e) => {

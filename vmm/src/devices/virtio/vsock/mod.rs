@@ -428,4 +428,297 @@ mod tests {
         .expect("chain");
         assert!(matches!(parse_tx(&s, &m, &mut out), TxParse::Malformed(_)));
     }
+
+    /// A split virtqueue laid out by hand (desc table, avail and used rings 4 KiB apart: the
+    /// mock's own layout overlaps its rings beyond 64 entries), refilled one descriptor per
+    /// chain so a flood can go on for ever.
+    struct Ring {
+        base: u64,
+    }
+
+    impl Ring {
+        fn desc(&self) -> u64 {
+            self.base
+        }
+        fn avail(&self) -> u64 {
+            self.base + 0x1000
+        }
+        fn used(&self) -> u64 {
+            self.base + 0x2000
+        }
+
+        fn queue(&self, m: &GuestMemoryMmap) -> Queue {
+            for a in [self.avail(), self.used()] {
+                m.write_slice(&[0u8; 0x1000], GuestAddress(a))
+                    .expect("zero");
+            }
+            let mut q = Queue::new(FQ).expect("queue");
+            q.set_size(FQ);
+            q.set_ready(true);
+            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+            let (l, h) = split(self.desc());
+            q.set_desc_table_address(l, h);
+            let (l, h) = split(self.avail());
+            q.set_avail_ring_address(l, h);
+            let (l, h) = split(self.used());
+            q.set_used_ring_address(l, h);
+            q
+        }
+
+        /// Makes a one-descriptor chain the available entry number `idx`.
+        fn post(&self, m: &GuestMemoryMmap, idx: u16, addr: u64, len: u32, flags: u16) {
+            let slot = idx % FQ;
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            m.write_slice(&d, GuestAddress(self.desc() + 16 * slot as u64))
+                .expect("desc");
+            m.write_obj(slot, GuestAddress(self.avail() + 4 + 2 * slot as u64))
+                .expect("avail ring");
+            m.write_obj(idx.wrapping_add(1), GuestAddress(self.avail() + 2))
+                .expect("avail idx");
+        }
+
+        fn used_idx(&self, m: &GuestMemoryMmap) -> u16 {
+            m.read_obj(GuestAddress(self.used() + 2)).expect("used idx")
+        }
+
+        /// The (id, len) of used entry number `i`.
+        fn used_entry(&self, m: &GuestMemoryMmap, i: u16) -> (u32, u32) {
+            let e = self.used() + 4 + 8 * (i % FQ) as u64;
+            (
+                m.read_obj(GuestAddress(e)).expect("id"),
+                m.read_obj(GuestAddress(e + 4)).expect("len"),
+            )
+        }
+    }
+
+    /// Guest side of the flood tests: a vsock device on 256-entry queues.
+    struct Flood {
+        m: GuestMemoryMmap,
+        dev: VsockDevice,
+        rxq: Ring,
+        txq: Ring,
+        _dir: tempfile::TempDir,
+        uds: std::path::PathBuf,
+        tx_posted: u16,
+        rx_posted: u16,
+    }
+
+    const FQ: u16 = 256;
+    const TX_BUFS: u64 = 0x10_0000;
+    const RX_BUFS: u64 = 0x30_0000;
+    /// Room per TX/RX buffer: a header and a 4 KiB payload.
+    const BUF: u64 = 0x1100;
+
+    impl Flood {
+        fn new() -> Self {
+            let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).expect("mem");
+            let dir = tempfile::tempdir().expect("tmp");
+            let uds = dir.path().join("v.sock");
+            let ch = Arc::new(DeviceChannel::new().expect("ch"));
+            let irq = Arc::new(Interrupt::new().expect("irq"));
+            let evts = (0..3).map(|_| EventFd::new(0).expect("e")).collect();
+            let mut dev = VsockDevice::new(
+                VsockMuxer::new(3, &uds).expect("muxer"),
+                ch.clone(),
+                irq,
+                evts,
+            );
+            let (rxq, txq, evq) = (
+                Ring { base: 0 },
+                Ring { base: 0x1_0000 },
+                Ring { base: 0x2_0000 },
+            );
+            let queues = vec![rxq.queue(&m), txq.queue(&m), evq.queue(&m)];
+            ch.send(TransportMsg::Activate {
+                queues,
+                mem: m.clone(),
+            });
+            dev.handle_channel();
+            Self {
+                m,
+                dev,
+                rxq,
+                txq,
+                _dir: dir,
+                uds,
+                tx_posted: 0,
+                rx_posted: 0,
+            }
+        }
+
+        /// Posts a TX packet (the header's `len` is set from `payload`).
+        fn tx(&mut self, mut h: VsockHeader, payload: &[u8]) {
+            assert!(payload.len() as u64 <= BUF - HDR_SIZE as u64);
+            h.len = payload.len() as u32;
+            let addr = TX_BUFS + (self.tx_posted % FQ) as u64 * BUF;
+            self.m
+                .write_slice(&h.to_bytes(), GuestAddress(addr))
+                .expect("w");
+            self.m
+                .write_slice(payload, GuestAddress(addr + HDR_SIZE as u64))
+                .expect("w");
+            let len = (HDR_SIZE + payload.len()) as u32;
+            self.txq.post(&self.m, self.tx_posted, addr, len, 0);
+            self.tx_posted = self.tx_posted.wrapping_add(1);
+        }
+
+        /// Posts one RX buffer.
+        fn rx_buffer(&mut self) {
+            let addr = RX_BUFS + (self.rx_posted % FQ) as u64 * BUF;
+            self.rxq
+                .post(&self.m, self.rx_posted, addr, BUF as u32, F_WRITE);
+            self.rx_posted = self.rx_posted.wrapping_add(1);
+        }
+
+        /// The headers the device put in the RX buffers used since entry `from`.
+        fn received(&self, from: u16) -> Vec<VsockHeader> {
+            let to = self.rxq.used_idx(&self.m);
+            let mut out = Vec::new();
+            let mut i = from;
+            while i != to {
+                let (id, _) = self.rxq.used_entry(&self.m, i);
+                let mut hb = [0u8; HDR_SIZE];
+                self.m
+                    .read_slice(&mut hb, GuestAddress(RX_BUFS + id as u64 * BUF))
+                    .expect("r");
+                out.push(VsockHeader::from_bytes(&hb));
+                i = i.wrapping_add(1);
+            }
+            out
+        }
+    }
+
+    fn guest_hdr(
+        src_port: u32,
+        dst_port: u32,
+        op: u16,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+    ) -> VsockHeader {
+        VsockHeader {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port,
+            dst_port,
+            type_: packet::TYPE_STREAM,
+            op,
+            buf_alloc,
+            fwd_cnt,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tx_flood_without_rx_buffers_keeps_the_control_queue_bounded() {
+        use muxer::MAX_CTRL_RX;
+        let mut f = Flood::new();
+        // 200 000 packets for connections that do not exist, each asking for an RST, while the
+        // guest posts no RX buffer (the attack measured at ≈ 900 MiB per 20 M packets).
+        for r in 0..800u32 {
+            for i in 0..(FQ as u32 - 6) {
+                f.tx(guest_hdr(r, i, packet::OP_RW, 0, 0), b"x");
+            }
+            f.dev.run_queues();
+            assert_eq!(
+                f.txq.used_idx(&f.m),
+                f.tx_posted,
+                "every TX chain went back"
+            );
+            assert!(f.dev.muxer.ctrl_backlog() <= MAX_CTRL_RX);
+            assert!(f.dev.muxer.ctrl_capacity() <= MAX_CTRL_RX.next_power_of_two());
+        }
+        assert_eq!(f.dev.muxer.ctrl_backlog(), MAX_CTRL_RX);
+        // The guest starts reading: it gets the queued RSTs, then the queue is empty.
+        let mut got = 0;
+        while f.dev.muxer.has_rx() {
+            let from = f.rxq.used_idx(&f.m);
+            for _ in 0..64 {
+                f.rx_buffer();
+            }
+            f.dev.run_queues();
+            let pkts = f.received(from);
+            assert!(pkts.iter().all(|h| h.op == packet::OP_RST));
+            got += pkts.len();
+        }
+        assert_eq!(got, MAX_CTRL_RX);
+        // And the device still works: a fresh bad packet is answered.
+        let from = f.rxq.used_idx(&f.m);
+        f.rx_buffer();
+        f.tx(guest_hdr(1, 2, packet::OP_RW, 0, 0), b"x");
+        f.dev.run_queues();
+        assert_eq!(f.received(from).len(), 1);
+    }
+
+    #[test]
+    fn per_connection_floods_stay_bounded() {
+        use muxer::{CONN_BUF_ALLOC, MAX_CONNECTIONS, MAX_CTRL_RX};
+        use std::os::unix::net::UnixListener;
+        let mut f = Flood::new();
+        let listener = UnixListener::bind(format!("{}_99", f.uds.display())).expect("bind");
+        listener.set_nonblocking(true).expect("nb");
+        let mut peers = Vec::new();
+        // Connection flood: REQUESTs from many guest ports; the host accepts them all.
+        let want = MAX_CONNECTIONS as u32 + 100;
+        let mut port = 2000;
+        while port < 2000 + want {
+            for _ in 0..64.min(2000 + want - port) {
+                f.tx(
+                    guest_hdr(port, 99, packet::OP_REQUEST, CONN_BUF_ALLOC, 0),
+                    &[],
+                );
+                port += 1;
+            }
+            f.dev.run_queues();
+            while let Ok((s, _)) = listener.accept() {
+                peers.push(s);
+            }
+        }
+        assert_eq!(f.dev.muxer.connections(), MAX_CONNECTIONS);
+        assert_eq!(
+            peers.len(),
+            MAX_CONNECTIONS,
+            "refused ones never reached the host"
+        );
+        // Credit-request flood on one connection: one CREDIT_UPDATE waits, not thousands.
+        let before = f.dev.muxer.ctrl_backlog();
+        for _ in 0..20 {
+            for _ in 0..(FQ - 6) {
+                f.tx(
+                    guest_hdr(2000, 99, packet::OP_CREDIT_REQUEST, CONN_BUF_ALLOC, 0),
+                    &[],
+                );
+            }
+            f.dev.run_queues();
+        }
+        assert_eq!(f.dev.muxer.ctrl_backlog(), before + 1);
+        assert!(f.dev.muxer.ctrl_backlog() <= MAX_CTRL_RX);
+        // Data flood to a host peer that never reads: the guest may fill the window it was
+        // given (the host socket buffer first, then the muxer's), and a packet beyond the
+        // window resets the connection instead of growing the buffer.
+        let chunk = vec![0x5a; 4096];
+        let mut sent = 0usize;
+        let mut reset = false;
+        while sent < 64 << 20 {
+            for _ in 0..64 {
+                f.tx(
+                    guest_hdr(2001, 99, packet::OP_RW, CONN_BUF_ALLOC, 0),
+                    &chunk,
+                );
+                sent += chunk.len();
+            }
+            f.dev.run_queues();
+            assert!(f.dev.muxer.buffered_guest_bytes() <= CONN_BUF_ALLOC as usize);
+            if f.dev.muxer.connections() < MAX_CONNECTIONS {
+                reset = true;
+                break;
+            }
+        }
+        assert!(reset, "overrunning the window ends the connection");
+        assert_eq!(f.dev.muxer.buffered_guest_bytes(), 0);
+        assert!(f.dev.muxer.ctrl_backlog() <= MAX_CTRL_RX);
+        drop(peers);
+    }
 }

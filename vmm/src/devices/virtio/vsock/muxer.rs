@@ -30,6 +30,16 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const MAX_CONNECT_LINE: usize = 32;
 /// A host-initiated connection the guest has not accepted by then is refused (as Firecracker).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most connections at once (both directions). A guest REQUEST beyond it gets an RST, a host
+/// client beyond it is closed. With [`CONN_BUF_ALLOC`] this bounds the guest data the muxer
+/// can hold for host peers that do not read: 64 MiB.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most control packets (REQUEST, RESPONSE, RST, SHUTDOWN, CREDIT_UPDATE) waiting for a guest
+/// RX buffer. A live connection has at most three queued at once (credit updates are not
+/// repeated), so a guest that takes its packets never reaches it; one that posts no RX buffers
+/// while it floods the TX queue does: further replies are dropped, and a connection whose
+/// control packet cannot be queued is closed. 1024 × 44-byte headers: ≈ 48 KiB.
+pub const MAX_CTRL_RX: usize = 4 * MAX_CONNECTIONS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
@@ -71,6 +81,8 @@ struct Connection {
     rx_cnt: Wrapping<u32>,
     /// Waiting in `rx_ready` for a guest buffer.
     rx_queued: bool,
+    /// A CREDIT_UPDATE for this connection is in `ctrl_rx` already.
+    credit_update_queued: bool,
     peer_shut_send: bool,
     /// The host client shut down its sending side (EOF); it may still read.
     host_eof: bool,
@@ -90,6 +102,7 @@ impl Connection {
             peer_fwd_cnt: Wrapping(0),
             rx_cnt: Wrapping(0),
             rx_queued: false,
+            credit_update_queued: false,
             peer_shut_send: false,
             host_eof: false,
             interest: EventSet::empty(),
@@ -142,6 +155,8 @@ pub struct VsockMuxer {
     ctrl_rx: VecDeque<VsockHeader>,
     rx_ready: VecDeque<ConnKey>,
     next_local_port: u32,
+    /// Control packets dropped because `ctrl_rx` was full (for the log).
+    ctrl_dropped: u64,
     timer: TimerFd,
     timer_armed: bool,
     connect_timeout: Duration,
@@ -170,9 +185,10 @@ impl VsockMuxer {
             epoll,
             fds: HashMap::new(),
             conns: HashMap::new(),
-            ctrl_rx: VecDeque::new(),
+            ctrl_rx: VecDeque::with_capacity(MAX_CTRL_RX),
             rx_ready: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            ctrl_dropped: 0,
             timer,
             timer_armed: false,
             connect_timeout: CONNECT_TIMEOUT,
@@ -218,10 +234,60 @@ impl VsockMuxer {
         }
     }
 
-    fn push_ctrl(&mut self, key: ConnKey, op: u16, flags: u32) {
+    /// Control packets waiting for guest RX buffers (never above [`MAX_CTRL_RX`]).
+    pub fn ctrl_backlog(&self) -> usize {
+        self.ctrl_rx.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn ctrl_capacity(&self) -> usize {
+        self.ctrl_rx.capacity()
+    }
+
+    /// Open connections (never above [`MAX_CONNECTIONS`]).
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Guest data held for host peers, over all connections.
+    pub fn buffered_guest_bytes(&self) -> usize {
+        self.conns.values().map(|c| c.tx_buf.len()).sum()
+    }
+
+    /// Queues a control packet for the guest; false (and nothing queued) when [`MAX_CTRL_RX`]
+    /// are waiting already. A live connection whose packet is dropped is closed by the caller.
+    #[must_use]
+    fn try_push_ctrl(&mut self, key: ConnKey, op: u16, flags: u32) -> bool {
+        if self.ctrl_rx.len() >= MAX_CTRL_RX {
+            if self.ctrl_dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped = self.ctrl_dropped + 1,
+                    "vsock: guest takes no RX packets, dropping control packets"
+                );
+            }
+            self.ctrl_dropped += 1;
+            return false;
+        }
         let mut h = self.header(key, op);
         h.flags = flags;
         self.ctrl_rx.push_back(h);
+        true
+    }
+
+    /// Queues a control packet whose loss leaves no host state behind (an RST for a
+    /// connection that is gone): dropped when the queue is full.
+    fn push_ctrl(&mut self, key: ConnKey, op: u16, flags: u32) {
+        let _ = self.try_push_ctrl(key, op, flags);
+    }
+
+    /// Queues a control packet for the live connection `key`, or closes the connection when
+    /// the guest cannot be told.
+    fn push_conn_ctrl(&mut self, key: ConnKey, op: u16, flags: u32) -> bool {
+        if self.try_push_ctrl(key, op, flags) {
+            return true;
+        }
+        self.remove(key);
+        false
     }
 
     fn rst_for(&mut self, hdr: &VsockHeader) {
@@ -271,7 +337,21 @@ impl VsockMuxer {
         if let Some(c) = self.conns.get(&key)
             && (c.fwd_cnt - c.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD
         {
-            self.push_ctrl(key, OP_CREDIT_UPDATE, 0);
+            self.credit_update(key);
+        }
+    }
+
+    /// Queues one CREDIT_UPDATE for `key` unless one is waiting already (the one waiting will
+    /// carry the newest counters: they are filled in when the guest takes it).
+    fn credit_update(&mut self, key: ConnKey) {
+        match self.conns.get(&key) {
+            Some(c) if !c.credit_update_queued => {}
+            _ => return,
+        }
+        if self.push_conn_ctrl(key, OP_CREDIT_UPDATE, 0)
+            && let Some(c) = self.conns.get_mut(&key)
+        {
+            c.credit_update_queued = true;
         }
     }
 
@@ -324,7 +404,12 @@ impl VsockMuxer {
                 self.maybe_credit_update(key);
             }
             OP_CREDIT_UPDATE => {}
-            OP_CREDIT_REQUEST => self.push_ctrl(key, OP_CREDIT_UPDATE, 0),
+            OP_CREDIT_REQUEST => {
+                self.credit_update(key);
+                if !self.conns.contains_key(&key) {
+                    return;
+                }
+            }
             OP_SHUTDOWN => {
                 if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == (SHUTDOWN_RCV | SHUTDOWN_SEND)
                     || c.state == ConnState::Closing
@@ -363,6 +448,11 @@ impl VsockMuxer {
             self.push_ctrl(key, OP_RST, 0);
             return;
         }
+        if self.conns.len() >= MAX_CONNECTIONS || self.ctrl_rx.len() >= MAX_CTRL_RX {
+            tracing::debug!(?key, "vsock: refusing guest connect: connection limit");
+            self.push_ctrl(key, OP_RST, 0);
+            return;
+        }
         let path = format!("{}_{}", self.uds_path.display(), key.local_port);
         let stream =
             match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
@@ -386,8 +476,9 @@ impl VsockMuxer {
         c.peer_buf_alloc = hdr.buf_alloc;
         c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         self.conns.insert(key, c);
-        self.push_ctrl(key, OP_RESPONSE, 0);
-        self.update_interest(key);
+        if self.push_conn_ctrl(key, OP_RESPONSE, 0) {
+            self.update_interest(key);
+        }
     }
 
     /// The host side of a connection is gone (closed or failed): tell the guest, and stop
@@ -402,7 +493,7 @@ impl VsockMuxer {
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.rx_ready.retain(|k| *k != key);
-        self.push_ctrl(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+        let _ = self.push_conn_ctrl(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
     }
 
     /// The host client will send no more (EOF) but may still read: a half-close. If the guest
@@ -418,8 +509,9 @@ impl VsockMuxer {
             self.push_ctrl(key, OP_RST, 0);
             return;
         }
-        self.push_ctrl(key, OP_SHUTDOWN, SHUTDOWN_SEND);
-        self.update_interest(key);
+        if self.push_conn_ctrl(key, OP_SHUTDOWN, SHUTDOWN_SEND) {
+            self.update_interest(key);
+        }
     }
 
     /// Produces the next packet for the guest, its payload in `buf` (at most `max_payload`).
@@ -434,6 +526,9 @@ impl VsockMuxer {
                 h.buf_alloc = CONN_BUF_ALLOC;
                 h.fwd_cnt = c.fwd_cnt.0;
                 c.last_fwd_cnt_sent = c.fwd_cnt;
+                if h.op == OP_CREDIT_UPDATE {
+                    c.credit_update_queued = false;
+                }
             }
             return Some(h);
         }
@@ -556,6 +651,14 @@ impl VsockMuxer {
             let _ = self.epoll_ctl(ControlOperation::Delete, fd, EventSet::empty());
             return; // dropping the stream closes it
         };
+        if self.conns.len() >= MAX_CONNECTIONS || self.ctrl_rx.len() >= MAX_CTRL_RX {
+            tracing::warn!(
+                port,
+                "vsock: refusing host connect: connection limit or guest not reading"
+            );
+            let _ = self.epoll_ctl(ControlOperation::Delete, fd, EventSet::empty());
+            return;
+        }
         let key = loop {
             let k = ConnKey {
                 local_port: self.next_local_port,
@@ -570,7 +673,9 @@ impl VsockMuxer {
         self.fds.insert(fd, FdKind::Conn(key));
         self.conns
             .insert(key, Connection::new(stream, ConnState::LocalInit));
-        self.push_ctrl(key, OP_REQUEST, 0);
+        if !self.push_conn_ctrl(key, OP_REQUEST, 0) {
+            return;
+        }
         if !self.timer_armed {
             self.arm_timer(self.connect_timeout);
         }
