@@ -6,6 +6,7 @@ pub mod bench;
 pub mod containerd;
 pub mod cri_env;
 pub mod huskd;
+pub mod nested;
 pub mod oci;
 pub mod registry;
 pub mod runtime;

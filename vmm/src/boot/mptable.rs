@@ -17,6 +17,9 @@ const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const IRQ_LINES: u8 = 24;
 const CPU_ENABLED: u8 = 1;
+/// Interrupt type of an I/O or local interrupt entry: vectored (INT) and 8259 (ExtINT).
+const MP_INT: u8 = 0;
+const MP_EXTINT: u8 = 3;
 const CPU_BOOTPROCESSOR: u8 = 2;
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -45,13 +48,16 @@ pub fn build(num_cpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
     for irq in 0..IRQ_LINES {
-        // I/O interrupt entry: pin 0 is ExtINT, the rest plain INT, conforming polarity/trigger.
-        let kind = if irq == 0 { 3 } else { 0 };
-        entries.extend_from_slice(&[3, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        // I/O interrupt entry: ISA IRQ n is a plain (vectored) interrupt on IOAPIC pin n,
+        // conforming polarity/trigger (edge, active high), as KVM's default GSI routing has it.
+        // No IOAPIC pin is ExtINT: an ExtINT entry for IRQ 0 makes Linux route its timer
+        // through the 8259 (`check_timer`: "ExtINT not setup in hardware but reported by MP
+        // table"), which panics in setup_IO_APIC. The 8259 reaches the CPU on LINT0 below.
+        entries.extend_from_slice(&[3, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     // Local interrupts: LINT0 = ExtINT, LINT1 = NMI, to all local APICs.
-    entries.extend_from_slice(&[4, 3, 0, 0, 0, 0, 0xff, 0]);
+    entries.extend_from_slice(&[4, MP_EXTINT, 0, 0, 0, 0, 0xff, 0]);
     entries.extend_from_slice(&[4, 1, 0, 0, 0, 0, 0xff, 1]);
     count += 2;
 
@@ -109,5 +115,31 @@ mod tests {
             assert_eq!(cpus, n as usize);
             assert_eq!(t[44 + 3] & CPU_BOOTPROCESSOR, CPU_BOOTPROCESSOR);
         }
+    }
+
+    /// Every ISA IRQ is a vectored interrupt on the IOAPIC pin of the same number, none is
+    /// ExtINT (Linux then panics in check_timer); LINT0 alone carries the 8259.
+    #[test]
+    fn isa_irqs_are_plain_interrupts_on_their_pin() {
+        let b = build(2);
+        let t = &b[16..];
+        let mut at = 44;
+        let mut io = vec![];
+        let mut local = vec![];
+        while at < t.len() {
+            let len = if t[at] == 0 { 20 } else { 8 };
+            let e = &t[at..at + len];
+            match e[0] {
+                3 => io.push((e[1], e[5], e[7])),
+                4 => local.push((e[1], e[7])),
+                _ => {}
+            }
+            at += len;
+        }
+        assert_eq!(io.len(), IRQ_LINES as usize);
+        for (i, &(kind, src, pin)) in io.iter().enumerate() {
+            assert_eq!((kind, src, pin), (MP_INT, i as u8, i as u8), "entry {i}");
+        }
+        assert_eq!(local, vec![(MP_EXTINT, 0), (1, 1)]);
     }
 }

@@ -24,9 +24,19 @@ const SB_OUT_DATA_AVAIL: u8 = 0x01;
 const SB_I8042_CMD_DATA: u8 = 0x08;
 const SB_KBD_ENABLED: u8 = 0x10;
 const CTR_KBD_INT: u8 = 0x01;
+/// Control byte bit: the controller translates set 2 to set 1 (never set here).
+#[cfg(test)]
+const CTR_XLATE: u8 = 0x40;
 
-/// Set-1 scancodes for Ctrl-Alt-Del, make then break.
-const CTRL_ALT_DEL: [u8; 10] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d, 0, 0];
+/// Ctrl-Alt-Del in scancode set 2, make then break (0xf0 prefixes a break, 0xe0 an extended
+/// key): the controller does not translate (no XLATE bit in its control byte), so Linux's
+/// atkbd reads raw set 2. (Set-1 codes arrive as "Unknown key pressed (raw set 2 …)".)
+const CTRL_ALT_DEL: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, // make: Ctrl, Alt, Del
+    0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14, // break: Del, Alt, Ctrl
+];
+/// Bytes the output buffer holds at most (guest reads drain it).
+const BUF_MAX: usize = 64;
 
 pub struct I8042 {
     exit: Arc<ExitSignal>,
@@ -53,7 +63,9 @@ impl I8042 {
 
     /// Queues the Ctrl-Alt-Del key sequence and interrupts the guest.
     pub fn trigger_ctrl_alt_del(&mut self) {
-        self.buf.extend(CTRL_ALT_DEL.iter().take(8));
+        if self.buf.len() + CTRL_ALT_DEL.len() <= BUF_MAX {
+            self.buf.extend(CTRL_ALT_DEL);
+        }
         self.refill();
         self.raise();
     }
@@ -73,6 +85,9 @@ impl I8042 {
     }
 
     fn push(&mut self, b: u8) {
+        if self.buf.len() >= BUF_MAX {
+            return;
+        }
         self.buf.push_back(b);
         self.refill();
     }
@@ -168,7 +183,22 @@ mod tests {
             d.read(OFF_DATA, &mut b);
             got.push(b[0]);
         }
-        assert_eq!(got, CTRL_ALT_DEL[..8]);
+        assert_eq!(got, CTRL_ALT_DEL);
+        assert_eq!(&got[..4], &[0x14, 0x11, 0xe0, 0x71], "set-2 make codes");
         assert_eq!(exit.reason(), None);
+        let mut ctr = [0u8];
+        d.write(OFF_CMD, &[CMD_READ_CTR]);
+        d.read(OFF_DATA, &mut ctr);
+        assert_eq!(ctr[0] & CTR_XLATE, 0, "raw set 2: no translation");
+    }
+
+    #[test]
+    fn output_buffer_is_bounded() {
+        let (mut d, _exit, _irq) = dev();
+        for _ in 0..100 {
+            d.trigger_ctrl_alt_del();
+            d.write(OFF_CMD, &[CMD_READ_CTR]);
+        }
+        assert!(d.buf.len() <= BUF_MAX);
     }
 }

@@ -58,6 +58,24 @@ const VMM_MAX_DISK_SLOTS: u32 = 16;
 /// Console/log lines quoted in start errors.
 const TAIL_LINES: usize = 15;
 
+/// The guest kernel command line for a backend (before the configured
+/// `kernel_params`); the nested test bed boots husk-vmm guests with it.
+pub fn guest_cmdline(backend: Kind) -> String {
+    // no_timer_check: under TCG on a loaded host the kernel's IO-APIC
+    // timer check misses its window and panics ("IO-APIC + timer doesn't
+    // work!"; seen with 20 guests booting at once). KVM guests skip the
+    // check by themselves (kvm_guest_init).
+    let mut c = String::from("console=ttyS0 panic=-1 quiet no_timer_check");
+    if backend == Kind::Vm {
+        // husk-vmm has no ACPI: reboot through the keyboard controller, and
+        // find its i8042 without PNP; only the keyboard port, which never
+        // answers commands (dumbkbd), so Ctrl-Alt-Del (SIGTERM) is decoded
+        // as raw set 2 without a probe.
+        c.push_str(" reboot=k noapictimer i8042.nopnp i8042.noaux i8042.nomux i8042.dumbkbd");
+    }
+    c
+}
+
 pub struct VmSandbox {
     pub backend: Kind,
     /// QEMU only; `Auto` is resolved at launch.
@@ -175,14 +193,7 @@ impl VmSandbox {
     }
 
     fn cmdline(&self) -> String {
-        // no_timer_check: under TCG on a loaded host the kernel's IO-APIC
-        // timer check misses its window and panics ("IO-APIC + timer doesn't
-        // work!"; seen with 20 guests booting at once). KVM guests skip the
-        // check by themselves (kvm_guest_init).
-        let mut c = String::from("console=ttyS0 panic=-1 quiet no_timer_check");
-        if self.backend == Kind::Vm {
-            c.push_str(" reboot=k noapictimer");
-        }
+        let mut c = guest_cmdline(self.backend);
         if !self.cfg.kernel_params.trim().is_empty() {
             c.push(' ');
             c.push_str(self.cfg.kernel_params.trim());

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Nested test bed: an L1 "node VM" under QEMU/TCG whose emulated AMD CPU has
+# SVM + nested paging, so Linux in it loads kvm_amd and offers a real /dev/kvm
+# to husk-vmm (this machine's own /dev/kvm, kvm-pvm, runs no Linux guest).
+#
+#   l1.sh prepare                  -> prints the cache dir (vmlinuz, base.cpio)
+#   l1.sh stage ROOT FILE...       -> copies executables into ROOT/husk/bin with
+#                                     the libraries ldd lists and the loader
+#   l1.sh boot WORKDIR ROOT        -> packs ROOT into the initramfs and runs QEMU
+#                                     in the foreground; console in
+#                                     WORKDIR/console.log, commands over
+#                                     WORKDIR/cmd.sock (see init below)
+#   l1.sh testguest OUT.cpio       -> a busybox + socat initramfs for Linux tests
+#                                     of husk-vmm (tests/nested/guest-init as
+#                                     /init; append a cpio with /test.sh)
+#   l1.sh run WORKDIR SCRIPT [SECS] -> runs SCRIPT in L1 (one booted by `boot`),
+#                                     prints its output, exits with its code
+#
+# The L1 kernel is Debian bookworm's linux-image-*-cloud-amd64, unmodified,
+# from `apt-get download` (no build: a 6.12 build costs minutes on 2 cores, and
+# Debian's cloud kernel has kvm/kvm_amd as modules, virtio, ext4, cgroups).
+# Its modules are insmodded by a busybox init. Everything the tests need in L1
+# is packed into the initramfs (the cloud kernel has no 9p; a share would need
+# virtiofsd on the host): one L1 boot serves many tests.
+#
+# Environment: HUSK_NESTED_DIR (cache, default /var/cache/husk/nested),
+# L1_MEM (MiB, default 2048), L1_SMP (default 1, at most 2 on shared hosts).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${HUSK_NESTED_DIR:-/var/cache/husk/nested}
+# Modules insmodded in this order (paths under lib/modules/<ver>/kernel).
+modules=(virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun)
+
+die() { echo "l1: $*" >&2; exit 1; }
+
+prepare() {
+    local pkg ver hash out tmp
+    pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+    [ -n "$pkg" ] || die "no linux-image-cloud-amd64 in apt (apt-get update?)"
+    ver=$(apt-cache policy "$pkg" | awk '/Candidate:/{print $2}')
+    hash=$( { echo "$pkg $ver ${modules[*]}"; cat "$0"; } | sha256sum | cut -c1-16)
+    out=$cache/l1-$hash
+    if [ -f "$out/vmlinuz" ] && [ -f "$out/base.cpio" ]; then
+        echo "$out"
+        return
+    fi
+    command -v busybox >/dev/null || die "busybox missing (apt-get install busybox-static)"
+    file -L "$(command -v busybox)" | grep -q static || die "busybox is not static (busybox-static)"
+    mkdir -p "$cache"
+    tmp=$(mktemp -d "$cache/tmp.XXXXXX")
+    trap 'rm -rf "$tmp"' RETURN
+    echo "l1: fetching $pkg $ver" >&2
+    (cd "$tmp" && chmod 777 . && apt-get download -q "$pkg" >/dev/null 2>&1) \
+        || die "apt-get download $pkg failed"
+    dpkg -x "$tmp"/*.deb "$tmp/x"
+    local kver root=$tmp/root
+    kver=$(ls "$tmp/x/lib/modules")
+    mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,l1/modules,husk/bin}
+    cp "$(command -v busybox)" "$root/bin/busybox"
+    local m i=0
+    for m in "${modules[@]}"; do
+        i=$((i + 1))
+        cp "$tmp/x/lib/modules/$kver/kernel/$m.ko" "$root/l1/modules/$(printf %02d $i)-$(basename "$m").ko"
+    done
+    install -m 0755 "$here/l1-init" "$root/init"
+    (cd "$root" && find . | cpio -o -H newc -R 0:0 --quiet) >"$tmp/base.cpio"
+    mkdir -p "$out.tmp"
+    cp "$tmp/x/boot/vmlinuz-$kver" "$out.tmp/vmlinuz"
+    mv "$tmp/base.cpio" "$out.tmp/"
+    echo "$kver" >"$out.tmp/version"
+    rm -rf "$out"
+    mv "$out.tmp" "$out"
+    echo "l1: prepared $out ($kver)" >&2
+    echo "$out"
+}
+
+# Copies each executable to ROOT/husk/bin (debug info stripped) and every
+# library ldd lists (and the loader) to the same path under ROOT.
+stage() {
+    local root=$1 f lib
+    shift
+    mkdir -p "$root/husk/bin"
+    for f in "$@"; do
+        [ -x "$f" ] || die "not executable: $f"
+        objcopy --strip-debug "$f" "$root/husk/bin/$(basename "$f")" 2>/dev/null \
+            || cp "$f" "$root/husk/bin/"
+        for lib in $(ldd "$f" 2>/dev/null | grep -o '/[^ ]*'); do
+            [ -e "$root$lib" ] && continue
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"
+        done
+    done
+}
+
+testguest() {
+    local out=$1 root f lib
+    root=$(mktemp -d)
+    trap 'rm -rf "$root"' RETURN
+    mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,mnt}
+    cp "$(command -v busybox)" "$root/bin/busybox"
+    f=$(command -v socat) || die "socat missing (apt-get install socat)"
+    cp "$f" "$root/bin/socat"
+    for lib in $(ldd "$f" | grep -o '/[^ ]*'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    install -m 0755 "$here/guest-init" "$root/init"
+    (cd "$root" && find . | cpio -o -H newc -R 0:0 --quiet) >"$out"
+}
+
+boot() {
+    local work=$1 root=$2 dir
+    dir=$(prepare)
+    command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing (qemu-system-x86)"
+    mkdir -p "$work"
+    { cat "$dir/base.cpio"; (cd "$root" && find . | cpio -o -H newc -R 0:0 --quiet); } >"$work/initrd.cpio"
+    rm -f "$work/cmd.sock"
+    : >"$work/console.log"
+    exec qemu-system-x86_64 -accel tcg -cpu max -M q35 \
+        -m "${L1_MEM:-2048}" -smp "${L1_SMP:-1}" \
+        -nodefaults -display none -no-reboot \
+        -kernel "$dir/vmlinuz" -initrd "$work/initrd.cpio" \
+        -append "console=ttyS0 quiet panic=-1 rdinit=/init" \
+        -serial "file:$work/console.log" \
+        -chardev "socket,id=cmd,path=$work/cmd.sock,server=on,wait=off" \
+        -serial chardev:cmd
+}
+
+# Manual use: one command over the command socket (needs socat).
+run() {
+    local work=$1 script=$2 secs=${3:-600} id out rc
+    id=$$
+    out=$(mktemp)
+    { printf 'RUN %s %s %s\n' "$id" "$secs" "$(printf '%s' "$script" | base64 -w0)"
+      until grep -q "^@@END $id " "$out"; do sleep 0.2; done; } \
+        | timeout "$((secs + 10))" socat - "UNIX-CONNECT:$work/cmd.sock" >"$out" || true
+    sed -n "/^@@BEGIN $id\$/,/^@@END $id /p" "$out" | sed '1d;$d'
+    rc=$(sed -n "s/^@@END $id \([0-9]*\)\$/\1/p" "$out")
+    rm -f "$out"
+    [ -n "$rc" ] || die "no reply from L1"
+    exit "$rc"
+}
+
+case ${1:-} in
+    prepare) prepare ;;
+    stage) shift; stage "$@" ;;
+    boot) shift; boot "$@" ;;
+    testguest) shift; testguest "$@" ;;
+    run) shift; run "$@" ;;
+    *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+esac
