@@ -67,6 +67,7 @@ impl Manager {
             convert::validate_resources(r)?;
         }
         let pod = self.pod(pod_id)?;
+        let pod_id: &str = &pod.id;
         let _g = pod.lifecycle.lock().await;
         let prec = pod.record();
         if prec.state != PodState::Ready {
@@ -102,6 +103,7 @@ impl Manager {
             &pod.config,
             &image_config,
             self.min_oom_score_adj(),
+            all_capabilities(pod.kind.agent_in_guest())?,
         )?;
         let agent_proc = prec.agent.clone().ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!("pod sandbox {pod_id} has no agent"))
@@ -205,6 +207,7 @@ impl Manager {
 
     pub async fn start_container(self: &Arc<Self>, id: &str) -> Result<()> {
         let c = self.container(id)?;
+        let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
         let _g = c.lifecycle.lock().await;
         let rec = c.record();
@@ -311,6 +314,7 @@ impl Manager {
             Err(RuntimeError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
+        let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
         self.stop_container_inner(&pod, &c, 0).await?;
         let _g = c.lifecycle.lock().await;
@@ -380,6 +384,7 @@ impl Manager {
     ) -> Result<()> {
         convert::validate_resources(&res)?;
         let c = self.container(id)?;
+        let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
         let _g = c.lifecycle.lock().await;
         let state = c.record().state;
@@ -403,6 +408,7 @@ impl Manager {
 
     pub fn reopen_log(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
+        let id: &str = &c.id;
         if c.record().state != ContainerState::Running {
             return Err(RuntimeError::FailedPrecondition(format!(
                 "container {id} is not running"
@@ -417,6 +423,19 @@ impl Manager {
             ))),
         }
     }
+}
+
+/// What "all capabilities" (privileged, `ALL`) means for a container: in a VM the guest
+/// kernel's whole set (the agent is its unconfined PID 1), on the host huskd's own
+/// bounding set (containerd's semantics: a capability the host withholds from root cannot
+/// be granted).
+fn all_capabilities(in_guest: bool) -> Result<u64> {
+    if in_guest {
+        return Ok(husk_proto::caps::ALL);
+    }
+    husk_proto::caps::own_bounding()
+        .map(|m| m & husk_proto::caps::ALL)
+        .map_err(|e| RuntimeError::Internal(format!("huskd's capability bounding set: {e}")))
 }
 
 pub fn container_state_code(s: ContainerState) -> i32 {

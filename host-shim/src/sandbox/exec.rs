@@ -30,6 +30,7 @@ impl Manager {
             return Err(RuntimeError::InvalidArgument("exec: cmd is empty".into()));
         }
         let c = self.container(id)?;
+        let id: &str = &c.id;
         if c.record().state != ContainerState::Running {
             return Err(RuntimeError::FailedPrecondition(format!(
                 "container {id} is not running"

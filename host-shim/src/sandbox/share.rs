@@ -6,9 +6,10 @@
 //! Entries are `<container id>-<n>`: a directory or an empty file (single-file mounts such as
 //! `/etc/hosts` or `/dev/termination-log`) with the source bind-mounted over it, read-only
 //! when the CRI asks. Propagation: private and host-to-container are honoured on the host side
-//! (the bind is `rslave` of its source, and new submounts reach the guest through the FUSE
-//! server); bidirectional cannot cross the VM boundary and is refused, as is SELinux
-//! relabeling (the guest has no SELinux).
+//! (the bind is `rprivate`, or `rslave` of its source so that new submounts reach the guest
+//! through the FUSE server); bidirectional cannot cross the VM boundary and is refused. An SELinux relabel
+//! request is checked with every CRI mount (`cri::convert::validate_mounts`): ignored on a
+//! host without SELinux, as containerd does, refused where SELinux is enabled.
 
 use std::path::{Path, PathBuf};
 
@@ -41,7 +42,6 @@ pub struct HostMount {
     pub readonly: bool,
     /// CRI `MountPropagation`: 0 private, 1 host-to-container, 2 bidirectional.
     pub propagation: i32,
-    pub selinux_relabel: bool,
 }
 
 pub struct PodShare {
@@ -81,11 +81,6 @@ impl PodShare {
                 "bidirectional propagation cannot cross into a VM sandbox",
             ));
         }
-        if m.selinux_relabel {
-            return Err(refuse(
-                "SELinux relabeling is not supported in a VM sandbox",
-            ));
-        }
         let src = Path::new(&m.host_path);
         if !src.is_absolute() {
             return Err(refuse("the host path must be absolute"));
@@ -118,15 +113,22 @@ impl PodShare {
             None::<&str>,
         )
         .map_err(os("bind"))?;
+        // Host-to-container: a slave of the source (later host mounts under it reach the
+        // guest through the FUSE server); private: cut off from the source's peers.
+        let (propagation, what) = if m.propagation == 1 {
+            (MsFlags::MS_SLAVE, "make rslave")
+        } else {
+            (MsFlags::MS_PRIVATE, "make rprivate")
+        };
         let done = (|| {
             nix::mount::mount(
                 None::<&str>,
                 &target,
                 None::<&str>,
-                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                propagation | MsFlags::MS_REC,
                 None::<&str>,
             )
-            .map_err(os("make rslave"))?;
+            .map_err(os(what))?;
             if m.readonly {
                 nix::mount::mount(
                     None::<&str>,
@@ -192,7 +194,6 @@ pub fn share_mounts(
             container_path: m.container_path.clone(),
             readonly: m.readonly,
             propagation: m.propagation,
-            selinux_relabel: m.selinux_relabel,
         };
         let src = match share.bind(container, n, &hm) {
             Ok(s) => s,
@@ -215,7 +216,8 @@ pub fn share_mounts(
 impl From<ShareError> for super::RuntimeError {
     fn from(e: ShareError) -> Self {
         match e {
-            ShareError::Refused { .. } => super::RuntimeError::FailedPrecondition(e.to_string()),
+            // What the request asks cannot be done in a VM sandbox: the request is at fault.
+            ShareError::Refused { .. } => super::RuntimeError::InvalidArgument(e.to_string()),
             ShareError::Source(..) => super::RuntimeError::InvalidArgument(e.to_string()),
             _ => super::RuntimeError::Internal(e.to_string()),
         }
@@ -252,7 +254,6 @@ mod tests {
             container_path: dst.into(),
             readonly: ro,
             propagation: 0,
-            selinux_relabel: false,
         }
     }
 
@@ -262,12 +263,6 @@ mod tests {
         let share = PodShare::open(&d.path().join("share")).unwrap();
         let mut m = hm(d.path(), "/x", false);
         m.propagation = 2;
-        assert!(matches!(
-            share.bind("c", 0, &m),
-            Err(ShareError::Refused { .. })
-        ));
-        let mut m = hm(d.path(), "/x", false);
-        m.selinux_relabel = true;
         assert!(matches!(
             share.bind("c", 0, &m),
             Err(ShareError::Refused { .. })
