@@ -95,7 +95,8 @@ async fn env_cwd_user_and_username() {
 
     // A username is resolved against the image's /etc/passwd and /etc/group.
     let mut s = spec(&["sh", "-c", "id -u; id -G"]);
-    s["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0, "username": "alice"});
+    s["process"]["user"] =
+        serde_json::json!({"uid": 0, "gid": husk_proto::GID_FROM_PASSWD, "username": "alice"});
     let (out, _, code) = a.output(&unique("username"), &s).await;
     assert_eq!((out.as_str(), code), ("1000\n1000 10\n", 0));
 
@@ -300,7 +301,7 @@ async fn exec_into_running_container_with_stdin_and_tty() {
         container_id: id.clone(),
         exec_id: "e5".into(),
         process: serde_json::to_vec(
-            &serde_json::json!({"args": ["id"], "user": {"uid": 0, "gid": 0, "username": "alice"}}),
+            &serde_json::json!({"args": ["id"], "user": {"uid": 0, "gid": husk_proto::GID_FROM_PASSWD, "username": "alice"}}),
         )
         .expect("json"),
         ..Default::default()

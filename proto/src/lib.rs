@@ -3,6 +3,16 @@
 //! - [`cri`]: Kubernetes CRI `runtime.v1` (from the `k8s-cri` crate).
 //! - [`husk`]: husk's own host gRPC service (pull progress), served beside the CRI.
 //! - [`agent`]: the husk-agent ttrpc API.
+//! - [`caps`]: the capability table both sides use.
+
+pub mod caps;
+
+/// `process.user.gid` of an OCI spec sent to husk-agent when the CRI names no group
+/// (no `run_as_group`, no group in the image's `User`): the agent takes the primary
+/// group of the user from the container's /etc/passwd (0 when the uid has no entry),
+/// as containerd does. `(gid_t)-1` is "no group" in the kernel ABI (setresgid,
+/// chown), so it can never be a real group; huskd refuses it as a `run_as_group`.
+pub const GID_FROM_PASSWD: u32 = u32::MAX;
 
 #[cfg(feature = "cri")]
 pub use k8s_cri::v1 as cri;

@@ -273,7 +273,7 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
         ..Default::default()
     });
     let err = e.create(&pod, &m, &pcfg).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("bidirectional"), "{err:?}");
 
     // StopContainer: SIGTERM ends sleep (not PID 1: the pod's PID namespace).

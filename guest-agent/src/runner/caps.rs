@@ -1,5 +1,8 @@
 //! Linux capabilities: bounding set, effective/permitted/inheritable and ambient
-//! sets from the OCI process, with raw capset/prctl (no libcap).
+//! sets from the OCI process, with raw capset/prctl (no libcap). The names are
+//! the project's one table, [`husk_proto::caps`].
+
+use husk_proto::caps::{self as table, NAMES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CapsError {
@@ -9,50 +12,6 @@ pub enum CapsError {
     Os(&'static str, #[source] std::io::Error),
 }
 
-const NAMES: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
-
 /// A set of capabilities as a bitmask (bit n = capability n).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CapSet(pub u64);
@@ -61,16 +20,8 @@ impl CapSet {
     pub fn parse<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<Self, CapsError> {
         let mut bits = 0u64;
         for n in names {
-            let n = n.as_ref().to_ascii_uppercase();
-            let full = if n.starts_with("CAP_") {
-                n
-            } else {
-                format!("CAP_{n}")
-            };
-            let i = NAMES
-                .iter()
-                .position(|x| *x == full)
-                .ok_or(CapsError::Unknown(full))?;
+            let n = n.as_ref();
+            let i = table::number(n).ok_or_else(|| CapsError::Unknown(n.to_string()))?;
             bits |= 1 << i;
         }
         Ok(CapSet(bits))

@@ -3,10 +3,13 @@
 //! Decision: huskd passes numeric ids when the CRI gives `run_as_user`, and the
 //! name in `process.user.username` when it gives `run_as_username`; the agent
 //! resolves names here, inside the container after pivot_root, because only the
-//! guest can read a block-device rootfs. Supplementary groups are the user's
-//! groups from /etc/group plus `additionalGids`.
+//! guest can read a block-device rootfs. A gid of [`GID_FROM_PASSWD`] (no group
+//! given) is the user's primary group from /etc/passwd. Supplementary groups are
+//! the user's groups from /etc/group plus `additionalGids`.
 
 use std::path::Path;
+
+use husk_proto::GID_FROM_PASSWD;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
@@ -75,6 +78,11 @@ pub fn parse_group(content: &str) -> Vec<(String, u32, Vec<String>)> {
 }
 
 /// Resolve from file contents (pure, unit-tested).
+///
+/// `gid` [`GID_FROM_PASSWD`] (the CRI named no group) means the user's primary group from
+/// /etc/passwd, or 0 when the uid has no entry; any other gid is kept, also for a
+/// username. The supplementary groups are `additional` plus every /etc/group entry that
+/// lists the user by name (containerd's semantics).
 pub fn resolve_from(
     passwd: &str,
     group: &str,
@@ -84,23 +92,26 @@ pub fn resolve_from(
     additional: &[u32],
 ) -> Result<ResolvedUser, UserError> {
     let users = parse_passwd(passwd);
-    let (uid, gid, name, home) = match username.filter(|n| !n.is_empty()) {
-        Some(name) => {
-            let e = users
+    let entry = match username.filter(|n| !n.is_empty()) {
+        Some(name) => Some(
+            users
                 .iter()
                 .find(|e| e.name == name)
-                .ok_or_else(|| UserError::UnknownUser(name.to_string()))?;
-            (e.uid, e.gid, Some(e.name.clone()), e.home.clone())
-        }
-        None => match users.iter().find(|e| e.uid == uid) {
-            Some(e) => (uid, gid, Some(e.name.clone()), e.home.clone()),
-            None => (uid, gid, None, "/".to_string()),
-        },
+                .ok_or_else(|| UserError::UnknownUser(name.to_string()))?,
+        ),
+        None => users.iter().find(|e| e.uid == uid),
     };
+    let uid = entry.map_or(uid, |e| e.uid);
+    let gid = match (gid, entry) {
+        (GID_FROM_PASSWD, Some(e)) => e.gid,
+        (GID_FROM_PASSWD, None) => 0,
+        (gid, _) => gid,
+    };
+    let home = entry.map_or_else(|| "/".to_string(), |e| e.home.clone());
     let mut groups: Vec<u32> = additional.to_vec();
-    if let Some(name) = name {
+    if let Some(e) = entry {
         for (_, g, members) in parse_group(group) {
-            if members.contains(&name) && !groups.contains(&g) {
+            if members.contains(&e.name) && !groups.contains(&g) {
                 groups.push(g);
             }
         }
@@ -134,7 +145,8 @@ mod tests {
 
     #[test]
     fn resolves_username_with_groups() {
-        let u = resolve_from(PASSWD, GROUP, Some("alice"), 0, 0, &[5]).expect("alice");
+        let u =
+            resolve_from(PASSWD, GROUP, Some("alice"), 0, GID_FROM_PASSWD, &[5]).expect("alice");
         assert_eq!(
             u,
             ResolvedUser {
@@ -152,6 +164,21 @@ mod tests {
         assert_eq!((u.uid, u.gid, u.home.as_str()), (65534, 7, "/nonexistent"));
         let u = resolve_from(PASSWD, GROUP, None, 4242, 4242, &[]).expect("unknown uid is fine");
         assert_eq!(u.home, "/");
+    }
+
+    #[test]
+    fn group_from_passwd_unless_given() {
+        // run_as_user 1000 without a group: primary group from /etc/passwd, the CRI's
+        // supplemental groups plus /etc/group's.
+        let u = resolve_from(PASSWD, GROUP, None, 1000, GID_FROM_PASSWD, &[1234]).expect("1000");
+        assert_eq!((u.uid, u.gid), (1000, 1000));
+        assert_eq!(u.additional_gids, vec![1234, 10, 100]);
+        // An explicit group wins, also over a username's.
+        let u = resolve_from(PASSWD, GROUP, Some("alice"), 0, 50, &[]).expect("alice:50");
+        assert_eq!((u.uid, u.gid), (1000, 50));
+        // No passwd entry: group 0.
+        let u = resolve_from(PASSWD, GROUP, None, 4242, GID_FROM_PASSWD, &[]).expect("4242");
+        assert_eq!((u.uid, u.gid, u.additional_gids.len()), (4242, 0, 0));
     }
 
     #[test]

@@ -90,9 +90,23 @@ const NS_CONTAINER: i32 = 1;
 const NS_NODE: i32 = 2;
 const NS_TARGET: i32 = 3;
 
-/// Mounts: absolute container paths, absolute existing host paths.
+/// Whether SELinux is enabled on this host (selinuxfs is mounted, as libselinux checks).
+fn selinux_enabled() -> bool {
+    Path::new("/sys/fs/selinux/enforce").exists()
+}
+
+/// Mounts: absolute container paths, absolute existing host paths. An SELinux relabel
+/// request is ignored where SELinux is not enabled (containerd's semantics; kubelet asks
+/// for it on every volume) and refused where it is: husk applies no SELinux labels.
 pub fn validate_mounts(mounts: &[cri::Mount]) -> Result<()> {
+    let selinux = mounts.iter().any(|m| m.selinux_relabel) && selinux_enabled();
     for m in mounts {
+        if m.selinux_relabel && selinux {
+            return Err(invalid(format!(
+                "mount {}: SELinux relabeling is not supported by husk (SELinux is enabled on this host)",
+                m.container_path
+            )));
+        }
         if !m.container_path.starts_with('/') {
             return Err(invalid(format!(
                 "mount: container_path {:?} must be absolute",
@@ -224,87 +238,51 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 }
 
 fn cap(name: &str) -> Result<Capability> {
-    let n = name.to_ascii_uppercase();
-    let n = if n.starts_with("CAP_") {
-        n
-    } else {
-        format!("CAP_{n}")
-    };
-    serde_json::from_value(serde_json::Value::String(n))
+    let full = husk_proto::caps::canonical(name)
+        .ok_or_else(|| invalid(format!("unknown capability {name:?}")))?;
+    serde_json::from_value(serde_json::Value::String(full.into()))
         .map_err(|_| invalid(format!("unknown capability {name:?}")))
 }
 
-fn all_caps() -> Vec<Capability> {
-    ALL_CAPS.iter().filter_map(|c| cap(c).ok()).collect()
+/// The capabilities of a mask of the project's table ([`husk_proto::caps`]).
+fn caps_of(mask: u64) -> Vec<Capability> {
+    husk_proto::caps::names(mask)
+        .into_iter()
+        .filter_map(|c| cap(c).ok())
+        .collect()
 }
 
-const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-];
-
+/// The container's capability sets, containerd's way: a privileged container gets
+/// `all` (what the container's starter holds, see [`husk_proto::caps`]) and ignores
+/// add/drop; otherwise the defaults, then `ALL` in the add list (→ `all`), `ALL` in the
+/// drop list (→ none), then the single adds, then the single drops, so
+/// `drop: [ALL], add: [NET_BIND_SERVICE]` keeps NET_BIND_SERVICE.
 fn capabilities(
     sc: &cri::LinuxContainerSecurityContext,
+    all: u64,
 ) -> Result<oci_spec::runtime::LinuxCapabilities> {
+    let is_all = |c: &String| c.eq_ignore_ascii_case("ALL");
     let mut set: Vec<Capability> = if sc.privileged {
-        all_caps()
+        caps_of(all)
     } else {
         DEFAULT_CAPS.iter().filter_map(|c| cap(c).ok()).collect()
     };
-    if let Some(c) = &sc.capabilities {
-        for a in &c.add_capabilities {
-            if a.eq_ignore_ascii_case("ALL") {
-                set = all_caps();
-            } else {
-                let x = cap(a)?;
-                if !set.contains(&x) {
-                    set.push(x);
-                }
+    if let Some(c) = sc.capabilities.as_ref().filter(|_| !sc.privileged) {
+        if c.add_capabilities.iter().any(is_all) {
+            set = caps_of(all);
+        }
+        if c.drop_capabilities.iter().any(is_all) {
+            set.clear();
+        }
+        for a in c.add_capabilities.iter().filter(|c| !is_all(c)) {
+            let x = cap(a)?;
+            if !set.contains(&x) {
+                set.push(x);
             }
         }
-        for d in &c.drop_capabilities {
-            if d.eq_ignore_ascii_case("ALL") {
-                set.clear();
-            } else {
-                let x = cap(d)?;
-                set.retain(|c| *c != x);
-            }
+        for d in c.drop_capabilities.iter().filter(|c| !is_all(c)) {
+            let x = cap(d)?;
+            set.retain(|c| *c != x);
         }
     }
     let set: oci_spec::runtime::Capabilities = set.into_iter().collect();
@@ -442,11 +420,14 @@ fn devices(
 ///
 /// `min_oom_score_adj`: clamp the container's oom_score_adj to at least this
 /// (containerd's `restrict_oom_score_adj`, for hosts where root may not lower it).
+/// `all_caps`: what "all capabilities" means for this pod (privileged, `ALL`), a mask of
+/// [`husk_proto::caps`].
 pub fn container_spec(
     config: &cri::ContainerConfig,
     pod: &cri::PodSandboxConfig,
     image_config: &serde_json::Value,
     min_oom_score_adj: Option<i32>,
+    all_caps: u64,
 ) -> Result<Spec> {
     let img = &image_config["config"];
     let sc = config
@@ -509,10 +490,19 @@ pub fn container_spec(
         return Err(invalid(format!("working_dir {cwd:?} must be absolute")));
     }
 
-    // User: the security context wins over the image's User.
+    // User: the security context wins over the image's User (containerd's rules). A group
+    // without a user is refused; without a group the agent takes the user's primary group
+    // from the image's /etc/passwd, and the groups of /etc/group that list the user join
+    // the CRI's supplemental groups.
     let mut user = oci_spec::runtime::User::default();
     let image_user = img["User"].as_str().unwrap_or("");
     let (img_u, img_g) = image_user.split_once(':').unwrap_or((image_user, ""));
+    if sc.run_as_group.is_some() && sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
+        return Err(invalid(
+            "security context: run_as_group is set without run_as_user or run_as_username",
+        ));
+    }
+    let from_cri = sc.run_as_user.is_some() || !sc.run_as_username.is_empty();
     match (&sc.run_as_user, sc.run_as_username.as_str()) {
         (Some(u), _) => {
             user.set_uid(
@@ -533,12 +523,15 @@ pub fn container_spec(
             Err(_) => {}
         },
     }
+    user.set_gid(husk_proto::GID_FROM_PASSWD);
     if let Some(g) = &sc.run_as_group {
         user.set_gid(
             u32::try_from(g.value)
-                .map_err(|_| invalid(format!("run_as_group {} out of range", g.value)))?,
+                .ok()
+                .filter(|g| *g != husk_proto::GID_FROM_PASSWD)
+                .ok_or_else(|| invalid(format!("run_as_group {} out of range", g.value)))?,
         );
-    } else if let Ok(gid) = img_g.parse::<u32>() {
+    } else if !from_cri && let Ok(gid) = img_g.parse::<u32>() {
         user.set_gid(gid);
     }
     if !sc.supplemental_groups.is_empty() {
@@ -547,7 +540,9 @@ pub fn container_spec(
             .iter()
             .map(|g| {
                 u32::try_from(*g)
-                    .map_err(|_| invalid(format!("supplemental group {g} out of range")))
+                    .ok()
+                    .filter(|g| *g != husk_proto::GID_FROM_PASSWD)
+                    .ok_or_else(|| invalid(format!("supplemental group {g} out of range")))
             })
             .collect::<Result<Vec<_>>>()?;
         user.set_additional_gids(Some(gids));
@@ -562,7 +557,7 @@ pub fn container_spec(
     process.set_user(user);
     process.set_terminal(Some(config.tty));
     process.set_no_new_privileges(Some(sc.no_new_privs));
-    process.set_capabilities(Some(capabilities(&sc)?));
+    process.set_capabilities(Some(capabilities(&sc, all_caps)?));
     let res = config
         .linux
         .as_ref()
@@ -834,7 +829,14 @@ mod tests {
 
     #[test]
     fn command_env_user_from_image_and_config() {
-        let s = container_spec(&config(|_| {}), &Default::default(), &image(), None).unwrap();
+        let s = container_spec(
+            &config(|_| {}),
+            &Default::default(),
+            &image(),
+            None,
+            husk_proto::caps::ALL,
+        )
+        .unwrap();
         let p = s.process().as_ref().unwrap();
         assert_eq!(
             p.args().as_ref().unwrap(),
@@ -871,7 +873,14 @@ mod tests {
                 }),
             });
         });
-        let s = container_spec(&c, &Default::default(), &image(), None).unwrap();
+        let s = container_spec(
+            &c,
+            &Default::default(),
+            &image(),
+            None,
+            husk_proto::caps::ALL,
+        )
+        .unwrap();
         let p = s.process().as_ref().unwrap();
         assert_eq!(
             p.args().as_ref().unwrap(),
@@ -888,7 +897,6 @@ mod tests {
             .unwrap();
         assert!(caps.contains(&Capability::SysAdmin) && !caps.contains(&Capability::Kill));
         assert!(caps.contains(&Capability::Chown), "defaults kept");
-        assert_eq!(all_caps().len(), ALL_CAPS.len());
         let l = s.linux().as_ref().unwrap();
         assert!(
             l.namespaces()
@@ -916,12 +924,18 @@ mod tests {
             .unwrap()
             .oom_score_adj = -997;
         let adj = |min| {
-            container_spec(&c2, &Default::default(), &image(), min)
-                .unwrap()
-                .process()
-                .as_ref()
-                .unwrap()
-                .oom_score_adj()
+            container_spec(
+                &c2,
+                &Default::default(),
+                &image(),
+                min,
+                husk_proto::caps::ALL,
+            )
+            .unwrap()
+            .process()
+            .as_ref()
+            .unwrap()
+            .oom_score_adj()
         };
         assert_eq!(adj(None), Some(-997));
         assert_eq!(adj(Some(0)), None);
@@ -973,7 +987,16 @@ mod tests {
         assert!(validate_mounts(&m("/data", "tmp")).is_err());
         assert!(validate_mounts(&m("/data", "/nonexistent/husk")).is_err());
         let c = config(|c| c.working_dir = "rel".into());
-        assert!(container_spec(&c, &Default::default(), &image(), None).is_err());
+        assert!(
+            container_spec(
+                &c,
+                &Default::default(),
+                &image(),
+                None,
+                husk_proto::caps::ALL
+            )
+            .is_err()
+        );
         let c = config(|c| {
             c.linux = Some(cri::LinuxContainerConfig {
                 security_context: Some(cri::LinuxContainerSecurityContext {
@@ -986,7 +1009,16 @@ mod tests {
                 resources: None,
             })
         });
-        assert!(container_spec(&c, &Default::default(), &image(), None).is_err());
+        assert!(
+            container_spec(
+                &c,
+                &Default::default(),
+                &image(),
+                None,
+                husk_proto::caps::ALL
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -1000,22 +1032,36 @@ mod tests {
                 }]
             })
         };
-        let s =
-            container_spec(&dev("/dev/null", "rw"), &Default::default(), &image(), None).unwrap();
+        let s = container_spec(
+            &dev("/dev/null", "rw"),
+            &Default::default(),
+            &image(),
+            None,
+            husk_proto::caps::ALL,
+        )
+        .unwrap();
         let l = s.linux().as_ref().unwrap();
         let d = &l.devices().as_ref().unwrap()[0];
         assert_eq!((d.major(), d.minor()), (1, 3));
         let rule = &l.resources().as_ref().unwrap().devices().as_ref().unwrap()[0];
         assert_eq!(rule.access().as_deref(), Some("rw"));
         assert!(
-            container_spec(&dev("/etc/passwd", ""), &Default::default(), &image(), None).is_err()
+            container_spec(
+                &dev("/etc/passwd", ""),
+                &Default::default(),
+                &image(),
+                None,
+                husk_proto::caps::ALL
+            )
+            .is_err()
         );
         assert!(
             container_spec(
                 &dev("/dev/null", "rwx"),
                 &Default::default(),
                 &image(),
-                None
+                None,
+                husk_proto::caps::ALL
             )
             .is_err()
         );
@@ -1024,10 +1070,120 @@ mod tests {
                 &dev("/no/such/dev", ""),
                 &Default::default(),
                 &image(),
-                None
+                None,
+                husk_proto::caps::ALL
             )
             .is_err()
         );
+    }
+
+    fn sc_spec(
+        sc: cri::LinuxContainerSecurityContext,
+        image: serde_json::Value,
+        all: u64,
+    ) -> Result<Spec> {
+        let c = config(|c| {
+            c.linux = Some(cri::LinuxContainerConfig {
+                security_context: Some(sc),
+                resources: None,
+            })
+        });
+        container_spec(&c, &Default::default(), &image, None, all)
+    }
+
+    fn bounding(s: &Spec) -> Vec<Capability> {
+        let p = s.process().as_ref().unwrap();
+        let b = p
+            .capabilities()
+            .as_ref()
+            .unwrap()
+            .bounding()
+            .as_ref()
+            .unwrap();
+        let mut v: Vec<Capability> = b.iter().copied().collect();
+        v.sort_by_key(|c| husk_proto::caps::number(&c.to_string()));
+        v
+    }
+
+    #[test]
+    fn privileged_and_all_are_the_starters_set() {
+        // A host that withholds CAP_SYS_RESOURCE (24): privileged and ALL stop short of it.
+        let host = husk_proto::caps::ALL & !(1 << 24);
+        let privileged = cri::LinuxContainerSecurityContext {
+            privileged: true,
+            capabilities: Some(cri::Capability {
+                drop_capabilities: vec!["CHOWN".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = sc_spec(privileged, image(), host).unwrap();
+        let b = bounding(&s);
+        assert_eq!(b.len(), husk_proto::caps::NAMES.len() - 1, "{b:?}");
+        assert!(!b.contains(&Capability::SysResource));
+        assert!(b.contains(&Capability::Chown), "privileged ignores drops");
+        assert!(b.contains(&Capability::Bpf) && b.contains(&Capability::CheckpointRestore));
+        let all = |add: &[&str], drop: &[&str]| cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+                drop_capabilities: drop.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let b = bounding(&sc_spec(all(&["ALL"], &["KILL"]), image(), host).unwrap());
+        assert_eq!(b.len(), husk_proto::caps::NAMES.len() - 2);
+        assert!(!b.contains(&Capability::Kill) && !b.contains(&Capability::SysResource));
+        // Drop ALL then add one: the one stays (containerd's order).
+        let b = bounding(&sc_spec(all(&["NET_BIND_SERVICE"], &["ALL"]), image(), host).unwrap());
+        assert_eq!(b, vec![Capability::NetBindService]);
+        // The three newest capabilities are known on the host side too.
+        let b = bounding(&sc_spec(all(&["PERFMON", "BPF"], &[]), image(), host).unwrap());
+        assert!(b.contains(&Capability::Perfmon) && b.contains(&Capability::Bpf));
+    }
+
+    #[test]
+    fn user_and_group_rules() {
+        let user =
+            |u: Option<i64>, g: Option<i64>, name: &str| cri::LinuxContainerSecurityContext {
+                run_as_user: u.map(|value| cri::Int64Value { value }),
+                run_as_group: g.map(|value| cri::Int64Value { value }),
+                run_as_username: name.into(),
+                supplemental_groups: vec![1234],
+                ..Default::default()
+            };
+        let ids = |s: &Spec| {
+            let u = s.process().as_ref().unwrap().user();
+            (
+                u.uid(),
+                u.gid(),
+                u.username().clone(),
+                u.additional_gids().clone(),
+            )
+        };
+        let no_user = serde_json::json!({"config": {"Cmd": ["x"]}});
+        // A user without a group: the agent takes the group from /etc/passwd.
+        let s = sc_spec(user(Some(1000), None, ""), no_user.clone(), 0).unwrap();
+        assert_eq!(
+            ids(&s),
+            (1000, husk_proto::GID_FROM_PASSWD, None, Some(vec![1234]))
+        );
+        // The image's group is not the CRI user's.
+        let s = sc_spec(user(Some(1000), None, ""), image(), 0).unwrap();
+        assert_eq!(ids(&s).1, husk_proto::GID_FROM_PASSWD);
+        let s = sc_spec(user(Some(1000), Some(50), ""), image(), 0).unwrap();
+        assert_eq!(ids(&s).1, 50);
+        let s = sc_spec(user(None, Some(50), "alice"), image(), 0).unwrap();
+        assert_eq!(ids(&s), (0, 50, Some("alice".into()), Some(vec![1234])));
+        // A group without a user is refused, with or without an image user.
+        for img in [no_user, image()] {
+            let e = sc_spec(user(None, Some(50), ""), img, 0).unwrap_err();
+            assert!(
+                matches!(&e, RuntimeError::InvalidArgument(m) if m.contains("run_as_group")),
+                "{e:?}"
+            );
+        }
+        assert!(sc_spec(user(Some(1), Some(u32::MAX as i64), ""), image(), 0).is_err());
     }
 
     #[test]

@@ -425,10 +425,22 @@ impl RuntimeService for Runtime {
         ok(cri::UpdateRuntimeConfigResponse {})
     }
 
+    async fn runtime_config(
+        &self,
+        _r: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        // huskd writes pod and container cgroups itself under cgroup_parent: the
+        // cgroupfs driver (no systemd slices or scopes).
+        ok(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        })
+    }
+
     unimplemented_rpc! {
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse: "husk: CheckpointContainer is not supported";
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse: "husk: ListMetricDescriptors is not implemented";
         list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse: "husk: ListPodSandboxMetrics is not implemented";
-        runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse: "husk: RuntimeConfig is not implemented";
     }
 }

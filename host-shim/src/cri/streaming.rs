@@ -33,9 +33,9 @@ pub fn exec(s: &Services, r: cri::ExecRequest) -> Result<cri::ExecResponse, Stat
         return Err(Status::invalid_argument("Exec: cmd is empty"));
     }
     streams_ok(r.stdin, r.stdout, r.stderr, r.tty, "Exec")?;
-    s.runtime.stream_target(&r.container_id)?;
+    let t = s.runtime.stream_target(&r.container_id)?;
     let url = s.streaming.url(Pending::Exec(ExecParams {
-        container_id: r.container_id,
+        container_id: t.container_id,
         cmd: r.cmd,
         tty: r.tty,
         stdin: r.stdin,
@@ -62,7 +62,7 @@ pub fn attach(s: &Services, r: cri::AttachRequest) -> Result<cri::AttachResponse
         )));
     }
     let url = s.streaming.url(Pending::Attach(AttachParams {
-        container_id: r.container_id,
+        container_id: t.container_id,
         tty: r.tty,
         stdin: r.stdin,
         stdout: r.stdout,
@@ -87,10 +87,7 @@ pub fn port_forward(
             }
         }
     }
-    s.runtime.port_forward_target(&r.pod_sandbox_id)?;
-    let url = s.streaming.url(Pending::PortForward {
-        pod_id: r.pod_sandbox_id,
-        ports,
-    })?;
+    let pod_id = s.runtime.port_forward_target(&r.pod_sandbox_id)?;
+    let url = s.streaming.url(Pending::PortForward { pod_id, ports })?;
     Ok(cri::PortForwardResponse { url })
 }

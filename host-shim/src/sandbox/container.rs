@@ -68,6 +68,7 @@ impl Manager {
         }
         validate::container_config(&config)?;
         let pod = self.pod(pod_id)?;
+        let pod_id: &str = &pod.id;
         // Confined below the pod's log directory before anything is made.
         let log_path = validate::log_path(&pod.config.log_directory, &config.log_path)?;
         let _g = pod.lifecycle.lock().await;
@@ -103,10 +104,13 @@ impl Manager {
         let stop_signal = convert::stop_signal(&image_config)?;
         // Off the executor: a seccomp `localhost/` profile is read from disk.
         let mut spec = {
+            let all_caps = all_capabilities(pod.kind.agent_in_guest())?;
             let (c, p, min) = (config.clone(), pod.config.clone(), self.min_oom_score_adj());
-            tokio::task::spawn_blocking(move || convert::container_spec(&c, &p, &image_config, min))
-                .await
-                .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                convert::container_spec(&c, &p, &image_config, min, all_caps)
+            })
+            .await
+            .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))??
         };
         let agent_proc = prec.agent.clone().ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!("pod sandbox {pod_id} has no agent"))
@@ -211,6 +215,7 @@ impl Manager {
 
     pub async fn start_container(self: &Arc<Self>, id: &str) -> Result<()> {
         let c = self.container(id)?;
+        let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
         let _g = c.lifecycle.lock().await;
         let rec = c.record();
@@ -317,6 +322,7 @@ impl Manager {
             Err(RuntimeError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
+        let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
         self.stop_container_inner(&pod, &c, 0).await?;
         let _g = c.lifecycle.lock().await;
@@ -386,6 +392,7 @@ impl Manager {
     ) -> Result<()> {
         convert::validate_resources(&res)?;
         let c = self.container(id)?;
+        let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
         let _g = c.lifecycle.lock().await;
         let state = c.record().state;
@@ -409,6 +416,7 @@ impl Manager {
 
     pub fn reopen_log(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
+        let id: &str = &c.id;
         if c.record().state != ContainerState::Running {
             return Err(RuntimeError::FailedPrecondition(format!(
                 "container {id} is not running"
@@ -423,6 +431,19 @@ impl Manager {
             ))),
         }
     }
+}
+
+/// What "all capabilities" (privileged, `ALL`) means for a container: in a VM the guest
+/// kernel's whole set (the agent is its unconfined PID 1), on the host huskd's own
+/// bounding set (containerd's semantics: a capability the host withholds from root cannot
+/// be granted).
+fn all_capabilities(in_guest: bool) -> Result<u64> {
+    if in_guest {
+        return Ok(husk_proto::caps::ALL);
+    }
+    husk_proto::caps::own_bounding()
+        .map(|m| m & husk_proto::caps::ALL)
+        .map_err(|e| RuntimeError::Internal(format!("huskd's capability bounding set: {e}")))
 }
 
 pub fn container_state_code(s: ContainerState) -> i32 {

@@ -42,6 +42,7 @@ impl Manager {
         }
         crate::cri::validate::argv_env("exec", cmd.iter().map(String::as_str), [])?;
         let c = self.container(id)?;
+        let id: &str = &c.id;
         if c.record().state != ContainerState::Running {
             return Err(RuntimeError::FailedPrecondition(format!(
                 "container {id} is not running"

@@ -85,6 +85,27 @@ impl RuntimeError {
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
 
+/// The entry of `map` named by `id` exactly or by a unique prefix of its id (containerd's
+/// truncated-index lookup): empty → InvalidArgument, no match → NotFound, more than one →
+/// InvalidArgument naming how many matched.
+fn by_id_or_prefix<T: Clone>(map: &HashMap<String, T>, id: &str, what: &str) -> Result<T> {
+    if id.is_empty() {
+        return Err(RuntimeError::InvalidArgument(format!("{what} id is empty")));
+    }
+    if let Some(v) = map.get(id) {
+        return Ok(v.clone());
+    }
+    let mut found = map.iter().filter(|(k, _)| k.starts_with(id));
+    match (found.next(), found.count()) {
+        (None, _) => Err(RuntimeError::NotFound(format!("{what} {id} not found"))),
+        (Some((_, v)), 0) => Ok(v.clone()),
+        (Some(_), more) => Err(RuntimeError::InvalidArgument(format!(
+            "{what} id prefix {id:?} is ambiguous: it matches {} ids",
+            more + 1
+        ))),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -290,32 +311,16 @@ impl Manager {
         }
     }
 
+    /// Pod `id`: its full id or, as containerd accepts, a unique prefix of it.
     fn pod(&self, id: &str) -> Result<Arc<Pod>> {
-        if id.is_empty() {
-            return Err(RuntimeError::InvalidArgument(
-                "pod sandbox id is empty".into(),
-            ));
-        }
-        self.pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RuntimeError::NotFound(format!("pod sandbox {id} not found")))
+        let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
+        by_id_or_prefix(&pods, id, "pod sandbox")
     }
 
+    /// Container `id`: its full id or a unique prefix of it.
     fn container(&self, id: &str) -> Result<Arc<Container>> {
-        if id.is_empty() {
-            return Err(RuntimeError::InvalidArgument(
-                "container id is empty".into(),
-            ));
-        }
-        self.containers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RuntimeError::NotFound(format!("container {id} not found")))
+        let containers = self.containers.read().unwrap_or_else(|e| e.into_inner());
+        by_id_or_prefix(&containers, id, "container")
     }
 
     fn all_pods(&self) -> Vec<Arc<Pod>> {
@@ -386,5 +391,32 @@ impl Manager {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_by_unique_prefix() {
+        let map: HashMap<String, u8> = [("abc123".to_string(), 1), ("abd456".to_string(), 2)]
+            .into_iter()
+            .collect();
+        assert!(matches!(by_id_or_prefix(&map, "abc123", "pod"), Ok(1)));
+        assert!(matches!(by_id_or_prefix(&map, "abc", "pod"), Ok(1)));
+        assert!(matches!(by_id_or_prefix(&map, "abd4", "pod"), Ok(2)));
+        assert!(matches!(
+            by_id_or_prefix(&map, "ab", "pod"),
+            Err(RuntimeError::InvalidArgument(m)) if m.contains("ambiguous")
+        ));
+        assert!(matches!(
+            by_id_or_prefix(&map, "x", "pod"),
+            Err(RuntimeError::NotFound(_))
+        ));
+        assert!(matches!(
+            by_id_or_prefix(&map, "", "pod"),
+            Err(RuntimeError::InvalidArgument(_))
+        ));
     }
 }

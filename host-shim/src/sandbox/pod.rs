@@ -47,6 +47,33 @@ pub(super) fn pod_ns(config: &cri::PodSandboxConfig) -> cri::NamespaceOption {
         .unwrap_or_default()
 }
 
+/// The kernel's limit on a host name (HOST_NAME_MAX).
+const HOST_NAME_MAX: usize = 64;
+
+/// An explicit pod hostname must fit the kernel's limit (containerd and runc refuse longer).
+fn validate_hostname(h: &str) -> Result<()> {
+    if h.len() > HOST_NAME_MAX {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "pod sandbox config: hostname is {} bytes long, the limit is {HOST_NAME_MAX}",
+            h.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The pod's hostname: the CRI's, or (as containerd does when the CRI gives none) the
+/// node's own hostname, never derived from the pod name (which may be longer than a
+/// hostname can be).
+fn pod_hostname(config: &cri::PodSandboxConfig) -> Result<String> {
+    if !config.hostname.is_empty() {
+        return Ok(config.hostname.clone());
+    }
+    nix::unistd::gethostname()
+        .map_err(|e| RuntimeError::Internal(format!("gethostname: {e}")))?
+        .into_string()
+        .map_err(|_| RuntimeError::Internal("the node's hostname is not UTF-8".into()))
+}
+
 impl Manager {
     pub async fn run_pod(
         self: &Arc<Self>,
@@ -63,6 +90,7 @@ impl Manager {
                     "pod sandbox config: metadata with a name is required".into(),
                 )
             })?;
+        validate_hostname(&config.hostname)?;
         let (handler, spec) = self.cfg.resolve(handler).ok_or_else(|| {
             RuntimeError::InvalidArgument(format!(
                 "unknown runtime handler {handler:?} (configured: {})",
@@ -146,6 +174,7 @@ impl Manager {
     ) -> Result<()> {
         let kind = spec.kind;
         let kind_impl = self.kind(spec);
+        let hostname = pod_hostname(&config)?;
         let mut rec = PodRecord {
             id: id.to_string(),
             handler: handler.to_string(),
@@ -220,14 +249,9 @@ impl Manager {
         crash_point("run_pod:agent-recorded");
         let ns = pod_ns(&config);
         let dns = config.dns_config.clone().unwrap_or_default();
-        let md = config.metadata.clone().unwrap_or_default();
         let req = pb::CreateSandboxRequest {
             sandbox_id: id.to_string(),
-            hostname: if config.hostname.is_empty() {
-                md.name.clone()
-            } else {
-                config.hostname.clone()
-            },
+            hostname,
             dns: MessageField::some(pb::DnsConfig {
                 servers: dns.servers,
                 searches: dns.searches,
@@ -307,6 +331,7 @@ impl Manager {
     /// agent. Idempotent.
     pub async fn stop_pod(self: &Arc<Self>, id: &str) -> Result<()> {
         let pod = self.pod(id)?;
+        let id: &str = &pod.id;
         let _g = pod.lifecycle.lock().await;
         for c in pod.containers() {
             if let Err(e) = self.stop_container_inner(&pod, &c, 0).await {
@@ -361,6 +386,7 @@ impl Manager {
             Err(RuntimeError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
+        let id: &str = &pod.id;
         self.stop_pod(id).await?;
         let _g = pod.lifecycle.lock().await;
         {

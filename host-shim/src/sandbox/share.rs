@@ -6,9 +6,10 @@
 //! Entries are `<container id>-<n>`: a directory or an empty file (single-file mounts such as
 //! `/etc/hosts` or `/dev/termination-log`) with the source bind-mounted over it, read-only
 //! when the CRI asks. Propagation: private and host-to-container are honoured on the host side
-//! (the bind is `rslave` of its source, and new submounts reach the guest through the FUSE
-//! server); bidirectional cannot cross the VM boundary and is refused, as is SELinux
-//! relabeling (the guest has no SELinux).
+//! (the bind is `rprivate`, or `rslave` of its source so that new submounts reach the guest
+//! through the FUSE server); bidirectional cannot cross the VM boundary and is refused. An
+//! SELinux relabel request is checked with every CRI mount (`cri::convert::validate_mounts`):
+//! ignored on a host without SELinux, as containerd does, refused where SELinux is enabled.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,6 @@ pub struct HostMount {
     pub readonly: bool,
     /// CRI `MountPropagation`: 0 private, 1 host-to-container, 2 bidirectional.
     pub propagation: i32,
-    pub selinux_relabel: bool,
 }
 
 /// The guest writes the share (its root included: it can plant symlinks, directories and
@@ -96,11 +96,6 @@ impl PodShare {
                 "bidirectional propagation cannot cross into a VM sandbox",
             ));
         }
-        if m.selinux_relabel {
-            return Err(refuse(
-                "SELinux relabeling is not supported in a VM sandbox",
-            ));
-        }
         let src = Path::new(&m.host_path);
         if !src.is_absolute() {
             return Err(refuse("the host path must be absolute"));
@@ -116,7 +111,14 @@ impl PodShare {
             attrs |= beneath::MOUNT_ATTR_RDONLY;
         }
         // The source is cloned first: nothing is left in the share if it cannot be.
-        let tree = beneath::clone_tree(src, attrs)
+        // Host-to-container: a slave of the source (later host mounts under it reach the
+        // guest through the FUSE server); private: cut off from the source's peers.
+        let propagation = if m.propagation == 1 {
+            libc::MS_SLAVE
+        } else {
+            libc::MS_PRIVATE
+        };
+        let tree = beneath::clone_tree(src, attrs, propagation)
             .map_err(|e| ShareError::Io("clone mount", src.to_path_buf(), e))?;
         let name = OsStr::new(&entry);
         let target = self.dir.join(&entry);
@@ -187,9 +189,6 @@ impl PodShare {
     }
 }
 
-/// For a VM pod: binds every CRI mount into the share and points the spec's mount for it
-/// (destination = container path, source = host path) at `sandbox:share/<entry>`. On error
-/// nothing of `container`'s stays bound.
 /// Container ids (64 hex digits) with entries in `share` that are not in `known`. The
 /// names come from a directory the guest can write: they select only what
 /// [`PodShare::unbind_container`] then undoes inside the share.
@@ -197,12 +196,11 @@ pub fn unrecorded_containers(
     share: &PodShare,
     known: &std::collections::HashSet<String>,
 ) -> std::collections::BTreeSet<String> {
-    let Ok(dir) = std::fs::read_dir(share.dir()) else {
-        return Default::default();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
+    share
+        .list()
+        .into_iter()
+        .filter_map(|name| {
+            let name = name.into_string().ok()?;
             let (cid, n) = name.rsplit_once('-')?;
             let ok = cid.len() == 64
                 && cid.bytes().all(|b| b.is_ascii_hexdigit())
@@ -212,6 +210,9 @@ pub fn unrecorded_containers(
         .collect()
 }
 
+/// For a VM pod: binds every CRI mount into the share and points the spec's mount for it
+/// (destination = container path, source = host path) at `sandbox:share/<entry>`. On error
+/// nothing of `container`'s stays bound.
 pub fn share_mounts(
     share: &PodShare,
     container: &str,
@@ -229,7 +230,6 @@ pub fn share_mounts(
             container_path: m.container_path.clone(),
             readonly: m.readonly,
             propagation: m.propagation,
-            selinux_relabel: m.selinux_relabel,
         };
         let src = match share.bind(container, n, &hm) {
             Ok(s) => s,
@@ -252,7 +252,8 @@ pub fn share_mounts(
 impl From<ShareError> for super::RuntimeError {
     fn from(e: ShareError) -> Self {
         match e {
-            ShareError::Refused { .. } => super::RuntimeError::FailedPrecondition(e.to_string()),
+            // What the request asks cannot be done in a VM sandbox: the request is at fault.
+            ShareError::Refused { .. } => super::RuntimeError::InvalidArgument(e.to_string()),
             ShareError::Source(..) => super::RuntimeError::InvalidArgument(e.to_string()),
             _ => super::RuntimeError::Internal(e.to_string()),
         }
@@ -274,7 +275,6 @@ mod tests {
             container_path: dst.into(),
             readonly: ro,
             propagation: 0,
-            selinux_relabel: false,
         }
     }
 
@@ -284,12 +284,6 @@ mod tests {
         let share = PodShare::open(&d.path().join("share")).unwrap();
         let mut m = hm(d.path(), "/x", false);
         m.propagation = 2;
-        assert!(matches!(
-            share.bind("c", 0, &m),
-            Err(ShareError::Refused { .. })
-        ));
-        let mut m = hm(d.path(), "/x", false);
-        m.selinux_relabel = true;
         assert!(matches!(
             share.bind("c", 0, &m),
             Err(ShareError::Refused { .. })
@@ -490,7 +484,7 @@ mod tests {
         fd.mkdir(OsStr::new("x"), 0o755).unwrap();
         std::fs::remove_dir(s.join("x")).unwrap();
         std::os::unix::fs::symlink(&host.0, s.join("x")).unwrap();
-        let tree = beneath::clone_tree(&vol, 0).unwrap();
+        let tree = beneath::clone_tree(&vol, 0, libc::MS_SLAVE).unwrap();
         assert!(fd.attach(&tree, OsStr::new("x"), Kind::Dir).is_err());
         assert!(!host.0.join("v").exists());
         assert!(share.destroy());

@@ -48,15 +48,17 @@ impl Manager {
         })
     }
 
-    /// Checks that pod `id` exists and is ready (for PortForward).
-    pub fn port_forward_target(&self, id: &str) -> Result<()> {
+    /// Checks that pod `id` (or a unique prefix of it) exists and is ready (for
+    /// PortForward); returns its full id.
+    pub fn port_forward_target(&self, id: &str) -> Result<String> {
         let pod = self.pod(id)?;
         if pod.record().state != PodState::Ready {
             return Err(RuntimeError::FailedPrecondition(format!(
-                "pod sandbox {id} is not ready"
+                "pod sandbox {} is not ready",
+                pod.id
             )));
         }
-        Ok(())
+        Ok(pod.id.clone())
     }
 
     /// A connection to pod `id`'s agent port-forward endpoint.
