@@ -6,6 +6,7 @@ use husk_proto::agent as pb;
 
 use crate::cgroup::Stats;
 use crate::container::create::RootfsSource;
+use crate::container::stats::LayerUsage;
 use crate::container::{Container, Status, unix_nanos};
 use crate::sandbox::{SandboxConfig, SandboxMount};
 
@@ -80,7 +81,7 @@ pub fn container_state(c: &Container) -> pb::ContainerStateResponse {
     }
 }
 
-pub fn stats(s: &Stats) -> pb::ContainerStatsResponse {
+pub fn stats(s: &Stats, layer: Option<LayerUsage>) -> pb::ContainerStatsResponse {
     pb::ContainerStatsResponse {
         timestamp: unix_nanos(Some(std::time::SystemTime::now())),
         cpu_usage_ns: s.cpu_usage_ns,
@@ -92,6 +93,39 @@ pub fn stats(s: &Stats) -> pb::ContainerStatsResponse {
         io_read_bytes: s.io_read_bytes,
         io_write_bytes: s.io_write_bytes,
         oom_kills: s.oom_kills,
+        writable_layer: layer
+            .map(|l| pb::WritableLayerUsage {
+                used_bytes: l.used_bytes,
+                inodes_used: l.inodes_used,
+                truncated: l.truncated,
+                ..Default::default()
+            })
+            .into(),
+        cpu_user_ns: s.cpu_user_ns,
+        cpu_system_ns: s.cpu_system_ns,
+        cpu_nr_periods: s.cpu_nr_periods,
+        cpu_nr_throttled: s.cpu_nr_throttled,
+        cpu_throttled_ns: s.cpu_throttled_ns,
+        memory_rss_bytes: s.memory_rss,
+        memory_cache_bytes: s.memory_cache,
+        memory_mapped_file_bytes: s.memory_mapped_file,
+        memory_swap_bytes: s.memory_swap,
+        memory_max_usage_bytes: s.memory_max_usage,
+        memory_pgfault: s.memory_pgfault,
+        memory_pgmajfault: s.memory_pgmajfault,
+        io_devices: s
+            .io_devices
+            .iter()
+            .map(|d| pb::IoDeviceStats {
+                major: d.major,
+                minor: d.minor,
+                read_bytes: d.read_bytes,
+                write_bytes: d.write_bytes,
+                reads: d.reads,
+                writes: d.writes,
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }

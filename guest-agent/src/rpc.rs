@@ -367,8 +367,10 @@ impl pb::Agent for AgentService {
         _: &TtrpcContext,
         r: pb::ContainerStatsRequest,
     ) -> R<pb::ContainerStatsResponse> {
-        let s = stats::do_stats(&self.agent, &r.container_id).map_err(status)?;
-        Ok(convert::stats(&s))
+        let (s, layer) = stats::do_stats(&self.agent, &r.container_id)
+            .await
+            .map_err(status)?;
+        Ok(convert::stats(&s, layer))
     }
 
     async fn sandbox_stats(
@@ -385,11 +387,15 @@ impl pb::Agent for AgentService {
                 rx_errors: i.rx_errors,
                 tx_bytes: i.tx_bytes,
                 tx_errors: i.tx_errors,
+                rx_packets: i.rx_packets,
+                rx_dropped: i.rx_dropped,
+                tx_packets: i.tx_packets,
+                tx_dropped: i.tx_dropped,
                 ..Default::default()
             })
             .collect();
         Ok(pb::SandboxStatsResponse {
-            cgroup: Some(convert::stats(&s)).into(),
+            cgroup: Some(convert::stats(&s, None)).into(),
             interfaces,
             ..Default::default()
         })

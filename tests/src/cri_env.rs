@@ -357,6 +357,24 @@ impl CriEnv {
             .map(|r| r.into_inner().stats)
     }
 
+    pub async fn metric_descriptors(&self) -> Result<Vec<cri::MetricDescriptor>, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+            .await
+            .map(|r| r.into_inner().descriptors)
+    }
+
+    pub async fn pod_metrics(&self) -> Result<Vec<cri::PodSandboxMetrics>, tonic::Status> {
+        self.c
+            .runtime
+            .clone()
+            .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await
+            .map(|r| r.into_inner().pod_metrics)
+    }
+
     pub async fn update_resources(
         &self,
         id: &str,

@@ -91,6 +91,54 @@ pub struct Stats {
     pub io_read_bytes: u64,
     pub io_write_bytes: u64,
     pub oom_kills: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_system_ns: u64,
+    pub cpu_nr_periods: u64,
+    pub cpu_nr_throttled: u64,
+    pub cpu_throttled_ns: u64,
+    pub memory_rss: u64,
+    pub memory_cache: u64,
+    pub memory_mapped_file: u64,
+    pub memory_swap: u64,
+    pub memory_max_usage: u64,
+    pub memory_pgfault: u64,
+    pub memory_pgmajfault: u64,
+    pub io_devices: Vec<IoDevice>,
+}
+
+/// I/O of one block device, from io.stat (v2) or blkio (v1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IoDevice {
+    pub major: u32,
+    pub minor: u32,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub reads: u64,
+    pub writes: u64,
+}
+
+/// At most this many devices are reported (the rest are summed into the totals only).
+pub const MAX_IO_DEVICES: usize = 64;
+
+/// The entry of device `maj:min` in `devs`, added when missing (up to [`MAX_IO_DEVICES`]).
+pub(crate) fn io_device(devs: &mut Vec<IoDevice>, dev: &str) -> Option<usize> {
+    let (maj, min) = dev.split_once(':')?;
+    let (major, minor) = (maj.parse().ok()?, min.parse().ok()?);
+    if let Some(i) = devs
+        .iter()
+        .position(|d| d.major == major && d.minor == minor)
+    {
+        return Some(i);
+    }
+    if devs.len() >= MAX_IO_DEVICES {
+        return None;
+    }
+    devs.push(IoDevice {
+        major,
+        minor,
+        ..Default::default()
+    });
+    Some(devs.len() - 1)
 }
 
 /// The cgroup hierarchy of this machine.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::LinuxResources;
 
-use super::{CgroupError, Result, Stats, keyed, read, read_u64, write};
+use super::{CgroupError, Result, Stats, io_device, keyed, read, read_u64, write};
 
 const CONTROLLERS: [&str; 8] = [
     "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "hugetlb",
@@ -199,23 +199,51 @@ impl Cgroup {
     }
 
     pub fn stats(&self) -> Stats {
-        let mem_stat = self
-            .file("memory", "memory.stat")
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default();
+        let text = |c: &str, f: &str| {
+            self.file(c, f)
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default()
+        };
+        let mem_stat = text("memory", "memory.stat");
         let usage = self.get("memory", "memory.usage_in_bytes").unwrap_or(0);
         let inactive = keyed(&mem_stat, "total_inactive_file").unwrap_or(0);
+        let mut devs = Vec::new();
         let (mut rd, mut wr) = (0, 0);
-        let io = self
-            .file("blkio", "blkio.throttle.io_service_bytes_recursive")
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default();
-        for line in io.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if let [_, op, v] = f.as_slice() {
-                match *op {
-                    "Read" => rd += v.parse::<u64>().unwrap_or(0),
-                    "Write" => wr += v.parse::<u64>().unwrap_or(0),
+        // "MAJ:MIN Op value" lines; bytes first, then operation counts.
+        for (file, bytes) in [
+            ("blkio.throttle.io_service_bytes_recursive", true),
+            ("blkio.throttle.io_serviced_recursive", false),
+        ] {
+            for line in text("blkio", file).lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let [dev, op, v] = f.as_slice() else {
+                    continue;
+                };
+                let v = v.parse::<u64>().unwrap_or(0);
+                let i = io_device(&mut devs, dev);
+                match (*op, bytes) {
+                    ("Read", true) => {
+                        rd += v;
+                        if let Some(i) = i {
+                            devs[i].read_bytes = v;
+                        }
+                    }
+                    ("Write", true) => {
+                        wr += v;
+                        if let Some(i) = i {
+                            devs[i].write_bytes = v;
+                        }
+                    }
+                    ("Read", false) => {
+                        if let Some(i) = i {
+                            devs[i].reads = v;
+                        }
+                    }
+                    ("Write", false) => {
+                        if let Some(i) = i {
+                            devs[i].writes = v;
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -223,6 +251,11 @@ impl Cgroup {
         let pids_limit = self
             .file("pids", "pids.max")
             .and_then(|p| std::fs::read_to_string(p).ok());
+        // cpuacct.stat counts USER_HZ (100 Hz) ticks.
+        let ticks = text("cpuacct", "cpuacct.stat");
+        let tick_ns = |k: &str| keyed(&ticks, k).unwrap_or(0).saturating_mul(10_000_000);
+        let cpu = text("cpu", "cpu.stat");
+        let ms = |k: &str| keyed(&mem_stat, k).unwrap_or(0);
         Stats {
             cpu_usage_ns: self.get("cpuacct", "cpuacct.usage").unwrap_or(0),
             memory_usage: usage,
@@ -233,6 +266,19 @@ impl Cgroup {
             io_read_bytes: rd,
             io_write_bytes: wr,
             oom_kills: self.oom_kills(),
+            cpu_user_ns: tick_ns("user"),
+            cpu_system_ns: tick_ns("system"),
+            cpu_nr_periods: keyed(&cpu, "nr_periods").unwrap_or(0),
+            cpu_nr_throttled: keyed(&cpu, "nr_throttled").unwrap_or(0),
+            cpu_throttled_ns: keyed(&cpu, "throttled_time").unwrap_or(0),
+            memory_rss: ms("total_rss"),
+            memory_cache: ms("total_cache"),
+            memory_mapped_file: ms("total_mapped_file"),
+            memory_swap: ms("total_swap"),
+            memory_max_usage: self.get("memory", "memory.max_usage_in_bytes").unwrap_or(0),
+            memory_pgfault: ms("total_pgfault"),
+            memory_pgmajfault: ms("total_pgmajfault"),
+            io_devices: devs,
         }
     }
 

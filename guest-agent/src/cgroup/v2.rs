@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::LinuxResources;
 
-use super::{CgroupError, Result, Stats, keyed, read_u64, shares_to_weight, write};
+use super::{CgroupError, Result, Stats, io_device, keyed, read_u64, shares_to_weight, write};
 
 const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "memory", "pids", "io"];
 
@@ -135,21 +135,40 @@ impl Cgroup {
         let mem_stat = std::fs::read_to_string(d.join("memory.stat")).unwrap_or_default();
         let usage = read_u64(&d.join("memory.current")).unwrap_or(0);
         let inactive = keyed(&mem_stat, "inactive_file").unwrap_or(0);
+        let mut devs = Vec::new();
         let (mut rd, mut wr) = (0, 0);
         for line in std::fs::read_to_string(d.join("io.stat"))
             .unwrap_or_default()
             .lines()
         {
-            for kv in line.split_whitespace().skip(1) {
-                match kv.split_once('=') {
-                    Some(("rbytes", v)) => rd += v.parse::<u64>().unwrap_or(0),
-                    Some(("wbytes", v)) => wr += v.parse::<u64>().unwrap_or(0),
+            let mut it = line.split_whitespace();
+            let dev = it.next().and_then(|dev| io_device(&mut devs, dev));
+            for kv in it {
+                let Some((k, v)) = kv.split_once('=') else {
+                    continue;
+                };
+                let v = v.parse::<u64>().unwrap_or(0);
+                match k {
+                    "rbytes" => rd += v,
+                    "wbytes" => wr += v,
                     _ => {}
+                }
+                if let Some(i) = dev {
+                    let e = &mut devs[i];
+                    match k {
+                        "rbytes" => e.read_bytes = v,
+                        "wbytes" => e.write_bytes = v,
+                        "rios" => e.reads = v,
+                        "wios" => e.writes = v,
+                        _ => {}
+                    }
                 }
             }
         }
+        let ms = |k: &str| keyed(&mem_stat, k).unwrap_or(0);
+        let cs = |k: &str| keyed(&cpu, k).unwrap_or(0);
         Stats {
-            cpu_usage_ns: keyed(&cpu, "usage_usec").unwrap_or(0) * 1000,
+            cpu_usage_ns: cs("usage_usec") * 1000,
             memory_usage: usage,
             memory_working_set: usage.saturating_sub(inactive),
             memory_limit: read_u64(&d.join("memory.max")).unwrap_or(0),
@@ -158,6 +177,19 @@ impl Cgroup {
             io_read_bytes: rd,
             io_write_bytes: wr,
             oom_kills: self.oom_kills(),
+            cpu_user_ns: cs("user_usec") * 1000,
+            cpu_system_ns: cs("system_usec") * 1000,
+            cpu_nr_periods: cs("nr_periods"),
+            cpu_nr_throttled: cs("nr_throttled"),
+            cpu_throttled_ns: cs("throttled_usec") * 1000,
+            memory_rss: ms("anon"),
+            memory_cache: ms("file"),
+            memory_mapped_file: ms("file_mapped"),
+            memory_swap: read_u64(&d.join("memory.swap.current")).unwrap_or(0),
+            memory_max_usage: read_u64(&d.join("memory.peak")).unwrap_or(0),
+            memory_pgfault: ms("pgfault"),
+            memory_pgmajfault: ms("pgmajfault"),
+            io_devices: devs,
         }
     }
 

@@ -404,6 +404,24 @@ impl RuntimeService for Runtime {
         ok(cri::ListPodSandboxStatsResponse { stats })
     }
 
+    async fn list_metric_descriptors(
+        &self,
+        _r: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        ok(cri::ListMetricDescriptorsResponse {
+            descriptors: self.s.runtime.metric_descriptors(),
+        })
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _r: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        ok(cri::ListPodSandboxMetricsResponse {
+            pod_metrics: self.s.runtime.list_pod_metrics().await,
+        })
+    }
+
     async fn update_runtime_config(
         &self,
         r: Request<cri::UpdateRuntimeConfigRequest>,
@@ -440,7 +458,5 @@ impl RuntimeService for Runtime {
 
     unimplemented_rpc! {
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse: "husk: CheckpointContainer is not supported";
-        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse: "husk: ListMetricDescriptors is not implemented";
-        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse: "husk: ListPodSandboxMetrics is not implemented";
     }
 }

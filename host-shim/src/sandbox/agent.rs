@@ -310,20 +310,38 @@ impl Agent {
         })
     }
 
-    pub async fn container_stats(&self, id: &str) -> Result<pb::ContainerStatsResponse> {
+    /// The container's cgroup and writable layer readings, within `deadline`
+    /// (enforced here too, whatever the transport does).
+    pub async fn container_stats(
+        &self,
+        id: &str,
+        deadline: Duration,
+    ) -> Result<pb::ContainerStatsResponse> {
         let req = pb::ContainerStatsRequest {
             container_id: id.into(),
             ..Default::default()
         };
-        Ok(self.client.container_stats(ctx(RPC_TIMEOUT), &req).await?)
+        match tokio::time::timeout(deadline, self.client.container_stats(ctx(deadline), &req)).await
+        {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(AgentError::Timeout),
+        }
     }
 
-    pub async fn sandbox_stats(&self, id: &str) -> Result<pb::SandboxStatsResponse> {
+    /// The pod cgroup and interfaces, within `deadline`.
+    pub async fn sandbox_stats(
+        &self,
+        id: &str,
+        deadline: Duration,
+    ) -> Result<pb::SandboxStatsResponse> {
         let req = pb::SandboxStatsRequest {
             sandbox_id: id.into(),
             ..Default::default()
         };
-        Ok(self.client.sandbox_stats(ctx(RPC_TIMEOUT), &req).await?)
+        match tokio::time::timeout(deadline, self.client.sandbox_stats(ctx(deadline), &req)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(AgentError::Timeout),
+        }
     }
 
     pub async fn update_resources(&self, id: &str, resources: Vec<u8>) -> Result<()> {

@@ -18,7 +18,7 @@ mod pod;
 mod recover;
 pub mod share;
 pub mod state;
-mod stats;
+pub mod stats;
 pub mod stream;
 mod supervise;
 pub mod vm;
@@ -120,6 +120,8 @@ pub struct Pod {
     containers: Mutex<BTreeMap<String, Arc<Container>>>,
     persist_lock: Mutex<()>,
     kind: Arc<dyn SandboxKind>,
+    /// The last pod-level stats sample (usage_nano_cores, stale answers).
+    sample: stats::SampleCell<stats::PodSample>,
 }
 
 impl Pod {
@@ -160,8 +162,8 @@ pub struct Container {
     exited: tokio::sync::watch::Sender<bool>,
     log: Mutex<Option<Arc<CriLog>>>,
     persist_lock: Mutex<()>,
-    /// Last (timestamp ns, cpu ns) sample for usage_nano_cores.
-    last_cpu: Mutex<Option<(i64, u64)>>,
+    /// The last stats sample (usage_nano_cores, stale answers).
+    sample: stats::SampleCell<stats::ContainerSample>,
     /// The container's output as the log copier reads it, for attach.
     output: tokio::sync::broadcast::Sender<OutputChunk>,
 }
@@ -186,7 +188,7 @@ impl Container {
             exited: tokio::sync::watch::channel(done).0,
             log: Mutex::new(None),
             persist_lock: Mutex::new(()),
-            last_cpu: Mutex::new(None),
+            sample: Default::default(),
             output: tokio::sync::broadcast::channel(256).0,
         })
     }

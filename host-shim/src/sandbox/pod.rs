@@ -316,6 +316,7 @@ impl Manager {
             agent: Mutex::new(Some(agent)),
             containers: Mutex::new(BTreeMap::new()),
             persist_lock: Mutex::new(()),
+            sample: Default::default(),
             kind: kind_impl,
         });
         self.pods

@@ -121,6 +121,7 @@ impl Manager {
             agent: Mutex::new(agent.clone()),
             containers: Mutex::new(BTreeMap::new()),
             persist_lock: Mutex::new(()),
+            sample: Default::default(),
             kind,
         });
         pod.persist(&self.store)?;
