@@ -476,6 +476,29 @@ fn select_platform(entries: &[IndexEntry]) -> Result<&IndexEntry, ImageError> {
     })
 }
 
+/// The digests huskd would name store files after, from a manifest, an index or an image
+/// config as a registry sends them (for the fuzz targets).
+#[doc(hidden)]
+pub fn fuzz_manifest(b: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(m) = serde_json::from_slice::<Manifest>(b) {
+        if let Some(entries) = &m.manifests {
+            if let Ok(e) = select_platform(entries) {
+                out.push(e.digest.clone());
+            }
+        } else if m.schema_version == 2
+            && let Some(c) = &m.config
+        {
+            out.push(c.digest.clone());
+            out.extend(m.layers.iter().map(|l| l.digest.clone()));
+        }
+    }
+    if let Ok(c) = serde_json::from_slice::<ImageConfig>(b) {
+        out.extend(c.rootfs.diff_ids);
+    }
+    out
+}
+
 fn verify_bytes(data: &[u8], digest: &str, what: &str) -> Result<(), ImageError> {
     let actual = format!("sha256:{}", hex::encode(Sha256::digest(data)));
     if actual != digest {
