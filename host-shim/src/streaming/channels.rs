@@ -291,8 +291,9 @@ pub fn decode_ws(msg: &Message, b64: bool) -> Option<(u8, Bytes)> {
             Some((d[0], d.slice(1..)))
         }
         Message::Text(t) if b64 && !t.is_empty() => {
-            let t = t.as_str();
-            let ch = t.as_bytes()[0].wrapping_sub(b'0');
+            // Bytes, not str: a first character of several bytes is no char boundary.
+            let t = t.as_bytes();
+            let ch = t[0].wrapping_sub(b'0');
             let d = base64::engine::general_purpose::STANDARD
                 .decode(&t[1..])
                 .ok()?;
