@@ -4,6 +4,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod cri;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod network;
 pub mod sandbox;

@@ -6,6 +6,8 @@ pub mod config;
 pub mod confine;
 pub mod device_manager;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logwriter;
 pub mod vmm;
 pub mod vstate;

@@ -157,6 +157,7 @@ impl Pull<'_> {
         let (manifest, manifest_bytes, manifest_digest, index_digest) =
             if let Some(entries) = &parsed.manifests {
                 let entry = select_platform(entries)?;
+                check_digests([entry.digest.as_str()])?;
                 let mref = oci_client::Reference::with_digest(
                     oref.registry().to_string(),
                     oref.repository().to_string(),
@@ -194,6 +195,10 @@ impl Pull<'_> {
             .config
             .clone()
             .ok_or_else(|| ImageError::BadContent("manifest has no config".into()))?;
+        check_digests(
+            std::iter::once(config_desc.digest.as_str())
+                .chain(manifest.layers.iter().map(|l| l.digest.as_str())),
+        )?;
         if config_desc.size < 0 || config_desc.size as u64 > MAX_CONFIG {
             return Err(ImageError::BadContent(format!(
                 "image config size {} out of range",
@@ -207,6 +212,7 @@ impl Pull<'_> {
         let config_bytes = self.store.read_blob(&config_desc.digest)?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| ImageError::BadContent(format!("image config: {e}")))?;
+        check_digests(config.rootfs.diff_ids.iter().map(String::as_str))?;
         if config.rootfs.diff_ids.len() != manifest.layers.len() {
             return Err(ImageError::BadContent(format!(
                 "manifest has {} layers but the config lists {} diff ids",
@@ -474,6 +480,53 @@ fn select_platform(entries: &[IndexEntry]) -> Result<&IndexEntry, ImageError> {
             have.join(", ")
         ))
     })
+}
+
+/// The digests huskd would name store files after, from a manifest, an index or an image
+/// config as a registry sends them (for the fuzz targets).
+#[doc(hidden)]
+pub fn fuzz_manifest(b: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(m) = serde_json::from_slice::<Manifest>(b) {
+        if let Some(entries) = &m.manifests {
+            if let Ok(e) = select_platform(entries)
+                && check_digests([e.digest.as_str()]).is_ok()
+            {
+                out.push(e.digest.clone());
+            }
+        } else if m.schema_version == 2
+            && let Some(c) = &m.config
+        {
+            let all = std::iter::once(c.digest.as_str())
+                .chain(m.layers.iter().map(|l| l.digest.as_str()));
+            if check_digests(all.clone()).is_ok() {
+                out.extend(all.map(str::to_string));
+            }
+        }
+    }
+    if let Ok(c) = serde_json::from_slice::<ImageConfig>(b)
+        && check_digests(c.rootfs.diff_ids.iter().map(String::as_str)).is_ok()
+    {
+        out.extend(c.rootfs.diff_ids);
+    }
+    out
+}
+
+/// Digests from a registry name files in the store (`blobs/sha256/HEX`, `snapshots/HEX`): only
+/// `sha256:` and 64 lowercase hex digits is one (no `..`, `/` or absolute path, which would
+/// make huskd take a host file for a blob it already has).
+fn check_digests<'a>(digests: impl IntoIterator<Item = &'a str>) -> Result<(), ImageError> {
+    for d in digests {
+        let ok = d.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        });
+        if !ok {
+            return Err(ImageError::BadContent(format!("invalid digest {d:?}")));
+        }
+    }
+    Ok(())
 }
 
 fn verify_bytes(data: &[u8], digest: &str, what: &str) -> Result<(), ImageError> {

@@ -256,23 +256,11 @@ pub fn ws_tasks(
     let reader = tokio::spawn(async move {
         let mut inputs: HashMap<u8, mpsc::Sender<Bytes>> = inputs;
         while let Some(Ok(msg)) = stream.next().await {
-            let (ch, data) = match msg {
-                Message::Binary(d) if !d.is_empty() && !b64 => (d[0], d.slice(1..)),
-                // Some clients (the Python one) send binary-protocol frames as text.
-                Message::Text(t) if !t.is_empty() && !b64 => {
-                    let d = Bytes::copy_from_slice(t.as_bytes());
-                    (d[0], d.slice(1..))
-                }
-                Message::Text(t) if b64 && !t.is_empty() => {
-                    let t = t.as_str();
-                    let ch = t.as_bytes()[0].wrapping_sub(b'0');
-                    match base64::engine::general_purpose::STANDARD.decode(&t[1..]) {
-                        Ok(d) => (ch, Bytes::from(d)),
-                        Err(_) => continue,
-                    }
-                }
-                Message::Close(_) => break,
-                _ => continue,
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            let Some((ch, data)) = decode_ws(&msg, b64) else {
+                continue;
             };
             if ch == CLOSE && v5 {
                 if let Some(c) = data.first() {
@@ -291,6 +279,28 @@ pub fn ws_tasks(
         gone_tx.send_replace(true);
     });
     (tx, gone, writer, reader)
+}
+
+/// The channel and data of one client message (`None`: not a data message, or undecodable).
+pub fn decode_ws(msg: &Message, b64: bool) -> Option<(u8, Bytes)> {
+    match msg {
+        Message::Binary(d) if !d.is_empty() && !b64 => Some((d[0], d.slice(1..))),
+        // Some clients (the Python one) send binary-protocol frames as text.
+        Message::Text(t) if !t.is_empty() && !b64 => {
+            let d = Bytes::copy_from_slice(t.as_bytes());
+            Some((d[0], d.slice(1..)))
+        }
+        Message::Text(t) if b64 && !t.is_empty() => {
+            // Bytes, not str: a first character of several bytes is no char boundary.
+            let t = t.as_bytes();
+            let ch = t[0].wrapping_sub(b'0');
+            let d = base64::engine::general_purpose::STANDARD
+                .decode(&t[1..])
+                .ok()?;
+            Some((ch, Bytes::from(d)))
+        }
+        _ => None,
+    }
 }
 
 pub fn encode_ws(b64: bool, ch: u8, d: &[u8]) -> Message {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::qemu::slot_bus;
@@ -33,6 +33,10 @@ pub enum QmpError {
     #[error("QMP: no answer within {0:?}")]
     Timeout(Duration),
 }
+
+/// The longest QMP message read (QEMU's answers here are a few KiB; a process that sends an
+/// endless line must not grow huskd).
+const MAX_QMP_LINE: usize = 1 << 20;
 
 /// One QMP session (capabilities negotiated).
 pub struct Qmp {
@@ -70,12 +74,18 @@ impl Qmp {
 
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
-        let n = tokio::time::timeout(self.timeout, self.r.read_line(&mut line))
+        let mut bounded = (&mut self.r).take(MAX_QMP_LINE as u64);
+        let n = tokio::time::timeout(self.timeout, bounded.read_line(&mut line))
             .await
             .map_err(|_| QmpError::Timeout(self.timeout))?
             .map_err(|e| QmpError::Protocol(e.to_string()))?;
         if n == 0 {
             return Err(QmpError::Protocol("connection closed".into()));
+        }
+        if !line.ends_with('\n') && n >= MAX_QMP_LINE {
+            return Err(QmpError::Protocol(format!(
+                "message longer than {MAX_QMP_LINE} bytes"
+            )));
         }
         serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("bad JSON: {e}")))
     }

@@ -7,8 +7,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+
+/// The longest answer line read from husk-vmm (a `disks` list of every slot fits many times).
+const MAX_ANSWER: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmCtlError {
@@ -43,7 +46,17 @@ pub async fn command(sock: &Path, cmd: &str, timeout: Duration) -> Result<String
             .await
             .map_err(io)?;
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).await.map_err(io)?;
+        let n = BufReader::new(s)
+            .take(MAX_ANSWER as u64)
+            .read_line(&mut line)
+            .await
+            .map_err(io)?;
+        if n >= MAX_ANSWER && !line.ends_with('\n') {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("answer longer than {MAX_ANSWER} bytes"),
+            )));
+        }
         Ok(line.trim_end().to_string())
     };
     let answer = tokio::time::timeout(timeout, talk)

@@ -764,6 +764,34 @@ impl VsockMuxer {
     }
 }
 
+/// How much a muxer holds (for the fuzz targets' memory assertions).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct QueueDepths {
+    /// Control packets and ready connections waiting for a guest RX buffer.
+    pub packets_for_guest: usize,
+    /// Connections, and host clients still sending their `CONNECT` line.
+    pub connections: usize,
+    /// Guest data buffered for host sockets, over all connections.
+    pub buffered_bytes: usize,
+}
+
+impl VsockMuxer {
+    #[doc(hidden)]
+    pub fn queue_depths(&self) -> QueueDepths {
+        QueueDepths {
+            packets_for_guest: self.ctrl_rx.len() + self.rx_ready.len(),
+            connections: self.conns.len()
+                + self
+                    .fds
+                    .values()
+                    .filter(|k| matches!(k, FdKind::Pending(..)))
+                    .count(),
+            buffered_bytes: self.conns.values().map(|c| c.tx_buf.len()).sum(),
+        }
+    }
+}
+
 impl AsRawFd for VsockMuxer {
     fn as_raw_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
