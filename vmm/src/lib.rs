@@ -6,5 +6,7 @@ pub mod config;
 pub mod confine;
 pub mod device_manager;
 pub mod devices;
+pub mod jail;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -153,7 +153,7 @@ impl VhostUserBackendMut for FsBackend {
 /// privileges first (see `confine`).
 pub fn serve(socket: &Path, share: &Path, tag: &str) -> Result<(), VhostUserFsError> {
     let backend = FsBackend::new(share, tag)?;
-    crate::confine::confine(crate::confine::FS_CAPS)?;
+    crate::confine::confine(crate::confine::FS_CAPS, crate::seccomp::Role::VhostUserFs)?;
     let mut daemon = VhostUserDaemon::new(
         "husk-vhost-user-fs".into(),
         Arc::new(Mutex::new(backend)),
