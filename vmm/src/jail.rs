@@ -6,8 +6,8 @@
 //! - enters a private mount namespace and builds a minimal root on a small tmpfs: `/usr`
 //!   read-only (and the host's `/bin`, `/lib*`, `/sbin` symlinks into it), the program and the
 //!   paths named by `--ro` read-only, those named by `--rw` (its sockets dir, its console file)
-//!   writable, a few device nodes (`null`, `zero`, `full`, `random`, `urandom`, plus `--dev`
-//!   ones such as `kvm`), a `/proc` that shows only its own processes; everything at the same
+//!   writable, its own nodes for a few devices (`null`, `zero`, `full`, `random`, `urandom`, plus
+//!   `--dev` ones such as `kvm`, given to its uid when the host's node is not for everyone), a `/proc` that shows only its own processes; everything at the same
 //!   absolute path as on the host, so command lines need no rewriting;
 //! - `pivot_root`s into it, detaches the host's tree and makes the new root read-only,
 //! - drops to the pod's uid/gid with no supplementary groups, every capability gone from the
@@ -122,9 +122,9 @@ fn inside(root: &Path, p: &Path) -> Result<PathBuf, JailError> {
     Ok(root.join(p.strip_prefix("/").unwrap_or(p)))
 }
 
-/// Bind-mounts host `src` at the same path under `root`; read-only unless `rw`; nosuid always,
-/// nodev unless it is a device node, noexec when writable.
-fn bind(root: &Path, src: &Path, rw: bool, device: bool) -> Result<(), JailError> {
+/// Bind-mounts host `src` at the same path under `root`; read-only unless `rw`; nosuid and
+/// nodev always, noexec when writable.
+fn bind(root: &Path, src: &Path, rw: bool) -> Result<(), JailError> {
     let meta = std::fs::metadata(src).map_err(io("bind source", src))?;
     let dst = inside(root, src)?;
     if let Some(parent) = dst.parent() {
@@ -136,16 +136,49 @@ fn bind(root: &Path, src: &Path, rw: bool, device: bool) -> Result<(), JailError
         std::fs::File::create(&dst).map_err(io("jail file", &dst))?;
     }
     mount(Some(src), &dst, None, libc::MS_BIND | libc::MS_REC, None)?;
-    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID;
-    if !device {
-        flags |= libc::MS_NODEV;
-    }
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
     if rw {
         flags |= libc::MS_NOEXEC;
     } else {
         flags |= libc::MS_RDONLY;
     }
     mount(None, &dst, None, flags, None)
+}
+
+/// Makes the jail's own node for host character device `/dev/<name>` (same device number and
+/// mode). One the host keeps from other users (as /dev/kvm often is, 0600 root) is given to
+/// the jail's uid/gid: the host's node stays as it is.
+fn dev_node(dev_dir: &Path, name: &str, uid: u32, gid: u32) -> Result<(), JailError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let host = Path::new("/dev").join(name);
+    let meta = std::fs::metadata(&host).map_err(io("device", &host))?;
+    if !meta.file_type().is_char_device() {
+        return Err(JailError::Arg(format!(
+            "{} is not a character device",
+            host.display()
+        )));
+    }
+    let dst = dev_dir.join(name);
+    let c = cstr(dst.as_os_str())?;
+    let perm = meta.mode() & 0o666;
+    // SAFETY: mknod with a valid C string and the host node's device number.
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | perm, meta.rdev()) } != 0 {
+        return Err(JailError::Path {
+            what: "mknod",
+            path: dst,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // mknod's mode is masked by the umask: set it exactly.
+    let mut mode = perm;
+    if perm & 0o006 != 0o006 {
+        std::os::unix::fs::chown(&dst, Some(uid), Some(gid)).map_err(io("chown", &dst))?;
+        mode = 0o600;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))
+        .map_err(io("chmod", &dst))?;
+    Ok(())
 }
 
 /// Builds the jail root on `spec.root` (in a new private mount namespace) and pivots into it.
@@ -171,25 +204,25 @@ fn build_root(spec: &JailSpec, program: &Path) -> Result<(), JailError> {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("mode=0755,size=1m,nr_inodes=4096"),
     )?;
-    bind(root, Path::new("/usr"), false, false)?;
+    bind(root, Path::new("/usr"), false)?;
     for l in USR_LINKS {
         let host = Path::new("/").join(l);
         match std::fs::read_link(&host) {
             Ok(target) => std::os::unix::fs::symlink(&target, root.join(l))
                 .map_err(io("jail symlink", &host))?,
             // Not merged /usr: the directory itself, read-only.
-            Err(_) if host.is_dir() => bind(root, &host, false, false)?,
+            Err(_) if host.is_dir() => bind(root, &host, false)?,
             Err(_) => {}
         }
     }
     if !program.starts_with("/usr/") {
-        bind(root, program, false, false)?;
+        bind(root, program, false)?;
     }
     for p in &spec.ro {
-        bind(root, p, false, false)?;
+        bind(root, p, false)?;
     }
     for p in &spec.rw {
-        bind(root, p, true, false)?;
+        bind(root, p, true)?;
     }
     let dev = root.join("dev");
     std::fs::create_dir_all(&dev).map_err(io("jail dir", &dev))?;
@@ -201,7 +234,7 @@ fn build_root(spec: &JailSpec, program: &Path) -> Result<(), JailError> {
         if d.contains('/') || d.contains("..") {
             return Err(JailError::Arg(format!("bad device name {d:?}")));
         }
-        bind(root, &Path::new("/dev").join(d), false, true)?;
+        dev_node(&dev, d, spec.uid, spec.gid)?;
     }
     let proc = root.join("proc");
     std::fs::create_dir_all(&proc).map_err(io("jail dir", &proc))?;
