@@ -1,6 +1,6 @@
-//! Seccomp allow lists for husk-vmm's processes, one per role: the VMM (vCPU threads, the
-//! device event loop and the control socket in one process), the vhost-user vsock server and
-//! the vhost-user virtio-fs server. Built from what these processes were seen to call in the
+//! Seccomp allow lists for husk-vmm's processes, one per role: the VMM (the device event loop
+//! and the control socket; its vCPU threads add the narrower `Vcpu` list on their own), the
+//! vhost-user vsock server and the vhost-user virtio-fs server. Built from what these processes were seen to call in the
 //! vmm and runtime_vm tests (run them with `HUSK_SECCOMP=log`: unlisted calls are then
 //! allowed and logged by the kernel as `audit: type=1326 … syscall=N`).
 //!
@@ -18,6 +18,10 @@ pub enum Role {
     VhostUserVsock,
     /// `husk-vmm vhost-user fs`.
     VhostUserFs,
+    /// A VMM's vCPU thread, on top of `Vmm` (filters stack: the narrower wins): KVM_RUN and
+    /// the device register accesses it dispatches (eventfd and serial writes); no files,
+    /// sockets or threads.
+    Vcpu,
 }
 
 /// Refused with EPERM.
@@ -130,6 +134,8 @@ const BASE: &[libc::c_long] = &[
 /// The VMM besides `BASE`: KVM and tap (ioctl, read/write are in `BASE`), timers and signal
 /// fds, the in-process virtio-fs server (`FS`).
 const VMM: &[libc::c_long] = &[
+    // vCPU threads add their own filter (a filter can only narrow what is allowed).
+    libc::SYS_seccomp,
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_signalfd4,
@@ -139,6 +145,40 @@ const VMM: &[libc::c_long] = &[
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
+];
+
+/// A vCPU thread (seen in the vmm tests: KVM_RUN, serial and eventfd writes, its stack and
+/// allocator, fd drops at exit) plus the time, signal and memory calls the runtime may make.
+const VCPU: &[libc::c_long] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_prctl,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
 ];
 
 /// The passthrough file server besides `BASE`.
@@ -176,6 +216,7 @@ impl Role {
     fn allowed(self) -> Vec<libc::c_long> {
         let mut v = BASE.to_vec();
         match self {
+            Role::Vcpu => v = VCPU.to_vec(),
             Role::Vmm => {
                 v.extend_from_slice(VMM);
                 v.extend_from_slice(FS);
@@ -339,13 +380,29 @@ mod tests {
 
     #[test]
     fn lists_are_sorted_and_disjoint_from_denied() {
-        for role in [Role::Vmm, Role::VhostUserVsock, Role::VhostUserFs] {
+        for role in [
+            Role::Vmm,
+            Role::VhostUserVsock,
+            Role::VhostUserFs,
+            Role::Vcpu,
+        ] {
             let a = role.allowed();
             assert!(a.iter().all(|nr| !DENIED.contains(nr)), "{role:?}");
             assert!(a.windows(2).all(|w| w[0] < w[1]));
         }
         assert!(!Role::VhostUserVsock.allowed().contains(&libc::SYS_openat2));
         assert!(Role::VhostUserFs.allowed().contains(&libc::SYS_openat2));
+        // A vCPU thread's list is within the VMM's, without files, sockets or threads.
+        let (vcpu, vmm) = (Role::Vcpu.allowed(), Role::Vmm.allowed());
+        assert!(vcpu.iter().all(|nr| vmm.contains(nr)));
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_clone3,
+        ] {
+            assert!(!vcpu.contains(&nr));
+        }
     }
 
     /// Installs `role`'s filter (log mode or not) in a forked child that then calls mkdirat

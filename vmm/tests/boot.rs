@@ -278,6 +278,25 @@ fn jailed_vmm_boots_and_stops() {
         "{j:?}"
     );
     common::assert_jail_root(&j);
+    // The vCPU thread has its own (narrower) filter on top of the process's.
+    let pid = vm.child.id();
+    let filters = |task: &str| {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+        let f = |k: &str| {
+            st.lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_string())
+                .unwrap_or_default()
+        };
+        (f("Name:"), f("Seccomp_filters:"))
+    };
+    let tasks: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| filters(&e.file_name().to_string_lossy()))
+        .collect();
+    assert!(tasks.contains(&("vcpu0".into(), "2".into())), "{tasks:?}");
+    assert_eq!(filters(&pid.to_string()).1, "1", "{tasks:?}");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect control socket");
     s.write_all(b"stop\n").expect("w");
     let mut line = String::new();
