@@ -74,6 +74,9 @@ pub struct NetConfig {
     /// `xx:xx:xx:xx:xx:xx`; a locally administered address is derived from the tap name if absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// An inherited fd already attached to the tap (a jailed VMM cannot attach by name).
+    #[serde(default)]
+    pub fd: Option<i32>,
 }
 
 /// A host directory shared with the guest over virtio-fs (`mount -t virtiofs TAG DIR`).

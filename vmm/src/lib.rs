@@ -9,5 +9,7 @@ pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod logwriter;
+pub mod jail;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -35,7 +35,8 @@ struct Cli {
     /// Empty read-only disk slots, filled later with the control socket's `disk-attach`.
     #[arg(long)]
     disk_slots: Option<u32>,
-    /// Network interface: `tap=NAME[,mac=xx:xx:xx:xx:xx:xx]` (repeatable).
+    /// Network interface: `tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,fd=N]` (repeatable; `fd`: an
+    /// inherited fd attached to the tap already).
     #[arg(long = "net")]
     nets: Vec<String>,
     /// virtio-fs share: `tag=TAG,dir=PATH[,special=on]` (repeatable); the guest mounts it with
@@ -74,6 +75,59 @@ enum Command {
         #[arg(required = true)]
         logs: Vec<String>,
     },
+    /// Run PROGRAM jailed (as root: private mount namespace with a minimal root, the pod's
+    /// unprivileged uid/gid, no capabilities but `--keep-fs-caps`, no_new_privs).
+    Jail(JailArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct JailArgs {
+    #[arg(long)]
+    uid: u32,
+    #[arg(long)]
+    gid: u32,
+    /// An empty directory to build the jail's root on.
+    #[arg(long)]
+    root: PathBuf,
+    /// Host path visible read-only at the same path (repeatable).
+    #[arg(long)]
+    ro: Vec<PathBuf>,
+    /// Host path visible writable (not executable) at the same path (repeatable).
+    #[arg(long)]
+    rw: Vec<PathBuf>,
+    /// Extra device node under /dev, e.g. `kvm` (repeatable).
+    #[arg(long)]
+    dev: Vec<String>,
+    /// `PATH:FD`: directory opened (O_PATH) onto fd FD before the root changes (repeatable).
+    #[arg(long = "open-dir", value_parser = husk_vmm::jail::parse_open_dir)]
+    open_dirs: Vec<(PathBuf, i32)>,
+    /// Keep the virtio-fs server's file capabilities (chown, dac_override, dac_read_search,
+    /// fowner, fsetid) as ambient capabilities.
+    #[arg(long)]
+    keep_fs_caps: bool,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn run_jail(a: JailArgs) -> i32 {
+    let spec = husk_vmm::jail::JailSpec {
+        uid: a.uid,
+        gid: a.gid,
+        root: a.root,
+        ro: a.ro,
+        rw: a.rw,
+        devs: a.dev,
+        open_dirs: a.open_dirs,
+        keep_fs_caps: a.keep_fs_caps,
+        env: husk_vmm::jail::KEPT_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect(),
+    };
+    let e = husk_vmm::jail::exec(&spec, std::path::Path::new(&a.command[0]), &a.command[1..]);
+    eprintln!("husk-vmm jail: {e:#}");
+    126
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -225,6 +279,10 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
         cfg.net.push(NetConfig {
             tap: get(&p, "tap", "--net")?,
             mac: get(&p, "mac", "--net").ok(),
+            fd: get(&p, "fd", "--net")
+                .ok()
+                .map(|f| f.parse().with_context(|| format!("--net: bad fd {f:?}")))
+                .transpose()?,
         });
     }
     for f in &cli.shares {
@@ -288,6 +346,7 @@ fn main() {
             }
             std::process::exit(0);
         }
+        Some(Command::Jail(a)) => std::process::exit(run_jail(a)),
         None => {}
     }
     let boot_timer = cli.boot_timer.then_some(t0);

@@ -170,11 +170,14 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     // Everything is open and mapped: from here on the guest can reach the device models, so
     // the process gives up what they never need (the in-process file server keeps its file
     // capabilities).
-    crate::confine::confine(if cfg.fs.is_empty() {
-        &[]
-    } else {
-        crate::confine::FS_CAPS
-    })?;
+    crate::confine::confine(
+        if cfg.fs.is_empty() {
+            &[]
+        } else {
+            crate::confine::FS_CAPS
+        },
+        crate::seccomp::Role::Vmm,
+    )?;
     tracing::debug!("confined");
     let shared = Arc::new(VcpuShared {
         pio: std::mem::take(&mut dm.pio),
@@ -272,7 +275,10 @@ fn attach_virtio_devices(
             Some(m) => parse_mac(m)?,
             None => derive_mac(&n.tap),
         };
-        let tap = Tap::open(&n.tap)?;
+        let tap = match n.fd {
+            Some(fd) => Tap::from_fd(fd, &n.tap)?,
+            None => Tap::open(&n.tap)?,
+        };
         let slot = dm.allocate_virtio(&vm.fd, 2)?;
         let dev = NetDevice::new(
             tap,

@@ -230,6 +230,82 @@ fn control_socket_status_stop_and_kill() {
     assert!(!sock.exists(), "control socket removed at exit");
 }
 
+/// husk-vmm jailed (`husk-vmm jail … -- husk-vmm …`): the guest boots and stops over the
+/// control socket; the VMM runs as the jail's uid with no capability, its seccomp allow list,
+/// no_new_privs, in a root holding /usr, its binary, its kernel, /dev (with kvm) and /proc.
+#[test]
+fn jailed_vmm_boots_and_stops() {
+    if !kvm_usable() {
+        return;
+    }
+    if !is_root() {
+        println!("skipped: the jail needs root (mount namespace, setuid)");
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    const UID: u32 = 0x7000_0000 + 4343;
+    let dir = tempdir();
+    let socks = tmp_path(&dir, "sock");
+    let root = tmp_path(&dir, "root");
+    std::fs::create_dir(&socks).expect("sock dir");
+    std::fs::create_dir(&root).expect("root dir");
+    std::os::unix::fs::chown(&socks, Some(UID), Some(UID)).expect("chown");
+    let sock = socks.join("ctl.sock");
+    let mut cmd = std::process::Command::new(VMM);
+    cmd.args(["jail", "--uid", &UID.to_string(), "--gid", &UID.to_string()])
+        .arg("--root")
+        .arg(&root)
+        .args(["--ro", GUEST_PVH, "--dev", "kvm"])
+        .arg("--rw")
+        .arg(&socks)
+        .args(["--", VMM])
+        .args(args(
+            GUEST_PVH,
+            "husk.wait",
+            &["--control-socket", &path_str(&sock)],
+        ));
+    let mut vm = Vm::spawn_cmd(&mut cmd);
+    vm.expect_line("waiting for ctrl-alt-del");
+    let j = common::jail_of(vm.child.id());
+    assert_eq!(j.uids, format!("{UID}\t{UID}\t{UID}\t{UID}"), "{j:?}");
+    assert_eq!(
+        (
+            j.no_new_privs.as_str(),
+            j.seccomp.as_str(),
+            j.cap_eff.as_str()
+        ),
+        ("1", "2", "0000000000000000"),
+        "{j:?}"
+    );
+    common::assert_jail_root(&j);
+    // The vCPU thread has its own (narrower) filter on top of the process's.
+    let pid = vm.child.id();
+    let filters = |task: &str| {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+        let f = |k: &str| {
+            st.lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_string())
+                .unwrap_or_default()
+        };
+        (f("Name:"), f("Seccomp_filters:"))
+    };
+    let tasks: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| filters(&e.file_name().to_string_lossy()))
+        .collect();
+    assert!(tasks.contains(&("vcpu0".into(), "2".into())), "{tasks:?}");
+    assert_eq!(filters(&pid.to_string()).1, "1", "{tasks:?}");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect control socket");
+    s.write_all(b"stop\n").expect("w");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("reply");
+    assert_eq!(line, "ok\n");
+    vm.expect_line("got ctrl-alt-del by interrupt");
+    assert_eq!(vm.wait().0, 0);
+}
+
 #[test]
 fn missing_kvm_is_a_clear_error() {
     if !kvm_usable() {

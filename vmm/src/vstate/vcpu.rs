@@ -231,6 +231,13 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
+                // This thread only: the process's list stays below it (filters stack).
+                if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Vcpu, false) {
+                    shared
+                        .exit
+                        .exit(ExitReason::Error(format!("vcpu seccomp filter: {e}")));
+                    return;
+                }
                 self.state = VcpuRunState::Running;
                 let reason = self.run_loop(&shared);
                 tracing::debug!(vcpu = self.id, ?reason, "vcpu exited");

@@ -189,3 +189,57 @@ pub fn confinement(pid: u32) -> (String, String, String) {
     };
     (field("NoNewPrivs:"), field("Seccomp:"), field("CapEff:"))
 }
+
+/// What /proc shows of a jailed process.
+#[derive(Debug)]
+pub struct ProcJail {
+    /// `Uid:` (real, effective, saved, fs; tab-separated), `Gid:` likewise.
+    pub uids: String,
+    pub gids: String,
+    pub no_new_privs: String,
+    pub seccomp: String,
+    pub cap_eff: String,
+    pub cap_bnd: String,
+    /// Entries of its root directory (`/proc/PID/root`).
+    pub root: Vec<String>,
+}
+
+pub fn jail_of(pid: u32) -> ProcJail {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l[k.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .expect("root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    ProcJail {
+        uids: field("Uid:"),
+        gids: field("Gid:"),
+        no_new_privs: field("NoNewPrivs:"),
+        seccomp: field("Seccomp:"),
+        cap_eff: field("CapEff:"),
+        cap_bnd: field("CapBnd:"),
+        root,
+    }
+}
+
+/// The root is the jail's: /usr, /dev, /proc and the paths it was given, no host /etc,
+/// /root or /home; and nothing of the host's is reachable through it.
+pub fn assert_jail_root(j: &ProcJail) {
+    for want in ["usr", "dev", "proc"] {
+        assert!(j.root.iter().any(|e| e == want), "no /{want}: {j:?}");
+    }
+    for host in ["etc", "root", "home", "var", "boot", "sys"] {
+        assert!(
+            !j.root.iter().any(|e| e == host),
+            "host /{host} in the jail: {j:?}"
+        );
+    }
+}

@@ -160,7 +160,7 @@ pub fn serve(
     special_files: bool,
 ) -> Result<(), VhostUserFsError> {
     let backend = FsBackend::new(share, tag, special_files)?;
-    crate::confine::confine(crate::confine::FS_CAPS)?;
+    crate::confine::confine(crate::confine::FS_CAPS, crate::seccomp::Role::VhostUserFs)?;
     let mut daemon = VhostUserDaemon::new(
         "husk-vhost-user-fs".into(),
         Arc::new(Mutex::new(backend)),

@@ -59,6 +59,37 @@ impl Tap {
         })
     }
 
+    /// Takes over inherited fd `fd`, already attached to tap `name` (e.g. by huskd).
+    pub fn from_fd(fd: RawFd, name: &str) -> Result<Self, TapError> {
+        let bad = |source| TapError::SetIff {
+            name: name.to_string(),
+            source,
+        };
+        // SAFETY: F_GETFD on an arbitrary number only reports whether it is open.
+        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(bad(std::io::Error::from_raw_os_error(libc::EBADF)));
+        }
+        // SAFETY: the fd is open (checked above) and handed to this process to own.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        for (cmd, arg) in [
+            (libc::F_SETFD, libc::FD_CLOEXEC),
+            (
+                libc::F_SETFL,
+                // SAFETY: F_GETFL on an open fd.
+                unsafe { libc::fcntl(fd, libc::F_GETFL) } | libc::O_NONBLOCK,
+            ),
+        ] {
+            // SAFETY: fcntl on our own open fd with integer arguments.
+            if unsafe { libc::fcntl(fd, cmd, arg) } < 0 {
+                return Err(bad(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Self {
+            file,
+            name: name.to_string(),
+        })
+    }
+
     pub fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.file.read(buf)
     }

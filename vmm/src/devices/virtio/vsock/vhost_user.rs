@@ -214,7 +214,7 @@ impl VhostUserBackendMut for VsockBackend {
 pub fn serve(socket: &Path, uds: &Path, cid: u64) -> Result<(), VhostUserVsockError> {
     let backend = VsockBackend::new(cid, uds)?;
     // The hybrid socket is bound: give up what a vsock device never needs (no capabilities).
-    crate::confine::confine(&[])?;
+    crate::confine::confine(&[], crate::seccomp::Role::VhostUserVsock)?;
     let muxer_fd = backend.muxer_fd();
     let backend = Arc::new(Mutex::new(backend));
     let mut daemon = VhostUserDaemon::new(
