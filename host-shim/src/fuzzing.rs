@@ -351,7 +351,7 @@ pub fn cri_oci(data: &[u8]) {
         let _ = crate::cri::convert::validate_resources(r);
     }
     let _ = crate::cri::convert::stop_signal(&image);
-    let _ = crate::cri::convert::container_spec(&config, &pod, &image, Some(-999));
+    let _ = crate::cri::convert::container_spec(&config, &pod, &image, Some(-999), u64::MAX);
 }
 
 /// The agent's replies as huskd's ttrpc client decodes them: a fake agent answers each
@@ -417,8 +417,8 @@ pub fn agent_replies(data: &[u8]) {
         let _ = agent.check(t).await;
         let _ = agent.wait("c", "e", t).await;
         let _ = agent.read("c", "e", false, Some((0, 0)), t).await;
-        let _ = tokio::time::timeout(t, agent.container_stats("c")).await;
-        let _ = tokio::time::timeout(t, agent.sandbox_stats("p")).await;
+        let _ = tokio::time::timeout(t, agent.container_stats("c", t)).await;
+        let _ = tokio::time::timeout(t, agent.sandbox_stats("p", t)).await;
         let _ = tokio::time::timeout(t, agent.list_containers()).await;
         assert!(
             start.elapsed() < Duration::from_secs(5),
