@@ -11,6 +11,8 @@ pub struct Huskd {
     pub socket: PathBuf,
     pub config: PathBuf,
     child: Option<Child>,
+    /// Added to huskd's environment.
+    env: Vec<(String, String)>,
 }
 
 pub struct Options {
@@ -37,6 +39,15 @@ impl Huskd {
 
     /// Like [`Self::start`], with `extra` TOML appended to the config (e.g. a `[runtime]` table).
     pub async fn start_with(opts: Options, extra: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(opts, extra, &[]).await
+    }
+
+    /// Like [`Self::start_with`], with `env` added to huskd's environment.
+    pub async fn start_with_env(
+        opts: Options,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs.d");
         for (reg, text) in &opts.hosts {
@@ -70,6 +81,10 @@ impl Huskd {
             socket,
             config,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn().await?;
         Ok(d)
@@ -108,6 +123,7 @@ impl Huskd {
         let child = Command::new(crate::bin_path("huskd"))
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

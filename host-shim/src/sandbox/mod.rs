@@ -10,6 +10,7 @@
 pub mod agent;
 mod container;
 mod exec;
+mod helper_log;
 pub mod kind;
 pub mod logs;
 mod pod;
