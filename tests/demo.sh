@@ -15,7 +15,8 @@ cargo build --workspace --bins --locked
 bin=${CARGO_TARGET_DIR:-target}/debug
 kernel=$(bash images/build-kernel.sh)/bzImage
 initrd=$(bash images/build-initramfs.sh)
-work=$(mktemp -d /tmp/husk-demo.XXXXXX)
+# Short: pod sockets go below $work/run (config.rs: run_dir at most 24 bytes).
+work=$(mktemp -d /tmp/husk.XXXXXX)
 cleanup() {
   [ -n "${huskd_pid:-}" ] && kill "$huskd_pid" 2>/dev/null || true
   [ -n "${reg_pid:-}" ] && kill "$reg_pid" 2>/dev/null || true

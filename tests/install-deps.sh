@@ -27,6 +27,7 @@ pkgs=(
   make
   qemu-system-x86     # VM sandbox backend (TCG where KVM cannot run Linux)
   python3-kubernetes  # the official Python client: independent check of the streaming wire format
+  python3-grpcio      # an independent gRPC client (gRPC core in C): CRI :authority forms
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -4,7 +4,8 @@
 //! ```toml
 //! socket = "/run/husk/huskd.sock"     # CRI gRPC socket (mode 0660)
 //! state_dir = "/var/lib/husk"         # persistent state (images, pods)
-//! run_dir = "/run/husk"               # runtime files
+//! run_dir = "/run/husk"               # runtime files (pod sockets below it: at most 24 bytes
+//!                                     # with a namespace handler, 65 with VM handlers only)
 //! log_level = "info"                  # tracing filter; RUST_LOG overrides
 //!
 //! [image]
@@ -54,6 +55,19 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG: &str = "/etc/husk/config.toml";
 pub const DEFAULT_SOCKET: &str = "/run/husk/huskd.sock";
+/// Linux's unix socket path buffer (`sun_path`), terminating NUL included:
+/// a socket path has at most `SUN_PATH_MAX - 1` bytes.
+pub const SUN_PATH_MAX: usize = 108;
+/// The longest socket path huskd derives below `run_dir` for a `husk-ns`
+/// pod, minus `run_dir`: its port-forward socket
+/// `/pods/<64-hex pod id>/forward.sock`. The sandbox tests check the real
+/// paths against these bounds.
+pub const NS_RUN_DIR_SOCKET_SUFFIX_MAX: usize = "/pods/".len() + 64 + "/forward.sock".len();
+/// The same for a VM pod: husk-vmm's vsock muxer reaches a guest-initiated
+/// port at `/vm/<16 hex>/vsock.sock_<u32 port>` (the other sockets there,
+/// `control.sock`, `qmp.sock`, `vu.sock`, `fs.sock`, are shorter).
+pub const VM_RUN_DIR_SOCKET_SUFFIX_MAX: usize =
+    "/vm/".len() + 16 + "/vsock.sock_".len() + "4294967295".len();
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -401,6 +415,8 @@ impl Config {
                 )));
             }
         }
+        check_socket_room("socket", &self.socket, 0)?;
+        check_socket_room("run_dir", &self.run_dir, self.run_dir_socket_suffix())?;
         if let Some(p) = self.network.cni_bin_dirs.iter().find(|p| !p.is_absolute()) {
             return Err(ConfigError::Invalid(format!(
                 "network.cni_bin_dirs must be absolute paths, got {}",
@@ -413,6 +429,19 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The longest socket path huskd derives below `run_dir` for the
+    /// configured handlers, minus `run_dir`.
+    pub fn run_dir_socket_suffix(&self) -> usize {
+        let kinds = self.runtime.handlers.values().map(|h| h.kind);
+        kinds
+            .map(|k| match k {
+                SandboxKind::Namespace => NS_RUN_DIR_SOCKET_SUFFIX_MAX,
+                _ => VM_RUN_DIR_SOCKET_SUFFIX_MAX,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn pods_state_dir(&self) -> PathBuf {
@@ -432,6 +461,28 @@ impl Config {
     pub fn netns_dir(&self) -> PathBuf {
         self.run_dir.join("netns")
     }
+}
+
+/// Refuses a path under which a socket path of `suffix` more bytes would
+/// not fit in `sun_path` (bind(2) would fail at the first pod instead).
+fn check_socket_room(key: &str, p: &Path, suffix: usize) -> Result<(), ConfigError> {
+    // Count what join() will produce ("a/b/" and "a//b" are "a/b").
+    let len = p.components().collect::<PathBuf>().as_os_str().len();
+    if len + suffix < SUN_PATH_MAX {
+        return Ok(());
+    }
+    let what = if suffix == 0 {
+        format!("{len} bytes")
+    } else {
+        format!("{len} bytes, and huskd's socket paths under it up to {suffix} more")
+    };
+    Err(ConfigError::Invalid(format!(
+        "{key} {} is too long for unix sockets: {what}, over the {SUN_PATH_MAX}-byte sun_path \
+         limit ({} bytes at most{})",
+        p.display(),
+        SUN_PATH_MAX - 1 - suffix,
+        if suffix == 0 { "" } else { " for it" },
+    )))
 }
 
 #[cfg(test)]
@@ -505,5 +556,50 @@ mod tests {
             Config::load(Some(&d.path().join("missing"))),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn run_dir_and_socket_fit_sun_path() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        let longest = SUN_PATH_MAX - 1 - NS_RUN_DIR_SOCKET_SUFFIX_MAX;
+        assert_eq!(longest, 24, "/run/husk and the tests' temp dirs must fit");
+        let dir = |n: usize| format!("/{}", "r".repeat(n - 1));
+        std::fs::write(&p, format!("run_dir = \"{}\"\n", dir(longest))).unwrap();
+        assert_eq!(
+            Config::load(Some(&p)).unwrap().run_dir.as_os_str().len(),
+            24
+        );
+        // A trailing slash is not counted.
+        std::fs::write(&p, format!("run_dir = \"{}/\"\n", dir(longest))).unwrap();
+        Config::load(Some(&p)).unwrap();
+        std::fs::write(&p, format!("run_dir = \"{}\"\n", dir(longest + 1))).unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("run_dir /rrrr")
+                && e.contains("108-byte sun_path limit (24 bytes at most"),
+            "{e}"
+        );
+        // Without a husk-ns handler only the VM sockets count.
+        let vm_only = "[runtime]\ndefault_handler = \"q\"\n[runtime.handlers]\nq = \"qemu\"\n";
+        let longest_vm = SUN_PATH_MAX - 1 - VM_RUN_DIR_SOCKET_SUFFIX_MAX;
+        assert_eq!(longest_vm, 65);
+        std::fs::write(&p, format!("run_dir = \"{}\"\n{vm_only}", dir(longest_vm))).unwrap();
+        Config::load(Some(&p)).unwrap();
+        std::fs::write(
+            &p,
+            format!("run_dir = \"{}\"\n{vm_only}", dir(longest_vm + 1)),
+        )
+        .unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("(65 bytes at most for it)"), "{e}");
+        std::fs::write(&p, format!("socket = \"{}\"\n", dir(107))).unwrap();
+        Config::load(Some(&p)).unwrap();
+        std::fs::write(&p, format!("socket = \"{}\"\n", dir(108))).unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("socket /rrrr") && e.contains("108-byte"),
+            "{e}"
+        );
     }
 }

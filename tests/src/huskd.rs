@@ -39,6 +39,15 @@ impl Huskd {
 
     /// Like [`Self::start`], with `extra` TOML appended to the config (e.g. a `[runtime]` table).
     pub async fn start_with(opts: Options, extra: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(opts, extra, &[]).await
+    }
+
+    /// Like [`Self::start_with`], with `env` added to huskd's environment.
+    pub async fn start_with_env(
+        opts: Options,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs.d");
         for (reg, text) in &opts.hosts {
@@ -71,8 +80,11 @@ impl Huskd {
             dir,
             socket,
             config,
-            env: vec![],
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn().await?;
         Ok(d)

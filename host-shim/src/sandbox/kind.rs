@@ -111,7 +111,8 @@ impl SandboxKind for NamespaceSandbox {
         let log = std::fs::File::create(&log_path).map_err(|e| internal("agent log", e))?;
         let log2 = log.try_clone().map_err(|e| internal("agent log", e))?;
         let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--kill-child"])
+        super::helper_log::without_backtraces(&mut cmd)
+            .args(["--pid", "--fork", "--kill-child"])
             .arg(&self.agent_binary)
             .arg("--host")
             .arg("--listen")
@@ -162,16 +163,7 @@ impl SandboxKind for NamespaceSandbox {
             let gone = !self.alive(&proc);
             if gone || Instant::now() > deadline {
                 self.shutdown(&proc, Duration::ZERO).await;
-                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let tail: String = tail
-                    .lines()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                let tail = super::helper_log::tail(&log_path, 5);
                 return Err(RuntimeError::Internal(format!(
                     "husk-agent ({}) {}: {tail}",
                     self.agent_binary.display(),
@@ -400,6 +392,31 @@ pub async fn remove_pod_cgroups(parent: &str, owned: bool, timeout: Duration) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The longest socket path below `run_dir` is the bound config.rs checks.
+    #[test]
+    fn agent_socket_paths_fit_the_run_dir_bound() {
+        let images = crate::image::ImageService::open(crate::image::ImageSettings {
+            root: tempfile::tempdir().unwrap().keep(),
+            registry_config_dir: None,
+            docker_config: None,
+            max_concurrent_downloads: 1,
+        })
+        .unwrap();
+        let ns = NamespaceSandbox {
+            run_dir: "/r".into(),
+            agent_binary: "husk-agent".into(),
+            start_timeout: Duration::from_secs(1),
+            images,
+        };
+        let agent = ns.pod_dir(&"f".repeat(64)).join("agent.sock");
+        let forward = forward_socket(&agent);
+        assert!(agent.as_os_str().len() < forward.as_os_str().len());
+        assert_eq!(
+            forward.as_os_str().len() - "/r".len(),
+            crate::config::NS_RUN_DIR_SOCKET_SUFFIX_MAX
+        );
+    }
 
     #[test]
     fn proc_stat_of_self() {

@@ -11,6 +11,7 @@ pub mod agent;
 mod beneath;
 mod container;
 pub mod exec;
+mod helper_log;
 pub mod kind;
 pub mod logs;
 pub mod orphans;

@@ -17,8 +17,9 @@ mod net;
 mod process;
 pub mod qemu;
 pub mod qmp;
+use super::helper_log::tail;
 use super::orphans::{crash_point, mark};
-use process::{kill_wait, place_in_cgroup, spawn_detached, tail, wait_socket};
+use process::{kill_wait, place_in_cgroup, spawn_detached, wait_socket};
 pub mod vmmctl;
 
 use std::collections::HashSet;
@@ -642,5 +643,43 @@ mod tests {
             matches!(&e, RuntimeError::FailedPrecondition(m) if m.contains("hotplug_slots is 17")),
             "{e}"
         );
+    }
+    /// Every socket of a VM pod fits the bound config.rs checks `run_dir` against.
+    #[test]
+    fn vm_socket_paths_fit_the_run_dir_bound() {
+        let img = crate::image::ImageService::open(crate::image::ImageSettings {
+            root: tempfile::tempdir().unwrap().keep(),
+            registry_config_dir: None,
+            docker_config: None,
+            max_concurrent_downloads: 1,
+        })
+        .unwrap();
+        let run = PathBuf::from("/r");
+        let vm = VmSandbox::new(
+            Kind::Qemu,
+            Accel::Tcg,
+            VmConfig::default(),
+            run.clone(),
+            img,
+        );
+        let dir = vm.pod_dir(&"f".repeat(64));
+        // husk-vmm's muxer reaches guest-initiated ports at `<vsock uds>_<port>`.
+        let muxer = format!("vsock.sock_{}", u32::MAX);
+        for name in [
+            "vsock.sock",
+            &muxer,
+            "fs.sock",
+            "vu.sock",
+            "qmp.sock",
+            "control.sock",
+        ] {
+            let p = dir.join(name);
+            let suffix = p.as_os_str().len() - run.as_os_str().len();
+            assert!(
+                suffix <= crate::config::VM_RUN_DIR_SOCKET_SUFFIX_MAX,
+                "{}",
+                p.display()
+            );
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! The VM sandbox's host processes (VMM, vhost-user servers): started detached in their own
 //! session so they outlive huskd, placed in the pod's host cgroup, waited for, killed; and
-//! the tail of their logs for error messages.
+//! the tail of their logs for error messages (`helper_log`).
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::super::RuntimeError;
+use super::super::helper_log::{tail, without_backtraces};
 use super::super::kind::{proc_alive, start_time};
 use super::super::state::ProcRef;
 use super::HELPER_WAIT;
@@ -40,7 +41,10 @@ pub(super) fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, Ru
     let f2 = f
         .try_clone()
         .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
-    cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+    without_backtraces(&mut cmd)
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2);
     // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -92,33 +96,4 @@ pub(super) fn place_in_cgroup(pid: i32, parent: &str) -> std::io::Result<()> {
         std::fs::write(d.join("cgroup.procs"), pid.to_string())?;
     }
     Ok(())
-}
-
-/// The last `n` non-empty lines of a log file, joined with " | ".
-pub(super) fn tail(path: &Path, n: usize) -> String {
-    let s = std::fs::read(path).unwrap_or_default();
-    let s = String::from_utf8_lossy(&s);
-    let lines: Vec<&str> = s
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        return "(empty)".into();
-    }
-    lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_of_logs() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("l");
-        std::fs::write(&p, "a\n\nb\nc\n").unwrap();
-        assert_eq!(tail(&p, 2), "b | c");
-        assert_eq!(tail(&d.path().join("none"), 2), "(empty)");
-    }
 }
