@@ -149,11 +149,11 @@ async fn kubelet_view(e: &CriEnv, handler: &str, name: &str) {
 
     // Second read, 1.5 s later: the busy container and the pod use CPU.
     let cs = ctr_stats(e, &pod).await;
-    let bcpu = cs[&busy].cpu.clone().unwrap();
+    let bcpu = cs[&busy].cpu.unwrap();
     assert!(v(&bcpu.usage_nano_cores) > 0, "busy container: {bcpu:?}");
     assert!(v(&bcpu.usage_nano_cores) <= 1_000_000_000, "{bcpu:?}");
     let p = pod_in_list(e, &pod).await.unwrap();
-    let pcpu = p.linux.as_ref().unwrap().cpu.clone().unwrap();
+    let pcpu = p.linux.as_ref().unwrap().cpu.unwrap();
     assert!(v(&pcpu.usage_nano_cores) > 0, "pod: {pcpu:?}");
     assert!(
         p.linux
@@ -328,6 +328,7 @@ async fn vm_stats_metrics_and_a_frozen_guest() {
         took < bound,
         "ListContainerStats took {took:?} with a frozen guest"
     );
+    eprintln!("ListContainerStats with a frozen guest: {took:?} (deadline {STATS_DEADLINE:?})");
     let now: HashMap<String, i64> = l
         .iter()
         .map(|s| (s.attributes.clone().unwrap().id, cpu_ts(s)))

@@ -372,7 +372,7 @@ mod tests {
         .expect("w");
         std::fs::write(
             root.path().join("memory/husk/c1/memory.stat"),
-            "cache 1\ntotal_inactive_file 1024\n",
+            "cache 1\ntotal_inactive_file 1024\ntotal_rss 512\ntotal_pgmajfault 9\n",
         )
         .expect("w");
         std::fs::write(
@@ -390,5 +390,6 @@ mod tests {
             ),
             (12345, 4096, 3072, 3)
         );
+        assert_eq!((s.memory_rss, s.memory_pgmajfault), (512, 9));
     }
 }

@@ -257,5 +257,18 @@ mod tests {
             (s.io_read_bytes, s.io_write_bytes, s.oom_kills, s.pids_limit),
             (11, 22, 2, 64)
         );
+        assert_eq!((s.cpu_user_ns, s.memory_rss), (1000, 1));
+        assert_eq!(
+            s.io_devices[0],
+            crate::cgroup::IoDevice {
+                major: 8,
+                minor: 0,
+                read_bytes: 10,
+                write_bytes: 20,
+                reads: 1,
+                writes: 0
+            }
+        );
+        assert_eq!((s.io_devices[1].minor, s.io_devices.len()), (16, 2));
     }
 }
