@@ -2,8 +2,9 @@
 //! session so they outlive huskd, placed in the pod's host cgroup, waited for, killed; and
 //! the tail of their logs for error messages.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,15 +33,103 @@ pub(super) fn wait_socket(
     Ok(())
 }
 
-/// Spawns `cmd` in its own session with stdout+stderr to `log`; a thread
-/// reaps it while this huskd lives (init does after a restart).
-pub(super) fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, RuntimeError> {
-    let f = std::fs::File::create(log)
-        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
-    let f2 = f
-        .try_clone()
-        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
-    cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+/// Bytes each VM pod log (console, VMM, helpers) keeps, over two files
+/// (`husk-vmm log-writer`'s default): the guest fills the console at will.
+pub const LOG_MAX_BYTES: u64 = 4 << 20;
+/// Most logs one writer takes.
+const MAX_LOGS: usize = 8;
+/// Bytes of a log read for the tail quoted in start errors.
+const TAIL_BYTES: u64 = 64 << 10;
+
+/// The pod's log writer (`husk-vmm log-writer`) and the write ends of its
+/// pipes, by log file name. Dropping it closes huskd's copies of the write
+/// ends: the writer exits once the processes holding the others are gone.
+pub(super) struct PodLogs {
+    pub proc: ProcRef,
+    pipes: Vec<(&'static str, OwnedFd)>,
+}
+
+impl PodLogs {
+    /// Starts `vmm log-writer` with one pipe per name in `names`, writing
+    /// `dir/<name>` (capped at [`LOG_MAX_BYTES`], rotated to `<name>.1`).
+    pub fn start(vmm: &Path, dir: &Path, names: &[&'static str]) -> Result<Self, RuntimeError> {
+        let err = |e: std::io::Error| RuntimeError::Internal(format!("log pipes: {e}"));
+        let mut reads = Vec::new();
+        let mut pipes = Vec::new();
+        for name in names {
+            let (r, w) = std::io::pipe().map_err(err)?;
+            reads.push(OwnedFd::from(r));
+            pipes.push((*name, OwnedFd::from(w)));
+        }
+        let mut cmd = Command::new(vmm);
+        cmd.arg("log-writer")
+            .args(["--max-bytes", &LOG_MAX_BYTES.to_string()]);
+        for (i, name) in names.iter().enumerate() {
+            cmd.arg(format!("{}={}", 3 + i, dir.join(name).display()));
+        }
+        if reads.len() > MAX_LOGS {
+            return Err(RuntimeError::Internal("too many log pipes".into()));
+        }
+        let count = reads.len();
+        let mut raw = [0i32; MAX_LOGS];
+        for (r, f) in raw.iter_mut().zip(&reads) {
+            *r = f.as_raw_fd();
+        }
+        // SAFETY: between fork and exec only fcntl(2) and dup2(2) run, on
+        // stack arrays (async-signal-safe, no allocation); the source fds stay
+        // open in the parent until spawn returns (`reads` lives past it).
+        unsafe {
+            cmd.pre_exec(move || {
+                // Copy the sources above the targets first so no dup2 clobbers
+                // a source that is still to be copied; the copies are
+                // close-on-exec, the targets (dup2) are not.
+                let base = 3 + count as i32;
+                let mut high = [0i32; MAX_LOGS];
+                for i in 0..count {
+                    high[i] = libc::fcntl(raw[i], libc::F_DUPFD_CLOEXEC, base);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, h) in high.iter().enumerate().take(count) {
+                    if libc::dup2(*h, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let null = || {
+            std::fs::File::open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(err)
+        };
+        let proc = spawn_detached(cmd, null()?, null()?)?;
+        drop(reads);
+        Ok(Self { proc, pipes })
+    }
+
+    /// A write end for log `name` (for a process's stdout or stderr).
+    pub fn sink(&self, name: &str) -> Result<OwnedFd, RuntimeError> {
+        let (_, fd) = self
+            .pipes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| RuntimeError::Internal(format!("no log pipe {name}")))?;
+        fd.try_clone()
+            .map_err(|e| RuntimeError::Internal(format!("log pipe {name}: {e}")))
+    }
+}
+
+/// Spawns `cmd` in its own session with stdout and stderr to the given fds
+/// (pipes to the pod's log writer); a thread reaps it while this huskd lives
+/// (init does after a restart).
+pub(super) fn spawn_detached(
+    mut cmd: Command,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<ProcRef, RuntimeError> {
+    cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -94,9 +183,29 @@ pub(super) fn place_in_cgroup(pid: i32, parent: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The last `n` non-empty lines of a log file, joined with " | ".
+/// The last [`TAIL_BYTES`] of a file (empty if missing).
+fn read_end(path: &Path) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut out = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+        .is_ok()
+    {
+        let _ = f.take(TAIL_BYTES).read_to_end(&mut out);
+    }
+    out
+}
+
+/// The last `n` non-empty lines of a (rotated) log, joined with " | ": read
+/// from the end of `<path>.1` and `<path>`, a bounded amount of each.
 pub(super) fn tail(path: &Path, n: usize) -> String {
-    let s = std::fs::read(path).unwrap_or_default();
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    let mut s = read_end(&PathBuf::from(rotated));
+    s.extend(read_end(path));
     let s = String::from_utf8_lossy(&s);
     let lines: Vec<&str> = s
         .lines()
@@ -119,6 +228,10 @@ mod tests {
         let p = d.path().join("l");
         std::fs::write(&p, "a\n\nb\nc\n").unwrap();
         assert_eq!(tail(&p, 2), "b | c");
+        // Just rotated: the lines come from both files.
+        std::fs::write(d.path().join("l.1"), "x\ny\n").unwrap();
+        std::fs::write(&p, "z\n").unwrap();
+        assert_eq!(tail(&p, 3), "x | y | z");
         assert_eq!(tail(&d.path().join("none"), 2), "(empty)");
     }
 }
