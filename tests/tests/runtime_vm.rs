@@ -155,9 +155,10 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     );
     assert_eq!(
         pids.len(),
-        3,
-        "QEMU and its vhost-user vsock and fs servers"
+        4,
+        "QEMU, its vhost-user vsock and fs servers, and the pod's log writer"
     );
+    assert!(comm(pids[3]).starts_with("husk-vmm"), "{}", comm(pids[3]));
     // Every VM process is in the pod's host cgroup.
     for p in &pids {
         let cg = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();

@@ -22,10 +22,31 @@ pub(crate) fn without_backtraces(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-/// The last `n` meaningful lines of a helper's log joined with " | ", or
-/// "(empty)".
+/// Bytes read from the end of a log (and of its rotated `<log>.1`) for the tail quoted in
+/// start errors: the guest fills the console at will.
+const TAIL_BYTES: u64 = 64 << 10;
+
+/// The last [`TAIL_BYTES`] of a file (empty if missing).
+fn read_end(path: &Path) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut out = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES))).is_ok() {
+        let _ = f.take(TAIL_BYTES).read_to_end(&mut out);
+    }
+    out
+}
+
+/// The last `n` meaningful lines of a helper's (rotated) log joined with " | ", or
+/// "(empty)": read from the end of `<path>.1` and `<path>`, a bounded amount of each.
 pub(crate) fn tail(path: &Path, n: usize) -> String {
-    let s = std::fs::read(path).unwrap_or_default();
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    let mut s = read_end(Path::new(&rotated));
+    s.extend(read_end(path));
     let s = String::from_utf8_lossy(&s);
     let lines = error_lines(&s, n);
     if lines.is_empty() {
@@ -75,6 +96,10 @@ mod tests {
         assert_eq!(tail(&d.path().join("none"), 2), "(empty)");
         std::fs::write(&p, "\n\n").unwrap();
         assert_eq!(tail(&p, 2), "(empty)");
+        // Just rotated: the lines come from both files.
+        std::fs::write(d.path().join("l.1"), "x\ny\n").unwrap();
+        std::fs::write(&p, "z\n").unwrap();
+        assert_eq!(tail(&p, 3), "x | y | z");
     }
 
     /// What `fn main() -> anyhow::Result<()>` prints with RUST_BACKTRACE=1.

@@ -19,7 +19,8 @@ pub mod qemu;
 pub mod qmp;
 use super::helper_log::tail;
 use super::orphans::{crash_point, mark};
-use process::{kill_wait, place_in_cgroup, spawn_detached, wait_socket};
+pub use process::LOG_MAX_BYTES;
+use process::{PodLogs, kill_wait, place_in_cgroup, spawn_detached, wait_socket};
 pub mod vmmctl;
 
 use std::collections::HashSet;
@@ -202,18 +203,50 @@ impl VmSandbox {
         c
     }
 
-    /// Starts the VMM (and for QEMU its vsock server). Returns the VMM
-    /// and the helpers.
+    /// Starts the VMM (and for QEMU its vsock and fs servers), their output
+    /// going to the pod's size-capped logs through one `husk-vmm log-writer`.
+    /// Returns the VMM and the helpers (the log writer last).
     fn start_processes(
+        &self,
+        id: &str,
+        dir: &Path,
+        accel: Accel,
+        size: (u32, u32),
+        nic: Option<&crate::network::tap::VmNic>,
+    ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
+        let names: &[&'static str] = match self.backend {
+            Kind::Qemu => &["console.log", "vmm.log", "vsock.log", "fs.log"],
+            _ => &["console.log", "vmm.log"],
+        };
+        let logs = PodLogs::start(&self.cfg.vmm_path(), dir, names, |c| {
+            mark(c, id, &self.run_dir)
+        })?;
+        match self.start_vm_processes(id, dir, accel, size, nic, &logs) {
+            Ok((vm, mut helpers)) => {
+                helpers.push(logs.proc.clone());
+                Ok((vm, helpers))
+            }
+            Err(e) => {
+                let writer = logs.proc.clone();
+                drop(logs);
+                kill_wait(&writer);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_vm_processes(
         &self,
         id: &str,
         dir: &Path,
         accel: Accel,
         (vcpus, memory_mib): (u32, u32),
         nic: Option<&crate::network::tap::VmNic>,
+        logs: &PodLogs,
     ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
         let uds = dir.join("vsock.sock");
-        let console = dir.join("console.log");
+        let out =
+            |name: &str| -> Result<_, RuntimeError> { Ok((logs.sink(name)?, logs.sink(name)?)) };
         let vmm = self.cfg.vmm_path();
         let share = dir.join("share");
         std::fs::create_dir_all(&share)
@@ -228,7 +261,8 @@ impl VmSandbox {
                     .arg("--shared-dir")
                     .arg(&share);
                 mark(&mut cmd, id, &self.run_dir);
-                let fs = spawn_detached(cmd, &dir.join("fs.log"))?;
+                let (o, e) = out("fs.log")?;
+                let fs = spawn_detached(cmd, o, e)?;
                 if let Err(e) = wait_socket(&fs, &fs_sock, &dir.join("fs.log"), "fs") {
                     kill_wait(&fs);
                     return Err(e);
@@ -241,7 +275,7 @@ impl VmSandbox {
                     .arg("--uds")
                     .arg(&uds);
                 mark(&mut cmd, id, &self.run_dir);
-                let helper = match spawn_detached(cmd, &dir.join("vsock.log")) {
+                let helper = match out("vsock.log").and_then(|(o, e)| spawn_detached(cmd, o, e)) {
                     Ok(h) => h,
                     Err(e) => {
                         kill_wait(&fs);
@@ -261,7 +295,8 @@ impl VmSandbox {
                     kernel: &self.cfg.kernel,
                     initrd: &self.cfg.initrd,
                     cmdline: &self.cmdline(),
-                    console: &console,
+                    // The serial console goes to QEMU's stdout: the log writer's pipe.
+                    console: Path::new("/dev/stdout"),
                     vhost_user_vsock: &vu,
                     vhost_user_fs: Some((&fs_sock, SHARE_TAG)),
                     qmp: &dir.join("qmp.sock"),
@@ -279,7 +314,9 @@ impl VmSandbox {
                         return Err(e);
                     }
                 };
-                let spawned = spawn_detached(cmd, &dir.join("vmm.log"));
+                let spawned = logs
+                    .sink("console.log")
+                    .and_then(|o| spawn_detached(cmd, o, logs.sink("vmm.log")?));
                 drop(tap_fd);
                 match spawned {
                     Ok(vm) => Ok((vm, vec![helper, fs])),
@@ -303,15 +340,16 @@ impl VmSandbox {
                     .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
                     .arg("--fs")
                     .arg(format!("tag={SHARE_TAG},dir={}", share.display()))
-                    .arg("--serial")
-                    .arg(format!("file:{}", console.display()))
+                    .args(["--serial", "stdout"])
                     .arg("--control-socket")
                     .arg(dir.join("control.sock"))
                     // Empty read-only virtio-blk slots for image disks (filled by `rootfs`).
                     .args(["--disk-slots", &self.cfg.hotplug_slots.to_string()]);
                 mark(&mut cmd, id, &self.run_dir);
                 let ns = nic.map(|n| net::husk_vmm(&mut cmd, n)).transpose()?;
-                let spawned = spawn_detached(cmd, &dir.join("vmm.log"));
+                let spawned = logs
+                    .sink("console.log")
+                    .and_then(|o| spawn_detached(cmd, o, logs.sink("vmm.log")?));
                 drop(ns);
                 Ok((spawned?, vec![]))
             }

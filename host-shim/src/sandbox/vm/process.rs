@@ -2,6 +2,7 @@
 //! session so they outlive huskd, placed in the pod's host cgroup, waited for, killed; and
 //! the tail of their logs for error messages (`helper_log`).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -33,18 +34,110 @@ pub(super) fn wait_socket(
     Ok(())
 }
 
-/// Spawns `cmd` in its own session with stdout+stderr to `log`; a thread
-/// reaps it while this huskd lives (init does after a restart).
-pub(super) fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcRef, RuntimeError> {
-    let f = std::fs::File::create(log)
-        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
-    let f2 = f
-        .try_clone()
-        .map_err(|e| RuntimeError::Internal(format!("{}: {e}", log.display())))?;
+/// Bytes each VM pod log (console, VMM, helpers) keeps, over two files
+/// (`husk-vmm log-writer`'s default): the guest fills the console at will.
+pub const LOG_MAX_BYTES: u64 = 4 << 20;
+/// Most logs one writer takes.
+const MAX_LOGS: usize = 8;
+
+/// The pod's log writer (`husk-vmm log-writer`) and the write ends of its
+/// pipes, by log file name. Dropping it closes huskd's copies of the write
+/// ends: the writer exits once the processes holding the others are gone.
+pub(super) struct PodLogs {
+    pub proc: ProcRef,
+    pipes: Vec<(&'static str, OwnedFd)>,
+}
+
+impl PodLogs {
+    /// Starts `vmm log-writer` with one pipe per name in `names`, writing
+    /// `dir/<name>` (capped at [`LOG_MAX_BYTES`], rotated to `<name>.1`).
+    pub fn start(
+        vmm: &Path,
+        dir: &Path,
+        names: &[&'static str],
+        mark: impl FnOnce(&mut Command),
+    ) -> Result<Self, RuntimeError> {
+        let err = |e: std::io::Error| RuntimeError::Internal(format!("log pipes: {e}"));
+        let mut reads = Vec::new();
+        let mut pipes = Vec::new();
+        for name in names {
+            let (r, w) = std::io::pipe().map_err(err)?;
+            reads.push(OwnedFd::from(r));
+            pipes.push((*name, OwnedFd::from(w)));
+        }
+        let mut cmd = Command::new(vmm);
+        cmd.arg("log-writer")
+            .args(["--max-bytes", &LOG_MAX_BYTES.to_string()]);
+        mark(&mut cmd);
+        for (i, name) in names.iter().enumerate() {
+            cmd.arg(format!("{}={}", 3 + i, dir.join(name).display()));
+        }
+        if reads.len() > MAX_LOGS {
+            return Err(RuntimeError::Internal("too many log pipes".into()));
+        }
+        let count = reads.len();
+        let mut raw = [0i32; MAX_LOGS];
+        for (r, f) in raw.iter_mut().zip(&reads) {
+            *r = f.as_raw_fd();
+        }
+        // SAFETY: between fork and exec only fcntl(2) and dup2(2) run, on
+        // stack arrays (async-signal-safe, no allocation); the source fds stay
+        // open in the parent until spawn returns (`reads` lives past it).
+        unsafe {
+            cmd.pre_exec(move || {
+                // Copy the sources above the targets first so no dup2 clobbers
+                // a source that is still to be copied; the copies are
+                // close-on-exec, the targets (dup2) are not.
+                let base = 3 + count as i32;
+                let mut high = [0i32; MAX_LOGS];
+                for i in 0..count {
+                    high[i] = libc::fcntl(raw[i], libc::F_DUPFD_CLOEXEC, base);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, h) in high.iter().enumerate().take(count) {
+                    if libc::dup2(*h, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let null = || {
+            std::fs::File::open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(err)
+        };
+        let proc = spawn_detached(cmd, null()?, null()?)?;
+        drop(reads);
+        Ok(Self { proc, pipes })
+    }
+
+    /// A write end for log `name` (for a process's stdout or stderr).
+    pub fn sink(&self, name: &str) -> Result<OwnedFd, RuntimeError> {
+        let (_, fd) = self
+            .pipes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| RuntimeError::Internal(format!("no log pipe {name}")))?;
+        fd.try_clone()
+            .map_err(|e| RuntimeError::Internal(format!("log pipe {name}: {e}")))
+    }
+}
+
+/// Spawns `cmd` in its own session with stdout and stderr to the given fds
+/// (pipes to the pod's log writer); a thread reaps it while this huskd lives
+/// (init does after a restart).
+pub(super) fn spawn_detached(
+    mut cmd: Command,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<ProcRef, RuntimeError> {
     without_backtraces(&mut cmd)
         .stdin(Stdio::null())
-        .stdout(f)
-        .stderr(f2);
+        .stdout(stdout)
+        .stderr(stderr);
     // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
