@@ -27,7 +27,7 @@ pub(crate) const LAST_CAP: u32 = 63;
 pub fn confine(keep: &[u32], role: crate::seccomp::Role) -> Result<(), ConfineError> {
     drop_privileges(keep)?;
     crate::seccomp::install(role, true)
-        .map_err(|e| ConfineError::Os("seccomp", std::io::Error::from(e)))
+        .map_err(|e| ConfineError::Os("seccomp", e))
 }
 
 /// no_new_privs and the capability drop.
