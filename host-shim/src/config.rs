@@ -40,6 +40,9 @@
 //! qemu_accel = "auto"                 # "kvm" | "tcg" | "auto" (kvm when /dev/kvm works)
 //! vmm_binary = ""                     # husk-vmm ("" = next to huskd, else $PATH)
 //! hotplug_slots = 8                   # QEMU PCIe root ports for image disks added later
+//! jail = true                         # VMM and helpers jailed (docs/security.md)
+//! jail_uid_base = 1879048192          # pod n's processes run as uid = gid = base + n ...
+//! jail_uid_count = 65536              # ... n < count (held in <run_dir>/jail-uids)
 //!
 //! [network]
 //! cni_conf_dir = "/etc/cni/net.d"     # first .conflist/.conf/.json (by name) is the pod network
@@ -217,6 +220,10 @@ pub struct VmConfig {
     pub qemu_accel: Accel,
     pub vmm_binary: Option<PathBuf>,
     pub hotplug_slots: u32,
+    /// Jail the VMM and helper processes (unprivileged uid/gid per pod, private minimal root).
+    pub jail: bool,
+    pub jail_uid_base: u32,
+    pub jail_uid_count: u32,
 }
 
 impl Default for VmConfig {
@@ -234,6 +241,9 @@ impl Default for VmConfig {
             qemu_accel: Accel::Auto,
             vmm_binary: None,
             hotplug_slots: 8,
+            jail: true,
+            jail_uid_base: 0x7000_0000,
+            jail_uid_count: 65536,
         }
     }
 }
@@ -395,6 +405,19 @@ impl Config {
         if vm.hotplug_slots > 30 {
             return Err(ConfigError::Invalid(
                 "runtime.vm.hotplug_slots must be at most 30".into(),
+            ));
+        }
+        if vm.jail
+            && (vm.jail_uid_base < 1000
+                || vm.jail_uid_count == 0
+                || vm
+                    .jail_uid_base
+                    .checked_add(vm.jail_uid_count)
+                    .is_none_or(|end| end >= u32::MAX - 1))
+        {
+            return Err(ConfigError::Invalid(
+                "runtime.vm: need jail_uid_base >= 1000, jail_uid_count >= 1 and the range below 2^32-2"
+                    .into(),
             ));
         }
         if self.runtime.cgroup_parent.is_empty() || self.runtime.cgroup_parent.contains("..") {

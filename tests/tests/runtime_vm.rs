@@ -101,6 +101,61 @@ async fn vm_pids(e: &CriEnv, pod: &str) -> Vec<i32> {
     v
 }
 
+/// A VM process is jailed (docs/security.md, "VMM and helper jail"): a uid and gid of the
+/// jail range (default base), no_new_privs, a seccomp filter, no capability (the virtio-fs
+/// server keeps its five file ones), and a root of its own without the host's /etc.
+/// Returns its uid.
+fn assert_jailed(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let f = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l[k.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let what = format!("pid {pid} ({}): {status}", comm(pid));
+    let ids: Vec<u32> = [f("Uid:"), f("Gid:")]
+        .join(" ")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 8, "{what}");
+    assert!(
+        ids.iter().all(|u| *u == ids[0] && *u >= 0x7000_0000),
+        "{what}"
+    );
+    assert_eq!(f("NoNewPrivs:"), "1", "{what}");
+    assert_eq!(f("Seccomp:"), "2", "{what}");
+    let fs_server = String::from_utf8_lossy(&cmd).contains("vhost-user\0fs");
+    let caps = if fs_server {
+        "000000000000001f"
+    } else {
+        "0000000000000000"
+    };
+    assert_eq!(f("CapEff:"), caps, "{what}");
+    assert_eq!(f("CapBnd:"), caps, "{what}");
+    let root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for want in ["usr", "dev", "proc"] {
+        assert!(
+            root.iter().any(|e| e == want),
+            "no /{want} in {root:?}: {what}"
+        );
+    }
+    for host in ["etc", "root", "home", "boot", "sys"] {
+        assert!(
+            !root.iter().any(|e| e == host),
+            "host /{host} in {root:?}: {what}"
+        );
+    }
+    ids[0]
+}
+
 /// After RemovePodSandbox: no process, run dir or cgroup of the pod left.
 async fn assert_pod_gone(e: &CriEnv, pod: &str, pids: &[i32]) {
     let dir = e.d.run_dir().join("vm").join(&pod[..16]);
@@ -167,6 +222,9 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
             "pid {p} not in the pod cgroup: {cg}"
         );
     }
+    // Every VM process is jailed, all three under the pod's one uid.
+    let uids: Vec<u32> = pids.iter().map(|p| assert_jailed(*p)).collect();
+    assert!(uids.iter().all(|u| *u == uids[0]), "{uids:?}");
 
     // A container on the guest kernel, logs written on the host.
     let c1 = e
@@ -548,6 +606,7 @@ fn vmm_ctl(e: &CriEnv, pod: &str, cmd: &str) -> String {
         e.d.run_dir()
             .join("vm")
             .join(&pod[..16])
+            .join("sock")
             .join("control.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     s.write_all(format!("{cmd}\n").as_bytes()).unwrap();

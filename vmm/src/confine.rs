@@ -26,8 +26,7 @@ pub(crate) const LAST_CAP: u32 = 63;
 /// on every thread of the process.
 pub fn confine(keep: &[u32], role: crate::seccomp::Role) -> Result<(), ConfineError> {
     drop_privileges(keep)?;
-    crate::seccomp::install(role, true)
-        .map_err(|e| ConfineError::Os("seccomp", std::io::Error::from(e)))
+    crate::seccomp::install(role, true).map_err(|e| ConfineError::Os("seccomp", e))
 }
 
 /// no_new_privs and the capability drop.

@@ -111,6 +111,9 @@ const BASE: &[libc::c_long] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_eventfd2,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_socket,
@@ -136,8 +139,6 @@ const BASE: &[libc::c_long] = &[
 const VMM: &[libc::c_long] = &[
     // vCPU threads add their own filter (a filter can only narrow what is allowed).
     libc::SYS_seccomp,
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
     libc::SYS_signalfd4,
     libc::SYS_rt_sigtimedwait,
     libc::SYS_kill,

@@ -87,11 +87,31 @@ fn log_file(dir: &Path, name: &str) -> (std::fs::File, std::fs::File) {
 
 /// Starts the backend, waits for its vhost-user socket, then starts QEMU against it.
 fn boot(kernel: &str, initrd: &str) -> Guest {
+    boot_jailed(kernel, initrd, None)
+}
+
+/// As `boot`, with the backend run through `husk-vmm jail` as `uid` when given: its sockets
+/// in a directory of its own (owned by `uid`), the jail's root built on another.
+fn boot_jailed(kernel: &str, initrd: &str, uid: Option<u32>) -> Guest {
     let dir = common::tempdir();
-    let vu = dir.path().join("vhost-user.sock");
-    let uds = dir.path().join("vsock.sock");
+    let socks = dir.path().join("sock");
+    std::fs::create_dir(&socks).expect("sock dir");
+    let vu = socks.join("vhost-user.sock");
+    let uds = socks.join("vsock.sock");
     let (out, err) = log_file(dir.path(), "backend.log");
-    let backend = Command::new(common::VMM)
+    let mut cmd = Command::new(common::VMM);
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(&socks, Some(uid), Some(uid)).expect("chown");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("root dir");
+        cmd.args(["jail", "--uid", &uid.to_string(), "--gid", &uid.to_string()])
+            .arg("--root")
+            .arg(&root)
+            .arg("--rw")
+            .arg(&socks)
+            .args(["--", common::VMM]);
+    }
+    let backend = cmd
         .args(["vhost-user", "vsock", "--cid", &CID.to_string()])
         .arg("--socket")
         .arg(&vu)
@@ -211,6 +231,46 @@ fn agent_client(s: UnixStream) -> pb::AgentClient {
 
 fn ctx(d: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(d.as_nanos() as i64)
+}
+
+/// The vsock server jailed (`husk-vmm jail`): the agent still answers; the server runs as the
+/// jail's uid with no capability, seccomp on, no_new_privs, in a root holding only /usr, its
+/// binary, its sockets, /dev and /proc.
+#[test]
+fn jailed_vsock_server_serves_the_agent() {
+    if !common::is_root() {
+        println!("skipped: the jail needs root (mount namespace, setuid)");
+        return;
+    }
+    let Some((kernel, initrd)) = guest_image() else {
+        return;
+    };
+    const UID: u32 = 0x7000_0000 + 4242;
+    let mut g = boot_jailed(&kernel, &initrd, Some(UID));
+    let stream = connect_agent(&mut g);
+    let j = common::jail_of(g.backend.id());
+    assert_eq!(j.uids, format!("{UID}\t{UID}\t{UID}\t{UID}"), "{j:?}");
+    assert_eq!(j.gids, format!("{UID}\t{UID}\t{UID}\t{UID}"), "{j:?}");
+    assert_eq!(
+        (
+            j.no_new_privs.as_str(),
+            j.seccomp.as_str(),
+            j.cap_eff.as_str()
+        ),
+        ("1", "2", "0000000000000000"),
+        "{j:?}"
+    );
+    assert_eq!(j.cap_bnd, "0000000000000000", "{j:?}");
+    common::assert_jail_root(&j);
+    let rt = runtime();
+    let resp = rt
+        .block_on(async {
+            agent_client(stream)
+                .check(ctx(Duration::from_secs(20)), &pb::CheckRequest::new())
+                .await
+        })
+        .unwrap_or_else(|e| panic!("Check failed: {e}\n{}", g.diagnostics()));
+    assert_eq!(resp.pid, 1, "{resp:?}");
 }
 
 #[test]

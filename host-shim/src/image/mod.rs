@@ -307,6 +307,16 @@ impl ImageService {
             })
     }
 
+    /// The directory of the images' block files (created if missing): VMMs see it read-only.
+    pub fn block_dir(&self) -> std::io::Result<PathBuf> {
+        let d = block::image_path(self.store.root(), "x")
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| self.store.root().to_path_buf());
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
     /// Overlay lower dirs of an image, top layer first.
     pub fn lower_dirs(&self, rec: &ImageRecord) -> Vec<PathBuf> {
         rec.layers

@@ -12,6 +12,7 @@
 //! huskd finds it again.
 
 pub mod hybrid;
+pub mod jail;
 pub mod memory;
 mod net;
 mod process;
@@ -25,7 +26,6 @@ pub mod vmmctl;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,8 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const VMM_CTL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Disk slots husk-vmm supports (its MAX_DISK_SLOTS: one virtio IRQ each).
 const VMM_MAX_DISK_SLOTS: u32 = 16;
+/// The fd a jailed file server finds the pod share on.
+const SHARE_FD: i32 = 3;
 /// Console/log lines quoted in start errors.
 const TAIL_LINES: usize = 15;
 
@@ -213,6 +215,7 @@ impl VmSandbox {
         accel: Accel,
         size: (u32, u32),
         nic: Option<&crate::network::tap::VmNic>,
+        uid: Option<u32>,
     ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
         let names: &[&'static str] = match self.backend {
             Kind::Qemu => &["console.log", "vmm.log", "vsock.log", "fs.log"],
@@ -221,7 +224,7 @@ impl VmSandbox {
         let logs = PodLogs::start(&self.cfg.vmm_path(), dir, names, |c| {
             mark(c, id, &self.run_dir)
         })?;
-        match self.start_vm_processes(id, dir, accel, size, nic, &logs) {
+        match self.start_vm_processes(id, dir, accel, size, nic, &logs, uid) {
             Ok((vm, mut helpers)) => {
                 helpers.push(logs.proc.clone());
                 Ok((vm, helpers))
@@ -235,6 +238,7 @@ impl VmSandbox {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_vm_processes(
         &self,
         id: &str,
@@ -243,23 +247,47 @@ impl VmSandbox {
         (vcpus, memory_mib): (u32, u32),
         nic: Option<&crate::network::tap::VmNic>,
         logs: &PodLogs,
+        uid: Option<u32>,
     ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
-        let uds = dir.join("vsock.sock");
+        let sock = jail::sock_dir(dir);
+        let uds = sock.join("vsock.sock");
         let out =
             |name: &str| -> Result<_, RuntimeError> { Ok((logs.sink(name)?, logs.sink(name)?)) };
-        let vmm = self.cfg.vmm_path();
+        let vmm = qemu::find_binary(&self.cfg.vmm_path()).unwrap_or_else(|| self.cfg.vmm_path());
         let share = dir.join("share");
         std::fs::create_dir_all(&share)
             .map_err(|e| RuntimeError::Internal(format!("pod share {}: {e}", share.display())))?;
+        jail::prepare(dir, uid)?;
+        let blocks = self
+            .images
+            .block_dir()
+            .map_err(|e| RuntimeError::Internal(format!("image block dir: {e}")))?;
+        // The share is reached through fd 3 (opened before the jail's root changes), so volumes
+        // bound into it later are seen.
+        let share_arg = if uid.is_some() {
+            PathBuf::from(format!("/proc/self/fd/{SHARE_FD}"))
+        } else {
+            share.clone()
+        };
+        let helper = jail::Jailed {
+            rw: vec![&sock],
+            ..Default::default()
+        };
+        let fs_helper = jail::Jailed {
+            rw: vec![&sock],
+            open_dirs: vec![(&share, SHARE_FD)],
+            keep_fs_caps: true,
+            ..Default::default()
+        };
         match self.backend {
             Kind::Qemu => {
-                let fs_sock = dir.join("fs.sock");
-                let mut cmd = Command::new(&vmm);
+                let fs_sock = sock.join("fs.sock");
+                let mut cmd = jail::command(&vmm, uid, dir, &vmm, &fs_helper);
                 cmd.args(["vhost-user", "fs", "--tag", SHARE_TAG])
                     .arg("--socket")
                     .arg(&fs_sock)
                     .arg("--shared-dir")
-                    .arg(&share);
+                    .arg(&share_arg);
                 mark(&mut cmd, id, &self.run_dir);
                 let (o, e) = out("fs.log")?;
                 let fs = spawn_detached(cmd, o, e)?;
@@ -267,8 +295,8 @@ impl VmSandbox {
                     kill_wait(&fs);
                     return Err(e);
                 }
-                let vu = dir.join("vu.sock");
-                let mut cmd = Command::new(&vmm);
+                let vu = sock.join("vu.sock");
+                let mut cmd = jail::command(&vmm, uid, dir, &vmm, &helper);
                 cmd.args(["vhost-user", "vsock", "--cid", &GUEST_CID.to_string()])
                     .arg("--socket")
                     .arg(&vu)
@@ -295,15 +323,33 @@ impl VmSandbox {
                     kernel: &self.cfg.kernel,
                     initrd: &self.cfg.initrd,
                     cmdline: &self.cmdline(),
-                    // The serial console goes to QEMU's stdout: the log writer's pipe.
-                    console: Path::new("/dev/stdout"),
+                    // The serial console goes to QEMU's stdout, the log writer's pipe (through
+                    // /proc/self/fd: a jail's /dev has no stdout link).
+                    console: Path::new("/proc/self/fd/1"),
                     vhost_user_vsock: &vu,
                     vhost_user_fs: Some((&fs_sock, SHARE_TAG)),
-                    qmp: &dir.join("qmp.sock"),
+                    qmp: &sock.join("qmp.sock"),
                     hotplug_slots: self.cfg.hotplug_slots,
                     name: &format!("husk-{}", &id[..12.min(id.len())]),
                 });
-                let mut cmd = Command::new(&self.cfg.qemu_binary);
+                let qemu_bin = qemu::find_binary(&self.cfg.qemu_binary)
+                    .unwrap_or_else(|| self.cfg.qemu_binary.clone());
+                let mut cmd = jail::command(
+                    &vmm,
+                    uid,
+                    dir,
+                    &qemu_bin,
+                    &jail::Jailed {
+                        ro: vec![&self.cfg.kernel, &self.cfg.initrd, &blocks],
+                        rw: vec![&sock],
+                        devs: if accel == Accel::Kvm {
+                            vec!["kvm"]
+                        } else {
+                            vec![]
+                        },
+                        ..Default::default()
+                    },
+                );
                 cmd.args(args);
                 mark(&mut cmd, id, &self.run_dir);
                 let tap_fd = match nic.map(|n| net::qemu(&mut cmd, n)).transpose() {
@@ -328,7 +374,19 @@ impl VmSandbox {
                 }
             }
             _ => {
-                let mut cmd = Command::new(&vmm);
+                let mut cmd = jail::command(
+                    &vmm,
+                    uid,
+                    dir,
+                    &vmm,
+                    &jail::Jailed {
+                        ro: vec![&self.cfg.kernel, &self.cfg.initrd, &blocks],
+                        rw: vec![&sock],
+                        devs: vec!["kvm"],
+                        open_dirs: vec![(&share, SHARE_FD)],
+                        keep_fs_caps: true,
+                    },
+                );
                 cmd.arg("--kernel")
                     .arg(&self.cfg.kernel)
                     .arg("--initrd")
@@ -339,14 +397,16 @@ impl VmSandbox {
                     .arg("--vsock")
                     .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
                     .arg("--fs")
-                    .arg(format!("tag={SHARE_TAG},dir={}", share.display()))
+                    .arg(format!("tag={SHARE_TAG},dir={}", share_arg.display()))
                     .args(["--serial", "stdout"])
                     .arg("--control-socket")
-                    .arg(dir.join("control.sock"))
+                    .arg(sock.join("control.sock"))
                     // Empty read-only virtio-blk slots for image disks (filled by `rootfs`).
                     .args(["--disk-slots", &self.cfg.hotplug_slots.to_string()]);
                 mark(&mut cmd, id, &self.run_dir);
-                let ns = nic.map(|n| net::husk_vmm(&mut cmd, n)).transpose()?;
+                let ns = nic
+                    .map(|n| net::husk_vmm(&mut cmd, n, uid.is_some()))
+                    .transpose()?;
                 let spawned = logs
                     .sink("console.log")
                     .and_then(|o| spawn_detached(cmd, o, logs.sink("vmm.log")?));
@@ -403,10 +463,20 @@ impl SandboxKind for VmSandbox {
             .map_err(|e| RuntimeError::Internal(format!("pod run dir {}: {e}", dir.display())))?;
         let started = Instant::now();
         let size = self.size(spec.config);
-        let (vm, helpers) = match self.start_processes(id, &dir, accel, size, spec.network) {
+        let uid = match self.cfg.jail {
+            true => Some(jail::claim(
+                &self.run_dir,
+                id,
+                self.cfg.jail_uid_base,
+                self.cfg.jail_uid_count,
+            )?),
+            false => None,
+        };
+        let (vm, helpers) = match self.start_processes(id, &dir, accel, size, spec.network, uid) {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                jail::release(&self.run_dir, id);
                 return Err(e);
             }
         };
@@ -414,7 +484,7 @@ impl SandboxKind for VmSandbox {
         let proc = AgentProcess {
             pid: vm.pid,
             start_time: vm.start_time,
-            socket: dir.join("vsock.sock"),
+            socket: jail::sock_dir(&dir).join("vsock.sock"),
             vm: Some(VmProcess {
                 backend: self.backend,
                 helpers,
@@ -509,7 +579,11 @@ impl SandboxKind for VmSandbox {
                 && let Some(vm) = &p.vm
                 && vm.backend == Kind::Qemu
             {
-                let _ = qmp::quit(&vm.dir.join("qmp.sock"), Duration::from_secs(1)).await;
+                let _ = qmp::quit(
+                    &jail::sock_dir(&vm.dir).join("qmp.sock"),
+                    Duration::from_secs(1),
+                )
+                .await;
                 let t = Instant::now();
                 while proc_alive(vmm.pid, vmm.start_time) && t.elapsed() < Duration::from_secs(1) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -535,6 +609,7 @@ impl SandboxKind for VmSandbox {
         {
             tracing::warn!(pod = id, error = %e, "remove pod run dir");
         }
+        jail::release(&self.run_dir, id);
     }
 
     async fn rootfs(
@@ -559,7 +634,7 @@ impl SandboxKind for VmSandbox {
             let _g = self.hotplug.lock(id).await;
             match self.backend {
                 Kind::Qemu => qmp::hotplug_disk(
-                    &dir.join("qmp.sock"),
+                    &jail::sock_dir(&dir).join("qmp.sock"),
                     &file,
                     &names,
                     self.cfg.hotplug_slots,
@@ -573,7 +648,7 @@ impl SandboxKind for VmSandbox {
                 })?,
                 // husk-vmm: the image's slot if one holds it, else the next empty one.
                 _ => vmmctl::attach_disk(
-                    &dir.join("control.sock"),
+                    &jail::sock_dir(&dir).join("control.sock"),
                     &file,
                     &names.serial,
                     VMM_CTL_TIMEOUT,

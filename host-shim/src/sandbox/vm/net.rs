@@ -4,7 +4,8 @@
 //! inside the guest either way).
 //! - QEMU runs outside the namespace: it gets an fd on the tap as fd 3
 //!   (`-netdev tap,fd=3`) and a `virtio-net-pci` device.
-//! - husk-vmm opens the tap by name, so it starts inside the namespace.
+//! - husk-vmm opens the tap by name, so it starts inside the namespace; jailed (no
+//!   CAP_NET_ADMIN), it gets an fd on the tap as fd 4 instead (`--net tap=…,fd=4`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -46,9 +47,34 @@ pub fn qemu(cmd: &mut Command, nic: &VmNic) -> Result<OwnedFd, RuntimeError> {
     Ok(fd)
 }
 
-/// Adds the NIC to a husk-vmm command and makes it start in the pod's
-/// network namespace; the returned file must live until the spawn.
-pub fn husk_vmm(cmd: &mut Command, nic: &VmNic) -> Result<std::fs::File, RuntimeError> {
+/// The fd a jailed husk-vmm finds the tap on (3 is the share).
+const VMM_TAP_FD: i32 = 4;
+
+/// Adds the NIC to a husk-vmm command: by fd when `jailed`, else by name with the process
+/// started in the pod's network namespace. The returned fd must live until the spawn.
+pub fn husk_vmm(cmd: &mut Command, nic: &VmNic, jailed: bool) -> Result<OwnedFd, RuntimeError> {
+    if jailed {
+        let fd = tap::open(&nic.netns, &nic.tap)
+            .map_err(|e| RuntimeError::Internal(format!("VM pod network: {e}")))?;
+        cmd.arg("--net")
+            .arg(format!("tap={},mac={},fd={VMM_TAP_FD}", nic.tap, nic.mac));
+        let raw = fd.as_raw_fd();
+        // SAFETY: dup2(2) and fcntl(2) are async-signal-safe; they only touch this child's
+        // fd table between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if raw == VMM_TAP_FD {
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, VMM_TAP_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        return Ok(fd);
+    }
     let ns = std::fs::File::open(&nic.netns).map_err(|e| {
         RuntimeError::Internal(format!("VM pod network: open {}: {e}", nic.netns.display()))
     })?;
@@ -64,5 +90,5 @@ pub fn husk_vmm(cmd: &mut Command, nic: &VmNic) -> Result<std::fs::File, Runtime
             Ok(())
         });
     }
-    Ok(ns)
+    Ok(OwnedFd::from(ns))
 }

@@ -29,6 +29,10 @@ pub struct QemuSpec<'a> {
     pub name: &'a str,
 }
 
+/// QEMU's seccomp policy: no obsolete calls, no set*id, no fork/exec, no scheduler or
+/// affinity changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Root port `i` for hot-plugged disks.
 pub fn slot_bus(i: u32) -> String {
     format!("hp{i}")
@@ -76,6 +80,8 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
         "-global",
         "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
     ]);
+    // QEMU's own seccomp filter (on top of the jail it runs in: see `jail.rs`).
+    push(&["-sandbox", SANDBOX]);
     push(&["-serial", &format!("file:{}", spec.console.display())]);
     push(&["-kernel", &spec.kernel.display().to_string()]);
     push(&["-initrd", &spec.initrd.display().to_string()]);
@@ -197,6 +203,12 @@ mod tests {
         );
         assert!(!s.contains("hp2"), "{s}");
         assert!(s.contains("-append console=ttyS0"), "{s}");
+        assert!(
+            s.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{s}"
+        );
         assert_eq!(resolve_accel(Accel::Tcg), Accel::Tcg);
     }
 }
