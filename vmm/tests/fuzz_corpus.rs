@@ -52,12 +52,11 @@ fn fuse_server_corpus() {
     replay("fuse_server", husk_vmm::fuzzing::fuse_server);
 }
 
-/// Inputs that show a finding not fixed on this branch (`fuzz/known/<target>/`, listed in
-/// SPECIFICATION.md's fuzzing table): the vsock muxer's control queue grows without bound
-/// while the guest posts no RX buffers; the bound lands with the muxer queue limits.
+/// Inputs of earlier findings (`fuzz/known/<target>/`, listed in SPECIFICATION.md's fuzzing
+/// table): the vsock muxer's control queue grew without bound while the guest posted no RX
+/// buffers, until the muxer's queue limits (`MAX_CTRL_RX`, `MAX_CONNECTIONS`).
 #[test]
-#[ignore = "open finding: unbounded vsock muxer control queue (fixed by the muxer queue bounds)"]
-fn known_open_findings() {
+fn known_findings_stay_fixed() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/known/vsock_muxer");
     for e in std::fs::read_dir(dir).expect("known") {
         let data = std::fs::read(e.expect("entry").path()).expect("read");
