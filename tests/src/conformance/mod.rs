@@ -282,7 +282,7 @@ impl Suite {
             .await
             .expect("remove pod by prefix");
         let st = crate::runtime::pod_status(&self.e.c, &self.pod).await;
-        assert_eq!(st.unwrap_err().code(), Code::NotFound);
+        assert_eq!(crate::runtime::code_of(st), Code::NotFound);
     }
 }
 
