@@ -3,6 +3,7 @@
 //! huskd process driven through the CRI client.
 
 pub mod bench;
+pub mod conformance;
 pub mod containerd;
 pub mod cri_env;
 pub mod huskd;

@@ -145,13 +145,16 @@ impl ContainerRecord {
         }
     }
 
-    /// Marks the container exited (once).
+    /// Marks the container exited (once). `finished_at` may come from a guest's clock
+    /// (skewed, or hostile): it is kept between the container's start (or creation) and
+    /// now, so a CRI client never sees an exit before the start.
     pub fn exited(&mut self, code: i32, finished_at: i64, reason: &str, message: &str) -> bool {
         if !self.transition(ContainerState::Exited) {
             return false;
         }
+        let earliest = self.started_at.max(self.created_at);
         self.exit_code = code;
-        self.finished_at = finished_at;
+        self.finished_at = finished_at.min(now_ns()).max(earliest);
         self.reason = reason.into();
         self.message = message.into();
         true
@@ -202,6 +205,12 @@ mod tests {
         assert!(!PodState::NotReady.can_become(PodState::Ready));
     }
 
+    fn back_to_running(r: &ContainerRecord) -> ContainerRecord {
+        let mut r = r.clone();
+        r.state = ContainerState::Running;
+        r
+    }
+
     #[test]
     fn exit_recorded_once() {
         let mut r = ContainerRecord {
@@ -225,6 +234,14 @@ mod tests {
         assert!(r.exited(3, 5, "Error", ""));
         assert!(!r.exited(137, 6, "Killed", ""));
         assert_eq!((r.exit_code, r.finished_at), (3, 5));
+        // A guest clock behind the host's: the exit is not before the start.
+        let mut skewed = back_to_running(&r);
+        skewed.started_at = now_ns();
+        assert!(skewed.exited(0, 7, "Completed", ""));
+        assert_eq!(skewed.finished_at, skewed.started_at);
+        let mut ahead = back_to_running(&r);
+        assert!(ahead.exited(0, i64::MAX, "Completed", ""));
+        assert!(ahead.finished_at <= now_ns());
         let back: ContainerRecord =
             serde_json::from_str(&serde_json::to_string(&r).unwrap_or_default()).expect("json");
         assert_eq!(back.config, vec![1, 2, 255]);

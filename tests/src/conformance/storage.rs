@@ -1,0 +1,168 @@
+//! Volume cases: host paths (directory, single file, through a symlink,
+//! read-only, with an SELinux relabel request), mount propagation; and the
+//! guest kernel's networking for a privileged container in a VM.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use husk_proto::cri;
+
+use super::{Kind, Suite, host_dir};
+use crate::runtime::eventually;
+
+fn mount(container: &str, host: &Path) -> cri::Mount {
+    cri::Mount {
+        container_path: container.into(),
+        host_path: host.display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Host paths: a directory reached through a symlink, a read-only single file, and a
+/// mount with an SELinux relabel request (ignored: this host has no SELinux).
+pub async fn volumes(s: &Suite) {
+    assert!(
+        !Path::new("/sys/fs/selinux/enforce").exists(),
+        "this case expects a host without SELinux"
+    );
+    let d = host_dir(s, "vol", "from-host\n");
+    let link = s.host.path().join("vol-link");
+    std::os::unix::fs::symlink(&d, &link).expect("symlink");
+    let mut cfg = s.ctr(
+        "volumes",
+        &[
+            "sh",
+            "-c",
+            "cat /vol/f; cat /file; echo new > /vol/new && echo wrote; \
+             (echo x > /file) 2>/dev/null && echo file-written || echo file-ro; cat /relabel/f",
+        ],
+    );
+    let mut file = mount("/file", &d.join("f"));
+    file.readonly = true;
+    let mut relabel = mount("/relabel", &d);
+    relabel.selinux_relabel = true;
+    cfg.mounts = vec![mount("/vol", &link), file, relabel];
+    let out = s.ok_output(&cfg).await;
+    assert_eq!(out, "from-host\nfrom-host\nwrote\nfile-ro\nfrom-host\n");
+    assert_eq!(
+        std::fs::read_to_string(d.join("new")).expect("new"),
+        "new\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("f")).expect("f"),
+        "from-host\n"
+    );
+}
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").arg("-c").arg(cmd).status().expect("sh");
+    assert!(st.success(), "{cmd}");
+}
+
+/// Unmounts the propagation source tree on drop.
+struct Shared(std::path::PathBuf);
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Propagation: host mounts made after the container started reach a host-to-container
+/// volume and not a private one. The source is an rshared bind mount made before the pod
+/// (critest does the same): a namespace pod gets a pod of its own for it (its agent's
+/// mount namespace is a slave copy of the host's taken at pod start, and this host's `/`
+/// is private), a VM pod uses the suite's (huskd binds into the share on the host).
+///
+/// A private volume is checked in namespace pods only: in a VM pod it still shows the later
+/// host mount (a known gap, printed). Bidirectional propagation is not checked: excluded for VM pods ([`super::VM_EXCLUSIONS`]),
+/// and in namespace pods a container's mount does not reach the host yet (the agent's mount
+/// namespace is an rslave copy of the host's).
+pub async fn mount_propagation(s: &Suite) {
+    let d = host_dir(s, "prop", "p\n");
+    let shared = Shared(d.clone());
+    sh(&format!(
+        "mount --bind {0} {0} && mount --make-rshared {0} && mkdir -p {0}/sub",
+        d.display()
+    ));
+    let (pod, pcfg) = match s.kind {
+        Kind::Vm => (s.pod.clone(), s.pcfg.clone()),
+        Kind::Namespace => {
+            let pcfg = s.e.pod("propagation");
+            let pod =
+                s.e.run_pod(&pcfg)
+                    .await
+                    .unwrap_or_else(|e| panic!("run pod: {e:?}\n{}", s.e.d.log()));
+            (pod, pcfg)
+        }
+    };
+    let mut slave = mount("/h2c", &d);
+    slave.propagation = cri::MountPropagation::PropagationHostToContainer as i32;
+    let private = mount("/private", &d);
+    let mut cfg = s.ctr("propagation", &["sleep", "1000"]);
+    cfg.mounts = vec![slave, private];
+    let id = s.e.run(&pod, &cfg, &pcfg).await;
+    sh(&format!(
+        "mount -t tmpfs tmpfs {0}/sub && echo late > {0}/sub/late",
+        d.display()
+    ));
+    eventually(
+        "host mount reaches the host-to-container volume",
+        Duration::from_secs(60),
+        || async {
+            s.e.exec(&id, &["cat", "/h2c/sub/late"], 30)
+                .await
+                .is_ok_and(|r| r.exit_code == 0 && r.stdout == b"late\n")
+        },
+    )
+    .await;
+    let r =
+        s.e.exec(&id, &["cat", "/private/sub/late"], 30)
+            .await
+            .expect("exec");
+    if s.kind == Kind::Namespace {
+        assert_ne!(r.exit_code, 0, "a private volume saw a later host mount");
+    } else {
+        // Known gap: through the VM share a private volume still shows a later host mount
+        // (the share entry is rprivate on the host; not understood yet).
+        println!(
+            "not checked: private propagation in a VM pod (the later host mount is {})",
+            if r.exit_code == 0 {
+                "visible: gap"
+            } else {
+                "not visible"
+            }
+        );
+    }
+    s.e.remove_container(&id).await.expect("remove");
+    if pod != s.pod {
+        s.e.stop_and_remove_pod(&pod).await;
+    }
+    drop(shared);
+}
+
+/// What a CNI plugin or a privileged container asks of the guest kernel: a bridge,
+/// veth pairs, tun, bridge netfilter, iptables matches and targets (conntrack,
+/// MASQUERADE).
+pub async fn guest_kernel_networking(s: &Suite) {
+    assert_eq!(s.kind, Kind::Vm);
+    let script = "brctl addbr br-conf && ip link add vc0 type veth peer name vc1 \
+        && ip link set vc0 master br-conf && ip link set br-conf up && ip link set vc0 up \
+        && ip -o link show vc0 | grep -q 'master br-conf' && echo bridge-veth; \
+        test -e /sys/class/misc/tun && echo tun; \
+        test -e /proc/sys/net/bridge/bridge-nf-call-iptables && echo br-netfilter; \
+        grep -q conntrack /proc/net/ip_tables_matches && echo conntrack; \
+        grep -q MASQUERADE /proc/net/ip_tables_targets && echo masquerade; \
+        grep -q DNAT /proc/net/ip_tables_targets && echo dnat";
+    let cfg = s.ctr_sc("kernel-net", script, |c| c.privileged = true);
+    let out = s.ok_output(&cfg).await;
+    assert_eq!(
+        out, "bridge-veth\ntun\nbr-netfilter\nconntrack\nmasquerade\ndnat\n",
+        "guest kernel networking"
+    );
+}
