@@ -63,7 +63,12 @@ const USR_LINKS: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 /// Environment variables a jailed program keeps.
 /// `HUSK_SANDBOX` marks the process as its pod's for a restarted huskd (host-shim's
 /// `sandbox/orphans.rs`).
-pub const KEPT_ENV: &[&str] = &["HUSK_VMM_LOG", "HUSK_SECCOMP", "RUST_BACKTRACE", "HUSK_SANDBOX"];
+pub const KEPT_ENV: &[&str] = &[
+    "HUSK_VMM_LOG",
+    "HUSK_SECCOMP",
+    "RUST_BACKTRACE",
+    "HUSK_SANDBOX",
+];
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JailError + 'a {
     move |source| JailError::Path {

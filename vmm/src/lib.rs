@@ -8,8 +8,8 @@ pub mod device_manager;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod logwriter;
 pub mod jail;
+pub mod logwriter;
 pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -324,7 +324,7 @@ impl AsFd for Dir {
 /// with `attr_set` (`MOUNT_ATTR_*`) applied to every mount in it and `propagation`
 /// (`MS_SLAVE`: a slave of its source, host-to-container; `MS_PRIVATE`) set on each.
 /// `src` is a host path from the CRI.
-pub fn clone_tree(src: &Path, attr_set: u64, propagation: libc::c_ulong) -> io::Result<OwnedFd> {
+pub fn clone_tree(src: &Path, attr_set: u64, propagation: u64) -> io::Result<OwnedFd> {
     let c = cpath(src)?;
     // SAFETY: open_tree of a valid C string; the result is checked.
     let tree = fd_result(unsafe {
@@ -338,7 +338,7 @@ pub fn clone_tree(src: &Path, attr_set: u64, propagation: libc::c_ulong) -> io::
     let attr = MountAttr {
         attr_set,
         attr_clr: 0,
-        propagation: propagation as u64,
+        propagation,
         userns_fd: 0,
     };
     // SAFETY: mount_setattr on the detached tree we hold, with a valid `mount_attr`.

@@ -34,7 +34,9 @@ fn read_end(path: &Path) -> Vec<u8> {
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut out = Vec::new();
-    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES))).is_ok() {
+    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+        .is_ok()
+    {
         let _ = f.take(TAIL_BYTES).read_to_end(&mut out);
     }
     out
