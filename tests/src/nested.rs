@@ -303,7 +303,7 @@ impl Node {
                     .write_all(format!("RUN {id} {secs} {b64}\n").as_bytes())?;
                 stream
                     .get_ref()
-                    .set_read_timeout(Some(timeout + Duration::from_secs(60)))?;
+                    .set_read_timeout(Some(timeout + Duration::from_secs(180)))?;
                 let begin = format!("@@BEGIN {id}");
                 let end = format!("@@END {id} ");
                 let mut started = false;
