@@ -39,7 +39,7 @@ prepare() {
     pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
     [ -n "$pkg" ] || die "no linux-image-cloud-amd64 in apt (apt-get update?)"
     ver=$(apt-cache policy "$pkg" | awk '/Candidate:/{print $2}')
-    hash=$( { echo "$pkg $ver ${modules[*]}"; cat "$0"; } | sha256sum | cut -c1-16)
+    hash=$( { echo "$pkg $ver ${modules[*]}"; cat "$0" "$here/l1-init"; } | sha256sum | cut -c1-16)
     out=$cache/l1-$hash
     if [ -f "$out/vmlinuz" ] && [ -f "$out/base.cpio" ]; then
         echo "$out"
