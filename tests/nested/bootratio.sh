@@ -42,7 +42,8 @@ boot_qemu() { # microvm | q35
     n=0; until [ -S "$W/vu.sock" ]; do n=$((n+1)); [ $n -gt 200 ] && break; sleep 0.05; done
     if [ "$1" = microvm ]; then dev=vhost-user-vsock-device; m=microvm; else dev=vhost-user-vsock-pci; m=q35; fi
     t0=$(ms)
-    "$QEMU" -accel kvm -cpu host -M "$m,memory-backend=mem" -m "$MEM" \
+    "$QEMU" -L /usr/share/qemu -L /usr/share/seabios \
+        -accel kvm -cpu host -M "$m,memory-backend=mem" -m "$MEM" \
         -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on" \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$GUEST_KERNEL" -initrd "$GUEST_INITRD" -append "$QCMDLINE" \
