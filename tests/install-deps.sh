@@ -26,6 +26,7 @@ pkgs=(
   xz-utils
   make
   qemu-system-x86     # VM sandbox backend (TCG where KVM cannot run Linux)
+  socat               # nested test bed (tests/nested/): vsock and control-socket ends
   python3-kubernetes  # the official Python client: independent check of the streaming wire format
   python3-grpcio      # an independent gRPC client (gRPC core in C): CRI :authority forms
 )

@@ -23,4 +23,7 @@ kernel_dir=$(bash images/build-kernel.sh)
 export HUSK_GUEST_KERNEL=$kernel_dir/bzImage
 HUSK_GUEST_INITRD=$(bash images/build-initramfs.sh)
 export HUSK_GUEST_INITRD
+# Linux guests on husk-vmm: directly with hardware KVM, else in one nested L1
+# node VM under QEMU/TCG per test binary (tests/nested/, docs/testing.md).
+export HUSK_NESTED_TESTS=1
 cargo test --workspace --locked "$@"

@@ -13,6 +13,7 @@
 #   l1.sh testguest OUT.cpio       -> a busybox + socat initramfs for Linux tests
 #                                     of husk-vmm (tests/nested/guest-init as
 #                                     /init; append a cpio with /test.sh)
+#   l1.sh stage-qemu ROOT          -> QEMU (+ libraries, firmware) for bootratio.sh
 #   l1.sh run WORKDIR SCRIPT [SECS] -> runs SCRIPT in L1 (one booted by `boot`),
 #                                     prints its output, exits with its code
 #
@@ -38,7 +39,7 @@ prepare() {
     pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
     [ -n "$pkg" ] || die "no linux-image-cloud-amd64 in apt (apt-get update?)"
     ver=$(apt-cache policy "$pkg" | awk '/Candidate:/{print $2}')
-    hash=$( { echo "$pkg $ver ${modules[*]}"; cat "$0"; } | sha256sum | cut -c1-16)
+    hash=$( { echo "$pkg $ver ${modules[*]}"; cat "$0" "$here/l1-init"; } | sha256sum | cut -c1-16)
     out=$cache/l1-$hash
     if [ -f "$out/vmlinuz" ] && [ -f "$out/base.cpio" ]; then
         echo "$out"
@@ -70,6 +71,8 @@ prepare() {
     echo "$kver" >"$out.tmp/version"
     rm -rf "$out"
     mv "$out.tmp" "$out"
+    # Older L1s go once a day old (a running test may still boot one).
+    find "$cache" -maxdepth 1 -name 'l1-*' ! -path "$out" -mmin +1440 -exec rm -rf {} +
     echo "l1: prepared $out ($kver)" >&2
     echo "$out"
 }
@@ -106,6 +109,21 @@ testguest() {
     done
     install -m 0755 "$here/guest-init" "$root/init"
     (cd "$root" && find . | cpio -o -H newc -R 0:0 --quiet) >"$out"
+}
+
+# QEMU for side-by-side runs in L1: the binary and its libraries, and the
+# firmware it loads (Debian's /usr/share/qemu links into seabios).
+stage_qemu() {
+    local root=$1 f
+    stage "$root" "$(command -v qemu-system-x86_64)"
+    mkdir -p "$root/usr/share/qemu" "$root/usr/share/seabios"
+    for f in bios-256k.bin bios-microvm.bin qboot.rom kvmvapic.bin linuxboot.bin linuxboot_dma.bin pvh.bin; do
+        [ -e "/usr/share/qemu/$f" ] && cp -L "/usr/share/qemu/$f" "$root/usr/share/qemu/"
+    done
+    for f in bios-256k.bin bios-microvm.bin; do
+        [ -e "/usr/share/seabios/$f" ] && cp -L "/usr/share/seabios/$f" "$root/usr/share/seabios/"
+    done
+    return 0
 }
 
 boot() {
@@ -146,6 +164,7 @@ case ${1:-} in
     stage) shift; stage "$@" ;;
     boot) shift; boot "$@" ;;
     testguest) shift; testguest "$@" ;;
+    stage-qemu) shift; stage_qemu "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,18p' "$0" >&2; exit 2 ;;
 esac

@@ -259,6 +259,11 @@ impl Node {
             }
         }
         eprintln!("nested: L1 ready {:?} after QEMU start", t0.elapsed());
+        // QEMU holds the initramfs in guest memory now; the node outlives every test (it is
+        // never dropped), so its staging copies go now rather than never.
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_file(tmp.path().join("initrd.cpio"));
+        let _ = std::fs::remove_file(tmp.path().join("testguest.cpio"));
         Ok(Node {
             kind: Kind::Nested {
                 child,
@@ -303,17 +308,21 @@ impl Node {
                     .write_all(format!("RUN {id} {secs} {b64}\n").as_bytes())?;
                 stream
                     .get_ref()
-                    .set_read_timeout(Some(timeout + Duration::from_secs(60)))?;
+                    .set_read_timeout(Some(timeout + Duration::from_secs(180)))?;
                 let begin = format!("@@BEGIN {id}");
                 let end = format!("@@END {id} ");
                 let mut started = false;
                 let mut output = String::new();
                 let mut line = Vec::new();
+                // Lines read that were not this command's reply (for the error).
+                let mut stray: Vec<String> = Vec::new();
                 loop {
                     line.clear();
                     let n = stream.read_until(b'\n', &mut line).with_context(|| {
                         format!(
-                            "no reply from L1 for command {id}; console:\n{}",
+                            "no reply from L1 for command {id}; read instead: {:?}; partial: {:?}; console:\n{}",
+                            &stray[stray.len().saturating_sub(20)..],
+                            if started { output.as_str() } else { "" },
                             tail(&work.path().join("console.log"))
                         )
                     })?;
@@ -327,6 +336,9 @@ impl Node {
                     let t = text.trim_end_matches('\n');
                     if !started {
                         started = t == begin;
+                        if !started {
+                            stray.push(t.chars().take(200).collect());
+                        }
                     } else if let Some(code) = t.strip_prefix(&end) {
                         // The reply adds one newline before the end marker.
                         if output.ends_with('\n') {

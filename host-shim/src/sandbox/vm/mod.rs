@@ -693,6 +693,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn husk_vmm_cmdline_finds_its_keyboard_and_keeps_the_ioapic() {
+        let c = guest_cmdline(Kind::Vm);
+        for opt in ["reboot=k", "i8042.nopnp", "i8042.dumbkbd", "i8042.noaux"] {
+            assert!(c.split(' ').any(|o| o == opt), "{opt} in {c}");
+        }
+        assert!(!c.split(' ').any(|o| o == "noapic"), "{c}");
+        assert!(!guest_cmdline(Kind::Qemu).contains("i8042"));
+    }
+
+    #[test]
     fn pod_sizing() {
         let img = crate::image::ImageService::open(crate::image::ImageSettings {
             root: tempfile::tempdir().unwrap().keep(),
