@@ -111,6 +111,14 @@ fn leftovers(e: &CriEnv, id: &str) -> Vec<String> {
             left.push(format!("path {}", dir.display()));
         }
     }
+    // A VM pod's jail uid claim (a file holding the pod id).
+    if let Ok(claims) = std::fs::read_dir(e.d.run_dir().join("jail-uids")) {
+        for c in claims.flatten() {
+            if std::fs::read_to_string(c.path()).is_ok_and(|t| t.contains(id)) {
+                left.push(format!("jail uid claim {}", c.path().display()));
+            }
+        }
+    }
     for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let cg = h.path().join("husk").join(id);
         if cg.exists() {
