@@ -5,7 +5,7 @@
 //! socket = "/run/husk/huskd.sock"     # CRI gRPC socket (mode 0660)
 //! state_dir = "/var/lib/husk"         # persistent state (images, pods)
 //! run_dir = "/run/husk"               # runtime files (pod sockets below it: at most 24 bytes
-//!                                     # with a namespace handler, 65 with VM handlers only)
+//!                                     # with a namespace handler, 60 with VM handlers only)
 //! log_level = "info"                  # tracing filter; RUST_LOG overrides
 //!
 //! [image]
@@ -67,10 +67,10 @@ pub const SUN_PATH_MAX: usize = 108;
 /// paths against these bounds.
 pub const NS_RUN_DIR_SOCKET_SUFFIX_MAX: usize = "/pods/".len() + 64 + "/forward.sock".len();
 /// The same for a VM pod: husk-vmm's vsock muxer reaches a guest-initiated
-/// port at `/vm/<16 hex>/vsock.sock_<u32 port>` (the other sockets there,
-/// `control.sock`, `qmp.sock`, `vu.sock`, `fs.sock`, are shorter).
+/// port at `/vm/<16 hex>/sock/vsock.sock_<u32 port>` (the other sockets in the
+/// jail-writable `sock/`, `control.sock`, `qmp.sock`, `vu.sock`, `fs.sock`, are shorter).
 pub const VM_RUN_DIR_SOCKET_SUFFIX_MAX: usize =
-    "/vm/".len() + 16 + "/vsock.sock_".len() + "4294967295".len();
+    "/vm/".len() + 16 + "/sock/vsock.sock_".len() + "4294967295".len();
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -606,7 +606,7 @@ mod tests {
         // Without a husk-ns handler only the VM sockets count.
         let vm_only = "[runtime]\ndefault_handler = \"q\"\n[runtime.handlers]\nq = \"qemu\"\n";
         let longest_vm = SUN_PATH_MAX - 1 - VM_RUN_DIR_SOCKET_SUFFIX_MAX;
-        assert_eq!(longest_vm, 65);
+        assert_eq!(longest_vm, 60);
         std::fs::write(&p, format!("run_dir = \"{}\"\n{vm_only}", dir(longest_vm))).unwrap();
         Config::load(Some(&p)).unwrap();
         std::fs::write(
@@ -615,7 +615,7 @@ mod tests {
         )
         .unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
-        assert!(e.contains("(65 bytes at most for it)"), "{e}");
+        assert!(e.contains("(60 bytes at most for it)"), "{e}");
         std::fs::write(&p, format!("socket = \"{}\"\n", dir(107))).unwrap();
         Config::load(Some(&p)).unwrap();
         std::fs::write(&p, format!("socket = \"{}\"\n", dir(108))).unwrap();

@@ -796,7 +796,7 @@ mod tests {
             "qmp.sock",
             "control.sock",
         ] {
-            let p = dir.join(name);
+            let p = jail::sock_dir(&dir).join(name);
             let suffix = p.as_os_str().len() - run.as_os_str().len();
             assert!(
                 suffix <= crate::config::VM_RUN_DIR_SOCKET_SUFFIX_MAX,
