@@ -220,6 +220,31 @@ pub fn ns_env_ok() -> bool {
             .is_ok()
 }
 
+/// The QEMU handler of the VM suites (TCG on machines without hardware KVM).
+pub const QEMU: &str = "husk-qemu";
+
+/// What the VM-sandbox suites need (printed when they skip).
+pub const VM_NEEDS: &str = "needs root, docker-registry, busybox, unshare, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
+
+/// The guest kernel and initramfs (`HUSK_GUEST_KERNEL`, `HUSK_GUEST_INITRD`; tests/run.sh
+/// builds them).
+pub fn guest() -> Option<(String, String)> {
+    Some((
+        std::env::var("HUSK_GUEST_KERNEL").ok()?,
+        std::env::var("HUSK_GUEST_INITRD").ok()?,
+    ))
+}
+
+/// Whether VM pods can run here: what the namespace sandbox needs, QEMU and the guest.
+pub fn vm_env_ok() -> bool {
+    ns_env_ok()
+        && guest().is_some()
+        && std::process::Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
 /// The gRPC code of a call that must fail.
 pub fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
     r.expect_err("expected an error").code()

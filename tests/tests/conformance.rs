@@ -11,28 +11,9 @@
 //! builds them) and qemu-system-x86_64, and prints `skipped: <reason>` otherwise.
 
 use husk_tests::conformance::{self as conf, Kind, Suite, runtime, security, storage};
-use husk_tests::registry;
 use husk_tests::require;
 use husk_tests::runtime::{NS_NEEDS, ns_env_ok};
-
-const VM_NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
-
-fn guest() -> Option<(String, String)> {
-    Some((
-        std::env::var("HUSK_GUEST_KERNEL").ok()?,
-        std::env::var("HUSK_GUEST_INITRD").ok()?,
-    ))
-}
-
-fn vm_ok() -> bool {
-    registry::available()
-        && husk_tests::is_root()
-        && guest().is_some()
-        && std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
+use husk_tests::runtime::{VM_NEEDS, guest, vm_env_ok as vm_ok};
 
 async fn ns_suite() -> Suite {
     Suite::start(Kind::Namespace, "").await

@@ -17,6 +17,7 @@ use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
 use husk_tests::runtime::{NS, NS_NEEDS, ns_env_ok};
+use husk_tests::runtime::{QEMU, VM_NEEDS};
 
 const RUN_POD_STEPS: [&str; 6] = [
     "run_pod:recorded",
@@ -249,9 +250,6 @@ async fn ns_crash_during_create_container_leaves_nothing() {
     require!(ns_env_ok(), NS_NEEDS);
     crash_create_container_at_each_step(CriEnv::new(NS, "").await).await;
 }
-
-const QEMU: &str = "husk-qemu";
-const VM_NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
 
 fn vm_config() -> Option<String> {
     let k = std::env::var("HUSK_GUEST_KERNEL").ok()?;

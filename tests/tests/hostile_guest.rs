@@ -17,28 +17,9 @@ use std::time::{Duration, Instant};
 
 use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
-use husk_tests::registry;
 use husk_tests::require;
+use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
 use tonic::Code;
-
-const QEMU: &str = "husk-qemu";
-const NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
-
-fn guest() -> Option<(String, String)> {
-    let k = std::env::var("HUSK_GUEST_KERNEL").ok()?;
-    let i = std::env::var("HUSK_GUEST_INITRD").ok()?;
-    Some((k, i))
-}
-
-fn env_ok() -> bool {
-    registry::available()
-        && husk_tests::is_root()
-        && guest().is_some()
-        && std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
 
 async fn vm_env() -> CriEnv {
     let (k, i) = guest().unwrap();

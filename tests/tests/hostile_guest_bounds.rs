@@ -15,29 +15,9 @@ use husk_host::sandbox::exec::{MAX_OUTPUT, TRUNCATED_MARKER};
 use husk_host::sandbox::vm::LOG_MAX_BYTES;
 use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
-use husk_tests::registry;
 use husk_tests::require;
 use husk_tests::runtime::{NS, info, ns_env_ok, pod_status, wait_exited};
-
-const QEMU: &str = "husk-qemu";
-
-fn guest() -> Option<(String, String)> {
-    let k = std::env::var("HUSK_GUEST_KERNEL").ok()?;
-    let i = std::env::var("HUSK_GUEST_INITRD").ok()?;
-    Some((k, i))
-}
-
-fn env_ok() -> bool {
-    registry::available()
-        && husk_tests::is_root()
-        && guest().is_some()
-        && std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
-
-const NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
+use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
 
 async fn vm_env() -> CriEnv {
     let (k, i) = guest().unwrap();

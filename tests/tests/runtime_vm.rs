@@ -15,30 +15,11 @@ use husk_tests::cri_env::CriEnv;
 use husk_tests::oci::{Compression, ImageSpec, Layer, Pusher, build_image, busybox_layer, file};
 use husk_tests::registry;
 use husk_tests::require;
+use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
 use husk_tests::runtime::{
     alive, cgroup_exists, container_status, eventually, info, log_records, pod_status, wait_exited,
 };
 use tonic::Code;
-
-const QEMU: &str = "husk-qemu";
-
-fn guest() -> Option<(String, String)> {
-    let k = std::env::var("HUSK_GUEST_KERNEL").ok()?;
-    let i = std::env::var("HUSK_GUEST_INITRD").ok()?;
-    Some((k, i))
-}
-
-fn env_ok() -> bool {
-    registry::available()
-        && husk_tests::is_root()
-        && guest().is_some()
-        && std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
-
-const NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
 
 /// huskd config: husk-qemu on TCG is the default handler.
 fn vm_config(kernel: &str, initrd: &str, boot_timeout_ms: u64) -> String {

@@ -15,25 +15,7 @@ use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
 use husk_tests::runtime::{NS, NS_NEEDS, eventually, info, ns_env_ok, pod_status};
-
-const QEMU: &str = "husk-qemu";
-
-fn guest() -> Option<(String, String)> {
-    let k = std::env::var("HUSK_GUEST_KERNEL").ok()?;
-    let i = std::env::var("HUSK_GUEST_INITRD").ok()?;
-    Some((k, i))
-}
-
-fn vm_env_ok() -> bool {
-    ns_env_ok()
-        && guest().is_some()
-        && std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
-
-const VM_NEEDS: &str = "needs root, docker-registry, busybox, unshare, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
+use husk_tests::runtime::{QEMU, VM_NEEDS, guest, vm_env_ok};
 
 /// huskd with husk-qemu (TCG, the default) and husk-ns.
 async fn vm_env() -> CriEnv {

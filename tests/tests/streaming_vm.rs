@@ -9,29 +9,9 @@ use std::time::Duration;
 use husk_host::streaming::client::{self, SpdyForwarder, Transport};
 use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
-use husk_tests::registry;
 use husk_tests::require;
+use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const QEMU: &str = "husk-qemu";
-const NEEDS: &str = "needs root, docker-registry, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
-
-fn guest() -> Option<(String, String)> {
-    Some((
-        std::env::var("HUSK_GUEST_KERNEL").ok()?,
-        std::env::var("HUSK_GUEST_INITRD").ok()?,
-    ))
-}
-
-fn env_ok() -> bool {
-    registry::available()
-        && husk_tests::is_root()
-        && guest().is_some()
-        && std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn vm_pod_exec_attach_and_port_forward() {
