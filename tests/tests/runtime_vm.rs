@@ -203,8 +203,10 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
             "pid {p} not in the pod cgroup: {cg}"
         );
     }
-    // Every VM process is jailed, all three under the pod's one uid.
-    let uids: Vec<u32> = pids.iter().map(|p| assert_jailed(*p)).collect();
+    // QEMU and its two servers (what parses guest input) are jailed, under the pod's one
+    // uid. The log writer (last) only copies their pipes into files in the root-owned pod
+    // dir and is not jailed yet (docs/security.md, "left open").
+    let uids: Vec<u32> = pids[..3].iter().map(|p| assert_jailed(*p)).collect();
     assert!(uids.iter().all(|u| *u == uids[0]), "{uids:?}");
 
     // A container on the guest kernel, logs written on the host.

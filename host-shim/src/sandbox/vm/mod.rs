@@ -323,9 +323,8 @@ impl VmSandbox {
                     kernel: &self.cfg.kernel,
                     initrd: &self.cfg.initrd,
                     cmdline: &self.cmdline(),
-                    // The serial console goes to QEMU's stdout, the log writer's pipe (through
-                    // /proc/self/fd: a jail's /dev has no stdout link).
-                    console: Path::new("/proc/self/fd/1"),
+                    // The serial console goes to QEMU's stdout, the log writer's pipe.
+                    console: None,
                     vhost_user_vsock: &vu,
                     vhost_user_fs: Some((&fs_sock, SHARE_TAG)),
                     qmp: &sock.join("qmp.sock"),

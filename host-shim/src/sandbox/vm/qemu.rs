@@ -20,7 +20,9 @@ pub struct QemuSpec<'a> {
     pub kernel: &'a Path,
     pub initrd: &'a Path,
     pub cmdline: &'a str,
-    pub console: &'a Path,
+    /// The serial console's file; `None`: QEMU's stdout (`-serial stdio`), used as the
+    /// inherited fd, never reopened by path (a jailed QEMU may not open huskd's pipe).
+    pub console: Option<&'a Path>,
     pub vhost_user_vsock: &'a Path,
     /// husk-vmm's virtio-fs server for the pod share (`husk-vmm vhost-user fs`) and its tag.
     pub vhost_user_fs: Option<(&'a Path, &'a str)>,
@@ -82,7 +84,11 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
     ]);
     // QEMU's own seccomp filter (on top of the jail it runs in: see `jail.rs`).
     push(&["-sandbox", SANDBOX]);
-    push(&["-serial", &format!("file:{}", spec.console.display())]);
+    let serial = match spec.console {
+        Some(p) => format!("file:{}", p.display()),
+        None => "stdio".to_string(),
+    };
+    push(&["-serial", &serial]);
     push(&["-kernel", &spec.kernel.display().to_string()]);
     push(&["-initrd", &spec.initrd.display().to_string()]);
     push(&["-append", spec.cmdline]);
@@ -176,7 +182,7 @@ mod tests {
             kernel: p("/k"),
             initrd: p("/i"),
             cmdline: "console=ttyS0",
-            console: p("/d/console.log"),
+            console: Some(p("/d/console.log")),
             vhost_user_vsock: p("/d/vu.sock"),
             vhost_user_fs: Some((p("/d/fs.sock"), "husk-share")),
             qmp: p("/d/qmp.sock"),
