@@ -366,12 +366,14 @@ fn wait_ctrl_alt_del() -> ! {
         unsafe { asm!("sti") };
         while inb(0x64) & 1 != 0 {
             let b = inb(0x60);
-            if b == 0x53 && seq >= 2 {
+            // Scancode set 2, as husk-vmm's untranslated i8042 sends it (and Linux's atkbd
+            // reads it): Ctrl 0x14, Alt 0x11, then Del 0xe0 0x71.
+            if b == 0x71 && seq >= 2 {
                 disable_irq();
                 puts("wait: got ctrl-alt-del by interrupt\n");
                 reset();
             }
-            if b == 0x1d || b == 0x38 {
+            if b == 0x14 || b == 0x11 {
                 seq += 1;
             }
         }
