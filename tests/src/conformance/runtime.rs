@@ -207,8 +207,11 @@ pub async fn logs_and_reopen(s: &Suite) {
     );
     let id = s.run(&cfg).await;
     let path = s.e.log_path(&s.pcfg, "logs");
+    // stdout and stderr are two pipes: neither's order against the other is promised,
+    // so wait for both streams.
     eventually("first lines", Duration::from_secs(60), || async {
-        log_records(&path).iter().any(|r| r.2 == "tick")
+        let recs = log_records(&path);
+        recs.iter().any(|r| r.2 == "tick") && recs.iter().any(|r| r.0 == "stderr")
     })
     .await;
     let recs = log_records(&path);
