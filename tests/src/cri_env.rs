@@ -286,6 +286,23 @@ impl CriEnv {
     }
 
     /// The pod's `agentPid` from its verbose status (the VMM's pid in a VM pod).
+    /// A VM pod's VMM pid, then its helpers' pids (the log writer last), from the
+    /// verbose status.
+    pub async fn vm_pids(&self, pod: &str) -> Vec<i32> {
+        let st = pod_status(&self.c, pod).await.expect("pod status");
+        let i = info(&st.info);
+        let mut v = vec![i["agentPid"].as_i64().expect("agentPid") as i32];
+        v.extend(
+            i["vmHelpers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| p.as_i64().map(|p| p as i32)),
+        );
+        v
+    }
+
     pub async fn agent_pid(&self, pod: &str) -> i32 {
         let st = pod_status(&self.c, pod)
             .await

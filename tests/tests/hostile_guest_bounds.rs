@@ -16,7 +16,7 @@ use husk_host::sandbox::vm::LOG_MAX_BYTES;
 use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
-use husk_tests::runtime::{NS, info, ns_env_ok, pod_status, wait_exited};
+use husk_tests::runtime::{NS, ns_env_ok, wait_exited};
 use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
 
 async fn vm_env() -> CriEnv {
@@ -52,22 +52,6 @@ fn cpu_time(pid: i32) -> Duration {
     // SAFETY: sysconf only reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis(ticks * 1000 / hz)
-}
-
-/// The pod's VMM and helper pids (the log writer among the helpers).
-async fn vm_pids(e: &CriEnv, pod: &str) -> Vec<i32> {
-    let st = pod_status(&e.c, pod).await.unwrap();
-    let i = info(&st.info);
-    let mut v = vec![i["agentPid"].as_i64().unwrap() as i32];
-    v.extend(
-        i["vmHelpers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| p.as_i64().map(|p| p as i32)),
-    );
-    v
 }
 
 #[derive(Debug)]
@@ -153,7 +137,7 @@ async fn output_flood_keeps_huskd_responsive_and_bounded() {
     let len0 = file_len(&log);
     let attack = probe(&e, Duration::from_secs(30)).await;
     let rate = (file_len(&log) - len0) as f64 / t.elapsed().as_secs_f64();
-    let pids = vm_pids(&e, &pod).await;
+    let pids = e.vm_pids(&pod).await;
     let helpers: Vec<(i32, u64)> = pids.iter().map(|p| (*p, rss_kib(*p))).collect();
     println!(
         "yes '' flood: {attack}; CRI log grows {:.1} MB/s ({:.0} k records/s); VMM + helpers RSS KiB {helpers:?}",
@@ -223,7 +207,7 @@ async fn guest_console_flood_stays_within_the_log_cap() {
         tail.contains("console flood from a hostile guest"),
         "the newest output is kept"
     );
-    for p in vm_pids(&e, &pod).await.iter().skip(1) {
+    for p in e.vm_pids(&pod).await.iter().skip(1) {
         assert!(rss_kib(*p) < 128 << 10, "helper {p} grew");
     }
     // The pod still works.

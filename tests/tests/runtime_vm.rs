@@ -66,22 +66,6 @@ fn comm(pid: i32) -> String {
         .to_string()
 }
 
-/// The pod's VMM pid and its helpers' pids, from the verbose status.
-async fn vm_pids(e: &CriEnv, pod: &str) -> Vec<i32> {
-    let st = pod_status(&e.c, pod).await.unwrap();
-    let i = info(&st.info);
-    let mut v = vec![i["agentPid"].as_i64().unwrap() as i32];
-    v.extend(
-        i["vmHelpers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| p.as_i64().map(|p| p as i32)),
-    );
-    v
-}
-
 /// A VM process is jailed (docs/security.md, "VMM and helper jail"): a uid and gid of the
 /// jail range (default base), no_new_privs, a seccomp filter, no capability (the virtio-fs
 /// server keeps its five file ones), and a root of its own without the host's /etc.
@@ -174,7 +158,7 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
     let i = info(&st.info);
     assert_eq!(i["kind"], "qemu");
     assert_eq!(i["isolation"], "virtual machine (QEMU)");
-    let pids = vm_pids(&e, &pod).await;
+    let pids = e.vm_pids(&pod).await;
     // Host memory: guest RAM (MADV_DONTDUMP mappings) apart from QEMU's own.
     let m = &i["vmHostMemory"];
     assert!(m["guestRamBytes"].as_u64().unwrap() > 10 << 20, "{i}");
@@ -353,7 +337,7 @@ async fn vm_oom_second_image_hotplug_and_cli() {
         .run_pod(&pcfg)
         .await
         .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
-    let pids = vm_pids(&e, &pod).await;
+    let pids = e.vm_pids(&pod).await;
 
     // OOM inside the guest → OOMKilled.
     let mut hog = e.ctr(
@@ -533,7 +517,7 @@ async fn vm_huskd_kill9_and_restart_reattaches() {
         .run_pod(&pcfg)
         .await
         .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
-    let pids = vm_pids(&e, &pod).await;
+    let pids = e.vm_pids(&pod).await;
     let c = e
         .run(
             &pod,
@@ -566,7 +550,7 @@ async fn vm_huskd_kill9_and_restart_reattaches() {
         "{}",
         e.d.log()
     );
-    assert_eq!(vm_pids(&e, &pod).await, pids);
+    assert_eq!(e.vm_pids(&pod).await, pids);
     let st = container_status(&e.c, &c).await.unwrap().status.unwrap();
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     let n = log_records(&log).len();
@@ -627,7 +611,7 @@ async fn vmm_pod_containers_on_disk_slots() {
             return;
         }
     };
-    let pids = vm_pids(&e, &pod).await;
+    let pids = e.vm_pids(&pod).await;
     assert!(comm(pids[0]).starts_with("husk-vmm"), "{}", comm(pids[0]));
     assert_eq!(vmm_ctl(&e, &pod, "disks"), "disks 0=- 1=- 2=-");
 
@@ -954,7 +938,7 @@ async fn vm_pod_host_mounts_over_virtio_fs() {
         0,
         "the container's entries unbound"
     );
-    let pids = vm_pids(&e, &pod).await;
+    let pids = e.vm_pids(&pod).await;
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();
     assert_pod_gone(&e, &pod, &pids).await;
