@@ -701,15 +701,20 @@ mod tests {
         assert!(!guest_cmdline(Kind::Qemu).contains("i8042"));
     }
 
-    #[test]
-    fn pod_sizing() {
-        let img = crate::image::ImageService::open(crate::image::ImageSettings {
+    /// An image service on a fresh temp dir (the VM sandbox needs one to exist).
+    fn images() -> std::sync::Arc<crate::image::ImageService> {
+        crate::image::ImageService::open(crate::image::ImageSettings {
             root: tempfile::tempdir().unwrap().keep(),
             registry_config_dir: None,
             docker_config: None,
             max_concurrent_downloads: 1,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn pod_sizing() {
+        let img = images();
         let vm = VmSandbox::new(
             Kind::Qemu,
             Accel::Tcg,
@@ -769,13 +774,7 @@ mod tests {
     /// Every socket of a VM pod fits the bound config.rs checks `run_dir` against.
     #[test]
     fn vm_socket_paths_fit_the_run_dir_bound() {
-        let img = crate::image::ImageService::open(crate::image::ImageSettings {
-            root: tempfile::tempdir().unwrap().keep(),
-            registry_config_dir: None,
-            docker_config: None,
-            max_concurrent_downloads: 1,
-        })
-        .unwrap();
+        let img = images();
         let run = PathBuf::from("/r");
         let vm = VmSandbox::new(
             Kind::Qemu,
