@@ -122,11 +122,26 @@ async fn pod_and_container_lifecycle_logs_and_filters() {
             &pod,
             &e.ctr(
                 "sleeper",
-                &["sh", "-c", "trap '' TERM; while true; do sleep 1; done"],
+                &[
+                    "sh",
+                    "-c",
+                    "trap '' TERM; touch /tmp/trapped; while true; do sleep 1; done",
+                ],
             ),
             &pcfg,
         )
         .await;
+    // SIGTERM must find the trap set (a loaded host may run StopContainer
+    // before the shell has read its first command).
+    let t = Instant::now();
+    while e
+        .exec(&sleeper, &["test", "-e", "/tmp/trapped"], 10)
+        .await
+        .map_or(true, |r| r.exit_code != 0)
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "trap never set");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let running = e
         .list_containers(cri::ContainerFilter {
             state: Some(cri::ContainerStateValue {
