@@ -18,6 +18,8 @@ pub enum Role {
     VhostUserVsock,
     /// `husk-vmm vhost-user fs`.
     VhostUserFs,
+    /// `husk-vmm log-writer`: reads pipes, writes, copies and truncates the files it holds.
+    LogWriter,
     /// A VMM's vCPU thread, on top of `Vmm` (filters stack: the narrower wins): KVM_RUN and
     /// the device register accesses it dispatches (eventfd and serial writes); no files,
     /// sockets or threads.
@@ -182,6 +184,36 @@ const VCPU: &[libc::c_long] = &[
     libc::SYS_exit_group,
 ];
 
+/// The log writer (alone: not `BASE`): its files and pipes are open before it installs the
+/// list, so no open, socket or thread; the runtime's memory, signal and exit calls.
+const LOG_WRITER: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_pwrite64,
+    libc::SYS_pread64,
+    libc::SYS_ftruncate,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
 /// The passthrough file server besides `BASE`.
 const FS: &[libc::c_long] = &[
     libc::SYS_openat2,
@@ -218,6 +250,7 @@ impl Role {
         let mut v = BASE.to_vec();
         match self {
             Role::Vcpu => v = VCPU.to_vec(),
+            Role::LogWriter => v = LOG_WRITER.to_vec(),
             Role::Vmm => {
                 v.extend_from_slice(VMM);
                 v.extend_from_slice(FS);
@@ -386,6 +419,7 @@ mod tests {
             Role::VhostUserVsock,
             Role::VhostUserFs,
             Role::Vcpu,
+            Role::LogWriter,
         ] {
             let a = role.allowed();
             assert!(a.iter().all(|nr| !DENIED.contains(nr)), "{role:?}");
