@@ -225,7 +225,12 @@ const KVMIO: u32 = 0xae;
 /// `_IO(KVMIO, 0x80)`.
 pub const KVM_RUN: u32 = ioc(0, KVMIO, 0x80, 0);
 /// `_IOR(KVMIO, 0x81, struct kvm_regs)`.
-pub const KVM_GET_REGS: u32 = ioc(2, KVMIO, 0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
+pub const KVM_GET_REGS: u32 = ioc(
+    2,
+    KVMIO,
+    0x81,
+    std::mem::size_of::<kvm_bindings::kvm_regs>(),
+);
 /// What std's `set_nonblocking` on a socket is.
 pub const FIONBIO: u32 = libc::FIONBIO as u32;
 
@@ -563,7 +568,9 @@ mod tests {
     fn ioctls_are_filtered_by_request_per_role() {
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
-        assert!(exited_zero(in_child(Role::Vcpu, false, || ioctl_stdin(KVM_RUN))));
+        assert!(exited_zero(in_child(Role::Vcpu, false, || ioctl_stdin(
+            KVM_RUN
+        ))));
         assert!(exited_zero(in_child(Role::Vcpu, false, || ioctl_stdin(
             KVM_GET_REGS
         ))));

@@ -300,10 +300,7 @@ fn jailed_vmm_boots_and_stops() {
         tasks.contains(&("vcpu0".into(), "1".into(), "2".into())),
         "{tasks:?}"
     );
-    assert!(
-        tasks.iter().all(|t| t.1 == "1" && t.2 == "2"),
-        "{tasks:?}"
-    );
+    assert!(tasks.iter().all(|t| t.1 == "1" && t.2 == "2"), "{tasks:?}");
     assert_eq!(filters(&pid.to_string()).1, "1", "{tasks:?}");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect control socket");
     s.write_all(b"stop\n").expect("w");
