@@ -9,7 +9,8 @@
 //! Verdicts, in order: another architecture or the x32 ABI → kill; `DENIED` (calls a device
 //! model must never make) → EPERM, so a probe gets an error rather than a dead process; the
 //! role's list → allow, where `ioctl` is allowed only with the request numbers of the role
-//! (`Role::ioctls`: a vCPU thread `KVM_RUN` and `KVM_GET_REGS`, the main thread `FIONBIO`);
+//! (`Role::ioctls`: a vCPU thread `KVM_RUN` and `KVM_GET_REGS`, the main thread and the
+//! vhost-user servers `FIONBIO`, the log writer none);
 //! anything else → kill the process (or log, in log mode). Other arguments are not inspected
 //! (socket families, `openat` flags): see docs/security.md.
 
@@ -241,6 +242,9 @@ const VCPU_IOCTLS: &[u32] = &[KVM_RUN, KVM_GET_REGS];
 /// unix sockets non-blocking (control socket, vsock). Every KVM and tap ioctl it needs
 /// (`KVM_CREATE_*`, memory regions, irqfds, ioeventfds, `TUNSETIFF`) is made before.
 const VMM_IOCTLS: &[u32] = &[FIONBIO];
+/// ioctl requests of the vhost-user servers (seen under strace in the vhost_user_* tests:
+/// only std's `set_nonblocking` on their sockets; the file server makes none).
+const VHOST_USER_IOCTLS: &[u32] = &[FIONBIO];
 
 /// The passthrough file server besides `BASE`.
 const FS: &[libc::c_long] = &[
@@ -274,13 +278,13 @@ const FS: &[libc::c_long] = &[
 ];
 
 impl Role {
-    /// The ioctl requests the role may make (by number); `None`: any.
-    fn ioctls(self) -> Option<&'static [u32]> {
+    /// The ioctl requests the role may make (by number).
+    fn ioctls(self) -> &'static [u32] {
         match self {
-            Role::Vmm => Some(VMM_IOCTLS),
-            Role::Vcpu => Some(VCPU_IOCTLS),
-            Role::LogWriter => Some(&[]),
-            Role::VhostUserVsock | Role::VhostUserFs => None,
+            Role::Vmm => VMM_IOCTLS,
+            Role::Vcpu => VCPU_IOCTLS,
+            Role::LogWriter => &[],
+            Role::VhostUserVsock | Role::VhostUserFs => VHOST_USER_IOCTLS,
         }
     }
 
@@ -351,7 +355,7 @@ fn filter(role: Role, log: bool) -> Vec<libc::sock_filter> {
         libc::SECCOMP_RET_KILL_PROCESS
     };
     for nr in role.allowed() {
-        match role.ioctls().filter(|_| nr == libc::SYS_ioctl) {
+        match (nr == libc::SYS_ioctl).then(|| role.ioctls()) {
             // ioctl: allowed only with a listed request (the low 32 bits of args[1]: the
             // kernel reads the request as an unsigned int), else the final verdict.
             Some(reqs) => {
@@ -598,10 +602,15 @@ mod tests {
         assert!(exited_zero(in_child(Role::Vcpu, true, || ioctl_stdin(
             FIONBIO
         ))));
-        // Roles without a request list keep any ioctl.
-        assert!(exited_zero(in_child(Role::VhostUserVsock, false, || {
-            ioctl_stdin(KVM_RUN)
+        // The vhost-user servers: FIONBIO only.
+        assert!(exited_zero(in_child(Role::VhostUserFs, false, || {
+            ioctl_stdin(FIONBIO)
         })));
+        assert!(killed_by_sigsys(in_child(
+            Role::VhostUserVsock,
+            false,
+            || { ioctl_stdin(KVM_RUN) }
+        )));
     }
 
     /// A call outside the allow list kills the process: SIGSYS.
