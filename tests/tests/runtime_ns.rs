@@ -693,3 +693,156 @@ async fn restrict_oom_score_adj_clamps_to_huskd_own() {
     );
     e.remove_pod(&pod).await.unwrap();
 }
+
+/// A tmpfs mounted below a volume directory for the length of a test.
+struct SubMount(PathBuf);
+
+impl Drop for SubMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Plants a set-uid-root busybox that also carries a file capability (`cap_net_raw+ep`)
+/// and a `/dev/null` node (c 1 3) in `dir`.
+fn plant_suid_and_dev(dir: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let bb = dir.join("busybox");
+    std::fs::copy("/bin/busybox", &bb).unwrap();
+    std::fs::set_permissions(&bb, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    // vfs_cap_data revision 2, effective, permitted = CAP_NET_RAW (bit 13).
+    let mut cap = Vec::new();
+    for w in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    let path = std::ffi::CString::new(bb.as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated strings and a buffer with its length.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"security.capability".as_ptr(),
+            cap.as_ptr().cast(),
+            cap.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+    let null = std::ffi::CString::new(dir.join("null").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    let r = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+}
+
+/// Whether the mount holding `p` honours set-id bits and device nodes.
+fn mount_allows_suid_and_dev(p: &std::path::Path) -> bool {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and a zeroed statvfs the kernel fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_flag & (libc::ST_NOSUID | libc::ST_NODEV) == 0
+}
+
+/// Host volumes are `nosuid,nodev` for an unprivileged container, on every mount of the
+/// volume's tree (a set-id binary with a file capability, and a device node, planted by
+/// the host in the volume and in a tmpfs below it, do not work from the container); a
+/// privileged container keeps the host's view, as with containerd.
+#[tokio::test]
+async fn volumes_are_nosuid_nodev_for_unprivileged_containers() {
+    require!(env_ok(), NEEDS);
+    let data = tempfile::tempdir().unwrap();
+    if !mount_allows_suid_and_dev(data.path()) {
+        eprintln!(
+            "SKIP: {} is on a nosuid/nodev mount already: the test could not fail",
+            data.path().display()
+        );
+        return;
+    }
+    plant_suid_and_dev(data.path());
+    let sub = data.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m,mode=755", "husk-vol-test"])
+        .arg(&sub)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _sub = SubMount(sub.clone());
+    plant_suid_and_dev(&sub);
+
+    let e = CriEnv::new(NS, "").await;
+    let pcfg = e.pod("nosuid");
+    let pod = e.run_pod(&pcfg).await.unwrap();
+    let volume = cri::Mount {
+        container_path: "/vol".into(),
+        host_path: data.path().display().to_string(),
+        ..Default::default()
+    };
+    let mut cfg = e.ctr("plain", &["sleep", "1000"]);
+    cfg.mounts = vec![volume.clone()];
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 65534 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let plain = e.run(&pod, &cfg, &pcfg).await;
+    for dir in ["/vol", "/vol/sub"] {
+        let status = e
+            .sh(&plain, &format!("{dir}/busybox cat /proc/self/status"))
+            .await;
+        let line = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .unwrap_or_else(|| panic!("{k} in {status}"))
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            line("Uid:"),
+            "65534 65534 65534 65534",
+            "{dir}: set-uid honoured"
+        );
+        assert_eq!(
+            line("CapPrm:"),
+            "0000000000000000",
+            "{dir}: file capability honoured"
+        );
+        let r = e
+            .exec(&plain, &["sh", "-c", &format!("cat {dir}/null")], 30)
+            .await
+            .unwrap();
+        assert_ne!(r.exit_code, 0, "{dir}/null opened");
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("Permission denied"),
+            "{:?}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let opts = e
+            .sh(&plain, &format!("grep ' {dir} ' /proc/self/mountinfo"))
+            .await;
+        assert!(
+            opts.contains("nosuid") && opts.contains("nodev"),
+            "{dir}: {opts}"
+        );
+    }
+
+    // The same volume in a privileged container: the node works (the kernel honours it).
+    let mut cfg = e.ctr("priv", &["sleep", "1000"]);
+    cfg.mounts = vec![volume];
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let privileged = e.run(&pod, &cfg, &pcfg).await;
+    e.sh(&privileged, "cat /vol/null && cat /vol/sub/null")
+        .await;
+    e.remove_pod(&pod).await.unwrap();
+}

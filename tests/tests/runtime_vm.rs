@@ -187,11 +187,24 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
             "pid {p} not in the pod cgroup: {cg}"
         );
     }
-    // QEMU and its two servers (what parses guest input) are jailed, under the pod's one
-    // uid. The log writer (last) only copies their pipes into files in the root-owned pod
-    // dir and is not jailed yet (docs/security.md, "left open").
-    let uids: Vec<u32> = pids[..3].iter().map(|p| assert_jailed(*p)).collect();
+    // QEMU, its two servers (what parses guest input) and the log writer (which copies
+    // their pipes into files huskd opened for it) are jailed, under the pod's one uid.
+    let uids: Vec<u32> = pids.iter().map(|p| assert_jailed(*p)).collect();
     assert!(uids.iter().all(|u| *u == uids[0]), "{uids:?}");
+    // The jailed writer fills the root-owned log files huskd opened for it.
+    let console =
+        e.d.run_dir()
+            .join("vm")
+            .join(&pod[..16])
+            .join("console.log");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("husk-agent ready"),
+        "{}: {text}",
+        console.display()
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&console).unwrap().uid(), 0);
 
     // A container on the guest kernel, logs written on the host.
     let c1 = e

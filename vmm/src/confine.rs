@@ -29,8 +29,8 @@ pub fn confine(keep: &[u32], role: crate::seccomp::Role) -> Result<(), ConfineEr
     crate::seccomp::install(role, true).map_err(|e| ConfineError::Os("seccomp", e))
 }
 
-/// no_new_privs and the capability drop.
-fn drop_privileges(keep: &[u32]) -> Result<(), ConfineError> {
+/// no_new_privs and the capability drop (the VMM installs its seccomp lists per thread).
+pub fn drop_privileges(keep: &[u32]) -> Result<(), ConfineError> {
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(ConfineError::Os(

@@ -71,7 +71,8 @@ enum Command {
         /// Bytes each log keeps at most, over `<PATH>` and `<PATH>.1`.
         #[arg(long, default_value_t = husk_vmm::logwriter::DEFAULT_MAX_BYTES)]
         max_bytes: u64,
-        /// `FD=PATH`: an inherited pipe (FD >= 3) and its log file (repeatable).
+        /// `FD=PATH`: an inherited pipe (FD >= 3) and its log file, or `FD:CURFD:OLDFD`: the
+        /// pipe and the inherited fds of the log's two files (repeatable).
         #[arg(required = true)]
         logs: Vec<String>,
     },
@@ -194,21 +195,38 @@ fn run_vhost_user(dev: VhostUserDevice) -> i32 {
 }
 
 fn run_log_writer(max_bytes: u64, logs: &[String]) -> anyhow::Result<()> {
-    use husk_vmm::logwriter;
+    use husk_vmm::logwriter::{self, CappedLog, Target};
     let mut pipes = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for l in logs {
-        let (fd, path) = logwriter::parse_spec(l)?;
+    // Takes inherited fd `fd`, once.
+    let mut take = |fd: i32| -> anyhow::Result<std::os::fd::OwnedFd> {
         // SAFETY: F_GETFD only queries the descriptor table.
         let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
         anyhow::ensure!(
             open && seen.insert(fd),
-            "log-writer: fd {fd} is not an inherited pipe"
+            "log-writer: fd {fd} is not an inherited fd"
         );
         // SAFETY: `fd` is open (checked above), inherited from our parent, and taken once.
-        pipes.push((unsafe { logwriter::inherited(fd) }, path));
+        Ok(unsafe { logwriter::inherited(fd) })
+    };
+    for l in logs {
+        let (fd, target) = logwriter::parse_spec(l)?;
+        let pipe = take(fd)?;
+        let log = match target {
+            Target::Path(p) => CappedLog::create(&p, max_bytes)?,
+            Target::Fds(cur, old) => CappedLog::from_files(
+                PathBuf::from(format!("fd {cur}")),
+                take(cur)?.into(),
+                take(old)?.into(),
+                max_bytes,
+            )?,
+        };
+        pipes.push((pipe, log));
     }
-    logwriter::run(pipes, max_bytes)?;
+    // Every file is open: from here on only reads, writes and truncation of the fds held.
+    husk_vmm::seccomp::install(husk_vmm::seccomp::Role::LogWriter, true)
+        .context("log-writer: seccomp")?;
+    logwriter::run(pipes)?;
     Ok(())
 }
 

@@ -1,26 +1,34 @@
-//! Seccomp allow lists for husk-vmm's processes, one per role: the VMM (the device event loop
-//! and the control socket; its vCPU threads add the narrower `Vcpu` list on their own), the
-//! vhost-user vsock server and the vhost-user virtio-fs server. Built from what these processes were seen to call in the
-//! vmm and runtime_vm tests (run them with `HUSK_SECCOMP=log`: unlisted calls are then
-//! allowed and logged by the kernel as `audit: type=1326 … syscall=N`).
+//! Seccomp allow lists for husk-vmm's processes and threads, one per role: the VMM's main
+//! thread (the device event loop and the control socket, one thread), each vCPU thread (its
+//! own list, installed by the thread itself before it first enters the guest: the two lists
+//! do not stack), the vhost-user vsock server, the vhost-user virtio-fs server and the log
+//! writer. Built from what these processes were seen to call in the vmm and runtime_vm tests
+//! (run them with `HUSK_SECCOMP=log`: unlisted calls are then allowed and logged by the kernel
+//! as `audit: type=1326 … syscall=N`).
 //!
 //! Verdicts, in order: another architecture or the x32 ABI → kill; `DENIED` (calls a device
 //! model must never make) → EPERM, so a probe gets an error rather than a dead process; the
-//! role's list → allow; anything else → kill the process (or log, in log mode).
-//! Arguments are not inspected (ioctl numbers, socket families): see docs/security.md.
+//! role's list → allow, where `ioctl` is allowed only with the request numbers of the role
+//! (`Role::ioctls`: a vCPU thread `KVM_RUN` and `KVM_GET_REGS`, the main thread and the
+//! vhost-user servers `FIONBIO`, the log writer none);
+//! anything else → kill the process (or log, in log mode). Other arguments are not inspected
+//! (socket families, `openat` flags): see docs/security.md.
 
 /// Which allow list a process installs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// husk-vmm booting a VM (KVM, devices, control socket, in-process virtio-fs).
+    /// husk-vmm's main thread once the VM is built: the device event loop and the control
+    /// socket (devices, in-process virtio-fs, tap and vsock I/O; no KVM ioctl).
     Vmm,
     /// `husk-vmm vhost-user vsock`.
     VhostUserVsock,
     /// `husk-vmm vhost-user fs`.
     VhostUserFs,
-    /// A VMM's vCPU thread, on top of `Vmm` (filters stack: the narrower wins): KVM_RUN and
-    /// the device register accesses it dispatches (eventfd and serial writes); no files,
-    /// sockets or threads.
+    /// `husk-vmm log-writer`: reads pipes, writes, copies and truncates the files it holds.
+    LogWriter,
+    /// A VMM's vCPU thread (its own list, not stacked on `Vmm`): `KVM_RUN` and the device
+    /// register accesses it dispatches (eventfd and serial writes); no files, sockets or
+    /// threads, no other ioctl.
     Vcpu,
 }
 
@@ -134,11 +142,9 @@ const BASE: &[libc::c_long] = &[
     libc::SYS_unlinkat,
 ];
 
-/// The VMM besides `BASE`: KVM and tap (ioctl, read/write are in `BASE`), timers and signal
-/// fds, the in-process virtio-fs server (`FS`).
+/// The VMM's main thread besides `BASE`: tap and vsock I/O (read/write are in `BASE`), timers
+/// and signal fds, the in-process virtio-fs server (`FS`).
 const VMM: &[libc::c_long] = &[
-    // vCPU threads add their own filter (a filter can only narrow what is allowed).
-    libc::SYS_seccomp,
     libc::SYS_signalfd4,
     libc::SYS_rt_sigtimedwait,
     libc::SYS_kill,
@@ -182,6 +188,64 @@ const VCPU: &[libc::c_long] = &[
     libc::SYS_exit_group,
 ];
 
+/// The log writer (alone: not `BASE`): its files and pipes are open before it installs the
+/// list, so no open, socket or thread; the runtime's memory, signal and exit calls.
+const LOG_WRITER: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_pwrite64,
+    libc::SYS_pread64,
+    libc::SYS_ftruncate,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// `_IOC(dir, type, nr, size)` of asm-generic/ioctl.h.
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (ty << 8) | nr
+}
+const KVMIO: u32 = 0xae;
+/// `_IO(KVMIO, 0x80)`.
+pub const KVM_RUN: u32 = ioc(0, KVMIO, 0x80, 0);
+/// `_IOR(KVMIO, 0x81, struct kvm_regs)`.
+pub const KVM_GET_REGS: u32 = ioc(
+    2,
+    KVMIO,
+    0x81,
+    std::mem::size_of::<kvm_bindings::kvm_regs>(),
+);
+/// What std's `set_nonblocking` on a socket is.
+pub const FIONBIO: u32 = libc::FIONBIO as u32;
+
+/// ioctl requests a vCPU thread makes: entering the guest, and reading its registers for the
+/// message when it stops on an error.
+const VCPU_IOCTLS: &[u32] = &[KVM_RUN, KVM_GET_REGS];
+/// ioctl requests of the VMM's main thread once the VM runs: making accepted and connected
+/// unix sockets non-blocking (control socket, vsock). Every KVM and tap ioctl it needs
+/// (`KVM_CREATE_*`, memory regions, irqfds, ioeventfds, `TUNSETIFF`) is made before.
+const VMM_IOCTLS: &[u32] = &[FIONBIO];
+/// ioctl requests of the vhost-user servers (seen under strace in the vhost_user_* tests:
+/// only std's `set_nonblocking` on their sockets; the file server makes none).
+const VHOST_USER_IOCTLS: &[u32] = &[FIONBIO];
+
 /// The passthrough file server besides `BASE`.
 const FS: &[libc::c_long] = &[
     libc::SYS_openat2,
@@ -214,10 +278,21 @@ const FS: &[libc::c_long] = &[
 ];
 
 impl Role {
+    /// The ioctl requests the role may make (by number).
+    fn ioctls(self) -> &'static [u32] {
+        match self {
+            Role::Vmm => VMM_IOCTLS,
+            Role::Vcpu => VCPU_IOCTLS,
+            Role::LogWriter => &[],
+            Role::VhostUserVsock | Role::VhostUserFs => VHOST_USER_IOCTLS,
+        }
+    }
+
     fn allowed(self) -> Vec<libc::c_long> {
         let mut v = BASE.to_vec();
         match self {
             Role::Vcpu => v = VCPU.to_vec(),
+            Role::LogWriter => v = LOG_WRITER.to_vec(),
             Role::Vmm => {
                 v.extend_from_slice(VMM);
                 v.extend_from_slice(FS);
@@ -274,20 +349,36 @@ fn filter(role: Role, log: bool) -> Vec<libc::sock_filter> {
         f.push(jeq(*nr as u32, 0, 1));
         f.push(stmt(ret, eperm));
     }
+    let otherwise = if log {
+        libc::SECCOMP_RET_LOG
+    } else {
+        libc::SECCOMP_RET_KILL_PROCESS
+    };
     for nr in role.allowed() {
-        f.push(jeq(nr as u32, 0, 1));
-        f.push(stmt(ret, libc::SECCOMP_RET_ALLOW));
+        match (nr == libc::SYS_ioctl).then(|| role.ioctls()) {
+            // ioctl: allowed only with a listed request (the low 32 bits of args[1]: the
+            // kernel reads the request as an unsigned int), else the final verdict.
+            Some(reqs) => {
+                f.push(jeq(nr as u32, 0, (2 * reqs.len() + 2) as u8));
+                f.push(stmt(ld, IOCTL_REQUEST));
+                for r in reqs {
+                    f.push(jeq(*r, 0, 1));
+                    f.push(stmt(ret, libc::SECCOMP_RET_ALLOW));
+                }
+                f.push(stmt(ret, otherwise));
+            }
+            None => {
+                f.push(jeq(nr as u32, 0, 1));
+                f.push(stmt(ret, libc::SECCOMP_RET_ALLOW));
+            }
+        }
     }
-    f.push(stmt(
-        ret,
-        if log {
-            libc::SECCOMP_RET_LOG
-        } else {
-            libc::SECCOMP_RET_KILL_PROCESS
-        },
-    ));
+    f.push(stmt(ret, otherwise));
     f
 }
+
+/// Offset of the low 32 bits of `seccomp_data.args[1]` (x86-64 is little-endian).
+const IOCTL_REQUEST: u32 = 16 + 8;
 
 /// Whether `HUSK_SECCOMP=log` asks for log mode.
 fn log_mode() -> bool {
@@ -386,6 +477,7 @@ mod tests {
             Role::VhostUserVsock,
             Role::VhostUserFs,
             Role::Vcpu,
+            Role::LogWriter,
         ] {
             let a = role.allowed();
             assert!(a.iter().all(|nr| !DENIED.contains(nr)), "{role:?}");
@@ -393,7 +485,8 @@ mod tests {
         }
         assert!(!Role::VhostUserVsock.allowed().contains(&libc::SYS_openat2));
         assert!(Role::VhostUserFs.allowed().contains(&libc::SYS_openat2));
-        // A vCPU thread's list is within the VMM's, without files, sockets or threads.
+        // A vCPU thread's list (its own, not stacked) is within the VMM's, without files,
+        // sockets or threads.
         let (vcpu, vmm) = (Role::Vcpu.allowed(), Role::Vmm.allowed());
         assert!(vcpu.iter().all(|nr| vmm.contains(nr)));
         for nr in [
@@ -406,16 +499,16 @@ mod tests {
         }
     }
 
-    /// Installs `role`'s filter (log mode or not) in a forked child that then calls mkdirat
-    /// (outside the vsock server's list); returns the child's wait status.
-    fn child_calls_unlisted(log: bool) -> i32 {
+    /// Forks a child that installs `role`'s filter (log mode or not), then runs `body` and
+    /// exits with what it returns; returns the child's wait status.
+    fn in_child(role: Role, log: bool, body: fn() -> i32) -> i32 {
         // SAFETY: fork in a test; the child only makes raw syscalls and exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork");
         if pid == 0 {
-            // SAFETY: in the child: install, then a call the vsock server's list lacks.
+            // SAFETY: in the child: install, then the body's raw calls, then _exit.
             unsafe {
-                let f = filter(Role::VhostUserVsock, log);
+                let f = filter(role, log);
                 let prog = libc::sock_fprog {
                     len: f.len() as u16,
                     filter: f.as_ptr() as *mut libc::sock_filter,
@@ -430,19 +523,94 @@ mod tests {
                 {
                     libc::_exit(3);
                 }
-                libc::syscall(
-                    libc::SYS_mkdirat,
-                    libc::AT_FDCWD,
-                    c"/nonexistent/x".as_ptr(),
-                    0,
-                );
-                libc::_exit(0);
+                libc::_exit(body());
             }
         }
         let mut status = 0;
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         status
+    }
+
+    /// mkdirat: outside the vsock server's list.
+    fn child_calls_unlisted(log: bool) -> i32 {
+        in_child(Role::VhostUserVsock, log, || {
+            // SAFETY: a raw call with a valid string; expected to be refused.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_mkdirat,
+                    libc::AT_FDCWD,
+                    c"/nonexistent/x".as_ptr(),
+                    0,
+                )
+            };
+            0
+        })
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    fn exited_zero(status: i32) -> bool {
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+
+    /// `ioctl(stdin, req)`: 0 when the filter let it through (whatever the kernel answered).
+    fn ioctl_stdin(req: u32) -> i32 {
+        let mut arg = 0i32;
+        // SAFETY: an ioctl on fd 0 with a pointer to an int that outlives the call (the
+        // kernel refuses requests that do not apply to it).
+        unsafe { libc::ioctl(0, req as _, &mut arg) };
+        0
+    }
+
+    /// The ioctl filters go by request number, per thread role: a vCPU thread may enter the
+    /// guest and read registers but not touch a socket; the event loop may make a socket
+    /// non-blocking but not run a vCPU. A request outside the role's list kills the process.
+    #[test]
+    fn ioctls_are_filtered_by_request_per_role() {
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert!(exited_zero(in_child(Role::Vcpu, false, || ioctl_stdin(
+            KVM_RUN
+        ))));
+        assert!(exited_zero(in_child(Role::Vcpu, false, || ioctl_stdin(
+            KVM_GET_REGS
+        ))));
+        assert!(killed_by_sigsys(in_child(Role::Vcpu, false, || {
+            ioctl_stdin(FIONBIO)
+        })));
+        assert!(exited_zero(in_child(Role::Vmm, false, || {
+            let mut on = 1i32;
+            // SAFETY: a new socket, then FIONBIO on it with a pointer to an int.
+            let ok = unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                fd >= 0 && libc::ioctl(fd, libc::FIONBIO, &mut on) == 0
+            };
+            if ok { 0 } else { 1 }
+        })));
+        assert!(killed_by_sigsys(in_child(Role::Vmm, false, || {
+            ioctl_stdin(KVM_RUN)
+        })));
+        // Requests that differ only above bit 31 are the same request to the kernel.
+        assert!(killed_by_sigsys(in_child(Role::Vmm, false, || {
+            // KVM_CREATE_VCPU: not the main thread's once the VM runs.
+            ioctl_stdin(ioc(0, KVMIO, 0x41, 0))
+        })));
+        // In log mode an unlisted request goes through (and is logged).
+        assert!(exited_zero(in_child(Role::Vcpu, true, || ioctl_stdin(
+            FIONBIO
+        ))));
+        // The vhost-user servers: FIONBIO only.
+        assert!(exited_zero(in_child(Role::VhostUserFs, false, || {
+            ioctl_stdin(FIONBIO)
+        })));
+        assert!(killed_by_sigsys(in_child(
+            Role::VhostUserVsock,
+            false,
+            || { ioctl_stdin(KVM_RUN) }
+        )));
     }
 
     /// A call outside the allow list kills the process: SIGSYS.

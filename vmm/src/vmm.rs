@@ -169,16 +169,15 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     }
     // Everything is open and mapped: from here on the guest can reach the device models, so
     // the process gives up what they never need (the in-process file server keeps its file
-    // capabilities).
-    crate::confine::confine(
-        if cfg.fs.is_empty() {
-            &[]
-        } else {
-            crate::confine::FS_CAPS
-        },
-        crate::seccomp::Role::Vmm,
-    )?;
-    tracing::debug!("confined");
+    // capabilities), and each thread installs the seccomp list of its own role: every vCPU
+    // thread its `Vcpu` list before it first enters the guest, then this thread (the event
+    // loop and the control socket) its `Vmm` list before it serves any event. The lists do
+    // not stack: the vCPU threads start before this thread is filtered.
+    crate::confine::drop_privileges(if cfg.fs.is_empty() {
+        &[]
+    } else {
+        crate::confine::FS_CAPS
+    })?;
     let shared = Arc::new(VcpuShared {
         pio: std::mem::take(&mut dm.pio),
         mmio: std::mem::take(&mut dm.mmio),
@@ -189,6 +188,9 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         v.start(shared.clone())?;
     }
     tracing::debug!("vcpus started");
+    crate::seccomp::install(crate::seccomp::Role::Vmm, false)
+        .map_err(|e| crate::confine::ConfineError::Os("seccomp", e))?;
+    tracing::debug!("confined");
 
     let serial = dm.serial.clone();
     loop {

@@ -65,6 +65,8 @@ struct Dev {
     chains: u32,
     closed: u32,
     max_chain: u32,
+    /// After a hostile flood: packets for connections the guest forgot are dropped silently.
+    quiet: bool,
 }
 
 fn buf_addr(b: usize) -> u64 {
@@ -211,6 +213,88 @@ impl Dev {
         }
     }
 
+    /// Hostile mode: `n` packets the host must survive, sent before a single RX buffer is
+    /// posted (every reply the device owes stays queued on its side): connection requests
+    /// to unbound ports and to a host service whose backlog is full (`_5003`), RSTs and
+    /// credit requests for connections that do not exist, headers with a foreign type, a
+    /// spoofed source CID, a length far past the chain, chains too short for a header, an
+    /// unknown op, requests to a host service that accepts (`_5002`: many connections), and
+    /// data on one connection (`_5001`, a peer that never reads) far past the credit the
+    /// host gave. Notifies when the ring is full; waits for every chain to come back.
+    fn flood(&mut self, n: u32) {
+        puts("vsock: hostile start\n");
+        let payload = buf_addr(0);
+        for i in 0..n {
+            if self.tx.nfree < 2 {
+                self.tx.notify();
+                while self.tx.nfree < 2 {
+                    while let Some((h, _)) = self.tx.pop_used() {
+                        self.tx.free_chain(h);
+                    }
+                }
+            }
+            let head = self.tx.alloc();
+            let at = VSOCK_TXHDR + head as u64 * 64;
+            let (mut cid, mut ty, mut len, mut hdr_len) = (self.cid, 1u16, 0u32, 44u32);
+            let (src, dst, op) = match i % 10 {
+                // The data connection first: the data packets below all go on it.
+                0 if i == 0 => (GUEST_PORT + 1, 5001, OP_REQUEST),
+                0 => (100_000 + i, 7000 + i % 1000, OP_REQUEST),
+                1 => (200_000 + i, 9, OP_RST),
+                2 => {
+                    ty = 2;
+                    (300_000 + i, 5002, OP_REQUEST)
+                }
+                3 => {
+                    len = 0x7fff_ffff;
+                    (400_000 + i, 5001, OP_RW)
+                }
+                4 => {
+                    cid = 7;
+                    (500_000 + i, 5002, OP_REQUEST)
+                }
+                5 => (600_000 + i, 5002, OP_REQUEST),
+                6 | 7 => {
+                    len = PAYLOAD;
+                    (GUEST_PORT + 1, 5001, OP_RW)
+                }
+                8 => {
+                    hdr_len = 20;
+                    (700_000 + i, 5003, OP_REQUEST)
+                }
+                _ => (800_000 + i, 5003, if i % 20 == 9 { OP_REQUEST } else { 99 }),
+            };
+            wr64(at, cid);
+            wr64(at + 8, 2);
+            wr32(at + 16, src);
+            wr32(at + 20, dst);
+            wr32(at + 24, len);
+            wr16(at + 28, ty);
+            wr16(at + 30, op);
+            wr32(at + 32, 0);
+            wr32(at + 36, BUF_ALLOC);
+            wr32(at + 40, 0);
+            if i % 10 == 6 || i % 10 == 7 {
+                let d = self.tx.alloc();
+                self.tx.set_desc(head, at, hdr_len, F_NEXT, d);
+                self.tx.set_desc(d, payload, len, 0, 0);
+            } else {
+                self.tx.set_desc(head, at, hdr_len, 0, 0);
+            }
+            self.tx.push(head);
+        }
+        self.tx.notify();
+        while self.tx.nfree < QSIZE as usize {
+            while let Some((h, _)) = self.tx.pop_used() {
+                self.tx.free_chain(h);
+            }
+            core::hint::spin_loop();
+        }
+        puts("vsock: hostile done packets=");
+        put_dec(n as u64);
+        puts("\n");
+    }
+
     fn find(&self, local: u32, peer: u32) -> Option<usize> {
         (0..self.conns.len()).find(|&i| self.conns[i].active && self.conns[i].local == local && self.conns[i].peer == peer)
     }
@@ -235,6 +319,9 @@ impl Dev {
         let (src_port, dst_port, len) = (rd32(h + 16), rd32(h + 20), rd32(h + 24));
         let op = rd16(h + 30);
         if src_cid != 2 || dst_cid != self.cid || rd16(h + 28) != 1 {
+            if self.quiet {
+                return false;
+            }
             puts("vsock: misaddressed packet\n");
             return false;
         }
@@ -274,6 +361,7 @@ impl Dev {
             }
             (OP_RST, Some(c)) => self.close(c, " reset by host"),
             (OP_CREDIT_UPDATE, Some(_)) | (OP_RW, Some(_)) => {}
+            _ if self.quiet => {}
             _ => {
                 puts("vsock: unexpected op ");
                 put_dec(op as u64);
@@ -303,8 +391,13 @@ pub fn run(base: u64, area: u64, cmd: &'static [u8]) {
         chains: 0,
         closed: 0,
         max_chain: 0,
+        quiet: false,
     };
     m.driver_ok();
+    if let Some(n) = param(cmd, b"husk.vsock_hostile") {
+        d.flood(parse_num(n) as u32);
+        d.quiet = true;
+    }
     for b in 0..NBUF {
         d.post_rx(b);
     }

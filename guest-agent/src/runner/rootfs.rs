@@ -317,7 +317,10 @@ fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount) -> Result<()> {
         }
         sys.mount(Some(source), &target, None, flags, None)?;
         // Bind mounts ignore flags on the first call: remount to apply ro etc.
-        if !opts.flags.is_empty() {
+        // `nosuid`/`nodev` alone need no remount (which would also clear the
+        // source's own flags, such as its `ro`): they are set on their own, below.
+        let attrs = opts.flags & (MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        if !(opts.flags - attrs).is_empty() {
             sys.mount(
                 None,
                 &target,
@@ -325,6 +328,11 @@ fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount) -> Result<()> {
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | opts.flags,
                 None,
             )?;
+        }
+        // On every mount of an `rbind` tree, not just its top: a mount below a
+        // volume must not bring back set-id binaries or device nodes.
+        if !attrs.is_empty() {
+            sys.mount_setattr(&target, attrs, opts.recursive)?;
         }
     } else {
         let fstype = match fstype {

@@ -38,6 +38,57 @@ impl Syscall for LinuxSyscall {
         nix::mount::umount2(target, flags).map_err(nix_err("umount", target))
     }
 
+    fn mount_setattr(&self, target: &Path, set: MsFlags, recursive: bool) -> Result<()> {
+        // The kernel's `struct mount_attr` (linux/mount.h).
+        #[repr(C)]
+        struct MountAttr {
+            attr_set: u64,
+            attr_clr: u64,
+            propagation: u64,
+            userns_fd: u64,
+        }
+        const MOUNT_ATTR_RDONLY: u64 = 0x1;
+        const MOUNT_ATTR_NOSUID: u64 = 0x2;
+        const MOUNT_ATTR_NODEV: u64 = 0x4;
+        const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+        let mut attr_set = 0;
+        for (ms, attr) in [
+            (MsFlags::MS_RDONLY, MOUNT_ATTR_RDONLY),
+            (MsFlags::MS_NOSUID, MOUNT_ATTR_NOSUID),
+            (MsFlags::MS_NODEV, MOUNT_ATTR_NODEV),
+            (MsFlags::MS_NOEXEC, MOUNT_ATTR_NOEXEC),
+        ] {
+            if set.contains(ms) {
+                attr_set |= attr;
+            }
+        }
+        let attr = MountAttr {
+            attr_set,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+            .map_err(|_| nix_err("mount_setattr", target)(nix::Error::EINVAL))?;
+        let flags = if recursive { libc::AT_RECURSIVE } else { 0 };
+        // SAFETY: a NUL-terminated path and a `mount_attr` that live across the call,
+        // with its size; the kernel reads nothing else.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                flags,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(nix_err("mount_setattr", target)(nix::Error::last()));
+        }
+        Ok(())
+    }
+
     fn pivot_root(&self, new_root: &Path) -> Result<()> {
         // pivot_root(".", ".") stacks the old root on top of the new one; a lazy
         // unmount of "." then drops it without needing a put_old directory.

@@ -43,6 +43,9 @@ pub trait Syscall {
         data: Option<&str>,
     ) -> Result<()>;
     fn umount2(&self, target: &Path, flags: MntFlags) -> Result<()>;
+    /// Sets `MS_NOSUID`/`MS_NODEV`/`MS_NOEXEC`/`MS_RDONLY` (only those) on the mount at
+    /// `target`, and on every mount below it when `recursive`; other flags are left alone.
+    fn mount_setattr(&self, target: &Path, set: MsFlags, recursive: bool) -> Result<()>;
     fn pivot_root(&self, new_root: &Path) -> Result<()>;
     fn chdir(&self, path: &Path) -> Result<()>;
     fn sethostname(&self, name: &str) -> Result<()>;

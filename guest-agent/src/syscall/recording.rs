@@ -22,6 +22,11 @@ pub enum Call {
         target: PathBuf,
         flags: MntFlags,
     },
+    SetAttr {
+        target: PathBuf,
+        set: MsFlags,
+        recursive: bool,
+    },
     PivotRoot(PathBuf),
     Chdir(PathBuf),
     Sethostname(String),
@@ -97,6 +102,14 @@ impl Syscall for RecordingSyscall {
         self.push(Call::Umount {
             target: target.to_path_buf(),
             flags,
+        });
+        Ok(())
+    }
+    fn mount_setattr(&self, target: &Path, set: MsFlags, recursive: bool) -> Result<()> {
+        self.push(Call::SetAttr {
+            target: target.to_path_buf(),
+            set,
+            recursive,
         });
         Ok(())
     }

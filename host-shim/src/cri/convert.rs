@@ -596,11 +596,19 @@ pub fn container_spec(
         mount.set_destination(PathBuf::from(&m.container_path));
         mount.set_source(Some(PathBuf::from(&m.host_path)));
         mount.set_typ(Some("bind".into()));
-        mount.set_options(Some(vec![
+        let mut options: Vec<String> = vec![
             "rbind".into(),
             if m.readonly { "ro" } else { "rw" }.into(),
             propagation.into(),
-        ]));
+        ];
+        // A volume never lends its set-id binaries, file capabilities or device nodes to
+        // an unprivileged container (its device cgroup would refuse the nodes anyway). A
+        // privileged one gets the host's view, as containerd gives it: it could remount
+        // the bind without them, and device plugins and CSI drivers need `/dev` nodes.
+        if !sc.privileged {
+            options.extend(["nosuid".into(), "nodev".into()]);
+        }
+        mount.set_options(Some(options));
         mounts.push(mount);
     }
     spec.set_mounts(Some(mounts));

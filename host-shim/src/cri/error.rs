@@ -5,6 +5,24 @@ use tonic::{Code, Status};
 use crate::image::ImageError;
 use crate::sandbox::RuntimeError;
 
+/// Metadata every Internal status huskd's handlers answer carries: an Internal answer without
+/// it was made by tonic before any handler ran (a request it could not decode), which
+/// `validate::decode_error_is_invalid_argument` turns into InvalidArgument.
+pub const INTERNAL_MARK: &str = "husk-internal";
+
+/// The status for `code`; an Internal one carries [`INTERNAL_MARK`].
+fn status(code: Code, msg: String) -> Status {
+    if code != Code::Internal {
+        return Status::new(code, msg);
+    }
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert(
+        INTERNAL_MARK,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    Status::with_metadata(code, msg, md)
+}
+
 impl From<RuntimeError> for Status {
     fn from(e: RuntimeError) -> Self {
         let code = match &e {
@@ -17,7 +35,7 @@ impl From<RuntimeError> for Status {
             RuntimeError::ResourceExhausted(_) => Code::ResourceExhausted,
             RuntimeError::Internal(_) | RuntimeError::Store(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        status(code, e.to_string())
     }
 }
 
@@ -27,7 +45,7 @@ impl From<crate::streaming::StreamingError> for Status {
             crate::streaming::StreamingError::TooMany => Code::ResourceExhausted,
             crate::streaming::StreamingError::Bind(..) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        status(code, e.to_string())
     }
 }
 
@@ -44,7 +62,7 @@ impl From<ImageError> for Status {
             ImageError::Config(_) => Code::FailedPrecondition,
             ImageError::Store(_) | ImageError::Internal(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        status(code, e.to_string())
     }
 }
 

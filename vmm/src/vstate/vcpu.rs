@@ -231,7 +231,8 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
-                // This thread only: the process's list stays below it (filters stack).
+                // This thread's own list (the main thread installs its own after starting
+                // the vCPUs), before the guest runs here.
                 if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Vcpu, false) {
                     shared
                         .exit

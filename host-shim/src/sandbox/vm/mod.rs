@@ -221,9 +221,9 @@ impl VmSandbox {
             Kind::Qemu => &["console.log", "vmm.log", "vsock.log", "fs.log"],
             _ => &["console.log", "vmm.log"],
         };
-        let logs = PodLogs::start(&self.cfg.vmm_path(), dir, names, |c| {
-            mark(c, id, &self.run_dir)
-        })?;
+        jail::prepare(dir, uid)?;
+        let vmm = qemu::find_binary(&self.cfg.vmm_path()).unwrap_or_else(|| self.cfg.vmm_path());
+        let logs = PodLogs::start(&vmm, dir, names, uid, |c| mark(c, id, &self.run_dir))?;
         match self.start_vm_processes(id, dir, accel, size, nic, &logs, uid) {
             Ok((vm, mut helpers)) => {
                 helpers.push(logs.proc.clone());
@@ -257,7 +257,6 @@ impl VmSandbox {
         let share = dir.join("share");
         std::fs::create_dir_all(&share)
             .map_err(|e| RuntimeError::Internal(format!("pod share {}: {e}", share.display())))?;
-        jail::prepare(dir, uid)?;
         let blocks = self
             .images
             .block_dir()

@@ -39,6 +39,8 @@ pub(super) fn wait_socket(
 pub const LOG_MAX_BYTES: u64 = 4 << 20;
 /// Most logs one writer takes.
 const MAX_LOGS: usize = 8;
+/// Fds a writer inherits: a pipe and two files per log.
+const MAX_FDS: usize = 3 * MAX_LOGS;
 
 /// The pod's log writer (`husk-vmm log-writer`) and the write ends of its
 /// pipes, by log file name. Dropping it closes huskd's copies of the write
@@ -50,46 +52,67 @@ pub(super) struct PodLogs {
 
 impl PodLogs {
     /// Starts `vmm log-writer` with one pipe per name in `names`, writing
-    /// `dir/<name>` (capped at [`LOG_MAX_BYTES`], rotated to `<name>.1`).
+    /// `dir/<name>` (capped at [`LOG_MAX_BYTES`], rotated to `<name>.1`). huskd opens both
+    /// files of every log and hands them over with the pipes: the writer runs jailed as the
+    /// pod's `uid` (when set) and reaches no directory.
     pub fn start(
         vmm: &Path,
         dir: &Path,
         names: &[&'static str],
+        uid: Option<u32>,
         mark: impl FnOnce(&mut Command),
     ) -> Result<Self, RuntimeError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let err = |e: std::io::Error| RuntimeError::Internal(format!("log pipes: {e}"));
-        let mut reads = Vec::new();
-        let mut pipes = Vec::new();
-        for name in names {
-            let (r, w) = std::io::pipe().map_err(err)?;
-            reads.push(OwnedFd::from(r));
-            pipes.push((*name, OwnedFd::from(w)));
+        if names.len() > MAX_LOGS {
+            return Err(RuntimeError::Internal("too many log pipes".into()));
         }
-        let mut cmd = Command::new(vmm);
+        // What the writer inherits, in fd order from 3: pipe, current file, previous file.
+        let mut inherit: Vec<OwnedFd> = Vec::new();
+        let mut pipes = Vec::new();
+        let mut cmd = super::jail::command(vmm, uid, dir, vmm, &super::jail::Jailed::default());
         cmd.arg("log-writer")
             .args(["--max-bytes", &LOG_MAX_BYTES.to_string()]);
         mark(&mut cmd);
-        for (i, name) in names.iter().enumerate() {
-            cmd.arg(format!("{}={}", 3 + i, dir.join(name).display()));
+        for name in names {
+            let (r, w) = std::io::pipe().map_err(err)?;
+            let path = dir.join(name);
+            let open = |p: &Path| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .append(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o640)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(p)
+                    .map(OwnedFd::from)
+                    .map_err(|e| RuntimeError::Internal(format!("log {}: {e}", p.display())))
+            };
+            let n = 3 + inherit.len() as i32;
+            cmd.arg(format!("{n}:{}:{}", n + 1, n + 2));
+            inherit.push(OwnedFd::from(r));
+            inherit.push(open(&path)?);
+            let mut old = path.clone().into_os_string();
+            old.push(".1");
+            inherit.push(open(Path::new(&old))?);
+            pipes.push((*name, OwnedFd::from(w)));
         }
-        if reads.len() > MAX_LOGS {
-            return Err(RuntimeError::Internal("too many log pipes".into()));
-        }
-        let count = reads.len();
-        let mut raw = [0i32; MAX_LOGS];
-        for (r, f) in raw.iter_mut().zip(&reads) {
+        let count = inherit.len();
+        let mut raw = [0i32; MAX_FDS];
+        for (r, f) in raw.iter_mut().zip(&inherit) {
             *r = f.as_raw_fd();
         }
         // SAFETY: between fork and exec only fcntl(2) and dup2(2) run, on
         // stack arrays (async-signal-safe, no allocation); the source fds stay
-        // open in the parent until spawn returns (`reads` lives past it).
+        // open in the parent until spawn returns (`inherit` lives past it).
         unsafe {
             cmd.pre_exec(move || {
                 // Copy the sources above the targets first so no dup2 clobbers
                 // a source that is still to be copied; the copies are
                 // close-on-exec, the targets (dup2) are not.
                 let base = 3 + count as i32;
-                let mut high = [0i32; MAX_LOGS];
+                let mut high = [0i32; MAX_FDS];
                 for i in 0..count {
                     high[i] = libc::fcntl(raw[i], libc::F_DUPFD_CLOEXEC, base);
                     if high[i] < 0 {
@@ -110,7 +133,7 @@ impl PodLogs {
                 .map_err(err)
         };
         let proc = spawn_detached(cmd, null()?, null()?)?;
-        drop(reads);
+        drop(inherit);
         Ok(Self { proc, pipes })
     }
 

@@ -4,6 +4,7 @@
 
 pub mod muxer;
 pub mod packet;
+mod uds;
 pub mod vhost_user;
 
 use std::path::Path;

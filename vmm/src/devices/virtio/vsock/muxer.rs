@@ -454,15 +454,16 @@ impl VsockMuxer {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), key.local_port);
-        let stream =
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%path, "vsock: guest connect refused: {e}");
-                    self.push_ctrl(key, OP_RST, 0);
-                    return;
-                }
-            };
+        // Non-blocking from the start: a host service whose backlog is full refuses at once
+        // (RST) rather than stalling the device thread until it accepts.
+        let stream = match super::uds::connect_nonblocking(Path::new(&path)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%path, "vsock: guest connect refused: {e}");
+                self.push_ctrl(key, OP_RST, 0);
+                return;
+            }
+        };
         let fd = stream.as_raw_fd();
         if self
             .epoll_ctl(ControlOperation::Add, fd, EventSet::empty())
@@ -927,6 +928,38 @@ mod tests {
         m.send_pkt(&from_guest(1025, 99, OP_REQUEST, 4096, 0), &[]);
         assert_eq!(next(&mut m, &mut buf).expect("rst").op, OP_RST);
         assert!(m.conns.is_empty());
+    }
+
+    /// A host service that does not accept (its backlog full) cannot stall the device: the
+    /// guest's REQUEST gets an RST at once, and other connections keep working.
+    #[test]
+    fn guest_connect_to_a_full_backlog_is_refused_without_blocking() {
+        let (mut m, _d, uds) = muxer();
+        let mut buf = Vec::new();
+        let busy = format!("{}_77", uds.display());
+        let l = UnixListener::bind(&busy).expect("bind");
+        // SAFETY: listen(2) again on our listener: the backlog shrinks to its minimum.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let mut held = Vec::new();
+        while let Ok(s) = super::super::uds::connect_nonblocking(Path::new(&busy)) {
+            held.push(s);
+            assert!(held.len() < 1000, "the backlog never filled");
+        }
+        let t = Instant::now();
+        m.send_pkt(&from_guest(1030, 77, OP_REQUEST, 4096, 0), &[]);
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "connect blocked for {:?}",
+            t.elapsed()
+        );
+        assert_eq!(next(&mut m, &mut buf).expect("reply").op, OP_RST);
+        assert!(m.conns.is_empty());
+        // A service that accepts still gets its connection.
+        let ok = UnixListener::bind(format!("{}_78", uds.display())).expect("bind");
+        m.send_pkt(&from_guest(1031, 78, OP_REQUEST, 4096, 0), &[]);
+        assert_eq!(next(&mut m, &mut buf).expect("reply").op, OP_RESPONSE);
+        let _accepted = ok.accept().expect("accept");
+        drop(held);
     }
 
     #[test]
