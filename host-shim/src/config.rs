@@ -48,6 +48,9 @@
 //! cni_conf_dir = "/etc/cni/net.d"     # first .conflist/.conf/.json (by name) is the pod network
 //! cni_bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]  # where plugin binaries are looked up, in order
 //! cni_timeout_ms = 120000             # one plugin run (ADD/DEL/CHECK)
+//!
+//! [metrics]                           # Prometheus endpoint, off unless set
+//! address = "127.0.0.1:9464"          # GET /metrics (docs/metrics.md)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -99,6 +102,15 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub network: NetworkConfig,
     pub streaming: StreamingConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus scrape endpoint (off unless `address` is set).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// host:port serving `GET /metrics` (port 0 = a random free port, logged).
+    pub address: Option<String>,
 }
 
 /// Pod networking with CNI plugins (see docs/networking.md).
@@ -337,6 +349,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             network: NetworkConfig::default(),
             streaming: StreamingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod cri;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
+pub mod metrics;
 pub mod network;
 pub mod sandbox;
 pub mod store;

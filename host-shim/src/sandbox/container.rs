@@ -13,6 +13,7 @@ use super::share;
 use super::state::{ContainerRecord, ContainerState, PodState, new_id, now_ns};
 use super::{Container, Manager, Pod, Result, RuntimeError, lock};
 use crate::cri::{convert, validate};
+use crate::metrics::Phase;
 
 /// A container as the CRI layer sees it.
 #[derive(Debug, Clone)]
@@ -43,6 +44,7 @@ impl Manager {
         pod_id: &str,
         config: cri::ContainerConfig,
     ) -> Result<String> {
+        let began = std::time::Instant::now();
         let md = config
             .metadata
             .clone()
@@ -209,11 +211,16 @@ impl Manager {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), c);
+        pod.first_container_phase(Phase::FirstContainerCreate, began);
+        if md.attempt > 0 {
+            crate::metrics::global().container_restart(&prec.handler);
+        }
         tracing::info!(pod = pod_id, container = %id, name = %md.name, "container created");
         Ok(id)
     }
 
     pub async fn start_container(self: &Arc<Self>, id: &str) -> Result<()> {
+        let began = std::time::Instant::now();
         let c = self.container(id)?;
         let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
@@ -250,6 +257,7 @@ impl Manager {
         }
         c.persist(&self.store)?;
         drop(_g);
+        pod.first_container_phase(Phase::FirstContainerStart, began);
         self.spawn_supervisor(pod, c.clone(), agent);
         Ok(())
     }

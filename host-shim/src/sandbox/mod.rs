@@ -12,6 +12,7 @@ mod beneath;
 mod container;
 pub mod exec;
 mod helper_log;
+mod inventory;
 pub mod kind;
 pub mod logs;
 pub mod orphans;
@@ -123,6 +124,8 @@ pub struct Pod {
     kind: Arc<dyn SandboxKind>,
     /// The last pod-level stats sample (usage_nano_cores, stale answers).
     sample: stats::SampleCell<stats::PodSample>,
+    /// Whether the pod's first container was created / started (metrics phases).
+    first_container: [std::sync::atomic::AtomicBool; 2],
 }
 
 impl Pod {
@@ -149,6 +152,19 @@ impl Pod {
         let _g = lock(&self.persist_lock);
         let rec = self.record();
         Ok(store.put_pod(&self.id, &rec)?)
+    }
+
+    /// Reports `phase` (which began at `began`) if it is the first time for this pod.
+    fn first_container_phase(&self, phase: crate::metrics::Phase, began: std::time::Instant) {
+        use std::sync::atomic::Ordering;
+        let i = match phase {
+            crate::metrics::Phase::FirstContainerCreate => 0,
+            _ => 1,
+        };
+        if !self.first_container[i].swap(true, Ordering::Relaxed) {
+            let handler = lock(&self.rec).handler.clone();
+            crate::metrics::global().phase(&handler, phase, began.elapsed());
+        }
     }
 }
 

@@ -471,6 +471,7 @@ impl SandboxKind for VmSandbox {
             )?),
             false => None,
         };
+        spec.start.mark();
         let (vm, helpers) = match self.start_processes(id, &dir, accel, size, spec.network, uid) {
             Ok(x) => x,
             Err(e) => {
@@ -480,6 +481,7 @@ impl SandboxKind for VmSandbox {
             }
         };
         crash_point("run_pod:spawned");
+        spec.start.end(crate::metrics::Phase::Spawn);
         let proc = AgentProcess {
             pid: vm.pid,
             start_time: vm.start_time,
@@ -518,6 +520,7 @@ impl SandboxKind for VmSandbox {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "guest agent up"
                     );
+                    spec.start.end(crate::metrics::Phase::AgentReady);
                     return Ok((proc, agent));
                 }
             }
