@@ -332,7 +332,7 @@ async fn scrape_a_vm_pod() {
     require!(vm_env_ok(), VM_NEEDS);
     let (k, i) = guest().unwrap();
     let cfg = format!(
-        "{METRICS}[runtime]\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\n\
+        "{METRICS}[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\n\
          [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
     );
     let e = CriEnv::new(QEMU, &cfg).await;
