@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use husk_proto::agent as pb;
 use husk_proto::cri;
 
-use super::RuntimeError;
 use super::agent::{Agent, AgentError};
+use super::error::RuntimeError;
 use super::state::AgentProcess;
 use crate::image::ImageService;
 use crate::image::store::ImageRecord;

@@ -10,6 +10,7 @@
 pub mod agent;
 mod beneath;
 mod container;
+mod error;
 pub mod exec;
 mod helper_log;
 mod inventory;
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use husk_proto::cri;
 
-use self::agent::{Agent, AgentError};
+use self::agent::Agent;
 use self::kind::{NamespaceSandbox, SandboxKind};
 use self::logs::CriLog;
 use self::state::{ContainerRecord, PodRecord};
@@ -39,53 +40,11 @@ use self::vm::VmSandbox;
 use crate::config::{self, RuntimeConfig};
 use crate::image::ImageService;
 use crate::network::Network;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 pub use self::container::{ContainerView, container_state_code};
+pub use self::error::{Result, RuntimeError};
 pub use self::pod::{PodView, pod_state_code};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    #[error("{0}")]
-    Internal(String),
-    #[error("state store: {0}")]
-    Store(#[from] StoreError),
-}
-
-impl RuntimeError {
-    /// An agent failure in the context of `what`.
-    pub fn agent(what: &str, e: AgentError) -> Self {
-        let msg = format!("{what}: {e}");
-        match e {
-            AgentError::Rpc { code, .. } => match code {
-                ttrpc::Code::NOT_FOUND => RuntimeError::NotFound(msg),
-                ttrpc::Code::ALREADY_EXISTS => RuntimeError::AlreadyExists(msg),
-                ttrpc::Code::INVALID_ARGUMENT => RuntimeError::InvalidArgument(msg),
-                ttrpc::Code::FAILED_PRECONDITION => RuntimeError::FailedPrecondition(msg),
-                ttrpc::Code::DEADLINE_EXCEEDED => RuntimeError::DeadlineExceeded(msg),
-                _ => RuntimeError::Internal(msg),
-            },
-            AgentError::Timeout => RuntimeError::DeadlineExceeded(msg),
-            AgentError::Transport(_) | AgentError::BadReply(_) => RuntimeError::Unavailable(msg),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, RuntimeError>;
 
 /// The entry of `map` named by `id` exactly or by a unique prefix of its id (containerd's
 /// truncated-index lookup): empty → InvalidArgument, no match → NotFound, more than one →

@@ -15,6 +15,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use super::beneath::{self, Dir, Kind};
+use super::error::RuntimeError;
 
 /// The sandbox mount name the agent gives the share.
 pub const SHARE: &str = "share";
@@ -249,13 +250,13 @@ pub fn share_mounts(
     Ok(())
 }
 
-impl From<ShareError> for super::RuntimeError {
+impl From<ShareError> for RuntimeError {
     fn from(e: ShareError) -> Self {
         match e {
             // What the request asks cannot be done in a VM sandbox: the request is at fault.
-            ShareError::Refused { .. } => super::RuntimeError::InvalidArgument(e.to_string()),
-            ShareError::Source(..) => super::RuntimeError::InvalidArgument(e.to_string()),
-            _ => super::RuntimeError::Internal(e.to_string()),
+            ShareError::Refused { .. } => RuntimeError::InvalidArgument(e.to_string()),
+            ShareError::Source(..) => RuntimeError::InvalidArgument(e.to_string()),
+            _ => RuntimeError::Internal(e.to_string()),
         }
     }
 }

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use husk_proto::agent as pb;
 use husk_proto::cri;
 
-use super::RuntimeError;
 use super::agent::{Agent, AgentError};
+use super::error::RuntimeError;
 use super::kind::{LaunchSpec, SandboxKind, proc_alive};
 use super::share::PodShare;
 use super::state::{AgentProcess, ProcRef, VmProcess};
