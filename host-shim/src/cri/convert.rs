@@ -776,7 +776,7 @@ pub fn pod_info(v: &PodView) -> HashMap<String, String> {
         // Host-side cost of a VM pod: the VMM's and its helpers' resident memory,
         // guest RAM apart from their own overhead.
         "vmHostMemory": v.rec.agent.as_ref().filter(|a| a.vm.is_some()).map(|a| {
-            crate::sandbox::vm::memory::of_processes(
+            crate::memory::of_processes(
                 std::iter::once(a.pid)
                     .chain(a.vm.iter().flat_map(|vm| vm.helpers.iter().map(|h| h.pid))),
             )

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::Manager;
 use super::state::{ContainerState, PodState};
-use super::vm::memory;
+use crate::memory;
 use crate::metrics::{Inventory, Object, PodMemory, Snapshot};
 
 fn pod_state(s: PodState) -> &'static str {

@@ -13,7 +13,6 @@
 
 pub mod hybrid;
 pub mod jail;
-pub mod memory;
 mod net;
 mod process;
 pub mod qemu;
