@@ -782,9 +782,9 @@ pub fn pod_info(v: &PodView) -> HashMap<String, String> {
             )
         }),
         "isolation": match v.rec.kind {
-            crate::config::SandboxKind::Namespace => "namespaces (container-level isolation, not a VM)",
-            crate::config::SandboxKind::Vm => "virtual machine (husk-vmm)",
-            crate::config::SandboxKind::Qemu => "virtual machine (QEMU)",
+            crate::config::HandlerKind::Namespace => "namespaces (container-level isolation, not a VM)",
+            crate::config::HandlerKind::Vm => "virtual machine (husk-vmm)",
+            crate::config::HandlerKind::Qemu => "virtual machine (QEMU)",
         },
     });
     HashMap::from([("info".to_string(), info.to_string())])

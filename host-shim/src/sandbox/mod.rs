@@ -247,11 +247,11 @@ impl Manager {
                 images.clone(),
             ))
         };
-        let vmm = vm(config::SandboxKind::Vm, config::Accel::Auto);
+        let vmm = vm(config::HandlerKind::Vm, config::Accel::Auto);
         let qemu = [
-            vm(config::SandboxKind::Qemu, config::Accel::Kvm),
-            vm(config::SandboxKind::Qemu, config::Accel::Tcg),
-            vm(config::SandboxKind::Qemu, config::Accel::Auto),
+            vm(config::HandlerKind::Qemu, config::Accel::Kvm),
+            vm(config::HandlerKind::Qemu, config::Accel::Tcg),
+            vm(config::HandlerKind::Qemu, config::Accel::Auto),
         ];
         let m = Arc::new(Self {
             cfg: settings.runtime,
@@ -281,7 +281,7 @@ impl Manager {
     fn kind(&self, h: impl Into<config::Handler>) -> Arc<dyn SandboxKind> {
         let h = h.into();
         match h.kind {
-            config::SandboxKind::Namespace => self.ns.clone(),
+            config::HandlerKind::Namespace => self.ns.clone(),
             _ => match self.kind_vm(h) {
                 Some(v) => v.clone(),
                 None => self.vm.clone(),
@@ -340,9 +340,9 @@ impl Manager {
             .iter()
             .map(|(n, h)| {
                 let r = match h.kind {
-                    config::SandboxKind::Namespace => Ok(()),
-                    config::SandboxKind::Vm => self.vm.ready(),
-                    config::SandboxKind::Qemu => match self.kind_vm(*h) {
+                    config::HandlerKind::Namespace => Ok(()),
+                    config::HandlerKind::Vm => self.vm.ready(),
+                    config::HandlerKind::Qemu => match self.kind_vm(*h) {
                         Some(v) => v.ready(),
                         None => Ok(()),
                     },
@@ -354,10 +354,10 @@ impl Manager {
 
     fn kind_vm(&self, h: config::Handler) -> Option<&Arc<VmSandbox>> {
         match (h.kind, h.accel.unwrap_or(self.cfg.vm.qemu_accel)) {
-            (config::SandboxKind::Qemu, config::Accel::Kvm) => Some(&self.qemu[0]),
-            (config::SandboxKind::Qemu, config::Accel::Tcg) => Some(&self.qemu[1]),
-            (config::SandboxKind::Qemu, config::Accel::Auto) => Some(&self.qemu[2]),
-            (config::SandboxKind::Vm, _) => Some(&self.vm),
+            (config::HandlerKind::Qemu, config::Accel::Kvm) => Some(&self.qemu[0]),
+            (config::HandlerKind::Qemu, config::Accel::Tcg) => Some(&self.qemu[1]),
+            (config::HandlerKind::Qemu, config::Accel::Auto) => Some(&self.qemu[2]),
+            (config::HandlerKind::Vm, _) => Some(&self.vm),
             _ => None,
         }
     }

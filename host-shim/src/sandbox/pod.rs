@@ -13,7 +13,7 @@ use super::kind::{LaunchSpec, remove_pod_cgroups};
 use super::orphans::crash_point;
 use super::state::{ContainerState, PodRecord, PodState, new_id, now_ns};
 use super::{ContainerView, Manager, Pod, Result, RuntimeError, lock};
-use crate::config::SandboxKind as Kind;
+use crate::config::HandlerKind as Kind;
 use crate::metrics::{ExitReason, Phase, PodStart};
 
 /// A pod as the CRI layer sees it.

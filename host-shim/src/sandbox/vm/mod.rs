@@ -36,7 +36,7 @@ use super::error::RuntimeError;
 use super::kind::{LaunchSpec, SandboxKind, proc_alive};
 use super::share::PodShare;
 use super::state::{AgentProcess, ProcRef, VmProcess};
-use crate::config::{Accel, SandboxKind as Kind, VmConfig};
+use crate::config::{Accel, HandlerKind as Kind, VmConfig};
 use crate::image::store::{ImageRecord, hex_of};
 use crate::image::{ImageService, KeyedLocks};
 
