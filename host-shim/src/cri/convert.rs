@@ -332,7 +332,7 @@ fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<LinuxSeccom
                     p.localhost_ref
                 )));
             }
-            let data = super::validate::read_seccomp_profile(&path)?;
+            let data = crate::sandbox::validate::read_seccomp_profile(&path)?;
             serde_json::from_slice(&data)
                 .map(Some)
                 .map_err(|e| invalid(format!("seccomp profile {}: {e}", path.display())))

@@ -51,3 +51,52 @@ impl From<ImageError> for Status {
 pub fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }
+
+/// tonic answers a request prost cannot decode (invalid UTF-8 in a string field, a
+/// malformed message) with Internal; it is the caller's bad input, so the status becomes
+/// InvalidArgument. Used as a response layer on the CRI server: only tonic's own decode
+/// failures carry that message, before any handler runs.
+pub fn decode_error_is_invalid_argument<B>(
+    mut r: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    use tonic::codegen::http::HeaderValue;
+    let h = r.headers_mut();
+    let internal = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"13");
+    let decode = h.get("grpc-message").is_some_and(|m| {
+        String::from_utf8_lossy(m.as_bytes())
+            .replace("%20", " ")
+            .starts_with("failed to decode Protobuf message")
+    });
+    if internal && decode {
+        h.insert("grpc-status", HeaderValue::from_static("3"));
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn only_decode_failures_become_invalid_argument() {
+        use tonic::codegen::http::{HeaderValue, Response};
+        let resp = |status: &'static str, msg: &'static str| {
+            let mut r = Response::new(());
+            r.headers_mut()
+                .insert("grpc-status", HeaderValue::from_static(status));
+            r.headers_mut()
+                .insert("grpc-message", HeaderValue::from_static(msg));
+            decode_error_is_invalid_argument(r)
+                .headers()
+                .get("grpc-status")
+                .cloned()
+                .unwrap()
+        };
+        let msg = "failed%20to%20decode%20Protobuf%20message:%20invalid%20string";
+        assert_eq!(resp("13", msg), "3");
+        assert_eq!(resp("13", "failed to decode Protobuf message: x"), "3");
+        assert_eq!(resp("13", "agent%20died"), "13");
+        assert_eq!(resp("5", msg), "5");
+    }
+}

@@ -9,7 +9,6 @@ mod image;
 pub mod observe;
 mod runtime;
 mod streaming;
-pub mod validate;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -70,7 +69,7 @@ pub async fn serve(
         .layer(
             tower::ServiceBuilder::new()
                 .layer(observe::ObserveLayer)
-                .map_response(validate::decode_error_is_invalid_argument::<tonic::body::Body>),
+                .map_response(error::decode_error_is_invalid_argument::<tonic::body::Body>),
         )
         .add_service(
             RuntimeServiceServer::new(runtime::Runtime::new(services.clone()))

@@ -11,8 +11,9 @@ use super::logs::CriLog;
 use super::pod::labels_match;
 use super::share;
 use super::state::{ContainerRecord, ContainerState, PodState, new_id, now_ns};
+use super::validate;
 use super::{Container, Manager, Pod, Result, RuntimeError, lock};
-use crate::cri::{convert, validate};
+use crate::cri::convert;
 use crate::metrics::Phase;
 
 /// A container as the CRI layer sees it.

@@ -24,6 +24,7 @@ pub mod state;
 pub mod stats;
 pub mod stream;
 mod supervise;
+pub mod validate;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap};

@@ -81,7 +81,7 @@ impl Manager {
         config: cri::PodSandboxConfig,
         handler: &str,
     ) -> Result<String> {
-        crate::cri::validate::pod_config(&config)?;
+        super::validate::pod_config(&config)?;
         let md = config
             .metadata
             .clone()
