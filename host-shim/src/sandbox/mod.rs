@@ -20,6 +20,7 @@ pub mod orphans;
 mod pod;
 mod recover;
 pub mod share;
+pub mod spec;
 pub mod state;
 pub mod stats;
 pub mod stream;

@@ -8,7 +8,7 @@
 //! when the CRI asks. Propagation: private and host-to-container are honoured on the host side
 //! (the bind is `rprivate`, or `rslave` of its source so that new submounts reach the guest
 //! through the FUSE server); bidirectional cannot cross the VM boundary and is refused. An
-//! SELinux relabel request is checked with every CRI mount (`cri::convert::validate_mounts`):
+//! SELinux relabel request is checked with every CRI mount (`sandbox::spec::validate_mounts`):
 //! ignored on a host without SELinux, as containerd does, refused where SELinux is enabled.
 
 use std::ffi::OsStr;
