@@ -4,43 +4,20 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
 use crate::cgroup::{CgroupError, Hierarchy};
 use crate::container::Container;
-use crate::container::spawn::SpawnError;
-use crate::container::stdio::StdioError;
 use crate::reaper::Reaper;
 use crate::sandbox::Sandbox;
+// Re-exported for the binary and outside callers; the agent's own modules
+// import them from `error` and `sync`, not from this state holder.
+pub use crate::error::{AgentError, Result};
+pub use crate::sync::lock;
 
 /// The domain error of every agent operation; rpc.rs maps it to a ttrpc code.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("{0} already exists")]
-    AlreadyExists(String),
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    #[error("failed precondition: {0}")]
-    FailedPrecondition(String),
-    #[error("cgroup: {0}")]
-    Cgroup(#[from] CgroupError),
-    #[error("runner: {0}")]
-    Spawn(#[from] SpawnError),
-    #[error("stdio: {0}")]
-    Stdio(#[from] StdioError),
-    #[error("network: {0}")]
-    Net(#[from] crate::network::NetError),
-    #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
-    #[error("{0}: {1}")]
-    Os(&'static str, #[source] nix::Error),
-}
-
-pub type Result<T> = std::result::Result<T, AgentError>;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -80,10 +57,6 @@ impl OomQueue {
             notified.await;
         }
     }
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct Agent {

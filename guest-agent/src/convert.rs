@@ -74,7 +74,7 @@ pub fn container_state(c: &Container) -> pb::ContainerStateResponse {
         pid: c.init.pid as u32,
         exit_code: exit.map(|e| e.code).unwrap_or(0),
         created_at: unix_nanos(Some(c.created_at)),
-        started_at: unix_nanos(*crate::agent::lock(&c.init.started_at)),
+        started_at: unix_nanos(*crate::sync::lock(&c.init.started_at)),
         finished_at: unix_nanos(exit.map(|e| e.at)),
         oom_killed: c.oom_killed(),
         ..Default::default()

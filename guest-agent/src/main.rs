@@ -193,7 +193,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server.shutdown()).await;
         let sandbox_id = agent.sandbox().ok().map(|s| s.id.clone());
         if let Some(id) = sandbox_id
-            && let Err(e) = sandbox::do_destroy(&agent, &id).await
+            && let Err(e) = sandbox::lifecycle::do_destroy(&agent, &id).await
         {
             tracing::warn!(error = %e, "destroy sandbox on shutdown");
         }

@@ -202,8 +202,8 @@ impl Netlink {
                 std::io::Error::last_os_error(),
             ));
         }
-        // SAFETY: fresh fd we own.
         Ok(Self {
+            // SAFETY: fresh fd we own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             seq: 1,
         })

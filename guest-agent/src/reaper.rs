@@ -161,6 +161,7 @@ mod tests {
         let r = Reaper::new();
         // SAFETY: fork in a test; the child only calls _exit.
         let pid = match unsafe { nix::unistd::fork() }.expect("fork") {
+            // SAFETY: _exit is async-signal-safe.
             nix::unistd::ForkResult::Child => unsafe { libc::_exit(9) },
             nix::unistd::ForkResult::Parent { child } => child.as_raw(),
         };

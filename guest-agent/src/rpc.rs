@@ -8,11 +8,12 @@ use husk_proto::agent as pb;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Status};
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::Agent;
 use crate::cgroup::CgroupError;
 use crate::container::spawn::SpawnError;
 use crate::container::stdio::{ReadAt, StdioError};
 use crate::container::{create, exec, remove, signal, start, stats};
+use crate::error::AgentError;
 use crate::network::NetError;
 use crate::{convert, sandbox};
 
@@ -98,7 +99,7 @@ impl pb::Agent for AgentService {
         r: pb::CreateSandboxRequest,
     ) -> R<pb::CreateSandboxResponse> {
         tracing::info!(sandbox = %r.sandbox_id, "CreateSandbox");
-        let s = sandbox::do_create(&self.agent, convert::sandbox_config(&r))
+        let s = sandbox::lifecycle::do_create(&self.agent, convert::sandbox_config(&r))
             .await
             .map_err(status)?;
         Ok(pb::CreateSandboxResponse {
@@ -124,7 +125,7 @@ impl pb::Agent for AgentService {
         r: pb::DestroySandboxRequest,
     ) -> R<pb::Empty> {
         tracing::info!(sandbox = %r.sandbox_id, "DestroySandbox");
-        sandbox::do_destroy(&self.agent, &r.sandbox_id)
+        sandbox::lifecycle::do_destroy(&self.agent, &r.sandbox_id)
             .await
             .map_err(status)?;
         Ok(pb::Empty::new())
@@ -141,7 +142,7 @@ impl pb::Agent for AgentService {
             "ConfigureNetwork"
         );
         let (interfaces, routes) = convert::network(&r).map_err(|e| status(e.into()))?;
-        sandbox::do_configure_network(&self.agent, interfaces, routes)
+        sandbox::lifecycle::do_configure_network(&self.agent, interfaces, routes)
             .await
             .map_err(status)?;
         Ok(pb::Empty::new())

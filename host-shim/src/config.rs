@@ -48,6 +48,9 @@
 //! cni_conf_dir = "/etc/cni/net.d"     # first .conflist/.conf/.json (by name) is the pod network
 //! cni_bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]  # where plugin binaries are looked up, in order
 //! cni_timeout_ms = 120000             # one plugin run (ADD/DEL/CHECK)
+//!
+//! [metrics]                           # Prometheus endpoint, off unless set
+//! address = "127.0.0.1:9464"          # GET /metrics (docs/metrics.md)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -99,6 +102,15 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub network: NetworkConfig,
     pub streaming: StreamingConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus scrape endpoint (off unless `address` is set).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// host:port serving `GET /metrics` (port 0 = a random free port, logged).
+    pub address: Option<String>,
 }
 
 /// Pod networking with CNI plugins (see docs/networking.md).
@@ -145,7 +157,7 @@ impl Default for StreamingConfig {
 /// The kind of sandbox a RuntimeClass handler runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SandboxKind {
+pub enum HandlerKind {
     /// A husk-vmm microVM per pod (hardware KVM).
     Vm,
     /// A QEMU VM per pod (KVM or TCG), same guest image as `Vm`.
@@ -154,9 +166,9 @@ pub enum SandboxKind {
     Namespace,
 }
 
-impl SandboxKind {
+impl HandlerKind {
     pub fn is_vm(self) -> bool {
-        matches!(self, SandboxKind::Vm | SandboxKind::Qemu)
+        matches!(self, HandlerKind::Vm | HandlerKind::Qemu)
     }
 }
 
@@ -174,13 +186,13 @@ pub enum Accel {
 /// One RuntimeClass handler: `"qemu"` or `{ kind = "qemu", accel = "tcg" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Handler {
-    pub kind: SandboxKind,
+    pub kind: HandlerKind,
     /// QEMU only; None = runtime.vm.qemu_accel.
     pub accel: Option<Accel>,
 }
 
-impl From<SandboxKind> for Handler {
-    fn from(kind: SandboxKind) -> Self {
+impl From<HandlerKind> for Handler {
+    fn from(kind: HandlerKind) -> Self {
         Self { kind, accel: None }
     }
 }
@@ -190,9 +202,9 @@ impl<'de> Deserialize<'de> for Handler {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Repr {
-            Kind(SandboxKind),
+            Kind(HandlerKind),
             Table {
-                kind: SandboxKind,
+                kind: HandlerKind,
                 #[serde(default)]
                 accel: Option<Accel>,
             },
@@ -292,9 +304,9 @@ impl Default for RuntimeConfig {
             agent_start_timeout_ms: 10_000,
             restrict_oom_score_adj: false,
             handlers: BTreeMap::from([
-                ("husk".to_string(), SandboxKind::Vm.into()),
-                ("husk-qemu".to_string(), SandboxKind::Qemu.into()),
-                ("husk-ns".to_string(), SandboxKind::Namespace.into()),
+                ("husk".to_string(), HandlerKind::Vm.into()),
+                ("husk-qemu".to_string(), HandlerKind::Qemu.into()),
+                ("husk-ns".to_string(), HandlerKind::Namespace.into()),
             ]),
             vm: VmConfig::default(),
         }
@@ -337,6 +349,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             network: NetworkConfig::default(),
             streaming: StreamingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -460,7 +473,7 @@ impl Config {
         let kinds = self.runtime.handlers.values().map(|h| h.kind);
         kinds
             .map(|k| match k {
-                SandboxKind::Namespace => NS_RUN_DIR_SOCKET_SUFFIX_MAX,
+                HandlerKind::Namespace => NS_RUN_DIR_SOCKET_SUFFIX_MAX,
                 _ => VM_RUN_DIR_SOCKET_SUFFIX_MAX,
             })
             .max()
@@ -533,7 +546,7 @@ mod tests {
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(
             c.runtime.resolve(""),
-            Some(("husk-ns", SandboxKind::Namespace.into()))
+            Some(("husk-ns", HandlerKind::Namespace.into()))
         );
         assert_eq!(c.runtime.resolve("husk"), None);
         std::fs::write(
@@ -547,7 +560,7 @@ mod tests {
             Some((
                 "q",
                 Handler {
-                    kind: SandboxKind::Qemu,
+                    kind: HandlerKind::Qemu,
                     accel: Some(Accel::Tcg)
                 }
             ))
@@ -560,10 +573,10 @@ mod tests {
             Err(ConfigError::Invalid(_))
         ));
         let rd = RuntimeConfig::default();
-        assert_eq!(rd.resolve(""), Some(("husk", SandboxKind::Vm.into())));
+        assert_eq!(rd.resolve(""), Some(("husk", HandlerKind::Vm.into())));
         assert_eq!(
             rd.resolve("husk-ns"),
-            Some(("husk-ns", SandboxKind::Namespace.into()))
+            Some(("husk-ns", HandlerKind::Namespace.into()))
         );
         std::fs::write(&p, "sockett = \"/x\"\n").unwrap();
         assert!(matches!(

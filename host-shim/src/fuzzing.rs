@@ -346,12 +346,12 @@ pub fn cri_oci(data: &[u8]) {
     {
         return;
     }
-    let _ = crate::cri::convert::validate_mounts(&config.mounts);
+    let _ = crate::sandbox::spec::validate_mounts(&config.mounts);
     if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
-        let _ = crate::cri::convert::validate_resources(r);
+        let _ = crate::sandbox::spec::validate_resources(r);
     }
-    let _ = crate::cri::convert::stop_signal(&image);
-    let _ = crate::cri::convert::container_spec(&config, &pod, &image, Some(-999), u64::MAX);
+    let _ = crate::sandbox::spec::stop_signal(&image);
+    let _ = crate::sandbox::spec::container_spec(&config, &pod, &image, Some(-999), u64::MAX);
 }
 
 /// The agent's replies as huskd's ttrpc client decodes them: a fake agent answers each

@@ -7,6 +7,9 @@ pub mod cri;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
+pub mod logfmt;
+pub mod memory;
+pub mod metrics;
 pub mod network;
 pub mod sandbox;
 pub mod store;

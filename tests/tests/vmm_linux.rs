@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use husk_host::config::SandboxKind;
+use husk_host::config::HandlerKind;
 use husk_host::sandbox::vm::guest_cmdline;
 use husk_tests::nested::{Outcome, with_node};
 
@@ -58,7 +58,7 @@ ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 "#;
 
 fn run(name: &str, script: &str) -> Option<Outcome> {
-    let cmdline = guest_cmdline(SandboxKind::Vm);
+    let cmdline = guest_cmdline(HandlerKind::Vm);
     assert!(!cmdline.contains("noapic "), "{cmdline}");
     let full = format!("export CMDLINE='{cmdline}' EXTRA=''\n{PRELUDE}\n{script}");
     with_node(|node| {

@@ -360,6 +360,8 @@ mod tests {
             std::ffi::CString::new(dir.join("cgroup.procs").display().to_string()).expect("path");
         // SAFETY: the child only makes raw syscalls on prepared C strings, then _exits.
         let pid = match unsafe { nix::unistd::fork() }.expect("fork") {
+            // SAFETY: open, write and _exit on C strings made before the fork:
+            // async-signal-safe.
             nix::unistd::ForkResult::Child => unsafe {
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
                 if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {

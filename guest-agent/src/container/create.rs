@@ -11,9 +11,11 @@ use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 use super::stdio;
 use super::{Container, Inner, Pending, Process, Status, spawn};
-use crate::agent::{Agent, AgentError, Result, lock, validate_id};
+use crate::agent::{Agent, validate_id};
+use crate::error::{AgentError, Result};
 use crate::runner::config::{ContainerInit, InitConfig, InitMode, Ns, NsJoin, RootfsMount};
 use crate::sandbox::Sandbox;
+use crate::sync::lock;
 
 /// Devices every container gets (bind-mounted from the agent's /dev).
 pub const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];

@@ -6,8 +6,10 @@ use std::time::SystemTime;
 use oci_spec::runtime::Process as OciProcess;
 
 use super::{Process, Status, spawn, stdio};
-use crate::agent::{Agent, AgentError, Result, lock, validate_id};
+use crate::agent::{Agent, validate_id};
+use crate::error::{AgentError, Result};
 use crate::runner::config::{ExecInit, InitConfig, InitMode, Ns, NsJoin};
+use crate::sync::lock;
 
 #[derive(Debug, Clone)]
 pub struct ExecRequest {

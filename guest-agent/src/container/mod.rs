@@ -18,9 +18,10 @@ use std::time::SystemTime;
 use oci_spec::runtime::Spec;
 use tokio::net::unix::pipe;
 
-use crate::agent::{AgentError, Result, lock};
 use crate::cgroup::Cgroup;
+use crate::error::{AgentError, Result};
 use crate::reaper::{ExitStatus, ExitWatch};
+use crate::sync::lock;
 use spawn::SyncReader;
 use stdio::ProcessIo;
 

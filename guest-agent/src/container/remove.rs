@@ -7,7 +7,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::Status;
-use crate::agent::{Agent, AgentError, Result, lock};
+use crate::agent::Agent;
+use crate::error::{AgentError, Result};
+use crate::sync::lock;
 
 pub async fn do_remove(agent: &Arc<Agent>, id: &str, force: bool) -> Result<()> {
     let c = agent.container(id)?;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::agent::{Agent, AgentError, Result};
+use crate::agent::Agent;
+use crate::error::{AgentError, Result};
 use crate::reaper::ExitStatus;
 
 pub fn parse_signal(n: u32) -> Result<Signal> {
@@ -47,6 +48,6 @@ pub async fn do_wait(
     let c = agent.container(container_id)?;
     let p = c.process(exec_id)?;
     let status = p.wait().await;
-    let started = *crate::agent::lock(&p.started_at);
+    let started = *crate::sync::lock(&p.started_at);
     Ok((status, started))
 }

@@ -5,7 +5,9 @@ use std::time::SystemTime;
 
 use super::spawn::Spawned;
 use super::{Container, Status};
-use crate::agent::{Agent, AgentError, Result, lock};
+use crate::agent::Agent;
+use crate::error::{AgentError, Result};
+use crate::sync::lock;
 
 pub async fn do_start(agent: &Arc<Agent>, id: &str) -> Result<Arc<Container>> {
     let c = agent.container(id)?;

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::LinuxResources;
 
-use crate::agent::{Agent, AgentError, Result};
+use crate::agent::Agent;
 use crate::cgroup::Stats;
+use crate::error::{AgentError, Result};
 
 /// The writable layer walk stops after this many entries (the result is then a lower bound).
 pub const LAYER_WALK_MAX_ENTRIES: u64 = 200_000;

@@ -442,6 +442,7 @@ mod tests {
         let io = plan.finish().await.expect("finish");
         let slave = pty.slave;
         io.resize(40, 120).expect("resize");
+        // SAFETY: winsize is plain integers; all zeroes is a valid value.
         let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
         // SAFETY: TIOCGWINSZ writes a winsize into ws.
         let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };

@@ -158,8 +158,8 @@ pub fn main() -> ! {
     // pattern). execve of the container's binary makes the process dumpable again.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    // SAFETY: the agent passed these fds to us (spawn.rs); we take ownership once.
     let mut sync = Sync {
+        // SAFETY: the agent passed these fds to us (spawn.rs); we take ownership once.
         file: unsafe { File::from_raw_fd(sync_fd) },
     };
     // SAFETY: as above.

@@ -42,6 +42,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: not into journald or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -77,6 +79,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let streaming = husk_host::streaming::StreamingServer::start(&cfg.streaming, runtime.clone())
         .await
         .context("start the streaming server")?;
+    if let Some(address) = &cfg.metrics.address {
+        husk_host::metrics::server::start(address, runtime.clone())
+            .await
+            .context("start the metrics endpoint")?;
+    }
     let services = Arc::new(Services {
         images,
         runtime,

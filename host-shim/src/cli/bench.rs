@@ -21,7 +21,7 @@ use husk_proto::cri;
 use serde::Serialize;
 
 use crate::client::Clients;
-use crate::sandbox::vm::memory::{self, HostMemory};
+use crate::memory::{self, HostMemory};
 
 pub struct BenchOptions {
     /// RuntimeClass handler ("" = huskd's default).

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use super::table::render;
 use crate::client::Clients;
-use crate::sandbox::logs::parse_record;
+use crate::logfmt::parse_record;
 
 pub struct RunOptions {
     pub image: String,
@@ -27,7 +27,7 @@ fn short(id: &str) -> String {
 }
 
 fn ago(ns: i64) -> String {
-    let now = crate::sandbox::state::now_ns();
+    let now = now_ns();
     let s = (now - ns).max(0) / 1_000_000_000;
     match s {
         0..60 => format!("{s} seconds ago"),
@@ -475,4 +475,12 @@ pub async fn rm(c: &mut Clients, ids: &[String]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Now, in nanoseconds since the epoch (the CRI's timestamps).
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }

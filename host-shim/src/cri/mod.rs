@@ -6,9 +6,9 @@ pub mod convert;
 pub mod error;
 mod husk;
 mod image;
+pub mod observe;
 mod runtime;
 mod streaming;
-pub mod validate;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -65,9 +65,12 @@ pub async fn serve(
     tracing::info!(socket = %socket.display(), "serving CRI");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            validate::decode_error_is_invalid_argument::<tonic::body::Body>,
-        ))
+        // Outermost first: the observer sees the final status code.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(observe::ObserveLayer)
+                .map_response(error::decode_error_is_invalid_argument::<tonic::body::Body>),
+        )
         .add_service(
             RuntimeServiceServer::new(runtime::Runtime::new(services.clone()))
                 .max_decoding_message_size(16 << 20),

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::Services;
 use super::convert;
+use super::observe::ids;
 
 pub const RUNTIME_NAME: &str = "husk";
 pub const CRI_API_VERSION: &str = "v1";
@@ -156,6 +157,7 @@ impl RuntimeService for Runtime {
             .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is required"))?;
         tracing::debug!(handler = %r.runtime_handler, name = ?config.metadata.as_ref().map(|m| &m.name), "RunPodSandbox");
         let id = self.s.runtime.run_pod(config, &r.runtime_handler).await?;
+        ids(&id, "");
         ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
@@ -164,7 +166,8 @@ impl RuntimeService for Runtime {
         r: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let id = r.into_inner().pod_sandbox_id;
-        tracing::debug!(pod = %id, "StopPodSandbox");
+        ids(&id, "");
+        tracing::debug!("StopPodSandbox");
         self.s.runtime.stop_pod(&id).await?;
         ok(cri::StopPodSandboxResponse {})
     }
@@ -174,7 +177,8 @@ impl RuntimeService for Runtime {
         r: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let id = r.into_inner().pod_sandbox_id;
-        tracing::debug!(pod = %id, "RemovePodSandbox");
+        ids(&id, "");
+        tracing::debug!("RemovePodSandbox");
         self.s.runtime.remove_pod(&id).await?;
         ok(cri::RemovePodSandboxResponse {})
     }
@@ -184,6 +188,7 @@ impl RuntimeService for Runtime {
         r: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let r = r.into_inner();
+        ids(&r.pod_sandbox_id, "");
         let v = self.s.runtime.pod_status(&r.pod_sandbox_id)?;
         ok(cri::PodSandboxStatusResponse {
             status: Some(convert::pod_status(&v)),
@@ -220,12 +225,14 @@ impl RuntimeService for Runtime {
         let config = r
             .config
             .ok_or_else(|| Status::invalid_argument("CreateContainer: config is required"))?;
-        tracing::debug!(pod = %r.pod_sandbox_id, name = ?config.metadata.as_ref().map(|m| &m.name), "CreateContainer");
+        ids(&r.pod_sandbox_id, "");
+        tracing::debug!(name = ?config.metadata.as_ref().map(|m| &m.name), "CreateContainer");
         let id = self
             .s
             .runtime
             .create_container(&r.pod_sandbox_id, config)
             .await?;
+        ids("", &id);
         ok(cri::CreateContainerResponse { container_id: id })
     }
 
@@ -234,7 +241,8 @@ impl RuntimeService for Runtime {
         r: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
         let id = r.into_inner().container_id;
-        tracing::debug!(container = %id, "StartContainer");
+        ids("", &id);
+        tracing::debug!("StartContainer");
         self.s.runtime.start_container(&id).await?;
         ok(cri::StartContainerResponse {})
     }
@@ -244,7 +252,8 @@ impl RuntimeService for Runtime {
         r: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
         let r = r.into_inner();
-        tracing::debug!(container = %r.container_id, timeout = r.timeout, "StopContainer");
+        ids("", &r.container_id);
+        tracing::debug!(timeout = r.timeout, "StopContainer");
         self.s
             .runtime
             .stop_container(&r.container_id, r.timeout)
@@ -257,7 +266,8 @@ impl RuntimeService for Runtime {
         r: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
         let id = r.into_inner().container_id;
-        tracing::debug!(container = %id, "RemoveContainer");
+        ids("", &id);
+        tracing::debug!("RemoveContainer");
         self.s.runtime.remove_container(&id).await?;
         ok(cri::RemoveContainerResponse {})
     }
@@ -282,6 +292,7 @@ impl RuntimeService for Runtime {
         r: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
         let r = r.into_inner();
+        ids("", &r.container_id);
         let v = self.s.runtime.container_status(&r.container_id)?;
         let info = if r.verbose {
             let pod = self.s.runtime.container_pod(&r.container_id)?;
@@ -303,7 +314,8 @@ impl RuntimeService for Runtime {
         let linux = r.linux.ok_or_else(|| {
             Status::invalid_argument("UpdateContainerResources: linux resources are required")
         })?;
-        tracing::debug!(container = %r.container_id, "UpdateContainerResources");
+        ids("", &r.container_id);
+        tracing::debug!("UpdateContainerResources");
         self.s
             .runtime
             .update_resources(&r.container_id, linux)
@@ -316,6 +328,7 @@ impl RuntimeService for Runtime {
         r: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
         let id = r.into_inner().container_id;
+        ids("", &id);
         self.s.runtime.reopen_log(&id)?;
         ok(cri::ReopenContainerLogResponse {})
     }
@@ -330,7 +343,8 @@ impl RuntimeService for Runtime {
                 "ExecSync: timeout must not be negative",
             ));
         }
-        tracing::debug!(container = %r.container_id, cmd = ?r.cmd, "ExecSync");
+        ids("", &r.container_id);
+        tracing::debug!(cmd = ?r.cmd, "ExecSync");
         let out = self
             .s
             .runtime
@@ -373,6 +387,7 @@ impl RuntimeService for Runtime {
         r: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
         let id = r.into_inner().container_id;
+        ids("", &id);
         let stats = self.s.runtime.container_stats(&id).await?;
         ok(cri::ContainerStatsResponse { stats: Some(stats) })
     }
@@ -391,6 +406,7 @@ impl RuntimeService for Runtime {
         r: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
         let id = r.into_inner().pod_sandbox_id;
+        ids(&id, "");
         let stats = self.s.runtime.pod_stats(&id).await?;
         ok(cri::PodSandboxStatsResponse { stats: Some(stats) })
     }

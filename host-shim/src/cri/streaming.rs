@@ -28,7 +28,8 @@ fn streams_ok(
 }
 
 pub fn exec(s: &Services, r: cri::ExecRequest) -> Result<cri::ExecResponse, Status> {
-    tracing::debug!(container = %r.container_id, cmd = ?r.cmd, tty = r.tty, "Exec");
+    super::observe::ids("", &r.container_id);
+    tracing::debug!(cmd = ?r.cmd, tty = r.tty, "Exec");
     if r.cmd.is_empty() {
         return Err(Status::invalid_argument("Exec: cmd is empty"));
     }
@@ -46,7 +47,8 @@ pub fn exec(s: &Services, r: cri::ExecRequest) -> Result<cri::ExecResponse, Stat
 }
 
 pub fn attach(s: &Services, r: cri::AttachRequest) -> Result<cri::AttachResponse, Status> {
-    tracing::debug!(container = %r.container_id, tty = r.tty, "Attach");
+    super::observe::ids("", &r.container_id);
+    tracing::debug!(tty = r.tty, "Attach");
     streams_ok(r.stdin, r.stdout, r.stderr, r.tty, "Attach")?;
     let t = s.runtime.stream_target(&r.container_id)?;
     if r.stdin && !t.stdin {
@@ -75,7 +77,8 @@ pub fn port_forward(
     s: &Services,
     r: cri::PortForwardRequest,
 ) -> Result<cri::PortForwardResponse, Status> {
-    tracing::debug!(pod = %r.pod_sandbox_id, ports = ?r.port, "PortForward");
+    super::observe::ids(&r.pod_sandbox_id, "");
+    tracing::debug!(ports = ?r.port, "PortForward");
     let mut ports = Vec::with_capacity(r.port.len());
     for p in &r.port {
         match u16::try_from(*p) {

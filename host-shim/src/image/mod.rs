@@ -201,6 +201,7 @@ impl ImageService {
         creds: Option<Credentials>,
     ) -> Result<ImageRecord, ImageError> {
         let key = r.to_string();
+        let began = std::time::Instant::now();
         let tracker = self.progress.start(&key);
         let result = async {
             let auth = auth::resolve(
@@ -234,6 +235,7 @@ impl ImageService {
                 }
             }
         }
+        crate::metrics::global().image_pull(result.is_ok(), began.elapsed());
         tracker.finish(result.as_ref().err().map(ToString::to_string));
         self.progress.end(&key);
         result

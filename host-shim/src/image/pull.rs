@@ -142,6 +142,7 @@ impl Pull<'_> {
             .pull_manifest_raw(&oref, self.auth, ACCEPTED)
             .await
             .map_err(map_oci)?;
+        crate::metrics::global().image_bytes(top.len() as u64);
         verify_bytes(&top, &top_digest, "manifest")?;
         if let Some(want) = &self.image.digest
             && *want != top_digest
@@ -171,6 +172,7 @@ impl Pull<'_> {
                     .pull_manifest_raw(&mref, self.auth, ACCEPTED)
                     .await
                     .map_err(map_oci)?;
+                crate::metrics::global().image_bytes(bytes.len() as u64);
                 verify_bytes(&bytes, &entry.digest, "platform manifest")?;
                 let m: Manifest = serde_json::from_slice(&bytes)
                     .map_err(|e| ImageError::BadContent(format!("platform manifest: {e}")))?;
@@ -353,6 +355,7 @@ impl Pull<'_> {
                     ImageError::Unavailable(format!("download of {}: {e}", desc.digest))
                 })?;
                 got += chunk.len() as u64;
+                crate::metrics::global().image_bytes(chunk.len() as u64);
                 if got > want {
                     return Err(ImageError::BadContent(format!(
                         "blob {} is larger than its {want} bytes",

@@ -25,7 +25,6 @@ use serde_json::{Map, Value, json};
 use self::cni::{Attachment, CniError, CniResult, ConfList, Plugins};
 use self::netns::NetnsError;
 use crate::config::NetworkConfig;
-use crate::sandbox::RuntimeError;
 use crate::store::{StoreError, write_atomic};
 
 /// The interface CNI creates inside the pod.
@@ -51,18 +50,6 @@ pub enum NetworkError {
     Tap(#[from] tap::TapError),
     #[error("pod CIDR {0:?}: want comma-separated ADDRESS/PREFIX (IPv4 or IPv6)")]
     BadCidr(String),
-}
-
-impl From<NetworkError> for RuntimeError {
-    fn from(e: NetworkError) -> Self {
-        match e {
-            NetworkError::Cni(CniError::PluginNotFound { .. } | CniError::BadConfig { .. }) => {
-                RuntimeError::FailedPrecondition(e.to_string())
-            }
-            NetworkError::BadCidr(_) => RuntimeError::InvalidArgument(e.to_string()),
-            e => RuntimeError::Internal(e.to_string()),
-        }
-    }
 }
 
 /// What huskd keeps about one pod's CNI attachment.
@@ -613,8 +600,8 @@ mod tests {
         assert!(n.ready().unwrap_err().contains("nosuchplugin"));
         let e = n.setup("p2", &pod(false)).await.unwrap_err();
         assert!(matches!(
-            RuntimeError::from(e),
-            RuntimeError::FailedPrecondition(_)
+            crate::sandbox::RuntimeError::from(e),
+            crate::sandbox::RuntimeError::FailedPrecondition(_)
         ));
         assert!(!d.path().join("netns/p2").exists());
     }

@@ -10,9 +10,11 @@ use prost::Message;
 use super::logs::CriLog;
 use super::pod::labels_match;
 use super::share;
+use super::spec;
 use super::state::{ContainerRecord, ContainerState, PodState, new_id, now_ns};
+use super::validate;
 use super::{Container, Manager, Pod, Result, RuntimeError, lock};
-use crate::cri::{convert, validate};
+use crate::metrics::Phase;
 
 /// A container as the CRI layer sees it.
 #[derive(Debug, Clone)]
@@ -43,6 +45,7 @@ impl Manager {
         pod_id: &str,
         config: cri::ContainerConfig,
     ) -> Result<String> {
+        let began = std::time::Instant::now();
         let md = config
             .metadata
             .clone()
@@ -62,9 +65,9 @@ impl Manager {
                 "container config: image is required".into(),
             ));
         }
-        convert::validate_mounts(&config.mounts)?;
+        spec::validate_mounts(&config.mounts)?;
         if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
-            convert::validate_resources(r)?;
+            spec::validate_resources(r)?;
         }
         validate::container_config(&config)?;
         let pod = self.pod(pod_id)?;
@@ -101,13 +104,13 @@ impl Manager {
             .images
             .config_json(&img)
             .map_err(|e| RuntimeError::Internal(e.to_string()))?;
-        let stop_signal = convert::stop_signal(&image_config)?;
+        let stop_signal = spec::stop_signal(&image_config)?;
         // Off the executor: a seccomp `localhost/` profile is read from disk.
         let mut spec = {
             let all_caps = all_capabilities(pod.kind.agent_in_guest())?;
             let (c, p, min) = (config.clone(), pod.config.clone(), self.min_oom_score_adj());
             tokio::task::spawn_blocking(move || {
-                convert::container_spec(&c, &p, &image_config, min, all_caps)
+                spec::container_spec(&c, &p, &image_config, min, all_caps)
             })
             .await
             .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))??
@@ -209,11 +212,16 @@ impl Manager {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), c);
+        pod.first_container_phase(Phase::FirstContainerCreate, began);
+        if md.attempt > 0 {
+            crate::metrics::global().container_restart(&prec.handler);
+        }
         tracing::info!(pod = pod_id, container = %id, name = %md.name, "container created");
         Ok(id)
     }
 
     pub async fn start_container(self: &Arc<Self>, id: &str) -> Result<()> {
+        let began = std::time::Instant::now();
         let c = self.container(id)?;
         let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
@@ -250,6 +258,7 @@ impl Manager {
         }
         c.persist(&self.store)?;
         drop(_g);
+        pod.first_container_phase(Phase::FirstContainerStart, began);
         self.spawn_supervisor(pod, c.clone(), agent);
         Ok(())
     }
@@ -390,7 +399,7 @@ impl Manager {
         id: &str,
         res: cri::LinuxContainerResources,
     ) -> Result<()> {
-        convert::validate_resources(&res)?;
+        spec::validate_resources(&res)?;
         let c = self.container(id)?;
         let id: &str = &c.id;
         let pod = self.pod(&c.pod_id)?;
@@ -404,7 +413,7 @@ impl Manager {
         let agent = pod.agent().ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!("pod sandbox {} has no agent", pod.id))
         })?;
-        let oci = convert::linux_resources(&res)?;
+        let oci = spec::linux_resources(&res)?;
         let json = serde_json::to_vec(&oci).map_err(|e| RuntimeError::Internal(e.to_string()))?;
         agent
             .update_resources(id, json)

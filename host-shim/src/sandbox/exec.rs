@@ -40,7 +40,7 @@ impl Manager {
         if cmd.is_empty() {
             return Err(RuntimeError::InvalidArgument("exec: cmd is empty".into()));
         }
-        crate::cri::validate::argv_env("exec", cmd.iter().map(String::as_str), [])?;
+        super::validate::argv_env("exec", cmd.iter().map(String::as_str), [])?;
         let c = self.container(id)?;
         let id: &str = &c.id;
         if c.record().state != ContainerState::Running {

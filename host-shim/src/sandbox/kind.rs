@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use husk_proto::agent as pb;
 use husk_proto::cri;
 
-use super::RuntimeError;
 use super::agent::{Agent, AgentError};
+use super::error::RuntimeError;
 use super::state::AgentProcess;
 use crate::image::ImageService;
 use crate::image::store::ImageRecord;
@@ -24,6 +24,8 @@ pub struct LaunchSpec<'a> {
     pub config: &'a cri::PodSandboxConfig,
     /// VM sandboxes: the pod's CNI network as a tap (None: no CNI network).
     pub network: Option<&'a crate::network::tap::VmNic>,
+    /// Where the launch reports its phases (spawn, agent ready).
+    pub start: &'a crate::metrics::PodStart,
 }
 
 /// How a pod's agent is launched, found again and stopped.
@@ -100,8 +102,9 @@ impl SandboxKind for NamespaceSandbox {
     async fn launch(
         &self,
         id: &str,
-        _spec: &LaunchSpec<'_>,
+        spec: &LaunchSpec<'_>,
     ) -> Result<(AgentProcess, Agent), RuntimeError> {
+        spec.start.mark();
         let dir = self.pod_dir(id);
         let internal =
             |what: &str, e: std::io::Error| RuntimeError::Internal(format!("{what}: {e}"));
@@ -140,6 +143,7 @@ impl SandboxKind for NamespaceSandbox {
             .spawn()
             .map_err(|e| internal(&format!("spawn unshare {}", self.agent_binary.display()), e))?;
         let pid = child.id() as i32;
+        spec.start.end(crate::metrics::Phase::Spawn);
         super::orphans::crash_point("run_pod:spawned");
         // Reap it while this huskd lives; after a restart init does.
         std::thread::spawn(move || {
@@ -158,6 +162,7 @@ impl SandboxKind for NamespaceSandbox {
                 && agent.check(Duration::from_secs(2)).await.is_ok()
             {
                 tracing::debug!(pod = id, pid, "agent up");
+                spec.start.end(crate::metrics::Phase::AgentReady);
                 return Ok((proc, agent));
             }
             let gone = !self.alive(&proc);

@@ -293,19 +293,7 @@ impl CriLog {
     }
 }
 
-/// Parses one CRI record: (stream, partial, content). For readers (CLI, tests).
-pub fn parse_record(line: &str) -> Option<(&str, bool, &str)> {
-    let mut it = line.splitn(4, ' ');
-    let ts = it.next()?;
-    chrono::DateTime::parse_from_rfc3339(ts).ok()?;
-    let stream = it.next().filter(|s| *s == "stdout" || *s == "stderr")?;
-    let partial = match it.next()? {
-        "P" => true,
-        "F" => false,
-        _ => return None,
-    };
-    Some((stream, partial, it.next().unwrap_or("")))
-}
+pub use crate::logfmt::parse_record;
 
 #[cfg(test)]
 mod tests {

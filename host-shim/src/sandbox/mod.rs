@@ -10,18 +10,22 @@
 pub mod agent;
 mod beneath;
 mod container;
+mod error;
 pub mod exec;
 mod helper_log;
+mod inventory;
 pub mod kind;
 pub mod logs;
 pub mod orphans;
 mod pod;
 mod recover;
 pub mod share;
+pub mod spec;
 pub mod state;
 pub mod stats;
 pub mod stream;
 mod supervise;
+pub mod validate;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use husk_proto::cri;
 
-use self::agent::{Agent, AgentError};
+use self::agent::Agent;
 use self::kind::{NamespaceSandbox, SandboxKind};
 use self::logs::CriLog;
 use self::state::{ContainerRecord, PodRecord};
@@ -38,53 +42,11 @@ use self::vm::VmSandbox;
 use crate::config::{self, RuntimeConfig};
 use crate::image::ImageService;
 use crate::network::Network;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 pub use self::container::{ContainerView, container_state_code};
+pub use self::error::{Result, RuntimeError};
 pub use self::pod::{PodView, pod_state_code};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    #[error("{0}")]
-    Internal(String),
-    #[error("state store: {0}")]
-    Store(#[from] StoreError),
-}
-
-impl RuntimeError {
-    /// An agent failure in the context of `what`.
-    pub fn agent(what: &str, e: AgentError) -> Self {
-        let msg = format!("{what}: {e}");
-        match e {
-            AgentError::Rpc { code, .. } => match code {
-                ttrpc::Code::NOT_FOUND => RuntimeError::NotFound(msg),
-                ttrpc::Code::ALREADY_EXISTS => RuntimeError::AlreadyExists(msg),
-                ttrpc::Code::INVALID_ARGUMENT => RuntimeError::InvalidArgument(msg),
-                ttrpc::Code::FAILED_PRECONDITION => RuntimeError::FailedPrecondition(msg),
-                ttrpc::Code::DEADLINE_EXCEEDED => RuntimeError::DeadlineExceeded(msg),
-                _ => RuntimeError::Internal(msg),
-            },
-            AgentError::Timeout => RuntimeError::DeadlineExceeded(msg),
-            AgentError::Transport(_) | AgentError::BadReply(_) => RuntimeError::Unavailable(msg),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, RuntimeError>;
 
 /// The entry of `map` named by `id` exactly or by a unique prefix of its id (containerd's
 /// truncated-index lookup): empty → InvalidArgument, no match → NotFound, more than one →
@@ -123,6 +85,8 @@ pub struct Pod {
     kind: Arc<dyn SandboxKind>,
     /// The last pod-level stats sample (usage_nano_cores, stale answers).
     sample: stats::SampleCell<stats::PodSample>,
+    /// Whether the pod's first container was created / started (metrics phases).
+    first_container: [std::sync::atomic::AtomicBool; 2],
 }
 
 impl Pod {
@@ -149,6 +113,19 @@ impl Pod {
         let _g = lock(&self.persist_lock);
         let rec = self.record();
         Ok(store.put_pod(&self.id, &rec)?)
+    }
+
+    /// Reports `phase` (which began at `began`) if it is the first time for this pod.
+    fn first_container_phase(&self, phase: crate::metrics::Phase, began: std::time::Instant) {
+        use std::sync::atomic::Ordering;
+        let i = match phase {
+            crate::metrics::Phase::FirstContainerCreate => 0,
+            _ => 1,
+        };
+        if !self.first_container[i].swap(true, Ordering::Relaxed) {
+            let handler = lock(&self.rec).handler.clone();
+            crate::metrics::global().phase(&handler, phase, began.elapsed());
+        }
     }
 }
 
@@ -272,11 +249,11 @@ impl Manager {
                 images.clone(),
             ))
         };
-        let vmm = vm(config::SandboxKind::Vm, config::Accel::Auto);
+        let vmm = vm(config::HandlerKind::Vm, config::Accel::Auto);
         let qemu = [
-            vm(config::SandboxKind::Qemu, config::Accel::Kvm),
-            vm(config::SandboxKind::Qemu, config::Accel::Tcg),
-            vm(config::SandboxKind::Qemu, config::Accel::Auto),
+            vm(config::HandlerKind::Qemu, config::Accel::Kvm),
+            vm(config::HandlerKind::Qemu, config::Accel::Tcg),
+            vm(config::HandlerKind::Qemu, config::Accel::Auto),
         ];
         let m = Arc::new(Self {
             cfg: settings.runtime,
@@ -306,7 +283,7 @@ impl Manager {
     fn kind(&self, h: impl Into<config::Handler>) -> Arc<dyn SandboxKind> {
         let h = h.into();
         match h.kind {
-            config::SandboxKind::Namespace => self.ns.clone(),
+            config::HandlerKind::Namespace => self.ns.clone(),
             _ => match self.kind_vm(h) {
                 Some(v) => v.clone(),
                 None => self.vm.clone(),
@@ -365,9 +342,9 @@ impl Manager {
             .iter()
             .map(|(n, h)| {
                 let r = match h.kind {
-                    config::SandboxKind::Namespace => Ok(()),
-                    config::SandboxKind::Vm => self.vm.ready(),
-                    config::SandboxKind::Qemu => match self.kind_vm(*h) {
+                    config::HandlerKind::Namespace => Ok(()),
+                    config::HandlerKind::Vm => self.vm.ready(),
+                    config::HandlerKind::Qemu => match self.kind_vm(*h) {
                         Some(v) => v.ready(),
                         None => Ok(()),
                     },
@@ -379,10 +356,10 @@ impl Manager {
 
     fn kind_vm(&self, h: config::Handler) -> Option<&Arc<VmSandbox>> {
         match (h.kind, h.accel.unwrap_or(self.cfg.vm.qemu_accel)) {
-            (config::SandboxKind::Qemu, config::Accel::Kvm) => Some(&self.qemu[0]),
-            (config::SandboxKind::Qemu, config::Accel::Tcg) => Some(&self.qemu[1]),
-            (config::SandboxKind::Qemu, config::Accel::Auto) => Some(&self.qemu[2]),
-            (config::SandboxKind::Vm, _) => Some(&self.vm),
+            (config::HandlerKind::Qemu, config::Accel::Kvm) => Some(&self.qemu[0]),
+            (config::HandlerKind::Qemu, config::Accel::Tcg) => Some(&self.qemu[1]),
+            (config::HandlerKind::Qemu, config::Accel::Auto) => Some(&self.qemu[2]),
+            (config::HandlerKind::Vm, _) => Some(&self.vm),
             _ => None,
         }
     }

@@ -13,7 +13,8 @@ use super::kind::{LaunchSpec, remove_pod_cgroups};
 use super::orphans::crash_point;
 use super::state::{ContainerState, PodRecord, PodState, new_id, now_ns};
 use super::{ContainerView, Manager, Pod, Result, RuntimeError, lock};
-use crate::config::SandboxKind as Kind;
+use crate::config::HandlerKind as Kind;
+use crate::metrics::{ExitReason, Phase, PodStart};
 
 /// A pod as the CRI layer sees it.
 #[derive(Debug, Clone)]
@@ -80,7 +81,7 @@ impl Manager {
         config: cri::PodSandboxConfig,
         handler: &str,
     ) -> Result<String> {
-        crate::cri::validate::pod_config(&config)?;
+        super::validate::pod_config(&config)?;
         let md = config
             .metadata
             .clone()
@@ -174,6 +175,7 @@ impl Manager {
     ) -> Result<()> {
         let kind = spec.kind;
         let kind_impl = self.kind(spec);
+        let start = PodStart::new(handler);
         let hostname = pod_hostname(&config)?;
         let mut rec = PodRecord {
             id: id.to_string(),
@@ -228,10 +230,12 @@ impl Manager {
             None
         };
         crash_point("run_pod:network");
+        start.end(Phase::Network);
         let launch = LaunchSpec {
             cgroup_parent: &cgroup_parent,
             config: &config,
             network: vm_nic.as_ref(),
+            start: &start,
         };
         let (proc, agent) = match kind_impl.launch(id, &launch).await {
             Ok(x) => x,
@@ -247,6 +251,7 @@ impl Manager {
             return Err(e.into());
         }
         crash_point("run_pod:agent-recorded");
+        start.mark();
         let ns = pod_ns(&config);
         let dns = config.dns_config.clone().unwrap_or_default();
         let req = pb::CreateSandboxRequest {
@@ -302,6 +307,7 @@ impl Manager {
             cleanup(Some(proc)).await;
             return Err(RuntimeError::agent("configure the guest network", e));
         }
+        start.end(Phase::SandboxCreate);
         rec.state = PodState::Ready;
         if let Err(e) = self.store.put_pod(id, &rec) {
             let _ = agent.destroy_sandbox(id).await;
@@ -317,6 +323,7 @@ impl Manager {
             containers: Mutex::new(BTreeMap::new()),
             persist_lock: Mutex::new(()),
             sample: Default::default(),
+            first_container: Default::default(),
             kind: kind_impl,
         });
         self.pods
@@ -324,6 +331,7 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string(), pod.clone());
         self.spawn_monitor(pod);
+        start.succeeded();
         tracing::info!(pod = id, handler, "pod sandbox ready");
         Ok(())
     }
@@ -340,6 +348,9 @@ impl Manager {
             }
         }
         let rec = pod.record();
+        if pod.agent().is_some() {
+            crate::metrics::global().sandbox_exit(&rec.handler, ExitReason::Stopped);
+        }
         if let Some(agent) = pod.agent()
             && pod.agent_alive()
             && let Err(e) = agent.destroy_sandbox(id).await

@@ -122,6 +122,8 @@ impl Manager {
             containers: Mutex::new(BTreeMap::new()),
             persist_lock: Mutex::new(()),
             sample: Default::default(),
+            // Not a start: no first-container phases for an adopted pod.
+            first_container: [true.into(), true.into()],
             kind,
         });
         pod.persist(&self.store)?;
@@ -180,6 +182,7 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), pod.clone());
         if let Some(a) = agent {
+            crate::metrics::global().pod_recovered(&prec.handler);
             for c in to_supervise {
                 self.spawn_supervisor(pod.clone(), c, a.clone());
             }

@@ -8,13 +8,14 @@
 //! when the CRI asks. Propagation: private and host-to-container are honoured on the host side
 //! (the bind is `rprivate`, or `rslave` of its source so that new submounts reach the guest
 //! through the FUSE server); bidirectional cannot cross the VM boundary and is refused. An
-//! SELinux relabel request is checked with every CRI mount (`cri::convert::validate_mounts`):
+//! SELinux relabel request is checked with every CRI mount (`sandbox::spec::validate_mounts`):
 //! ignored on a host without SELinux, as containerd does, refused where SELinux is enabled.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use super::beneath::{self, Dir, Kind};
+use super::error::RuntimeError;
 
 /// The sandbox mount name the agent gives the share.
 pub const SHARE: &str = "share";
@@ -249,13 +250,13 @@ pub fn share_mounts(
     Ok(())
 }
 
-impl From<ShareError> for super::RuntimeError {
+impl From<ShareError> for RuntimeError {
     fn from(e: ShareError) -> Self {
         match e {
             // What the request asks cannot be done in a VM sandbox: the request is at fault.
-            ShareError::Refused { .. } => super::RuntimeError::InvalidArgument(e.to_string()),
-            ShareError::Source(..) => super::RuntimeError::InvalidArgument(e.to_string()),
-            _ => super::RuntimeError::Internal(e.to_string()),
+            ShareError::Refused { .. } => RuntimeError::InvalidArgument(e.to_string()),
+            ShareError::Source(..) => RuntimeError::InvalidArgument(e.to_string()),
+            _ => RuntimeError::Internal(e.to_string()),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::SandboxKind;
+use crate::config::HandlerKind;
 
 /// Pod sandbox lifecycle: `Creating → Ready → NotReady`, or `Creating →
 /// NotReady` when the start failed half way (recovery then cleans it up).
@@ -76,7 +76,7 @@ pub struct ProcRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmProcess {
     /// `Vm` (husk-vmm) or `Qemu`.
-    pub backend: SandboxKind,
+    pub backend: HandlerKind,
     /// E.g. the vhost-user vsock server QEMU uses.
     pub helpers: Vec<ProcRef>,
     /// Run dir: console.log, the VMM's control/QMP socket, vhost-user sockets.
@@ -87,7 +87,7 @@ pub struct VmProcess {
 pub struct PodRecord {
     pub id: String,
     pub handler: String,
-    pub kind: SandboxKind,
+    pub kind: HandlerKind,
     pub state: PodState,
     /// Unix nanoseconds.
     pub created_at: i64,

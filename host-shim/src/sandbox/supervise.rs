@@ -129,6 +129,8 @@ impl Manager {
             r.reason = format!("AgentExited: {why}");
         }
         tracing::warn!(pod = %pod.id, why, "pod agent died");
+        crate::metrics::global()
+            .sandbox_exit(&lock(&pod.rec).handler, crate::metrics::ExitReason::Died);
         *lock(&pod.agent) = None;
         if let Err(e) = pod.persist(&self.store) {
             tracing::error!(pod = %pod.id, error = %e, "persist pod");

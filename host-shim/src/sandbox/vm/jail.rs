@@ -17,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::super::RuntimeError;
+use super::super::error::RuntimeError;
 
 /// The directory of the sockets a pod's processes create.
 pub fn sock_dir(pod_dir: &Path) -> PathBuf {

@@ -13,7 +13,6 @@
 
 pub mod hybrid;
 pub mod jail;
-pub mod memory;
 mod net;
 mod process;
 pub mod qemu;
@@ -32,12 +31,12 @@ use std::time::{Duration, Instant};
 use husk_proto::agent as pb;
 use husk_proto::cri;
 
-use super::RuntimeError;
 use super::agent::{Agent, AgentError};
+use super::error::RuntimeError;
 use super::kind::{LaunchSpec, SandboxKind, proc_alive};
 use super::share::PodShare;
 use super::state::{AgentProcess, ProcRef, VmProcess};
-use crate::config::{Accel, SandboxKind as Kind, VmConfig};
+use crate::config::{Accel, HandlerKind as Kind, VmConfig};
 use crate::image::store::{ImageRecord, hex_of};
 use crate::image::{ImageService, KeyedLocks};
 
@@ -470,6 +469,7 @@ impl SandboxKind for VmSandbox {
             )?),
             false => None,
         };
+        spec.start.mark();
         let (vm, helpers) = match self.start_processes(id, &dir, accel, size, spec.network, uid) {
             Ok(x) => x,
             Err(e) => {
@@ -479,6 +479,7 @@ impl SandboxKind for VmSandbox {
             }
         };
         crash_point("run_pod:spawned");
+        spec.start.end(crate::metrics::Phase::Spawn);
         let proc = AgentProcess {
             pid: vm.pid,
             start_time: vm.start_time,
@@ -517,6 +518,7 @@ impl SandboxKind for VmSandbox {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "guest agent up"
                     );
+                    spec.start.end(crate::metrics::Phase::AgentReady);
                     return Ok((proc, agent));
                 }
             }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::super::RuntimeError;
+use super::super::error::RuntimeError;
 use super::super::helper_log::{tail, without_backtraces};
 use super::super::kind::{proc_alive, start_time};
 use super::super::state::ProcRef;

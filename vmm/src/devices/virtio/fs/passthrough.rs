@@ -635,8 +635,8 @@ impl PassthroughFs {
     ) -> Res<(u64, libc::stat64)> {
         let name = valid_name(name)?;
         self.vet_mode(libc::S_IFDIR, mode)?;
-        // SAFETY: mkdirat of a validated component in our own dir fd.
         self.dir_fd(parent, |dir| {
+            // SAFETY: mkdirat of a validated component in our own dir fd.
             check(unsafe { libc::mkdirat(dir, name.as_ptr(), mode & 0o7777) })
         })?;
         self.created(parent, &name, who)
@@ -655,8 +655,8 @@ impl PassthroughFs {
             _ => return Err(Errno(libc::EPERM)),
         }
         self.vet_mode(ftype(mode), mode)?;
-        // SAFETY: mknodat of a validated component; device numbers are never passed.
         self.dir_fd(parent, |dir| {
+            // SAFETY: mknodat of a validated component; device numbers are never passed.
             check(unsafe { libc::mknodat(dir, name.as_ptr(), mode, 0) })
         })?;
         self.created(parent, &name, who)
@@ -671,8 +671,8 @@ impl PassthroughFs {
     ) -> Res<(u64, libc::stat64)> {
         let name = valid_name(name)?;
         let target = cstr(target)?;
-        // SAFETY: symlinkat stores `target` as data; it is never followed by the server.
         self.dir_fd(parent, |dir| {
+            // SAFETY: symlinkat stores `target` as data; it is never followed by the server.
             check(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) })
         })?;
         self.created(parent, &name, who)
@@ -714,8 +714,8 @@ impl PassthroughFs {
     pub fn unlink(&self, parent: u64, name: &[u8], dir_flag: bool) -> Res<()> {
         let name = valid_name(name)?;
         let flags = if dir_flag { libc::AT_REMOVEDIR } else { 0 };
-        // SAFETY: unlinkat of a validated component in our own dir fd.
         self.dir_fd(parent, |dir| {
+            // SAFETY: unlinkat of a validated component in our own dir fd.
             check(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map(|_| ())
         })
     }

@@ -5,6 +5,9 @@
 //! guest memory they map, and QEMU's memory backend gets `dump=off`. Everything else a
 //! VM process has resident (heap, stacks, the binary and its libraries, QEMU's TCG code
 //! cache) is overhead.
+//!
+//! A leaf (reads /proc only): the metrics inventory, the CRI verbose info and the
+//! CLI's bench all read it.
 
 use serde::Serialize;
 

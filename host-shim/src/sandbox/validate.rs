@@ -206,25 +206,6 @@ pub fn read_seccomp_profile(path: &Path) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-/// tonic answers a request prost cannot decode (invalid UTF-8 in a string field, a
-/// malformed message) with Internal before any handler runs; it is the caller's bad input, so
-/// the status becomes InvalidArgument. Used as a response layer on the CRI server. Every
-/// Internal status huskd's own handlers answer carries `error::INTERNAL_MARK` (all of them
-/// come from `cri/error.rs`), so an Internal without it is tonic's (decoding, or the
-/// decompression of a request): no matching on tonic's message text. The mark is taken off.
-pub fn decode_error_is_invalid_argument<B>(
-    mut r: tonic::codegen::http::Response<B>,
-) -> tonic::codegen::http::Response<B> {
-    use tonic::codegen::http::HeaderValue;
-    let h = r.headers_mut();
-    let internal = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"13");
-    let ours = h.remove(super::error::INTERNAL_MARK).is_some();
-    if internal && !ours {
-        h.insert("grpc-status", HeaderValue::from_static("3"));
-    }
-    r
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -328,54 +309,5 @@ mod tests {
         f.set_len(MAX_SECCOMP_PROFILE + 1).unwrap();
         assert!(is_invalid(read_seccomp_profile(&big)));
         assert!(is_invalid(read_seccomp_profile(&d.path().join("missing"))));
-    }
-
-    #[test]
-    fn only_internal_statuses_huskd_did_not_make_become_invalid_argument() {
-        use tonic::codegen::http::{HeaderValue, Response};
-        let resp = |status: &'static str, ours: bool| {
-            let mut r = Response::new(());
-            r.headers_mut()
-                .insert("grpc-status", HeaderValue::from_static(status));
-            r.headers_mut().insert(
-                "grpc-message",
-                HeaderValue::from_static("whatever%20tonic%20says"),
-            );
-            if ours {
-                r.headers_mut().insert(
-                    super::super::error::INTERNAL_MARK,
-                    HeaderValue::from_static("1"),
-                );
-            }
-            let r = decode_error_is_invalid_argument(r);
-            assert!(
-                r.headers()
-                    .get(super::super::error::INTERNAL_MARK)
-                    .is_none()
-            );
-            r.headers().get("grpc-status").cloned().unwrap()
-        };
-        assert_eq!(resp("13", false), "3", "tonic's own Internal: the request");
-        assert_eq!(resp("13", true), "13", "a handler's Internal stays");
-        assert_eq!(resp("5", false), "5");
-        // Every Internal huskd makes is marked, in the headers a trailers-only answer has.
-        let s: tonic::Status = crate::sandbox::RuntimeError::Internal("boom".into()).into();
-        assert_eq!(s.code(), tonic::Code::Internal);
-        assert!(
-            s.metadata()
-                .get(super::super::error::INTERNAL_MARK)
-                .is_some()
-        );
-        let s: tonic::Status = crate::sandbox::RuntimeError::NotFound("x".into()).into();
-        assert!(
-            s.metadata()
-                .get(super::super::error::INTERNAL_MARK)
-                .is_none()
-        );
-        let r = s.into_http::<()>();
-        assert_eq!(r.headers().get("grpc-status").unwrap(), "5");
-        let s: tonic::Status = crate::sandbox::RuntimeError::Internal("boom".into()).into();
-        let r = decode_error_is_invalid_argument(s.into_http::<()>());
-        assert_eq!(r.headers().get("grpc-status").unwrap(), "13");
     }
 }

@@ -1,5 +1,5 @@
-//! The sandbox (pod): a namespace-holder process, the pod's /etc files,
-//! its /dev/shm and extra mounts, and the cgroup parent of its containers.
+//! CreateSandbox, the guest network and DestroySandbox: the operations on a
+//! [`Sandbox`] (its state is in `sandbox/mod.rs`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,100 +10,14 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::agent::{Agent, AgentError, Result, lock, validate_id};
+use crate::agent::{Agent, validate_id};
 use crate::container::spawn;
 use crate::container::stdio;
-use crate::reaper::ExitWatch;
+use crate::error::{AgentError, Result};
 use crate::runner::config::{InitConfig, InitMode, Ns, NsJoin, PauseInit};
+use crate::sync::lock;
 
-/// Leaf cgroup of the namespace holder below the pod cgroup.
-pub const PAUSE_CGROUP: &str = "pause";
-
-/// What CreateSandbox asked for (wire types converted in rpc.rs).
-#[derive(Debug, Clone, Default)]
-pub struct SandboxConfig {
-    pub id: String,
-    pub hostname: String,
-    pub dns_servers: Vec<String>,
-    pub dns_searches: Vec<String>,
-    pub dns_options: Vec<String>,
-    pub hosts: String,
-    pub new_net: bool,
-    pub new_ipc: bool,
-    pub new_uts: bool,
-    pub new_pid: bool,
-    /// Join this network namespace (wins over new_net).
-    pub network_path: Option<PathBuf>,
-    pub mounts: Vec<SandboxMount>,
-    pub shm_size: u64,
-    pub cgroup_parent: String,
-    /// LinuxResources JSON for the pod cgroup (empty = none).
-    pub resources: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct SandboxMount {
-    pub name: String,
-    pub source: String,
-    pub fstype: String,
-    pub options: Vec<String>,
-}
-
-pub struct Sandbox {
-    pub id: String,
-    pub dir: PathBuf,
-    pub holder_pid: i32,
-    holder_exit: ExitWatch,
-    pub has_pid_ns: bool,
-    pub cgroup_parent: PathBuf,
-    /// The pod cgroup (parent of the containers' and the holder's).
-    pub cgroup: crate::cgroup::Cgroup,
-    /// Named mounts (including "shm") containers can refer to as "sandbox:NAME".
-    pub mounts: HashMap<String, PathBuf>,
-}
-
-impl Sandbox {
-    /// /proc/PID/ns/NAME of the holder: what containers join.
-    pub fn ns_path(&self, ns: Ns) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/{}", self.holder_pid, ns.proc_name()))
-    }
-
-    pub fn etc_file(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    pub fn alive(&self) -> bool {
-        self.holder_exit.borrow().is_none()
-    }
-}
-
-pub fn resolv_conf(c: &SandboxConfig) -> Option<String> {
-    if c.dns_servers.is_empty() && c.dns_searches.is_empty() && c.dns_options.is_empty() {
-        return None;
-    }
-    let mut s = String::new();
-    for server in &c.dns_servers {
-        s.push_str(&format!("nameserver {server}\n"));
-    }
-    if !c.dns_searches.is_empty() {
-        s.push_str(&format!("search {}\n", c.dns_searches.join(" ")));
-    }
-    if !c.dns_options.is_empty() {
-        s.push_str(&format!("options {}\n", c.dns_options.join(" ")));
-    }
-    Some(s)
-}
-
-pub fn hosts_file(c: &SandboxConfig) -> String {
-    if !c.hosts.is_empty() {
-        return c.hosts.clone();
-    }
-    let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    if !c.hostname.is_empty() {
-        s.push_str(&format!("127.0.1.1\t{}\n", c.hostname));
-    }
-    s
-}
+use super::{PAUSE_CGROUP, Sandbox, SandboxConfig, hosts_file, resolv_conf};
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
     move |e| AgentError::Io(what, e)
@@ -382,31 +296,4 @@ pub async fn do_destroy(agent: &Arc<Agent>, id: &str) -> Result<()> {
     *lock(&agent.sandbox) = None;
     tracing::info!(sandbox = %id, "sandbox destroyed");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn etc_files() {
-        let c = SandboxConfig {
-            hostname: "web-0".into(),
-            dns_servers: vec!["10.0.0.10".into()],
-            dns_searches: vec!["ns.svc.cluster.local".into(), "svc.cluster.local".into()],
-            dns_options: vec!["ndots:5".into()],
-            ..Default::default()
-        };
-        assert_eq!(
-            resolv_conf(&c).expect("resolv"),
-            "nameserver 10.0.0.10\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
-        );
-        assert!(hosts_file(&c).contains("127.0.1.1\tweb-0\n"));
-        assert_eq!(resolv_conf(&SandboxConfig::default()), None);
-        let c = SandboxConfig {
-            hosts: "1.2.3.4 x\n".into(),
-            ..Default::default()
-        };
-        assert_eq!(hosts_file(&c), "1.2.3.4 x\n");
-    }
 }
