@@ -737,9 +737,11 @@ fn plant_suid_and_dev(dir: &std::path::Path) {
 /// Whether the mount holding `p` honours set-id bits and device nodes.
 fn mount_allows_suid_and_dev(p: &std::path::Path) -> bool {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a NUL-terminated path and a zeroed statvfs the kernel fills.
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    // SAFETY: a NUL-terminated path and a statvfs the kernel fills.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0);
     st.f_flag & (libc::ST_NOSUID | libc::ST_NODEV) == 0
 }
 

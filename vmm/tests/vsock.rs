@@ -219,10 +219,8 @@ fn hostile_guest_vsock_flood_stays_bounded_and_the_device_keeps_serving() {
     let full_path = std::path::PathBuf::from(format!("{}_5003", uds.display()));
     let full = UnixListener::bind(&full_path).expect("bind");
     // SAFETY: listen(2) again on our listener: the backlog shrinks to its minimum.
-    assert_eq!(
-        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&full), 0) },
-        0
-    );
+    let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&full), 0) };
+    assert_eq!(rc, 0);
     let mut backlog = Vec::new();
     while let Some(fd) = connect_nonblocking(&full_path) {
         backlog.push(fd);
