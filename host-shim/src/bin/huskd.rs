@@ -77,12 +77,16 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let streaming = husk_host::streaming::StreamingServer::start(&cfg.streaming, runtime.clone())
         .await
         .context("start the streaming server")?;
+    let pools = runtime.clone();
     let services = Arc::new(Services {
         images,
         runtime,
         streaming,
     });
-    cri::serve(services, &cfg.socket, shutdown_signal()).await?;
+    let served = cri::serve(services, &cfg.socket, shutdown_signal()).await;
+    // Warm VMs serve no pod: they go with huskd (pods keep running).
+    pools.drain_pools().await;
+    served?;
     tracing::info!("huskd stopped");
     Ok(())
 }

@@ -24,6 +24,8 @@ pub struct LaunchSpec<'a> {
     pub config: &'a cri::PodSandboxConfig,
     /// VM sandboxes: the pod's CNI network as a tap (None: no CNI network).
     pub network: Option<&'a crate::network::tap::VmNic>,
+    /// VM sandboxes: (vCPUs, MiB) instead of the size from `config` (a pooled VM's).
+    pub vm_size: Option<(u32, u32)>,
 }
 
 /// How a pod's agent is launched, found again and stopped.
