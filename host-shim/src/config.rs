@@ -40,7 +40,7 @@
 //! qemu_accel = "auto"                 # "kvm" | "tcg" | "auto" (kvm when /dev/kvm works)
 //! vmm_binary = ""                     # husk-vmm ("" = next to huskd, else $PATH)
 //! hotplug_slots = 8                   # QEMU PCIe root ports for image disks added later
-//! tcg_tb_mib = 0                      # QEMU/TCG translation cache per VM (0 = QEMU's default)
+//! tcg_tb_mib = 32                     # QEMU/TCG translation cache per VM (0 = QEMU's default)
 //! free_page_reporting = false         # QEMU: virtio-balloon free page reporting
 //! jail = true                         # VMM and helpers jailed (docs/security.md)
 //! jail_uid_base = 1879048192          # pod n's processes run as uid = gid = base + n ...
@@ -299,7 +299,7 @@ impl Default for VmConfig {
             jail: true,
             jail_uid_base: 0x7000_0000,
             jail_uid_count: 65536,
-            tcg_tb_mib: 0,
+            tcg_tb_mib: 32,
             free_page_reporting: false,
             pool: PoolConfig::default(),
         }
