@@ -62,9 +62,13 @@ async fn main() -> anyhow::Result<()> {
     print!("{}", cold.markdown());
     cols.push((format!("{handler}, no pool"), cold));
     if handler == "husk-qemu" && pool > 0 {
-        let warm = cri(&e.c, &e.d.socket, &opts("husk-qemu-pool", 0, false, &e.image))
-            .await
-            .map_err(fail)?;
+        let warm = cri(
+            &e.c,
+            &e.d.socket,
+            &opts("husk-qemu-pool", 0, false, &e.image),
+        )
+        .await
+        .map_err(fail)?;
         print!("{}", warm.markdown());
         cols.push((format!("{handler}, pool {pool}"), warm));
     }

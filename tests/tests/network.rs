@@ -642,19 +642,21 @@ async fn vm_pod_on_cni(pool: u32) {
 async fn wait_pool_ready(e: &CriEnv) {
     let t = std::time::Instant::now();
     loop {
-        let st = e
-            .c
-            .runtime
-            .clone()
-            .status(cri::StatusRequest { verbose: true })
-            .await
-            .unwrap()
-            .into_inner();
+        let st =
+            e.c.runtime
+                .clone()
+                .status(cri::StatusRequest { verbose: true })
+                .await
+                .unwrap()
+                .into_inner();
         let pools: serde_json::Value = serde_json::from_str(&st.info["vmPools"]).unwrap();
         if pools[0]["ready"].as_u64() >= Some(1) {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(240), "pool never ready: {pools}");
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "pool never ready: {pools}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -33,14 +33,13 @@ async fn env(pool: u32) -> CriEnv {
 
 /// The husk-qemu pool's stats from Status (verbose).
 async fn pool_stats(e: &CriEnv) -> serde_json::Value {
-    let st = e
-        .c
-        .runtime
-        .clone()
-        .status(cri::StatusRequest { verbose: true })
-        .await
-        .unwrap()
-        .into_inner();
+    let st =
+        e.c.runtime
+            .clone()
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner();
     let pools: serde_json::Value = serde_json::from_str(&st.info["vmPools"]).unwrap();
     pools
         .as_array()
@@ -182,9 +181,11 @@ async fn vm_pool_claim_refill_and_no_reuse() {
     for p in [&a, &b, &g] {
         e.stop_and_remove_pod(p).await;
     }
-    eventually("removed pods' VMs exit", Duration::from_secs(20), || async {
-        seen.iter().all(|p| !alive(*p))
-    })
+    eventually(
+        "removed pods' VMs exit",
+        Duration::from_secs(20),
+        || async { seen.iter().all(|p| !alive(*p)) },
+    )
     .await;
     for n in 0..2 {
         let cfg = e.pod(&format!("again-{n}"));

@@ -133,11 +133,15 @@ pub fn side_by_side(rs: &[(&str, &Report)]) -> String {
     row(&mut s, format!("{par} in parallel: wall"), &|r| {
         format!("{:.0} ms", r.parallel_wall_ms)
     });
-    row(&mut s, "pool size; pods on a pooled VM / pool empty".into(), &|r| {
-        r.pool.map_or("-".into(), |p| {
-            format!("{}; {} / {}", p.size, p.claimed, p.empty)
-        })
-    });
+    row(
+        &mut s,
+        "pool size; pods on a pooled VM / pool empty".into(),
+        &|r| {
+            r.pool.map_or("-".into(), |p| {
+                format!("{}; {} / {}", p.size, p.claimed, p.empty)
+            })
+        },
+    );
     s
 }
 

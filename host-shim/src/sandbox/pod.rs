@@ -168,7 +168,15 @@ impl Manager {
             )));
         }
         let result = self
-            .run_pod_reserved(&id, config, &handler, spec, cgroup_parent, owns_cgroup, pooled)
+            .run_pod_reserved(
+                &id,
+                config,
+                &handler,
+                spec,
+                cgroup_parent,
+                owns_cgroup,
+                pooled,
+            )
             .await;
         if result.is_err() {
             lock(&self.pod_names).remove(&key);

@@ -483,6 +483,10 @@ mod tests {
         assert_eq!(a, Fingerprint::of(&[&k]));
         std::fs::write(d.path().join("k2"), b"two!").unwrap();
         std::fs::rename(d.path().join("k2"), &k).unwrap();
-        assert_ne!(a, Fingerprint::of(&[&k]), "a replaced kernel is a new image");
+        assert_ne!(
+            a,
+            Fingerprint::of(&[&k]),
+            "a replaced kernel is a new image"
+        );
     }
 }
