@@ -59,9 +59,13 @@ async fn main() -> anyhow::Result<()> {
     // The pool first: while it fills at huskd's start nothing else is measured, and its
     // VMs then idle (tickless guest) through the cold column.
     if handler == "husk-qemu" && pool > 0 {
-        let warm = cri(&e.c, &e.d.socket, &opts("husk-qemu-pool", 0, false, &e.image))
-            .await
-            .map_err(fail)?;
+        let warm = cri(
+            &e.c,
+            &e.d.socket,
+            &opts("husk-qemu-pool", 0, false, &e.image),
+        )
+        .await
+        .map_err(fail)?;
         print!("{}", warm.markdown());
         cols.push((format!("{handler}, pool {pool}"), warm));
     }
