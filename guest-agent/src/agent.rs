@@ -70,6 +70,8 @@ pub struct Agent {
     /// Ids being created or removed (reserved, not yet/no longer in the map).
     pub busy: Mutex<HashSet<String>>,
     pub oom: OomQueue,
+    /// Woken when a container is added (the OOM monitor sleeps while there is none).
+    pub containers_added: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -101,6 +103,7 @@ impl Agent {
             containers: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             oom: OomQueue::default(),
+            containers_added: tokio::sync::Notify::new(),
         }))
     }
 
@@ -131,9 +134,16 @@ impl Agent {
 
     /// Poll the OOM counters of every container (v1 has no portable event fd
     /// without cgroup.event_control plumbing; a 500 ms poll is enough for CRI).
+    /// Without containers it sleeps until one is added: an idle guest (a pooled VM, an
+    /// empty pod) gets no timer from the agent.
     pub async fn oom_monitor(self: Arc<Self>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if lock(&self.containers).is_empty() {
+                self.containers_added.notified().await;
+                continue;
+            }
             tick.tick().await;
             for c in self.all_containers() {
                 self.refresh_oom(&c);

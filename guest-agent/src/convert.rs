@@ -157,6 +157,10 @@ pub fn network(
                     .map(|a| parse_cidr(a))
                     .collect::<Result<_, _>>()?,
                 mtu: i.mtu,
+                set_mac: match i.set_mac.as_str() {
+                    "" => None,
+                    m => Some(crate::network::parse_mac(m)?),
+                },
             })
         })
         .collect::<Result<_, _>>()?;

@@ -11,6 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 pub enum NetError {
     #[error("bad address {0:?} (want CIDR)")]
     Address(String),
+    #[error("bad MAC {0:?} (want aa:bb:cc:dd:ee:ff, unicast)")]
+    Mac(String),
     #[error("no interface {0}")]
     NoInterface(String),
     #[error("{0}: {1}")]
@@ -26,6 +28,8 @@ pub struct InterfaceConfig {
     pub name: Option<String>,
     pub addresses: Vec<(IpAddr, u8)>,
     pub mtu: u32,
+    /// A MAC to give the interface before it goes up.
+    pub set_mac: Option<[u8; 6]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +51,24 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
         return Err(bad());
     }
     Ok((ip, len))
+}
+
+/// `aa:bb:cc:dd:ee:ff` to bytes; multicast (and so broadcast) addresses are refused.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let bad = || NetError::Mac(s.to_string());
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || out[0] & 1 == 1 {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 const RTM_NEWADDR: u16 = 20;
@@ -336,6 +358,25 @@ fn index_of(name: &str) -> Result<u32> {
     }
 }
 
+fn set_mac(sock: &OwnedFd, name: &str, mac: &[u8; 6]) -> Result<()> {
+    let mut req = ifreq(name)?;
+    // SAFETY: ifru_hwaddr is a plain sockaddr inside the zeroed ifreq; we fill it in.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, s) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *d = *s as libc::c_char;
+        }
+    }
+    // SAFETY: SIOCSIFHWADDR reads the ifreq we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) } < 0 {
+        return Err(NetError::Os(
+            format!("set mac of {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 fn set_mtu_and_up(sock: &OwnedFd, name: &str, mtu: u32) -> Result<()> {
     let os = |what: &str| NetError::Os(format!("{what} {name}"), std::io::Error::last_os_error());
     if mtu > 0 {
@@ -367,6 +408,9 @@ pub fn configure(interfaces: &[InterfaceConfig], routes: &[RouteConfig]) -> Resu
     for i in interfaces {
         let key = i.mac.as_deref().or(i.name.as_deref()).unwrap_or_default();
         let name = resolve(&sock, key)?;
+        if let Some(mac) = &i.set_mac {
+            set_mac(&sock, &name, mac)?;
+        }
         set_mtu_and_up(&sock, &name, i.mtu)?;
         let index = index_of(&name)?;
         for (ip, prefix) in &i.addresses {
@@ -392,6 +436,25 @@ pub fn configure(interfaces: &[InterfaceConfig], routes: &[RouteConfig]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("0a:58:0A:01:00:05").expect("mac"),
+            [0x0a, 0x58, 0x0a, 0x01, 0x00, 0x05]
+        );
+        for bad in [
+            "",
+            "0a:58:0a:01:00",
+            "0a:58:0a:01:00:05:06",
+            "0a:58:0a:01:00:5",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "0g:58:0a:01:00:05",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cidrs_parse() {

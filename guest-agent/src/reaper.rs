@@ -109,10 +109,11 @@ impl Reaper {
         }
     }
 
-    /// Reap on every SIGCHLD, plus a slow tick in case a signal coalesced.
+    /// Reap on every SIGCHLD (coalesced signals are one wake-up, and `reap_all` takes every
+    /// exited child), plus a slow safety tick: an idle guest should not wake for the agent.
     pub async fn run(self: Arc<Self>) -> std::io::Result<()> {
         let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = sigchld.recv() => {}

@@ -40,9 +40,19 @@
 //! qemu_accel = "auto"                 # "kvm" | "tcg" | "auto" (kvm when /dev/kvm works)
 //! vmm_binary = ""                     # husk-vmm ("" = next to huskd, else $PATH)
 //! hotplug_slots = 8                   # QEMU PCIe root ports for image disks added later
+//! tcg_tb_mib = 32                     # QEMU/TCG translation cache per VM (0 = QEMU's default)
+//! free_page_reporting = false         # QEMU: virtio-balloon free page reporting
 //! jail = true                         # VMM and helpers jailed (docs/security.md)
 //! jail_uid_base = 1879048192          # pod n's processes run as uid = gid = base + n ...
 //! jail_uid_count = 65536              # ... n < count (held in <run_dir>/jail-uids)
+//!
+//! [runtime.vm.pool]                   # warm VMs per VM handler, booted in the background
+//! size = 1                            # per VM handler; 0 = no pool (each pod boots its VM)
+//! handlers = { husk-qemu = 4 }        # per handler sizes, overriding `size`
+//! memory_budget_mib = 4096            # guest RAM all pooled VMs together may hold
+//! parallel_boots = 2                  # pooled VMs booting at once, per handler
+//! vcpus = 0                           # a pooled VM's size (0 = runtime.vm's vcpus / memory_mib);
+//! memory_mib = 0                      # pods whose limits ask for more boot their own VM
 //!
 //! [network]
 //! cni_conf_dir = "/etc/cni/net.d"     # first .conflist/.conf/.json (by name) is the pod network
@@ -236,6 +246,51 @@ pub struct VmConfig {
     pub jail: bool,
     pub jail_uid_base: u32,
     pub jail_uid_count: u32,
+    /// QEMU/TCG translation cache per VM, MiB (0: QEMU's default, which grows up to 1 GiB).
+    pub tcg_tb_mib: u32,
+    /// QEMU: a virtio-balloon device with free page reporting (guest-freed pages go back).
+    pub free_page_reporting: bool,
+    /// Warm VMs booted ahead of the pods that will use them (`sandbox::vm::pool`).
+    pub pool: PoolConfig,
+}
+
+/// `[runtime.vm.pool]`: per VM handler, VMs booted to "agent ready" in the background,
+/// each claimed by one RunPodSandbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Warm VMs per VM handler (0: no pool, every pod boots its own VM).
+    pub size: u32,
+    /// Per handler sizes, overriding `size` (`husk-qemu = 20`).
+    pub handlers: BTreeMap<String, u32>,
+    /// Guest RAM all pooled VMs together may hold, MiB (the pools stop refilling there).
+    pub memory_budget_mib: u64,
+    /// Pooled VMs booting at once, per handler.
+    pub parallel_boots: u32,
+    /// A pooled VM's vCPUs and memory (0: runtime.vm's `vcpus` / `memory_mib`). A pod whose
+    /// limits ask for more gets a VM of its own.
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 1,
+            handlers: BTreeMap::new(),
+            memory_budget_mib: 4096,
+            parallel_boots: 2,
+            vcpus: 0,
+            memory_mib: 0,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The pool size of `handler`.
+    pub fn size_of(&self, handler: &str) -> u32 {
+        self.handlers.get(handler).copied().unwrap_or(self.size)
+    }
 }
 
 impl Default for VmConfig {
@@ -256,6 +311,9 @@ impl Default for VmConfig {
             jail: true,
             jail_uid_base: 0x7000_0000,
             jail_uid_count: 65536,
+            tcg_tb_mib: 32,
+            free_page_reporting: false,
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -414,6 +472,32 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "runtime.vm: need 64 <= memory_mib <= max_memory_mib".into(),
             ));
+        }
+        let pool = &vm.pool;
+        if pool.parallel_boots == 0 || pool.parallel_boots > 64 {
+            return Err(ConfigError::Invalid(
+                "runtime.vm.pool.parallel_boots must be 1..=64".into(),
+            ));
+        }
+        if pool.vcpus > vm.max_vcpus || pool.memory_mib > vm.max_memory_mib {
+            return Err(ConfigError::Invalid(
+                "runtime.vm.pool: vcpus and memory_mib must be at most runtime.vm's max_vcpus / max_memory_mib".into(),
+            ));
+        }
+        if pool.memory_mib != 0 && pool.memory_mib < 64 {
+            return Err(ConfigError::Invalid(
+                "runtime.vm.pool.memory_mib must be 0 or at least 64".into(),
+            ));
+        }
+        if let Some(h) = pool.handlers.keys().find(|h| {
+            self.runtime
+                .handlers
+                .get(*h)
+                .is_none_or(|k| !k.kind.is_vm())
+        }) {
+            return Err(ConfigError::Invalid(format!(
+                "runtime.vm.pool.handlers: {h:?} is not a VM handler in runtime.handlers"
+            )));
         }
         if vm.hotplug_slots > 30 {
             return Err(ConfigError::Invalid(

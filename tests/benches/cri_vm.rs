@@ -1,13 +1,21 @@
 //! `cargo bench -p husk-tests --bench cri_vm`: `husk bench cri` (the CLI's CRI bench,
-//! `husk_host::cli::bench`) in VM mode, against a huskd and a registry this bench starts.
-//! Handler `husk-qemu` with accel `HUSK_BENCH_ACCEL` (default tcg);
-//! `HUSK_BENCH_HANDLER=husk` measures husk-vmm where hardware KVM exists.
-//! `HUSK_BENCH_RUNS` sequential pods (default 10), 20 in parallel, 5 idle.
+//! `husk_host::cli::bench`) in VM mode, against a huskd and a registry this bench starts,
+//! side by side in one run:
+//! - `husk-qemu`: every pod boots its VM (no pool);
+//! - `husk-qemu-pool`: the same backend with a warm pool of `HUSK_BENCH_POOL` VMs
+//!   (default 20, the parallel count), filled before each measured step;
+//! - containerd + runc (Debian's, its CRI plugin on its own socket, host network: no CNI
+//!   here), when containerd is installed.
+//!
+//! Handler accel `HUSK_BENCH_ACCEL` (default tcg); `HUSK_BENCH_HANDLER=husk` measures
+//! husk-vmm (no pool column) where hardware KVM exists. `HUSK_BENCH_RUNS` sequential pods
+//! (default 10), 20 in parallel, 5 idle (cold column only).
 //!
 //! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (images/) and QEMU.
 
-use husk_host::cli::bench::{BenchOptions, cri};
+use husk_host::cli::bench::{BenchOptions, Report, cri, side_by_side};
 use husk_tests::cri_env::CriEnv;
+use husk_tests::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer, set_cmd};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,23 +32,68 @@ async fn main() -> anyhow::Result<()> {
     }
     let accel = std::env::var("HUSK_BENCH_ACCEL").unwrap_or_else(|_| "tcg".into());
     let handler = std::env::var("HUSK_BENCH_HANDLER").unwrap_or_else(|_| "husk-qemu".into());
+    let runs = husk_tests::bench::env_count("HUSK_BENCH_RUNS", 10);
+    let parallel = husk_tests::bench::env_count("HUSK_BENCH_PARALLEL", 20);
+    let pool = husk_tests::bench::env_count("HUSK_BENCH_POOL", parallel);
+    let extra = std::env::var("HUSK_BENCH_VM_EXTRA").unwrap_or_default();
     let cfg = format!(
         "[runtime]\ndefault_handler = \"{handler}\"\n[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"{accel}\" }}\n\
-         [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 300000\nmemory_mib = 256\n"
+         husk-qemu-pool = {{ kind = \"qemu\", accel = \"{accel}\" }}\n\
+         [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 300000\nmemory_mib = 256\n{extra}\n\
+         [runtime.vm.pool]\nsize = 0\nmemory_budget_mib = {}\nhandlers = {{ husk-qemu-pool = {pool} }}\n",
+        (pool as u64 + 1) * 256
     );
     let e = CriEnv::new(&handler, &cfg).await;
-    let o = BenchOptions {
-        runtime: handler.clone(),
-        image: e.image.clone(),
+    let opts = |runtime: &str, idle: usize, host_network: bool, image: &str| BenchOptions {
+        runtime: runtime.into(),
+        image: image.into(),
         cmd: vec!["sleep".into(), "1000000".into()],
-        runs: husk_tests::bench::env_count("HUSK_BENCH_RUNS", 10),
-        parallel: 20,
-        idle: 5,
+        runs,
+        parallel,
+        idle,
+        host_network,
     };
-    let r = cri(&e.c, &e.d.socket, &o)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err:#}\n{}", e.d.log()))?;
+    let fail = |err: anyhow::Error| anyhow::anyhow!("{err:#}\n{}", e.d.log());
+    let mut cols: Vec<(String, Report)> = vec![];
     println!("accel {accel}; guest 1 vCPU / 256 MiB");
-    print!("{}", r.markdown());
+    // The pool first: while it fills at huskd's start nothing else is measured, and its
+    // VMs then idle (tickless guest) through the cold column.
+    if handler == "husk-qemu" && pool > 0 {
+        let warm = cri(
+            &e.c,
+            &e.d.socket,
+            &opts("husk-qemu-pool", 0, false, &e.image),
+        )
+        .await
+        .map_err(fail)?;
+        print!("{}", warm.markdown());
+        cols.push((format!("{handler}, pool {pool}"), warm));
+    }
+    let cold = cri(&e.c, &e.d.socket, &opts(&handler, 5, false, &e.image))
+        .await
+        .map_err(fail)?;
+    print!("{}", cold.markdown());
+    cols.insert(0, (format!("{handler}, no pool"), cold));
+    if husk_tests::bench::baseline_ready() {
+        let p = Pusher::new(&e.reg.addr, None);
+        let mut pause = build_image(&ImageSpec {
+            layers: vec![busybox_layer(Compression::Gzip)?],
+            ..Default::default()
+        });
+        set_cmd(&mut pause, &["/bin/sleep", "2147483647"]);
+        p.push_image("bench/pause", Some("1"), &pause).await?;
+        let pause_ref = format!("{}/bench/pause:1", e.reg.addr);
+        let ctd = husk_tests::containerd::Containerd::start(&e.reg.addr, &pause_ref)?;
+        let cc = husk_tests::containerd::connect(&ctd.sock)
+            .await
+            .map_err(|err| anyhow::anyhow!("{err}\n{}", ctd.log()))?;
+        husk_tests::containerd::pull(&cc, &pause_ref).await?;
+        let r = cri(&cc, &ctd.sock, &opts("", 0, true, &e.image))
+            .await
+            .map_err(|err| anyhow::anyhow!("containerd: {err:#}\n{}", ctd.log()))?;
+        cols.push(("containerd + runc (host network)".into(), r));
+    }
+    let refs: Vec<(&str, &Report)> = cols.iter().map(|(n, r)| (n.as_str(), r)).collect();
+    println!("\n{}", side_by_side(&refs));
     Ok(())
 }

@@ -64,10 +64,17 @@ impl Huskd {
         // pod networking write a config list into `cni_conf_dir()`).
         let cni = dir.path().join("cni/net.d");
         std::fs::create_dir_all(&cni)?;
+        // No warm VM pool unless the test asks for one: pooled VMs boot in the background
+        // and would change what the other tests measure and count.
+        let pool = if extra.contains("runtime.vm.pool") {
+            ""
+        } else {
+            "\n[runtime.vm.pool]\nsize = 0\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "socket = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nlog_level = \"info,husk_host=debug\"\n[image]\nregistry_config_dir = \"{}\"\ndocker_config = \"{}\"\n[network]\ncni_conf_dir = \"{}\"\n{extra}",
+                "socket = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nlog_level = \"info,husk_host=debug\"\n[image]\nregistry_config_dir = \"{}\"\ndocker_config = \"{}\"\n[network]\ncni_conf_dir = \"{}\"\n{extra}{pool}",
                 socket.display(),
                 dir.path().join("state").display(),
                 dir.path().join("run").display(),

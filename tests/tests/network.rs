@@ -256,6 +256,8 @@ impl NetEnv for CriEnv {
             .flatten()
             .flatten()
             .map(|e| e.path())
+            // The warm VM pools' own namespace lives as long as huskd.
+            .filter(|p| !p.ends_with("pool"))
             .collect();
         assert!(netns.is_empty(), "netns left: {netns:?}");
         assert_eq!(net.veths().trim(), "", "veths left on {}", net.bridge);
@@ -524,6 +526,17 @@ async fn host_network_pods_share_the_host_namespace_and_vm_refuses_them() {
 /// same CNI network: the tap and tc redirects carry the guest's traffic.
 #[tokio::test]
 async fn vm_pod_on_the_cni_network() {
+    vm_pod_on_cni(0).await;
+}
+
+/// The same on a pooled VM (`[runtime.vm.pool]`): its tap, made before the pod existed,
+/// moves into the pod's namespace and the agent gives the guest NIC the CNI MAC.
+#[tokio::test]
+async fn vm_pooled_pod_on_the_cni_network() {
+    vm_pod_on_cni(1).await;
+}
+
+async fn vm_pod_on_cni(pool: u32) {
     require!(env_ok(), NEEDS);
     let (Ok(kernel), Ok(initrd)) = (
         std::env::var("HUSK_GUEST_KERNEL"),
@@ -536,11 +549,15 @@ async fn vm_pod_on_the_cni_network() {
     };
     let e = env(&format!(
         "[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
-         [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
+         [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n\
+         [runtime.vm.pool]\nsize = 0\nhandlers = {{ husk-qemu = {pool} }}\n"
     ))
     .await;
     let net = Net::new(e.d.dir.path());
     net.install(&e.d, 24);
+    if pool > 0 {
+        wait_pool_ready(&e).await;
+    }
     let host_port = husk_tests::free_port();
     let mut vm_cfg = e.pod("vm");
     vm_cfg.port_mappings = vec![cri::PortMapping {
@@ -591,7 +608,55 @@ async fn vm_pod_on_the_cni_network() {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.contains("hi-vm"), "{resp}");
+    if pool > 0 {
+        // The guest NIC took the CNI interface's MAC.
+        let (_, link) = e
+            .exec_out(&vm_ctr, &["busybox", "ip", "-o", "link", "show", "eth0"])
+            .await;
+        let ns_path = e.d.run_dir().join("netns").join(&vm);
+        let cni_link = sh(&[
+            "nsenter",
+            &format!("--net={}", ns_path.display()),
+            "ip",
+            "-o",
+            "link",
+            "show",
+            "eth0",
+        ]);
+        let mac_of = |l: &str| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .map(str::to_string)
+        };
+        assert!(mac_of(&cni_link).is_some(), "{cni_link}");
+        assert_eq!(mac_of(&link), mac_of(&cni_link), "{link} / {cni_link}");
+        assert!(e.d.log().contains("pooled VM claimed"), "{}", e.d.log());
+    }
     e.stop_and_remove_pod(&vm).await;
     e.stop_and_remove_pod(&ns).await;
     e.assert_clean(&net, &[&vm, &ns], &[vm_ips, ns_ips].concat());
+}
+
+/// Waits until the husk-qemu pool has a VM ready (Status, verbose).
+async fn wait_pool_ready(e: &CriEnv) {
+    let t = std::time::Instant::now();
+    loop {
+        let st =
+            e.c.runtime
+                .clone()
+                .status(cri::StatusRequest { verbose: true })
+                .await
+                .unwrap()
+                .into_inner();
+        let pools: serde_json::Value = serde_json::from_str(&st.info["vmPools"]).unwrap();
+        if pools[0]["ready"].as_u64() >= Some(1) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "pool never ready: {pools}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -333,6 +333,7 @@ pub async fn do_create(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Con
         let _ = std::fs::remove_dir_all(&dir);
     } else if let Ok(c) = &result {
         lock(&agent.containers).insert(req.id.clone(), c.clone());
+        agent.containers_added.notify_one();
     }
     lock(&agent.busy).remove(&req.id);
     result

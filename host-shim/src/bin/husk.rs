@@ -169,9 +169,12 @@ enum BenchCmd {
         /// Pods started at once.
         #[arg(long, default_value_t = 20)]
         parallel: usize,
-        /// Idle pods whose host memory is measured.
+        /// Idle pods whose host memory is measured (0: skip).
         #[arg(long, default_value_t = 5)]
         idle: usize,
+        /// Pods on the host network (a baseline without CNI, e.g. another CRI runtime).
+        #[arg(long)]
+        host_network: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -273,6 +276,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                     runs,
                     parallel,
                     idle,
+                    host_network,
                     json,
                     cmd,
                 },
@@ -288,6 +292,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 runs,
                 parallel,
                 idle,
+                host_network,
             };
             let r = bench::cri(&c, &args.socket, &o).await?;
             if json {

@@ -84,12 +84,16 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .await
             .context("start the metrics endpoint")?;
     }
+    let pools = runtime.clone();
     let services = Arc::new(Services {
         images,
         runtime,
         streaming,
     });
-    cri::serve(services, &cfg.socket, shutdown_signal()).await?;
+    let served = cri::serve(services, &cfg.socket, shutdown_signal()).await;
+    // Warm VMs serve no pod: they go with huskd (pods keep running).
+    pools.drain_pools().await;
+    served?;
     tracing::info!("huskd stopped");
     Ok(())
 }

@@ -31,7 +31,10 @@ pub struct BenchOptions {
     pub cmd: Vec<String>,
     pub runs: usize,
     pub parallel: usize,
+    /// Idle pods whose memory is measured (0: none; needs huskd's verbose pod status).
     pub idle: usize,
+    /// Pods on the host network (a namespace-sandbox or runc baseline without CNI).
+    pub host_network: bool,
 }
 
 /// Milliseconds, p50 and p99.
@@ -66,8 +69,12 @@ pub struct Report {
     pub ready_ms: Percentiles,
     pub running_ms: Percentiles,
     pub parallel: usize,
+    pub parallel_ready_ms: Percentiles,
     pub parallel_running_ms: Percentiles,
     pub parallel_wall_ms: f64,
+    /// The handler's warm VM pool (huskd's Status): its size, and how many of the measured
+    /// pods got a pooled VM / found the pool empty / were too big for one.
+    pub pool: Option<PoolUse>,
     pub idle_pods: usize,
     /// Per idle pod (median); `None` for a sandbox without a VM.
     pub guest_ram_mib: Option<f64>,
@@ -78,6 +85,66 @@ pub struct Report {
     pub huskd_per_pod_mib: f64,
 }
 
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolUse {
+    pub size: u64,
+    pub claimed: u64,
+    pub empty: u64,
+    pub too_big: u64,
+}
+
+/// Several reports as one table, a column each (e.g. cold boot, warm pool, runc).
+pub fn side_by_side(rs: &[(&str, &Report)]) -> String {
+    let mut s = String::from("| metric |");
+    for (n, _) in rs {
+        s += &format!(" {n} |");
+    }
+    s += "\n|---|";
+    s += &"---|".repeat(rs.len());
+    s += "\n";
+    let row = |s: &mut String, what: String, f: &dyn Fn(&Report) -> String| {
+        *s += &format!("| {what} |");
+        for (_, r) in rs {
+            *s += &format!(" {} |", f(r));
+        }
+        *s += "\n";
+    };
+    let pp = |x: Percentiles| format!("{:.0} / {:.0} ms", x.p50, x.p99);
+    row(&mut s, "RunPodSandbox → Ready, p50 / p99".into(), &|r| {
+        pp(r.ready_ms)
+    });
+    row(
+        &mut s,
+        "RunPodSandbox → first container running, p50 / p99".into(),
+        &|r| pp(r.running_ms),
+    );
+    let par = rs.first().map_or(0, |r| r.1.parallel);
+    row(
+        &mut s,
+        format!("{par} in parallel: → Ready, p50 / p99"),
+        &|r| pp(r.parallel_ready_ms),
+    );
+    row(
+        &mut s,
+        format!("{par} in parallel: → running, p50 / p99"),
+        &|r| pp(r.parallel_running_ms),
+    );
+    row(&mut s, format!("{par} in parallel: wall"), &|r| {
+        format!("{:.0} ms", r.parallel_wall_ms)
+    });
+    row(
+        &mut s,
+        "pool size; pods on a pooled VM / pool empty".into(),
+        &|r| {
+            r.pool.map_or("-".into(), |p| {
+                format!("{}; {} / {}", p.size, p.claimed, p.empty)
+            })
+        },
+    );
+    s
+}
+
 impl Report {
     pub fn markdown(&self) -> String {
         let p = |x: Percentiles| format!("{:.0} ms | {:.0} ms", x.p50, x.p99);
@@ -86,6 +153,7 @@ impl Report {
              | metric | p50 | p99 |\n|---|---|---|\n\
              | RunPodSandbox → Ready | {} |\n\
              | RunPodSandbox → first container running | {} |\n\
+             | {} in parallel, per pod → Ready | {} |\n\
              | {} in parallel, per pod → running | {} |\n\
              | {} in parallel, wall | {:.0} ms | |\n",
             self.handler,
@@ -96,10 +164,15 @@ impl Report {
             p(self.ready_ms),
             p(self.running_ms),
             self.parallel,
+            p(self.parallel_ready_ms),
+            self.parallel,
             p(self.parallel_running_ms),
             self.parallel,
             self.parallel_wall_ms,
         );
+        if self.idle_pods == 0 {
+            return s;
+        }
         s += "\n| host memory per idle pod (median) | MiB |\n|---|---|\n";
         if let Some(g) = self.guest_ram_mib {
             s += &format!("| guest RAM resident | {g:.1} |\n");
@@ -163,7 +236,7 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
-        cri::PodSandboxConfig {
+        let mut c = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.into(),
                 uid: format!("husk-bench-{}-{name}", self.tag),
@@ -172,6 +245,63 @@ impl Bench<'_> {
             }),
             hostname: name.into(),
             ..Default::default()
+        };
+        if self.o.host_network {
+            // runc refuses a hostname without a UTS namespace of the pod's own.
+            c.hostname = String::new();
+            c.linux = Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(host_net()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        c
+    }
+
+    /// The handler's pool from huskd's Status (verbose): (target, claimed, empty, too big,
+    /// ready); None without one (or another CRI runtime).
+    async fn pool(&self) -> Option<(PoolUse, u64)> {
+        let st = self
+            .c
+            .clone()
+            .runtime
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .ok()?
+            .into_inner();
+        let pools: serde_json::Value = serde_json::from_str(st.info.get("vmPools")?).ok()?;
+        let handler = if self.o.runtime.is_empty() {
+            let cfg: serde_json::Value = serde_json::from_str(st.info.get("config")?).ok()?;
+            cfg["defaultHandler"].as_str()?.to_string()
+        } else {
+            self.o.runtime.clone()
+        };
+        let p = pools
+            .as_array()?
+            .iter()
+            .find(|p| p["handler"].as_str() == Some(handler.as_str()))?;
+        let n = |k: &str| p[k].as_u64().unwrap_or(0);
+        Some((
+            PoolUse {
+                size: n("target"),
+                claimed: n("claimed"),
+                empty: n("empty"),
+                too_big: n("tooBig"),
+            },
+            n("ready"),
+        ))
+    }
+
+    /// Waits (up to 10 minutes) until the handler's pool, if it has one, is full.
+    async fn wait_pool_full(&self) {
+        let t = Instant::now();
+        while let Some((p, ready)) = self.pool().await {
+            if ready >= p.size || t.elapsed() > Duration::from_secs(600) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -206,6 +336,13 @@ impl Bench<'_> {
                         ..Default::default()
                     }),
                     command: self.o.cmd.clone(),
+                    linux: self.o.host_network.then(|| cri::LinuxContainerConfig {
+                        security_context: Some(cri::LinuxContainerSecurityContext {
+                            namespace_options: Some(host_net()),
+                            ..Default::default()
+                        }),
+                        resources: None,
+                    }),
                     ..Default::default()
                 }),
                 sandbox_config: Some(config),
@@ -279,8 +416,11 @@ impl Bench<'_> {
 
     async fn run(&self, socket: &Path) -> anyhow::Result<Report> {
         // Warm-up: the image's block image, page cache, huskd's first-use allocations.
+        self.wait_pool_full().await;
         let (pod, _, _) = self.pod_to_running("warm").await?;
         self.remove(&pod).await;
+        self.wait_pool_full().await;
+        let pool0 = self.pool().await.map(|p| p.0);
 
         let (mut ready, mut running) = (vec![], vec![]);
         for n in 0..self.o.runs {
@@ -290,39 +430,52 @@ impl Bench<'_> {
             self.remove(&pod).await;
         }
 
-        let huskd = huskd_pid(socket)?;
-        let before = rss_anon_bytes(huskd);
-        let mut idle = vec![];
-        for n in 0..self.o.idle {
-            idle.push(self.pod_to_running(&format!("idle-{n}")).await?.0);
-        }
-        tokio::time::sleep(Duration::from_secs(3)).await;
         let (mut vm, mut guest, mut rss, mut pss) = (false, vec![], vec![], vec![]);
         let mut isolation = String::new();
-        for p in &idle {
-            let (iso, is_vm, m) = self.pod_memory(p).await?;
-            isolation = iso;
-            vm |= is_vm;
-            guest.push(m.guest_ram_bytes as f64 / 1048576.0);
-            rss.push(m.overhead_rss_bytes as f64 / 1048576.0);
-            pss.push(m.overhead_pss_bytes as f64 / 1048576.0);
-        }
-        let huskd_per_pod = rss_anon_bytes(huskd).saturating_sub(before) as f64
-            / 1048576.0
-            / self.o.idle.max(1) as f64;
-        for p in &idle {
-            self.remove(p).await;
+        let mut huskd_per_pod = 0.0;
+        if self.o.idle > 0 {
+            let huskd = huskd_pid(socket)?;
+            let before = rss_anon_bytes(huskd);
+            let mut idle = vec![];
+            for n in 0..self.o.idle {
+                idle.push(self.pod_to_running(&format!("idle-{n}")).await?.0);
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            for p in &idle {
+                let (iso, is_vm, m) = self.pod_memory(p).await?;
+                isolation = iso;
+                vm |= is_vm;
+                guest.push(m.guest_ram_bytes as f64 / 1048576.0);
+                rss.push(m.overhead_rss_bytes as f64 / 1048576.0);
+                pss.push(m.overhead_pss_bytes as f64 / 1048576.0);
+            }
+            huskd_per_pod = rss_anon_bytes(huskd).saturating_sub(before) as f64
+                / 1048576.0
+                / self.o.idle as f64;
+            for p in &idle {
+                self.remove(p).await;
+            }
         }
 
+        self.wait_pool_full().await;
         let t0 = Instant::now();
         let starts = (0..self.o.parallel).map(|n| async move {
             let r = self.pod_to_running(&format!("par-{n}")).await;
-            r.map(|(_, _, c)| c.as_secs_f64() * 1e3)
+            r.map(|(_, r, c)| (r.as_secs_f64() * 1e3, c.as_secs_f64() * 1e3))
         });
         let par = futures::future::join_all(starts).await;
         let wall = t0.elapsed().as_secs_f64() * 1e3;
         // The parallel pods go with every other one left, in `cri`.
         let par = par.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        let pool = match (pool0, self.pool().await) {
+            (Some(a), Some((b, _))) => Some(PoolUse {
+                size: b.size,
+                claimed: b.claimed - a.claimed,
+                empty: b.empty - a.empty,
+                too_big: b.too_big - a.too_big,
+            }),
+            _ => None,
+        };
 
         Ok(Report {
             handler: if self.o.runtime.is_empty() {
@@ -335,8 +488,10 @@ impl Bench<'_> {
             ready_ms: Percentiles::of(ready),
             running_ms: Percentiles::of(running),
             parallel: self.o.parallel,
-            parallel_running_ms: Percentiles::of(par),
+            parallel_ready_ms: Percentiles::of(par.iter().map(|p| p.0).collect()),
+            parallel_running_ms: Percentiles::of(par.iter().map(|p| p.1).collect()),
             parallel_wall_ms: wall,
+            pool,
             idle_pods: self.o.idle,
             guest_ram_mib: vm.then(|| Percentiles::of(guest).p50),
             overhead_rss_mib: Percentiles::of(rss).p50,
@@ -346,10 +501,18 @@ impl Bench<'_> {
     }
 }
 
+/// Host network, PID and IPC namespaces of the node (`NODE` = 2).
+fn host_net() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        network: 2,
+        ..Default::default()
+    }
+}
+
 /// Runs the CRI bench against huskd on `socket`. Pulls the image first when it is missing.
 pub async fn cri(c: &Clients, socket: &Path, o: &BenchOptions) -> anyhow::Result<Report> {
-    if o.runs == 0 || o.idle == 0 {
-        bail!("--runs and --idle must be at least 1");
+    if o.runs == 0 {
+        bail!("--runs must be at least 1");
     }
     super::runtime::ensure_image(&mut c.clone(), &o.image).await?;
     let b = Bench {

@@ -121,6 +121,10 @@ impl RuntimeService for Runtime {
                 "config".into(),
                 serde_json::json!({"defaultHandler": rt.runtime_config().default_handler, "handlers": h}).to_string(),
             );
+            info.insert(
+                "vmPools".into(),
+                serde_json::to_string(&rt.pool_stats()).unwrap_or_default(),
+            );
         }
         ok(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {

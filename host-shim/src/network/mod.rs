@@ -348,6 +348,30 @@ impl Network {
         Ok(Some(nic))
     }
 
+    /// A VM pod on a pooled VM: the VM's tap (`pooled`, in namespace `from`) moves into the
+    /// pod's namespace and is wired as [`Self::attach_vm`] wires a new one. `None` (the tap
+    /// stays where it is) when the pod has no CNI network.
+    pub fn adopt_vm(
+        &self,
+        id: &str,
+        from: &Path,
+        pooled: &str,
+    ) -> Result<Option<tap::VmNic>, NetworkError> {
+        let Some(rec) = self.pod(id) else {
+            return Ok(None);
+        };
+        let nic = tap::adopt(
+            from,
+            pooled,
+            rec.netns(),
+            &rec.attachment.ifname,
+            tap::TAP_NAME,
+            &rec.result(),
+        )?;
+        tracing::info!(pod = id, mac = %nic.mac, mtu = nic.mtu, pooled, "pooled VM's tap moved into the pod network, redirected to {}", rec.attachment.ifname);
+        Ok(Some(nic))
+    }
+
     /// CHECK (where the config version supports it): `Ok(false)` when not
     /// supported or the pod has no CNI network.
     pub async fn check(&self, id: &str) -> Result<bool, NetworkError> {

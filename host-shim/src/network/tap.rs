@@ -30,6 +30,8 @@ pub enum TapError {
     },
     #[error("tc {args}: {msg}")]
     Tc { args: String, msg: String },
+    #[error("ip {args}: {msg}")]
+    Ip { args: String, msg: String },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TapError {
@@ -120,8 +122,6 @@ pub fn attach(ns: &Path, ifname: &str, tap: &str, cni: &CniResult) -> Result<VmN
     let (ifname_s, tap_s) = (ifname.to_string(), tap.to_string());
     let (mac, mtu) = netns::run_in(ns, move || -> Result<(String, u32), TapError> {
         let (ifname, tap) = (ifname_s.as_str(), tap_s.as_str());
-        let mac = netns::mac(ifname).map_err(io(format!("mac of {ifname}")))?;
-        let mtu = netns::mtu(ifname).map_err(io(format!("mtu of {ifname}")))?;
         let fd = tun_open(tap).map_err(io(format!("create tap {tap}")))?;
         // SAFETY: TUNSETPERSIST takes an int argument by value on a tun fd.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) } < 0 {
@@ -130,20 +130,59 @@ pub fn attach(ns: &Path, ifname: &str, tap: &str, cni: &CniResult) -> Result<VmN
             ));
         }
         drop(fd);
-        netns::set_mtu(tap, mtu).map_err(io(format!("mtu of {tap}")))?;
-        netns::set_up(tap).map_err(io(format!("up {tap}")))?;
-        netns::set_up(ifname).map_err(io(format!("up {ifname}")))?;
-        for (from, to) in [(ifname, tap), (tap, ifname)] {
-            // Fresh ingress qdisc (deleting drops old filters), then one catch-all redirect.
-            let _ = tc(&["qdisc", "del", "dev", from, "ingress"]);
-            tc(&["qdisc", "add", "dev", from, "handle", "ffff:", "ingress"])?;
-            tc(&[
-                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
-                "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-            ])?;
-        }
-        Ok((mac, mtu))
+        redirect(ifname, tap)
     })??;
+    Ok(nic(ns, tap, mac, mtu, cni))
+}
+
+/// A pooled VM's tap (made in the pool's namespace `from` when the VM booted, the VMM
+/// holding its fd) moved into the pod's namespace `ns` as `tap`, then wired to `ifname`
+/// as [`attach`] does. The VMM keeps its fd across the move: no NIC hot-plug.
+pub fn adopt(
+    from: &Path,
+    pooled: &str,
+    ns: &Path,
+    ifname: &str,
+    tap: &str,
+    cni: &CniResult,
+) -> Result<VmNic, TapError> {
+    let (pooled_s, ns_s) = (pooled.to_string(), ns.display().to_string());
+    netns::run_in(from, move || {
+        ip(&["link", "set", "dev", &pooled_s, "netns", &ns_s])
+    })??;
+    let (ifname_s, tap_s, pooled_s) = (ifname.to_string(), tap.to_string(), pooled.to_string());
+    let (mac, mtu) = netns::run_in(ns, move || -> Result<(String, u32), TapError> {
+        let (ifname, tap) = (ifname_s.as_str(), tap_s.as_str());
+        if pooled_s != tap {
+            ip(&["link", "set", "dev", &pooled_s, "name", tap])?;
+        }
+        redirect(ifname, tap)
+    })??;
+    Ok(nic(ns, tap, mac, mtu, cni))
+}
+
+/// In the calling thread's namespace: `tap` takes `ifname`'s MTU, both go up, and each
+/// one's ingress is redirected to the other's egress. Returns `ifname`'s MAC and MTU.
+fn redirect(ifname: &str, tap: &str) -> Result<(String, u32), TapError> {
+    let mac = netns::mac(ifname).map_err(io(format!("mac of {ifname}")))?;
+    let mtu = netns::mtu(ifname).map_err(io(format!("mtu of {ifname}")))?;
+    netns::set_mtu(tap, mtu).map_err(io(format!("mtu of {tap}")))?;
+    netns::set_up(tap).map_err(io(format!("up {tap}")))?;
+    netns::set_up(ifname).map_err(io(format!("up {ifname}")))?;
+    for (from, to) in [(ifname, tap), (tap, ifname)] {
+        // Fresh ingress qdisc (deleting drops old filters), then one catch-all redirect.
+        let _ = tc(&["qdisc", "del", "dev", from, "ingress"]);
+        tc(&["qdisc", "add", "dev", from, "handle", "ffff:", "ingress"])?;
+        tc(&[
+            "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
+            "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+        ])?;
+    }
+    Ok((mac, mtu))
+}
+
+/// The guest's NIC as CNI configured the pod: addresses, routes, MAC, MTU.
+fn nic(ns: &Path, tap: &str, mac: String, mtu: u32, cni: &CniResult) -> VmNic {
     let addresses = cni
         .sandbox_ips()
         .iter()
@@ -168,14 +207,14 @@ pub fn attach(ns: &Path, ifname: &str, tap: &str, cni: &CniResult) -> Result<VmN
             }
         }
     }
-    Ok(VmNic {
+    VmNic {
         netns: ns.to_path_buf(),
         tap: tap.to_string(),
         mac,
         mtu,
         addresses,
         routes,
-    })
+    }
 }
 
 /// An fd on the pod's tap, for a VMM that does not run in the pod's
@@ -203,6 +242,21 @@ pub fn remove(ns: &Path, tap: &str) -> Result<(), TapError> {
         }
         Ok(())
     })?
+}
+
+/// Runs ip(8) (in the calling thread's namespace).
+fn ip(args: &[&str]) -> Result<(), TapError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(io("run ip (iproute2)"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(TapError::Ip {
+        args: args.join(" "),
+        msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
 }
 
 /// Runs tc(8) (in the calling thread's namespace).

@@ -26,6 +26,8 @@ pub struct LaunchSpec<'a> {
     pub network: Option<&'a crate::network::tap::VmNic>,
     /// Where the launch reports its phases (spawn, agent ready).
     pub start: &'a crate::metrics::PodStart,
+    /// VM sandboxes: (vCPUs, MiB) instead of the size from `config` (a pooled VM's).
+    pub vm_size: Option<(u32, u32)>,
 }
 
 /// How a pod's agent is launched, found again and stopped.

@@ -18,6 +18,7 @@ pub mod kind;
 pub mod logs;
 pub mod orphans;
 mod pod;
+mod pooled;
 mod recover;
 pub mod share;
 pub mod spec;
@@ -213,6 +214,10 @@ pub struct Manager {
     containers: RwLock<HashMap<String, Arc<Container>>>,
     /// name key (name/namespace/uid/attempt) → pod id; reserved before any I/O.
     pod_names: Mutex<HashMap<String, String>>,
+    /// Warm VMs per VM handler (`[runtime.vm.pool]`).
+    pools: BTreeMap<String, Arc<vm::pool::VmPool>>,
+    /// The namespace pooled VMs' taps wait in.
+    pool_netns: PathBuf,
 }
 
 pub struct ManagerSettings {
@@ -255,6 +260,16 @@ impl Manager {
             vm(config::HandlerKind::Qemu, config::Accel::Tcg),
             vm(config::HandlerKind::Qemu, config::Accel::Auto),
         ];
+        let pool_netns = settings.run_dir.join("netns").join(pooled::POOL_NETNS);
+        let pools = pooled::make_pools(&settings.runtime, &pool_netns, |h| {
+            match (h.kind, h.accel.unwrap_or(settings.runtime.vm.qemu_accel)) {
+                (config::HandlerKind::Qemu, config::Accel::Kvm) => Some(qemu[0].clone()),
+                (config::HandlerKind::Qemu, config::Accel::Tcg) => Some(qemu[1].clone()),
+                (config::HandlerKind::Qemu, config::Accel::Auto) => Some(qemu[2].clone()),
+                (config::HandlerKind::Vm, _) => Some(vmm.clone()),
+                _ => None,
+            }
+        });
         let m = Arc::new(Self {
             cfg: settings.runtime,
             store,
@@ -266,8 +281,11 @@ impl Manager {
             pods: RwLock::new(HashMap::new()),
             containers: RwLock::new(HashMap::new()),
             pod_names: Mutex::new(HashMap::new()),
+            pools,
+            pool_netns,
         });
         m.recover().await?;
+        m.start_pools();
         Ok(m)
     }
 

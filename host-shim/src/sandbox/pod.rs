@@ -136,7 +136,12 @@ impl Manager {
             Some(p) => p.to_string(),
             None => String::new(),
         };
-        let id = new_id();
+        // A warm VM when the handler has a pool and the pod fits one: the pod takes its id.
+        let pooled = match kind.is_vm() {
+            true => self.claim_pooled(&handler, spec, &config).await,
+            false => None,
+        };
+        let id = pooled.as_ref().map_or_else(new_id, |v| v.id.clone());
         let owns_cgroup = cgroup_parent.is_empty();
         let cgroup_parent = if cgroup_parent.is_empty() {
             format!("{}/{}", self.cfg.cgroup_parent, id)
@@ -145,18 +150,34 @@ impl Manager {
         };
 
         let key = name_key(&md);
-        {
+        let clash = {
             let mut names = lock(&self.pod_names);
-            if let Some(other) = names.get(&key) {
-                return Err(RuntimeError::AlreadyExists(format!(
-                    "pod sandbox {:?} (namespace {:?}, uid {:?}, attempt {}) already exists: {other}",
-                    md.name, md.namespace, md.uid, md.attempt
-                )));
+            let other = names.get(&key).cloned();
+            if other.is_none() {
+                names.insert(key.clone(), id.clone());
             }
-            names.insert(key.clone(), id.clone());
+            other
+        };
+        if let Some(other) = clash {
+            if let Some(vm) = pooled {
+                // A claimed VM is never given to another pod: it goes.
+                self.discard_pooled(&handler, vm).await;
+            }
+            return Err(RuntimeError::AlreadyExists(format!(
+                "pod sandbox {:?} (namespace {:?}, uid {:?}, attempt {}) already exists: {other}",
+                md.name, md.namespace, md.uid, md.attempt
+            )));
         }
         let result = self
-            .run_pod_reserved(&id, config, &handler, spec, cgroup_parent, owns_cgroup)
+            .run_pod_reserved(
+                &id,
+                config,
+                &handler,
+                spec,
+                cgroup_parent,
+                owns_cgroup,
+                pooled,
+            )
             .await;
         if result.is_err() {
             lock(&self.pod_names).remove(&key);
@@ -164,6 +185,7 @@ impl Manager {
         result.map(|()| id)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_pod_reserved(
         self: &Arc<Self>,
         id: &str,
@@ -172,6 +194,7 @@ impl Manager {
         spec: crate::config::Handler,
         cgroup_parent: String,
         owns_cgroup: bool,
+        pooled: Option<super::vm::pool::PooledVm>,
     ) -> Result<()> {
         let kind = spec.kind;
         let kind_impl = self.kind(spec);
@@ -189,12 +212,21 @@ impl Manager {
             agent: None,
             reason: String::new(),
         };
-        self.store.put_pod(id, &rec)?;
+        if let Err(e) = self.store.put_pod(id, &rec) {
+            if let Some(vm) = pooled {
+                self.discard_pooled(handler, vm).await;
+            }
+            return Err(e.into());
+        }
         crash_point("run_pod:recorded");
+        let pooled_proc = pooled.as_ref().map(|v| v.proc.clone());
         // Before the agent starts: its mount namespace must see the pinned netns.
         let netns = match self.net.setup(id, &config).await {
             Ok(p) => p,
             Err(e) => {
+                if let Some(vm) = pooled {
+                    self.discard_pooled(handler, vm).await;
+                }
                 let _ = self.store.remove_pod(id);
                 return Err(e.into());
             }
@@ -219,10 +251,14 @@ impl Manager {
         };
         // A VM pod's CNI network reaches the guest through a tap.
         let vm_nic = if kind.is_vm() {
-            match self.net.attach_vm(id) {
+            let nic = match &pooled {
+                Some(vm) => self.net.adopt_vm(id, &self.pool_netns, &vm.tap),
+                None => self.net.attach_vm(id),
+            };
+            match nic {
                 Ok(n) => n,
                 Err(e) => {
-                    cleanup(None).await;
+                    cleanup(pooled_proc).await;
                     return Err(e.into());
                 }
             }
@@ -231,17 +267,28 @@ impl Manager {
         };
         crash_point("run_pod:network");
         start.end(Phase::Network);
-        let launch = LaunchSpec {
-            cgroup_parent: &cgroup_parent,
-            config: &config,
-            network: vm_nic.as_ref(),
-            start: &start,
-        };
-        let (proc, agent) = match kind_impl.launch(id, &launch).await {
-            Ok(x) => x,
-            Err(e) => {
-                cleanup(None).await;
-                return Err(e);
+        // A pooled VM's NIC has its own MAC: the agent gives it the CNI interface's.
+        let pool_mac = pooled.as_ref().map(|v| v.mac.clone());
+        let (proc, agent) = match pooled {
+            Some(vm) => {
+                self.adopt_pooled(handler, &vm, &cgroup_parent).await;
+                (vm.proc, vm.agent)
+            }
+            None => {
+                let launch = LaunchSpec {
+                    cgroup_parent: &cgroup_parent,
+                    config: &config,
+                    network: vm_nic.as_ref(),
+                    start: &start,
+                    vm_size: None,
+                };
+                match kind_impl.launch(id, &launch).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        cleanup(None).await;
+                        return Err(e);
+                    }
+                }
             }
         };
         crash_point("run_pod:launched");
@@ -300,7 +347,7 @@ impl Manager {
         crash_point("run_pod:sandbox-created");
         if let Some(nic) = &vm_nic
             && let Err(e) = agent
-                .configure_network(nic.configure_request(crate::network::IFNAME))
+                .configure_network(guest_network(nic, pool_mac.as_deref()))
                 .await
         {
             let _ = agent.destroy_sandbox(id).await;
@@ -458,6 +505,21 @@ impl Manager {
         out.sort_by_key(|v| v.rec.created_at);
         out
     }
+}
+
+/// The agent's ConfigureNetwork for a VM pod's NIC; a pooled VM's NIC is found by its own
+/// MAC (`pool_mac`) and given the CNI interface's.
+fn guest_network(
+    nic: &crate::network::tap::VmNic,
+    pool_mac: Option<&str>,
+) -> pb::ConfigureNetworkRequest {
+    let mut r = nic.configure_request(crate::network::IFNAME);
+    if let Some(m) = pool_mac {
+        for i in &mut r.interfaces {
+            i.set_mac = std::mem::replace(&mut i.mac, m.to_string());
+        }
+    }
+    r
 }
 
 /// CRI PodSandboxState code of a pod state.

@@ -14,6 +14,7 @@
 pub mod hybrid;
 pub mod jail;
 mod net;
+pub mod pool;
 mod process;
 pub mod qemu;
 pub mod qmp;
@@ -180,7 +181,7 @@ impl VmSandbox {
     }
 
     /// vCPUs and MiB: the defaults plus the pod's limits (rounded up).
-    fn size(&self, config: &cri::PodSandboxConfig) -> (u32, u32) {
+    pub fn size(&self, config: &cri::PodSandboxConfig) -> (u32, u32) {
         let r = config.linux.as_ref().and_then(|l| l.resources.as_ref());
         let cpus = r
             .filter(|r| r.cpu_quota > 0 && r.cpu_period > 0)
@@ -328,6 +329,8 @@ impl VmSandbox {
                     qmp: &sock.join("qmp.sock"),
                     hotplug_slots: self.cfg.hotplug_slots,
                     name: &format!("husk-{}", &id[..12.min(id.len())]),
+                    tcg_tb_mib: self.cfg.tcg_tb_mib,
+                    free_page_reporting: self.cfg.free_page_reporting,
                 });
                 let qemu_bin = qemu::find_binary(&self.cfg.qemu_binary)
                     .unwrap_or_else(|| self.cfg.qemu_binary.clone());
@@ -413,6 +416,15 @@ impl VmSandbox {
         }
     }
 
+    /// Moves a VM's processes (VMM and helpers) into `cgroup` (a pooled VM joining its pod).
+    pub fn join_cgroup(p: &AgentProcess, cgroup: &str, id: &str) {
+        for r in Self::procs(p) {
+            if let Err(e) = place_in_cgroup(r.pid, cgroup) {
+                tracing::warn!(pod = id, pid = r.pid, error = %e, "VM process not moved into the pod cgroup");
+            }
+        }
+    }
+
     fn procs(p: &AgentProcess) -> Vec<ProcRef> {
         let mut v = vec![ProcRef {
             pid: p.pid,
@@ -459,7 +471,7 @@ impl SandboxKind for VmSandbox {
         std::fs::create_dir_all(&dir)
             .map_err(|e| RuntimeError::Internal(format!("pod run dir {}: {e}", dir.display())))?;
         let started = Instant::now();
-        let size = self.size(spec.config);
+        let size = spec.vm_size.unwrap_or_else(|| self.size(spec.config));
         let uid = match self.cfg.jail {
             true => Some(jail::claim(
                 &self.run_dir,

@@ -29,6 +29,10 @@ pub struct QemuSpec<'a> {
     pub qmp: &'a Path,
     pub hotplug_slots: u32,
     pub name: &'a str,
+    /// TCG's translation cache, MiB (0: QEMU's default, up to 1 GiB of host memory).
+    pub tcg_tb_mib: u32,
+    /// A virtio-balloon with free page reporting: pages the guest frees go back to the host.
+    pub free_page_reporting: bool,
 }
 
 /// QEMU's seccomp policy: no obsolete calls, no set*id, no fork/exec, no scheduler or
@@ -45,15 +49,16 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (accel, cpu) = match spec.accel {
-        Accel::Kvm => ("kvm", "host"),
-        _ => ("tcg", "max"),
+        Accel::Kvm => ("kvm".to_string(), "host"),
+        _ if spec.tcg_tb_mib > 0 => (format!("tcg,tb-size={}", spec.tcg_tb_mib), "max"),
+        _ => ("tcg".to_string(), "max"),
     };
     push(&["-name", &format!("{},debug-threads=on", spec.name)]);
     push(&[
         "-machine",
         "q35,memory-backend=mem",
         "-accel",
-        accel,
+        &accel,
         "-cpu",
         cpu,
     ]);
@@ -106,6 +111,9 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
             &format!("vhost-user-fs-pci,chardev=fs,tag={tag}"),
         ]);
     }
+    if spec.free_page_reporting {
+        push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
+    }
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", spec.qmp.display()),
@@ -130,14 +138,7 @@ pub fn args(spec: &QemuSpec<'_>) -> Vec<String> {
 pub fn resolve_accel(accel: Accel) -> Accel {
     match accel {
         Accel::Auto => {
-            let hw = std::fs::read_to_string("/proc/cpuinfo")
-                .map(|c| {
-                    c.lines()
-                        .filter(|l| l.starts_with("flags"))
-                        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-                })
-                .unwrap_or(false);
-            if hw && kvm_opens() {
+            if hw_virt() && kvm_opens() {
                 Accel::Kvm
             } else {
                 Accel::Tcg
@@ -145,6 +146,17 @@ pub fn resolve_accel(accel: Accel) -> Accel {
         }
         a => a,
     }
+}
+
+/// The CPU has hardware virtualisation (vmx or svm).
+pub fn hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
 }
 
 pub fn kvm_opens() -> bool {
@@ -188,6 +200,8 @@ mod tests {
             qmp: p("/d/qmp.sock"),
             hotplug_slots: 2,
             name: "husk-x",
+            tcg_tb_mib: 0,
+            free_page_reporting: false,
         });
         let s = a.join(" ");
         assert!(s.contains("-accel tcg -cpu max"), "{s}");
@@ -215,6 +229,30 @@ mod tests {
             ),
             "{s}"
         );
+        assert!(!s.contains("balloon"), "{s}");
         assert_eq!(resolve_accel(Accel::Tcg), Accel::Tcg);
+        let a = args(&QemuSpec {
+            binary: p("qemu-system-x86_64"),
+            accel: Accel::Tcg,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: p("/k"),
+            initrd: p("/i"),
+            cmdline: "",
+            console: None,
+            vhost_user_vsock: p("/d/vu.sock"),
+            vhost_user_fs: None,
+            qmp: p("/d/qmp.sock"),
+            hotplug_slots: 0,
+            name: "husk-y",
+            tcg_tb_mib: 24,
+            free_page_reporting: true,
+        })
+        .join(" ");
+        assert!(a.contains("-accel tcg,tb-size=24 -cpu max"), "{a}");
+        assert!(
+            a.contains("-device virtio-balloon-pci,free-page-reporting=on"),
+            "{a}"
+        );
     }
 }

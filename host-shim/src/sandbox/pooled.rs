@@ -1,0 +1,119 @@
+//! RunPodSandbox on a warm VM (`vm::pool`): the pools per handler, claiming a VM for a
+//! pod, and what a pooled VM needs to become the pod's beyond what a cold boot does.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use husk_proto::cri;
+
+use super::Manager;
+use super::kind::remove_cgroup_tree_patiently;
+use super::pod::CGROUP_WAIT;
+use super::vm::VmSandbox;
+use super::vm::pool::{Budget, PoolStats, PooledVm, VmPool};
+use crate::config::{Handler, RuntimeConfig};
+use crate::network::netns;
+
+/// The pools' network namespace below the run dir's `netns/` (pod ids are hex: no clash).
+pub const POOL_NETNS: &str = "pool";
+
+/// One pool per VM handler with a non-zero size (not started yet).
+pub(super) fn make_pools(
+    cfg: &RuntimeConfig,
+    netns: &Path,
+    vm_of: impl Fn(Handler) -> Option<Arc<VmSandbox>>,
+) -> BTreeMap<String, Arc<VmPool>> {
+    let budget = Budget::new(cfg.vm.pool.memory_budget_mib);
+    cfg.handlers
+        .iter()
+        .filter(|(_, h)| h.kind.is_vm())
+        .filter_map(|(name, h)| {
+            let size = cfg.vm.pool.size_of(name);
+            let vm = vm_of(*h)?;
+            (size > 0).then(|| {
+                let pool = VmPool::new(
+                    name,
+                    vm,
+                    size,
+                    &cfg.vm.pool,
+                    netns.to_path_buf(),
+                    &cfg.cgroup_parent,
+                    budget.clone(),
+                );
+                (name.clone(), pool)
+            })
+        })
+        .collect()
+}
+
+impl Manager {
+    /// Starts filling the pools (after recovery: pooled VMs of an earlier huskd are gone).
+    pub(super) fn start_pools(&self) {
+        if self.pools.is_empty() {
+            return;
+        }
+        if !netns::is_netns(&self.pool_netns) {
+            let _ = netns::remove(&self.pool_netns);
+            if let Err(e) = netns::create(&self.pool_netns) {
+                tracing::error!(error = %e, "VM pool network namespace: pools stay empty");
+                return;
+            }
+        }
+        for p in self.pools.values() {
+            p.start();
+        }
+    }
+
+    /// A pooled VM of `handler` for a pod with `config`, if one is ready and big enough.
+    pub(super) async fn claim_pooled(
+        &self,
+        handler: &str,
+        spec: Handler,
+        config: &cri::PodSandboxConfig,
+    ) -> Option<PooledVm> {
+        let pool = self.pools.get(handler)?;
+        let vm = self.kind_vm(spec)?;
+        pool.claim(vm.size(config)).await
+    }
+
+    /// A claimed VM whose pod failed before it was recorded as the pod's.
+    pub(super) async fn discard_pooled(&self, handler: &str, vm: PooledVm) {
+        match self.pools.get(handler) {
+            Some(p) => p.discard_claimed(vm).await,
+            None => tracing::error!(pod = %vm.id, "claimed VM of a handler without a pool"),
+        }
+    }
+
+    /// The pooled VM's processes join the pod's cgroup (when the CRI gave the pod one;
+    /// otherwise the pool's `<cgroup_parent>/<id>` already is the pod's).
+    pub(super) async fn adopt_pooled(&self, handler: &str, vm: &PooledVm, cgroup: &str) {
+        let Some(pool) = self.pools.get(handler) else {
+            return;
+        };
+        let waiting = pool.cgroup_of(&vm.id);
+        if waiting.trim_matches('/') == cgroup.trim_matches('/') {
+            return;
+        }
+        VmSandbox::join_cgroup(&vm.proc, cgroup, &vm.id);
+        let left = remove_cgroup_tree_patiently(&waiting, CGROUP_WAIT).await;
+        if !left.is_empty() {
+            tracing::warn!(pod = %vm.id, ?left, "pool cgroup of a claimed VM left behind");
+        }
+    }
+
+    /// Per pool: size, ready, booting, claims (Status, verbose).
+    pub fn pool_stats(&self) -> Vec<PoolStats> {
+        self.pools.values().map(|p| p.stats()).collect()
+    }
+
+    /// Stops every pooled VM (huskd shutting down; pods keep running).
+    pub async fn drain_pools(&self) {
+        for p in self.pools.values() {
+            p.drain().await;
+        }
+        if !self.pools.is_empty() {
+            let _ = netns::remove(&self.pool_netns);
+        }
+    }
+}

@@ -1,0 +1,247 @@
+#![allow(clippy::unwrap_used)]
+//! The warm VM pool (`[runtime.vm.pool]`) end to end on QEMU/TCG: pooled VMs boot in the
+//! background, RunPodSandbox claims one (the pod's VM was running before the pod was
+//! asked for), the pod works fully (hostname, DNS, a container, exec, a host-path volume),
+//! the pool refills, no VM serves two pods, a pod bigger than a pooled VM boots its own,
+//! `kill -9` of huskd leaves no pooled VM behind, and size 0 boots nothing.
+//!
+//! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD and qemu-system-x86_64; prints
+//! `skipped: <reason>` otherwise.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use husk_proto::cri;
+use husk_tests::cri_env::CriEnv;
+use husk_tests::require;
+use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
+use husk_tests::runtime::{alive, cgroup_exists, eventually};
+
+fn config(kernel: &str, initrd: &str, pool: u32) -> String {
+    format!(
+        "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\nhusk = \"vm\"\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+         [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = 120000\nmemory_mib = 256\n\
+         [runtime.vm.pool]\nsize = 0\nhandlers = {{ {QEMU} = {pool} }}\n"
+    )
+}
+
+async fn env(pool: u32) -> CriEnv {
+    let (k, i) = guest().unwrap();
+    CriEnv::new(QEMU, &config(&k, &i, pool)).await
+}
+
+/// The husk-qemu pool's stats from Status (verbose).
+async fn pool_stats(e: &CriEnv) -> serde_json::Value {
+    let st =
+        e.c.runtime
+            .clone()
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner();
+    let pools: serde_json::Value = serde_json::from_str(&st.info["vmPools"]).unwrap();
+    pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["handler"] == QEMU)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+async fn wait_ready(e: &CriEnv, n: u64) {
+    let t = Instant::now();
+    loop {
+        let s = pool_stats(e).await;
+        if s["ready"].as_u64() == Some(n) {
+            eprintln!("pool: {n} ready after {:?}", t.elapsed());
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "pool never had {n} ready VMs: {s}\n{}",
+            e.d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Seconds since boot at which `pid` started.
+fn started_at(pid: i32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s.rsplit_once(") ").unwrap().1.split_whitespace().collect();
+    let ticks: f64 = f[19].parse().unwrap();
+    // SAFETY: sysconf has no memory effects.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// (pid, start time) of every process the huskd of `run_dir` marked.
+fn marked(run_dir: &Path) -> Vec<(i32, u64, String)> {
+    husk_host::sandbox::orphans::scan(run_dir)
+        .into_iter()
+        .map(|m| (m.pid, m.start_time, m.pod))
+        .collect()
+}
+
+#[tokio::test]
+async fn vm_pool_claim_refill_and_no_reuse() {
+    require!(env_ok(), NEEDS);
+    let e = env(2).await;
+    wait_ready(&e, 2).await;
+
+    // A pod on a pooled VM: hostname, DNS, a container with a host-path volume, exec.
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::write(vol.path().join("in.txt"), "from-host\n").unwrap();
+    let mut cfg = e.pod("pooled-a");
+    cfg.hostname = "pool-a".into();
+    cfg.dns_config = Some(cri::DnsConfig {
+        servers: vec!["192.0.2.53".into()],
+        searches: vec!["pool.example".into()],
+        options: vec![],
+    });
+    let asked = uptime();
+    let t = Instant::now();
+    let a = e.run_pod(&cfg).await.unwrap();
+    let ready = t.elapsed();
+    let mut ctr = e.ctr("main", &["sleep", "1000"]);
+    ctr.mounts = vec![cri::Mount {
+        container_path: "/vol".into(),
+        host_path: vol.path().display().to_string(),
+        ..Default::default()
+    }];
+    let c = e.run(&a, &ctr, &cfg).await;
+    let running = t.elapsed();
+    eprintln!("pooled pod: Ready {ready:?}, first container running {running:?}");
+    let a_pids = e.vm_pids(&a).await;
+    assert!(
+        started_at(a_pids[0]) < asked,
+        "the pod's VMM started before RunPodSandbox was called (a pooled VM)"
+    );
+    let s = pool_stats(&e).await;
+    assert_eq!(s["claimed"], 1, "{s}");
+    assert_eq!(e.sh(&c, "hostname").await.trim(), "pool-a");
+    let resolv = e.sh(&c, "cat /etc/resolv.conf").await;
+    assert!(
+        resolv.contains("192.0.2.53") && resolv.contains("pool.example"),
+        "{resolv}"
+    );
+    assert_eq!(e.sh(&c, "cat /vol/in.txt").await.trim(), "from-host");
+    e.sh(&c, "echo from-guest > /vol/out.txt").await;
+    assert_eq!(
+        std::fs::read_to_string(vol.path().join("out.txt"))
+            .unwrap()
+            .trim(),
+        "from-guest"
+    );
+    // The VM runs in the pod's cgroup (the pool's cgroup for this id is the pod's).
+    assert!(cgroup_exists(&format!("husk/{a}")));
+
+    // Second pod: the other pooled VM, not A's.
+    let b_cfg = e.pod("pooled-b");
+    let b = e.run_pod(&b_cfg).await.unwrap();
+    let b_pids = e.vm_pids(&b).await;
+    assert_ne!(a_pids[0], b_pids[0]);
+    assert_eq!(pool_stats(&e).await["claimed"], 2);
+    let cb = e.run(&b, &e.ctr("main", &["sleep", "1000"]), &b_cfg).await;
+    assert_eq!(e.sh(&cb, "echo ok").await.trim(), "ok");
+
+    // The pool refills in the background.
+    wait_ready(&e, 2).await;
+
+    // A pod asking for more memory than a pooled VM has boots its own VM.
+    let mut big = e.pod("big");
+    big.linux = Some(cri::LinuxPodSandboxConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let asked = uptime();
+    let g = e.run_pod(&big).await.unwrap();
+    let g_pids = e.vm_pids(&g).await;
+    assert!(started_at(g_pids[0]) >= asked - 0.05, "a VM of its own");
+    let s = pool_stats(&e).await;
+    assert_eq!(s["tooBig"], 1, "{s}");
+    assert_eq!(s["claimed"], 2, "{s}");
+
+    // Removed pods' VMs are gone for good; a new pod never gets one of them.
+    let mut seen: HashSet<i32> = [a_pids[0], b_pids[0], g_pids[0]].into();
+    for p in [&a, &b, &g] {
+        e.stop_and_remove_pod(p).await;
+    }
+    eventually(
+        "removed pods' VMs exit",
+        Duration::from_secs(20),
+        || async { seen.iter().all(|p| !alive(*p)) },
+    )
+    .await;
+    for n in 0..2 {
+        let cfg = e.pod(&format!("again-{n}"));
+        let p = e.run_pod(&cfg).await.unwrap();
+        let vmm = e.vm_pids(&p).await[0];
+        assert!(seen.insert(vmm), "VMM {vmm} served an earlier pod");
+        e.stop_and_remove_pod(&p).await;
+    }
+    assert!(pool_stats(&e).await["claimed"].as_u64().unwrap() >= 3);
+    assert!(!cgroup_exists(&format!("husk/{a}")), "pod cgroup left");
+}
+
+#[tokio::test]
+async fn vm_pool_kill9_leaves_no_pooled_vm() {
+    require!(env_ok(), NEEDS);
+    let mut e = env(1).await;
+    wait_ready(&e, 1).await;
+    let run = e.d.run_dir();
+    let before = marked(&run);
+    assert!(!before.is_empty(), "the pooled VM's processes are marked");
+    let pooled: HashSet<String> = before.iter().map(|m| m.2.clone()).collect();
+    assert_eq!(pooled.len(), 1, "{before:?}");
+    let id = pooled.iter().next().unwrap().clone();
+    assert!(cgroup_exists(&format!("husk/{id}")));
+    e.d.crash_and_restart().await.unwrap();
+    e.c = e.d.clients().await.unwrap();
+    // The old pooled VM is killed and cleaned (no pod record names it); a new one boots.
+    for (pid, _, _) in &before {
+        assert!(!alive(*pid), "pooled VM process {pid} survived the restart");
+    }
+    assert!(!run.join("vm").join(&id[..16]).exists(), "run dir left");
+    assert!(!cgroup_exists(&format!("husk/{id}")), "cgroup left");
+    wait_ready(&e, 1).await;
+    let after = marked(&run);
+    assert!(after.iter().all(|m| m.2 != id), "{after:?}");
+    // And it serves a pod.
+    let cfg = e.pod("after-crash");
+    let p = e.run_pod(&cfg).await.unwrap();
+    let c = e.run(&p, &e.ctr("main", &["sleep", "1000"]), &cfg).await;
+    assert_eq!(e.sh(&c, "echo ok").await.trim(), "ok");
+    assert_eq!(pool_stats(&e).await["claimed"], 1);
+    e.stop_and_remove_pod(&p).await;
+}
+
+#[tokio::test]
+async fn vm_pool_zero_boots_nothing() {
+    require!(env_ok(), NEEDS);
+    let e = env(0).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(marked(&e.d.run_dir()).is_empty(), "no VM without a pod");
+    assert_eq!(pool_stats(&e).await, serde_json::Value::Null);
+    let asked = uptime();
+    let cfg = e.pod("cold");
+    let p = e.run_pod(&cfg).await.unwrap();
+    let vmm = e.vm_pids(&p).await[0];
+    assert!(started_at(vmm) >= asked - 0.05, "booted for the pod");
+    e.stop_and_remove_pod(&p).await;
+    assert!(marked(&e.d.run_dir()).is_empty());
+}
