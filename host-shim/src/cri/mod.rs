@@ -7,6 +7,7 @@ pub mod error;
 mod husk;
 mod image;
 mod runtime;
+mod seccomp_gates;
 mod streaming;
 pub mod validate;
 

@@ -79,8 +79,9 @@ impl Drop for Shared {
 /// mount namespace is a slave copy of the host's taken at pod start, and this host's `/`
 /// is private), a VM pod uses the suite's (huskd binds into the share on the host).
 ///
-/// A private volume is checked in namespace pods only: in a VM pod it still shows the later
-/// host mount (a known gap, printed). Bidirectional propagation is not checked: excluded for VM pods ([`super::VM_EXCLUSIONS`]),
+/// A private volume must not show the later host mount in either kind (in a VM pod the
+/// virtio-fs server keeps the two binds of one host directory apart: their inodes are
+/// keyed by mount too). Bidirectional propagation is not checked: excluded for VM pods ([`super::VM_EXCLUSIONS`]),
 /// and in namespace pods a container's mount does not reach the host yet (the agent's mount
 /// namespace is an rslave copy of the host's).
 pub async fn mount_propagation(s: &Suite) {
@@ -92,7 +93,7 @@ pub async fn mount_propagation(s: &Suite) {
     ));
     let (pod, pcfg) = match s.kind {
         Kind::Vm => (s.pod.clone(), s.pcfg.clone()),
-        Kind::Namespace => {
+        Kind::Namespace | Kind::Containerd => {
             let pcfg = s.e.pod("propagation");
             let pod =
                 s.e.run_pod(&pcfg)
@@ -125,20 +126,12 @@ pub async fn mount_propagation(s: &Suite) {
         s.e.exec(&id, &["cat", "/private/sub/late"], 30)
             .await
             .expect("exec");
-    if s.kind == Kind::Namespace {
-        assert_ne!(r.exit_code, 0, "a private volume saw a later host mount");
-    } else {
-        // Known gap: through the VM share a private volume still shows a later host mount
-        // (the share entry is rprivate on the host; not understood yet).
-        println!(
-            "not checked: private propagation in a VM pod (the later host mount is {})",
-            if r.exit_code == 0 {
-                "visible: gap"
-            } else {
-                "not visible"
-            }
-        );
-    }
+    assert_ne!(
+        r.exit_code,
+        0,
+        "a private volume saw a later host mount: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
     s.e.remove_container(&id).await.expect("remove");
     if pod != s.pod {
         s.e.stop_and_remove_pod(&pod).await;
