@@ -47,6 +47,7 @@ async fn ns_security() {
     security::paths_and_no_new_privs(&s).await;
     security::seccomp(&s).await;
     security::sysctls(&s).await;
+    security::privileged_needs_privileged_pod(&s).await;
     s.finish().await;
 }
 
@@ -81,6 +82,7 @@ async fn containerd_reference() {
     security::paths_and_no_new_privs(&s).await;
     security::seccomp(&s).await;
     security::sysctls(&s).await;
+    security::privileged_needs_privileged_pod(&s).await;
     storage::volumes(&s).await;
     storage::mount_propagation(&s).await;
     s.finish().await;

@@ -69,6 +69,7 @@ impl Manager {
         validate::container_config(&config)?;
         let pod = self.pod(pod_id)?;
         let pod_id: &str = &pod.id;
+        validate::privileged(&config, &pod.config)?;
         // Confined below the pod's log directory before anything is made.
         let log_path = validate::log_path(&pod.config.log_directory, &config.log_path)?;
         let _g = pod.lifecycle.lock().await;
