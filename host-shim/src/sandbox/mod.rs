@@ -16,6 +16,7 @@ pub mod kind;
 pub mod logs;
 pub mod orphans;
 mod pod;
+pub mod propagation;
 mod recover;
 pub mod share;
 pub mod state;

@@ -83,9 +83,7 @@ impl Drop for Shared {
 /// virtio-fs server keeps the two binds of one host directory apart: their inodes are
 /// keyed by mount too). Bidirectional propagation (a privileged container's mount reaches
 /// the host) is asserted on containerd, the reference; it is excluded for VM pods
-/// ([`super::VM_EXCLUSIONS`]), and in namespace pods it is run and its result printed: a
-/// container's mount does not reach the host yet (the agent's mount namespace is an rslave
-/// copy of the host's, docs/runtime.md).
+/// ([`super::VM_EXCLUSIONS`]) and asserted in namespace pods as on containerd.
 pub async fn mount_propagation(s: &Suite) {
     let d = host_dir(s, "prop", "p\n");
     let shared = Shared(d.clone());
@@ -149,6 +147,9 @@ pub async fn mount_propagation(s: &Suite) {
     }
     if pod != s.pod {
         s.e.stop_and_remove_pod(&pod).await;
+        if s.kind == Kind::Namespace {
+            assert_no_mounts_of_pod(&pod);
+        }
     }
     drop(shared);
 }
@@ -176,26 +177,64 @@ async fn bidirectional(s: &Suite, d: &Path, pod: &str, pcfg: &cri::PodSandboxCon
         .expect("exec");
     assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
     let seen = || std::fs::read_to_string(d.join("bi/f")).ok();
-    if s.kind == Kind::Containerd {
-        eventually(
-            "the container's mount reaches the host",
-            Duration::from_secs(30),
-            || async { seen().as_deref() == Some("from-ctr\n") },
-        )
-        .await;
-    } else {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        println!(
-            "not asserted in husk-ns (known gap, docs/runtime.md): bidirectional propagation; \
-             the container's mount is {}",
-            if seen().is_some() {
-                "on the host: the gap is closed, assert it"
-            } else {
-                "not on the host"
-            }
-        );
-    }
+    eventually(
+        "the container's mount reaches the host",
+        Duration::from_secs(30),
+        || async { seen().as_deref() == Some("from-ctr\n") },
+    )
+    .await;
     s.e.remove_container(&id).await.expect("remove");
+    if s.kind == Kind::Namespace {
+        bidirectional_refusals(s, d, pod, pcfg).await;
+    }
+}
+
+/// Bidirectional propagation is refused, with InvalidArgument naming why, for a host
+/// source that is not on a shared mount (containerd's rule) and for a container that is
+/// not privileged (kubelet's); nothing of the refused container stays bound.
+async fn bidirectional_refusals(s: &Suite, d: &Path, pod: &str, pcfg: &cri::PodSandboxConfig) {
+    let private = host_dir(s, "bi-private", "x\n");
+    let _guard = Shared(private.clone());
+    sh(&format!(
+        "mount --bind {0} {0} && mount --make-private {0}",
+        private.display()
+    ));
+    let mut m = mount("/bi", &private);
+    m.propagation = cri::MountPropagation::PropagationBidirectional as i32;
+    let mut cfg = s.ctr_sc("bi-not-shared", "sleep 1000", |c| c.privileged = true);
+    cfg.mounts = vec![m];
+    let err =
+        s.e.create(pod, &cfg, pcfg)
+            .await
+            .expect_err("a private source");
+    super::assert_code(s, &err, tonic::Code::InvalidArgument);
+    assert!(err.message().contains("not a shared mount"), "{err:?}");
+
+    let mut m = mount("/bi", d);
+    m.propagation = cri::MountPropagation::PropagationBidirectional as i32;
+    let mut cfg = s.ctr_sc("bi-unprivileged", "sleep 1000", |_| {});
+    cfg.mounts = vec![m];
+    let err =
+        s.e.create(pod, &cfg, pcfg)
+            .await
+            .expect_err("not privileged");
+    super::assert_code(s, &err, tonic::Code::InvalidArgument);
+    assert!(err.message().contains("privileged"), "{err:?}");
+}
+
+/// No mount of the pod's run dir is left on the host (its propagation dir and the host
+/// sources bound in it) once the pod is removed.
+fn assert_no_mounts_of_pod(pod: &str) {
+    let left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(pod))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "mounts left after RemovePodSandbox: {left:#?}"
+    );
 }
 
 /// What a CNI plugin or a privileged container asks of the guest kernel: a bridge,
