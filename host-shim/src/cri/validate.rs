@@ -357,7 +357,10 @@ mod tests {
         };
         let err = privileged(&ctr(true), &pod(false)).unwrap_err();
         assert!(matches!(&err, RuntimeError::InvalidArgument(m) if m.contains("privileged")));
-        assert!(is_invalid(privileged(&ctr(true), &cri::PodSandboxConfig::default())));
+        assert!(is_invalid(privileged(
+            &ctr(true),
+            &cri::PodSandboxConfig::default()
+        )));
         assert!(privileged(&ctr(true), &pod(true)).is_ok());
         assert!(privileged(&ctr(false), &pod(false)).is_ok());
         assert!(privileged(&cri::ContainerConfig::default(), &pod(false)).is_ok());

@@ -341,7 +341,9 @@ pub async fn privileged_needs_privileged_pod(s: &Suite) {
         s.e.run_pod(&pcfg)
             .await
             .unwrap_or_else(|e| panic!("run the unprivileged pod: {e:?}\n{}", s.e.d.log()));
-    let cfg = s.ctr_sc("privileged-in-unprivileged", "true", |c| c.privileged = true);
+    let cfg = s.ctr_sc("privileged-in-unprivileged", "true", |c| {
+        c.privileged = true
+    });
     let err = match s.e.create(&pod, &cfg, &pcfg).await {
         Ok(id) => panic!("privileged container {id} created in an unprivileged pod"),
         Err(e) => e,
