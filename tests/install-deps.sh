@@ -29,6 +29,10 @@ pkgs=(
   socat               # nested test bed (tests/nested/): vsock and control-socket ends
   python3-kubernetes  # the official Python client: independent check of the streaming wire format
   python3-grpcio      # an independent gRPC client (gRPC core in C): CRI :authority forms
+  golang-go           # grpc-go, kubelet's and crictl's gRPC stack (tests/clients/grpc-go, built offline)
+  golang-google-grpc-dev
+  golang-google-protobuf-dev
+  golang-golang-x-net-dev
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -173,9 +173,22 @@ pub fn enable_cgroup_controllers(root: &Path) {
 /// mounts (sandbox shm, block rootfs) never leak to the host. As the init of
 /// a fresh PID namespace, /proc must show that namespace: /proc/PID/ns paths
 /// of the pod are resolved through it.
-pub fn host_process_setup(private_mounts: bool, pid1: bool) -> Result<(), InitError> {
+///
+/// `peer`: (a shared directory of the host, where to attach it): a copy of the host's
+/// mount is taken before the namespace is made one-way and attached afterwards, so it
+/// stays a peer of the host's (mounts below it travel both ways). huskd binds the host
+/// sources of bidirectional volumes there (husk-ns).
+pub fn host_process_setup(
+    private_mounts: bool,
+    pid1: bool,
+    peer: Option<(&Path, &Path)>,
+) -> Result<(), InitError> {
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| InitError::Os("set child subreaper", e))?;
+    let peer_tree = match peer {
+        Some((src, _)) => Some(clone_mount(src)?),
+        None => None,
+    };
     if private_mounts || pid1 {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .map_err(|e| InitError::Os("unshare mount ns", e))?;
@@ -188,10 +201,75 @@ pub fn host_process_setup(private_mounts: bool, pid1: bool) -> Result<(), InitEr
         )
         .map_err(|e| InitError::Os("make / rslave", e))?;
     }
+    if let (Some(tree), Some((_, at))) = (peer_tree, peer) {
+        std::fs::create_dir_all(at).map_err(|e| {
+            InitError::Os(
+                "mkdir the bidirectional propagation dir",
+                nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            )
+        })?;
+        attach_mount(&tree, at)?;
+    }
     if pid1 {
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         nix::mount::mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>)
             .map_err(|e| InitError::Os("mount /proc for the new pid namespace", e))?;
+    }
+    Ok(())
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 0x1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+fn path_cstr(p: &Path) -> Result<std::ffi::CString, InitError> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| InitError::Os("path with a NUL byte", nix::Error::EINVAL))
+}
+
+/// A detached copy of the mount at `src` (`open_tree(OPEN_TREE_CLONE)`): of a shared
+/// mount, a peer of it.
+fn clone_mount(src: &Path) -> Result<std::os::fd::OwnedFd, InitError> {
+    use std::os::fd::FromRawFd;
+    let c = path_cstr(src)?;
+    // SAFETY: open_tree of a valid C string; the result is checked before use.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(InitError::Os(
+            "open_tree of the bidirectional propagation dir",
+            nix::Error::last(),
+        ));
+    }
+    // SAFETY: a new descriptor open_tree returned, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches the detached tree `tree` at `at` (`move_mount`).
+fn attach_mount(tree: &std::os::fd::OwnedFd, at: &Path) -> Result<(), InitError> {
+    use std::os::fd::AsRawFd;
+    let c = path_cstr(at)?;
+    // SAFETY: move_mount from a descriptor we hold (empty path) to a valid C string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(InitError::Os(
+            "attach the bidirectional propagation dir",
+            nix::Error::last(),
+        ));
     }
     Ok(())
 }

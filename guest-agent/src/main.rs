@@ -40,6 +40,10 @@ struct Args {
     /// remounted for the new PID namespace).
     #[arg(long)]
     host: bool,
+    /// A shared host directory (husk-ns) whose peer the agent keeps at
+    /// `<state-dir>/propagation`: bidirectional volumes are bound through it.
+    #[arg(long)]
+    propagation_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -128,7 +132,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             )
         };
     } else {
-        init::host_process_setup(!args.shared_mounts, pid1).context("host process setup")?;
+        let peer_at = args.state_dir.join(husk_proto::PROPAGATION_DIR);
+        let peer = args
+            .propagation_dir
+            .as_deref()
+            .map(|src| (src, peer_at.as_path()));
+        init::host_process_setup(!args.shared_mounts, pid1, peer).context("host process setup")?;
     }
     tracing_subscriber::fmt()
         .with_env_filter(

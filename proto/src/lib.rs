@@ -14,6 +14,11 @@ pub mod caps;
 /// chown), so it can never be a real group; huskd refuses it as a `run_as_group`.
 pub const GID_FROM_PASSWD: u32 = u32::MAX;
 
+/// husk-ns: the name, in the pod's run dir on the host and in the agent's state dir, of
+/// the shared directory through which bidirectional volumes reach the agent (the agent's
+/// copy is a peer of huskd's, so mounts below it travel both ways).
+pub const PROPAGATION_DIR: &str = "propagation";
+
 #[cfg(feature = "cri")]
 pub use k8s_cri::v1 as cri;
 

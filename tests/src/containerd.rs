@@ -18,6 +18,10 @@ pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
     pub sock: std::path::PathBuf,
+    /// The host bridge of [`Self::start_with_bridge`]'s network, deleted on drop.
+    bridge: Option<String>,
+    /// Its CNI config dir (IPAM state inside), for [`Self::start_with_bridge`].
+    net_dir: Option<tempfile::TempDir>,
 }
 
 impl Containerd {
@@ -87,7 +91,58 @@ state = "{state}"
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("containerd.log"))?)
             .spawn()?;
-        Ok(Self { child, dir, sock })
+        Ok(Self {
+            child,
+            dir,
+            sock,
+            bridge: None,
+            net_dir: None,
+        })
+    }
+
+    /// Like [`Self::start`], with pods on a CNI bridge network of their own
+    /// (a free `198.19.x.0/24`, no masquerade, no port mappings): containerd's
+    /// CRI refuses pod-network sandboxes without a CNI network.
+    pub fn start_with_bridge(registry: &str, pause: &str) -> anyhow::Result<Self> {
+        let net = tempfile::tempdir()?;
+        let routes =
+            String::from_utf8_lossy(&Command::new("ip").arg("route").output()?.stdout).into_owned();
+        let x = (10..250u8)
+            .rev()
+            .find(|x| !routes.contains(&format!("198.19.{x}.")))
+            .ok_or_else(|| anyhow::anyhow!("no free 198.19.x.0/24"))?;
+        let tag = std::process::id() ^ u32::from(x) << 24;
+        let bridge = format!("hc{tag:08x}");
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": format!("husk-ctd-{tag:08x}"),
+            "plugins": [
+                {
+                    "type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local", "dataDir": net.path().join("ipam"),
+                        "ranges": [[{"subnet": format!("198.19.{x}.0/24")}]],
+                    }
+                },
+                {"type": "loopback"}
+            ]
+        });
+        std::fs::write(net.path().join("10-ctd.conflist"), conflist.to_string())?;
+        let mut c = Self::start_with_cni(
+            registry,
+            pause,
+            Some(Cni {
+                bin_dir: Path::new("/usr/lib/cni"),
+                conf_dir: net.path(),
+            }),
+        )?;
+        c.bridge = Some(bridge);
+        c.net_dir = Some(net);
+        Ok(c)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn log(&self) -> String {
@@ -99,6 +154,12 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(b) = &self.bridge {
+            let _ = Command::new("ip")
+                .args(["link", "del", b])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = Command::new("umount")
             .arg("-R")
             .arg(self.dir.path().join("root"))
@@ -141,4 +202,21 @@ pub async fn connect(sock: &Path) -> anyhow::Result<Clients> {
         anyhow::ensure!(Instant::now() < deadline, "no CRI on {}", sock.display());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+impl crate::cri_env::CriServer for Containerd {
+    fn socket(&self) -> &Path {
+        &self.sock
+    }
+    fn log(&self) -> String {
+        Containerd::log(self)
+    }
+    fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
+    }
+    fn logs_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("logs")
+    }
+    /// Drop stops it (and unmounts its state).
+    fn shutdown(&mut self) {}
 }

@@ -17,9 +17,59 @@ use crate::runtime::{
     container_config, container_status, info, kill_leftover_pods, pod_config, pod_status,
 };
 
-pub struct CriEnv {
+/// The CRI server under test: huskd, or (for the conformance suite's
+/// reference run) containerd.
+pub trait CriServer: Send + Sync {
+    fn socket(&self) -> &Path;
+    /// Its log so far (for failure messages).
+    fn log(&self) -> String;
+    fn pid(&self) -> Option<u32>;
+    /// Where the suites' pods keep their CRI logs.
+    fn logs_dir(&self) -> PathBuf;
+    /// Stops it and whatever it left behind (after the pods were removed).
+    fn shutdown(&mut self);
+}
+
+impl CriServer for Huskd {
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+    fn log(&self) -> String {
+        Huskd::log(self)
+    }
+    fn pid(&self) -> Option<u32> {
+        Huskd::pid(self)
+    }
+    fn logs_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+    fn shutdown(&mut self) {
+        self.terminate();
+        kill_leftover_pods(&self.state_dir());
+    }
+}
+
+impl<T: CriServer + ?Sized> CriServer for Box<T> {
+    fn socket(&self) -> &Path {
+        (**self).socket()
+    }
+    fn log(&self) -> String {
+        (**self).log()
+    }
+    fn pid(&self) -> Option<u32> {
+        (**self).pid()
+    }
+    fn logs_dir(&self) -> PathBuf {
+        (**self).logs_dir()
+    }
+    fn shutdown(&mut self) {
+        (**self).shutdown()
+    }
+}
+
+pub struct CriEnv<R: CriServer = Huskd> {
     pub reg: Registry,
-    pub d: Huskd,
+    pub d: R,
     pub c: Clients,
     /// busybox, pulled.
     pub image: String,
@@ -30,25 +80,48 @@ pub struct CriEnv {
     remove_pods_on_drop: bool,
 }
 
+/// A registry on loopback with busybox pushed as `e2e/busybox:1`.
+pub async fn busybox_registry() -> Registry {
+    let reg = Registry::start(None).expect("registry");
+    let img = build_image(&ImageSpec {
+        layers: vec![busybox_layer(Compression::Gzip).expect("busybox layer")],
+        ..Default::default()
+    });
+    Pusher::new(&reg.addr, None)
+        .push_image("e2e/busybox", Some("1"), &img)
+        .await
+        .expect("push");
+    reg
+}
+
 impl CriEnv {
     /// `extra` is TOML appended to huskd's config.
     pub async fn new(handler: &str, extra: &str) -> CriEnv {
-        let reg = Registry::start(None).expect("registry");
-        let img = build_image(&ImageSpec {
-            layers: vec![busybox_layer(Compression::Gzip).expect("busybox layer")],
-            ..Default::default()
-        });
-        Pusher::new(&reg.addr, None)
-            .push_image("e2e/busybox", Some("1"), &img)
-            .await
-            .expect("push");
+        let (reg, d) = Self::start_huskd(extra).await;
+        CriEnv::with_server(reg, d, handler).await
+    }
+
+    /// A registry with busybox and a huskd (with `extra` config) pulling from it.
+    pub async fn start_huskd(extra: &str) -> (Registry, Huskd) {
+        let reg = busybox_registry().await;
         let d = Huskd::start_with(Options::plain_http(&reg.addr), extra)
             .await
             .expect("huskd");
-        let c = d.clients().await.expect("clients");
+        (reg, d)
+    }
+}
+
+impl<R: CriServer> CriEnv<R> {
+    /// The environment of a started server `d` pulling from `reg` (see
+    /// [`busybox_registry`]).
+    pub async fn with_server(reg: Registry, d: R, handler: &str) -> Self {
+        let c = Clients::connect(d.socket())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}\n{}", d.log()));
         let image = format!("{}/e2e/busybox:1", reg.addr);
+        let logs = d.logs_dir();
         let e = CriEnv {
-            logs: d.dir.path().join("logs"),
+            logs,
             reg,
             d,
             c,
@@ -487,7 +560,7 @@ impl CriEnv {
 
     /// Removes every pod through huskd, ignoring errors (drop-time cleanup).
     fn remove_all_pods_blocking(&self) {
-        let socket = self.d.socket.clone();
+        let socket = self.d.socket().to_path_buf();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -520,12 +593,11 @@ impl CriEnv {
     }
 }
 
-impl Drop for CriEnv {
+impl<R: CriServer> Drop for CriEnv<R> {
     fn drop(&mut self) {
         if self.remove_pods_on_drop {
             self.remove_all_pods_blocking();
         }
-        self.d.terminate();
-        kill_leftover_pods(&self.d.state_dir());
+        self.d.shutdown();
     }
 }

@@ -4,6 +4,11 @@
 //! The VM run reuses one pod for every case (TCG is slow) and checks the
 //! by-design exclusions of VM pods (`VM_EXCLUSIONS`, listed in docs/vm.md).
 //!
+//! `containerd_reference` runs the same cases on Debian's containerd 1.6 + runc (its CRI
+//! plugin, a CNI bridge network of its own) to show that the expectations are containerd's
+//! semantics; what containerd 1.6 lacks is skipped by name and reason
+//! (`CONTAINERD_1_6_GAPS`).
+//!
 //! Not here, with their own suites: port mappings and pod IPs need a CNI
 //! network (tests/tests/network.rs), stats (runtime_ns.rs, runtime_vm.rs).
 //!
@@ -42,6 +47,7 @@ async fn ns_security() {
     security::paths_and_no_new_privs(&s).await;
     security::seccomp(&s).await;
     security::sysctls(&s).await;
+    security::privileged_needs_privileged_pod(&s).await;
     s.finish().await;
 }
 
@@ -52,6 +58,45 @@ async fn ns_storage() {
     storage::volumes(&s).await;
     storage::mount_propagation(&s).await;
     s.finish().await;
+}
+
+/// The same cases on the reference, containerd 1.6 + runc (Debian's), but for
+/// [`conf::CONTAINERD_1_6_GAPS`]: the suite's expectations are containerd's semantics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn containerd_reference() {
+    require!(ns_env_ok(), NS_NEEDS);
+    require!(
+        containerd_ok(),
+        "needs Debian's containerd, runc and containernetworking-plugins (tests/install-deps.sh installs them)"
+    );
+    let s = Suite::start(Kind::Containerd, "").await;
+    runtime::runtime_info(&s).await;
+    runtime::hostname_and_dns(&s).await;
+    runtime::lifecycle_and_id_prefixes(&s).await;
+    runtime::exec_sync(&s).await;
+    runtime::logs_and_reopen(&s).await;
+    runtime::image_references(&s).await;
+    runtime::streaming(&s).await;
+    security::users_and_groups(&s).await;
+    security::capabilities(&s).await;
+    security::paths_and_no_new_privs(&s).await;
+    security::seccomp(&s).await;
+    security::sysctls(&s).await;
+    security::privileged_needs_privileged_pod(&s).await;
+    storage::volumes(&s).await;
+    storage::mount_propagation(&s).await;
+    s.finish().await;
+}
+
+fn containerd_ok() -> bool {
+    [
+        "/usr/bin/containerd",
+        "/usr/sbin/runc",
+        "/usr/lib/cni/bridge",
+        "/usr/lib/cni/host-local",
+    ]
+    .iter()
+    .all(|p| std::path::Path::new(p).exists())
 }
 
 /// Every case in one VM pod, then the exclusions.

@@ -2,9 +2,10 @@
 //! Every client's HTTP/2 `:authority` (and HTTP/1 `Host`) is accepted: the
 //! percent-encoded socket path grpc-go < 1.60 sends (kubelet/crictl <= 1.29),
 //! `localhost` (grpc-go >= 1.60), the unencoded socket path (grpc-java), an
-//! empty one, and none. Through two clients that share no code with huskd's
-//! tonic/h2 stack: Python grpcio (gRPC core in C) and a hand-written HTTP/2
-//! client that puts the exact bytes on the wire. The streaming server's URLs
+//! empty one, and none. Through three clients that share no code with huskd's
+//! tonic/h2 stack: grpc-go (Debian's, kubelet's and crictl's gRPC stack;
+//! tests/clients/grpc-go), Python grpcio (gRPC core in C) and a hand-written
+//! HTTP/2 client that puts the exact bytes on the wire. The streaming server's URLs
 //! get each form as their `Host` header.
 
 use std::path::Path;
@@ -104,6 +105,145 @@ async fn python_grpcio_with_every_authority() {
         assert!(v["ListImages"]["fields"]["1"].as_u64() >= Some(1), "{v}");
         assert!(v["ImageFsInfo"]["fields"]["1"].as_u64() >= Some(1), "{v}");
     }
+    e.stop_pod(&pod).await.unwrap();
+    e.remove_pod(&pod).await.unwrap();
+}
+
+/// Debian's grpc-go (golang-google-grpc-dev), the gRPC stack of kubelet and crictl.
+const GO: &str = "/usr/bin/go";
+const GO_NEEDS: &str = "needs Debian's golang-go, golang-google-grpc-dev, golang-google-protobuf-dev \
+                        and golang-golang-x-net-dev (tests/install-deps.sh installs them)";
+
+/// Builds tests/clients/grpc-go offline (GOPATH mode on Debian's
+/// /usr/share/gocode); the binary's path, or why it could not be built.
+fn build_grpc_go_client() -> Result<std::path::PathBuf, String> {
+    let gocode = Path::new("/usr/share/gocode/src");
+    for dep in [
+        "google.golang.org/grpc",
+        "google.golang.org/protobuf/encoding/protowire",
+        "golang.org/x/net/http2",
+    ] {
+        if !gocode.join(dep).is_dir() {
+            return Err(format!("{} is missing", gocode.join(dep).display()));
+        }
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpc-go-cri");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/grpc-go/main.go");
+    let build = std::process::Command::new(GO)
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(src)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
+        .env("CGO_ENABLED", "0")
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
+        )
+        .output()
+        .map_err(|e| format!("{GO}: {e}"))?;
+    if !build.status.success() {
+        return Err(format!(
+            "go build: {}",
+            String::from_utf8_lossy(&build.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+/// grpc-go (kubelet's and crictl's gRPC stack) dials huskd every way kubelet
+/// and crictl do, and sends every `:authority` grpc-go versions send; then
+/// runs a pod's whole life on the percent-encoded one (kubelet <= 1.29's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_go_client_with_every_authority() {
+    require!(env_ok(), NEEDS);
+    require!(Path::new(GO).exists(), GO_NEEDS);
+    let bin = build_grpc_go_client().unwrap_or_else(|e| panic!("{e}"));
+    let e = CriEnv::new(NS, "").await.remove_pods_on_drop();
+    let pod = e
+        .run_pod(&e.pod("authority-go"))
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    let logdir = e.logs.join("grpc-go-pod");
+    let out = tokio::process::Command::new(&bin)
+        .arg(&e.d.socket)
+        .arg(&e.image)
+        .arg(&logdir)
+        .arg(NS)
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+        panic!(
+            "{err}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    for f in v["forms"].as_array().into_iter().flatten() {
+        println!(
+            "grpc-go {}: {} (target {}) sent :authority {}",
+            v["grpc_version"], f["name"], f["target"], f["sent_authority"]
+        );
+    }
+    assert!(
+        v["grpc_version"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("1.")),
+        "{v}"
+    );
+    let sock = e.d.socket.display().to_string();
+    let expected_sent = [
+        // grpc-go 1.33 sends a passthrough target's endpoint unencoded ...
+        ("bare-path+dialer", sock.clone()),
+        // ... `localhost` for a unix:// target ...
+        ("unix-scheme+dialer", "localhost".to_string()),
+        // ... and what WithAuthority says (grpc-go 1.4x-1.59's escaping, >= 1.60's localhost).
+        ("percent-encoded", percent_encoded(&e.d.socket)),
+        ("localhost", "localhost".to_string()),
+        ("plain-path", sock.clone()),
+    ];
+    let forms = v["forms"].as_array().unwrap();
+    assert_eq!(forms.len(), 6, "{v}");
+    for f in forms {
+        let name = f["name"].as_str().unwrap();
+        assert!(f["dial_error"].is_null(), "{name}: {f}\n{}", e.d.log());
+        if let Some((_, want)) = expected_sent.iter().find(|(n, _)| *n == name) {
+            assert_eq!(f["sent_authority"], want.as_str(), "{name}: {f}");
+        }
+        let c = &f["calls"];
+        for m in ["Version", "ListPodSandbox", "ListImages", "ImageFsInfo"] {
+            assert_eq!(c[m]["ok"], true, "{name}: {m}: {}\n{}", c[m], e.d.log());
+        }
+        assert_eq!(c["Version"]["values"]["2"], "husk", "{f}");
+        assert_eq!(c["Version"]["values"]["4"], "v1", "{f}");
+        assert_eq!(c["ListPodSandbox"]["fields"]["1"], 1, "{name}: {f}");
+        assert!(c["ListImages"]["fields"]["1"].as_u64() >= Some(1), "{f}");
+        assert!(c["ImageFsInfo"]["fields"]["1"].as_u64() >= Some(1), "{f}");
+    }
+    let l = &v["lifecycle"];
+    for m in [
+        "RunPodSandbox",
+        "CreateContainer",
+        "StartContainer",
+        "ExecSync",
+        "ContainerStatus",
+        "StopContainer",
+        "RemoveContainer",
+        "StopPodSandbox",
+        "RemovePodSandbox",
+    ] {
+        assert_eq!(l[m]["ok"], true, "{m}: {}\n{}", l[m], e.d.log());
+    }
+    // ExecSyncResponse: 1 stdout, 3 exit_code; the pod's hostname is its name.
+    assert_eq!(l["ExecSync"]["values"]["1"], "grpc-go:grpc-go-pod\n", "{l}");
+    assert_eq!(l["ExecSync"]["values"]["3"], "3", "{l}");
+    // ContainerStatus.state 1: CONTAINER_RUNNING.
+    assert_eq!(l["ContainerStatus"]["values"]["3"], "1", "{l}");
+    // Only the test's own pod is left.
+    assert_eq!(l["ListPodSandboxAfter"]["fields"]["1"], 1, "{l}");
     e.stop_pod(&pod).await.unwrap();
     e.remove_pod(&pod).await.unwrap();
 }

@@ -41,6 +41,19 @@ fn privileged(mut c: cri::ContainerConfig) -> cri::ContainerConfig {
     c
 }
 
+/// A pod sandbox that may hold privileged containers (containerd's rule: never in one that
+/// is not).
+fn privileged_pod(mut p: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
+    p.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    p
+}
+
 /// A tmpfs the test mounts on the host (the kind of mount point the guest went for).
 struct HostMount(PathBuf);
 
@@ -113,7 +126,7 @@ async fn share_symlinks_never_reach_host_mounts_or_files() {
     std::fs::write(vol.join("v"), b"volume\n").unwrap();
     let before = (snapshot(&outside), snapshot(&host.0), snapshot(&vol));
 
-    let pcfg = e.pod("symlinks");
+    let pcfg = privileged_pod(e.pod("symlinks"));
     let pod = e
         .run_pod(&pcfg)
         .await
@@ -180,7 +193,7 @@ async fn volume_special_files_and_host_path_inputs_are_refused() {
     let vol = t.path().join("vol");
     std::fs::create_dir(&vol).unwrap();
 
-    let pcfg = e.pod("special");
+    let pcfg = privileged_pod(e.pod("special"));
     let pod = e
         .run_pod(&pcfg)
         .await

@@ -211,6 +211,21 @@ pub fn setup(
         }
     }
 
+    // A shared root (rootfs propagation `rshared`, for bidirectional volumes): pivot_root
+    // refuses a shared new root or parent, so the new root is made private and bound onto
+    // itself first, as runc does; the volumes bound below keep their own propagation.
+    let shared_root = prop.contains(MsFlags::MS_SHARED);
+    if shared_root {
+        sys.mount(None, dir, None, MsFlags::MS_PRIVATE, None)?;
+        sys.mount(
+            Some(dir),
+            dir,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+    }
+
     let mut dev_mounted = false;
     for m in spec.mounts().as_deref().unwrap_or_default() {
         if m.destination() == Path::new("/dev") {
@@ -248,6 +263,10 @@ pub fn setup(
     }
 
     sys.pivot_root(dir)?;
+    if shared_root {
+        // The root the spec asked for (runc re-applies it after pivot_root too).
+        sys.mount(None, Path::new("/"), None, prop, None)?;
+    }
 
     if let Some(linux) = linux {
         // Sysctls first: /proc/sys is usually among the read-only paths.

@@ -91,9 +91,23 @@ impl Syscall for LinuxSyscall {
 
     fn pivot_root(&self, new_root: &Path) -> Result<()> {
         // pivot_root(".", ".") stacks the old root on top of the new one; a lazy
-        // unmount of "." then drops it without needing a put_old directory.
+        // unmount of the old root then drops it without needing a put_old directory.
+        // As runc does, the old root is reached through a descriptor opened before the
+        // pivot ("." is the new root's own mount for mount(2)), and its mounts are made
+        // slaves first: with a shared root, their unmount would otherwise reach their
+        // peers (a bidirectional volume's host side).
+        let old_root = std::fs::File::open("/").map_err(io_err("open", Path::new("/")))?;
         nix::unistd::chdir(new_root).map_err(nix_err("chdir", new_root))?;
         nix::unistd::pivot_root(".", ".").map_err(nix_err("pivot_root", new_root))?;
+        nix::unistd::fchdir(old_root.as_fd()).map_err(nix_err("fchdir old root", new_root))?;
+        nix::mount::mount(
+            None::<&str>,
+            ".",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(nix_err("make the old root rslave", new_root))?;
         nix::mount::umount2(".", MntFlags::MNT_DETACH)
             .map_err(nix_err("umount old root", new_root))?;
         nix::unistd::chdir("/").map_err(nix_err("chdir", Path::new("/")))

@@ -72,6 +72,7 @@ impl Manager {
         validate::container_config(&config)?;
         let pod = self.pod(pod_id)?;
         let pod_id: &str = &pod.id;
+        validate::privileged(&config, &pod.config)?;
         // Confined below the pod's log directory before anything is made.
         let log_path = validate::log_path(&pod.config.log_directory, &config.log_path)?;
         let _g = pod.lifecycle.lock().await;
@@ -134,9 +135,31 @@ impl Manager {
         if let Some(s) = &share {
             share::share_mounts(s, &id, &config.mounts, &mut spec)?;
         }
+        let peer_dir = pod.kind.propagation_pod_dir(pod_id);
+        if let Some(d) = &peer_dir {
+            let privileged = config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .is_some_and(|s| s.privileged);
+            for m in config
+                .mounts
+                .iter()
+                .filter(|m| m.propagation == cri::MountPropagation::PropagationBidirectional as i32)
+            {
+                super::propagation::validate(m, privileged)?;
+            }
+            super::propagation::bind_mounts(d, &id, &config.mounts, &mut spec)?;
+        }
         super::orphans::crash_point("create_container:shared");
         let unshare = || {
             if let Some(s) = &share {
+                s.unbind_container(&id);
+            }
+            if let Some(s) = peer_dir
+                .as_ref()
+                .and_then(|d| share::PodShare::existing(&super::propagation::host_dir(d)))
+            {
                 s.unbind_container(&id);
             }
         };
@@ -350,6 +373,13 @@ impl Manager {
             .as_ref()
             .and_then(|p| pod.kind.share_dir(p))
             && let Some(s) = share::PodShare::existing(&dir)
+        {
+            s.unbind_container(id);
+        }
+        if let Some(s) = pod
+            .kind
+            .propagation_pod_dir(&c.pod_id)
+            .and_then(|d| share::PodShare::existing(&super::propagation::host_dir(&d)))
         {
             s.unbind_container(id);
         }

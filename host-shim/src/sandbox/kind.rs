@@ -79,6 +79,11 @@ pub trait SandboxKind: Send + Sync {
     fn share_dir(&self, _p: &AgentProcess) -> Option<std::path::PathBuf> {
         None
     }
+    /// husk-ns: the pod's run dir, holding the shared directory through which
+    /// bidirectional volumes reach the agent (`propagation.rs`); None: not supported.
+    fn propagation_pod_dir(&self, _id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// `husk-ns`: per pod a `husk-agent --host` process, the init of a fresh PID
@@ -111,6 +116,8 @@ impl SandboxKind for NamespaceSandbox {
         let internal =
             |what: &str, e: std::io::Error| RuntimeError::Internal(format!("{what}: {e}"));
         std::fs::create_dir_all(&dir).map_err(|e| internal("pod run dir", e))?;
+        let peer = super::propagation::host_dir(&dir);
+        super::propagation::setup(&peer).map_err(|e| internal("pod propagation dir", e))?;
         let socket = dir.join("agent.sock");
         let log_path = dir.join("agent.log");
         let log = std::fs::File::create(&log_path).map_err(|e| internal("agent log", e))?;
@@ -126,6 +133,8 @@ impl SandboxKind for NamespaceSandbox {
             .arg(format!("unix:{}", forward_socket(&socket).display()))
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .arg("--propagation-dir")
+            .arg(&peer)
             .env(
                 "RUST_LOG",
                 std::env::var("HUSK_AGENT_LOG").unwrap_or_else(|_| "husk_agent=info".into()),
@@ -244,8 +253,17 @@ impl SandboxKind for NamespaceSandbox {
         })
     }
 
+    fn propagation_pod_dir(&self, id: &str) -> Option<PathBuf> {
+        Some(self.pod_dir(id))
+    }
+
     fn cleanup(&self, id: &str) {
         let dir = self.pod_dir(id);
+        // Host sources may be bound below it: never removed by path while they are.
+        if !super::propagation::teardown(&super::propagation::host_dir(&dir)) {
+            tracing::error!(pod = id, dir = %dir.display(), "propagation dir still mounted: pod run dir left in place");
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {

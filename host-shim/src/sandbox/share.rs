@@ -97,6 +97,52 @@ impl PodShare {
                 "bidirectional propagation cannot cross into a VM sandbox",
             ));
         }
+        let mut attrs = beneath::MOUNT_ATTR_NOSUID | beneath::MOUNT_ATTR_NODEV;
+        if m.readonly {
+            attrs |= beneath::MOUNT_ATTR_RDONLY;
+        }
+        // Host-to-container: a slave of the source (later host mounts under it reach the
+        // guest through the FUSE server); private: cut off from the source's peers.
+        let propagation = if m.propagation == 1 {
+            libc::MS_SLAVE
+        } else {
+            libc::MS_PRIVATE
+        };
+        let entry = self.bind_entry(container, n, m, attrs, propagation)?;
+        Ok(format!("sandbox:{SHARE}/{entry}"))
+    }
+
+    /// husk-ns, a bidirectional volume: binds `m.host_path` into this (shared) directory as
+    /// entry `<container>-<n>`, a peer of the source's mount (nothing changed but read-only
+    /// when asked), so that it reaches the agent's peer copy and mounts below it travel
+    /// both ways. Returns the entry's name.
+    pub fn bind_peer(
+        &self,
+        container: &str,
+        n: usize,
+        m: &HostMount,
+    ) -> Result<String, ShareError> {
+        let attrs = if m.readonly {
+            beneath::MOUNT_ATTR_RDONLY
+        } else {
+            0
+        };
+        self.bind_entry(container, n, m, attrs, 0)
+    }
+
+    fn bind_entry(
+        &self,
+        container: &str,
+        n: usize,
+        m: &HostMount,
+        attrs: u64,
+        propagation: u64,
+    ) -> Result<String, ShareError> {
+        let refuse = |why| ShareError::Refused {
+            source_path: m.host_path.clone(),
+            container_path: m.container_path.clone(),
+            why,
+        };
         let src = Path::new(&m.host_path);
         if !src.is_absolute() {
             return Err(refuse("the host path must be absolute"));
@@ -107,18 +153,7 @@ impl PodShare {
         if entry.contains('/') || container.is_empty() || container.starts_with('.') {
             return Err(refuse("bad container id"));
         }
-        let mut attrs = beneath::MOUNT_ATTR_NOSUID | beneath::MOUNT_ATTR_NODEV;
-        if m.readonly {
-            attrs |= beneath::MOUNT_ATTR_RDONLY;
-        }
         // The source is cloned first: nothing is left in the share if it cannot be.
-        // Host-to-container: a slave of the source (later host mounts under it reach the
-        // guest through the FUSE server); private: cut off from the source's peers.
-        let propagation = if m.propagation == 1 {
-            libc::MS_SLAVE
-        } else {
-            libc::MS_PRIVATE
-        };
         let tree = beneath::clone_tree(src, attrs, propagation)
             .map_err(|e| ShareError::Io("clone mount", src.to_path_buf(), e))?;
         let name = OsStr::new(&entry);
@@ -133,7 +168,7 @@ impl PodShare {
             self.remove_entry(name);
             return Err(ShareError::Io("bind", target, e));
         }
-        Ok(format!("sandbox:{SHARE}/{entry}"))
+        Ok(entry)
     }
 
     /// Unmounts and removes every entry of `container` (after it is removed).
@@ -165,6 +200,15 @@ impl PodShare {
             return false;
         }
         true
+    }
+
+    /// Unmounts and removes every entry; false when one could not be.
+    pub fn unbind_all(&self) -> bool {
+        let mut clean = true;
+        for name in self.list() {
+            clean &= self.remove_entry(&name);
+        }
+        clean
     }
 
     fn list(&self) -> Vec<std::ffi::OsString> {

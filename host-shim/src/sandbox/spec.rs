@@ -38,7 +38,8 @@ const DEFAULT_CAPS: &[&str] = &[
 ];
 
 /// Syscalls the RuntimeDefault profile refuses with EPERM (a subset of
-/// Docker's default profile, expressed as a deny list).
+/// Docker's default profile, expressed as a deny list); a granted capability
+/// unlocks its syscalls, as there (`seccomp_gates.rs`).
 const RUNTIME_DEFAULT_DENY: &[&str] = &[
     "acct",
     "add_key",
@@ -302,7 +303,10 @@ fn capabilities(
     Ok(caps)
 }
 
-fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<LinuxSeccomp>> {
+fn seccomp(
+    sc: &cri::LinuxContainerSecurityContext,
+    bounding: &[Capability],
+) -> Result<Option<LinuxSeccomp>> {
     use cri::security_profile::ProfileType;
     let Some(p) = &sc.seccomp else {
         return Ok(None);
@@ -316,7 +320,10 @@ fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<LinuxSeccom
             let json = serde_json::json!({
                 "defaultAction": "SCMP_ACT_ALLOW",
                 "architectures": ["SCMP_ARCH_X86_64"],
-                "syscalls": [{"names": RUNTIME_DEFAULT_DENY, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+                "syscalls": [{
+                    "names": super::seccomp_gates::deny_list(RUNTIME_DEFAULT_DENY, bounding),
+                    "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                }],
             });
             serde_json::from_value(json)
                 .map(Some)
@@ -668,7 +675,14 @@ pub fn container_spec(
             linux.set_readonly_paths(Some(sc.readonly_paths.clone()));
         }
     }
-    linux.set_seccomp(seccomp(&sc)?);
+    let bounding = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.capabilities().as_ref())
+        .and_then(|c| c.bounding().as_ref())
+        .map(|b| b.iter().copied().collect::<Vec<_>>())
+        .unwrap_or_default();
+    linux.set_seccomp(seccomp(&sc, &bounding)?);
     linux.set_cgroups_path(None);
     spec.set_linux(Some(linux));
     let annotations: HashMap<String, String> = config.annotations.clone().into_iter().collect();
@@ -1077,7 +1091,7 @@ mod tests {
             seccomp: Some(cri::SecurityProfile::default()),
             ..Default::default()
         };
-        let s = seccomp(&sc).unwrap().unwrap();
+        let s = seccomp(&sc, &[]).unwrap().unwrap();
         assert_eq!(
             s.syscalls().as_ref().unwrap()[0].names().len(),
             RUNTIME_DEFAULT_DENY.len()

@@ -137,6 +137,29 @@ pub fn container_config(c: &cri::ContainerConfig) -> Result<()> {
     relative_log_path(&c.log_path)
 }
 
+/// A privileged container only in a privileged pod sandbox, as containerd refuses it ("no
+/// privileged container allowed in sandbox"): the pod's own security context is what an
+/// admission policy looks at.
+pub fn privileged(c: &cri::ContainerConfig, pod: &cri::PodSandboxConfig) -> Result<()> {
+    let ctr = c
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .is_some_and(|s| s.privileged);
+    let pod_privileged = pod
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .is_some_and(|s| s.privileged);
+    if ctr && !pod_privileged {
+        return Err(invalid(
+            "no privileged container allowed in sandbox: security_context.privileged is set on \
+             the container but not on its pod sandbox",
+        ));
+    }
+    Ok(())
+}
+
 fn relative_log_path(rel: &str) -> Result<()> {
     let bad = |why: &str| Err(invalid(format!("container log_path {rel:?}: {why}")));
     if rel.contains('\0') {
@@ -287,6 +310,39 @@ mod tests {
             ..Default::default()
         };
         assert!(is_invalid(pod_config(&pod)));
+    }
+
+    #[test]
+    fn privileged_container_needs_a_privileged_pod() {
+        let ctr = |privileged| cri::ContainerConfig {
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    privileged,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = |privileged| cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    privileged,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = privileged(&ctr(true), &pod(false)).unwrap_err();
+        assert!(matches!(&err, RuntimeError::InvalidArgument(m) if m.contains("privileged")));
+        assert!(is_invalid(privileged(
+            &ctr(true),
+            &cri::PodSandboxConfig::default()
+        )));
+        assert!(privileged(&ctr(true), &pod(true)).is_ok());
+        assert!(privileged(&ctr(false), &pod(false)).is_ok());
+        assert!(privileged(&cri::ContainerConfig::default(), &pod(false)).is_ok());
     }
 
     #[test]

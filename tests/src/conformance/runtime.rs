@@ -9,7 +9,7 @@ use husk_proto::cri;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-use super::{Suite, node_hostname};
+use super::{Suite, assert_code, containerd_gap, node_hostname};
 use crate::runtime::{code_of, container_status, eventually, log_records, pod_status, wait_exited};
 
 /// Version, Status (runtime and handler) and RuntimeConfig (cgroup driver).
@@ -22,10 +22,10 @@ pub async fn runtime_info(s: &Suite) {
         .await
         .expect("version")
         .into_inner();
-    assert_eq!(
-        (v.runtime_name.as_str(), v.runtime_api_version.as_str()),
-        ("husk", "v1")
-    );
+    assert_eq!(v.runtime_api_version, "v1");
+    if !containerd_gap(s, "runtime name") {
+        assert_eq!(v.runtime_name, "husk");
+    }
     let st = rt
         .status(cri::StatusRequest { verbose: false })
         .await
@@ -40,11 +40,21 @@ pub async fn runtime_info(s: &Suite) {
         conds.iter().any(|c| c.r#type == "NetworkReady"),
         "{conds:?}"
     );
-    assert!(
-        st.runtime_handlers.iter().any(|h| h.name == s.e.handler),
-        "{:?}",
-        st.runtime_handlers
-    );
+    if !containerd_gap(s, "runtime handlers in Status") {
+        assert!(
+            st.runtime_handlers.iter().any(|h| h.name == s.e.handler),
+            "{:?}",
+            st.runtime_handlers
+        );
+    }
+    if containerd_gap(s, "RuntimeConfig") {
+        let err = rt
+            .runtime_config(cri::RuntimeConfigRequest {})
+            .await
+            .expect_err("RuntimeConfig on containerd 1.6");
+        assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+        return;
+    }
     // husk manages cgroups itself under its cgroup parent: cgroupfs.
     let rc = rt
         .runtime_config(cri::RuntimeConfigRequest {})
@@ -87,7 +97,7 @@ pub async fn hostname_and_dns(s: &Suite) {
     let mut p = s.e.pod("long-hostname");
     p.hostname = "h".repeat(65);
     let err = s.e.run_pod(&p).await.expect_err("65-byte hostname");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_code(s, &err, Code::InvalidArgument);
     assert!(err.message().contains("hostname"), "{err:?}");
     // Refused before anything was made: no such pod listed.
     assert!(s.e.pods().await.iter().all(|p| {
@@ -148,8 +158,13 @@ pub async fn lifecycle_and_id_prefixes(s: &Suite) {
     let err = container_status(&s.e.c, first)
         .await
         .expect_err("ambiguous");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("ambiguous"), "{err:?}");
+    assert_code(s, &err, Code::InvalidArgument);
+    // containerd: "Multiple IDs found with provided prefix".
+    let m = err.message();
+    assert!(
+        m.contains("ambiguous") || m.contains("Multiple IDs"),
+        "{err:?}"
+    );
     let listed =
         s.e.list_containers(cri::ContainerFilter {
             pod_sandbox_id: s.pod[..8].into(),
@@ -239,7 +254,11 @@ pub async fn logs_and_reopen(s: &Suite) {
     .await;
     assert!(log_records(&rotated).iter().any(|r| r.2 == "tick"));
     s.e.stop_container(&id, 0).await.expect("stop");
-    assert_eq!(code_of(s.e.reopen_log(&id).await), Code::FailedPrecondition);
+    let err =
+        s.e.reopen_log(&id)
+            .await
+            .expect_err("reopen a stopped container's log");
+    assert_code(s, &err, Code::FailedPrecondition);
     s.e.remove_container(&id).await.expect("remove");
 }
 
@@ -267,6 +286,7 @@ pub async fn image_references(s: &Suite) {
         .expect("digest")
         .1
         .to_string();
+    let check_image_id = !containerd_gap(s, "ContainerStatus.image_id");
     for (n, reference) in [s.img.clone(), s.img_by_digest.clone(), st.id.clone()]
         .into_iter()
         .enumerate()
@@ -280,7 +300,9 @@ pub async fn image_references(s: &Suite) {
         let id = s.run(&cfg).await;
         let cst = wait_exited(&s.e.c, &id, Duration::from_secs(60)).await;
         assert_eq!(cst.exit_code, 0, "{reference}");
-        assert_eq!(cst.image_id, st.id, "{reference}");
+        if check_image_id {
+            assert_eq!(cst.image_id, st.id, "{reference}");
+        }
         assert!(
             cst.image_ref.contains(&digest),
             "{reference}: {}",
@@ -300,11 +322,24 @@ pub async fn streaming(s: &Suite) {
     cfg.stdin = true;
     let id = s.run(&cfg).await;
     for t in [Transport::Spdy, Transport::WebSocket] {
+        // Closing stdin over WebSocket needs v5.channel.k8s.io.
+        let stdin = t == Transport::Spdy || !containerd_gap(s, "WebSocket stdin close");
+        let cmd = if stdin {
+            "cat; exit 9"
+        } else {
+            "echo in; exit 9"
+        };
         let url =
-            s.e.exec_url(&id[..12], &["sh", "-c", "cat; exit 9"], true, false)
+            s.e.exec_url(&id[..12], &["sh", "-c", cmd], stdin, false)
                 .await
                 .expect("exec url");
-        let (o, _, r) = client::exec_collect(&url, t, Some(b"in\n".to_vec()), true).await;
+        let input = stdin.then(|| b"in\n".to_vec());
+        let (o, _, r) = tokio::time::timeout(
+            Duration::from_secs(120),
+            client::exec_collect(&url, t, input, true),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{t:?} exec: no end in 120 s\n{}", s.e.d.log()));
         assert_eq!(
             (String::from_utf8_lossy(&o).as_ref(), r),
             ("in\n", Ok(9)),

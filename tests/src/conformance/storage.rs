@@ -79,10 +79,11 @@ impl Drop for Shared {
 /// mount namespace is a slave copy of the host's taken at pod start, and this host's `/`
 /// is private), a VM pod uses the suite's (huskd binds into the share on the host).
 ///
-/// A private volume is checked in namespace pods only: in a VM pod it still shows the later
-/// host mount (a known gap, printed). Bidirectional propagation is not checked: excluded for VM pods ([`super::VM_EXCLUSIONS`]),
-/// and in namespace pods a container's mount does not reach the host yet (the agent's mount
-/// namespace is an rslave copy of the host's).
+/// A private volume must not show the later host mount in either kind (in a VM pod the
+/// virtio-fs server keeps the two binds of one host directory apart: their inodes are
+/// keyed by mount too). Bidirectional propagation (a privileged container's mount reaches
+/// the host) is asserted on containerd, the reference; it is excluded for VM pods
+/// ([`super::VM_EXCLUSIONS`]) and asserted in namespace pods as on containerd.
 pub async fn mount_propagation(s: &Suite) {
     let d = host_dir(s, "prop", "p\n");
     let shared = Shared(d.clone());
@@ -92,8 +93,17 @@ pub async fn mount_propagation(s: &Suite) {
     ));
     let (pod, pcfg) = match s.kind {
         Kind::Vm => (s.pod.clone(), s.pcfg.clone()),
-        Kind::Namespace => {
-            let pcfg = s.e.pod("propagation");
+        Kind::Namespace | Kind::Containerd => {
+            // Privileged: the bidirectional case's container mounts (containerd refuses a
+            // privileged container in a sandbox that is not).
+            let mut pcfg = s.e.pod("propagation");
+            pcfg.linux = Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    privileged: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
             let pod =
                 s.e.run_pod(&pcfg)
                     .await
@@ -125,25 +135,106 @@ pub async fn mount_propagation(s: &Suite) {
         s.e.exec(&id, &["cat", "/private/sub/late"], 30)
             .await
             .expect("exec");
-    if s.kind == Kind::Namespace {
-        assert_ne!(r.exit_code, 0, "a private volume saw a later host mount");
-    } else {
-        // Known gap: through the VM share a private volume still shows a later host mount
-        // (the share entry is rprivate on the host; not understood yet).
-        println!(
-            "not checked: private propagation in a VM pod (the later host mount is {})",
-            if r.exit_code == 0 {
-                "visible: gap"
-            } else {
-                "not visible"
-            }
-        );
-    }
+    assert_ne!(
+        r.exit_code,
+        0,
+        "a private volume saw a later host mount: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
     s.e.remove_container(&id).await.expect("remove");
+    if s.kind != Kind::Vm {
+        bidirectional(s, &d, &pod, &pcfg).await;
+    }
     if pod != s.pod {
         s.e.stop_and_remove_pod(&pod).await;
+        if s.kind == Kind::Namespace {
+            assert_no_mounts_of_pod(&pod);
+        }
     }
     drop(shared);
+}
+
+/// A mount made by a privileged container in a bidirectional volume of the rshared `d`
+/// shows up on the host.
+async fn bidirectional(s: &Suite, d: &Path, pod: &str, pcfg: &cri::PodSandboxConfig) {
+    std::fs::create_dir_all(d.join("bi")).expect("mkdir");
+    let mut bi = mount("/bi", d);
+    bi.propagation = cri::MountPropagation::PropagationBidirectional as i32;
+    let mut cfg = s.ctr_sc("bidirectional", "sleep 1000", |c| c.privileged = true);
+    cfg.mounts = vec![bi];
+    let id = s.e.run(pod, &cfg, pcfg).await;
+    let r =
+        s.e.exec(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "mount -t tmpfs bi /bi/bi && echo from-ctr > /bi/bi/f",
+            ],
+            30,
+        )
+        .await
+        .expect("exec");
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let seen = || std::fs::read_to_string(d.join("bi/f")).ok();
+    eventually(
+        "the container's mount reaches the host",
+        Duration::from_secs(30),
+        || async { seen().as_deref() == Some("from-ctr\n") },
+    )
+    .await;
+    s.e.remove_container(&id).await.expect("remove");
+    if s.kind == Kind::Namespace {
+        bidirectional_refusals(s, d, pod, pcfg).await;
+    }
+}
+
+/// Bidirectional propagation is refused, with InvalidArgument naming why, for a host
+/// source that is not on a shared mount (containerd's rule) and for a container that is
+/// not privileged (kubelet's); nothing of the refused container stays bound.
+async fn bidirectional_refusals(s: &Suite, d: &Path, pod: &str, pcfg: &cri::PodSandboxConfig) {
+    let private = host_dir(s, "bi-private", "x\n");
+    let _guard = Shared(private.clone());
+    sh(&format!(
+        "mount --bind {0} {0} && mount --make-private {0}",
+        private.display()
+    ));
+    let mut m = mount("/bi", &private);
+    m.propagation = cri::MountPropagation::PropagationBidirectional as i32;
+    let mut cfg = s.ctr_sc("bi-not-shared", "sleep 1000", |c| c.privileged = true);
+    cfg.mounts = vec![m];
+    let err =
+        s.e.create(pod, &cfg, pcfg)
+            .await
+            .expect_err("a private source");
+    super::assert_code(s, &err, tonic::Code::InvalidArgument);
+    assert!(err.message().contains("not a shared mount"), "{err:?}");
+
+    let mut m = mount("/bi", d);
+    m.propagation = cri::MountPropagation::PropagationBidirectional as i32;
+    let mut cfg = s.ctr_sc("bi-unprivileged", "sleep 1000", |_| {});
+    cfg.mounts = vec![m];
+    let err =
+        s.e.create(pod, &cfg, pcfg)
+            .await
+            .expect_err("not privileged");
+    super::assert_code(s, &err, tonic::Code::InvalidArgument);
+    assert!(err.message().contains("privileged"), "{err:?}");
+}
+
+/// No mount of the pod's run dir is left on the host (its propagation dir and the host
+/// sources bound in it) once the pod is removed.
+fn assert_no_mounts_of_pod(pod: &str) {
+    let left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(pod))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "mounts left after RemovePodSandbox: {left:#?}"
+    );
 }
 
 /// What a CNI plugin or a privileged container asks of the guest kernel: a bridge,

@@ -64,9 +64,15 @@ pub struct Caller {
     pub gid: u32,
 }
 
+/// What makes a host node one guest inode: its device and inode number, and the mount it
+/// was reached through. Two binds of one directory (a private and a host-to-container
+/// volume of the same host path) are different nodes: a mount made later under one of them
+/// must not show through the other (the lookup continues from the inode's fd).
+type InodeKey = (u64, u64, u64);
+
 struct Inode {
     fd: OwnedFd,
-    key: (u64, u64),
+    key: InodeKey,
     mode: u32,
     /// Lookups the guest holds (FORGET gives them back).
     refs: AtomicU64,
@@ -102,7 +108,7 @@ pub struct PassthroughFs {
 
 struct Inodes {
     by_id: HashMap<u64, Arc<Inode>>,
-    by_key: HashMap<(u64, u64), u64>,
+    by_key: HashMap<InodeKey, u64>,
     next: u64,
 }
 
@@ -153,6 +159,32 @@ fn open_path(dir: RawFd, name: &CString, flags: libc::c_int, mode: u32) -> Res<O
     }
     // SAFETY: the kernel just returned this descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The id of the mount `fd` is on (`statx` `STATX_MNT_ID`, Linux 5.8); 0 where the kernel
+/// does not report it.
+fn mount_id(fd: RawFd) -> Res<u64> {
+    // SAFETY: zeroed is a valid statx; statx fills it.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: empty path with AT_EMPTY_PATH asks about `fd` itself; `stx` is a valid out pointer.
+    check(unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    })?;
+    Ok(if stx.stx_mask & libc::STATX_MNT_ID != 0 {
+        stx.stx_mnt_id
+    } else {
+        0
+    })
+}
+
+fn inode_key(fd: RawFd, st: &libc::stat64) -> Res<InodeKey> {
+    Ok((st.st_dev, st.st_ino, mount_id(fd)?))
 }
 
 fn stat_fd(fd: RawFd) -> Res<libc::stat64> {
@@ -209,9 +241,11 @@ impl PassthroughFs {
         let proc_self_fd = unsafe { OwnedFd::from_raw_fd(pfd) };
         let st =
             stat_fd(root_path.as_raw_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
+        let key = inode_key(root_path.as_raw_fd(), &st)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
         let root = Inode {
             fd: root_path,
-            key: (st.st_dev, st.st_ino),
+            key,
             mode: st.st_mode,
             refs: AtomicU64::new(u64::MAX / 2),
         };
@@ -276,10 +310,11 @@ impl PassthroughFs {
             .ok_or(Errno(libc::EBADF))
     }
 
-    /// Records a looked-up fd: the same host inode always gets the same nodeid.
+    /// Records a looked-up fd: the same host inode on the same mount always gets the same
+    /// nodeid.
     fn remember(&self, fd: OwnedFd) -> Res<(u64, libc::stat64)> {
         let st = stat_fd(fd.as_raw_fd())?;
-        let key = (st.st_dev, st.st_ino);
+        let key = inode_key(fd.as_raw_fd(), &st)?;
         let mut t = lock(&self.inodes);
         if let Some(id) = t.by_key.get(&key).copied()
             && let Some(ino) = t.by_id.get(&id)

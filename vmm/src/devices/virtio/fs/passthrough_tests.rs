@@ -353,3 +353,65 @@ fn nix_mknod_null(p: &std::path::Path) -> bool {
     // SAFETY: mknod with a valid path; needs CAP_MKNOD (skipped without).
     unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) == 0 }
 }
+
+/// Lazily unmounts its paths on drop (also when the test fails).
+struct Unmount(Vec<std::path::PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount")
+                .arg("-R")
+                .arg("-l")
+                .arg(p)
+                .status();
+        }
+    }
+}
+
+/// Two binds of one host directory (a private and a host-to-container volume of the same
+/// path, say) are two nodes: a mount made later under one does not show through the other.
+#[test]
+fn binds_of_one_directory_are_separate_nodes() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: needs root (bind mounts)");
+        return;
+    }
+    let t = setup();
+    let src = t.share.parent().expect("parent").join("src");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    let mount = |args: &[&str]| {
+        let st = std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount {args:?}");
+    };
+    let (a, b) = (t.share.join("a"), t.share.join("b"));
+    let _guard = Unmount(vec![a.clone(), b.clone()]);
+    for d in [&a, &b] {
+        std::fs::create_dir(d).expect("mkdir");
+        let d = d.to_str().expect("utf-8");
+        mount(&["--bind", src.to_str().expect("utf-8"), d]);
+        mount(&["--make-private", d]);
+    }
+    let sub = a.join("sub");
+    mount(&["-t", "tmpfs", "tmpfs", sub.to_str().expect("utf-8")]);
+    std::fs::write(sub.join("late"), b"late").expect("write");
+
+    let (ia, _) = t.fs.lookup(ROOT_ID, b"a").expect("a");
+    let (ib, _) = t.fs.lookup(ROOT_ID, b"b").expect("b");
+    assert_ne!(ia, ib, "two mounts of one directory share a node");
+    let (asub, ast) = t.fs.lookup(ia, b"sub").expect("a/sub");
+    let (bsub, bst) = t.fs.lookup(ib, b"sub").expect("b/sub");
+    assert_ne!(ast.st_dev, bst.st_dev, "a/sub is the tmpfs, b/sub is not");
+    assert!(t.fs.lookup(asub, b"late").is_ok());
+    assert_eq!(
+        t.fs.lookup(bsub, b"late").map(|_| ()),
+        Err(Errno(libc::ENOENT)),
+        "the mount under a/ shows through b/"
+    );
+    // One mount's node is still found again (the same nodeid for the same inode).
+    assert_eq!(t.fs.lookup(ROOT_ID, b"b").expect("b again").0, ib);
+}
