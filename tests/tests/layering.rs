@@ -262,6 +262,7 @@ const HOST_LAYERS: &[(&str, u8)] = &[
     ("sandbox::helper_log", 2),
     ("sandbox::beneath", 2),
     ("sandbox::share", 2),
+    ("sandbox::propagation", 2),
     ("sandbox::kind", 2),
     ("sandbox::orphans", 2),
     ("sandbox::vm", 2),
