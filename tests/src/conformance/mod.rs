@@ -22,7 +22,7 @@ use tonic::Code;
 
 use crate::cri_env::CriEnv;
 use crate::oci::{Compression, Entry, ImageSpec, Layer, Pusher, build_image, busybox_layer, file};
-use crate::runtime::{NS, log_records, wait_exited};
+use crate::runtime::{NS, log_records, vm_handler, wait_exited};
 
 /// The QEMU handler (TCG here) of the VM cases.
 pub const QEMU: &str = "husk-qemu";
@@ -132,7 +132,7 @@ impl Suite {
     pub async fn start(kind: Kind, extra: &str) -> Suite {
         let handler = match kind {
             Kind::Namespace => NS,
-            Kind::Vm => QEMU,
+            Kind::Vm => vm_handler(),
         };
         let e = CriEnv::new(handler, extra).await.remove_pods_on_drop();
         let img = build_image(&ImageSpec {
