@@ -21,13 +21,24 @@
 # HUSK_SUITE_LOGS keeps each binary's output there.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+hw=0
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -c /dev/kvm ]; then hw=1; fi
+# Cases left out, with the reason (printed with the summary: not run, never passed).
+notrun=()
 if [ $# = 0 ]; then
+    flood=
+    if [ $hw = 0 ]; then
+        # 3 x 4 MiB through the guest's serial port is two port-I/O exits a byte; an exit
+        # of L2 costs ~0.1 ms under TCG (about 10k/s): over 40 minutes.
+        flood=",--skip,guest_console_flood_stays_within_the_log_cap"
+        notrun+=("hostile_guest_bounds::guest_console_flood_stays_within_the_log_cap (12 MiB of serial console in L2: ~25M port-I/O exits at ~10k/s under nested TCG)")
+    fi
     # The VM cases of each suite (the namespace cases of mixed files ran on the host already).
     while read -r exe; do
         case $(basename "$exe") in
             stats-* | conformance-* | crash_recovery-*) set -- "$@" "$exe:vm_" ;;
             network-*) set -- "$@" "$exe:vm_pod_on_the_cni_network" ;;
-            hostile_guest_bounds-*) set -- "$@" "$exe:--skip,exec_sync_output_fits_kubelet_in_a_namespace_pod" ;;
+            hostile_guest_bounds-*) set -- "$@" "$exe:--skip,exec_sync_output_fits_kubelet_in_a_namespace_pod$flood" ;;
             *) set -- "$@" "$exe" ;;
         esac
     done < <(cd "$here/../.." && cargo test -p husk-tests --locked --no-run --message-format=json \
@@ -50,8 +61,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-hw=0
-if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -c /dev/kvm ]; then hw=1; fi
 t0=$(date +%s)
 if [ $hw = 0 ]; then
     export L1_MEM=${L1_MEM:-6144} L1_SMP=${L1_SMP:-2}
@@ -77,7 +86,8 @@ for spec in "$@"; do
     [ "$spec" != "$exe" ] && args=$(echo "${spec#*:}" | tr ',' ' ')
     name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
     out=$logs/$name.log
-    script="cd /tmp && export HUSK_VM_HANDLER=husk HUSK_GUEST_KERNEL=$HUSK_GUEST_KERNEL HUSK_GUEST_INITRD=$HUSK_GUEST_INITRD && $exe --nocapture $args"
+    # TMPDIR: a tmpfs (L1's /tmp is on the root overlay, which cannot hold an overlay's upper dir).
+    script="cd /tmp && export TMPDIR=/l1/tmp HUSK_VM_HANDLER=husk HUSK_GUEST_KERNEL=$HUSK_GUEST_KERNEL HUSK_GUEST_INITRD=$HUSK_GUEST_INITRD && $exe --nocapture $args"
     s=$(date +%s)
     set +e
     if [ $hw = 1 ]; then
@@ -98,5 +108,6 @@ for spec in "$@"; do
         echo "husk-suite: $name passed (${secs} s)"
     fi
 done
+for n in "${notrun[@]}"; do echo "husk-suite: NOT RUN: $n"; done
 echo "husk-suite: $(($# - ${#failed[@]}))/$# binaries passed in $(($(date +%s) - t0)) s${failed:+; failed: ${failed[*]}}"
 [ ${#failed[@]} = 0 ]
