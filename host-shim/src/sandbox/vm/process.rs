@@ -210,10 +210,10 @@ fn enable_v2_controllers(root: &Path, parent: &str) -> std::io::Result<()> {
                 .filter(|c| have.split_whitespace().any(|h| h == **c))
                 .map(|c| format!("+{c}"))
                 .collect();
-            if !want.is_empty() {
-                if let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), want.join(" ")) {
-                    tracing::warn!(dir = %dir.display(), "cgroup v2: cannot enable {want:?}: {e}");
-                }
+            if !want.is_empty()
+                && let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), want.join(" "))
+            {
+                tracing::warn!(dir = %dir.display(), "cgroup v2: cannot enable {want:?}: {e}");
             }
         }
         dir.push(comp);
