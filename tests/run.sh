@@ -27,3 +27,7 @@ export HUSK_GUEST_INITRD
 # node VM under QEMU/TCG per test binary (tests/nested/, docs/testing.md).
 export HUSK_NESTED_TESTS=1
 cargo test --workspace --locked "$@"
+# The `husk` handler end to end: the VM cases of the CRI suites again, on
+# husk-vmm (HUSK_VM_HANDLER=husk), in one nested L1 whose root is this host's
+# (directly with hardware KVM). Fails when a test fails or skips there.
+HUSK_SUITE=${HUSK_SUITE:-ci} bash tests/nested/husk-suite.sh

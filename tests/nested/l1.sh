@@ -14,6 +14,10 @@
 #                                     of husk-vmm (tests/nested/guest-init as
 #                                     /init; append a cpio with /test.sh)
 #   l1.sh stage-qemu ROOT          -> QEMU (+ libraries, firmware) for bootratio.sh
+#   l1.sh boot-host WORKDIR VMM    -> like boot, but L1's root is this host's
+#                                     root (read-only, served by VMM's vhost-user
+#                                     fs server) under an overlay in L1's RAM:
+#                                     every host path, every write kept in L1
 #   l1.sh run WORKDIR SCRIPT [SECS] -> runs SCRIPT in L1 (one booted by `boot`),
 #                                     prints its output, exits with its code
 #
@@ -30,7 +34,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${HUSK_NESTED_DIR:-/var/cache/husk/nested}
 # Modules insmodded in this order (paths under lib/modules/<ver>/kernel).
-modules=(virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun)
+modules=(virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun
+    drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_legacy_dev
+    drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci fs/fuse/fuse fs/fuse/virtiofs
+    fs/overlayfs/overlay)
 
 die() { echo "l1: $*" >&2; exit 1; }
 
@@ -41,7 +48,7 @@ prepare() {
     ver=$(apt-cache policy "$pkg" | awk '/Candidate:/{print $2}')
     hash=$( { echo "$pkg $ver ${modules[*]}"; cat "$0" "$here/l1-init"; } | sha256sum | cut -c1-16)
     out=$cache/l1-$hash
-    if [ -f "$out/vmlinuz" ] && [ -f "$out/base.cpio" ]; then
+    if [ -f "$out/vmlinuz" ] && [ -f "$out/base.cpio" ] && [ -d "$out/modroot" ]; then
         echo "$out"
         return
     fi
@@ -69,6 +76,11 @@ prepare() {
     cp "$tmp/x/boot/vmlinuz-$kver" "$out.tmp/vmlinuz"
     mv "$tmp/base.cpio" "$out.tmp/"
     echo "$kver" >"$out.tmp/version"
+    # Every module, depmod'ed, with a static busybox: the root of L1's modprobe (boot-host).
+    mkdir -p "$out.tmp/modroot/bin" "$out.tmp/modroot/lib/modules"
+    cp "$(command -v busybox)" "$out.tmp/modroot/bin/busybox"
+    cp -a "$tmp/x/lib/modules/$kver" "$out.tmp/modroot/lib/modules/"
+    busybox depmod -b "$out.tmp/modroot" "$kver"
     rm -rf "$out"
     mv "$out.tmp" "$out"
     # Older L1s go once a day old (a running test may still boot one).
@@ -132,16 +144,46 @@ boot() {
     command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing (qemu-system-x86)"
     mkdir -p "$work"
     { cat "$dir/base.cpio"; (cd "$root" && find . | cpio -o -H newc -R 0:0 --quiet); } >"$work/initrd.cpio"
+    qemu "$work" "$dir" "$work/initrd.cpio" "" -M q35 -m "${L1_MEM:-2048}"
+}
+
+# L1 on this host's root: husk-vmm's vhost-user fs server shares / (it exits
+# when QEMU disconnects); QEMU's guest RAM is a shared memfd, as vhost-user needs.
+boot_host() {
+    local work=$1 vmm=$2 dir mem=${L1_MEM:-4096} i
+    dir=$(prepare)
+    command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing (qemu-system-x86)"
+    [ -x "$vmm" ] || die "not executable: $vmm"
+    mkdir -p "$work"
+    rm -f "$work/fs.sock"
+    "$vmm" vhost-user fs --socket "$work/fs.sock" --shared-dir / --tag hostroot \
+        >"$work/fs.log" 2>&1 </dev/null &
+    for i in $(seq 100); do
+        [ -S "$work/fs.sock" ] && break
+        sleep 0.1
+    done
+    [ -S "$work/fs.sock" ] || die "vhost-user fs server did not start: $(cat "$work/fs.log")"
+    qemu "$work" "$dir" "$dir/base.cpio" "l1root=host l1mods=$dir/modroot" \
+        -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" \
+        -M q35,memory-backend=mem -m "$mem" \
+        -chardev "socket,id=fs,path=$work/fs.sock" \
+        -device vhost-user-fs-pci,chardev=fs,tag=hostroot
+}
+
+# QEMU in the foreground (exec: a PR_SET_PDEATHSIG of the caller stays on it).
+qemu() {
+    local work=$1 dir=$2 initrd=$3 extra=$4
+    shift 4
     rm -f "$work/cmd.sock"
     : >"$work/console.log"
-    exec qemu-system-x86_64 -accel tcg -cpu max -M q35 \
-        -m "${L1_MEM:-2048}" -smp "${L1_SMP:-1}" \
+    exec qemu-system-x86_64 -accel tcg -cpu max \
+        -smp "${L1_SMP:-1}" \
         -nodefaults -display none -no-reboot \
-        -kernel "$dir/vmlinuz" -initrd "$work/initrd.cpio" \
-        -append "console=ttyS0 quiet panic=-1 rdinit=/init" \
+        -kernel "$dir/vmlinuz" -initrd "$initrd" \
+        -append "console=ttyS0 quiet panic=-1 rdinit=/init $extra" \
         -serial "file:$work/console.log" \
         -chardev "socket,id=cmd,path=$work/cmd.sock,server=on,wait=off" \
-        -serial chardev:cmd
+        -serial chardev:cmd "$@"
 }
 
 # Manual use: one command over the command socket (needs socat).
@@ -163,8 +205,9 @@ case ${1:-} in
     prepare) prepare ;;
     stage) shift; stage "$@" ;;
     boot) shift; boot "$@" ;;
+    boot-host) shift; boot_host "$@" ;;
     testguest) shift; testguest "$@" ;;
     stage-qemu) shift; stage_qemu "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,22p' "$0" >&2; exit 2 ;;
 esac

@@ -136,7 +136,9 @@ impl Huskd {
             .stderr(log)
             .spawn()?;
         self.child = Some(child);
-        wait_socket(&self.socket).await
+        wait_socket(&self.socket)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; huskd log:\n{}", self.log()))
     }
 
     pub async fn clients(&self) -> anyhow::Result<Clients> {
@@ -199,7 +201,8 @@ impl Drop for Huskd {
 }
 
 async fn wait_socket(path: &Path) -> anyhow::Result<()> {
-    for _ in 0..400 {
+    // 60 s: a restart recovers every pod first, slow in a nested L1 under TCG.
+    for _ in 0..2400 {
         if path.exists() && Clients::connect(path).await.is_ok() {
             return Ok(());
         }

@@ -80,7 +80,8 @@ impl Registry {
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // 60 s: a Go binary's first start is slow in a nested L1 under TCG on a loaded host.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(&self.addr).is_ok() {
                 return Ok(());

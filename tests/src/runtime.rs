@@ -223,8 +223,39 @@ pub fn ns_env_ok() -> bool {
 /// The QEMU handler of the VM suites (TCG on machines without hardware KVM).
 pub const QEMU: &str = "husk-qemu";
 
+/// The husk-vmm handler.
+pub const HUSK: &str = "husk";
+
+/// `[runtime.handlers]` entries of both VM handlers (TOML lines).
+pub const VM_HANDLERS: &str = "husk = \"vm\"\nhusk-qemu = { kind = \"qemu\", accel = \"tcg\" }\n";
+
+/// The handler the VM suites run their pods on: `husk-qemu` (QEMU/TCG), or `husk` (husk-vmm)
+/// with `HUSK_VM_HANDLER=husk`, which needs a /dev/kvm that runs Linux: hardware KVM, or the
+/// nested L1 node VM of `tests/nested/husk-suite.sh`.
+pub fn vm_handler() -> &'static str {
+    match std::env::var("HUSK_VM_HANDLER").as_deref() {
+        Ok("husk") => HUSK,
+        Ok("husk-qemu") | Ok("") | Err(_) => QEMU,
+        Ok(other) => panic!("HUSK_VM_HANDLER={other}: expected husk or husk-qemu"),
+    }
+}
+
+/// Whether the VM suites run on husk-vmm (else QEMU).
+pub fn on_husk_vmm() -> bool {
+    vm_handler() == HUSK
+}
+
+/// The `kind` and `isolation` a VM pod of [`vm_handler`] reports in its verbose status.
+pub fn vm_kind() -> (&'static str, &'static str) {
+    if on_husk_vmm() {
+        ("vm", "virtual machine (husk-vmm)")
+    } else {
+        ("qemu", "virtual machine (QEMU)")
+    }
+}
+
 /// What the VM-sandbox suites need (printed when they skip).
-pub const VM_NEEDS: &str = "needs root, docker-registry, busybox, unshare, qemu-system-x86_64 and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD (tests/run.sh provides them)";
+pub const VM_NEEDS: &str = "needs root, docker-registry, busybox, unshare, HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD, and qemu-system-x86_64 (husk-qemu) or a /dev/kvm that runs Linux (HUSK_VM_HANDLER=husk) (tests/run.sh provides them)";
 
 /// The guest kernel and initramfs (`HUSK_GUEST_KERNEL`, `HUSK_GUEST_INITRD`; tests/run.sh
 /// builds them).
@@ -235,14 +266,19 @@ pub fn guest() -> Option<(String, String)> {
     ))
 }
 
-/// Whether VM pods can run here: what the namespace sandbox needs, QEMU and the guest.
+/// Whether VM pods of [`vm_handler`] can run here: what the namespace sandbox needs, the
+/// guest, and QEMU (husk-qemu) or hardware KVM (husk).
 pub fn vm_env_ok() -> bool {
     ns_env_ok()
         && guest().is_some()
-        && std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
+        && if on_husk_vmm() {
+            crate::nested::hardware_kvm()
+        } else {
+            std::process::Command::new("qemu-system-x86_64")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }
 }
 
 /// The gRPC code of a call that must fail.

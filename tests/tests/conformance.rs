@@ -18,7 +18,7 @@
 use husk_tests::conformance::{self as conf, Kind, Suite, runtime, security, storage};
 use husk_tests::require;
 use husk_tests::runtime::{NS_NEEDS, ns_env_ok};
-use husk_tests::runtime::{VM_NEEDS, guest, vm_env_ok as vm_ok};
+use husk_tests::runtime::{VM_HANDLERS, VM_NEEDS, guest, vm_env_ok as vm_ok, vm_handler};
 
 async fn ns_suite() -> Suite {
     Suite::start(Kind::Namespace, "").await
@@ -105,9 +105,9 @@ async fn vm_conformance() {
     require!(vm_ok(), VM_NEEDS);
     let (k, i) = guest().unwrap();
     let cfg = format!(
-        "[runtime]\ndefault_handler = \"{q}\"\n[runtime.handlers]\n{q} = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+        "[runtime]\ndefault_handler = \"{q}\"\n[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
          [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n",
-        q = conf::QEMU
+        q = vm_handler()
     );
     let s = Suite::start(Kind::Vm, &cfg).await;
     let t = std::time::Instant::now();

@@ -17,7 +17,7 @@ use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
 use husk_tests::runtime::{NS, NS_NEEDS, ns_env_ok};
-use husk_tests::runtime::{QEMU, VM_NEEDS};
+use husk_tests::runtime::{VM_HANDLERS, VM_NEEDS, vm_env_ok, vm_handler};
 
 const RUN_POD_STEPS: [&str; 6] = [
     "run_pod:recorded",
@@ -254,14 +254,11 @@ async fn ns_crash_during_create_container_leaves_nothing() {
 fn vm_config() -> Option<String> {
     let k = std::env::var("HUSK_GUEST_KERNEL").ok()?;
     let i = std::env::var("HUSK_GUEST_INITRD").ok()?;
-    let qemu = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    (qemu && ns_env_ok()).then(|| {
+    vm_env_ok().then(|| {
         format!(
-            "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
-             [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 120000\nmemory_mib = 256\n"
+            "[runtime]\ndefault_handler = \"{h}\"\n[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
+             [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 120000\nmemory_mib = 256\n",
+            h = vm_handler()
         )
     })
 }
@@ -270,12 +267,12 @@ fn vm_config() -> Option<String> {
 async fn vm_crash_during_run_pod_leaves_nothing() {
     let cfg = vm_config();
     require!(cfg.is_some(), VM_NEEDS);
-    crash_run_pod_at_each_step(CriEnv::new(QEMU, &cfg.unwrap()).await).await;
+    crash_run_pod_at_each_step(CriEnv::new(vm_handler(), &cfg.unwrap()).await).await;
 }
 
 #[tokio::test]
 async fn vm_crash_during_create_container_leaves_nothing() {
     let cfg = vm_config();
     require!(cfg.is_some(), VM_NEEDS);
-    crash_create_container_at_each_step(CriEnv::new(QEMU, &cfg.unwrap()).await).await;
+    crash_create_container_at_each_step(CriEnv::new(vm_handler(), &cfg.unwrap()).await).await;
 }

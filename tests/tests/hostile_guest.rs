@@ -18,16 +18,17 @@ use std::time::{Duration, Instant};
 use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
-use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
+use husk_tests::runtime::{VM_HANDLERS, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok, vm_handler};
 use tonic::Code;
 
 async fn vm_env() -> CriEnv {
     let (k, i) = guest().unwrap();
+    let h = vm_handler();
     let cfg = format!(
-        "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\n\
+        "[runtime]\ndefault_handler = \"{h}\"\n[runtime.handlers]\n{VM_HANDLERS}\
          [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
     );
-    CriEnv::new(QEMU, &cfg).await.remove_pods_on_drop()
+    CriEnv::new(h, &cfg).await.remove_pods_on_drop()
 }
 
 fn privileged(mut c: cri::ContainerConfig) -> cri::ContainerConfig {

@@ -17,15 +17,16 @@ use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
 use husk_tests::runtime::{NS, ns_env_ok, wait_exited};
-use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
+use husk_tests::runtime::{VM_HANDLERS, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok, vm_handler};
 
 async fn vm_env() -> CriEnv {
     let (k, i) = guest().unwrap();
+    let h = vm_handler();
     let cfg = format!(
-        "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+        "[runtime]\ndefault_handler = \"{h}\"\n[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
          [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
     );
-    CriEnv::new(QEMU, &cfg).await.remove_pods_on_drop()
+    CriEnv::new(h, &cfg).await.remove_pods_on_drop()
 }
 
 /// `VmRSS` of a process in KiB (0 when gone).
@@ -266,7 +267,7 @@ async fn exec_flood(e: &CriEnv, handler: &str) {
 async fn exec_sync_output_fits_kubelet_in_a_vm_pod() {
     require!(env_ok(), NEEDS);
     let e = vm_env().await;
-    exec_flood(&e, QEMU).await;
+    exec_flood(&e, vm_handler()).await;
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use husk_tests::cri_env::CriEnv;
 use husk_tests::huskd::Huskd;
 use husk_tests::registry;
 use husk_tests::require;
-use husk_tests::runtime::NS;
+use husk_tests::runtime::{NS, VM_HANDLERS};
 use tonic::Code;
 
 const NEEDS: &str = "needs root, /usr/bin/docker-registry, /bin/busybox, iptables and the CNI plugins in /usr/lib/cni (tests/install-deps.sh installs them)";
@@ -538,6 +538,10 @@ async fn vm_pooled_pod_on_the_cni_network() {
 
 async fn vm_pod_on_cni(pool: u32) {
     require!(env_ok(), NEEDS);
+    require!(
+        husk_tests::runtime::vm_env_ok(),
+        husk_tests::runtime::VM_NEEDS
+    );
     let (Ok(kernel), Ok(initrd)) = (
         std::env::var("HUSK_GUEST_KERNEL"),
         std::env::var("HUSK_GUEST_INITRD"),
@@ -548,9 +552,10 @@ async fn vm_pod_on_cni(pool: u32) {
         return;
     };
     let e = env(&format!(
-        "[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+        "[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
          [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n\
-         [runtime.vm.pool]\nsize = 0\nhandlers = {{ husk-qemu = {pool} }}\n"
+         [runtime.vm.pool]\nsize = 0\nhandlers = {{ {handler} = {pool} }}\n",
+        handler = husk_tests::runtime::vm_handler()
     ))
     .await;
     let net = Net::new(e.d.dir.path());
@@ -566,7 +571,9 @@ async fn vm_pod_on_cni(pool: u32) {
         host_port: host_port as i32,
         host_ip: String::new(),
     }];
-    let (vm, vm_ctr) = e.server_on(&vm_cfg, "husk-qemu").await;
+    let (vm, vm_ctr) = e
+        .server_on(&vm_cfg, husk_tests::runtime::vm_handler())
+        .await;
     let (ns, ns_ctr) = e.server(&e.pod("ns")).await;
     let (vm_ips, ns_ips) = (e.pod_ips(&vm).await, e.pod_ips(&ns).await);
     assert_eq!(vm_ips.len(), 2, "{vm_ips:?}");

@@ -3,6 +3,10 @@
 //! `husk-qemu`, accel tcg): a real guest kernel (images/), the real
 //! husk-agent as the guest's PID 1, husk-vmm's virtio-vsock device over
 //! vhost-user, image rootfs as erofs disks hot-plugged through QMP.
+//! With `HUSK_VM_HANDLER=husk` the same tests run on husk-vmm (handler `husk`:
+//! in-process vsock and virtio-fs, image disks in disk slots), where a Linux
+//! guest boots on /dev/kvm (hardware KVM, or the nested L1 of
+//! tests/nested/husk-suite.sh).
 //!
 //! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (tests/run.sh builds them)
 //! and qemu-system-x86_64; prints `skipped: <reason>` otherwise.
@@ -15,23 +19,26 @@ use husk_tests::cri_env::CriEnv;
 use husk_tests::oci::{Compression, ImageSpec, Layer, Pusher, build_image, busybox_layer, file};
 use husk_tests::registry;
 use husk_tests::require;
-use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
+use husk_tests::runtime::{
+    VM_HANDLERS, VM_NEEDS as NEEDS, guest, on_husk_vmm, vm_env_ok as env_ok, vm_handler, vm_kind,
+};
 use husk_tests::runtime::{
     alive, cgroup_exists, container_status, eventually, info, log_records, pod_status, wait_exited,
 };
 use tonic::Code;
 
-/// huskd config: husk-qemu on TCG is the default handler.
+/// huskd config: the suite's VM handler (husk-qemu on TCG unless HUSK_VM_HANDLER) is the default.
 fn vm_config(kernel: &str, initrd: &str, boot_timeout_ms: u64) -> String {
     format!(
-        "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\nhusk = \"vm\"\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
-         [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = {boot_timeout_ms}\nmemory_mib = 256\n"
+        "[runtime]\ndefault_handler = \"{h}\"\n[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
+         [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = {boot_timeout_ms}\nmemory_mib = 256\n",
+        h = vm_handler()
     )
 }
 
 async fn vm_env() -> CriEnv {
     let (k, i) = guest().unwrap();
-    CriEnv::new(QEMU, &vm_config(&k, &i, 90_000)).await
+    CriEnv::new(vm_handler(), &vm_config(&k, &i, 90_000)).await
 }
 
 /// Pushes and pulls `repo:1`: busybox plus a layer with `/marker` holding `marker`.
@@ -93,7 +100,9 @@ fn assert_jailed(pid: i32) -> u32 {
     );
     assert_eq!(f("NoNewPrivs:"), "1", "{what}");
     assert_eq!(f("Seccomp:"), "2", "{what}");
-    let fs_server = String::from_utf8_lossy(&cmd).contains("vhost-user\0fs");
+    // QEMU's vhost-user fs server, or husk-vmm serving virtio-fs in process (`--fs`).
+    let cmd = String::from_utf8_lossy(&cmd);
+    let fs_server = cmd.contains("vhost-user\0fs") || cmd.contains("\0--fs\0");
     let caps = if fs_server {
         "000000000000001f"
     } else {
@@ -149,15 +158,19 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
         .run_pod(&pcfg)
         .await
         .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
-    println!("RunPodSandbox (QEMU/TCG boot + agent) {:?}", t.elapsed());
+    println!(
+        "RunPodSandbox ({} boot + agent) {:?}",
+        vm_handler(),
+        t.elapsed()
+    );
     let st = pod_status(&e.c, &pod).await.unwrap();
     assert_eq!(
         st.status.as_ref().unwrap().state,
         cri::PodSandboxState::SandboxReady as i32
     );
     let i = info(&st.info);
-    assert_eq!(i["kind"], "qemu");
-    assert_eq!(i["isolation"], "virtual machine (QEMU)");
+    assert_eq!(i["kind"], vm_kind().0);
+    assert_eq!(i["isolation"], vm_kind().1);
     let pids = e.vm_pids(&pod).await;
     // Host memory: guest RAM (MADV_DONTDUMP mappings) apart from QEMU's own.
     let m = &i["vmHostMemory"];
@@ -168,17 +181,20 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
         m["overheadPssBytes"].as_u64() <= m["overheadRssBytes"].as_u64(),
         "{i}"
     );
-    assert!(
-        comm(pids[0]).starts_with("qemu-system"),
-        "{}",
-        comm(pids[0])
-    );
+    let vmm = if on_husk_vmm() {
+        "husk-vmm"
+    } else {
+        "qemu-system"
+    };
+    assert!(comm(pids[0]).starts_with(vmm), "{}", comm(pids[0]));
+    // QEMU has its vhost-user vsock and fs servers; husk-vmm serves both in process.
     assert_eq!(
         pids.len(),
-        4,
-        "QEMU, its vhost-user vsock and fs servers, and the pod's log writer"
+        if on_husk_vmm() { 2 } else { 4 },
+        "the VMM, its helpers, and the pod's log writer"
     );
-    assert!(comm(pids[3]).starts_with("husk-vmm"), "{}", comm(pids[3]));
+    let writer = *pids.last().unwrap();
+    assert!(comm(writer).starts_with("husk-vmm"), "{}", comm(writer));
     // Every VM process is in the pod's host cgroup.
     for p in &pids {
         let cg = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
@@ -399,13 +415,15 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     let disks = e
         .sh(&c, "for f in /sys/block/vd*/serial; do cat $f; echo; done")
         .await;
-    assert_eq!(disks.lines().count(), 2, "two image disks: {disks}");
+    // husk-vmm's empty disk slots have no serial.
+    let disks: Vec<&str> = disks.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(disks.len(), 2, "two image disks: {disks:?}");
 
     // The pod's VM shows up in ListPodSandbox with its handler.
     let list = e.pods().await;
     assert!(
         list.iter()
-            .any(|p| p.id == pod && p.runtime_handler == QEMU)
+            .any(|p| p.id == pod && p.runtime_handler == vm_handler())
     );
 
     // Host networking in a VM is refused (a VM has its own kernel).
@@ -461,7 +479,7 @@ async fn vm_oom_second_image_hotplug_and_cli() {
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["readyMs"]["p50"].as_f64().unwrap() > 0.0, "{r}");
-    assert_eq!(r["isolation"], "virtual machine (QEMU)", "{r}");
+    assert_eq!(r["isolation"], vm_kind().1, "{r}");
     let guest = r["guestRamMib"].as_f64().unwrap();
     assert!(guest > 10.0 && guest <= 256.0, "{r}");
     assert!(r["overheadRssMib"].as_f64().unwrap() > 1.0, "{r}");
@@ -476,7 +494,11 @@ async fn vm_oom_second_image_hotplug_and_cli() {
 async fn vm_unused_image_disk_makes_room() {
     require!(env_ok(), NEEDS);
     let (k, i) = guest().unwrap();
-    let e = CriEnv::new(QEMU, &(vm_config(&k, &i, 90_000) + "hotplug_slots = 1\n")).await;
+    let e = CriEnv::new(
+        vm_handler(),
+        &(vm_config(&k, &i, 90_000) + "hotplug_slots = 1\n"),
+    )
+    .await;
     let other = marked_image(&e, "e2e/other", "other image").await;
     let pcfg = e.pod("vm-slot");
     let pod = e
@@ -513,7 +535,7 @@ async fn vm_unused_image_disk_makes_room() {
         .sh(&c, "for f in /sys/block/vd*/serial; do cat $f; echo; done")
         .await;
     assert_eq!(
-        disks.lines().count(),
+        disks.lines().filter(|l| !l.is_empty()).count(),
         1,
         "only the other image's disk: {disks}"
     );
@@ -607,7 +629,9 @@ async fn vmm_pod_containers_on_disk_slots() {
         "needs root, docker-registry and HUSK_GUEST_KERNEL/HUSK_GUEST_INITRD"
     );
     let (k, i) = guest().unwrap();
-    let cfg = vm_config(&k, &i, 20_000).replace(
+    // Where the suite runs on husk-vmm (HUSK_VM_HANDLER=husk) the guest must boot.
+    let boot_ms = if on_husk_vmm() { 90_000 } else { 20_000 };
+    let cfg = vm_config(&k, &i, boot_ms).replace(
         "default_handler = \"husk-qemu\"",
         "default_handler = \"husk\"",
     ) + "hotplug_slots = 3\n";
@@ -615,6 +639,7 @@ async fn vmm_pod_containers_on_disk_slots() {
     let pcfg = e.pod("vmm-slots");
     let pod = match e.run_pod(&pcfg).await {
         Ok(pod) => pod,
+        Err(s) if on_husk_vmm() => panic!("run pod: {s:?}\n{}", e.d.log()),
         Err(s) => {
             let why: String = s.message().chars().take(300).collect();
             println!(
@@ -767,7 +792,8 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
     // this kind of host (kvm-pvm or no KVM) it fails with a clear reason
     // (boot timeout with the guest console's tail, or no /dev/kvm).
     {
-        let mut cfg = vm_config(&k, &i, 15_000);
+        let boot_ms = if on_husk_vmm() { 90_000 } else { 15_000 };
+        let mut cfg = vm_config(&k, &i, boot_ms);
         cfg = cfg.replace(
             "default_handler = \"husk-qemu\"",
             "default_handler = \"husk\"",
@@ -780,6 +806,7 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
                 e.stop_pod(&pod).await.unwrap();
                 e.remove_pod(&pod).await.unwrap();
             }
+            Err(s) if on_husk_vmm() => panic!("husk-vmm must boot here: {s:?}\n{}", e.d.log()),
             Err(s) => {
                 println!("husk-vmm: {:?}: {}", s.code(), s.message());
                 match s.code() {
@@ -804,9 +831,9 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
         let _ = e.run_pod(&pcfg).await;
     }
 
-    // 2. A guest kernel QEMU cannot load: the VMM exits during boot.
+    // 2. A guest kernel the VMM cannot load: the VMM exits during boot.
     {
-        let e = CriEnv::new(QEMU, &vm_config("/bin/busybox", &i, 30_000)).await;
+        let e = CriEnv::new(vm_handler(), &vm_config("/bin/busybox", &i, 30_000)).await;
         let s = e.run_pod(&e.pod("badkernel")).await.unwrap_err();
         assert_eq!(s.code(), Code::Unavailable, "{s:?}");
         assert!(s.message().contains("exited during boot"), "{s:?}");
@@ -824,7 +851,11 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
     // 3. A missing kernel: refused before anything starts; Status says so.
     {
         let missing: PathBuf = "/nonexistent/bzImage".into();
-        let e = CriEnv::new(QEMU, &vm_config(&missing.display().to_string(), &i, 30_000)).await;
+        let e = CriEnv::new(
+            vm_handler(),
+            &vm_config(&missing.display().to_string(), &i, 30_000),
+        )
+        .await;
         let s = e.run_pod(&e.pod("nokernel")).await.unwrap_err();
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
         assert!(s.message().contains("/nonexistent/bzImage"), "{s:?}");
@@ -844,7 +875,10 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
             .unwrap();
         // husk-ns still works, so the runtime is ready; the message names the broken handler.
         assert!(rr.status);
-        assert!(rr.message.contains("husk-qemu: not ready"), "{rr:?}");
+        assert!(
+            rr.message.contains(&format!("{}: not ready", vm_handler())),
+            "{rr:?}"
+        );
         assert!(pods_dir_empty(&e.d.run_dir()));
     }
 }

@@ -15,16 +15,17 @@ use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
 use husk_tests::runtime::{NS, NS_NEEDS, eventually, info, ns_env_ok, pod_status};
-use husk_tests::runtime::{QEMU, VM_NEEDS, guest, vm_env_ok};
+use husk_tests::runtime::{VM_HANDLERS, VM_NEEDS, guest, vm_env_ok, vm_handler};
 
-/// huskd with husk-qemu (TCG, the default) and husk-ns.
+/// huskd with the VM suites' handler (husk-qemu on TCG unless HUSK_VM_HANDLER) and husk-ns.
 async fn vm_env() -> CriEnv {
     let (k, i) = guest().unwrap();
+    let h = vm_handler();
     let cfg = format!(
-        "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\n{NS} = \"namespace\"\n\
+        "[runtime]\ndefault_handler = \"{h}\"\n[runtime.handlers]\n{VM_HANDLERS}{NS} = \"namespace\"\n\
          [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
     );
-    CriEnv::new(QEMU, &cfg).await.remove_pods_on_drop()
+    CriEnv::new(h, &cfg).await.remove_pods_on_drop()
 }
 
 /// A CPU-bound container held to 20 % of a CPU (the machine is shared).
@@ -274,12 +275,12 @@ fn cpu_ts(s: &cri::ContainerStats) -> i64 {
 async fn vm_stats_metrics_and_a_frozen_guest() {
     require!(vm_env_ok(), VM_NEEDS);
     let e = vm_env().await;
-    kubelet_view(&e, QEMU, "vmstats").await;
+    kubelet_view(&e, vm_handler(), "vmstats").await;
 
     // A VM pod and a namespace pod; the VM then freezes.
     let (vcfg, ncfg) = (e.pod("frozen"), e.pod("alive"));
     let vpod = e
-        .run_pod_on(&vcfg, QEMU)
+        .run_pod_on(&vcfg, vm_handler())
         .await
         .unwrap_or_else(|s| panic!("{s:?}\n{}", e.d.log()));
     let npod = e.run_pod_on(&ncfg, NS).await.unwrap();

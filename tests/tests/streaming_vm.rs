@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
-//! Exec, Attach and PortForward with a VM pod (QEMU/TCG): the same streaming
+//! Exec, Attach and PortForward with a VM pod (QEMU/TCG, or husk-vmm with
+//! HUSK_VM_HANDLER=husk): the same streaming
 //! server, the agent reached over hybrid vsock, port-forward through the
 //! agent's vsock port 1025 endpoint inside the guest.
 //! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (tests/run.sh builds them).
@@ -10,18 +11,19 @@ use husk_host::streaming::client::{self, SpdyForwarder, Transport};
 use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
-use husk_tests::runtime::{QEMU, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok};
+use husk_tests::runtime::{VM_HANDLERS, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok, vm_handler};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn vm_pod_exec_attach_and_port_forward() {
     require!(env_ok(), NEEDS);
     let (k, i) = guest().unwrap();
+    let h = vm_handler();
     let cfg = format!(
-        "[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\nhusk-ns = \"namespace\"\n\
+        "[runtime]\ndefault_handler = \"{h}\"\n[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
          [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n"
     );
-    let e = CriEnv::new(QEMU, &cfg).await;
+    let e = CriEnv::new(h, &cfg).await;
     let pcfg = e.pod("vm-stream");
     let pod = e
         .run_pod(&pcfg)

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use husk_proto::cri;
 use oci_spec::runtime::Spec;
 
-use super::RuntimeError;
+use super::error::RuntimeError;
 use super::share::{HostMount, PodShare};
 
 /// The per-pod shared directory on the host.

@@ -25,7 +25,7 @@ use crate::cri_env::{CriEnv, CriServer, busybox_registry};
 use crate::oci::{
     Compression, Entry, ImageSpec, Layer, Pusher, build_image, busybox_layer, file, set_cmd,
 };
-use crate::runtime::{NS, log_records, wait_exited};
+use crate::runtime::{NS, log_records, vm_handler, wait_exited};
 
 /// The QEMU handler (TCG here) of the VM cases.
 pub const QEMU: &str = "husk-qemu";
@@ -226,7 +226,7 @@ impl Suite {
             Kind::Namespace | Kind::Vm => {
                 let (reg, d) = CriEnv::start_huskd(extra).await;
                 let d: Box<dyn CriServer> = Box::new(d);
-                let handler = if kind == Kind::Vm { QEMU } else { NS };
+                let handler = if kind == Kind::Vm { vm_handler() } else { NS };
                 CriEnv::with_server(reg, d, handler).await
             }
         }

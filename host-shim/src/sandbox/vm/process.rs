@@ -195,6 +195,7 @@ pub(super) fn place_in_cgroup(pid: i32, parent: &str) -> std::io::Result<()> {
     let root = Path::new("/sys/fs/cgroup");
     let mut dirs = vec![];
     if root.join("cgroup.procs").exists() {
+        enable_v2_controllers(root, parent)?;
         dirs.push(root.join(parent));
     } else {
         for e in std::fs::read_dir(root)?.flatten() {
@@ -212,4 +213,61 @@ pub(super) fn place_in_cgroup(pid: i32, parent: &str) -> std::io::Result<()> {
         std::fs::write(d.join("cgroup.procs"), pid.to_string())?;
     }
     Ok(())
+}
+
+/// Controllers a pod's v2 cgroup accounts with (memory.current, cpu.stat, pids.current, io.stat).
+const V2_CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
+
+/// cgroup v2: creates each ancestor of `root/parent` below the root and enables in its
+/// `cgroup.subtree_control` the [`V2_CONTROLLERS`] it has, so the pod cgroup gets its
+/// memory, cpu, pids and io files (a v2 cgroup only has those its parent enables for its
+/// children; the root's are the init system's).
+fn enable_v2_controllers(root: &Path, parent: &str) -> std::io::Result<()> {
+    let comps: Vec<&str> = parent.split('/').filter(|c| !c.is_empty()).collect();
+    let mut dir = root.to_path_buf();
+    for (i, comp) in comps.iter().enumerate() {
+        if i > 0 {
+            let have = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+            let want: Vec<String> = V2_CONTROLLERS
+                .iter()
+                .filter(|c| have.split_whitespace().any(|h| h == **c))
+                .map(|c| format!("+{c}"))
+                .collect();
+            if !want.is_empty()
+                && let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), want.join(" "))
+            {
+                tracing::warn!(dir = %dir.display(), "cgroup v2: cannot enable {want:?}: {e}");
+            }
+        }
+        dir.push(comp);
+        if !dir.is_dir() {
+            std::fs::create_dir(&dir)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod v2_tests {
+    use super::*;
+
+    #[test]
+    fn v2_ancestors_below_the_root_enable_the_pod_controllers() {
+        let root = tempfile::tempdir().unwrap();
+        let husk = root.path().join("husk");
+        std::fs::create_dir(&husk).unwrap();
+        std::fs::write(
+            husk.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        enable_v2_controllers(root.path(), "/husk/pod1/").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(husk.join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory +pids +io"
+        );
+        assert!(husk.join("pod1").is_dir());
+        // The root's subtree_control is left to the init system.
+        assert!(!root.path().join("cgroup.subtree_control").exists());
+    }
 }
