@@ -125,7 +125,7 @@ async fn pod_and_container_lifecycle_logs_and_filters() {
                 &[
                     "sh",
                     "-c",
-                    "trap '' TERM; touch /tmp/trapped; while true; do sleep 1; done",
+                    "trap '' TERM; echo > /trapped; while true; do sleep 1; done",
                 ],
             ),
             &pcfg,
@@ -135,7 +135,7 @@ async fn pod_and_container_lifecycle_logs_and_filters() {
     // before the shell has read its first command).
     let t = Instant::now();
     while e
-        .exec(&sleeper, &["test", "-e", "/tmp/trapped"], 10)
+        .exec(&sleeper, &["sh", "-c", "test -e /trapped"], 10)
         .await
         .map_or(true, |r| r.exit_code != 0)
     {
@@ -773,7 +773,14 @@ async fn volumes_are_nosuid_nodev_for_unprivileged_containers() {
     plant_suid_and_dev(&sub);
 
     let e = CriEnv::new(NS, "").await;
-    let pcfg = e.pod("nosuid");
+    let mut pcfg = e.pod("nosuid");
+    // A privileged pod (kubelet's and containerd's rule for the privileged container
+    // below); the plain container in it is unprivileged.
+    pcfg.linux.get_or_insert_with(Default::default).security_context =
+        Some(cri::LinuxSandboxSecurityContext {
+            privileged: true,
+            ..Default::default()
+        });
     let pod = e.run_pod(&pcfg).await.unwrap();
     let volume = cri::Mount {
         container_path: "/vol".into(),

@@ -108,7 +108,7 @@ pub fn run(base: u64, area: u64, irq: u32) {
     q.push(a);
     q.notify();
     let mut spins = 0u64;
-    while crate::rd32(crate::IRQ_COUNT) == 0 && spins < 50_000_000 {
+    while crate::rd32(crate::IRQ_COUNT) == 0 && spins < crate::IRQ_SPINS {
         core::hint::spin_loop();
         spins += 1;
     }

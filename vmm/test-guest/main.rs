@@ -277,6 +277,9 @@ unsafe extern "C" {
 
 pub const IRQ_VECTOR: u64 = 0x30;
 pub const IRQ_COUNT: u64 = 0x1a_1000;
+/// Spins an interrupt test waits for its interrupt: it ends at the interrupt, so only a
+/// lost one costs the whole budget (seconds); a loaded host may run the device thread late.
+pub const IRQ_SPINS: u64 = 2_000_000_000;
 const IDT: u64 = 0x1a_0000;
 
 /// Routes IOAPIC pin `irq` to vector 0x30 on APIC 0 (edge, active high), installs the
@@ -435,7 +438,7 @@ pub extern "C" fn guest_main(mode: u32, info: u64) -> ! {
         enable_irq(4);
         outb(0x3f9, 0x02);
         let mut spins = 0u64;
-        while rd32(IRQ_COUNT) == 0 && spins < 50_000_000 {
+        while rd32(IRQ_COUNT) == 0 && spins < IRQ_SPINS {
             core::hint::spin_loop();
             spins += 1;
         }
