@@ -776,11 +776,12 @@ async fn volumes_are_nosuid_nodev_for_unprivileged_containers() {
     let mut pcfg = e.pod("nosuid");
     // A privileged pod (kubelet's and containerd's rule for the privileged container
     // below); the plain container in it is unprivileged.
-    pcfg.linux.get_or_insert_with(Default::default).security_context =
-        Some(cri::LinuxSandboxSecurityContext {
-            privileged: true,
-            ..Default::default()
-        });
+    pcfg.linux
+        .get_or_insert_with(Default::default)
+        .security_context = Some(cri::LinuxSandboxSecurityContext {
+        privileged: true,
+        ..Default::default()
+    });
     let pod = e.run_pod(&pcfg).await.unwrap();
     let volume = cri::Mount {
         container_path: "/vol".into(),
