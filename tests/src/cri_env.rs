@@ -298,6 +298,17 @@ impl<R: CriServer> CriEnv<R> {
             .map(|_| ())
     }
 
+    /// Status with `verbose` (huskd's info map: handlers, VM pools…).
+    pub async fn status_verbose(&self) -> cri::StatusResponse {
+        self.c
+            .runtime
+            .clone()
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap_or_else(|e| panic!("status: {e:?}\n{}", self.d.log()))
+            .into_inner()
+    }
+
     /// Every pod sandbox huskd lists.
     pub async fn pods(&self) -> Vec<cri::PodSandbox> {
         self.list_pods(None).await

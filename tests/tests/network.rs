@@ -649,13 +649,7 @@ async fn vm_pod_on_cni(pool: u32) {
 async fn wait_pool_ready(e: &CriEnv) {
     let t = std::time::Instant::now();
     loop {
-        let st =
-            e.c.runtime
-                .clone()
-                .status(cri::StatusRequest { verbose: true })
-                .await
-                .unwrap()
-                .into_inner();
+        let st = e.status_verbose().await;
         let pools: serde_json::Value = serde_json::from_str(&st.info["vmPools"]).unwrap();
         if pools[0]["ready"].as_u64() >= Some(1) {
             return;

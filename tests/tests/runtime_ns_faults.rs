@@ -174,11 +174,7 @@ async fn bad_input_and_failed_creates_clean_up() {
     let nope = "0000000000000000000000000000000000000000000000000000000000000000";
 
     // Status: runtime ready (husk-ns), network not ready with a reason.
-    let st = rt()
-        .status(cri::StatusRequest { verbose: true })
-        .await
-        .unwrap()
-        .into_inner();
+    let st = e.status_verbose().await;
     let conds = st.status.unwrap().conditions;
     assert!(conds.iter().any(|c| c.r#type == "RuntimeReady" && c.status));
     assert!(

@@ -859,13 +859,7 @@ async fn vm_start_failures_are_clear_and_leak_nothing() {
         let s = e.run_pod(&e.pod("nokernel")).await.unwrap_err();
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
         assert!(s.message().contains("/nonexistent/bzImage"), "{s:?}");
-        let st =
-            e.c.runtime
-                .clone()
-                .status(cri::StatusRequest { verbose: true })
-                .await
-                .unwrap()
-                .into_inner();
+        let st = e.status_verbose().await;
         let rr = st
             .status
             .unwrap()

@@ -33,13 +33,7 @@ async fn env(pool: u32) -> CriEnv {
 
 /// The husk-qemu pool's stats from Status (verbose).
 async fn pool_stats(e: &CriEnv) -> serde_json::Value {
-    let st =
-        e.c.runtime
-            .clone()
-            .status(cri::StatusRequest { verbose: true })
-            .await
-            .unwrap()
-            .into_inner();
+    let st = e.status_verbose().await;
     let pools: serde_json::Value = serde_json::from_str(&st.info["vmPools"]).unwrap();
     pools
         .as_array()
