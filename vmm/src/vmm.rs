@@ -197,6 +197,9 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
         evmgr.run_with_timeout(100).map_err(VmmError::EventLoop)?;
         lock(&serial).flush_pending();
         if let Some(r) = exit.reason() {
+            // Events the guest raised just before it stopped (a last TX kick) are served,
+            // so its last writes reach the devices; the devices flush as they are dropped.
+            evmgr.run_with_timeout(0).map_err(VmmError::EventLoop)?;
             return Ok(r);
         }
         if lock(&control)

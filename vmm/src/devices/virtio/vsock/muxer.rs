@@ -40,6 +40,10 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// while it floods the TX queue does: further replies are dropped, and a connection whose
 /// control packet cannot be queued is closed. 1024 × 44-byte headers: ≈ 48 KiB.
 pub const MAX_CTRL_RX: usize = 4 * MAX_CONNECTIONS;
+/// When a muxer goes away (the VM exited, the vhost-user frontend left), how long it may
+/// still spend handing buffered guest data to host peers that are reading it. A peer that
+/// does not read cannot hold the exit back longer than this.
+pub const EXIT_FLUSH: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
@@ -66,6 +70,9 @@ enum ConnState {
     Established,
     /// We told the guest the host side closed; waiting for its RST.
     Closing,
+    /// The guest shut down both directions while its data for the host was still buffered:
+    /// that data is written as the host reads it, then the connection ends with an RST.
+    Draining,
 }
 
 struct Connection {
@@ -208,8 +215,10 @@ impl VsockMuxer {
         self.epoll.ctl(op, fd, EpollEvent::new(ev, fd as u64))
     }
 
-    /// Drops every connection (device reset).
+    /// Drops every connection (device reset). Guest data already buffered for a host peer is
+    /// offered to its socket once, without waiting.
     pub fn reset(&mut self) {
+        self.flush_guest_data(Duration::ZERO);
         let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
         for k in keys {
             self.remove(k);
@@ -252,6 +261,39 @@ impl VsockMuxer {
     /// Guest data held for host peers, over all connections.
     pub fn buffered_guest_bytes(&self) -> usize {
         self.conns.values().map(|c| c.tx_buf.len()).sum()
+    }
+
+    /// Writes guest data still buffered for host peers to their sockets, waiting at most
+    /// `within` for slow readers (not at all with zero). Returns the bytes left unwritten
+    /// (their peers did not read in time, or are gone). Used when the device goes away: a
+    /// guest that wrote and then powered off loses nothing a reading peer was owed.
+    pub fn flush_guest_data(&mut self, within: Duration) -> usize {
+        let end = Instant::now() + within;
+        loop {
+            let mut fds = Vec::new();
+            for c in self.conns.values_mut() {
+                if !c.tx_buf.is_empty() && !c.flush() {
+                    c.tx_buf.clear();
+                }
+                if !c.tx_buf.is_empty() {
+                    fds.push(libc::pollfd {
+                        fd: c.stream.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    });
+                }
+            }
+            let now = Instant::now();
+            if fds.is_empty() || now >= end {
+                return self.buffered_guest_bytes();
+            }
+            let ms = (end - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: `fds` is a live, correctly sized array of pollfd for the whole call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            if n < 0 && std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+                return self.buffered_guest_bytes();
+            }
+        }
     }
 
     /// Queues a control packet for the guest; false (and nothing queued) when [`MAX_CTRL_RX`]
@@ -414,7 +456,20 @@ impl VsockMuxer {
                 if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == (SHUTDOWN_RCV | SHUTDOWN_SEND)
                     || c.state == ConnState::Closing
                 {
-                    c.flush();
+                    let open = c.flush();
+                    if open
+                        && !c.tx_buf.is_empty()
+                        && matches!(c.state, ConnState::Established | ConnState::Draining)
+                    {
+                        // Its last bytes are still on their way to the host: keep the
+                        // connection until the host has read them (bounded by the credit).
+                        c.state = ConnState::Draining;
+                        c.peer_shut_send = true;
+                        c.rx_queued = false;
+                        self.rx_ready.retain(|k| *k != key);
+                        self.update_interest(key);
+                        return;
+                    }
                     self.remove(key);
                     self.push_ctrl(key, OP_RST, 0);
                     return;
@@ -485,6 +540,11 @@ impl VsockMuxer {
     /// The host side of a connection is gone (closed or failed): tell the guest, and stop
     /// watching the socket (a hung-up socket would otherwise wake epoll forever).
     fn host_closed(&mut self, key: ConnKey) {
+        if self.conns.get(&key).map(|c| c.state) == Some(ConnState::Draining) {
+            self.remove(key);
+            self.push_ctrl(key, OP_RST, 0);
+            return;
+        }
         if let Some(c) = self.conns.get_mut(&key) {
             c.state = ConnState::Closing;
             c.rx_queued = false;
@@ -742,6 +802,14 @@ impl VsockMuxer {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
+        if c.state == ConnState::Draining {
+            // Done when the host has taken everything, or is gone.
+            if c.tx_buf.is_empty() || set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                self.remove(key);
+                self.push_ctrl(key, OP_RST, 0);
+            }
+            return;
+        }
         // EPOLLHUP/EPOLLERR are reported whatever the interest set: act on them once.
         let gone = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
         if gone && c.state == ConnState::LocalInit {
@@ -801,6 +869,13 @@ impl AsRawFd for VsockMuxer {
 
 impl Drop for VsockMuxer {
     fn drop(&mut self) {
+        let left = self.flush_guest_data(EXIT_FLUSH);
+        if left > 0 {
+            tracing::warn!(
+                bytes = left,
+                "vsock: guest data its host peers did not read"
+            );
+        }
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }
@@ -1002,6 +1077,95 @@ mod tests {
         );
         assert!(read_line(&mut c).starts_with("OK "));
         (c, req.src_port)
+    }
+
+    /// Guest → host data until at least 64 KiB wait in the muxer (the host does not read);
+    /// returns the bytes sent.
+    fn fill_unread(m: &mut VsockMuxer, port: u32, hp: u32) -> usize {
+        let chunk = vec![0x5a; 4096];
+        let mut sent = 0;
+        while m.buffered_guest_bytes() < 64 * 1024 {
+            assert!(sent < 8 << 20, "the host socket never filled up");
+            m.send_pkt(&from_guest(port, hp, OP_RW, 1 << 20, 0), &chunk);
+            sent += chunk.len();
+        }
+        sent
+    }
+
+    /// Packets for the guest until an RST (true) or none for a while (false).
+    fn until_rst(m: &mut VsockMuxer) -> bool {
+        let mut buf = Vec::new();
+        while let Some(h) = next(m, &mut buf) {
+            if h.op == OP_RST {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn read_all(mut c: UnixStream) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .expect("t");
+            let mut all = Vec::new();
+            c.read_to_end(&mut all).expect("read to EOF");
+            all.len()
+        })
+    }
+
+    #[test]
+    fn guest_close_with_unread_data_drains_before_the_rst() {
+        let (mut m, _d, uds) = muxer();
+        let (c, hp) = established(&mut m, &uds, 62);
+        let sent = fill_unread(&mut m, 62, hp);
+        let mut sd = from_guest(62, hp, OP_SHUTDOWN, 1 << 20, 0);
+        sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        m.send_pkt(&sd, &[]);
+        assert!(!until_rst(&mut m), "no RST while data waits");
+        assert_eq!(m.connections(), 1);
+        let reader = read_all(c);
+        assert!(until_rst(&mut m), "RST once the host has read it all");
+        assert_eq!(m.connections(), 0);
+        assert_eq!(
+            reader.join().expect("reader"),
+            sent,
+            "every byte reached the host"
+        );
+    }
+
+    #[test]
+    fn a_draining_connection_ends_when_the_host_goes() {
+        let (mut m, _d, uds) = muxer();
+        let (c, hp) = established(&mut m, &uds, 63);
+        fill_unread(&mut m, 63, hp);
+        let mut sd = from_guest(63, hp, OP_SHUTDOWN, 1 << 20, 0);
+        sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        m.send_pkt(&sd, &[]);
+        drop(c);
+        assert!(until_rst(&mut m), "RST when the host went");
+        assert_eq!((m.connections(), m.buffered_guest_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn dropping_the_muxer_hands_unread_guest_data_to_a_reading_host() {
+        let (mut m, _d, uds) = muxer();
+        let (c, hp) = established(&mut m, &uds, 64);
+        let sent = fill_unread(&mut m, 64, hp);
+        let reader = read_all(c);
+        drop(m);
+        assert_eq!(reader.join().expect("reader"), sent);
+    }
+
+    #[test]
+    fn a_host_that_does_not_read_holds_the_drop_back_at_most_exit_flush() {
+        let (mut m, _d, uds) = muxer();
+        let (_c, hp) = established(&mut m, &uds, 65);
+        fill_unread(&mut m, 65, hp);
+        let t = Instant::now();
+        drop(m);
+        let took = t.elapsed();
+        assert!(took >= EXIT_FLUSH, "it waited for the reader: {took:?}");
+        assert!(took < EXIT_FLUSH * 10, "and then gave up: {took:?}");
     }
 
     #[test]
