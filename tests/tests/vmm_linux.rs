@@ -146,7 +146,8 @@ cat "$W/console"
 
 /// Hybrid vsock both ways, 1 MiB each, in writes of 128 KiB: guest → host
 /// (guest connects to CID 2, husk-vmm dials `<uds>_PORT`) and host → guest
-/// (`CONNECT PORT` on the uds), checked by digest.
+/// (`CONNECT PORT` on the uds), checked by digest. The guest closes and reboots as soon as it
+/// has written: nothing husk-vmm held for the host may be lost on the way out.
 #[test]
 fn vsock_moves_a_mebibyte_each_way() {
     let Some(out) = run(
@@ -160,8 +161,7 @@ dd if=/dev/urandom of=/tmp/g2h bs=65536 count=16 2>/dev/null
 echo "guest: g2h-sum $(md5sum </tmp/g2h | cut -d" " -f1)"
 socat -u -b 131072 OPEN:/tmp/g2h VSOCK-CONNECT:2:5000 || echo "guest: g2h failed"
 wait
-echo "guest: h2g-sum $(md5sum </tmp/h2g | cut -d" " -f1) size $(wc -c </tmp/h2g)"
-socat -u VSOCK-LISTEN:5002 OPEN:/dev/null'
+echo "guest: h2g-sum $(md5sum </tmp/h2g | cut -d" " -f1) size $(wc -c </tmp/h2g)"'
 dd if=/dev/urandom of="$W/h2g" bs=65536 count=16 2>/dev/null
 socat -u -b 131072 "UNIX-LISTEN:$W/v.sock_5000" "CREATE:$W/g2h" &
 lpid=$!
@@ -175,17 +175,10 @@ for i in 1 2 3 4 5 6 7 8 9 10; do
     sleep 0.5
 done
 [ -n "$ok" ] || { echo "host: no OK from CONNECT"; cat "$W/ok"; }
-# The guest reboots only once the host has all of g2h (port 5002): bytes the guest
-# wrote but the host has not read yet go with the VM when it exits.
-wait $lpid || true
-n=0
-while [ $n -lt 60 ]; do
-    n=$((n + 1))
-    socat UNIX-CONNECT:$W/v.sock SYSTEM:"echo CONNECT 5002; read a; echo \"\$a\" >$W/ok2" 2>/dev/null
-    grep -q '^OK' "$W/ok2" 2>/dev/null && break
-    sleep 0.5
-done
+# The guest closes its g2h connection and reboots without waiting for the host to read:
+# what husk-vmm still holds for the host is drained before the RST and at exit.
 wait $pid && rc=0 || rc=$?
+wait $lpid || true
 cat "$W/console"
 echo "host: h2g-sum $(md5sum <"$W/h2g" | cut -d' ' -f1)"
 echo "host: g2h-sum $(md5sum <"$W/g2h" | cut -d' ' -f1) size $(wc -c <"$W/g2h")"
