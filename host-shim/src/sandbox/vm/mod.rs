@@ -17,12 +17,13 @@ mod net;
 pub mod pool;
 mod process;
 pub mod qemu;
-pub mod qmp;
+pub mod husk_vmm;
 use super::helper_log::tail;
 use super::orphans::{crash_point, mark};
+use husk_vmm::vmmctl;
+use qemu::qmp;
 pub use process::LOG_MAX_BYTES;
 use process::{PodLogs, kill_wait, place_in_cgroup, spawn_detached, wait_socket};
-pub mod vmmctl;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,8 @@
 //! virtio-blk disks on pre-made `pcie-root-port`s (native PCIe hot-plug:
 //! ACPI hot-plug is switched off so the guest's pciehp handles the slots).
 
+pub mod qmp;
+
 use std::path::{Path, PathBuf};
 
 use crate::config::Accel;
