@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use super::RuntimeError;
+use super::{RuntimeError, VmError};
 use crate::network::tap::{self, VmNic};
 
 /// The fd number QEMU finds the tap on.
@@ -19,8 +19,7 @@ const TAP_FD: i32 = 3;
 
 /// Adds the NIC to a QEMU command; the returned fd must live until the spawn.
 pub fn qemu(cmd: &mut Command, nic: &VmNic) -> Result<OwnedFd, RuntimeError> {
-    let fd = tap::open(&nic.netns, &nic.tap)
-        .map_err(|e| RuntimeError::Internal(format!("VM pod network: {e}")))?;
+    let fd = tap::open(&nic.netns, &nic.tap).map_err(VmError::Tap)?;
     cmd.arg("-netdev")
         .arg(format!("tap,id=net0,fd={TAP_FD}"))
         .arg("-device")
@@ -54,8 +53,7 @@ const VMM_TAP_FD: i32 = 4;
 /// started in the pod's network namespace. The returned fd must live until the spawn.
 pub fn husk_vmm(cmd: &mut Command, nic: &VmNic, jailed: bool) -> Result<OwnedFd, RuntimeError> {
     if jailed {
-        let fd = tap::open(&nic.netns, &nic.tap)
-            .map_err(|e| RuntimeError::Internal(format!("VM pod network: {e}")))?;
+        let fd = tap::open(&nic.netns, &nic.tap).map_err(VmError::Tap)?;
         cmd.arg("--net")
             .arg(format!("tap={},mac={},fd={VMM_TAP_FD}", nic.tap, nic.mac));
         let raw = fd.as_raw_fd();
@@ -75,8 +73,9 @@ pub fn husk_vmm(cmd: &mut Command, nic: &VmNic, jailed: bool) -> Result<OwnedFd,
         }
         return Ok(fd);
     }
-    let ns = std::fs::File::open(&nic.netns).map_err(|e| {
-        RuntimeError::Internal(format!("VM pod network: open {}: {e}", nic.netns.display()))
+    let ns = std::fs::File::open(&nic.netns).map_err(|source| VmError::Netns {
+        path: nic.netns.clone(),
+        source,
     })?;
     cmd.arg("--net")
         .arg(format!("tap={},mac={}", nic.tap, nic.mac));
