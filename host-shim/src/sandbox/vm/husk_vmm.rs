@@ -2,13 +2,14 @@
 //! hybrid-vsock socket and the pod share itself; `vmmctl.rs` talks to its control socket
 //! (disk slots).
 
+mod net;
 pub mod vmmctl;
 
 use std::path::Path;
 use std::time::Duration;
 
 use super::process::spawn_detached;
-use super::{GUEST_CID, SHARE_FD, SHARE_TAG, Start, VmError, jail, net};
+use super::{GUEST_CID, SHARE_FD, SHARE_TAG, Start, VmError, jail};
 use crate::config::VmConfig;
 use crate::sandbox::error::RuntimeError;
 use crate::sandbox::orphans::mark;
@@ -93,7 +94,7 @@ pub(super) fn start(s: &Start<'_>) -> Result<(ProcRef, Vec<ProcRef>), RuntimeErr
         .args(["--disk-slots", &cfg.hotplug_slots.to_string()]);
     mark(&mut cmd, id, run_dir);
     let ns = nic
-        .map(|n| net::husk_vmm(&mut cmd, n, uid.is_some()))
+        .map(|n| net::nic(&mut cmd, n, uid.is_some()))
         .transpose()?;
     let spawned = logs
         .sink("console.log")

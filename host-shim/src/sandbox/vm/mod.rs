@@ -22,7 +22,6 @@ pub mod host;
 pub mod husk_vmm;
 pub mod hybrid;
 pub mod jail;
-mod net;
 pub mod pool;
 mod process;
 pub mod qemu;

@@ -8,6 +8,7 @@
 //! ACPI hot-plug is switched off so the guest's pciehp handles the slots).
 
 pub(super) mod launch;
+mod net;
 pub mod qmp;
 
 use std::path::Path;

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::super::process::{kill_wait, spawn_detached, wait_socket};
-use super::super::{GUEST_CID, SHARE_FD, SHARE_TAG, Start, VmError, jail, net};
+use super::super::{GUEST_CID, SHARE_FD, SHARE_TAG, Start, VmError, jail};
+use super::net;
 use super::qmp;
 use crate::config::{Accel, VmConfig};
 use crate::sandbox::error::RuntimeError;
@@ -146,7 +147,7 @@ pub(in crate::sandbox::vm) fn start(
     );
     cmd.args(args);
     mark(&mut cmd, id, run_dir);
-    let tap_fd = match nic.map(|n| net::qemu(&mut cmd, n)).transpose() {
+    let tap_fd = match nic.map(|n| net::nic(&mut cmd, n)).transpose() {
         Ok(fd) => fd,
         Err(e) => {
             kill_wait(&helper);
