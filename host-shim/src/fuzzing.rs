@@ -222,7 +222,8 @@ fn fake_peer(sock: &Path, answer: Vec<u8>, flood: bool, read_first: bool) -> Pee
 /// whether the peer floods a line that never ends. Each must return within its timeout and
 /// stop reading a line at its bound.
 pub fn line_readers(data: &[u8]) {
-    use crate::sandbox::vm::{hybrid, qmp, vmmctl};
+    use crate::sandbox::vm::husk_vmm::vmmctl;
+    use crate::sandbox::vm::{hybrid, qemu::qmp};
     let Some((&sel, answer)) = data.split_first() else {
         return;
     };

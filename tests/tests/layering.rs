@@ -287,6 +287,35 @@ fn host_layer(m: &[String]) -> (String, u8) {
         .unwrap_or_else(|| panic!("module {n} has no layer in HOST_LAYERS"))
 }
 
+/// The VM backends (`sandbox::vm::qemu`, `sandbox::vm::husk_vmm`) never import each
+/// other: what both use lives in `sandbox::vm` (`host.rs`, `process.rs`, `jail.rs`, ...),
+/// and what differs is chosen in `sandbox::vm::backend`.
+#[test]
+fn vm_backends_do_not_import_each_other() {
+    let g = graph("host-shim");
+    let backends = ["qemu", "husk_vmm"];
+    let under = |m: &[String], b: &str| m.len() >= 3 && m[..3] == ["sandbox", "vm", b];
+    let mut seen = 0;
+    let mut bad = vec![];
+    for (m, deps) in &g {
+        for (i, b) in backends.iter().enumerate() {
+            if !under(m, b) {
+                continue;
+            }
+            seen += 1;
+            let other = backends[1 - i];
+            for d in deps.iter().filter(|d| under(d, other)) {
+                bad.push(format!("{} imports {}", name(m), name(d)));
+            }
+        }
+    }
+    assert!(
+        seen >= 4,
+        "the backend modules are where this test looks ({seen} found)"
+    );
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 #[test]
 fn host_modules_import_only_their_layer_or_lower() {
     let g = graph("host-shim");

@@ -416,3 +416,94 @@ async fn scrape_a_vm_pod() {
     .await
     .unwrap();
 }
+
+/// The warm pool's series after real pooled pods (husk-qemu on TCG, pool of 1): the ready
+/// gauge before a claim, a claim, a cold boot of a pod too big for a warm VM, and every count
+/// equal to what Status (verbose) reports for the pool.
+#[tokio::test]
+async fn scrape_a_pooled_vm_pod() {
+    require!(vm_env_ok(), VM_NEEDS);
+    let (k, i) = guest().unwrap();
+    let cfg = format!(
+        "{METRICS}[runtime]\ndefault_handler = \"{QEMU}\"\n[runtime.handlers]\n{QEMU} = {{ kind = \"qemu\", accel = \"tcg\" }}\n\
+         [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 120000\nmemory_mib = 256\n\
+         [runtime.vm.pool]\nsize = 0\nhandlers = {{ {QEMU} = 1 }}\n"
+    );
+    let e = CriEnv::new(QEMU, &cfg).await;
+    let addr = metrics_address(&e);
+    let h = [("handler", QEMU)];
+    let t = std::time::Instant::now();
+    while Scrape::of(&addr).get("husk_vm_pool_ready", &h) < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "no warm VM: {}",
+            e.d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = Scrape::of(&addr);
+    assert_eq!(s.get("husk_vm_pool_claims_total", &h), 0.0);
+    assert_eq!(
+        s.get("husk_vm_pool_booting", &h),
+        0.0,
+        "a pool of 1 is full"
+    );
+
+    let a = e
+        .run_pod(&e.pod("pooled"))
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", e.d.log()));
+    let s = Scrape::of(&addr);
+    assert_eq!(s.get("husk_vm_pool_claims_total", &h), 1.0);
+
+    // More memory than a warm VM has: a VM of its own.
+    let mut big = e.pod("big");
+    big.linux = Some(cri::LinuxPodSandboxConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let b = e
+        .run_pod(&big)
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", e.d.log()));
+    let s = Scrape::of(&addr);
+    let cold = |reason| {
+        s.get(
+            "husk_vm_pool_cold_boots_total",
+            &[("handler", QEMU), ("reason", reason)],
+        )
+    };
+    assert_eq!(cold("too_small"), 1.0);
+    assert_eq!(s.get("husk_vm_pool_claims_total", &h), 1.0);
+
+    // The same numbers as the pool's own stats (nothing runs a pod in between).
+    let st = e.status_verbose().await;
+    let pools: serde_json::Value = serde_json::from_str(&st.info["vmPools"]).unwrap();
+    let p = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["handler"] == QEMU)
+        .unwrap();
+    let n = |k: &str| p[k].as_f64().unwrap();
+    assert_eq!(s.get("husk_vm_pool_claims_total", &h), n("claimed"), "{p}");
+    assert_eq!(cold("empty"), n("empty"), "{p}");
+    assert_eq!(cold("too_small"), n("tooBig"), "{p}");
+    assert_eq!(
+        s.get("husk_vm_pool_refill_failures_total", &h),
+        n("bootFailures"),
+        "{p}"
+    );
+    assert_eq!(
+        s.get("husk_vm_pool_discards_total", &h),
+        n("discarded"),
+        "{p}"
+    );
+    eprintln!("pool after 2 pods: {p}");
+    for id in [a, b] {
+        e.stop_and_remove_pod(&id).await;
+    }
+}

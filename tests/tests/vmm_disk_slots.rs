@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used)]
-//! huskd's side of husk-vmm's disk slots (`sandbox::vm::vmmctl`) against a real husk-vmm:
+//! huskd's side of husk-vmm's disk slots (`sandbox::vm::husk_vmm::vmmctl`) against a real husk-vmm:
 //! `attach_disk` fills the first empty slot, finds an image's slot again (idempotent per image,
 //! from husk-vmm's own `disks` answer, as after a huskd restart), empties a slot whose image no
 //! container uses for another image, and reports slots full of used images. The
@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_host::sandbox::vm::vmmctl::{self, VmmCtlError};
+use husk_host::sandbox::vm::husk_vmm::vmmctl::{self, VmmCtlError};
 use husk_tests::require;
 
 #[tokio::test]

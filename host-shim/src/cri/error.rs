@@ -23,19 +23,80 @@ fn status(code: Code, msg: String) -> Status {
     Status::with_metadata(code, msg, md)
 }
 
+/// The gRPC code of a runtime failure: the request's own categories as they are; the
+/// node's failures by their cause (an agent's answer keeps its code, a VM out of disk slots is
+/// ResourceExhausted, a boot timeout DeadlineExceeded...), the rest Internal.
+fn runtime_code(e: &RuntimeError) -> Code {
+    use crate::network::NetworkError;
+    use crate::network::cni::CniError;
+    use crate::sandbox::agent::AgentError;
+    use crate::sandbox::share::ShareError;
+    use crate::sandbox::vm::husk_vmm::vmmctl::VmmCtlError;
+    use crate::sandbox::vm::qemu::qmp::QmpError;
+    use crate::sandbox::vm::{BootFailure, VmError};
+    match e {
+        RuntimeError::NotFound(_) => Code::NotFound,
+        RuntimeError::AlreadyExists(_) => Code::AlreadyExists,
+        RuntimeError::InvalidArgument(_) => Code::InvalidArgument,
+        RuntimeError::FailedPrecondition(_) => Code::FailedPrecondition,
+        RuntimeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        RuntimeError::Agent { source, .. } => match source {
+            AgentError::Rpc { code, .. } => match *code {
+                ttrpc::Code::NOT_FOUND => Code::NotFound,
+                ttrpc::Code::ALREADY_EXISTS => Code::AlreadyExists,
+                ttrpc::Code::INVALID_ARGUMENT => Code::InvalidArgument,
+                ttrpc::Code::FAILED_PRECONDITION => Code::FailedPrecondition,
+                ttrpc::Code::DEADLINE_EXCEEDED => Code::DeadlineExceeded,
+                _ => Code::Internal,
+            },
+            AgentError::Timeout => Code::DeadlineExceeded,
+            AgentError::Transport(_) | AgentError::BadReply(_) => Code::Unavailable,
+        },
+        RuntimeError::ForwardDial { .. } => Code::Unavailable,
+        RuntimeError::Vm(v) => match v.as_ref() {
+            VmError::Boot {
+                failure: BootFailure::Timeout(_),
+                ..
+            } => Code::DeadlineExceeded,
+            VmError::Boot {
+                failure: BootFailure::Exited,
+                ..
+            }
+            | VmError::Forward(_) => Code::Unavailable,
+            VmError::Spawn { .. } => Code::FailedPrecondition,
+            VmError::Qmp(QmpError::SlotsFull(_))
+            | VmError::VmmCtl(VmmCtlError::Full(_))
+            | VmError::JailUidsTaken { .. } => Code::ResourceExhausted,
+            _ => Code::Internal,
+        },
+        RuntimeError::Network(n) => match n {
+            NetworkError::Cni(CniError::PluginNotFound { .. } | CniError::BadConfig { .. }) => {
+                Code::FailedPrecondition
+            }
+            NetworkError::BadCidr(_) => Code::InvalidArgument,
+            _ => Code::Internal,
+        },
+        // What the request asks cannot be done in a VM sandbox: the request is at fault.
+        RuntimeError::Share(ShareError::Refused { .. } | ShareError::Source(..)) => {
+            Code::InvalidArgument
+        }
+        RuntimeError::AgentStart { .. }
+        | RuntimeError::Io { .. }
+        | RuntimeError::Spawn { .. }
+        | RuntimeError::Host { .. }
+        | RuntimeError::HostnameNotUtf8
+        | RuntimeError::Task { .. }
+        | RuntimeError::OciSpec { .. }
+        | RuntimeError::Json { .. }
+        | RuntimeError::Image { .. }
+        | RuntimeError::Share(_)
+        | RuntimeError::Store(_) => Code::Internal,
+    }
+}
+
 impl From<RuntimeError> for Status {
     fn from(e: RuntimeError) -> Self {
-        let code = match &e {
-            RuntimeError::NotFound(_) => Code::NotFound,
-            RuntimeError::AlreadyExists(_) => Code::AlreadyExists,
-            RuntimeError::InvalidArgument(_) => Code::InvalidArgument,
-            RuntimeError::FailedPrecondition(_) => Code::FailedPrecondition,
-            RuntimeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            RuntimeError::Unavailable(_) => Code::Unavailable,
-            RuntimeError::ResourceExhausted(_) => Code::ResourceExhausted,
-            RuntimeError::Internal(_) | RuntimeError::Store(_) => Code::Internal,
-        };
-        status(code, e.to_string())
+        status(runtime_code(&e), e.to_string())
     }
 }
 
@@ -60,7 +121,10 @@ impl From<ImageError> for Status {
             ImageError::Unsupported(_) => Code::Unimplemented,
             ImageError::Registry(_) => Code::Unknown,
             ImageError::Config(_) => Code::FailedPrecondition,
-            ImageError::Store(_) | ImageError::Internal(_) => Code::Internal,
+            ImageError::Store { .. }
+            | ImageError::Io { .. }
+            | ImageError::Task { .. }
+            | ImageError::NoHost => Code::Internal,
         };
         status(code, e.to_string())
     }
@@ -117,15 +181,131 @@ mod tests {
         assert_eq!(resp("13", true), "13", "a handler's Internal stays");
         assert_eq!(resp("5", false), "5");
         // Every Internal huskd makes is marked, in the headers a trailers-only answer has.
-        let s: Status = RuntimeError::Internal("boom".into()).into();
+        let boom = || RuntimeError::HostnameNotUtf8;
+        let s: Status = boom().into();
         assert_eq!(s.code(), Code::Internal);
         assert!(s.metadata().get(INTERNAL_MARK).is_some());
         let s: Status = RuntimeError::NotFound("x".into()).into();
         assert!(s.metadata().get(INTERNAL_MARK).is_none());
         let r = s.into_http::<()>();
         assert_eq!(r.headers().get("grpc-status").unwrap(), "5");
-        let s: Status = RuntimeError::Internal("boom".into()).into();
+        let s: Status = boom().into();
         let r = decode_error_is_invalid_argument(s.into_http::<()>());
         assert_eq!(r.headers().get("grpc-status").unwrap(), "13");
+    }
+
+    /// Each failure's gRPC code comes from its variant and cause (the codes the
+    /// status-shaped variants had before); the message keeps the cause.
+    #[test]
+    fn runtime_codes_follow_the_cause() {
+        use crate::network::NetworkError;
+        use crate::network::cni::CniError;
+        use crate::sandbox::agent::AgentError;
+        use crate::sandbox::vm::husk_vmm::vmmctl::VmmCtlError;
+        use crate::sandbox::vm::qemu::qmp::QmpError;
+        use crate::sandbox::vm::{BootFailure, VmError};
+        let code = |e: RuntimeError| Status::from(e).code();
+        let agent = |e| RuntimeError::agent("check", e);
+        assert_eq!(
+            code(agent(AgentError::BadReply("x".into()))),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(agent(AgentError::Transport("x".into()))),
+            Code::Unavailable
+        );
+        assert_eq!(code(agent(AgentError::Timeout)), Code::DeadlineExceeded);
+        let rpc = |c| {
+            agent(AgentError::Rpc {
+                code: c,
+                message: "m".into(),
+            })
+        };
+        assert_eq!(code(rpc(ttrpc::Code::NOT_FOUND)), Code::NotFound);
+        assert_eq!(code(rpc(ttrpc::Code::ALREADY_EXISTS)), Code::AlreadyExists);
+        assert_eq!(
+            code(rpc(ttrpc::Code::INVALID_ARGUMENT)),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(rpc(ttrpc::Code::FAILED_PRECONDITION)),
+            Code::FailedPrecondition
+        );
+        assert_eq!(code(rpc(ttrpc::Code::INTERNAL)), Code::Internal);
+        let s = Status::from(rpc(ttrpc::Code::UNKNOWN));
+        assert_eq!(s.message(), "check: agent: m");
+        assert!(s.metadata().get(INTERNAL_MARK).is_some());
+
+        let plugin = NetworkError::Cni(CniError::PluginNotFound {
+            plugin: "nosuchplugin".into(),
+            dirs: "/opt/cni/bin".into(),
+        });
+        assert_eq!(code(plugin.into()), Code::FailedPrecondition);
+        assert_eq!(
+            code(NetworkError::BadCidr("x".into()).into()),
+            Code::InvalidArgument
+        );
+
+        let boot = |failure| VmError::Boot {
+            backend: "QEMU",
+            pod: "p".into(),
+            failure,
+            console: "c".into(),
+            vmm_log: "v".into(),
+            helper_logs: String::new(),
+        };
+        assert_eq!(
+            code(boot(BootFailure::Timeout(5)).into()),
+            Code::DeadlineExceeded
+        );
+        let s = Status::from(RuntimeError::from(boot(BootFailure::Exited)));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            s.message().contains("exited during boot") && s.message().contains("guest console"),
+            "{}",
+            s.message()
+        );
+        assert_eq!(
+            code(VmError::Qmp(QmpError::SlotsFull(4)).into()),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(VmError::VmmCtl(VmmCtlError::Full(4)).into()),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(
+                VmError::JailUidsTaken {
+                    count: 2,
+                    base: 5000
+                }
+                .into()
+            ),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(VmError::Qmp(QmpError::Protocol("x".into())).into()),
+            Code::Internal
+        );
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert_eq!(
+            code(
+                VmError::Spawn {
+                    program: "qemu".into(),
+                    source: io(),
+                }
+                .into()
+            ),
+            Code::FailedPrecondition
+        );
+        let e = RuntimeError::io("pod run dir", "/run/x")(io());
+        assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(
+            s.message().starts_with("pod run dir /run/x: "),
+            "{}",
+            s.message()
+        );
     }
 }

@@ -11,7 +11,7 @@ pub mod store;
 pub mod unpack;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
@@ -47,10 +47,31 @@ pub enum ImageError {
     Registry(String),
     #[error("registry configuration: {0}")]
     Config(String),
-    #[error("image store: {0}")]
-    Store(String),
-    #[error("internal: {0}")]
-    Internal(String),
+    /// The image store's files (`context`: where in a pull, or empty).
+    #[error("image store: {source}{context}")]
+    Store {
+        #[source]
+        source: Arc<StoreError>,
+        context: String,
+    },
+    /// A file of the image store (a download, a blob being unpacked).
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: String,
+        path: PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// A pull's or an unpack's task panicked or was cancelled.
+    #[error("{what}: {source}")]
+    Task {
+        what: String,
+        #[source]
+        source: Arc<tokio::task::JoinError>,
+    },
+    /// The pull tried no registry host.
+    #[error("no registry host to pull from")]
+    NoHost,
 }
 
 impl ImageError {
@@ -76,15 +97,49 @@ impl ImageError {
             E::Unsupported(m) => E::Unsupported(format!("{m} {ctx}")),
             E::Registry(m) => E::Registry(format!("{m} {ctx}")),
             E::Config(m) => E::Config(format!("{m} {ctx}")),
-            E::Store(m) => E::Store(format!("{m} {ctx}")),
-            E::Internal(m) => E::Internal(format!("{m} {ctx}")),
+            E::Store { source, context } => E::Store {
+                source,
+                context: format!("{context} {ctx}"),
+            },
+            E::Io { op, path, source } => E::Io {
+                op: format!("{op} {ctx}"),
+                path,
+                source,
+            },
+            E::Task { what, source } => E::Task {
+                what: format!("{what} {ctx}"),
+                source,
+            },
+            E::NoHost => E::NoHost,
+        }
+    }
+}
+
+impl ImageError {
+    /// A file operation `op` on `path` failed.
+    pub fn io(op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let (op, path) = (op.to_string(), path.to_path_buf());
+        move |e| ImageError::Io {
+            op,
+            path,
+            source: Arc::new(e),
+        }
+    }
+
+    pub fn task(what: &str, e: tokio::task::JoinError) -> Self {
+        ImageError::Task {
+            what: what.to_string(),
+            source: Arc::new(e),
         }
     }
 }
 
 impl From<StoreError> for ImageError {
     fn from(e: StoreError) -> Self {
-        ImageError::Store(e.to_string())
+        ImageError::Store {
+            source: Arc::new(e),
+            context: String::new(),
+        }
     }
 }
 
@@ -192,7 +247,7 @@ impl ImageService {
         // abandon a pull others wait on.
         tokio::spawn(fut)
             .await
-            .map_err(|e| ImageError::Internal(format!("pull task: {e}")))?
+            .map_err(|e| ImageError::task("pull task", e))?
     }
 
     async fn do_pull(

@@ -123,9 +123,7 @@ impl Pull<'_> {
         }
         // One host: its error as is. Several: the last host's kind, with
         // every host's reason in the message.
-        let (_, last) = failures
-            .pop()
-            .ok_or_else(|| ImageError::Internal("no host tried".into()))?;
+        let (_, last) = failures.pop().ok_or(ImageError::NoHost)?;
         if failures.is_empty() {
             return Err(last);
         }
@@ -308,7 +306,7 @@ impl Pull<'_> {
             let (blob, diff) = (desc.digest.clone(), diff_id.to_string());
             tokio::task::spawn_blocking(move || unpack_blob(&store, &blob, &diff))
                 .await
-                .map_err(|e| ImageError::Internal(format!("unpack task: {e}")))??;
+                .map_err(|e| ImageError::task("unpack task", e))??;
         }
         self.tracker.update(&desc.digest, Phase::Done, None);
         Ok(record)
@@ -346,7 +344,7 @@ impl Pull<'_> {
         let result = async {
             let mut file = tokio::fs::File::create(&tmp)
                 .await
-                .map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
+                .map_err(ImageError::io("ingest", &tmp))?;
             let mut hasher = Sha256::new();
             let mut got = 0u64;
             let mut stream = stream.stream;
@@ -365,7 +363,7 @@ impl Pull<'_> {
                 hasher.update(&chunk);
                 file.write_all(&chunk)
                     .await
-                    .map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
+                    .map_err(ImageError::io("ingest", &tmp))?;
                 if let Some(t) = tracker {
                     t.update(&desc.digest, Phase::Downloading, Some(got));
                 }
@@ -386,7 +384,7 @@ impl Pull<'_> {
             }
             file.sync_data()
                 .await
-                .map_err(|e| ImageError::Internal(format!("ingest: {e}")))?;
+                .map_err(ImageError::io("ingest", &tmp))?;
             drop(file);
             self.store.commit_blob(&tmp, &desc.digest)?;
             Ok(())
@@ -404,12 +402,12 @@ impl Pull<'_> {
 fn unpack_blob(store: &ImageStore, blob: &str, diff_id: &str) -> Result<(), ImageError> {
     let tmp = store.new_snapshot_tmp()?;
     let result = (|| {
-        let f = std::fs::File::open(store.blob_path(blob))
-            .map_err(|e| ImageError::Internal(format!("open blob: {e}")))?;
+        let path = store.blob_path(blob);
+        let f = std::fs::File::open(&path).map_err(ImageError::io("open blob", &path))?;
         let mut r = BufReader::with_capacity(256 << 10, f);
         let magic = {
-            let buf = std::io::BufRead::fill_buf(&mut r)
-                .map_err(|e| ImageError::Internal(format!("read blob: {e}")))?;
+            let buf =
+                std::io::BufRead::fill_buf(&mut r).map_err(ImageError::io("read blob", &path))?;
             buf.get(..4).map(<[u8]>::to_vec).unwrap_or_default()
         };
         let decoder: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
@@ -417,7 +415,7 @@ fn unpack_blob(store: &ImageStore, blob: &str, diff_id: &str) -> Result<(), Imag
         } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
             Box::new(
                 zstd::stream::read::Decoder::with_buffer(r)
-                    .map_err(|e| ImageError::Internal(format!("zstd: {e}")))?,
+                    .map_err(ImageError::io("zstd decoder for blob", &path))?,
             )
         } else {
             Box::new(r)

@@ -78,6 +78,12 @@ struct MemoryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ColdBootLabels {
+    handler: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: String,
 }
@@ -106,6 +112,12 @@ pub struct Metrics {
     pods: Family<StateLabels, Gauge>,
     containers: Family<StateLabels, Gauge>,
     pod_memory: Family<MemoryLabels, Gauge>,
+    vm_pool_ready: Family<HandlerLabels, Gauge>,
+    vm_pool_booting: Family<HandlerLabels, Gauge>,
+    vm_pool_claims: Family<HandlerLabels, Counter>,
+    vm_pool_cold_boots: Family<ColdBootLabels, Counter>,
+    vm_pool_refill_failures: Family<HandlerLabels, Counter>,
+    vm_pool_discards: Family<HandlerLabels, Counter>,
     image_pulls: Family<ResultLabels, Counter>,
     image_pull_duration: Histogram,
     image_pull_bytes: Counter,
@@ -135,6 +147,12 @@ impl Metrics {
             pods: Family::default(),
             containers: Family::default(),
             pod_memory: Family::default(),
+            vm_pool_ready: Family::default(),
+            vm_pool_booting: Family::default(),
+            vm_pool_claims: Family::default(),
+            vm_pool_cold_boots: Family::default(),
+            vm_pool_refill_failures: Family::default(),
+            vm_pool_discards: Family::default(),
             image_pulls: Family::default(),
             image_pull_duration: pull_histogram(),
             image_pull_bytes: Counter::default(),
@@ -193,6 +211,38 @@ impl Metrics {
             "Host memory of a pod's VMM and helpers (VM) or agent (namespace): part guest_ram \
              (guest RAM touched, PSS), overhead_pss, overhead_rss",
             m.pod_memory.clone(),
+        );
+        r.register(
+            "vm_pool_ready",
+            "Warm VMs booted and waiting for a pod, by VM handler with a pool",
+            m.vm_pool_ready.clone(),
+        );
+        r.register(
+            "vm_pool_booting",
+            "Warm VMs booting to refill the pool, by handler",
+            m.vm_pool_booting.clone(),
+        );
+        r.register(
+            "vm_pool_claims",
+            "Pods started on a warm VM of the pool, by handler",
+            m.vm_pool_claims.clone(),
+        );
+        r.register(
+            "vm_pool_cold_boots",
+            "Pods of a handler with a pool that booted a VM of their own: reason empty (no \
+             warm VM ready) or too_small (the pod wants more vCPUs or memory than a warm VM has)",
+            m.vm_pool_cold_boots.clone(),
+        );
+        r.register(
+            "vm_pool_refill_failures",
+            "Warm VMs that failed to boot while refilling the pool, by handler",
+            m.vm_pool_refill_failures.clone(),
+        );
+        r.register(
+            "vm_pool_discards",
+            "Warm VMs thrown away (died, stale guest image, agent silent at claim, claimed by a \
+             pod that failed), by handler",
+            m.vm_pool_discards.clone(),
         );
         r.register(
             "image_pulls",
@@ -339,6 +389,38 @@ impl Metrics {
                     .set(i64::try_from(v).unwrap_or(i64::MAX));
             }
         }
+        self.vm_pool_ready.clear();
+        self.vm_pool_booting.clear();
+        for p in &snap.pools {
+            let h = HandlerLabels {
+                handler: p.handler.clone(),
+            };
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.vm_pool_ready.get_or_create(&h).set(gauge(p.ready));
+            self.vm_pool_booting.get_or_create(&h).set(gauge(p.booting));
+            catch_up(&self.vm_pool_claims.get_or_create(&h), p.claims);
+            catch_up(
+                &self.vm_pool_refill_failures.get_or_create(&h),
+                p.refill_failures,
+            );
+            catch_up(&self.vm_pool_discards.get_or_create(&h), p.discards);
+            for (reason, n) in [("empty", p.cold_empty), ("too_small", p.cold_too_small)] {
+                let l = ColdBootLabels {
+                    handler: p.handler.clone(),
+                    reason: reason.into(),
+                };
+                catch_up(&self.vm_pool_cold_boots.get_or_create(&l), n);
+            }
+        }
+    }
+}
+
+/// Raises `c` to `to`: a counter the pool keeps itself (monotonic while huskd runs),
+/// exported as the Prometheus counter it is.
+fn catch_up(c: &Counter, to: u64) {
+    let now = c.get();
+    if to > now {
+        c.inc_by(to - now);
     }
 }
 
@@ -486,6 +568,23 @@ pub struct Snapshot {
     pub pods: Vec<Object>,
     pub containers: Vec<Object>,
     pub memory: Vec<PodMemory>,
+    pub pools: Vec<PoolCounts>,
+}
+
+/// One VM handler's warm pool (`[runtime.vm.pool]`): what it holds now, and its counts
+/// since huskd started.
+#[derive(Debug, Clone, Default)]
+pub struct PoolCounts {
+    pub handler: String,
+    pub ready: u64,
+    pub booting: u64,
+    pub claims: u64,
+    /// Pods that booted their own VM because no warm VM was ready.
+    pub cold_empty: u64,
+    /// Pods that booted their own VM because they want more than a warm VM has.
+    pub cold_too_small: u64,
+    pub refill_failures: u64,
+    pub discards: u64,
 }
 
 /// A pod or container: its handler and state.
@@ -574,6 +673,16 @@ mod tests {
                 overhead_pss_bytes: 4096,
                 overhead_rss_bytes: 8192,
             }],
+            pools: vec![PoolCounts {
+                handler: "husk-qemu".into(),
+                ready: 2,
+                booting: 1,
+                claims: 3,
+                cold_empty: 4,
+                cold_too_small: 5,
+                refill_failures: 6,
+                discards: 7,
+            }],
         }));
         let text = m.render(&inv).await;
         assert!(
@@ -589,6 +698,43 @@ mod tests {
         assert!(text.contains(
             "husk_pod_memory_bytes{pod=\"p1\",handler=\"husk-ns\",part=\"overhead_pss\"} 4096"
         ));
+        for line in [
+            "husk_vm_pool_ready{handler=\"husk-qemu\"} 2",
+            "husk_vm_pool_booting{handler=\"husk-qemu\"} 1",
+            "husk_vm_pool_claims_total{handler=\"husk-qemu\"} 3",
+            "husk_vm_pool_cold_boots_total{handler=\"husk-qemu\",reason=\"empty\"} 4",
+            "husk_vm_pool_cold_boots_total{handler=\"husk-qemu\",reason=\"too_small\"} 5",
+            "husk_vm_pool_refill_failures_total{handler=\"husk-qemu\"} 6",
+            "husk_vm_pool_discards_total{handler=\"husk-qemu\"} 7",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(
+            text.contains("# TYPE husk_vm_pool_claims counter"),
+            "{text}"
+        );
+        // A later scrape with higher counts raises the counters to them (never lowers).
+        let inv2: std::sync::Arc<dyn Inventory> = std::sync::Arc::new(Fixed(Snapshot {
+            pools: vec![PoolCounts {
+                handler: "husk-qemu".into(),
+                claims: 9,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }));
+        let text = m.render(&inv2).await;
+        assert!(
+            text.contains("husk_vm_pool_claims_total{handler=\"husk-qemu\"} 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("husk_vm_pool_discards_total{handler=\"husk-qemu\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("husk_vm_pool_ready{handler=\"husk-qemu\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("method=\"other\""), "past the method cap");
         let methods = m.methods.lock().unwrap().len();
         assert_eq!(methods, MAX_METHODS);

@@ -623,10 +623,11 @@ mod tests {
         .unwrap();
         assert!(n.ready().unwrap_err().contains("nosuchplugin"));
         let e = n.setup("p2", &pod(false)).await.unwrap_err();
-        assert!(matches!(
-            crate::sandbox::RuntimeError::from(e),
-            crate::sandbox::RuntimeError::FailedPrecondition(_)
-        ));
+        // (FailedPrecondition on the wire: checked in cri/error.rs.)
+        assert!(
+            matches!(&e, NetworkError::Cni(CniError::PluginNotFound { .. })),
+            "{e}"
+        );
         assert!(!d.path().join("netns/p2").exists());
     }
 }

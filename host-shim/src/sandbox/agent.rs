@@ -409,11 +409,8 @@ mod tests {
         })
         .await;
         let e = agent.check(Duration::from_secs(5)).await.unwrap_err();
+        // (Its gRPC code, Unavailable, is checked in cri/error.rs.)
         assert!(matches!(e, AgentError::BadReply(_)), "{e:?}");
-        assert!(matches!(
-            crate::sandbox::RuntimeError::agent("check", e),
-            crate::sandbox::RuntimeError::Unavailable(_)
-        ));
     }
 
     #[tokio::test]

@@ -104,7 +104,10 @@ impl Manager {
         let image_config = self
             .images
             .config_json(&img)
-            .map_err(|e| RuntimeError::Internal(e.to_string()))?;
+            .map_err(|source| RuntimeError::Image {
+                what: "image config",
+                source,
+            })?;
         let stop_signal = spec::stop_signal(&image_config)?;
         // Off the executor: a seccomp `localhost/` profile is read from disk.
         let mut spec = {
@@ -114,7 +117,10 @@ impl Manager {
                 spec::container_spec(&c, &p, &image_config, min, all_caps)
             })
             .await
-            .map_err(|e| RuntimeError::Internal(format!("oci spec: {e}")))??
+            .map_err(|source| RuntimeError::Task {
+                what: "oci spec",
+                source,
+            })??
         };
         let agent_proc = prec.agent.clone().ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!("pod sandbox {pod_id} has no agent"))
@@ -167,7 +173,10 @@ impl Manager {
             Ok(s) => s,
             Err(e) => {
                 unshare();
-                return Err(RuntimeError::Internal(format!("oci spec: {e}")));
+                return Err(RuntimeError::Json {
+                    what: "oci spec",
+                    source: e,
+                });
             }
         };
         // Creates in a pod are serialised (pod.lifecycle): no other container is half made.
@@ -266,8 +275,10 @@ impl Manager {
             }
         };
         let progress = self.store.log_progress(&pod.id, id);
-        let log = CriLog::open(rec.log_path.clone(), Some(&progress))
-            .map_err(|e| RuntimeError::Internal(format!("open log {:?}: {e}", rec.log_path)))?;
+        let log = CriLog::open(rec.log_path.clone(), Some(&progress)).map_err(RuntimeError::io(
+            "open log",
+            rec.log_path.clone().unwrap_or_default(),
+        ))?;
         *lock(&c.log) = Some(Arc::new(log));
         if let Err(e) = agent.start_container(id).await {
             c.mark_exited(&self.store, 128, now_ns(), "StartError", &e.to_string());
@@ -444,7 +455,10 @@ impl Manager {
             RuntimeError::FailedPrecondition(format!("pod sandbox {} has no agent", pod.id))
         })?;
         let oci = spec::linux_resources(&res)?;
-        let json = serde_json::to_vec(&oci).map_err(|e| RuntimeError::Internal(e.to_string()))?;
+        let json = serde_json::to_vec(&oci).map_err(|source| RuntimeError::Json {
+            what: "resources",
+            source,
+        })?;
         agent
             .update_resources(id, json)
             .await
@@ -462,9 +476,12 @@ impl Manager {
             )));
         }
         match c.log() {
-            Some(log) => log
-                .reopen()
-                .map_err(|e| RuntimeError::Internal(format!("reopen log: {e}"))),
+            Some(log) => log.reopen().map_err(RuntimeError::io(
+                "reopen log",
+                log.path()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default(),
+            )),
             None => Err(RuntimeError::FailedPrecondition(format!(
                 "container {id} has no log"
             ))),
@@ -482,7 +499,10 @@ fn all_capabilities(in_guest: bool) -> Result<u64> {
     }
     husk_proto::caps::own_bounding()
         .map(|m| m & husk_proto::caps::ALL)
-        .map_err(|e| RuntimeError::Internal(format!("huskd's capability bounding set: {e}")))
+        .map_err(|source| RuntimeError::Host {
+            what: "huskd's capability bounding set",
+            source,
+        })
 }
 
 pub fn container_state_code(s: ContainerState) -> i32 {

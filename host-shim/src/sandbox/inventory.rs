@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::Manager;
 use super::state::{ContainerState, PodState};
 use crate::memory;
-use crate::metrics::{Inventory, Object, PodMemory, Snapshot};
+use crate::metrics::{Inventory, Object, PodMemory, PoolCounts, Snapshot};
 
 fn pod_state(s: PodState) -> &'static str {
     match s {
@@ -58,6 +58,23 @@ impl Inventory for Manager {
                 state: container_state(rec.state).into(),
             });
         }
+        s.pools = self
+            .pools
+            .values()
+            .map(|p| {
+                let st = p.stats();
+                PoolCounts {
+                    handler: st.handler,
+                    ready: st.ready as u64,
+                    booting: u64::from(st.booting),
+                    claims: st.claimed,
+                    cold_empty: st.empty,
+                    cold_too_small: st.too_big,
+                    refill_failures: st.boot_failures,
+                    discards: st.discarded,
+                }
+            })
+            .collect();
         s
     }
 }

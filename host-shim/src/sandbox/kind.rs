@@ -12,7 +12,7 @@ use husk_proto::agent as pb;
 use husk_proto::cri;
 
 use super::agent::{Agent, AgentError};
-use super::error::RuntimeError;
+use super::error::{AgentStartFailure, RuntimeError};
 use super::state::AgentProcess;
 use crate::image::ImageService;
 use crate::image::store::ImageRecord;
@@ -113,15 +113,16 @@ impl SandboxKind for NamespaceSandbox {
     ) -> Result<(AgentProcess, Agent), RuntimeError> {
         spec.start.mark();
         let dir = self.pod_dir(id);
-        let internal =
-            |what: &str, e: std::io::Error| RuntimeError::Internal(format!("{what}: {e}"));
-        std::fs::create_dir_all(&dir).map_err(|e| internal("pod run dir", e))?;
+        std::fs::create_dir_all(&dir).map_err(RuntimeError::io("pod run dir", &dir))?;
         let peer = super::propagation::host_dir(&dir);
-        super::propagation::setup(&peer).map_err(|e| internal("pod propagation dir", e))?;
+        super::propagation::setup(&peer).map_err(RuntimeError::io("pod propagation dir", &peer))?;
         let socket = dir.join("agent.sock");
         let log_path = dir.join("agent.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| internal("agent log", e))?;
-        let log2 = log.try_clone().map_err(|e| internal("agent log", e))?;
+        let log =
+            std::fs::File::create(&log_path).map_err(RuntimeError::io("agent log", &log_path))?;
+        let log2 = log
+            .try_clone()
+            .map_err(RuntimeError::io("agent log", &log_path))?;
         let mut cmd = Command::new("unshare");
         super::helper_log::without_backtraces(&mut cmd)
             .args(["--pid", "--fork", "--kill-child"])
@@ -150,9 +151,10 @@ impl SandboxKind for NamespaceSandbox {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| internal(&format!("spawn unshare {}", self.agent_binary.display()), e))?;
+        let mut child = cmd.spawn().map_err(|source| RuntimeError::Spawn {
+            program: format!("unshare {}", self.agent_binary.display()),
+            source,
+        })?;
         let pid = child.id() as i32;
         spec.start.end(crate::metrics::Phase::Spawn);
         super::orphans::crash_point("run_pod:spawned");
@@ -180,15 +182,15 @@ impl SandboxKind for NamespaceSandbox {
             if gone || Instant::now() > deadline {
                 self.shutdown(&proc, Duration::ZERO).await;
                 let tail = super::helper_log::tail(&log_path, 5);
-                return Err(RuntimeError::Internal(format!(
-                    "husk-agent ({}) {}: {tail}",
-                    self.agent_binary.display(),
-                    if gone {
-                        "exited during start"
+                return Err(RuntimeError::AgentStart {
+                    binary: self.agent_binary.clone(),
+                    failure: if gone {
+                        AgentStartFailure::Exited
                     } else {
-                        "did not come up in time"
-                    }
-                )));
+                        AgentStartFailure::Timeout
+                    },
+                    log: tail,
+                });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -245,12 +247,9 @@ impl SandboxKind for NamespaceSandbox {
 
     async fn dial_forward(&self, p: &AgentProcess) -> Result<tokio::net::UnixStream, RuntimeError> {
         let path = forward_socket(&p.socket);
-        tokio::net::UnixStream::connect(&path).await.map_err(|e| {
-            RuntimeError::Unavailable(format!(
-                "agent port-forward endpoint {}: {e}",
-                path.display()
-            ))
-        })
+        tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|source| RuntimeError::ForwardDial { path, source })
     }
 
     fn propagation_pod_dir(&self, id: &str) -> Option<PathBuf> {

@@ -207,11 +207,8 @@ pub struct Manager {
     store: Store,
     images: Arc<ImageService>,
     ns: Arc<NamespaceSandbox>,
-    /// husk-vmm.
-    vm: Arc<VmSandbox>,
+    vms: VmKinds,
     net: Arc<Network>,
-    /// QEMU by accelerator: kvm, tcg, auto.
-    qemu: [Arc<VmSandbox>; 3],
     pods: RwLock<HashMap<String, Arc<Pod>>>,
     containers: RwLock<HashMap<String, Arc<Container>>>,
     /// name key (name/namespace/uid/attempt) → pod id; reserved before any I/O.
@@ -220,6 +217,56 @@ pub struct Manager {
     pools: BTreeMap<String, Arc<vm::pool::VmPool>>,
     /// The namespace pooled VMs' taps wait in.
     pool_netns: PathBuf,
+}
+
+/// The VM sandboxes: one per configured VM handler (with its accelerator), and one per
+/// backend for a pod found again without its handler in the config (recovery, orphans:
+/// stopping and cleaning up a VM does not depend on the accelerator).
+struct VmKinds {
+    by_handler: BTreeMap<String, Arc<VmSandbox>>,
+    qemu: Arc<VmSandbox>,
+    husk_vmm: Arc<VmSandbox>,
+}
+
+impl VmKinds {
+    fn new(cfg: &RuntimeConfig, run_dir: &std::path::Path, images: &Arc<ImageService>) -> Self {
+        let vm = |backend, accel| {
+            Arc::new(VmSandbox::new(
+                backend,
+                accel,
+                cfg.vm.clone(),
+                run_dir.to_path_buf(),
+                images.clone(),
+            ))
+        };
+        let by_handler = cfg
+            .handlers
+            .iter()
+            .filter(|(_, h)| h.kind.is_vm())
+            .map(|(name, h)| {
+                let accel = match h.kind {
+                    config::HandlerKind::Qemu => h.accel.unwrap_or(cfg.vm.qemu_accel),
+                    _ => config::Accel::Auto,
+                };
+                (name.clone(), vm(h.kind, accel))
+            })
+            .collect();
+        Self {
+            by_handler,
+            qemu: vm(config::HandlerKind::Qemu, cfg.vm.qemu_accel),
+            husk_vmm: vm(config::HandlerKind::Vm, config::Accel::Auto),
+        }
+    }
+
+    /// The sandbox of VM handler `handler`, else (a handler gone from the config) that of
+    /// its backend.
+    fn of(&self, handler: &str, kind: config::HandlerKind) -> &Arc<VmSandbox> {
+        match self.by_handler.get(handler) {
+            Some(v) if v.backend == kind => v,
+            _ if kind == config::HandlerKind::Qemu => &self.qemu,
+            _ => &self.husk_vmm,
+        }
+    }
 }
 
 pub struct ManagerSettings {
@@ -245,40 +292,18 @@ impl Manager {
             settings.network.clone(),
             settings.state_dir.join("network"),
             settings.run_dir.join("netns"),
-        )
-        .map_err(|e| RuntimeError::Internal(e.to_string()))?;
-        let vm = |backend, accel| {
-            Arc::new(VmSandbox::new(
-                backend,
-                accel,
-                settings.runtime.vm.clone(),
-                settings.run_dir.clone(),
-                images.clone(),
-            ))
-        };
-        let vmm = vm(config::HandlerKind::Vm, config::Accel::Auto);
-        let qemu = [
-            vm(config::HandlerKind::Qemu, config::Accel::Kvm),
-            vm(config::HandlerKind::Qemu, config::Accel::Tcg),
-            vm(config::HandlerKind::Qemu, config::Accel::Auto),
-        ];
+        )?;
+        let vms = VmKinds::new(&settings.runtime, &settings.run_dir, &images);
         let pool_netns = settings.run_dir.join("netns").join(pooled::POOL_NETNS);
         let pools = pooled::make_pools(&settings.runtime, &pool_netns, |h| {
-            match (h.kind, h.accel.unwrap_or(settings.runtime.vm.qemu_accel)) {
-                (config::HandlerKind::Qemu, config::Accel::Kvm) => Some(qemu[0].clone()),
-                (config::HandlerKind::Qemu, config::Accel::Tcg) => Some(qemu[1].clone()),
-                (config::HandlerKind::Qemu, config::Accel::Auto) => Some(qemu[2].clone()),
-                (config::HandlerKind::Vm, _) => Some(vmm.clone()),
-                _ => None,
-            }
+            vms.by_handler.get(h).cloned()
         });
         let m = Arc::new(Self {
             cfg: settings.runtime,
             store,
             images,
             ns,
-            vm: vmm,
-            qemu,
+            vms,
             net: Arc::new(net),
             pods: RwLock::new(HashMap::new()),
             containers: RwLock::new(HashMap::new()),
@@ -300,14 +325,11 @@ impl Manager {
         &self.net
     }
 
-    fn kind(&self, h: impl Into<config::Handler>) -> Arc<dyn SandboxKind> {
-        let h = h.into();
-        match h.kind {
+    /// The sandbox kind of a pod of handler `handler` (of kind `kind`).
+    fn kind(&self, handler: &str, kind: config::HandlerKind) -> Arc<dyn SandboxKind> {
+        match kind {
             config::HandlerKind::Namespace => self.ns.clone(),
-            _ => match self.kind_vm(h) {
-                Some(v) => v.clone(),
-                None => self.vm.clone(),
-            },
+            _ => self.vms.of(handler, kind).clone(),
         }
     }
 
@@ -359,29 +381,15 @@ impl Manager {
     pub fn handler_readiness(&self) -> Vec<(String, std::result::Result<(), String>)> {
         self.cfg
             .handlers
-            .iter()
-            .map(|(n, h)| {
-                let r = match h.kind {
-                    config::HandlerKind::Namespace => Ok(()),
-                    config::HandlerKind::Vm => self.vm.ready(),
-                    config::HandlerKind::Qemu => match self.kind_vm(*h) {
-                        Some(v) => v.ready(),
-                        None => Ok(()),
-                    },
+            .keys()
+            .map(|n| {
+                let r = match self.vms.by_handler.get(n) {
+                    Some(v) => v.ready(),
+                    None => Ok(()),
                 };
                 (n.clone(), r)
             })
             .collect()
-    }
-
-    fn kind_vm(&self, h: config::Handler) -> Option<&Arc<VmSandbox>> {
-        match (h.kind, h.accel.unwrap_or(self.cfg.vm.qemu_accel)) {
-            (config::HandlerKind::Qemu, config::Accel::Kvm) => Some(&self.qemu[0]),
-            (config::HandlerKind::Qemu, config::Accel::Tcg) => Some(&self.qemu[1]),
-            (config::HandlerKind::Qemu, config::Accel::Auto) => Some(&self.qemu[2]),
-            (config::HandlerKind::Vm, _) => Some(&self.vm),
-            _ => None,
-        }
     }
 
     /// The configured RuntimeClass handlers.

@@ -70,9 +70,12 @@ fn pod_hostname(config: &cri::PodSandboxConfig) -> Result<String> {
         return Ok(config.hostname.clone());
     }
     nix::unistd::gethostname()
-        .map_err(|e| RuntimeError::Internal(format!("gethostname: {e}")))?
+        .map_err(|e| RuntimeError::Host {
+            what: "gethostname",
+            source: e.into(),
+        })?
         .into_string()
-        .map_err(|_| RuntimeError::Internal("the node's hostname is not UTF-8".into()))
+        .map_err(|_| RuntimeError::HostnameNotUtf8)
 }
 
 impl Manager {
@@ -138,7 +141,7 @@ impl Manager {
         };
         // A warm VM when the handler has a pool and the pod fits one: the pod takes its id.
         let pooled = match kind.is_vm() {
-            true => self.claim_pooled(&handler, spec, &config).await,
+            true => self.claim_pooled(&handler, &config).await,
             false => None,
         };
         let id = pooled.as_ref().map_or_else(new_id, |v| v.id.clone());
@@ -197,7 +200,7 @@ impl Manager {
         pooled: Option<super::vm::pool::PooledVm>,
     ) -> Result<()> {
         let kind = spec.kind;
-        let kind_impl = self.kind(spec);
+        let kind_impl = self.kind(handler, kind);
         let start = PodStart::new(handler);
         let hostname = pod_hostname(&config)?;
         let mut rec = PodRecord {

@@ -12,7 +12,7 @@ use super::kind::remove_cgroup_tree_patiently;
 use super::pod::CGROUP_WAIT;
 use super::vm::VmSandbox;
 use super::vm::pool::{Budget, PoolStats, PooledVm, VmPool};
-use crate::config::{Handler, RuntimeConfig};
+use crate::config::RuntimeConfig;
 use crate::network::netns;
 
 /// The pools' network namespace below the run dir's `netns/` (pod ids are hex: no clash).
@@ -22,15 +22,15 @@ pub const POOL_NETNS: &str = "pool";
 pub(super) fn make_pools(
     cfg: &RuntimeConfig,
     netns: &Path,
-    vm_of: impl Fn(Handler) -> Option<Arc<VmSandbox>>,
+    vm_of: impl Fn(&str) -> Option<Arc<VmSandbox>>,
 ) -> BTreeMap<String, Arc<VmPool>> {
     let budget = Budget::new(cfg.vm.pool.memory_budget_mib);
     cfg.handlers
         .iter()
         .filter(|(_, h)| h.kind.is_vm())
-        .filter_map(|(name, h)| {
+        .filter_map(|(name, _)| {
             let size = cfg.vm.pool.size_of(name);
-            let vm = vm_of(*h)?;
+            let vm = vm_of(name)?;
             (size > 0).then(|| {
                 let pool = VmPool::new(
                     name,
@@ -69,11 +69,10 @@ impl Manager {
     pub(super) async fn claim_pooled(
         &self,
         handler: &str,
-        spec: Handler,
         config: &cri::PodSandboxConfig,
     ) -> Option<PooledVm> {
         let pool = self.pools.get(handler)?;
-        let vm = self.kind_vm(spec)?;
+        let vm = self.vms.by_handler.get(handler)?;
         pool.claim(vm.size(config)).await
     }
 

@@ -58,7 +58,7 @@ impl Manager {
         .unwrap_or_default();
         for id in killed {
             self.ns.cleanup(&id);
-            self.vm.cleanup(&id);
+            self.vms.husk_vmm.cleanup(&id);
             let cg = format!("{}/{id}", self.cfg.cgroup_parent.trim_matches('/'));
             remove_pod_cgroups(&cg, true, CGROUP_WAIT).await;
         }
@@ -69,7 +69,7 @@ impl Manager {
         mut prec: PodRecord,
         crecs: Vec<ContainerRecord>,
     ) -> Result<()> {
-        let kind = self.kind(prec.kind);
+        let kind = self.kind(&prec.handler, prec.kind);
         let id = prec.id.clone();
         if prec.state == PodState::Creating {
             // huskd died while starting it: undo.

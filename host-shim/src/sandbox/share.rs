@@ -15,7 +15,6 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use super::beneath::{self, Dir, Kind};
-use super::error::RuntimeError;
 
 /// The sandbox mount name the agent gives the share.
 pub const SHARE: &str = "share";
@@ -292,17 +291,6 @@ pub fn share_mounts(
     }
     spec.set_mounts(Some(specs));
     Ok(())
-}
-
-impl From<ShareError> for RuntimeError {
-    fn from(e: ShareError) -> Self {
-        match e {
-            // What the request asks cannot be done in a VM sandbox: the request is at fault.
-            ShareError::Refused { .. } => RuntimeError::InvalidArgument(e.to_string()),
-            ShareError::Source(..) => RuntimeError::InvalidArgument(e.to_string()),
-            _ => RuntimeError::Internal(e.to_string()),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -195,7 +195,10 @@ pub fn validate_resources(r: &cri::LinuxContainerResources) -> Result<()> {
 
 /// CRI resources → OCI LinuxResources (cpu, memory).
 pub fn linux_resources(r: &cri::LinuxContainerResources) -> Result<LinuxResources> {
-    let bad = |e: oci_spec::OciSpecError| RuntimeError::Internal(format!("resources: {e}"));
+    let bad = |source| RuntimeError::OciSpec {
+        what: "resources",
+        source,
+    };
     let mut cpu = LinuxCpuBuilder::default();
     if r.cpu_shares > 0 {
         cpu = cpu.shares(r.cpu_shares as u64);
@@ -327,7 +330,10 @@ fn seccomp(
             });
             serde_json::from_value(json)
                 .map(Some)
-                .map_err(|e| RuntimeError::Internal(format!("default seccomp: {e}")))
+                .map_err(|source| RuntimeError::Json {
+                    what: "default seccomp",
+                    source,
+                })
         }
         ProfileType::Localhost => {
             let path = PathBuf::from(&p.localhost_ref);
@@ -644,7 +650,10 @@ pub fn container_spec(
     let mut resources = linux_resources(&res)?;
     let (nodes, rules) = devices(config)?;
     if !nodes.is_empty() {
-        let bad = |e: serde_json::Error| RuntimeError::Internal(format!("device: {e}"));
+        let bad = |source| RuntimeError::Json {
+            what: "device",
+            source,
+        };
         linux.set_devices(Some(
             serde_json::from_value(serde_json::Value::Array(nodes)).map_err(bad)?,
         ));

@@ -33,8 +33,12 @@ fn uid_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("jail-uids")
 }
 
-fn internal(what: &str, p: &Path, e: std::io::Error) -> RuntimeError {
-    RuntimeError::Internal(format!("{what} {}: {e}", p.display()))
+fn internal(op: &'static str, p: &Path, source: std::io::Error) -> RuntimeError {
+    RuntimeError::Io {
+        op,
+        path: p.to_path_buf(),
+        source,
+    }
 }
 
 /// Claims a uid for `pod` in `[base, base + count)`: the one it holds already, else a free
@@ -70,9 +74,7 @@ pub fn claim(run_dir: &Path, pod: &str, base: u32, count: u32) -> Result<u32, Ru
             Err(e) => return Err(internal("jail uid claim", &p, e)),
         }
     }
-    Err(RuntimeError::ResourceExhausted(format!(
-        "all {count} jail uids from {base} are taken (runtime.vm.jail_uid_count)"
-    )))
+    Err(super::VmError::JailUidsTaken { count, base }.into())
 }
 
 /// The uid `pod` holds, if any.
@@ -180,7 +182,16 @@ mod tests {
         assert_ne!(a, b);
         assert!((5000..5002).contains(&a) && (5000..5002).contains(&b));
         let e = claim(d.path(), "pod-c", 5000, 2).unwrap_err();
-        assert!(matches!(e, RuntimeError::ResourceExhausted(_)), "{e}");
+        assert!(
+            matches!(
+                &e,
+                RuntimeError::Vm(v) if matches!(**v, super::super::VmError::JailUidsTaken {
+                    count: 2,
+                    base: 5000
+                })
+            ),
+            "{e}"
+        );
         assert_eq!(held(d.path(), "pod-b"), Some(b));
         release(d.path(), "pod-a");
         assert_eq!(held(d.path(), "pod-a"), None);

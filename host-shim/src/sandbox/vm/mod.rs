@@ -7,22 +7,31 @@
 //!   device served over vhost-user (`husk-vmm vhost-user vsock`), QMP for
 //!   disk hot-plug and shutdown.
 //!
+//! This file holds what both share (run dir, jail uid, logs, cgroup, boot wait, agent
+//! dial, cleanup); `backend.rs` dispatches the few calls that differ to `qemu/` and
+//! `husk_vmm/`, which never import each other (shared host probes are in `host.rs`).
+//! Failures specific to VMs are `error.rs`'s `VmError`.
+//!
 //! Every process is started detached (own session, outlives huskd), placed
 //! in the pod's host cgroup, and recorded by pid + start time so a restarted
 //! huskd finds it again.
 
+mod backend;
+mod error;
+pub mod host;
+pub mod husk_vmm;
 pub mod hybrid;
 pub mod jail;
-mod net;
 pub mod pool;
 mod process;
 pub mod qemu;
-pub mod qmp;
 use super::helper_log::tail;
 use super::orphans::{crash_point, mark};
+use backend::Backend;
+pub use error::{BootFailure, VmError};
 pub use process::LOG_MAX_BYTES;
-use process::{PodLogs, kill_wait, place_in_cgroup, spawn_detached, wait_socket};
-pub mod vmmctl;
+use process::{PodLogs, kill_wait, place_in_cgroup};
+use qemu::qmp;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -51,16 +60,40 @@ const GUEST_CID: u64 = 3;
 pub const SHARE_TAG: &str = "husk-share";
 /// How long a vhost-user server gets to create its socket.
 pub(super) const HELPER_WAIT: Duration = Duration::from_secs(10);
-/// QMP answers (hot-plug, quit).
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
-/// husk-vmm control-socket answers (disk slots).
-const VMM_CTL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Disk slots husk-vmm supports (its MAX_DISK_SLOTS: one virtio IRQ each).
-const VMM_MAX_DISK_SLOTS: u32 = 16;
 /// The fd a jailed file server finds the pod share on.
 const SHARE_FD: i32 = 3;
 /// Console/log lines quoted in start errors.
 const TAIL_LINES: usize = 15;
+
+/// What a backend starts a pod's VM with (see `backend.rs`).
+struct Start<'a> {
+    id: &'a str,
+    /// The pod's run dir.
+    dir: &'a Path,
+    /// Resolved: Kvm or Tcg (QEMU only).
+    accel: Accel,
+    vcpus: u32,
+    memory_mib: u32,
+    nic: Option<&'a crate::network::tap::VmNic>,
+    logs: &'a PodLogs,
+    /// The pod's jail uid (`None`: not jailed).
+    uid: Option<u32>,
+    cfg: &'a VmConfig,
+    run_dir: &'a Path,
+    /// The guest kernel command line.
+    cmdline: String,
+    /// The husk-vmm binary (VMM, vhost-user servers, jail).
+    vmm: PathBuf,
+    /// The pod's socket dir (`jail::sock_dir`).
+    sock: PathBuf,
+    /// The hybrid-vsock socket huskd dials.
+    uds: PathBuf,
+    /// The pod share and the path the file server is given for it.
+    share: PathBuf,
+    share_arg: PathBuf,
+    /// The image block dir (read-only in the jail).
+    blocks: PathBuf,
+}
 
 /// The guest kernel command line for a backend (before the configured
 /// `kernel_params`); the nested test bed boots husk-vmm guests with it.
@@ -114,10 +147,7 @@ impl VmSandbox {
     }
 
     fn name(&self) -> &'static str {
-        match self.backend {
-            Kind::Qemu => "QEMU",
-            _ => "husk-vmm",
-        }
+        Backend::of(self.backend).name()
     }
 
     /// Whether a pod could be started (binaries, guest image, KVM).
@@ -139,45 +169,13 @@ impl VmSandbox {
             }
         }
         let vmm = self.cfg.vmm_path();
-        if qemu::find_binary(&vmm).is_none() {
+        if host::find_binary(&vmm).is_none() {
             return missing(format!(
                 "VM sandbox: husk-vmm binary {} not found (runtime.vm.vmm_binary)",
                 vmm.display()
             ));
         }
-        match self.backend {
-            Kind::Qemu => {
-                if qemu::find_binary(&self.cfg.qemu_binary).is_none() {
-                    return missing(format!(
-                        "VM sandbox: {} not found (apt install qemu-system-x86, or set runtime.vm.qemu_binary)",
-                        self.cfg.qemu_binary.display()
-                    ));
-                }
-                if accel == Accel::Kvm && !qemu::kvm_opens() {
-                    return missing(
-                        "VM sandbox: QEMU with accel kvm needs /dev/kvm, which cannot be opened here \
-                         (use accel \"tcg\" or \"auto\")"
-                            .into(),
-                    );
-                }
-            }
-            _ => {
-                if self.cfg.hotplug_slots > VMM_MAX_DISK_SLOTS {
-                    return missing(format!(
-                        "VM sandbox: runtime.vm.hotplug_slots is {}, husk-vmm supports at most {VMM_MAX_DISK_SLOTS} disk slots",
-                        self.cfg.hotplug_slots
-                    ));
-                }
-                if !qemu::kvm_opens() {
-                    return missing(
-                        "VM sandbox: husk-vmm needs /dev/kvm, which cannot be opened here \
-                         (no KVM: use the husk-qemu handler, which can run on TCG)"
-                            .into(),
-                    );
-                }
-            }
-        }
-        Ok(())
+        Backend::of(self.backend).preflight(&self.cfg, accel)
     }
 
     /// vCPUs and MiB: the defaults plus the pod's limits (rounded up).
@@ -217,12 +215,9 @@ impl VmSandbox {
         nic: Option<&crate::network::tap::VmNic>,
         uid: Option<u32>,
     ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
-        let names: &[&'static str] = match self.backend {
-            Kind::Qemu => &["console.log", "vmm.log", "vsock.log", "fs.log"],
-            _ => &["console.log", "vmm.log"],
-        };
+        let names = Backend::of(self.backend).logs();
         jail::prepare(dir, uid)?;
-        let vmm = qemu::find_binary(&self.cfg.vmm_path()).unwrap_or_else(|| self.cfg.vmm_path());
+        let vmm = host::find_binary(&self.cfg.vmm_path()).unwrap_or_else(|| self.cfg.vmm_path());
         let logs = PodLogs::start(&vmm, dir, names, uid, |c| mark(c, id, &self.run_dir))?;
         match self.start_vm_processes(id, dir, accel, size, nic, &logs, uid) {
             Ok((vm, mut helpers)) => {
@@ -249,18 +244,10 @@ impl VmSandbox {
         logs: &PodLogs,
         uid: Option<u32>,
     ) -> Result<(ProcRef, Vec<ProcRef>), RuntimeError> {
-        let sock = jail::sock_dir(dir);
-        let uds = sock.join("vsock.sock");
-        let out =
-            |name: &str| -> Result<_, RuntimeError> { Ok((logs.sink(name)?, logs.sink(name)?)) };
-        let vmm = qemu::find_binary(&self.cfg.vmm_path()).unwrap_or_else(|| self.cfg.vmm_path());
+        let vmm = host::find_binary(&self.cfg.vmm_path()).unwrap_or_else(|| self.cfg.vmm_path());
         let share = dir.join("share");
-        std::fs::create_dir_all(&share)
-            .map_err(|e| RuntimeError::Internal(format!("pod share {}: {e}", share.display())))?;
-        let blocks = self
-            .images
-            .block_dir()
-            .map_err(|e| RuntimeError::Internal(format!("image block dir: {e}")))?;
+        std::fs::create_dir_all(&share).map_err(RuntimeError::io("pod share", &share))?;
+        let blocks = self.images.block_dir().map_err(VmError::BlockDir)?;
         // The share is reached through fd 3 (opened before the jail's root changes), so volumes
         // bound into it later are seen.
         let share_arg = if uid.is_some() {
@@ -268,152 +255,26 @@ impl VmSandbox {
         } else {
             share.clone()
         };
-        let helper = jail::Jailed {
-            rw: vec![&sock],
-            ..Default::default()
-        };
-        let fs_helper = jail::Jailed {
-            rw: vec![&sock],
-            open_dirs: vec![(&share, SHARE_FD)],
-            keep_fs_caps: true,
-            ..Default::default()
-        };
-        match self.backend {
-            Kind::Qemu => {
-                let fs_sock = sock.join("fs.sock");
-                let mut cmd = jail::command(&vmm, uid, dir, &vmm, &fs_helper);
-                cmd.args(["vhost-user", "fs", "--tag", SHARE_TAG])
-                    .arg("--socket")
-                    .arg(&fs_sock)
-                    .arg("--shared-dir")
-                    .arg(&share_arg);
-                mark(&mut cmd, id, &self.run_dir);
-                let (o, e) = out("fs.log")?;
-                let fs = spawn_detached(cmd, o, e)?;
-                if let Err(e) = wait_socket(&fs, &fs_sock, &dir.join("fs.log"), "fs") {
-                    kill_wait(&fs);
-                    return Err(e);
-                }
-                let vu = sock.join("vu.sock");
-                let mut cmd = jail::command(&vmm, uid, dir, &vmm, &helper);
-                cmd.args(["vhost-user", "vsock", "--cid", &GUEST_CID.to_string()])
-                    .arg("--socket")
-                    .arg(&vu)
-                    .arg("--uds")
-                    .arg(&uds);
-                mark(&mut cmd, id, &self.run_dir);
-                let helper = match out("vsock.log").and_then(|(o, e)| spawn_detached(cmd, o, e)) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        kill_wait(&fs);
-                        return Err(e);
-                    }
-                };
-                if let Err(e) = wait_socket(&helper, &vu, &dir.join("vsock.log"), "vsock") {
-                    kill_wait(&helper);
-                    kill_wait(&fs);
-                    return Err(e);
-                }
-                let args = qemu::args(&qemu::QemuSpec {
-                    binary: &self.cfg.qemu_binary,
-                    accel,
-                    vcpus,
-                    memory_mib,
-                    kernel: &self.cfg.kernel,
-                    initrd: &self.cfg.initrd,
-                    cmdline: &self.cmdline(),
-                    // The serial console goes to QEMU's stdout, the log writer's pipe.
-                    console: None,
-                    vhost_user_vsock: &vu,
-                    vhost_user_fs: Some((&fs_sock, SHARE_TAG)),
-                    qmp: &sock.join("qmp.sock"),
-                    hotplug_slots: self.cfg.hotplug_slots,
-                    name: &format!("husk-{}", &id[..12.min(id.len())]),
-                    tcg_tb_mib: self.cfg.tcg_tb_mib,
-                    free_page_reporting: self.cfg.free_page_reporting,
-                });
-                let qemu_bin = qemu::find_binary(&self.cfg.qemu_binary)
-                    .unwrap_or_else(|| self.cfg.qemu_binary.clone());
-                let mut cmd = jail::command(
-                    &vmm,
-                    uid,
-                    dir,
-                    &qemu_bin,
-                    &jail::Jailed {
-                        ro: vec![&self.cfg.kernel, &self.cfg.initrd, &blocks],
-                        rw: vec![&sock],
-                        devs: if accel == Accel::Kvm {
-                            vec!["kvm"]
-                        } else {
-                            vec![]
-                        },
-                        ..Default::default()
-                    },
-                );
-                cmd.args(args);
-                mark(&mut cmd, id, &self.run_dir);
-                let tap_fd = match nic.map(|n| net::qemu(&mut cmd, n)).transpose() {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        kill_wait(&helper);
-                        kill_wait(&fs);
-                        return Err(e);
-                    }
-                };
-                let spawned = logs
-                    .sink("console.log")
-                    .and_then(|o| spawn_detached(cmd, o, logs.sink("vmm.log")?));
-                drop(tap_fd);
-                match spawned {
-                    Ok(vm) => Ok((vm, vec![helper, fs])),
-                    Err(e) => {
-                        kill_wait(&helper);
-                        kill_wait(&fs);
-                        Err(e)
-                    }
-                }
-            }
-            _ => {
-                let mut cmd = jail::command(
-                    &vmm,
-                    uid,
-                    dir,
-                    &vmm,
-                    &jail::Jailed {
-                        ro: vec![&self.cfg.kernel, &self.cfg.initrd, &blocks],
-                        rw: vec![&sock],
-                        devs: vec!["kvm"],
-                        open_dirs: vec![(&share, SHARE_FD)],
-                        keep_fs_caps: true,
-                    },
-                );
-                cmd.arg("--kernel")
-                    .arg(&self.cfg.kernel)
-                    .arg("--initrd")
-                    .arg(&self.cfg.initrd)
-                    .args(["--cmdline", &self.cmdline()])
-                    .args(["--vcpus", &vcpus.min(255).to_string()])
-                    .args(["--memory", &memory_mib.to_string()])
-                    .arg("--vsock")
-                    .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
-                    .arg("--fs")
-                    .arg(format!("tag={SHARE_TAG},dir={}", share_arg.display()))
-                    .args(["--serial", "stdout"])
-                    .arg("--control-socket")
-                    .arg(sock.join("control.sock"))
-                    // Empty read-only virtio-blk slots for image disks (filled by `rootfs`).
-                    .args(["--disk-slots", &self.cfg.hotplug_slots.to_string()]);
-                mark(&mut cmd, id, &self.run_dir);
-                let ns = nic
-                    .map(|n| net::husk_vmm(&mut cmd, n, uid.is_some()))
-                    .transpose()?;
-                let spawned = logs
-                    .sink("console.log")
-                    .and_then(|o| spawn_detached(cmd, o, logs.sink("vmm.log")?));
-                drop(ns);
-                Ok((spawned?, vec![]))
-            }
-        }
+        let sock = jail::sock_dir(dir);
+        Backend::of(self.backend).start(&Start {
+            id,
+            dir,
+            accel,
+            vcpus,
+            memory_mib,
+            nic,
+            logs,
+            uid,
+            cfg: &self.cfg,
+            run_dir: &self.run_dir,
+            cmdline: self.cmdline(),
+            vmm,
+            uds: sock.join("vsock.sock"),
+            sock,
+            share,
+            share_arg,
+            blocks,
+        })
     }
 
     /// Moves a VM's processes (VMM and helpers) into `cgroup` (a pooled VM joining its pod).
@@ -437,24 +298,16 @@ impl VmSandbox {
     }
 
     /// The start failure, with the tails of the guest console and the logs.
-    fn start_error(&self, id: &str, dir: &Path, what: &str, timeout: bool) -> RuntimeError {
-        let msg = format!(
-            "{} VM of pod {id} {what}; guest console (last lines): {}; {} log: {}{}",
-            self.name(),
-            tail(&dir.join("console.log"), TAIL_LINES),
-            self.name(),
-            tail(&dir.join("vmm.log"), 5),
-            if self.backend == Kind::Qemu {
-                format!("; vsock server log: {}", tail(&dir.join("vsock.log"), 5))
-            } else {
-                String::new()
-            }
-        );
-        if timeout {
-            RuntimeError::DeadlineExceeded(msg)
-        } else {
-            RuntimeError::Unavailable(msg)
+    fn start_error(&self, id: &str, dir: &Path, failure: BootFailure) -> RuntimeError {
+        VmError::Boot {
+            backend: self.name(),
+            pod: id.to_string(),
+            failure,
+            console: tail(&dir.join("console.log"), TAIL_LINES),
+            vmm_log: tail(&dir.join("vmm.log"), 5),
+            helper_logs: Backend::of(self.backend).start_error_logs(dir),
         }
+        .into()
     }
 }
 
@@ -468,8 +321,7 @@ impl SandboxKind for VmSandbox {
         let accel = qemu::resolve_accel(self.accel);
         self.preflight(accel)?;
         let dir = self.pod_dir(id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| RuntimeError::Internal(format!("pod run dir {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(RuntimeError::io("pod run dir", &dir))?;
         let started = Instant::now();
         let size = spec.vm_size.unwrap_or_else(|| self.size(spec.config));
         let uid = match self.cfg.jail {
@@ -520,7 +372,7 @@ impl SandboxKind for VmSandbox {
         loop {
             if !self.alive(&proc) {
                 self.shutdown(&proc, Duration::ZERO).await;
-                return Err(self.start_error(id, &dir, "exited during boot", false));
+                return Err(self.start_error(id, &dir, BootFailure::Exited));
             }
             if let Ok(s) = hybrid::connect(&proc.socket, AGENT_PORT, Duration::from_secs(2)).await {
                 let agent = Agent::over(s);
@@ -539,11 +391,7 @@ impl SandboxKind for VmSandbox {
                 return Err(self.start_error(
                     id,
                     &dir,
-                    &format!(
-                        "did not bring the agent up within {} ms (runtime.vm.boot_timeout_ms)",
-                        self.cfg.boot_timeout_ms
-                    ),
-                    true,
+                    BootFailure::Timeout(self.cfg.boot_timeout_ms),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -560,9 +408,7 @@ impl SandboxKind for VmSandbox {
     async fn dial_forward(&self, p: &AgentProcess) -> Result<tokio::net::UnixStream, RuntimeError> {
         hybrid::connect(&p.socket, FORWARD_PORT, Duration::from_secs(5))
             .await
-            .map_err(|e| {
-                RuntimeError::Unavailable(format!("agent port-forward endpoint in the guest: {e}"))
-            })
+            .map_err(|e| VmError::Forward(e).into())
     }
 
     fn alive(&self, p: &AgentProcess) -> bool {
@@ -589,17 +435,8 @@ impl SandboxKind for VmSandbox {
             }
             if proc_alive(vmm.pid, vmm.start_time)
                 && let Some(vm) = &p.vm
-                && vm.backend == Kind::Qemu
             {
-                let _ = qmp::quit(
-                    &jail::sock_dir(&vm.dir).join("qmp.sock"),
-                    Duration::from_secs(1),
-                )
-                .await;
-                let t = Instant::now();
-                while proc_alive(vmm.pid, vmm.start_time) && t.elapsed() < Duration::from_secs(1) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                Backend::of(vm.backend).quit(&vmm, &vm.dir).await;
             }
         }
         let procs = Self::procs(p);
@@ -639,39 +476,16 @@ impl SandboxKind for VmSandbox {
             .images
             .block_image(image)
             .await
-            .map_err(|e| RuntimeError::Internal(format!("rootfs block image: {e}")))?;
+            .map_err(VmError::BlockImage)?;
         let names = disk_names(&image.id);
         let used: HashSet<String> = in_use.iter().map(|i| disk_names(i).serial).collect();
         {
             let _g = self.hotplug.lock(id).await;
-            match self.backend {
-                Kind::Qemu => qmp::hotplug_disk(
-                    &jail::sock_dir(&dir).join("qmp.sock"),
-                    &file,
-                    &names,
-                    self.cfg.hotplug_slots,
-                    QMP_TIMEOUT,
-                    &|disk| used.contains(&disk.serial),
-                )
-                .await
-                .map_err(|e| match e {
-                    qmp::QmpError::SlotsFull(_) => RuntimeError::ResourceExhausted(e.to_string()),
-                    e => RuntimeError::Internal(format!("attach image disk: {e}")),
-                })?,
-                // husk-vmm: the image's slot if one holds it, else the next empty one.
-                _ => vmmctl::attach_disk(
-                    &jail::sock_dir(&dir).join("control.sock"),
-                    &file,
-                    &names.serial,
-                    VMM_CTL_TIMEOUT,
-                    &|serial| used.contains(serial),
-                )
-                .await
-                .map_err(|e| match e {
-                    vmmctl::VmmCtlError::Full(_) => RuntimeError::ResourceExhausted(e.to_string()),
-                    e => RuntimeError::Internal(format!("attach image disk: {e}")),
-                })?,
-            }
+            Backend::of(self.backend)
+                .attach_disk(&dir, &file, &names, &self.cfg, &|serial| {
+                    used.contains(serial)
+                })
+                .await?;
         }
         Ok(pb::Rootfs {
             source: Some(pb::rootfs::Source::Block(pb::BlockRootfs {
@@ -774,7 +588,7 @@ mod tests {
             kernel: k,
             initrd: i,
             vmm_binary: Some("/bin/true".into()),
-            hotplug_slots: VMM_MAX_DISK_SLOTS + 1,
+            hotplug_slots: husk_vmm::VMM_MAX_DISK_SLOTS + 1,
             ..VmConfig::default()
         };
         let vm = VmSandbox::new(Kind::Vm, Accel::Auto, cfg, d.path().into(), img);

@@ -12,22 +12,23 @@ use super::super::error::RuntimeError;
 use super::super::helper_log::{tail, without_backtraces};
 use super::super::kind::{proc_alive, start_time};
 use super::super::state::ProcRef;
-use super::HELPER_WAIT;
+use super::{HELPER_WAIT, VmError};
 
 /// Waits for a vhost-user server's socket (or its early exit).
 pub(super) fn wait_socket(
     p: &ProcRef,
     sock: &Path,
     log: &Path,
-    what: &str,
+    what: &'static str,
 ) -> Result<(), RuntimeError> {
     let t = Instant::now();
     while !sock.exists() {
         if !proc_alive(p.pid, p.start_time) || t.elapsed() > HELPER_WAIT {
-            return Err(RuntimeError::Internal(format!(
-                "husk-vmm vhost-user {what} did not start: {}",
-                tail(log, 5)
-            )));
+            return Err(VmError::HelperStart {
+                server: what,
+                log: tail(log, 5),
+            }
+            .into());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -63,9 +64,9 @@ impl PodLogs {
         mark: impl FnOnce(&mut Command),
     ) -> Result<Self, RuntimeError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let err = |e: std::io::Error| RuntimeError::Internal(format!("log pipes: {e}"));
+        let err = |e: std::io::Error| RuntimeError::from(VmError::LogPipes(e));
         if names.len() > MAX_LOGS {
-            return Err(RuntimeError::Internal("too many log pipes".into()));
+            return Err(VmError::TooManyLogs.into());
         }
         // What the writer inherits, in fd order from 3: pipe, current file, previous file.
         let mut inherit: Vec<OwnedFd> = Vec::new();
@@ -87,7 +88,12 @@ impl PodLogs {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(p)
                     .map(OwnedFd::from)
-                    .map_err(|e| RuntimeError::Internal(format!("log {}: {e}", p.display())))
+                    .map_err(|source| {
+                        RuntimeError::from(VmError::LogFile {
+                            path: p.to_path_buf(),
+                            source,
+                        })
+                    })
             };
             let n = 3 + inherit.len() as i32;
             cmd.arg(format!("{n}:{}:{}", n + 1, n + 2));
@@ -143,9 +149,14 @@ impl PodLogs {
             .pipes
             .iter()
             .find(|(n, _)| *n == name)
-            .ok_or_else(|| RuntimeError::Internal(format!("no log pipe {name}")))?;
-        fd.try_clone()
-            .map_err(|e| RuntimeError::Internal(format!("log pipe {name}: {e}")))
+            .ok_or_else(|| VmError::NoLogPipe(name.to_string()))?;
+        fd.try_clone().map_err(|source| {
+            VmError::LogPipe {
+                name: name.to_string(),
+                source,
+            }
+            .into()
+        })
     }
 }
 
@@ -171,7 +182,7 @@ pub(super) fn spawn_detached(
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .spawn()
-        .map_err(|e| RuntimeError::FailedPrecondition(format!("start {program}: {e}")))?;
+        .map_err(|source| VmError::Spawn { program, source })?;
     let pid = child.id() as i32;
     std::thread::spawn(move || {
         let _ = child.wait();

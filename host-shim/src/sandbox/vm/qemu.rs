@@ -7,9 +7,15 @@
 //! virtio-blk disks on pre-made `pcie-root-port`s (native PCIe hot-plug:
 //! ACPI hot-plug is switched off so the guest's pciehp handles the slots).
 
-use std::path::{Path, PathBuf};
+pub(super) mod launch;
+mod net;
+pub mod qmp;
+
+use std::path::Path;
 
 use crate::config::Accel;
+
+pub use super::host::{find_binary, hw_virt, kvm_opens};
 
 /// What a QEMU VM is started with.
 pub struct QemuSpec<'a> {
@@ -146,37 +152,6 @@ pub fn resolve_accel(accel: Accel) -> Accel {
         }
         a => a,
     }
-}
-
-/// The CPU has hardware virtualisation (vmx or svm).
-pub fn hw_virt() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
-}
-
-pub fn kvm_opens() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-/// A binary by path or on $PATH.
-pub fn find_binary(b: &Path) -> Option<PathBuf> {
-    if b.components().count() > 1 {
-        return b.is_file().then(|| b.to_path_buf());
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(b))
-            .find(|c| c.is_file())
-    })
 }
 
 #[cfg(test)]

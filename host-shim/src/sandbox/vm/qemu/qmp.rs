@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::qemu::slot_bus;
+use super::slot_bus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
