@@ -90,10 +90,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         runtime,
         streaming,
     });
-    let served = cri::serve(services, &cfg.socket, shutdown_signal()).await;
-    // Warm VMs serve no pod: they go with huskd (pods keep running).
-    pools.drain_pools().await;
-    served?;
+    // Warm VMs serve no pod: they go with huskd (pods keep running), as soon as the signal
+    // comes, before the server waits for its clients to hang up.
+    let shutdown = async move {
+        shutdown_signal().await;
+        pools.drain_pools().await;
+    };
+    cri::serve(services, &cfg.socket, shutdown).await?;
     tracing::info!("huskd stopped");
     Ok(())
 }

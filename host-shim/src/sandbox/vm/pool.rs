@@ -146,6 +146,8 @@ struct State {
     failures_in_row: u32,
     retry_at: Option<Instant>,
     closed: bool,
+    /// Pod ids of the boots in flight (killed by marker when the pool is drained).
+    booting_ids: Vec<String>,
     stats: PoolStats,
 }
 
@@ -264,6 +266,16 @@ impl VmPool {
             st.ready.drain(..).collect()
         };
         self.wake.notify_one();
+        // A boot in flight would outlive huskd: its processes go by their pod marker (its
+        // launch then fails and cleans up, if huskd is still there to see it).
+        let booting = self.lock().booting_ids.clone();
+        let run_dir = self.vm.run_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in booting {
+                crate::sandbox::orphans::kill_pod(&run_dir, &id);
+            }
+        })
+        .await;
         for vm in vms {
             self.discard(vm).await;
         }
@@ -369,6 +381,16 @@ impl VmPool {
 
     async fn boot_one(self: Arc<Self>) {
         let id = new_id();
+        {
+            let mut st = self.lock();
+            if st.closed {
+                st.booting -= 1;
+                drop(st);
+                self.budget.give(u64::from(self.size.1));
+                return;
+            }
+            st.booting_ids.push(id.clone());
+        }
         let fingerprint = Fingerprint::of(&[&self.vm.cfg.kernel, &self.vm.cfg.initrd]);
         let nic = VmNic {
             netns: self.netns.clone(),
@@ -394,6 +416,7 @@ impl VmPool {
         let outcome = {
             let mut st = self.lock();
             st.booting -= 1;
+            st.booting_ids.retain(|b| *b != id);
             match r {
                 Ok((proc, agent)) => {
                     st.failures_in_row = 0;
