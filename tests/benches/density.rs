@@ -14,6 +14,9 @@
 //! seconds (default 10), `HUSK_DENSITY_CONCURRENCY` (default 2). Handler `husk-qemu` with
 //! accel `HUSK_BENCH_ACCEL` (default tcg).
 //!
+//! With `HUSK_DENSITY_MEMINFO=1`, one idle pod per variant first prints the guest's
+//! `/proc/meminfo` (where the guest RAM a pod touches goes).
+//!
 //! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (images/) and QEMU.
 
 use std::sync::Arc;
@@ -89,6 +92,22 @@ async fn main() -> anyhow::Result<()> {
             host_network: false,
         };
         println!("variant {name} ({accel}):");
+        if std::env::var("HUSK_DENSITY_MEMINFO").is_ok_and(|v| v == "1") {
+            let cfg = e.pod("meminfo");
+            let pod = e
+                .run_pod(&cfg)
+                .await
+                .map_err(|s| anyhow::anyhow!("meminfo pod: {s:?}\n{}", e.d.log()))?;
+            let ctr = e
+                .run(&pod, &e.ctr("main", &["sleep", "1000000"]), &cfg)
+                .await;
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            println!(
+                "guest /proc/meminfo of an idle pod:\n{}",
+                e.sh(&ctr, "cat /proc/meminfo").await
+            );
+            e.stop_and_remove_pod(&pod).await;
+        }
         let r = density(&e.c, &e.d.socket, &o, Arc::new(AtomicBool::new(false)))
             .await
             .map_err(|err| anyhow::anyhow!("{err:#}\n{}", e.d.log()))?;
