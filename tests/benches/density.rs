@@ -11,7 +11,8 @@
 //! `HUSK_DENSITY_VARIANTS` (comma-separated, default `default`), `HUSK_DENSITY_MAX` pods per
 //! variant (default 20), `HUSK_DENSITY_STEP` (default 5), `HUSK_DENSITY_BUDGET_MIB` (default
 //! 0: 3/4 of MemAvailable), `HUSK_DENSITY_P99_MS` (default 100), `HUSK_DENSITY_WINDOW`
-//! seconds (default 10), `HUSK_DENSITY_CONCURRENCY` (default 2). Handler `husk-qemu` with
+//! seconds (default 10), `HUSK_DENSITY_CONCURRENCY` (default 2), `HUSK_DENSITY_RESERVE_MIB` (default 4096: the
+//! host MemAvailable it leaves). SIGINT stops it early, removing its pods. Handler `husk-qemu` with
 //! accel `HUSK_BENCH_ACCEL` (default tcg).
 //!
 //! With `HUSK_DENSITY_MEMINFO=1`, one idle pod per variant first prints the guest's
@@ -60,6 +61,15 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100.0);
+    // SIGINT (^C, `timeout -s INT`) stops the stepping; the pods made so far are removed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: removing the bench's pods");
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
     let mut cols: Vec<(String, DensityReport)> = vec![];
     for name in variants.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         let Some(extra) = variant(name) else {
@@ -88,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             settle_s: 5,
             window_s: env_count("HUSK_DENSITY_WINDOW", 10) as u64,
             probes: 100,
-            reserve_mib: 4096,
+            reserve_mib: env_count("HUSK_DENSITY_RESERVE_MIB", 4096) as u64,
             host_network: false,
         };
         println!("variant {name} ({accel}):");
@@ -108,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
             );
             e.stop_and_remove_pod(&pod).await;
         }
-        let r = density(&e.c, &e.d.socket, &o, Arc::new(AtomicBool::new(false)))
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let r = density(&e.c, &e.d.socket, &o, stop.clone())
             .await
             .map_err(|err| anyhow::anyhow!("{err:#}\n{}", e.d.log()))?;
         print!("{}", r.markdown());
