@@ -12,7 +12,8 @@
 //! variant (default 20), `HUSK_DENSITY_STEP` (default 5), `HUSK_DENSITY_BUDGET_MIB` (default
 //! 0: 3/4 of MemAvailable), `HUSK_DENSITY_P99_MS` (default 100), `HUSK_DENSITY_WINDOW`
 //! seconds (default 10), `HUSK_DENSITY_CONCURRENCY` (default 2), `HUSK_DENSITY_RESERVE_MIB` (default 4096: the
-//! host MemAvailable it leaves). SIGINT stops it early, removing its pods. Handler `husk-qemu` with
+//! host MemAvailable it leaves). SIGINT to the bench process stops it early, removing its
+//! pods (a ^C in the terminal also reaches its huskd, which then stops first). Handler `husk-qemu` with
 //! accel `HUSK_BENCH_ACCEL` (default tcg).
 //!
 //! With `HUSK_DENSITY_MEMINFO=1`, one idle pod per variant first prints the guest's

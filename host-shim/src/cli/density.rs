@@ -469,43 +469,50 @@ impl Density<'_> {
     }
 
     /// Removes every pod the bench made, `concurrency` at a time, and counts the bench's
-    /// pods huskd still lists (its pod uids carry the bench's tag).
+    /// pods huskd still lists (its pod uids carry the bench's tag). When huskd cannot list
+    /// its pods, every pod not known to be removed counts as left behind.
     async fn cleanup(&self) -> (usize, usize) {
         let mut removed = 0;
         loop {
             // Also pods whose RunPodSandbox returned after an error elsewhere, by uid.
             let mut ids = self.b.made.list();
-            for p in self.listed().await {
+            let Some(listed) = self.listed().await else {
+                return (removed, ids.len());
+            };
+            for p in listed {
                 if !ids.contains(&p) {
                     ids.push(p);
                 }
             }
             if ids.is_empty() {
-                break;
+                return (removed, 0);
             }
             let before = ids.len();
             for chunk in ids.chunks(self.o.concurrency.max(1)) {
                 futures::future::join_all(chunk.iter().map(|p| self.b.remove(p))).await;
             }
-            let left = self.listed().await.len();
-            removed += before - left.min(before);
-            if left == 0 || left >= before {
-                return (removed, left);
+            let Some(left) = self.listed().await else {
+                return (removed, self.b.made.list().len());
+            };
+            removed += before - left.len().min(before);
+            if left.is_empty() || left.len() >= before {
+                return (removed, left.len());
             }
         }
-        (removed, 0)
     }
 
-    /// The bench's pods huskd lists.
-    async fn listed(&self) -> Vec<String> {
+    /// The bench's pods huskd lists; `None` when it does not answer.
+    async fn listed(&self) -> Option<Vec<String>> {
         let prefix = format!("husk-bench-{}-", self.b.tag);
-        self.b
+        let r = self
+            .b
             .c
             .clone()
             .runtime
             .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .map(|r| {
+            .await;
+        match r {
+            Ok(r) => Some(
                 r.into_inner()
                     .items
                     .into_iter()
@@ -515,9 +522,13 @@ impl Density<'_> {
                             .is_some_and(|m| m.uid.starts_with(&prefix))
                     })
                     .map(|p| p.id)
-                    .collect()
-            })
-            .unwrap_or_default()
+                    .collect(),
+            ),
+            Err(s) => {
+                tracing::warn!(error = %s.message(), "ListPodSandbox during cleanup");
+                None
+            }
+        }
     }
 }
 
