@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use husk_host::cli::{bench, images, runtime, stream};
+use husk_host::cli::{bench, density, images, runtime, stream};
 use husk_host::client::Clients;
 use husk_host::config::DEFAULT_SOCKET;
 use husk_host::streaming::client::Transport;
@@ -182,6 +182,53 @@ enum BenchCmd {
         #[arg(last = true)]
         cmd: Vec<String>,
     },
+    /// Idle pods (a sleeping container each), started in steps until a memory budget, a
+    /// huskd latency limit or a failed start: per step host memory and idle CPU per pod
+    /// and huskd's Version/ListPodSandbox p99. Every pod it makes is removed (also on ^C).
+    Density {
+        /// RuntimeClass handler (default: huskd's default handler).
+        #[arg(long, default_value = "")]
+        runtime: String,
+        /// Image of the container; its command must keep running.
+        #[arg(long, default_value = "docker.io/library/busybox:latest")]
+        image: String,
+        /// Host memory the pods may use all told (PSS), MiB (0: 3/4 of MemAvailable).
+        #[arg(long, default_value_t = 0)]
+        budget_mib: u64,
+        /// Pods started per step.
+        #[arg(long, default_value_t = 10)]
+        step: usize,
+        /// Pods started at once within a step.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Stop after this many pods (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_pods: usize,
+        /// Stop when huskd's Version or ListPodSandbox p99 exceeds this (ms).
+        #[arg(long, default_value_t = 100.0)]
+        p99_limit_ms: f64,
+        /// Seconds the pods idle before each step is measured.
+        #[arg(long, default_value_t = 5)]
+        settle: u64,
+        /// Seconds over which idle CPU is measured.
+        #[arg(long, default_value_t = 10)]
+        window: u64,
+        /// Version and ListPodSandbox calls per step (each).
+        #[arg(long, default_value_t = 100)]
+        probes: usize,
+        /// Stop before the host's MemAvailable would fall below this (MiB).
+        #[arg(long, default_value_t = 2048)]
+        reserve_mib: u64,
+        /// Pods on the host network.
+        #[arg(long)]
+        host_network: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The container's command.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -301,6 +348,64 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 print!("{}", r.markdown());
             }
             Ok(0)
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Density {
+                    runtime: handler,
+                    image,
+                    budget_mib,
+                    step,
+                    concurrency,
+                    max_pods,
+                    p99_limit_ms,
+                    settle,
+                    window,
+                    probes,
+                    reserve_mib,
+                    host_network,
+                    json,
+                    cmd,
+                },
+        } => {
+            let o = density::DensityOptions {
+                runtime: handler,
+                image,
+                cmd: if cmd.is_empty() {
+                    vec!["sleep".into(), "1000000".into()]
+                } else {
+                    cmd
+                },
+                budget_mib,
+                step,
+                concurrency,
+                max_pods,
+                p99_limit_ms,
+                settle_s: settle,
+                window_s: window,
+                probes,
+                reserve_mib,
+                host_network,
+            };
+            // ^C stops new starts; the pods made so far are then removed.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("interrupted: removing the bench's pods (^C again: leave them)");
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            });
+            let r = density::density(&c, &args.socket, &o, stop).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.markdown());
+            }
+            Ok(i32::from(r.left_behind > 0))
         }
         Cmd::Pull {
             image,

@@ -45,7 +45,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Self {
+    pub(super) fn of(mut v: Vec<f64>) -> Self {
         if v.is_empty() {
             return Self { p50: 0.0, p99: 0.0 };
         }
@@ -188,7 +188,7 @@ impl Report {
 }
 
 /// huskd's pid: the peer of a connection to its socket.
-fn huskd_pid(socket: &Path) -> anyhow::Result<i32> {
+pub(super) fn huskd_pid(socket: &Path) -> anyhow::Result<i32> {
     let s = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("connect {}", socket.display()))?;
     let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
@@ -196,7 +196,7 @@ fn huskd_pid(socket: &Path) -> anyhow::Result<i32> {
     Ok(cred.pid())
 }
 
-fn rss_anon_bytes(pid: i32) -> u64 {
+pub(super) fn rss_anon_bytes(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -207,31 +207,31 @@ fn rss_anon_bytes(pid: i32) -> u64 {
 
 /// The pods made so far, removed at the end whatever happened.
 #[derive(Default)]
-struct Made(Mutex<Vec<String>>);
+pub(super) struct Made(Mutex<Vec<String>>);
 
 impl Made {
-    fn add(&self, id: &str) {
+    pub(super) fn add(&self, id: &str) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(id.into());
     }
-    fn take(&self, id: &str) {
+    pub(super) fn take(&self, id: &str) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|p| p != id);
     }
-    fn list(&self) -> Vec<String> {
+    pub(super) fn list(&self) -> Vec<String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
-struct Bench<'a> {
-    c: Clients,
-    o: &'a BenchOptions,
-    made: Made,
-    tag: String,
+pub(super) struct Bench<'a> {
+    pub(super) c: Clients,
+    pub(super) o: &'a BenchOptions,
+    pub(super) made: Made,
+    pub(super) tag: String,
 }
 
 impl Bench<'_> {
@@ -306,7 +306,10 @@ impl Bench<'_> {
     }
 
     /// One pod to a running container: (pod, → Ready, → running).
-    async fn pod_to_running(&self, name: &str) -> anyhow::Result<(String, Duration, Duration)> {
+    pub(super) async fn pod_to_running(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<(String, Duration, Duration)> {
         let mut c = self.c.clone();
         let config = self.pod_config(name);
         let t0 = Instant::now();
@@ -358,7 +361,7 @@ impl Bench<'_> {
         Ok((pod, ready, t0.elapsed()))
     }
 
-    async fn remove(&self, pod: &str) {
+    pub(super) async fn remove(&self, pod: &str) {
         let mut c = self.c.clone();
         let _ = c
             .runtime
