@@ -718,6 +718,12 @@ mod tests {
             assert!(c.split(' ').any(|o| o == opt), "{opt} in {c}");
         }
         assert!(!c.split(' ').any(|o| o == "noapic"), "{c}");
+        // husk-vmm offers the TSC-deadline LAPIC timer, so the guest starts no PIT: without
+        // its LAPIC timer it would have no clock event device at all.
+        assert!(!c.split(' ').any(|o| o == "noapictimer"), "{c}");
+        for opt in ["pci=off", "8250.nr_uarts=1", "pty.legacy_count=0"] {
+            assert!(c.split(' ').any(|o| o == opt), "{opt} in {c}");
+        }
         assert!(!guest_cmdline(Kind::Qemu).contains("i8042"));
     }
 
