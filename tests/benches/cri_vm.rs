@@ -9,7 +9,10 @@
 //!
 //! Handler accel `HUSK_BENCH_ACCEL` (default tcg); `HUSK_BENCH_HANDLER=husk` measures
 //! husk-vmm (no pool column) where hardware KVM exists. `HUSK_BENCH_RUNS` sequential pods
-//! (default 10), 20 in parallel, 5 idle (cold column only).
+//! (default 10), `HUSK_BENCH_PARALLEL` in parallel (default 20), 5 idle (cold columns only).
+//! `HUSK_BENCH_ALSO` (comma-separated handlers, e.g. `husk-qemu`) adds a cold column for
+//! each, measured after the first one by the same huskd: husk-vmm beside QEMU in one run
+//! (`tests/nested/bootratio-l1.sh bench` does that in the nested L1).
 //!
 //! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (images/) and QEMU.
 
@@ -74,6 +77,14 @@ async fn main() -> anyhow::Result<()> {
         .map_err(fail)?;
     print!("{}", cold.markdown());
     cols.insert(0, (format!("{handler}, no pool"), cold));
+    let also = std::env::var("HUSK_BENCH_ALSO").unwrap_or_default();
+    for (n, other) in also.split(',').filter(|h| !h.is_empty()).enumerate() {
+        let r = cri(&e.c, &e.d.socket, &opts(other, 5, false, &e.image))
+            .await
+            .map_err(fail)?;
+        print!("{}", r.markdown());
+        cols.insert(n + 1, (format!("{other}, no pool"), r));
+    }
     if husk_tests::bench::baseline_ready() {
         let p = Pusher::new(&e.reg.addr, None);
         let mut pause = build_image(&ImageSpec {

@@ -6,6 +6,8 @@
 # in interleaved rounds. Prints one line per boot and the medians.
 #   HUSK_VMM GUEST_KERNEL GUEST_INITRD CMDLINE (huskd's husk-vmm command line)
 #   QCMDLINE (huskd's QEMU command line) [ROUNDS=5] [MEM=512] [QEMU]
+#   [BASE_VMM BASE_CMDLINE]: a second husk-vmm column, `husk-vmm-base` (a build and
+#   command line from before a change, measured in the same rounds)
 set -eu
 ROUNDS=${ROUNDS:-5}
 MEM=${MEM:-512}
@@ -23,15 +25,15 @@ wait_for() { # FILE TEXT SECS
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 stop() { kill -TERM "$1" 2>/dev/null || true; n=0; while kill -0 "$1" 2>/dev/null; do n=$((n+1)); [ $n -gt 100 ] && kill -KILL "$1"; sleep 0.1; done; }
 
-boot_husk() {
+boot_husk() { # NAME VMM CMDLINE
     rm -f "$W/c" "$W/v.sock"
     t0=$(ms)
-    "$HUSK_VMM" --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cmdline "$CMDLINE" \
+    "$2" --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cmdline "$3" \
         --memory "$MEM" --vsock "cid=3,uds=$W/v.sock" --serial "file:$W/c" &
     p=$!
     wait_for "$W/c" "husk-agent ready" 120
     t=$(($(ms) - t0))
-    echo "husk-vmm $t ms rss $(rss_kb $p) kB"
+    echo "$1 $t ms rss $(rss_kb $p) kB"
     stop $p
 }
 
@@ -59,11 +61,13 @@ boot_qemu() { # microvm | q35
 i=0
 while [ $i -lt "$ROUNDS" ]; do
     i=$((i + 1))
-    boot_husk
+    boot_husk husk-vmm "$HUSK_VMM" "$CMDLINE"
+    [ -n "${BASE_VMM:-}" ] && boot_husk husk-vmm-base "$BASE_VMM" "$BASE_CMDLINE"
     boot_qemu microvm
     boot_qemu q35
 done 2>/dev/null | tee "$W/results"
-for v in husk-vmm qemu-microvm qemu-q35; do
-    grep "^$v " "$W/results" | awk '{ print $2 }' | sort -n | awk -v v=$v '{ a[NR] = $1 } END { print "median " v " " a[int((NR + 1) / 2)] " ms (" NR " boots)" }'
+for v in husk-vmm husk-vmm-base qemu-microvm qemu-q35; do
+    grep -q "^$v " "$W/results" || continue
+    grep "^$v " "$W/results" | awk '{ print $2 }' | sort -n | awk -v v=$v '{ a[NR] = $1 } END { print "median " v " " a[int((NR + 1) / 2)] " ms (" a[1] "-" a[NR] ", " NR " boots)" }'
     grep "^$v " "$W/results" | awk '{ print $5 }' | sort -n | awk -v v=$v '{ a[NR] = $1 } END { print "median-rss " v " " a[int((NR + 1) / 2)] " kB" }'
 done

@@ -89,7 +89,10 @@ fn linux_boots_smp_with_huskd_cmdline_and_reboots_cleanly() {
     let Some(out) = run(
         "boot",
         r#"
-guest_initrd 'echo "guest: cmdline $(cat /proc/cmdline)"; dmesg | grep -iE "ExtINT|IO-APIC|panic|i8042|serio" | sed "s/^/guest: dmesg /"; exit 0'
+guest_initrd 'echo "guest: cmdline $(cat /proc/cmdline)"; dmesg | grep -iE "ExtINT|IO-APIC|panic|i8042|serio" | sed "s/^/guest: dmesg /"
+grep -qw tsc_deadline_timer /proc/cpuinfo && echo "guest: cpu flag tsc_deadline_timer"
+for c in /sys/devices/system/clockevents/clockevent*; do echo "guest: clockevent $(cat $c/current_device)"; done
+echo "guest: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"; exit 0'
 t0=$(ms)
 vmm --vcpus 2 && rc=0 || rc=$?
 echo "husk-vmm exit $rc after $(($(ms) - t0)) ms"
@@ -106,6 +109,17 @@ cat "$W/console"
     assert!(!text.contains("ExtINT not setup"), "{text}");
     assert!(!text.contains("Kernel panic"), "{text}");
     assert!(text.contains("i8042"), "keyboard controller found: {text}");
+    // The boot tuning: the LAPIC timer in TSC-deadline mode on every vCPU (CPUID offers
+    // it, so the guest neither calibrates it against the PIT nor runs the PIT).
+    assert!(
+        text.contains("guest: cpu flag tsc_deadline_timer"),
+        "{text}"
+    );
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split("guest: clockevent ").nth(1))
+        .collect();
+    assert_eq!(events, ["lapic-deadline", "lapic-deadline"], "{text}");
 }
 
 /// SIGTERM → Ctrl-Alt-Del the guest's keyboard driver decodes → the guest

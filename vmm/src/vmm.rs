@@ -164,7 +164,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for id in 0..cfg.vcpus {
         let v = Vcpu::new(&vm.fd, id)?;
-        v.configure(&kvm.supported_cpuid, cfg.vcpus, entry)?;
+        v.configure(&kvm, cfg.vcpus, entry)?;
         vcpus.push(v);
     }
     // Everything is open and mapped: from here on the guest can reach the device models, so

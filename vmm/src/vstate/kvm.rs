@@ -32,6 +32,9 @@ const REQUIRED_CAPS: [Cap; 6] = [
 pub struct KvmContext {
     pub kvm: Kvm,
     pub supported_cpuid: CpuId,
+    /// The in-kernel LAPIC has the TSC-deadline timer mode (`KVM_CAP_TSC_DEADLINE_TIMER`).
+    /// KVM_GET_SUPPORTED_CPUID never reports it: the VMM advertises it in CPUID itself.
+    pub tsc_deadline: bool,
 }
 
 impl KvmContext {
@@ -55,9 +58,11 @@ impl KvmContext {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::Cpuid)?;
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         Ok(Self {
             kvm,
             supported_cpuid,
+            tsc_deadline,
         })
     }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use kvm_bindings::{CpuId, Msrs, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::kvm::KvmContext;
 use crate::boot::{EntryPoint, regs};
 use crate::devices::bus::Bus;
 use crate::devices::{ExitReason, ExitSignal};
@@ -75,10 +76,14 @@ pub struct Vcpu {
 const CPUID_HYPERVISOR: u32 = 1 << 31;
 const CPUID_MONITOR: u32 = 1 << 3;
 const CPUID_HTT: u32 = 1 << 28;
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
 
 /// Filters the host-supported CPUID for vCPU `id` of `count`: APIC ids and topology, the
-/// hypervisor bit, no MONITOR/MWAIT (KVM does not emulate it usefully), no PMU.
-pub fn filter_cpuid(supported: &CpuId, id: u8, count: u8) -> CpuId {
+/// hypervisor bit, no MONITOR/MWAIT (KVM does not emulate it usefully), no PMU, and the
+/// TSC-deadline timer when the in-kernel LAPIC has it (`tsc_deadline`): Linux then programs
+/// its LAPIC timer in TSC ticks (the TSC frequency comes from kvmclock) and neither calibrates
+/// the LAPIC timer against the PIT nor keeps the PIT as a clock event device.
+pub fn filter_cpuid(supported: &CpuId, id: u8, count: u8, tsc_deadline: bool) -> CpuId {
     let mut cpuid = supported.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -86,6 +91,11 @@ pub fn filter_cpuid(supported: &CpuId, id: u8, count: u8) -> CpuId {
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 e.ecx |= CPUID_HYPERVISOR;
                 e.ecx &= !CPUID_MONITOR;
+                if tsc_deadline {
+                    e.ecx |= CPUID_TSC_DEADLINE;
+                } else {
+                    e.ecx &= !CPUID_TSC_DEADLINE;
+                }
                 if count > 1 {
                     e.edx |= CPUID_HTT;
                 }
@@ -173,12 +183,17 @@ impl Vcpu {
     /// Application processors stay in wait-for-SIPI, as on real hardware.
     pub fn configure(
         &self,
-        supported: &CpuId,
+        kvm: &KvmContext,
         count: u8,
         entry: EntryPoint,
     ) -> Result<(), VcpuError> {
         self.fd
-            .set_cpuid2(&filter_cpuid(supported, self.id, count))
+            .set_cpuid2(&filter_cpuid(
+                &kvm.supported_cpuid,
+                self.id,
+                count,
+                kvm.tsc_deadline,
+            ))
             .map_err(self.cfg_err("cpuid"))?;
         let msrs = Msrs::from_entries(&boot_msrs()).map_err(|_| VcpuError::Configure {
             id: self.id,
@@ -345,8 +360,9 @@ mod tests {
             },
         ];
         let c = CpuId::from_entries(&entries).expect("cpuid");
-        let f = filter_cpuid(&c, 1, 2);
+        let f = filter_cpuid(&c, 1, 2, false);
         let s = f.as_slice();
+        assert_eq!(s[0].ecx & CPUID_TSC_DEADLINE, 0);
         assert_eq!(s[0].ebx >> 24, 1);
         assert_eq!((s[0].ebx >> 16) & 0xff, 2);
         assert_eq!(s[0].ebx & 0xffff, 0xffff);
@@ -354,5 +370,18 @@ mod tests {
         assert_eq!(s[0].ecx & CPUID_MONITOR, 0);
         assert_eq!((s[1].edx, s[1].ebx), (1, 2));
         assert_eq!(s[2].eax, 0);
+    }
+
+    #[test]
+    fn cpuid_offers_the_tsc_deadline_timer_only_when_kvm_has_it() {
+        let entries = [kvm_cpuid_entry2 {
+            function: 1,
+            ..Default::default()
+        }];
+        let c = CpuId::from_entries(&entries).expect("cpuid");
+        let on = filter_cpuid(&c, 0, 1, true);
+        assert_ne!(on.as_slice()[0].ecx & CPUID_TSC_DEADLINE, 0);
+        let c = filter_cpuid(&on, 0, 1, false);
+        assert_eq!(c.as_slice()[0].ecx & CPUID_TSC_DEADLINE, 0);
     }
 }

@@ -108,7 +108,14 @@ pub fn guest_cmdline(backend: Kind) -> String {
         // find its i8042 without PNP; only the keyboard port, which never
         // answers commands (dumbkbd), so Ctrl-Alt-Del (SIGTERM) is decoded
         // as raw set 2 without a probe.
-        c.push_str(" reboot=k noapictimer i8042.nopnp i8042.noaux i8042.nomux i8042.dumbkbd");
+        c.push_str(" reboot=k i8042.nopnp i8042.noaux i8042.nomux i8042.dumbkbd");
+        // What husk-vmm does not have, the guest need not look for: no PCI
+        // (virtio-mmio only), one UART (COM1; the kernel probes four), no
+        // BSD-style ptys (containers use /dev/ptmx; 256 pairs are 512
+        // devices to create at boot). The LAPIC timer runs in TSC-deadline
+        // mode (husk-vmm's CPUID offers it, kvmclock gives the TSC rate), so
+        // there is no timer to calibrate and no PIT to program.
+        c.push_str(" pci=off 8250.nr_uarts=1 pty.legacy_count=0");
     }
     c
 }
@@ -525,6 +532,12 @@ mod tests {
             assert!(c.split(' ').any(|o| o == opt), "{opt} in {c}");
         }
         assert!(!c.split(' ').any(|o| o == "noapic"), "{c}");
+        // husk-vmm offers the TSC-deadline LAPIC timer, so the guest starts no PIT: without
+        // its LAPIC timer it would have no clock event device at all.
+        assert!(!c.split(' ').any(|o| o == "noapictimer"), "{c}");
+        for opt in ["pci=off", "8250.nr_uarts=1", "pty.legacy_count=0"] {
+            assert!(c.split(' ').any(|o| o == opt), "{opt} in {c}");
+        }
         assert!(!guest_cmdline(Kind::Qemu).contains("i8042"));
     }
 
