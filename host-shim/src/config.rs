@@ -227,6 +227,8 @@ impl<'de> Deserialize<'de> for Handler {
     }
 }
 
+/// Default `runtime.vm.log_max_bytes`: what each VM pod log keeps over its two files.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 4 << 20;
 /// Smallest `runtime.vm.log_max_bytes` (a rotation every few lines would be churn).
 const MIN_LOG_BYTES: u64 = 64 << 10;
 
@@ -310,7 +312,7 @@ impl Default for VmConfig {
             max_vcpus: 8,
             max_memory_mib: 8192,
             boot_timeout_ms: 60_000,
-            log_max_bytes: crate::sandbox::vm::LOG_MAX_BYTES,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             qemu_binary: "qemu-system-x86_64".into(),
             qemu_accel: Accel::Auto,
             vmm_binary: None,

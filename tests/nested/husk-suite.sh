@@ -135,6 +135,11 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
         next=$((next + 1)) running=$((running + 1))
     done
     sleep 5
+    if [ -n "$qpid" ] && ! kill -0 "$qpid" 2>/dev/null; then
+        echo "husk-suite: L1 exited; its console:" >&2
+        tail -n 50 "$work/console.log" >&2
+        exit 1
+    fi
     while read -r i rc; do
         [ -n "$i" ] && [ -z "${finished[$i]:-}" ] || continue
         finished[$i]=1

@@ -37,7 +37,7 @@ pub(super) fn wait_socket(
 /// Bytes each VM pod log (console, VMM, helpers) keeps, over two files, by default
 /// (`runtime.vm.log_max_bytes`; `husk-vmm log-writer`'s default): the guest fills the console
 /// at will.
-pub const LOG_MAX_BYTES: u64 = 4 << 20;
+pub const LOG_MAX_BYTES: u64 = crate::config::DEFAULT_LOG_MAX_BYTES;
 /// Most logs one writer takes.
 const MAX_LOGS: usize = 8;
 /// Fds a writer inherits: a pipe and two files per log.
