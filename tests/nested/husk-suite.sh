@@ -28,14 +28,15 @@ notrun=()
 if [ $# = 0 ]; then
     tmp_list=$(mktemp)
     # HUSK_SUITE=full (the default outside CI): every VM suite, about an hour under nested
-    # TCG on this 2-core host. HUSK_SUITE=ci (tests/run.sh): the streaming and tap suites,
-    # a few minutes, so the whole CI run stays within its 90-minute limit; the rest of the
-    # suite is named as not run.
+    # TCG on this 2-core host when loaded. HUSK_SUITE=ci (tests/run.sh): runtime_vm (with
+    # issue 18's jail checks of husk-vmm and its helpers), streaming_vm, vm_tap, stats and
+    # hostile_guest, ~21 min on a loaded host (docs/testing.md), so the whole CI run stays
+    # within its 90-minute limit; the rest of the suite is named as not run.
     suites=(--test runtime_vm --test streaming_vm --test vm_tap --test stats --test conformance
         --test crash_recovery --test network --test hostile_guest --test hostile_guest_bounds)
     if [ "${HUSK_SUITE:-full}" = ci ]; then
-        suites=(--test streaming_vm --test vm_tap)
-        notrun+=("runtime_vm stats conformance crash_recovery network hostile_guest hostile_guest_bounds (HUSK_SUITE=ci: ~1 h under nested TCG here; run tests/nested/husk-suite.sh for them)")
+        suites=(--test runtime_vm --test streaming_vm --test vm_tap --test stats --test hostile_guest)
+        notrun+=("conformance crash_recovery network hostile_guest_bounds (HUSK_SUITE=ci: not yet measured to fit CI's time beside the rest; run tests/nested/husk-suite.sh for them)")
     fi
     # The VM cases of each suite (the namespace cases of mixed files ran on the host already),
     # the longest first (binaries run side by side with HUSK_SUITE_JOBS > 1).
