@@ -18,7 +18,9 @@
 # passed). With hardware KVM (VMX/SVM) the binaries run directly on this host.
 # Needs HUSK_GUEST_KERNEL, HUSK_GUEST_INITRD; husk-vmm beside the binaries'
 # deps/ directory. L1_MEM (MiB, default 6144) and L1_SMP (default 2) size L1;
-# HUSK_SUITE_LOGS keeps each binary's output there.
+# HUSK_SUITE_LOGS keeps each binary's output there (each line stamped with the
+# seconds since the binary started). HUSK_SUITE_JOBS (default 1) binaries run at
+# a time; L1's CPU seconds are printed as they finish (how busy L1 kept the host).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 hw=0
