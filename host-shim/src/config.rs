@@ -36,6 +36,7 @@
 //! max_vcpus = 8
 //! max_memory_mib = 8192
 //! boot_timeout_ms = 60000             # VMM start -> agent answering (TCG is slow)
+//! log_max_bytes = 4194304             # each VM pod log (console, VMM, helpers), over two files
 //! qemu_binary = "qemu-system-x86_64"
 //! qemu_accel = "auto"                 # "kvm" | "tcg" | "auto" (kvm when /dev/kvm works)
 //! vmm_binary = ""                     # husk-vmm ("" = next to huskd, else $PATH)
@@ -226,6 +227,11 @@ impl<'de> Deserialize<'de> for Handler {
     }
 }
 
+/// Default `runtime.vm.log_max_bytes`: what each VM pod log keeps over its two files.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 4 << 20;
+/// Smallest `runtime.vm.log_max_bytes` (a rotation every few lines would be churn).
+const MIN_LOG_BYTES: u64 = 64 << 10;
+
 /// The VM sandbox's guest image, sizes and VMM binaries.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -238,6 +244,8 @@ pub struct VmConfig {
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
     pub boot_timeout_ms: u64,
+    /// Bytes each VM pod log (guest console, VMM, helpers) keeps over its two files.
+    pub log_max_bytes: u64,
     pub qemu_binary: PathBuf,
     pub qemu_accel: Accel,
     pub vmm_binary: Option<PathBuf>,
@@ -304,6 +312,7 @@ impl Default for VmConfig {
             max_vcpus: 8,
             max_memory_mib: 8192,
             boot_timeout_ms: 60_000,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             qemu_binary: "qemu-system-x86_64".into(),
             qemu_accel: Accel::Auto,
             vmm_binary: None,
@@ -472,6 +481,11 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "runtime.vm: need 64 <= memory_mib <= max_memory_mib".into(),
             ));
+        }
+        if vm.log_max_bytes < MIN_LOG_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "runtime.vm.log_max_bytes must be at least {MIN_LOG_BYTES}"
+            )));
         }
         let pool = &vm.pool;
         if pool.parallel_boots == 0 || pool.parallel_boots > 64 {
@@ -651,6 +665,17 @@ mod tests {
         );
         assert_eq!(c.runtime.vm.vcpus, 2);
         assert_eq!(c.runtime.vm.memory_mib, 256);
+        assert_eq!(c.runtime.vm.log_max_bytes, 4 << 20);
+        std::fs::write(&p, "[runtime.vm]\nlog_max_bytes = 65536\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&p)).unwrap().runtime.vm.log_max_bytes,
+            65536
+        );
+        std::fs::write(&p, "[runtime.vm]\nlog_max_bytes = 65535\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&p)),
+            Err(ConfigError::Invalid(_))
+        ));
         std::fs::write(&p, "[runtime]\ndefault_handler = \"nope\"\n").unwrap();
         assert!(matches!(
             Config::load(Some(&p)),

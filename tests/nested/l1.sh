@@ -191,8 +191,10 @@ run() {
     local work=$1 script=$2 secs=${3:-600} id out rc
     id=$$
     out=$(mktemp)
+    # Bounded like socat: an L1 that died never answers.
     { printf 'RUN %s %s %s\n' "$id" "$secs" "$(printf '%s' "$script" | base64 -w0)"
-      until grep -q "^@@END $id " "$out"; do sleep 0.2; done; } \
+      end=$((SECONDS + secs + 10))
+      until grep -q "^@@END $id " "$out" || [ $SECONDS -ge $end ]; do sleep 0.2; done; } \
         | timeout "$((secs + 10))" socat - "UNIX-CONNECT:$work/cmd.sock" >"$out" || true
     sed -n "/^@@BEGIN $id\$/,/^@@END $id /p" "$out" | sed '1d;$d'
     rc=$(sed -n "s/^@@END $id \([0-9]*\)\$/\1/p" "$out")

@@ -40,6 +40,11 @@ const CREATE_STEPS: [&str; 3] = [
     "create_container:agent-created",
 ];
 
+/// How long a huskd that broke a call off by dying may take to be reaped. The call's error
+/// arrives once its connection closed, that is once the process is gone: a huskd still
+/// alive after this answered the call itself (the error says why) and never got to the step.
+const KILL_WAIT: Duration = Duration::from_secs(30);
+
 /// Pod ids with a record under the state dir.
 fn recorded_pods(state: &Path) -> Vec<String> {
     std::fs::read_dir(state.join("pods"))
@@ -136,10 +141,12 @@ async fn crash_run_pod_at_each_step(mut e: CriEnv) {
         let cfg = e.pod(&format!("crash-{}", step.replace([':', '_'], "-")));
         let r = e.run_pod(&cfg).await;
         assert!(r.is_err(), "{step}: RunPodSandbox answered {r:?}");
-        let st = e.d.wait_exit(Duration::from_secs(300));
+        // The call broke because huskd died: it is gone already (KILL_WAIT is for the
+        // reaping only). Still alive: huskd answered `r` itself and never reached the step.
+        let st = e.d.wait_exit(KILL_WAIT);
         assert!(
             st.is_some_and(|s| std::os::unix::process::ExitStatusExt::signal(&s) == Some(9)),
-            "{step}: huskd was not killed there ({st:?})\n{}",
+            "{step}: huskd was not killed there ({st:?}); RunPodSandbox answered {r:?}\n{}",
             e.d.log()
         );
         let ids = recorded_pods(&e.d.state_dir());
@@ -197,8 +204,8 @@ async fn crash_create_container_at_each_step(mut e: CriEnv) {
         let r = e.create(&pod, &cfg, &pcfg).await;
         assert!(r.is_err(), "{step}: CreateContainer answered {r:?}");
         assert!(
-            e.d.wait_exit(Duration::from_secs(300)).is_some(),
-            "{step}: huskd was not killed there\n{}",
+            e.d.wait_exit(KILL_WAIT).is_some(),
+            "{step}: huskd was not killed there; CreateContainer answered {r:?}\n{}",
             e.d.log()
         );
         e.d.env.clear();

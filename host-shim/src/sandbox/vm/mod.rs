@@ -225,7 +225,9 @@ impl VmSandbox {
         let names = Backend::of(self.backend).logs();
         jail::prepare(dir, uid)?;
         let vmm = host::find_binary(&self.cfg.vmm_path()).unwrap_or_else(|| self.cfg.vmm_path());
-        let logs = PodLogs::start(&vmm, dir, names, uid, |c| mark(c, id, &self.run_dir))?;
+        let logs = PodLogs::start(&vmm, dir, names, self.cfg.log_max_bytes, uid, |c| {
+            mark(c, id, &self.run_dir)
+        })?;
         match self.start_vm_processes(id, dir, accel, size, nic, &logs, uid) {
             Ok((vm, mut helpers)) => {
                 helpers.push(logs.proc.clone());

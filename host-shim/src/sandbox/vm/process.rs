@@ -35,9 +35,10 @@ pub(super) fn wait_socket(
     Ok(())
 }
 
-/// Bytes each VM pod log (console, VMM, helpers) keeps, over two files
-/// (`husk-vmm log-writer`'s default): the guest fills the console at will.
-pub const LOG_MAX_BYTES: u64 = 4 << 20;
+/// Bytes each VM pod log (console, VMM, helpers) keeps, over two files, by default
+/// (`runtime.vm.log_max_bytes`; `husk-vmm log-writer`'s default): the guest fills the console
+/// at will.
+pub const LOG_MAX_BYTES: u64 = crate::config::DEFAULT_LOG_MAX_BYTES;
 /// Most logs one writer takes.
 const MAX_LOGS: usize = 8;
 /// Fds a writer inherits: a pipe and two files per log.
@@ -53,13 +54,14 @@ pub(super) struct PodLogs {
 
 impl PodLogs {
     /// Starts `vmm log-writer` with one pipe per name in `names`, writing
-    /// `dir/<name>` (capped at [`LOG_MAX_BYTES`], rotated to `<name>.1`). huskd opens both
+    /// `dir/<name>` (capped at `max_bytes`, rotated to `<name>.1`). huskd opens both
     /// files of every log and hands them over with the pipes: the writer runs jailed as the
     /// pod's `uid` (when set) and reaches no directory.
     pub fn start(
         vmm: &Path,
         dir: &Path,
         names: &[&'static str],
+        max_bytes: u64,
         uid: Option<u32>,
         mark: impl FnOnce(&mut Command),
     ) -> Result<Self, RuntimeError> {
@@ -73,7 +75,7 @@ impl PodLogs {
         let mut pipes = Vec::new();
         let mut cmd = super::jail::command(vmm, uid, dir, vmm, &super::jail::Jailed::default());
         cmd.arg("log-writer")
-            .args(["--max-bytes", &LOG_MAX_BYTES.to_string()]);
+            .args(["--max-bytes", &max_bytes.to_string()]);
         mark(&mut cmd);
         for name in names {
             let (r, w) = std::io::pipe().map_err(err)?;
