@@ -159,6 +159,19 @@ impl<R: CriServer> CriEnv<R> {
         pod_config(name, &self.logs)
     }
 
+    /// A pod whose sandbox asks for `bytes` of memory (more than a pooled VM has, say).
+    pub fn pod_with_memory_limit(&self, name: &str, bytes: i64) -> cri::PodSandboxConfig {
+        let mut p = self.pod(name);
+        p.linux = Some(cri::LinuxPodSandboxConfig {
+            resources: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: bytes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        p
+    }
+
     pub fn ctr(&self, name: &str, cmd: &[&str]) -> cri::ContainerConfig {
         container_config(name, &self.image, cmd)
     }

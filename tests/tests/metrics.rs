@@ -457,14 +457,7 @@ async fn scrape_a_pooled_vm_pod() {
     assert_eq!(s.get("husk_vm_pool_claims_total", &h), 1.0);
 
     // More memory than a warm VM has: a VM of its own.
-    let mut big = e.pod("big");
-    big.linux = Some(cri::LinuxPodSandboxConfig {
-        resources: Some(cri::LinuxContainerResources {
-            memory_limit_in_bytes: 64 << 20,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let big = e.pod_with_memory_limit("big", 64 << 20);
     let b = e
         .run_pod(&big)
         .await

@@ -154,14 +154,7 @@ async fn vm_pool_claim_refill_and_no_reuse() {
     wait_ready(&e, 2).await;
 
     // A pod asking for more memory than a pooled VM has boots its own VM.
-    let mut big = e.pod("big");
-    big.linux = Some(cri::LinuxPodSandboxConfig {
-        resources: Some(cri::LinuxContainerResources {
-            memory_limit_in_bytes: 64 << 20,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let big = e.pod_with_memory_limit("big", 64 << 20);
     let asked = uptime();
     let g = e.run_pod(&big).await.unwrap();
     let g_pids = e.vm_pids(&g).await;
