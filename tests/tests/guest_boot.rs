@@ -180,7 +180,13 @@ fn guest_kernel_takes_a_disk_capacity_change_from_zero() {
         false
     };
     let probed = wait_for("[vda] 0 512-byte logical blocks", Duration::from_secs(90));
-    let resized = probed && {
+    // Resize only once the disk is live: the probe prints the 0-block line before
+    // `device_add_disk`, and a config change that lands in between updates the capacity
+    // silently (`set_capacity_and_notify` stays quiet for a disk not yet live), which a
+    // loaded CI host hit. husk-vmm attaches slot disks to a booted, agent-ready VM, so the
+    // agent's ready line is the faithful point to resize at.
+    let ready = probed && wait_for("husk-agent ready", Duration::from_secs(120));
+    let resized = ready && {
         let s = std::os::unix::net::UnixStream::connect(&qmp).expect("qmp");
         let mut w = s.try_clone().expect("clone");
         let mut r = BufReader::new(s);
@@ -218,5 +224,6 @@ fn guest_kernel_takes_a_disk_capacity_change_from_zero() {
         probed,
         "the empty disk was not probed with 0 blocks; console tail:\n{tail}"
     );
+    assert!(ready, "the agent never came up; console tail:\n{tail}");
     assert!(resized, "no capacity change seen; console tail:\n{tail}");
 }
