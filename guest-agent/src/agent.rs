@@ -2,14 +2,13 @@
 //! hierarchy. Maps are behind short std mutexes that are never held across an
 //! await; each container and process has its own state.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
-
 use crate::cgroup::{CgroupError, Hierarchy};
 use crate::container::Container;
+pub use crate::oom::OomQueue;
 use crate::reaper::Reaper;
 use crate::sandbox::Sandbox;
 // Re-exported for the binary and outside callers; the agent's own modules
@@ -29,36 +28,6 @@ pub struct AgentConfig {
     pub is_init: bool,
 }
 
-/// OOM kills seen by the monitor, waiting for GetOomEvent.
-#[derive(Default)]
-pub struct OomQueue {
-    events: Mutex<VecDeque<String>>,
-    notify: Notify,
-}
-
-impl OomQueue {
-    pub fn push(&self, id: String) {
-        let mut q = lock(&self.events);
-        if q.len() >= 1024 {
-            q.pop_front();
-        }
-        q.push_back(id);
-        drop(q);
-        self.notify.notify_one();
-    }
-
-    /// Cancel-safe: an event is removed only when returned.
-    pub async fn next(&self) -> String {
-        loop {
-            let notified = self.notify.notified();
-            if let Some(id) = lock(&self.events).pop_front() {
-                return id;
-            }
-            notified.await;
-        }
-    }
-}
-
 pub struct Agent {
     pub config: AgentConfig,
     /// This binary, re-executed as the runner.
@@ -70,7 +39,7 @@ pub struct Agent {
     /// Ids being created or removed (reserved, not yet/no longer in the map).
     pub busy: Mutex<HashSet<String>>,
     pub oom: OomQueue,
-    /// Woken when a container is added (the OOM monitor sleeps while there is none).
+    /// Woken when a container is added (the OOM monitor then watches its cgroup).
     pub containers_added: tokio::sync::Notify,
 }
 
@@ -129,25 +98,6 @@ impl Agent {
         if c.check_oom() {
             tracing::info!(container = %c.id, "oom kill");
             self.oom.push(c.id.clone());
-        }
-    }
-
-    /// Poll the OOM counters of every container (v1 has no portable event fd
-    /// without cgroup.event_control plumbing; a 500 ms poll is enough for CRI).
-    /// Without containers it sleeps until one is added: an idle guest (a pooled VM, an
-    /// empty pod) gets no timer from the agent.
-    pub async fn oom_monitor(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if lock(&self.containers).is_empty() {
-                self.containers_added.notified().await;
-                continue;
-            }
-            tick.tick().await;
-            for c in self.all_containers() {
-                self.refresh_oom(&c);
-            }
         }
     }
 }
@@ -214,16 +164,5 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn oom_queue_delivers_in_order() {
-        let q = OomQueue::default();
-        q.push("a".into());
-        q.push("b".into());
-        assert_eq!(q.next().await, "a");
-        assert_eq!(q.next().await, "b");
-        let r = tokio::time::timeout(std::time::Duration::from_millis(20), q.next()).await;
-        assert!(r.is_err());
     }
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod forward;
 pub mod init;
 pub mod network;
+pub mod oom;
 pub mod reaper;
 pub mod rpc;
 pub mod runner;

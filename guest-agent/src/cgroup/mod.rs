@@ -186,6 +186,15 @@ pub enum Cgroup {
 }
 
 impl Cgroup {
+    /// The file whose modification signals a memory event (an OOM kill among them):
+    /// v2's `memory.events`; None on v1 (polled instead) or without the memory controller.
+    pub fn memory_events_file(&self) -> Option<PathBuf> {
+        match self {
+            Cgroup::V1(_) => None,
+            Cgroup::V2(c) => Some(c.dir.join("memory.events")).filter(|f| f.exists()),
+        }
+    }
+
     /// The cgroup.procs files a new process writes itself into.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         match self {
