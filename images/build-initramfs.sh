@@ -8,8 +8,10 @@ repo=$(cd "$here/.." && pwd)
 out_root=${HUSK_GUEST_DIR:-/var/cache/husk/guest}
 target=x86_64-unknown-linux-gnu
 echo "initramfs: building static husk-agent" >&2
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p husk-agent --target $target)
-agent=${CARGO_TARGET_DIR:-$repo/target}/$target/release/husk-agent
+# The `guest` profile (Cargo.toml): size-optimised, whole-program LTO, no symbols. The binary
+# sits in the guest's tmpfs root, so its size is guest RAM in every pod (8.6 -> 4.9 MB).
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --profile guest -p husk-agent --target $target)
+agent=${CARGO_TARGET_DIR:-$repo/target}/$target/guest/husk-agent
 if readelf -l "$agent" | grep -q "program interpreter"; then echo "husk-agent is not static" >&2; exit 1; fi
 hash=$( { sha256sum "$agent"; cat "$0"; } | sha256sum | cut -c1-16)
 out=$out_root/initramfs-$hash.cpio.gz

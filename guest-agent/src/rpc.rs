@@ -11,7 +11,7 @@ use ttrpc::{Code, Status};
 use crate::agent::Agent;
 use crate::cgroup::CgroupError;
 use crate::container::spawn::SpawnError;
-use crate::container::stdio::{ReadAt, StdioError};
+use crate::container::stdio::{Chunk, ReadAt, StdioError};
 use crate::container::{create, exec, remove, signal, start, stats};
 use crate::error::AgentError;
 use crate::network::NetError;
@@ -300,16 +300,8 @@ impl pb::Agent for AgentService {
         r: pb::ReadStreamRequest,
     ) -> R<pb::ReadStreamResponse> {
         let p = self.process(&r.container_id, &r.exec_id)?;
-        let c =
-            p.io.read_stdout(read_at(&r), read_len(r.max_len))
-                .await
-                .map_err(|e| status(e.into()))?;
-        Ok(pb::ReadStreamResponse {
-            data: c.data,
-            eof: c.eof,
-            offset: c.offset,
-            ..Default::default()
-        })
+        let c = p.io.read_stdout(read_at(&r), read_len(r.max_len)).await;
+        chunk_reply(c)
     }
 
     async fn read_stderr(
@@ -318,16 +310,8 @@ impl pb::Agent for AgentService {
         r: pb::ReadStreamRequest,
     ) -> R<pb::ReadStreamResponse> {
         let p = self.process(&r.container_id, &r.exec_id)?;
-        let c =
-            p.io.read_stderr(read_at(&r), read_len(r.max_len))
-                .await
-                .map_err(|e| status(e.into()))?;
-        Ok(pb::ReadStreamResponse {
-            data: c.data,
-            eof: c.eof,
-            offset: c.offset,
-            ..Default::default()
-        })
+        let c = p.io.read_stderr(read_at(&r), read_len(r.max_len)).await;
+        chunk_reply(c)
     }
 
     async fn resize_tty(&self, _: &TtrpcContext, r: pb::ResizeTtyRequest) -> R<pb::Empty> {
@@ -419,6 +403,17 @@ impl pb::Agent for AgentService {
             ..Default::default()
         })
     }
+}
+
+/// A stream read as ReadStdout/ReadStderr answer it.
+fn chunk_reply(c: std::result::Result<Chunk, StdioError>) -> R<pb::ReadStreamResponse> {
+    let c = c.map_err(|e| status(e.into()))?;
+    Ok(pb::ReadStreamResponse {
+        data: c.data,
+        eof: c.eof,
+        offset: c.offset,
+        ..Default::default()
+    })
 }
 
 impl AgentService {

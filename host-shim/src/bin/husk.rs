@@ -331,22 +331,14 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             let o = bench::BenchOptions {
                 runtime: handler,
                 image,
-                cmd: if cmd.is_empty() {
-                    vec!["sleep".into(), "1000000".into()]
-                } else {
-                    cmd
-                },
+                cmd: idle_cmd(cmd),
                 runs,
                 parallel,
                 idle,
                 host_network,
             };
             let r = bench::cri(&c, &args.socket, &o).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{}", r.markdown());
-            }
+            print_report(json, &r, r.markdown())?;
             Ok(0)
         }
         Cmd::Bench {
@@ -371,11 +363,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             let o = density::DensityOptions {
                 runtime: handler,
                 image,
-                cmd: if cmd.is_empty() {
-                    vec!["sleep".into(), "1000000".into()]
-                } else {
-                    cmd
-                },
+                cmd: idle_cmd(cmd),
                 budget_mib,
                 step,
                 concurrency,
@@ -400,11 +388,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 }
             });
             let r = density::density(&c, &args.socket, &o, stop).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{}", r.markdown());
-            }
+            print_report(json, &r, r.markdown())?;
             Ok(i32::from(r.left_behind > 0))
         }
         Cmd::Pull {
@@ -434,4 +418,23 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// A bench's command when none is given: a container that only sleeps.
+fn idle_cmd(cmd: Vec<String>) -> Vec<String> {
+    if cmd.is_empty() {
+        vec!["sleep".into(), "1000000".into()]
+    } else {
+        cmd
+    }
+}
+
+/// A bench report as JSON or as its markdown table.
+fn print_report(json: bool, r: &impl serde::Serialize, markdown: String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print!("{markdown}");
+    }
+    Ok(())
 }
