@@ -72,8 +72,15 @@ cleanup() {
 trap cleanup EXIT
 
 t0=$(date +%s)
-if [ $hw = 0 ]; then
-    export L1_MEM=${L1_MEM:-6144} L1_SMP=${L1_SMP:-2}
+# Boots L1 (again after its kernel died): the same work dir, a fresh console log.
+boot_l1() {
+    local b0
+    b0=$(date +%s)
+    if [ -n "$qpid" ]; then
+        kill "$qpid" 2>/dev/null || true
+        wait "$qpid" 2>/dev/null || true
+    fi
+    if [ -s "$work/console.log" ]; then mv "$work/console.log" "$work/console.$(date +%s).log"; fi
     bash "$here/l1.sh" boot-host "$work" "$vmm" >"$work/qemu.log" 2>&1 &
     qpid=$!
     for _ in $(seq 600); do
@@ -86,7 +93,11 @@ if [ $hw = 0 ]; then
         cat "$work/qemu.log" "$work/console.log" "$work/fs.log" >&2 2>/dev/null
         exit 1
     fi
-    echo "husk-suite: L1 ready after $(($(date +%s) - t0)) s (${L1_MEM} MiB, ${L1_SMP} vCPUs)"
+    echo "husk-suite: L1 ready after $(($(date +%s) - b0)) s (${L1_MEM} MiB, ${L1_SMP} vCPUs)"
+}
+if [ $hw = 0 ]; then
+    export L1_MEM=${L1_MEM:-6144} L1_SMP=${L1_SMP:-2}
+    boot_l1
 fi
 
 # CPU seconds L1's QEMU has used so far (how busy L1 keeps the host's cores).
@@ -131,6 +142,7 @@ fetch_output() {
     if [ $hw = 1 ]; then cat "$work/$1.out"; else l1 "cat /l1/tmp/suite/$1.out" 600; fi
 }
 failed=()
+restarts=0 rerun=()
 next=0 running=0
 while [ $next -lt $# ] || [ $running -gt 0 ]; do
     while [ $running -lt "$jobs" ] && [ $next -lt $# ]; do
@@ -141,7 +153,26 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
     if [ -n "$qpid" ] && ! kill -0 "$qpid" 2>/dev/null; then
         echo "husk-suite: L1 exited; its console:" >&2
         tail -n 50 "$work/console.log" >&2
-        exit 1
+        # L1's own kernel (Debian 6.1 kvm_amd on QEMU's emulated SVM) has died under the
+        # suite a few times ("stack guard page was hit" in a husk-vmm vCPU thread, then a
+        # panic: docs/testing.md). That is the test bed failing, not a test: boot a fresh L1
+        # and run the binaries that were running again, L1_RESTARTS times at most (default
+        # 1). The restart is printed and counted in the summary; a second death fails.
+        if [ "$restarts" -ge "${L1_RESTARTS:-1}" ] \
+            || ! grep -qE 'Kernel panic|BUG: |stack guard page' "$work/console.log"; then
+            exit 1
+        fi
+        restarts=$((restarts + 1))
+        again=()
+        for ((i = 0; i < next; i++)); do
+            [ -z "${finished[$i]:-}" ] && again+=("$i")
+        done
+        echo "husk-suite: L1's kernel died; restart $restarts, running again: $(for i in "${again[@]}"; do name_of "${specs[$i]}"; done | tr '\n' ' ')"
+        rerun+=("${again[@]}")
+        boot_l1
+        l1 "mkdir -p /l1/tmp/suite" >/dev/null
+        for i in "${again[@]}"; do start_job "$i"; done
+        continue
     fi
     while read -r i rc; do
         [ -n "$i" ] && [ -z "${finished[$i]:-}" ] || continue
@@ -164,5 +195,6 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
     done < <(done_jobs)
 done
 for n in "${notrun[@]}"; do echo "husk-suite: NOT RUN: $n"; done
+[ "$restarts" = 0 ] || echo "husk-suite: L1's kernel died $restarts time(s); run again after a fresh L1: $(for i in "${rerun[@]}"; do name_of "${specs[$i]}"; done | tr '\n' ' ')"
 echo "husk-suite: $(($# - ${#failed[@]}))/$# binaries passed in $(($(date +%s) - t0)) s${failed:+; failed: ${failed[*]}}"
 [ ${#failed[@]} = 0 ]

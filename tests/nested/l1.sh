@@ -191,10 +191,16 @@ run() {
     local work=$1 script=$2 secs=${3:-600} id out rc
     id=$$
     out=$(mktemp)
-    # Bounded like socat: an L1 that died never answers.
+    # Bounded like socat: an L1 that died never answers. A blank line every 2 s (l1-init
+    # skips them) fails once socat is gone with the dead L1's socket, so a caller learns
+    # of the death in seconds, not at the end of the command's timeout.
     { printf 'RUN %s %s %s\n' "$id" "$secs" "$(printf '%s' "$script" | base64 -w0)"
-      end=$((SECONDS + secs + 10))
-      until grep -q "^@@END $id " "$out" || [ $SECONDS -ge $end ]; do sleep 0.2; done; } \
+      end=$((SECONDS + secs + 10)) n=0
+      until grep -q "^@@END $id " "$out" || [ $SECONDS -ge $end ]; do
+          sleep 0.2
+          n=$((n + 1))
+          if [ $((n % 10)) = 0 ]; then printf '\n' 2>/dev/null || break; fi
+      done; } \
         | timeout "$((secs + 10))" socat - "UNIX-CONNECT:$work/cmd.sock" >"$out" || true
     sed -n "/^@@BEGIN $id\$/,/^@@END $id /p" "$out" | sed '1d;$d'
     rc=$(sed -n "s/^@@END $id \([0-9]*\)\$/\1/p" "$out")
