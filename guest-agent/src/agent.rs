@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::cgroup::{CgroupError, Hierarchy};
 use crate::container::Container;
 pub use crate::oom::OomQueue;
+use crate::oom::{EventsWatch, V1_POLL};
 use crate::reaper::Reaper;
 use crate::sandbox::Sandbox;
 // Re-exported for the binary and outside callers; the agent's own modules
@@ -98,6 +99,86 @@ impl Agent {
         if c.check_oom() {
             tracing::info!(container = %c.id, "oom kill");
             self.oom.push(c.id.clone());
+        }
+    }
+
+    /// Queue an OOM event for every container whose kill counter went up.
+    ///
+    /// Event driven where `memory.events` exists (v2), polled otherwise. Without
+    /// containers it sleeps until one is added.
+    pub async fn oom_monitor(self: Arc<Self>) {
+        let watch = match EventsWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable: OOM counters are polled");
+                None
+            }
+        };
+        // watch descriptor → container id
+        let mut watched: HashMap<i32, String> = HashMap::new();
+        loop {
+            let containers = self.all_containers();
+            let mut poll = false;
+            for c in &containers {
+                if watched.values().any(|id| id == &c.id) {
+                    continue;
+                }
+                let file = c.cgroup.memory_events_file();
+                match (&watch, file) {
+                    (Some(w), Some(f)) => match w.add(&f) {
+                        Ok(wd) => {
+                            watched.insert(wd, c.id.clone());
+                            // A kill between creation and the watch is caught here.
+                            self.refresh_oom(c);
+                        }
+                        Err(e) => {
+                            tracing::debug!(container = %c.id, error = %e, "memory.events not watchable");
+                            poll = true;
+                        }
+                    },
+                    _ => poll = true,
+                }
+            }
+            // Watches of removed containers: the kernel drops them with the cgroup (IN_IGNORED);
+            // forget ids no longer present either way.
+            watched.retain(|_, id| containers.iter().any(|c| &c.id == id));
+            let events = async {
+                match &watch {
+                    Some(w) if !watched.is_empty() => w.next().await,
+                    _ => std::future::pending().await,
+                }
+            };
+            let tick = async {
+                if poll {
+                    tokio::time::sleep(V1_POLL).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                _ = self.containers_added.notified() => {}
+                _ = tick => {
+                    for c in self.all_containers() {
+                        if !watched.values().any(|id| id == &c.id) {
+                            self.refresh_oom(&c);
+                        }
+                    }
+                }
+                r = events => match r {
+                    Ok(evs) => {
+                        for (wd, gone) in evs {
+                            let id = if gone { watched.remove(&wd) } else { watched.get(&wd).cloned() };
+                            if let Some(c) = id.and_then(|id| self.container(&id).ok()) {
+                                self.refresh_oom(&c);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inotify read failed: OOM counters are polled");
+                        tokio::time::sleep(V1_POLL).await;
+                    }
+                }
+            }
         }
     }
 }

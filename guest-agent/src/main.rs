@@ -168,7 +168,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let agent =
             Agent::new(config, reaper, is_init || !args.shared_mounts).context("cgroups")?;
-        tokio::spawn(husk_agent::oom::monitor(agent.clone()));
+        tokio::spawn(agent.clone().oom_monitor());
         let mut server = server::serve(agent.clone(), &listen)
             .await
             .context("serve")?;

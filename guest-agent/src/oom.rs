@@ -1,4 +1,5 @@
-//! OOM kills, as GetOomEvent reports them.
+//! OOM kills, as GetOomEvent reports them: the queue, and the inotify watch that
+//! `Agent::oom_monitor` waits on.
 //!
 //! On cgroup v2 (the guest) the monitor is event driven: the kernel raises a
 //! file-modified event on a cgroup's `memory.events` whenever one of its counters
@@ -10,24 +11,23 @@
 //! Status and Wait read the counter themselves (`Agent::refresh_oom`), so a missed
 //! event would only delay GetOomEvent, never lose an `OOMKilled`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-use crate::agent::Agent;
 use crate::sync::lock;
 
 /// Kill events held for GetOomEvent; the oldest go first beyond this.
 const QUEUE_MAX: usize = 1024;
 /// How often containers without a `memory.events` file (cgroup v1) are polled.
-const V1_POLL: Duration = Duration::from_millis(500);
+pub const V1_POLL: Duration = Duration::from_millis(500);
 
 /// OOM kills seen by the monitor, waiting for GetOomEvent.
 #[derive(Default)]
@@ -128,86 +128,6 @@ fn parse_events(mut b: &[u8]) -> Vec<(i32, bool)> {
         b = b.get(HDR + len..).unwrap_or(&[]);
     }
     out
-}
-
-/// Queue an OOM event for every container whose kill counter went up.
-///
-/// Event driven where `memory.events` exists (v2), polled otherwise. Without
-/// containers it sleeps until one is added.
-pub async fn monitor(agent: Arc<Agent>) {
-    let watch = match EventsWatch::new() {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "inotify unavailable: OOM counters are polled");
-            None
-        }
-    };
-    // watch descriptor → container id
-    let mut watched: HashMap<i32, String> = HashMap::new();
-    loop {
-        let containers = agent.all_containers();
-        let mut poll = false;
-        for c in &containers {
-            if watched.values().any(|id| id == &c.id) {
-                continue;
-            }
-            let file = c.cgroup.memory_events_file();
-            match (&watch, file) {
-                (Some(w), Some(f)) => match w.add(&f) {
-                    Ok(wd) => {
-                        watched.insert(wd, c.id.clone());
-                        // A kill between creation and the watch is caught here.
-                        agent.refresh_oom(c);
-                    }
-                    Err(e) => {
-                        tracing::debug!(container = %c.id, error = %e, "memory.events not watchable");
-                        poll = true;
-                    }
-                },
-                _ => poll = true,
-            }
-        }
-        // Watches of removed containers: the kernel drops them with the cgroup (IN_IGNORED);
-        // forget ids no longer present either way.
-        watched.retain(|_, id| containers.iter().any(|c| &c.id == id));
-        let events = async {
-            match &watch {
-                Some(w) if !watched.is_empty() => w.next().await,
-                _ => std::future::pending().await,
-            }
-        };
-        let tick = async {
-            if poll {
-                tokio::time::sleep(V1_POLL).await
-            } else {
-                std::future::pending().await
-            }
-        };
-        tokio::select! {
-            _ = agent.containers_added.notified() => {}
-            _ = tick => {
-                for c in agent.all_containers() {
-                    if !watched.values().any(|id| id == &c.id) {
-                        agent.refresh_oom(&c);
-                    }
-                }
-            }
-            r = events => match r {
-                Ok(evs) => {
-                    for (wd, gone) in evs {
-                        let id = if gone { watched.remove(&wd) } else { watched.get(&wd).cloned() };
-                        if let Some(c) = id.and_then(|id| agent.container(&id).ok()) {
-                            agent.refresh_oom(&c);
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "inotify read failed: OOM counters are polled");
-                    tokio::time::sleep(V1_POLL).await;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
