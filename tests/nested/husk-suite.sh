@@ -120,12 +120,13 @@ start_job() {
     began[$i]=$(date +%s)
     echo "husk-suite: started $(name_of "$spec") at $((began[$i] - t0)) s"
     if [ $hw = 1 ]; then
+        rm -f "$work/$i.rc"
         ( cd /tmp && HUSK_VM_HANDLER=husk timeout 3000 "$here/stamped" "$exe" --nocapture $args \
             >"$work/$i.out" 2>&1; echo $? >"$work/$i.rc" ) &
     else
         # TMPDIR: a tmpfs (L1's /tmp is on the root overlay, which cannot hold an overlay's
         # upper dir). Each line of output stamped with the seconds since the binary started.
-        l1 "(cd /tmp && export TMPDIR=/l1/tmp HUSK_VM_HANDLER=husk HUSK_GUEST_KERNEL=$HUSK_GUEST_KERNEL \
+        l1 "rm -f /l1/tmp/suite/$i.rc; (cd /tmp && export TMPDIR=/l1/tmp HUSK_VM_HANDLER=husk HUSK_GUEST_KERNEL=$HUSK_GUEST_KERNEL \
 HUSK_GUEST_INITRD=$HUSK_GUEST_INITRD && timeout 3000 $here/stamped $exe --nocapture $args \
 >/l1/tmp/suite/$i.out 2>&1; echo \$? >/l1/tmp/suite/$i.rc) </dev/null >/dev/null 2>&1 &" >/dev/null
     fi
@@ -142,7 +143,8 @@ fetch_output() {
     if [ $hw = 1 ]; then cat "$work/$1.out"; else l1 "cat /l1/tmp/suite/$1.out" 600; fi
 }
 failed=()
-restarts=0 rerun=()
+restarts=0 rerun=() reruns=()
+declare -a retried=()
 next=0 running=0
 while [ $next -lt $# ] || [ $running -gt 0 ]; do
     while [ $running -lt "$jobs" ] && [ $next -lt $# ]; do
@@ -184,6 +186,22 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
         secs=$(($(date +%s) - began[$i]))
         grep -E '^\[ *[0-9]+\] (test .* \.\.\. |test result:)' "$out" | sed "s/^/  $name: /" || true
         skipped=$(grep -cE '^\[ *[0-9]+\] skipped:' "$out" || true)
+        if [ $hw = 0 ] && [ "$rc" != 0 ] && [ -z "${retried[$i]:-}" ] \
+            && grep -q 'guest triple fault (KVM_EXIT_SHUTDOWN)' "$out"; then
+            # An L2 guest that triple-faults with nothing on its console, under nested SVM
+            # emulation, is the same family of test-bed failure as L1's kernel dying (seen
+            # once in runtime_vm, 2026-12-07, at 0.7 s of guest boot; the case passed alone
+            # twice after). Run the binary once more, say so, and keep its first output.
+            echo "husk-suite: $name FAILED with an L2 triple fault under nesting (${secs} s); running it once more"
+            grep -E 'panicked|triple fault' "$out" | head -n 5
+            cp "$out" "$logs/$name.first.log"
+            retried[$i]=1
+            reruns+=("$name")
+            unset "finished[$i]"
+            start_job "$i"
+            running=$((running + 1))
+            continue
+        fi
         if [ "$rc" != 0 ] || [ "$skipped" != 0 ]; then
             echo "husk-suite: $name FAILED (exit $rc, $skipped skipped, ${secs} s); last lines:"
             tail -n 150 "$out"
@@ -195,6 +213,7 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
     done < <(done_jobs)
 done
 for n in "${notrun[@]}"; do echo "husk-suite: NOT RUN: $n"; done
+[ ${#reruns[@]} = 0 ] || echo "husk-suite: run again after an L2 triple fault under nesting: ${reruns[*]}"
 [ "$restarts" = 0 ] || echo "husk-suite: L1's kernel died $restarts time(s); run again after a fresh L1: $(for i in "${rerun[@]}"; do name_of "${specs[$i]}"; done | tr '\n' ' ')"
 echo "husk-suite: $(($# - ${#failed[@]}))/$# binaries passed in $(($(date +%s) - t0)) s${failed:+; failed: ${failed[*]}}"
 [ ${#failed[@]} = 0 ]
