@@ -114,20 +114,20 @@ impl Agent {
                 None
             }
         };
-        // watch descriptor → container id
-        let mut watched: HashMap<i32, String> = HashMap::new();
+        // container id → its watch descriptor
+        let mut watched: HashMap<String, i32> = HashMap::new();
         loop {
             let containers = self.all_containers();
             let mut poll = false;
             for c in &containers {
-                if watched.values().any(|id| id == &c.id) {
+                if watched.contains_key(&c.id) {
                     continue;
                 }
                 let file = c.cgroup.memory_events_file();
                 match (&watch, file) {
                     (Some(w), Some(f)) => match w.add(&f) {
                         Ok(wd) => {
-                            watched.insert(wd, c.id.clone());
+                            watched.insert(c.id.clone(), wd);
                             // A kill between creation and the watch is caught here.
                             self.refresh_oom(c);
                         }
@@ -141,7 +141,7 @@ impl Agent {
             }
             // Watches of removed containers: the kernel drops them with the cgroup (IN_IGNORED);
             // forget ids no longer present either way.
-            watched.retain(|_, id| containers.iter().any(|c| &c.id == id));
+            watched.retain(|id, _| containers.iter().any(|c| &c.id == id));
             let events = async {
                 match &watch {
                     Some(w) if !watched.is_empty() => w.next().await,
@@ -159,7 +159,7 @@ impl Agent {
                 _ = self.containers_added.notified() => {}
                 _ = tick => {
                     for c in self.all_containers() {
-                        if !watched.values().any(|id| id == &c.id) {
+                        if !watched.contains_key(&c.id) {
                             self.refresh_oom(&c);
                         }
                     }
@@ -167,8 +167,14 @@ impl Agent {
                 r = events => match r {
                     Ok(evs) => {
                         for (wd, gone) in evs {
-                            let id = if gone { watched.remove(&wd) } else { watched.get(&wd).cloned() };
-                            if let Some(c) = id.and_then(|id| self.container(&id).ok()) {
+                            // Events are rare (a counter moved): a scan finds the container.
+                            let Some(id) = watched.iter().find(|(_, w)| **w == wd).map(|(id, _)| id.clone()) else {
+                                continue;
+                            };
+                            if gone {
+                                watched.remove(&id);
+                            }
+                            if let Ok(c) = self.container(&id) {
                                 self.refresh_oom(&c);
                             }
                         }
