@@ -113,6 +113,8 @@ jobs=${HUSK_SUITE_JOBS:-1}
 specs=("$@")
 declare -a began=() finished=()
 name_of() { basename "${1%%:*}" | sed 's/-[0-9a-f]*$//'; }
+# The names of the binaries at the given indexes, on one line.
+names_of() { local i; for i in "$@"; do name_of "${specs[$i]}"; done | tr '\n' ' '; }
 start_job() {
     local i=$1 spec=${specs[$1]} exe args=
     exe=${spec%%:*}
@@ -143,7 +145,8 @@ fetch_output() {
     if [ $hw = 1 ]; then cat "$work/$1.out"; else l1 "cat /l1/tmp/suite/$1.out" 600; fi
 }
 failed=()
-restarts=0 rerun=() reruns=()
+# Indexes run again: after L1's kernel died, after an L2 triple fault.
+restarts=0 l1_rerun=() tf_rerun=()
 declare -a retried=()
 next=0 running=0
 while [ $next -lt $# ] || [ $running -gt 0 ]; do
@@ -169,8 +172,8 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
         for ((i = 0; i < next; i++)); do
             [ -z "${finished[$i]:-}" ] && again+=("$i")
         done
-        echo "husk-suite: L1's kernel died; restart $restarts, running again: $(for i in "${again[@]}"; do name_of "${specs[$i]}"; done | tr '\n' ' ')"
-        rerun+=("${again[@]}")
+        echo "husk-suite: L1's kernel died; restart $restarts, running again: $(names_of "${again[@]}")"
+        l1_rerun+=("${again[@]}")
         boot_l1
         l1 "mkdir -p /l1/tmp/suite" >/dev/null
         for i in "${again[@]}"; do start_job "$i"; done
@@ -196,7 +199,7 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
             grep -E 'panicked|triple fault' "$out" | head -n 5
             cp "$out" "$logs/$name.first.log"
             retried[$i]=1
-            reruns+=("$name")
+            tf_rerun+=("$i")
             unset "finished[$i]"
             start_job "$i"
             running=$((running + 1))
@@ -213,7 +216,7 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
     done < <(done_jobs)
 done
 for n in "${notrun[@]}"; do echo "husk-suite: NOT RUN: $n"; done
-[ ${#reruns[@]} = 0 ] || echo "husk-suite: run again after an L2 triple fault under nesting: ${reruns[*]}"
-[ "$restarts" = 0 ] || echo "husk-suite: L1's kernel died $restarts time(s); run again after a fresh L1: $(for i in "${rerun[@]}"; do name_of "${specs[$i]}"; done | tr '\n' ' ')"
+[ ${#tf_rerun[@]} = 0 ] || echo "husk-suite: run again after an L2 triple fault under nesting: $(names_of "${tf_rerun[@]}")"
+[ "$restarts" = 0 ] || echo "husk-suite: L1's kernel died $restarts time(s); run again after a fresh L1: $(names_of "${l1_rerun[@]}")"
 echo "husk-suite: $(($# - ${#failed[@]}))/$# binaries passed in $(($(date +%s) - t0)) s${failed:+; failed: ${failed[*]}}"
 [ ${#failed[@]} = 0 ]
