@@ -104,16 +104,9 @@ impl Agent {
 
     /// Queue an OOM event for every container whose kill counter went up.
     ///
-    /// Event driven where `memory.events` exists (v2), polled otherwise. Without
-    /// containers it sleeps until one is added.
-    pub async fn oom_monitor(self: Arc<Self>) {
-        let watch = match EventsWatch::new() {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "inotify unavailable: OOM counters are polled");
-                None
-            }
-        };
+    /// Event driven where `memory.events` exists (v2) and `watch` is given, polled
+    /// otherwise. Without containers it sleeps until one is added.
+    pub async fn oom_monitor(self: Arc<Self>, watch: Option<EventsWatch>) {
         // container id → its watch descriptor
         let mut watched: HashMap<String, i32> = HashMap::new();
         loop {

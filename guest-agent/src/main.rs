@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use husk_agent::agent::{Agent, AgentConfig};
 use husk_agent::forward::{self, ForwardListen};
+use husk_agent::oom::EventsWatch;
 use husk_agent::reaper::Reaper;
 use husk_agent::server::{Listen, VSOCK_PORT};
 use husk_agent::syscall::LinuxSyscall;
@@ -168,7 +169,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let agent =
             Agent::new(config, reaper, is_init || !args.shared_mounts).context("cgroups")?;
-        tokio::spawn(agent.clone().oom_monitor());
+        // Without inotify (a guest kernel built without it) OOM kills are found by
+        // polling every container twice a second, which wakes an idle guest: the
+        // ready line says which it is (tests/tests/guest_boot.rs checks it).
+        let watch = match EventsWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable: OOM counters are polled");
+                None
+            }
+        };
+        let oom_watch = if watch.is_some() { "inotify" } else { "poll" };
+        tokio::spawn(agent.clone().oom_monitor(watch));
         let mut server = server::serve(agent.clone(), &listen)
             .await
             .context("serve")?;
@@ -188,6 +200,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             ?forward,
             cgroup = agent.cgroups.version(),
             is_init,
+            oom_watch,
             "husk-agent ready"
         );
 

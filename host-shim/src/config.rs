@@ -279,6 +279,10 @@ pub struct PoolConfig {
     /// limits ask for more gets a VM of its own.
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// Images whose disks each pooled VM gets attached while it waits (pulled images
+    /// only), so a pod's first container of one of them starts without a disk hot-plug.
+    /// Every pod that claims such a VM can read these images: list public ones.
+    pub images: Vec<String>,
 }
 
 impl Default for PoolConfig {
@@ -290,6 +294,7 @@ impl Default for PoolConfig {
             parallel_boots: 2,
             vcpus: 0,
             memory_mib: 0,
+            images: Vec::new(),
         }
     }
 }

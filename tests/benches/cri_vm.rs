@@ -14,6 +14,9 @@
 //! each, measured after the first one by the same huskd: husk-vmm beside QEMU in one run
 //! (`tests/nested/bootratio-l1.sh bench` does that in the nested L1).
 //!
+//! `HUSK_BENCH_POOL_IMAGES=1` gives the pool the bench's image (`[runtime.vm.pool] images`):
+//! each pooled VM then holds its disk before a pod asks.
+//!
 //! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (images/) and QEMU.
 
 use husk_host::cli::bench::{BenchOptions, Report, cri, side_by_side};
@@ -39,14 +42,26 @@ async fn main() -> anyhow::Result<()> {
     let parallel = husk_tests::bench::env_count("HUSK_BENCH_PARALLEL", 20);
     let pool = husk_tests::bench::env_count("HUSK_BENCH_POOL", parallel);
     let extra = std::env::var("HUSK_BENCH_VM_EXTRA").unwrap_or_default();
+    // The registry first: the pool's image list names the image by its address.
+    let reg = husk_tests::cri_env::busybox_registry().await;
+    let pool_images = if std::env::var("HUSK_BENCH_POOL_IMAGES").is_ok_and(|v| v == "1") {
+        format!("images = [\"{}/e2e/busybox:1\"]\n", reg.addr)
+    } else {
+        String::new()
+    };
     let cfg = format!(
         "[runtime]\ndefault_handler = \"{handler}\"\n[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"{accel}\" }}\n\
          husk-qemu-pool = {{ kind = \"qemu\", accel = \"{accel}\" }}\n\
          [runtime.vm]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nboot_timeout_ms = 300000\nmemory_mib = 256\n{extra}\n\
-         [runtime.vm.pool]\nsize = 0\nmemory_budget_mib = {}\nhandlers = {{ husk-qemu-pool = {pool} }}\n",
+         [runtime.vm.pool]\nsize = 0\nmemory_budget_mib = {}\nhandlers = {{ husk-qemu-pool = {pool} }}\n{pool_images}",
         (pool as u64 + 1) * 256
     );
-    let e = CriEnv::new(&handler, &cfg).await;
+    let d = husk_tests::huskd::Huskd::start_with(
+        husk_tests::huskd::Options::plain_http(&reg.addr),
+        &cfg,
+    )
+    .await?;
+    let e = CriEnv::with_server(reg, d, &handler).await;
     let opts = |runtime: &str, idle: usize, host_network: bool, image: &str| BenchOptions {
         runtime: runtime.into(),
         image: image.into(),

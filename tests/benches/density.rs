@@ -13,8 +13,11 @@
 //! 0: 3/4 of MemAvailable), `HUSK_DENSITY_P99_MS` (default 100), `HUSK_DENSITY_WINDOW`
 //! seconds (default 10), `HUSK_DENSITY_CONCURRENCY` (default 2), `HUSK_DENSITY_RESERVE_MIB` (default 4096: the
 //! host MemAvailable it leaves). SIGINT to the bench process stops it early, removing its
-//! pods (a ^C in the terminal also reaches its huskd, which then stops first). Handler `husk-qemu` with
-//! accel `HUSK_BENCH_ACCEL` (default tcg).
+//! pods (a ^C in the terminal also reaches its huskd, which then stops first).
+//! `HUSK_DENSITY_HANDLERS` (comma-separated, default `husk-qemu`): `husk-qemu` (QEMU with accel
+//! `HUSK_BENCH_ACCEL`, default tcg) and/or `husk` (husk-vmm; needs a KVM that runs Linux
+//! guests: `tests/nested/bootratio-l1.sh density` runs it in the nested test bed); each
+//! variant runs on each handler, one huskd at a time.
 //!
 //! With `HUSK_DENSITY_MEMINFO=1`, one idle pod per variant first prints the guest's
 //! `/proc/meminfo` (where the guest RAM a pod touches goes).
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let accel = std::env::var("HUSK_BENCH_ACCEL").unwrap_or_else(|_| "tcg".into());
     let variants = std::env::var("HUSK_DENSITY_VARIANTS").unwrap_or_else(|_| "default".into());
+    let handlers = std::env::var("HUSK_DENSITY_HANDLERS").unwrap_or_else(|_| "husk-qemu".into());
     let p99 = std::env::var("HUSK_DENSITY_P99_MS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -72,7 +76,22 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let mut cols: Vec<(String, DensityReport)> = vec![];
-    for name in variants.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+    let list = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let runs: Vec<(String, String)> = list(&handlers)
+        .into_iter()
+        .flat_map(|h| list(&variants).into_iter().map(move |v| (h.clone(), v)))
+        .collect();
+    for (handler, name) in &runs {
+        let (handler, name) = (handler.as_str(), name.as_str());
+        if handler != "husk" && handler != "husk-qemu" {
+            anyhow::bail!("unknown handler {handler}: husk, husk-qemu");
+        }
         let Some(extra) = variant(name) else {
             anyhow::bail!("unknown variant {name}: default, tb16, fpr, mem128, lean");
         };
@@ -83,12 +102,12 @@ async fn main() -> anyhow::Result<()> {
             vm += "memory_mib = 256\n";
         }
         let cfg = format!(
-            "[runtime]\ndefault_handler = \"husk-qemu\"\n[runtime.handlers]\nhusk = \"vm\"\n\
+            "[runtime]\ndefault_handler = \"{handler}\"\n[runtime.handlers]\nhusk = \"vm\"\n\
              husk-qemu = {{ kind = \"qemu\", accel = \"{accel}\" }}\n[runtime.vm]\n{vm}{extra}"
         );
-        let e = CriEnv::new("husk-qemu", &cfg).await.remove_pods_on_drop();
+        let e = CriEnv::new(handler, &cfg).await.remove_pods_on_drop();
         let o = DensityOptions {
-            runtime: "husk-qemu".into(),
+            runtime: handler.into(),
             image: e.image.clone(),
             cmd: vec!["sleep".into(), "1000000".into()],
             budget_mib: env_count("HUSK_DENSITY_BUDGET_MIB", 0) as u64,
@@ -102,7 +121,11 @@ async fn main() -> anyhow::Result<()> {
             reserve_mib: env_count("HUSK_DENSITY_RESERVE_MIB", 4096) as u64,
             host_network: false,
         };
-        println!("variant {name} ({accel}):");
+        let col = match handler {
+            "husk" => format!("husk {name}"),
+            _ => format!("husk-qemu {name} ({accel})"),
+        };
+        println!("{col}:");
         if std::env::var("HUSK_DENSITY_MEMINFO").is_ok_and(|v| v == "1") {
             let cfg = e.pod("meminfo");
             let pod = e
@@ -126,10 +149,10 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(|err| anyhow::anyhow!("{err:#}\n{}", e.d.log()))?;
         print!("{}", r.markdown());
-        cols.push((name.to_string(), r));
+        cols.push((col, r));
     }
     println!(
-        "\n| variant | pods | guest RAM / pod | VMM + helpers / pod | all told / pod | idle CPU / pod | Version p99 | ListPodSandbox p99 | VMM + helpers by process |"
+        "\n| handler, variant | pods | guest RAM / pod | VMM + helpers / pod | all told / pod | idle CPU / pod | Version p99 | ListPodSandbox p99 | VMM + helpers by process |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for (n, r) in &cols {

@@ -8,6 +8,10 @@
 #   bootratio-l1.sh bench            `husk bench cri` (the cri_vm bench) with huskd's
 #                                    handler `husk` (husk-vmm) and then `husk-qemu`
 #                                    (QEMU -accel kvm), one huskd, one run
+#   bootratio-l1.sh density          `husk bench density` (the density bench): idle pods
+#                                    on handler `husk` (husk-vmm) and then `husk-qemu`
+#                                    (QEMU -accel kvm), HUSK_DENSITY_MAX each (default 6):
+#                                    host memory per pod, guest RAM apart from the VMM's own
 #   bootratio-l1.sh profile          the guest kernel's own boot with huskd's husk-vmm
 #                                    command line + initcall_debug: the test guest
 #                                    prints its dmesg (where the boot time goes)
@@ -44,6 +48,15 @@ echo \"load \$(cat /proc/loadavg)\"; sh $here/bootratio.sh; echo \"load \$(cat /
         script="cd /tmp && export TMPDIR=/l1/tmp HUSK_GUEST_KERNEL=$HUSK_GUEST_KERNEL HUSK_GUEST_INITRD=$HUSK_GUEST_INITRD \
 HUSK_BENCH_HANDLER=husk HUSK_BENCH_ALSO=husk-qemu HUSK_BENCH_ACCEL=kvm HUSK_BENCH_POOL=0 \
 HUSK_BENCH_RUNS=${HUSK_BENCH_RUNS:-5} HUSK_BENCH_PARALLEL=${HUSK_BENCH_PARALLEL:-4} && $exe --bench" ;;
+    density)
+        exe=$(cd "$repo" && cargo build -p husk-tests --locked --bench density --message-format=json \
+            | grep -o '"executable":"[^"]*/deps/density-[^"]*"' | cut -d'"' -f4 | tail -1)
+        [ -x "$exe" ] || { echo "bootratio-l1: density bench not built" >&2; exit 1; }
+        script="cd /tmp && export TMPDIR=/l1/tmp HUSK_GUEST_KERNEL=$HUSK_GUEST_KERNEL HUSK_GUEST_INITRD=$HUSK_GUEST_INITRD \
+HUSK_DENSITY_HANDLERS=${HUSK_DENSITY_HANDLERS:-husk,husk-qemu} HUSK_BENCH_ACCEL=kvm \
+HUSK_DENSITY_VARIANTS=${HUSK_DENSITY_VARIANTS:-default} HUSK_DENSITY_MAX=${HUSK_DENSITY_MAX:-6} \
+HUSK_DENSITY_STEP=${HUSK_DENSITY_STEP:-3} HUSK_DENSITY_RESERVE_MIB=${HUSK_DENSITY_RESERVE_MIB:-512} \
+HUSK_DENSITY_P99_MS=${HUSK_DENSITY_P99_MS:-100000} && $exe --bench" ;;
     profile)
         tg=$(mktemp /tmp/bootratio-tg.XXXXXX)
         bash "$here/l1.sh" testguest "$tg"
@@ -55,7 +68,7 @@ timeout 600 $bin/husk-vmm --kernel $HUSK_GUEST_KERNEL --initrd \$W/initrd --memo
     --cmdline \"$vmline initcall_debug\" || echo \"husk-vmm exit \$?\"
 echo \"== husk-vmm ran \$((\$(awk '{ printf \"%d\", \$1 * 1000 }' /proc/uptime) - t0)) ms\"
 cat \$W/c; rm -rf \$W" ;;
-    *) sed -n '2,22p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,26p' "$0" >&2; exit 2 ;;
 esac
 
 if [ $hw = 1 ]; then

@@ -29,7 +29,11 @@
 # virtiofsd on the host): one L1 boot serves many tests.
 #
 # Environment: HUSK_NESTED_DIR (cache, default /var/cache/husk/nested),
-# L1_MEM (MiB, default 2048), L1_SMP (default 1, at most 2 on shared hosts).
+# L1_MEM (MiB, default 2048), L1_SMP (default 1, at most 2 on shared hosts),
+# L1_KVM_AMD (kvm_amd's parameters in L1, comma-separated; default vgif=0: L2 guests
+# never use SVM themselves, and QEMU's emulation of virtual GIF is the youngest part of
+# its SVM; whether it has anything to do with L1's rare kernel deaths is open,
+# docs/testing.md; set it empty for kvm_amd's defaults).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${HUSK_NESTED_DIR:-/var/cache/husk/nested}
@@ -172,15 +176,16 @@ boot_host() {
 
 # QEMU in the foreground (exec: a PR_SET_PDEATHSIG of the caller stays on it).
 qemu() {
-    local work=$1 dir=$2 initrd=$3 extra=$4
+    local work=$1 dir=$2 initrd=$3 extra=$4 kvm_amd=${L1_KVM_AMD-vgif=0}
     shift 4
+    [ -z "$kvm_amd" ] || kvm_amd=l1kvm_amd=$kvm_amd
     rm -f "$work/cmd.sock"
     : >"$work/console.log"
     exec qemu-system-x86_64 -accel tcg -cpu max \
         -smp "${L1_SMP:-1}" \
         -nodefaults -display none -no-reboot \
         -kernel "$dir/vmlinuz" -initrd "$initrd" \
-        -append "console=ttyS0 quiet panic=-1 rdinit=/init $extra" \
+        -append "console=ttyS0 quiet panic=-1 rdinit=/init $kvm_amd $extra" \
         -serial "file:$work/console.log" \
         -chardev "socket,id=cmd,path=$work/cmd.sock,server=on,wait=off" \
         -serial chardev:cmd "$@"

@@ -8,6 +8,9 @@
 //! bookkeeping: `/proc` (every process whose command line or environment names the
 //! pod), `/proc/self/mountinfo`, the cgroup hierarchies and the state and run dirs.
 //! Husk-ns pods always; VM pods on QEMU/TCG where the guest artefacts are built.
+//!
+//! Also a VM that dies (not huskd) in the middle of RunPodSandbox, its VMM killed by
+//! `HUSK_TEST_KILL_AGENT_AT`: huskd answers with the VM's exit and cleans up on its own.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -282,4 +285,43 @@ async fn vm_crash_during_create_container_leaves_nothing() {
     let cfg = vm_config();
     require!(cfg.is_some(), VM_NEEDS);
     crash_create_container_at_each_step(CriEnv::new(vm_handler(), &cfg.unwrap()).await).await;
+}
+
+/// A VM that dies after its agent came up, in the middle of RunPodSandbox (its VMM killed
+/// just before CreateSandbox, `HUSK_TEST_KILL_AGENT_AT`): huskd itself answers, with
+/// Unavailable naming the VM's exit and its logs rather than a broken agent connection, and
+/// cleans everything the call started up without a restart.
+#[tokio::test]
+async fn vm_dying_during_run_pod_is_named_and_leaves_nothing() {
+    let cfg = vm_config();
+    require!(cfg.is_some(), VM_NEEDS);
+    let mut e = CriEnv::new(vm_handler(), &cfg.unwrap()).await;
+    e.d.env = vec![(
+        "HUSK_TEST_KILL_AGENT_AT".into(),
+        "run_pod:agent-recorded".into(),
+    )];
+    e.d.restart().await.unwrap();
+    let err = e.run_pod(&e.pod("dies")).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unavailable,
+        "{err:?}\n{}",
+        e.d.log()
+    );
+    assert!(
+        err.message()
+            .contains("exited after its agent came up, during create sandbox"),
+        "{err:?}"
+    );
+    assert!(err.message().contains("guest console"), "{err:?}");
+    let log = e.d.log();
+    let id = log
+        .split("VM starting pod=\"")
+        .nth(1)
+        .and_then(|s| s.get(..64))
+        .unwrap_or_else(|| panic!("no VM start logged:\n{log}"))
+        .to_string();
+    assert!(e.pods().await.is_empty(), "pods after the failed call");
+    let left = leftovers(&e, &id);
+    assert!(left.is_empty(), "left behind:\n{}\n{log}", left.join("\n"));
 }

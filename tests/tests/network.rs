@@ -551,8 +551,10 @@ async fn vm_pod_on_cni(pool: u32) {
         );
         return;
     };
+    // The namespace pod's agent: 60 s to come up (10 s by default), as the husk-ns agent, a
+    // debug binary read through the nested L1's virtio-fs root, once took longer under load.
     let e = env(&format!(
-        "[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
+        "[runtime]\nagent_start_timeout_ms = 60000\n[runtime.handlers]\n{VM_HANDLERS}husk-ns = \"namespace\"\n\
          [runtime.vm]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\nboot_timeout_ms = 90000\nmemory_mib = 256\n\
          [runtime.vm.pool]\nsize = 0\nhandlers = {{ {handler} = {pool} }}\n",
         handler = husk_tests::runtime::vm_handler()

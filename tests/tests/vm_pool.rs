@@ -232,3 +232,72 @@ async fn vm_pool_zero_boots_nothing() {
     e.stop_and_remove_pod(&p).await;
     assert!(marked(&e.d.run_dir()).is_empty());
 }
+
+/// The image disks (`blk-…`) plugged into the VM of pod `id` (QMP `query-pci`).
+async fn image_disks(run_dir: &Path, id: &str) -> Vec<String> {
+    use husk_host::sandbox::vm::qemu::qmp::Qmp;
+    let sock = husk_host::sandbox::vm::jail::sock_dir(&run_dir.join("vm").join(&id[..16]))
+        .join("qmp.sock");
+    let mut q = Qmp::connect(&sock, Duration::from_secs(10)).await.unwrap();
+    let pci = q.execute("query-pci", serde_json::json!({})).await.unwrap();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        for d in v.as_array().into_iter().flatten() {
+            if let Some(id) = d["qdev_id"].as_str().filter(|i| i.starts_with("blk-")) {
+                out.push(id.to_string());
+            }
+            walk(&d["pci_bridge"]["devices"], out);
+        }
+    }
+    let mut out = vec![];
+    for bus in pci.as_array().into_iter().flatten() {
+        walk(&bus["devices"], &mut out);
+    }
+    out
+}
+
+#[tokio::test]
+async fn vm_pool_attaches_configured_images_before_a_pod_asks() {
+    require!(env_ok(), NEEDS);
+    let (k, i) = guest().unwrap();
+    let reg = husk_tests::cri_env::busybox_registry().await;
+    let image = format!("{}/e2e/busybox:1", reg.addr);
+    let extra = format!("{}images = [\"{image}\"]\n", config(&k, &i, 1));
+    let d = husk_tests::huskd::Huskd::start_with(
+        husk_tests::huskd::Options::plain_http(&reg.addr),
+        &extra,
+    )
+    .await
+    .unwrap();
+    // Pulls the image; the first pooled VM may have booted before that.
+    let e = CriEnv::with_server(reg, d, QEMU).await;
+    assert_eq!(e.image, image);
+    wait_ready(&e, 1).await;
+    let first = e.run_pod(&e.pod("first")).await.unwrap();
+    // The refill boots after the pull: it gets the image's disk while it waits.
+    wait_ready(&e, 1).await;
+    let cfg = e.pod("warm");
+    let p = e.run_pod(&cfg).await.unwrap();
+    assert_eq!(pool_stats(&e).await["claimed"], 2);
+    let run = e.d.run_dir();
+    let before = image_disks(&run, &p).await;
+    assert_eq!(
+        before.len(),
+        1,
+        "the pooled VM holds the image disk before any container: {before:?}"
+    );
+    let t = Instant::now();
+    let c = e.run(&p, &e.ctr("main", &["sleep", "1000"]), &cfg).await;
+    eprintln!(
+        "first container on a pooled VM with its image attached: running after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(e.sh(&c, "echo ok").await.trim(), "ok");
+    assert_eq!(
+        image_disks(&run, &p).await,
+        before,
+        "no disk hot-plugged for the container"
+    );
+    for p in [&p, &first] {
+        e.stop_and_remove_pod(p).await;
+    }
+}

@@ -59,7 +59,7 @@ fn runtime_code(e: &RuntimeError) -> Code {
                 ..
             } => Code::DeadlineExceeded,
             VmError::Boot {
-                failure: BootFailure::Exited,
+                failure: BootFailure::Exited | BootFailure::ExitedDuring(_),
                 ..
             }
             | VmError::Forward(_) => Code::Unavailable,

@@ -13,7 +13,7 @@ use husk_proto::cri;
 
 use super::agent::{Agent, AgentError};
 use super::error::{AgentStartFailure, RuntimeError};
-use super::state::AgentProcess;
+use super::state::{AgentProcess, ProcRef};
 use crate::image::ImageService;
 use crate::image::store::ImageRecord;
 
@@ -45,6 +45,23 @@ pub trait SandboxKind: Send + Sync {
     }
     /// Whether the agent process is still there (not exited, pid not reused).
     fn alive(&self, p: &AgentProcess) -> bool;
+    /// The processes whose exit ends the pod (what `alive` checks).
+    fn watched(&self, p: &AgentProcess) -> Vec<ProcRef> {
+        vec![ProcRef {
+            pid: p.pid,
+            start_time: p.start_time,
+        }]
+    }
+    /// Pod `id`'s agent connection broke while `what` was being set up: the error that says
+    /// why when the agent's process exited (a VM's console and VMM log), None while it runs.
+    async fn exited_during(
+        &self,
+        _id: &str,
+        _p: &AgentProcess,
+        _what: &'static str,
+    ) -> Option<RuntimeError> {
+        None
+    }
     /// Stops the agent process: SIGTERM, `grace`, SIGKILL.
     async fn shutdown(&self, p: &AgentProcess, grace: Duration);
     /// Removes the pod's runtime files.

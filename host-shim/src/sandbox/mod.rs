@@ -17,6 +17,7 @@ mod inventory;
 pub mod kind;
 pub mod logs;
 pub mod orphans;
+mod pidwatch;
 mod pod;
 mod pooled;
 pub mod propagation;
@@ -103,6 +104,11 @@ impl Pod {
 
     fn containers(&self) -> Vec<Arc<Container>> {
         lock(&self.containers).values().cloned().collect()
+    }
+
+    /// The processes whose exit ends the pod, while it has an agent.
+    fn agent_procs(&self) -> Option<Vec<state::ProcRef>> {
+        lock(&self.rec).agent.as_ref().map(|p| self.kind.watched(p))
     }
 
     fn agent_alive(&self) -> bool {

@@ -112,14 +112,36 @@ pub fn kill_unknown(run_dir: &Path, known: &dyn Fn(&str) -> bool) -> BTreeSet<St
     pods
 }
 
+/// Whether fault-injection variable `var` (read once into `at`) names `point`.
+fn armed(at: &OnceLock<Option<String>>, var: &str, point: &str) -> bool {
+    at.get_or_init(|| std::env::var(var).ok()).as_deref() == Some(point)
+}
+
 /// Kills huskd with SIGKILL when `HUSK_TEST_CRASH_AT` names `point` (a fault-injection
 /// hook for the crash-recovery tests; unset, it costs one cached comparison).
 pub fn crash_point(point: &str) {
     static AT: OnceLock<Option<String>> = OnceLock::new();
-    let at = AT.get_or_init(|| std::env::var("HUSK_TEST_CRASH_AT").ok());
-    if at.as_deref() == Some(point) {
+    if armed(&AT, "HUSK_TEST_CRASH_AT", point) {
         tracing::warn!(point, "HUSK_TEST_CRASH_AT: killing huskd");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Kills the pod's agent process `pid` (a VM's VMM) with SIGKILL when
+/// `HUSK_TEST_KILL_AGENT_AT` names `point`: a guest that dies in the middle of a call
+/// (fault injection for the tests; unset, one cached comparison).
+pub fn kill_agent_point(point: &str, pid: i32) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    if armed(&AT, "HUSK_TEST_KILL_AGENT_AT", point) {
+        tracing::warn!(
+            point,
+            pid,
+            "HUSK_TEST_KILL_AGENT_AT: killing the agent's process"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 

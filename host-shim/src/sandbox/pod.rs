@@ -10,7 +10,7 @@ use prost::Message;
 use protobuf::MessageField;
 
 use super::kind::{LaunchSpec, remove_pod_cgroups};
-use super::orphans::crash_point;
+use super::orphans::{crash_point, kill_agent_point};
 use super::state::{ContainerState, PodRecord, PodState, new_id, now_ns};
 use super::{ContainerView, Manager, Pod, Result, RuntimeError, lock};
 use crate::config::HandlerKind as Kind;
@@ -301,6 +301,7 @@ impl Manager {
             return Err(e.into());
         }
         crash_point("run_pod:agent-recorded");
+        kill_agent_point("run_pod:agent-recorded", proc.pid);
         start.mark();
         let ns = pod_ns(&config);
         let dns = config.dns_config.clone().unwrap_or_default();
@@ -344,8 +345,9 @@ impl Manager {
             ..Default::default()
         };
         if let Err(e) = agent.create_sandbox(req).await {
+            let e = setup_failed(kind_impl.as_ref(), id, &proc, "create sandbox", e).await;
             cleanup(Some(proc)).await;
-            return Err(RuntimeError::agent("create sandbox", e));
+            return Err(e);
         }
         crash_point("run_pod:sandbox-created");
         if let Some(nic) = &vm_nic
@@ -353,9 +355,11 @@ impl Manager {
                 .configure_network(guest_network(nic, pool_mac.as_deref()))
                 .await
         {
+            let what = "configure the guest network";
+            let e = setup_failed(kind_impl.as_ref(), id, &proc, what, e).await;
             let _ = agent.destroy_sandbox(id).await;
             cleanup(Some(proc)).await;
-            return Err(RuntimeError::agent("configure the guest network", e));
+            return Err(e);
         }
         start.end(Phase::SandboxCreate);
         rec.state = PodState::Ready;
@@ -508,6 +512,25 @@ impl Manager {
         out.sort_by_key(|v| v.rec.created_at);
         out
     }
+}
+
+/// The error of a failed setup RPC `what`: when the connection broke because the agent's
+/// process (a VM) exited, that exit with its logs, not the broken connection.
+async fn setup_failed(
+    kind: &dyn super::kind::SandboxKind,
+    id: &str,
+    proc: &super::state::AgentProcess,
+    what: &'static str,
+    e: super::agent::AgentError,
+) -> RuntimeError {
+    use super::agent::AgentError as A;
+    if matches!(e, A::Transport(_) | A::Timeout)
+        && let Some(exited) = kind.exited_during(id, proc, what).await
+    {
+        tracing::warn!(pod = id, error = %e, "agent's process exited during {what}");
+        return exited;
+    }
+    RuntimeError::agent(what, e)
 }
 
 /// The agent's ConfigureNetwork for a VM pod's NIC; a pooled VM's NIC is found by its own

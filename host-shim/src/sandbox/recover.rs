@@ -20,12 +20,14 @@ use super::{Container, Manager, Pod, Result, lock};
 impl Manager {
     pub(super) async fn recover(self: &Arc<Self>) -> Result<()> {
         let all: Vec<(PodRecord, Vec<ContainerRecord>)> = self.store.load()?;
-        for (prec, crecs) in all {
+        // All pods at once: each may wait up to DIAL_WAIT for a slow (or silent) agent.
+        futures::future::join_all(all.into_iter().map(|(prec, crecs)| async move {
             let id = prec.id.clone();
             if let Err(e) = self.recover_pod(prec, crecs).await {
                 tracing::error!(pod = %id, error = %e, "recover pod");
             }
-        }
+        }))
+        .await;
         self.kill_unrecorded().await;
         let pods = self.pods.read().unwrap_or_else(|e| e.into_inner()).clone();
         self.net
@@ -97,6 +99,11 @@ impl Manager {
                 agent = dial(kind.as_ref(), p, &id).await;
             }
             if agent.is_none() {
+                if alive {
+                    tracing::warn!(pod = %id, wait = ?DIAL_WAIT, "the agent of a live pod did not answer: pod marked NotReady, its processes stopped");
+                } else {
+                    tracing::warn!(pod = %id, "the pod's agent process was gone: pod marked NotReady");
+                }
                 prec.state = PodState::NotReady;
                 prec.reason = "AgentExited: the agent was gone when huskd restarted".into();
                 if let Some(p) = &prec.agent {
@@ -195,11 +202,15 @@ impl Manager {
 
 /// Connects to the agent of pod `id`; `None` unless it answers, serves
 /// that pod and its namespace holder is alive.
+/// How long a restarted huskd waits for the agent of a pod whose processes live. A guest on a
+/// loaded node can take seconds to answer; giving up stops a running pod.
+const DIAL_WAIT: Duration = Duration::from_secs(15);
+
 async fn dial(kind: &dyn SandboxKind, p: &AgentProcess, id: &str) -> Option<Agent> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + DIAL_WAIT;
     loop {
         if let Ok(a) = kind.connect(p).await
-            && let Ok(check) = a.check(Duration::from_secs(2)).await
+            && let Ok(check) = a.check(Duration::from_secs(5)).await
         {
             if check.sandbox_id == id && check.sandbox_ready {
                 return Some(a);

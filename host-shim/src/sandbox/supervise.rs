@@ -7,11 +7,15 @@ use std::time::Duration;
 use super::agent::{Agent, AgentError, POLL_TIMEOUT};
 use super::kind::remove_pod_cgroups;
 use super::logs::{CriLog, Stream};
+use super::pidwatch::ExitWatch;
 use super::state::{ContainerState, PodState, now_ns};
 use super::{Container, Manager, OutputChunk, Pod, lock};
 
-/// How often a pod's agent process is checked.
+/// How often a pod's agent process is checked where its exit cannot be awaited
+/// (no pidfd), and while a stop that kills it on purpose is in progress.
 const MONITOR_EVERY: Duration = Duration::from_millis(250);
+/// How often a monitor that awaits the exit looks whether its pod is still Ready.
+const RECHECK_EVERY: Duration = Duration::from_secs(30);
 /// How long an exit waits for the log copiers to reach end of stream.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
@@ -100,14 +104,34 @@ impl Manager {
     pub(super) fn spawn_monitor(self: &Arc<Self>, pod: Arc<Pod>) {
         let m = self.clone();
         tokio::spawn(async move {
+            // Awaits the exit of the VMM, its helpers or the namespace agent (pidfds);
+            // polls only where that is not possible.
+            let watch = pod
+                .agent_procs()
+                .and_then(|procs| match ExitWatch::new(&procs) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::debug!(pod = %pod.id, error = %e, "no pidfd: the agent is polled");
+                        None
+                    }
+                });
             loop {
-                tokio::time::sleep(MONITOR_EVERY).await;
+                match &watch {
+                    Some(w) => {
+                        tokio::select! {
+                            _ = w.any_exited() => {}
+                            _ = tokio::time::sleep(RECHECK_EVERY) => {}
+                        }
+                    }
+                    None => tokio::time::sleep(MONITOR_EVERY).await,
+                }
                 if pod.record().state != PodState::Ready {
                     return;
                 }
                 if !pod.agent_alive() {
                     // A stop in progress kills the agent on purpose.
                     if pod.lifecycle.try_lock().is_err() {
+                        tokio::time::sleep(MONITOR_EVERY).await;
                         continue;
                     }
                     m.agent_died(&pod, "the agent process exited");

@@ -88,6 +88,9 @@ pub enum VmError {
 pub enum BootFailure {
     #[error("exited during boot")]
     Exited,
+    /// The agent came up, then the VM exited while huskd set the pod up (`{0}`).
+    #[error("exited after its agent came up, during {0}")]
+    ExitedDuring(&'static str),
     #[error("did not bring the agent up within {0} ms (runtime.vm.boot_timeout_ms)")]
     Timeout(u64),
 }

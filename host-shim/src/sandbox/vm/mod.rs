@@ -64,6 +64,8 @@ pub(super) const HELPER_WAIT: Duration = Duration::from_secs(10);
 const SHARE_FD: i32 = 3;
 /// Console/log lines quoted in start errors.
 const TAIL_LINES: usize = 15;
+/// How long a VM whose agent connection broke during setup may take to be seen exited.
+const EXIT_SETTLE: Duration = Duration::from_secs(2);
 
 /// What a backend starts a pod's VM with (see `backend.rs`).
 struct Start<'a> {
@@ -102,7 +104,11 @@ pub fn guest_cmdline(backend: Kind) -> String {
     // timer check misses its window and panics ("IO-APIC + timer doesn't
     // work!"; seen with 20 guests booting at once). KVM guests skip the
     // check by themselves (kvm_guest_init).
-    let mut c = String::from("console=ttyS0 panic=-1 quiet no_timer_check");
+    // tsc=reliable: a VM's TSC comes from the host (KVM, or QEMU's TCG clock),
+    // so the clocksource watchdog, which checks it against HPET/ACPI PM twice
+    // a second with a timer that is not deferrable, only wakes idle guests
+    // (measured on an idle TCG guest: 2 of its few timer wakeups a second).
+    let mut c = String::from("console=ttyS0 panic=-1 quiet no_timer_check tsc=reliable");
     if backend == Kind::Vm {
         // husk-vmm has no ACPI: reboot through the keyboard controller, and
         // find its i8042 without PNP; only the keyboard port, which never
@@ -424,6 +430,32 @@ impl SandboxKind for VmSandbox {
         Self::procs(p)
             .iter()
             .all(|r| proc_alive(r.pid, r.start_time))
+    }
+
+    fn watched(&self, p: &AgentProcess) -> Vec<ProcRef> {
+        Self::procs(p)
+    }
+
+    async fn exited_during(
+        &self,
+        id: &str,
+        p: &AgentProcess,
+        what: &'static str,
+    ) -> Option<RuntimeError> {
+        // The guest side of the connection goes before the VMM process does: give a dying
+        // VMM a moment to be gone.
+        let until = Instant::now() + EXIT_SETTLE;
+        while self.alive(p) {
+            if Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A pooled VM keeps the run dir it was booted in.
+        let dir =
+            p.vm.as_ref()
+                .map_or_else(|| self.pod_dir(id), |v| v.dir.clone());
+        Some(self.start_error(id, &dir, BootFailure::ExitedDuring(what)))
     }
 
     async fn shutdown(&self, p: &AgentProcess, grace: Duration) {

@@ -18,7 +18,7 @@
 //! - Refill runs in the background (at most `parallel_boots` boots per handler), bounded
 //!   by `memory_budget_mib` of guest RAM over all pools; failed boots back off.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use husk_proto::cri;
 use serde::Serialize;
 
 use super::super::agent::Agent;
+use super::super::error::RuntimeError;
 use super::super::kind::{LaunchSpec, SandboxKind, remove_cgroup_tree_patiently};
 use super::super::state::{AgentProcess, new_id};
 use super::VmSandbox;
@@ -161,6 +162,8 @@ pub struct VmPool {
     netns: PathBuf,
     cgroup_root: String,
     budget: Arc<Budget>,
+    /// Images attached to each pooled VM after its boot (`images` in the config).
+    images: Vec<String>,
     state: Mutex<State>,
     wake: tokio::sync::Notify,
 }
@@ -197,6 +200,7 @@ impl VmPool {
             netns,
             cgroup_root: cgroup_root.trim_matches('/').to_string(),
             budget,
+            images: cfg.images.clone(),
             state: Mutex::new(State::default()),
             wake: tokio::sync::Notify::new(),
         })
@@ -412,7 +416,14 @@ impl VmPool {
             vm_size: Some(self.size),
         };
         let t = Instant::now();
-        let r = self.vm.launch(&id, &spec).await;
+        let mut r = self.vm.launch(&id, &spec).await;
+        if let Ok((proc, _)) = &r
+            && let Err(e) = self.attach_images(&id, proc).await
+        {
+            // Such a VM is of no use as it is: it counts as a failed boot.
+            self.vm.shutdown(proc, Duration::ZERO).await;
+            r = Err(e);
+        }
         let outcome = {
             let mut st = self.lock();
             st.booting -= 1;
@@ -465,6 +476,28 @@ impl VmPool {
 }
 
 /// A locally administered unicast MAC from a pod id.
+impl VmPool {
+    /// Attaches the disks of the configured images that are pulled; an image not
+    /// (yet) on the node is left out.
+    async fn attach_images(&self, id: &str, proc: &AgentProcess) -> Result<(), RuntimeError> {
+        for spec in &self.images {
+            let image = match self.vm.images.status(spec) {
+                Ok(Some(i)) => i,
+                Ok(None) => {
+                    tracing::debug!(handler = %self.handler, image = %spec, "pool image not pulled: not attached");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(handler = %self.handler, image = %spec, error = %e, "pool image");
+                    continue;
+                }
+            };
+            self.vm.rootfs(id, proc, &image, &HashSet::new()).await?;
+        }
+        Ok(())
+    }
+}
+
 fn pool_mac(id: &str) -> String {
     let b = hex::decode(&id[..10.min(id.len())]).unwrap_or_default();
     let mut m = vec![0x02u8];
