@@ -25,17 +25,9 @@ use husk_tests::oci::{Compression, ImageSpec, Pusher, build_image, busybox_layer
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (Ok(k), Ok(i)) = (
-        std::env::var("HUSK_GUEST_KERNEL"),
-        std::env::var("HUSK_GUEST_INITRD"),
-    ) else {
-        println!("skipped: HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD not set");
+    let Some((k, i)) = husk_tests::bench::vm_guest() else {
         return Ok(());
     };
-    if !husk_tests::is_root() || !husk_tests::registry::available() {
-        println!("skipped: needs root and docker-registry");
-        return Ok(());
-    }
     let accel = std::env::var("HUSK_BENCH_ACCEL").unwrap_or_else(|_| "tcg".into());
     let handler = std::env::var("HUSK_BENCH_HANDLER").unwrap_or_else(|_| "husk-qemu".into());
     let runs = husk_tests::bench::env_count("HUSK_BENCH_RUNS", 10);

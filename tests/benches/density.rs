@@ -48,17 +48,9 @@ fn variant(name: &str) -> Option<&'static str> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (Ok(k), Ok(i)) = (
-        std::env::var("HUSK_GUEST_KERNEL"),
-        std::env::var("HUSK_GUEST_INITRD"),
-    ) else {
-        println!("skipped: HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD not set");
+    let Some((k, i)) = husk_tests::bench::vm_guest() else {
         return Ok(());
     };
-    if !husk_tests::is_root() || !husk_tests::registry::available() {
-        println!("skipped: needs root and docker-registry");
-        return Ok(());
-    }
     let accel = std::env::var("HUSK_BENCH_ACCEL").unwrap_or_else(|_| "tcg".into());
     let variants = std::env::var("HUSK_DENSITY_VARIANTS").unwrap_or_else(|_| "default".into());
     let handlers = std::env::var("HUSK_DENSITY_HANDLERS").unwrap_or_else(|_| "husk-qemu".into());

@@ -49,8 +49,19 @@ if [ $# = 0 ]; then
     # started, CI stops at 90), by its time on a quiet host plus a fifth. Which extra comes
     # first rotates with the commit, so consecutive CI runs cover all of them; one that does
     # not fit is named as not run.
-    suites=(--test runtime_vm --test streaming_vm --test vm_tap --test stats --test conformance
-        --test crash_recovery --test network --test hostile_guest --test hostile_guest_bounds)
+    suites=(runtime_vm streaming_vm vm_tap stats conformance crash_recovery network hostile_guest
+        hostile_guest_bounds)
+    if [ "${HUSK_SUITE:-full}" = ci ] && [ $hw = 0 ]; then
+        # Its floods (about 200 k port-I/O exits of the console flood, vsock and exec floods
+        # beside it) killed L1's own kernel in 2 of 5 runs of the binary on 2026-12-07 (a
+        # stack overflow of repeated page faults in error_entry of a husk-vmm vCPU thread in
+        # L1: the nested test bed, docs/testing.md); an L2 triple fault at boot and a pod
+        # whose VM died mid-flood failed two more: too likely to fail CI for the bed's sake.
+        # HUSK_SUITE=full runs it; with hardware KVM CI runs it too.
+        suites=(runtime_vm streaming_vm vm_tap stats conformance crash_recovery network hostile_guest)
+        extras=(conformance network crash_recovery)
+        notrun+=("hostile_guest_bounds (HUSK_SUITE=ci under nesting: its floods kill L1's kernel too often, a test-bed failure; HUSK_SUITE=full runs it)")
+    fi
     rot=0
     if [ "${HUSK_SUITE:-full}" = ci ]; then
         rot=$(( 0x$(cd "$here/../.." && git rev-parse --short=4 HEAD 2>/dev/null || echo 0) % ${#extras[@]} ))
@@ -74,7 +85,7 @@ if [ $# = 0 ]; then
         fi
         echo "$w $spec"
     done < <(cd "$here/../.." && cargo test -p husk-tests --locked --no-run --message-format=json \
-        "${suites[@]}" | grep -o '"executable":"[^"]*/deps/[^"]*"' | cut -d'"' -f4) | sort -n >"$tmp_list"
+        $(printf -- '--test %s ' "${suites[@]}") | grep -o '"executable":"[^"]*/deps/[^"]*"' | cut -d'"' -f4) | sort -n >"$tmp_list"
     while read -r _ spec; do set -- "$@" "$spec"; done <"$tmp_list"
     rm -f "$tmp_list"
     [ $# -gt 0 ] || { echo "husk-suite: no test binaries built" >&2; exit 1; }

@@ -15,6 +15,23 @@ pub fn baseline_ready() -> bool {
     ok
 }
 
+/// The guest kernel and initramfs a VM bench boots, when it can run here (root,
+/// docker-registry, HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD set); prints why not.
+pub fn vm_guest() -> Option<(String, String)> {
+    let (Ok(k), Ok(i)) = (
+        std::env::var("HUSK_GUEST_KERNEL"),
+        std::env::var("HUSK_GUEST_INITRD"),
+    ) else {
+        println!("skipped: HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD not set");
+        return None;
+    };
+    if !crate::is_root() || !crate::registry::available() {
+        println!("skipped: needs root and docker-registry");
+        return None;
+    }
+    Some((k, i))
+}
+
 /// A count from the environment, or `default`.
 pub fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -209,7 +209,20 @@ async fn guest_console_flood_stays_within_the_log_cap() {
     let t = Instant::now();
     let c = e.run(&pod, &cfg, &pcfg).await;
     let st = wait_exited(&e.c, &c, Duration::from_secs(600)).await;
-    assert_eq!(st.exit_code, 0, "{}", st.message);
+    let logs_tail = |name: &str| {
+        let s = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    assert_eq!(
+        st.exit_code,
+        0,
+        "{}\nvmm.log:\n{}\nconsole.log:\n{}\n{}",
+        st.message,
+        logs_tail("vmm.log"),
+        logs_tail("console.log"),
+        e.d.log()
+    );
     let console = dir.join("console.log");
     let rotated = dir.join("console.log.1");
     let size = || file_len(&console) + file_len(&rotated);

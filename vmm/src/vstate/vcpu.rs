@@ -266,9 +266,11 @@ impl Vcpu {
 
     fn run_loop(&mut self, shared: &VcpuShared) -> ExitReason {
         let mut boot_timer_seen = false;
+        let mut trail = ExitTrail::default();
         loop {
             let outcome = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
+                    trail.push(Exit::Out, u64::from(port));
                     if port == BOOT_TIMER_PORT && !boot_timer_seen {
                         boot_timer_seen = true;
                         if let Some(t0) = shared.boot_timer {
@@ -283,14 +285,17 @@ impl Vcpu {
                     None
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    trail.push(Exit::In, u64::from(port));
                     shared.pio.read(u64::from(port), data);
                     None
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
+                    trail.push(Exit::Read, addr);
                     shared.mmio.read(addr, data);
                     None
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    trail.push(Exit::Write, addr);
                     shared.mmio.write(addr, data);
                     None
                 }
@@ -321,8 +326,13 @@ impl Vcpu {
             if let Some(reason) = outcome {
                 return match reason {
                     ExitReason::Error(msg) => {
+                        // After a triple fault KVM has reset the vCPU (rip 0xfff0): the trail
+                        // of exits is what is left of where the guest was.
                         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                        ExitReason::Error(format!("vcpu{}: {msg} at rip {rip:#x}", self.id))
+                        ExitReason::Error(format!(
+                            "vcpu{}: {msg} at rip {rip:#x}; {trail}",
+                            self.id
+                        ))
                     }
                     r => r,
                 };
@@ -331,6 +341,53 @@ impl Vcpu {
                 return ExitReason::Stopped;
             }
         }
+    }
+}
+
+/// What a vCPU exit to user space was for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Exit {
+    Out,
+    In,
+    Read,
+    Write,
+}
+
+/// How many exits the trail keeps.
+const TRAIL: usize = 12;
+
+/// The last port-I/O and MMIO exits of a vCPU (a fixed ring: nothing grows), named in the
+/// error of a vCPU that stops on an error.
+#[derive(Default)]
+struct ExitTrail {
+    last: [Option<(Exit, u64)>; TRAIL],
+    count: u64,
+}
+
+impl ExitTrail {
+    fn push(&mut self, kind: Exit, addr: u64) {
+        self.last[(self.count % TRAIL as u64) as usize] = Some((kind, addr));
+        self.count += 1;
+    }
+}
+
+impl std::fmt::Display for ExitTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} I/O exits before", self.count)?;
+        let start = self.count.saturating_sub(TRAIL as u64);
+        for (n, i) in (start..self.count).enumerate() {
+            if let Some((kind, addr)) = self.last[(i % TRAIL as u64) as usize] {
+                let sep = if n == 0 { ", the last:" } else { "," };
+                let kind = match kind {
+                    Exit::Out => "out",
+                    Exit::In => "in",
+                    Exit::Read => "mmio-read",
+                    Exit::Write => "mmio-write",
+                };
+                write!(f, "{sep} {kind} {addr:#x}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -370,6 +427,28 @@ mod tests {
         assert_eq!(s[0].ecx & CPUID_MONITOR, 0);
         assert_eq!((s[1].edx, s[1].ebx), (1, 2));
         assert_eq!(s[2].eax, 0);
+    }
+
+    #[test]
+    fn exit_trail_keeps_the_last_exits_in_order() {
+        let mut t = ExitTrail::default();
+        assert_eq!(t.to_string(), "0 I/O exits before");
+        t.push(Exit::Out, 0x3f8);
+        t.push(Exit::Read, 0xd000_0000);
+        assert_eq!(
+            t.to_string(),
+            "2 I/O exits before, the last: out 0x3f8, mmio-read 0xd0000000"
+        );
+        for port in 0..30u64 {
+            t.push(Exit::In, port);
+        }
+        let s = t.to_string();
+        assert!(
+            s.starts_with("32 I/O exits before, the last: in 0x12,"),
+            "{s}"
+        );
+        assert!(s.ends_with(", in 0x1d"), "{s}");
+        assert_eq!(s.matches(", in ").count() + 1, TRAIL, "{s}");
     }
 
     #[test]
