@@ -235,7 +235,7 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
         for ((i = 0; i < next; i++)); do
             [ -z "${finished[$i]:-}" ] && again+=("$i")
         done
-        echo "husk-suite: L1's kernel died (or hung); restart $restarts, running again: $(names_of "${again[@]}")"
+        echo "husk-suite: L1 died (kernel death, exit or hang); restart $restarts, running again: $(names_of "${again[@]}")"
         l1_rerun+=("${again[@]}")
         boot_l1
         l1 "mkdir -p /l1/tmp/suite" >/dev/null
@@ -291,6 +291,6 @@ while [ $next -lt $# ] || [ $running -gt 0 ]; do
 done
 for n in "${notrun[@]}"; do echo "husk-suite: NOT RUN: $n"; done
 [ ${#tf_rerun[@]} = 0 ] || echo "husk-suite: run again after an L2 triple fault under nesting: $(names_of "${tf_rerun[@]}")"
-[ "$restarts" = 0 ] || echo "husk-suite: L1's kernel died or hung $restarts time(s); run again after a fresh L1: $(names_of "${l1_rerun[@]}")"
+[ "$restarts" = 0 ] || echo "husk-suite: L1 died (kernel death, exit or hang) $restarts time(s); run again after a fresh L1: $(names_of "${l1_rerun[@]}")"
 echo "husk-suite: $(($# - nskip - ${#failed[@]}))/$(($# - nskip)) binaries passed in $(($(date +%s) - t0)) s${failed:+; failed: ${failed[*]}}"
 [ ${#failed[@]} = 0 ]
