@@ -35,7 +35,8 @@
 //! memory_mib = 256                    # per pod, plus the pod's memory limit
 //! max_vcpus = 8
 //! max_memory_mib = 8192
-//! boot_timeout_ms = 60000             # VMM start -> agent answering (TCG is slow)
+//! boot_timeout_ms = 60000             # VMM start -> agent answering (TCG is slow); also
+//!                                     # the deadline of the pod's setup calls after it
 //! log_max_bytes = 4194304             # each VM pod log (console, VMM, helpers), over two files
 //! qemu_binary = "qemu-system-x86_64"
 //! qemu_accel = "auto"                 # "kvm" | "tcg" | "auto" (kvm when /dev/kvm works)
@@ -243,6 +244,8 @@ pub struct VmConfig {
     pub memory_mib: u32,
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
+    /// VMM start to the agent's first answer; also the deadline of each of the pod's setup
+    /// calls (CreateSandbox, ConfigureNetwork) after it, which a starved guest answers late.
     pub boot_timeout_ms: u64,
     /// Bytes each VM pod log (guest console, VMM, helpers) keeps over its two files.
     pub log_max_bytes: u64,

@@ -108,18 +108,21 @@ impl Agent {
     }
 
     /// The guest's interfaces and routes (VM pods with a CNI network).
-    pub async fn configure_network(&self, req: pb::ConfigureNetworkRequest) -> Result<()> {
-        self.client
-            .configure_network(ctx(RPC_TIMEOUT), &req)
-            .await?;
+    pub async fn configure_network(
+        &self,
+        req: pb::ConfigureNetworkRequest,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.client.configure_network(ctx(timeout), &req).await?;
         Ok(())
     }
 
     pub async fn create_sandbox(
         &self,
         req: pb::CreateSandboxRequest,
+        timeout: Duration,
     ) -> Result<pb::CreateSandboxResponse> {
-        Ok(self.client.create_sandbox(ctx(RPC_TIMEOUT), &req).await?)
+        Ok(self.client.create_sandbox(ctx(timeout), &req).await?)
     }
 
     pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {

@@ -91,6 +91,11 @@ pub trait SandboxKind: Send + Sync {
     fn agent_in_guest(&self) -> bool {
         false
     }
+    /// Deadline of the pod's setup calls to its freshly started agent (CreateSandbox,
+    /// ConfigureNetwork): part of the pod's start, not an ordinary call.
+    fn setup_timeout(&self) -> Duration {
+        super::agent::RPC_TIMEOUT
+    }
     /// The host directory the guest sees as sandbox mount `share` (virtio-fs), where a
     /// container's CRI mounts are bound (`share.rs`); None: host paths are used directly.
     fn share_dir(&self, _p: &AgentProcess) -> Option<std::path::PathBuf> {

@@ -344,7 +344,8 @@ impl Manager {
                 .collect(),
             ..Default::default()
         };
-        if let Err(e) = agent.create_sandbox(req).await {
+        let setup = kind_impl.setup_timeout();
+        if let Err(e) = agent.create_sandbox(req, setup).await {
             let e = setup_failed(kind_impl.as_ref(), id, &proc, "create sandbox", e).await;
             cleanup(Some(proc)).await;
             return Err(e);
@@ -352,7 +353,7 @@ impl Manager {
         crash_point("run_pod:sandbox-created");
         if let Some(nic) = &vm_nic
             && let Err(e) = agent
-                .configure_network(guest_network(nic, pool_mac.as_deref()))
+                .configure_network(guest_network(nic, pool_mac.as_deref()), setup)
                 .await
         {
             let what = "configure the guest network";

@@ -544,6 +544,12 @@ impl SandboxKind for VmSandbox {
         true
     }
 
+    /// A guest starved of CPU (many TCG guests starting at once) answers its first calls
+    /// late though it is up: setup gets the boot budget, never less than an ordinary call.
+    fn setup_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.boot_timeout_ms).max(super::agent::RPC_TIMEOUT)
+    }
+
     fn share_dir(&self, p: &AgentProcess) -> Option<PathBuf> {
         p.vm.as_ref().map(|v| v.dir.join("share"))
     }
@@ -616,6 +622,19 @@ mod tests {
             .unwrap()
             .memory_limit_in_bytes = 1 << 40;
         assert_eq!(vm.size(&c).1, 8192);
+    }
+
+    #[test]
+    fn setup_calls_get_the_boot_budget_never_less_than_an_ordinary_call() {
+        let vm = |boot_timeout_ms| {
+            let cfg = VmConfig {
+                boot_timeout_ms,
+                ..VmConfig::default()
+            };
+            VmSandbox::new(Kind::Qemu, Accel::Tcg, cfg, "/tmp".into(), images())
+        };
+        assert_eq!(vm(90_000).setup_timeout(), Duration::from_secs(90));
+        assert_eq!(vm(5_000).setup_timeout(), super::super::agent::RPC_TIMEOUT);
     }
 
     #[test]
