@@ -134,6 +134,14 @@ impl Manager {
                         tokio::time::sleep(MONITOR_EVERY).await;
                         continue;
                     }
+                    // A VM's exit is logged with its console and VMM log tails (a guest
+                    // panic, a triple fault), as a failed boot is.
+                    let agent = lock(&pod.rec).agent.clone();
+                    if let Some(p) = agent
+                        && let Some(e) = pod.kind.exited_during(&pod.id, &p, "its run").await
+                    {
+                        tracing::warn!(pod = %pod.id, error = %e, "pod VM exited");
+                    }
                     m.agent_died(&pod, "the agent process exited");
                     return;
                 }
