@@ -473,10 +473,7 @@ impl VmPool {
         }
         self.wake.notify_one();
     }
-}
 
-/// A locally administered unicast MAC from a pod id.
-impl VmPool {
     /// Attaches the disks of the configured images that are pulled; an image not
     /// (yet) on the node is left out.
     async fn attach_images(&self, id: &str, proc: &AgentProcess) -> Result<(), RuntimeError> {
@@ -498,6 +495,7 @@ impl VmPool {
     }
 }
 
+/// A locally administered unicast MAC from a pod id.
 fn pool_mac(id: &str) -> String {
     let b = hex::decode(&id[..10.min(id.len())]).unwrap_or_default();
     let mut m = vec![0x02u8];
