@@ -42,6 +42,8 @@ pub struct Agent {
     pub oom: OomQueue,
     /// Woken when a container is added (the OOM monitor then watches its cgroup).
     pub containers_added: tokio::sync::Notify,
+    /// A sandbox holder spawned ahead of CreateSandbox (`sandbox::spare`; VM only).
+    pub spare_holder: Mutex<Option<crate::sandbox::spare::Spare>>,
 }
 
 impl Agent {
@@ -74,6 +76,7 @@ impl Agent {
             busy: Mutex::new(HashSet::new()),
             oom: OomQueue::default(),
             containers_added: tokio::sync::Notify::new(),
+            spare_holder: Mutex::new(None),
         }))
     }
 

@@ -146,6 +146,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "husk_agent=info".into()),
         )
         .with_writer(std::io::stderr)
+        // A VM's console is a serial line the host writes to a file: no colour codes
+        // (a third of each line's bytes, and every byte is a port write in the guest).
+        .with_ansi(!pid1 && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let listen: Listen = match &args.listen {
         Some(l) => l.parse()?,
@@ -203,6 +206,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             oom_watch,
             "husk-agent ready"
         );
+        // A VM's sandbox takes a holder spawned now (sandbox/spare.rs).
+        sandbox::spare::start(&agent);
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

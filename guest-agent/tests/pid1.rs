@@ -79,6 +79,33 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
         .await;
     assert_eq!((out.as_str(), code), ("denied\n", 0), "{err}");
 
+    // As a VM's PID 1 the agent spawned the sandbox's holder ahead of CreateSandbox
+    // (sandbox/spare.rs) and moved it into the pod's pause cgroup.
+    let log = a.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sandbox created") && l.contains("spare_used=true")),
+        "{log}"
+    );
+    // The host's view of that cgroup (cgroup2 where the host has it): the holder is in it.
+    let procs: String = [
+        "/sys/fs/cgroup/unified/husk-test",
+        "/sys/fs/cgroup/husk-test",
+    ]
+    .iter()
+    .map(|r| {
+        std::path::Path::new(r)
+            .join(&a.sandbox_id)
+            .join("pause/cgroup.procs")
+    })
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .unwrap_or_default();
+    assert_eq!(
+        procs.lines().count(),
+        1,
+        "pause cgroup procs {procs:?}\n{log}"
+    );
+
     // A long-running container, then SIGTERM: the agent tears down and "powers off".
     a.run(&unique("sleeper"), &spec(&["sleep", "1000"])).await;
     nix::sys::signal::kill(

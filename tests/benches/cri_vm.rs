@@ -15,7 +15,11 @@
 //! (`tests/nested/bootratio-l1.sh bench` does that in the nested L1).
 //!
 //! `HUSK_BENCH_POOL_IMAGES=1` gives the pool the bench's image (`[runtime.vm.pool] images`):
-//! each pooled VM then holds its disk before a pod asks.
+//! each pooled VM then holds its disk before a pod asks. `HUSK_BENCH_COLD=0` leaves the
+//! cold column out (the pool's column and containerd's only).
+//!
+//! After the table: the median of each RunPodSandbox phase per handler, from huskd's
+//! "pod sandbox ready" lines (where a pod's start went).
 //!
 //! Needs HUSK_GUEST_KERNEL / HUSK_GUEST_INITRD (images/) and QEMU.
 
@@ -79,11 +83,13 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", warm.markdown());
         cols.push((format!("{handler}, pool {pool}"), warm));
     }
-    let cold = cri(&e.c, &e.d.socket, &opts(&handler, 5, false, &e.image))
-        .await
-        .map_err(fail)?;
-    print!("{}", cold.markdown());
-    cols.insert(0, (format!("{handler}, no pool"), cold));
+    if std::env::var("HUSK_BENCH_COLD").map_or(true, |v| v != "0") {
+        let cold = cri(&e.c, &e.d.socket, &opts(&handler, 5, false, &e.image))
+            .await
+            .map_err(fail)?;
+        print!("{}", cold.markdown());
+        cols.insert(0, (format!("{handler}, no pool"), cold));
+    }
     let also = std::env::var("HUSK_BENCH_ALSO").unwrap_or_default();
     for (n, other) in also.split(',').filter(|h| !h.is_empty()).enumerate() {
         let r = cri(&e.c, &e.d.socket, &opts(other, 5, false, &e.image))
@@ -113,5 +119,46 @@ async fn main() -> anyhow::Result<()> {
     }
     let refs: Vec<(&str, &Report)> = cols.iter().map(|(n, r)| (n.as_str(), r)).collect();
     println!("\n{}", side_by_side(&refs));
+    println!("{}", phase_medians(&e.d.log()));
     Ok(())
+}
+
+/// Per handler, the median of each phase of huskd's "pod sandbox ready" lines
+/// (`phases=claim=12,network=3,…,total=150`), in ms.
+fn phase_medians(log: &str) -> String {
+    use std::collections::BTreeMap;
+    let mut by: BTreeMap<String, BTreeMap<String, Vec<u64>>> = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("pod sandbox ready")) {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        let (Some(h), Some(p)) = (field("handler="), field("phases=")) else {
+            continue;
+        };
+        for kv in p.split(',') {
+            if let Some((k, v)) = kv.split_once('=')
+                && let Ok(ms) = v.parse()
+            {
+                by.entry(h.clone())
+                    .or_default()
+                    .entry(k.to_string())
+                    .or_default()
+                    .push(ms);
+            }
+        }
+    }
+    let mut out = String::from("RunPodSandbox phases, median ms (pods):\n");
+    for (h, phases) in by {
+        let row: Vec<String> = phases
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.sort_unstable();
+                format!("{k} {} ({})", v[v.len() / 2], v.len())
+            })
+            .collect();
+        out.push_str(&format!("  {h}: {}\n", row.join(", ")));
+    }
+    out
 }

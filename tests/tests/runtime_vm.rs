@@ -219,6 +219,25 @@ async fn vm_pod_containers_logs_exec_stats_and_cleanup() {
         "{}: {text}",
         console.display()
     );
+    // The guest's log lines carry no colour codes, and the pod's sandbox took the holder
+    // the agent spawned ahead of it (guest-agent/src/sandbox/spare.rs).
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in {}",
+        console.display()
+    );
+    eventually(
+        "the sandbox's create line",
+        Duration::from_secs(10),
+        || async { std::fs::read_to_string(&console).is_ok_and(|t| t.contains("sandbox created")) },
+    )
+    .await;
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("spare_used=true"),
+        "{}: {text}",
+        console.display()
+    );
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&console).unwrap().uid(), 0);
 

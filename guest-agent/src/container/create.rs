@@ -257,7 +257,12 @@ fn drop_cached_blocks(device: &Path) -> Result<()> {
     Ok(())
 }
 
-fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> Result<PathBuf> {
+async fn block_rootfs(
+    dir: &Path,
+    device: &Path,
+    fstype: &str,
+    options: &[String],
+) -> Result<PathBuf> {
     // huskd hot-plugs the image disk just before CreateContainer: the guest
     // kernel may still be probing it.
     let deadline = std::time::Instant::now() + DEVICE_WAIT;
@@ -266,7 +271,7 @@ fn block_rootfs(dir: &Path, device: &Path, fstype: &str, options: &[String]) -> 
             Ok(d) if d.exists() => break d,
             Ok(d) if std::time::Instant::now() > deadline => break d,
             Err(e) if std::time::Instant::now() > deadline => return Err(e),
-            _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
     };
     let device = device.as_path();
@@ -362,6 +367,7 @@ async fn create(
         crate::cgroup::validate(r).map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
     }
 
+    let began = std::time::Instant::now();
     std::fs::create_dir_all(dir)
         .map_err(|e| AgentError::Io(format!("mkdir {}", dir.display()), e))?;
     let mut agent_mounts = Vec::new();
@@ -403,7 +409,7 @@ async fn create(
             subpath,
             overlay,
         }) => {
-            let mounted = block_rootfs(dir, &device, &fstype, &options)?;
+            let mounted = block_rootfs(dir, &device, &fstype, &options).await?;
             agent_mounts.push(mounted.clone());
             let root = crate::runner::rootfs::secure_join(&mounted, Path::new(&subpath));
             if overlay {
@@ -425,6 +431,7 @@ async fn create(
         }
     }
 
+    let rootfs_ready = began.elapsed();
     let rel = match spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => sandbox.cgroup_parent.join(&req.id),
@@ -444,6 +451,7 @@ async fn create(
         .apply_devices(&crate::cgroup::devices::rules(&spec))
         .map_err(|e| undo(e.into()))?;
 
+    let cgrouped = began.elapsed();
     let own_pid_ns = unshare.contains(&Ns::Pid);
     let config = InitConfig {
         cgroup_procs: cgroup.procs_files(),
@@ -472,7 +480,15 @@ async fn create(
             return Err(undo(e.into()));
         }
     };
-    tracing::info!(container = %req.id, pid = spawned.pid, "container created");
+    // Where a create's time went (ms since it began: rootfs, cgroup, runner ready).
+    tracing::info!(
+        container = %req.id,
+        pid = spawned.pid,
+        rootfs_ms = rootfs_ready.as_millis() as u64,
+        cgroup_ms = cgrouped.as_millis() as u64,
+        runner_ms = began.elapsed().as_millis() as u64,
+        "container created"
+    );
     let init = Arc::new(Process::new(String::new(), spawned.pid, io, spawned.exit));
     Ok(Arc::new(Container {
         id: req.id.clone(),

@@ -116,6 +116,7 @@ async fn build(
         let p = dir.join(name);
         std::fs::write(&p, content).map_err(io_err(format!("write {}", p.display())))
     };
+    let began = std::time::Instant::now();
     let resolv = match resolv_conf(c) {
         Some(r) => r,
         None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
@@ -163,6 +164,7 @@ async fn build(
         made.mounts.push(target.clone());
         mounts.insert(m.name.clone(), target);
     }
+    let mounted = began.elapsed();
 
     let cgroup_parent = if c.cgroup_parent.is_empty() {
         PathBuf::from("husk").join(&c.id)
@@ -227,14 +229,38 @@ async fn build(
             loopback_up: new_net,
         }),
     };
-    let (child, _io) = stdio::make(false, false)?;
-    let spawned = spawn::spawn(&agent.exe, &agent.reaper, &config, child, false).await?;
-    tracing::info!(sandbox = %c.id, holder = spawned.pid, "sandbox created");
+    let cgrouped = began.elapsed();
+    let spare = match super::spare::fits(&config) {
+        true => super::spare::take(agent, &cgroup).await,
+        false => {
+            super::spare::discard(agent).await;
+            None
+        }
+    };
+    let spare_used = spare.is_some();
+    let (holder_pid, holder_exit) = match spare {
+        Some(x) => x,
+        None => {
+            let (child, _io) = stdio::make(false, false)?;
+            let s = spawn::spawn(&agent.exe, &agent.reaper, &config, child, false).await?;
+            (s.pid, s.exit)
+        }
+    };
+    // Where a create's time went (ms since it began: files and mounts, cgroups, holder).
+    tracing::info!(
+        sandbox = %c.id,
+        holder = holder_pid,
+        spare_used,
+        mounted_ms = mounted.as_millis() as u64,
+        cgroups_ms = cgrouped.as_millis() as u64,
+        holder_ms = began.elapsed().as_millis() as u64,
+        "sandbox created"
+    );
     Ok(Sandbox {
         id: c.id.clone(),
         dir: dir.to_path_buf(),
-        holder_pid: spawned.pid,
-        holder_exit: spawned.exit,
+        holder_pid,
+        holder_exit,
         has_pid_ns: c.new_pid,
         cgroup_parent,
         cgroup: parent,

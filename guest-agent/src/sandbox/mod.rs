@@ -4,6 +4,7 @@
 //! [`lifecycle`] creates, configures and destroys it.
 
 pub mod lifecycle;
+pub mod spare;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

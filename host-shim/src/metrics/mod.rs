@@ -484,14 +484,20 @@ impl ExitReason {
 /// The phases of a pod's start.
 #[derive(Debug, Clone, Copy)]
 pub enum Phase {
+    /// Taking a warm VM from the pool (its agent's `Check`).
+    Claim,
     /// CNI ADD (and the tap of a VM pod).
     Network,
     /// Spawning the VMM and its helpers (VM) or the agent process (namespace).
     Spawn,
     /// Spawned → the agent answers (a VM's guest boot included).
     AgentReady,
-    /// The agent's CreateSandbox (and a VM's guest network setup).
+    /// A pooled VM's processes joining the pod's cgroup.
+    Adopt,
+    /// The agent's CreateSandbox.
     SandboxCreate,
+    /// A VM's guest network setup (the agent's ConfigureNetwork).
+    GuestNetwork,
     /// The whole RunPodSandbox.
     Total,
     /// CreateContainer of the pod's first container.
@@ -503,10 +509,13 @@ pub enum Phase {
 impl Phase {
     fn as_str(self) -> &'static str {
         match self {
+            Phase::Claim => "claim",
             Phase::Network => "network",
             Phase::Spawn => "spawn",
             Phase::AgentReady => "agent_ready",
+            Phase::Adopt => "adopt",
             Phase::SandboxCreate => "sandbox_create",
+            Phase::GuestNetwork => "guest_network",
             Phase::Total => "total",
             Phase::FirstContainerCreate => "first_container_create",
             Phase::FirstContainerStart => "first_container_start",
@@ -552,13 +561,19 @@ impl PodStart {
             .push((p, took));
     }
 
-    /// The pod started: reports its phases and the total.
-    pub fn succeeded(self) {
+    /// The pod started: reports its phases and the total, and returns them as
+    /// `phase=ms` pairs joined by commas (for the log line that says the pod is ready).
+    pub fn succeeded(self) -> String {
         let m = global();
+        let total = self.began.elapsed();
+        let mut said = String::new();
         for (p, took) in self.done.into_inner().unwrap_or_else(|e| e.into_inner()) {
             m.phase(&self.handler, p, took);
+            said.push_str(&format!("{}={},", p.as_str(), took.as_millis()));
         }
-        m.phase(&self.handler, Phase::Total, self.began.elapsed());
+        m.phase(&self.handler, Phase::Total, total);
+        said.push_str(&format!("total={}", total.as_millis()));
+        said
     }
 }
 

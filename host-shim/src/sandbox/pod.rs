@@ -139,11 +139,15 @@ impl Manager {
             Some(p) => p.to_string(),
             None => String::new(),
         };
+        let start = PodStart::new(&handler);
         // A warm VM when the handler has a pool and the pod fits one: the pod takes its id.
         let pooled = match kind.is_vm() {
             true => self.claim_pooled(&handler, &config).await,
             false => None,
         };
+        if pooled.is_some() {
+            start.end(Phase::Claim);
+        }
         let id = pooled.as_ref().map_or_else(new_id, |v| v.id.clone());
         let owns_cgroup = cgroup_parent.is_empty();
         let cgroup_parent = if cgroup_parent.is_empty() {
@@ -180,6 +184,7 @@ impl Manager {
                 cgroup_parent,
                 owns_cgroup,
                 pooled,
+                start,
             )
             .await;
         if result.is_err() {
@@ -198,10 +203,10 @@ impl Manager {
         cgroup_parent: String,
         owns_cgroup: bool,
         pooled: Option<super::vm::pool::PooledVm>,
+        start: PodStart,
     ) -> Result<()> {
         let kind = spec.kind;
         let kind_impl = self.kind(handler, kind);
-        let start = PodStart::new(handler);
         let hostname = pod_hostname(&config)?;
         let mut rec = PodRecord {
             id: id.to_string(),
@@ -274,7 +279,9 @@ impl Manager {
         let pool_mac = pooled.as_ref().map(|v| v.mac.clone());
         let (proc, agent) = match pooled {
             Some(vm) => {
+                start.mark();
                 self.adopt_pooled(handler, &vm, &cgroup_parent).await;
+                start.end(Phase::Adopt);
                 (vm.proc, vm.agent)
             }
             None => {
@@ -351,6 +358,7 @@ impl Manager {
             return Err(e);
         }
         crash_point("run_pod:sandbox-created");
+        start.end(Phase::SandboxCreate);
         if let Some(nic) = &vm_nic
             && let Err(e) = agent
                 .configure_network(guest_network(nic, pool_mac.as_deref()), setup)
@@ -362,7 +370,9 @@ impl Manager {
             cleanup(Some(proc)).await;
             return Err(e);
         }
-        start.end(Phase::SandboxCreate);
+        if vm_nic.is_some() {
+            start.end(Phase::GuestNetwork);
+        }
         rec.state = PodState::Ready;
         if let Err(e) = self.store.put_pod(id, &rec) {
             let _ = agent.destroy_sandbox(id).await;
@@ -386,8 +396,8 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string(), pod.clone());
         self.spawn_monitor(pod);
-        start.succeeded();
-        tracing::info!(pod = id, handler, "pod sandbox ready");
+        let phases = start.succeeded();
+        tracing::info!(pod = id, handler, %phases, "pod sandbox ready");
         Ok(())
     }
 
