@@ -487,6 +487,7 @@ async fn create(
         rootfs_ms = rootfs_ready.as_millis() as u64,
         cgroup_ms = cgrouped.as_millis() as u64,
         runner_ms = began.elapsed().as_millis() as u64,
+        runner_stages = %spawned.stages,
         "container created"
     );
     let init = Arc::new(Process::new(String::new(), spawned.pid, io, spawned.exit));

@@ -84,6 +84,8 @@ pub struct Spawned {
     pub sync: SyncReader,
     /// Write one byte to start a container (None for exec/pause).
     pub start: Option<pipe::Sender>,
+    /// A container runner's stages before Ready ("name=ms,…"; empty for others).
+    pub stages: String,
 }
 
 fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -175,6 +177,7 @@ pub async fn spawn(
     // to the same pipe, so either may come first.
     let mut pid: Option<(i32, ExitWatch)> = None;
     let mut ready = false;
+    let mut stages = String::new();
     let result = loop {
         if pid.is_some() && ready {
             break Ok(());
@@ -182,6 +185,13 @@ pub async fn spawn(
         match sync.next().await {
             Ok(Some(SyncMsg::Pid(p))) => pid = Some((p, reaper.register(p))),
             Ok(Some(SyncMsg::Ready)) => ready = true,
+            Ok(Some(SyncMsg::Stages(s))) => {
+                stages = s
+                    .iter()
+                    .map(|(n, us)| format!("{n}={}", us / 1000))
+                    .collect::<Vec<_>>()
+                    .join(",");
+            }
             Ok(Some(SyncMsg::Error { invalid, message })) => break Err(error(invalid, message)),
             Ok(None) => break Err(SpawnError::Died),
             Err(e) => break Err(e),
@@ -193,6 +203,7 @@ pub async fn spawn(
             exit,
             sync,
             start,
+            stages,
         }),
         (Err(e), Some((pid, _))) => {
             let _ = nix::sys::signal::kill(

@@ -41,6 +41,9 @@ pub const INIT_ARG: &str = "__init";
 #[serde(rename_all = "snake_case")]
 pub enum SyncMsg {
     Pid(i32),
+    /// Where a container's runner spent its time before Ready: (stage, µs since the
+    /// runner started), sent just before Ready (the agent logs it).
+    Stages(Vec<(String, u64)>),
     Ready,
     /// `invalid`: caused by the request (bad spec, missing binary, unknown user).
     Error {
@@ -79,6 +82,31 @@ pub enum RunnerError {
 
 struct Sync {
     file: File,
+}
+
+/// The runner's stages so far: (name, µs since `runner::main` began).
+#[derive(Default)]
+struct Stages(Vec<(String, u64)>);
+
+/// CLOCK_MONOTONIC in µs.
+fn now_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// When `runner::main` began (µs, CLOCK_MONOTONIC; a forked child keeps it).
+static STARTED_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+impl Stages {
+    fn mark(&mut self, name: &str) {
+        let t0 = *STARTED_US.get_or_init(now_us);
+        self.0.push((name.to_string(), now_us().saturating_sub(t0)));
+    }
 }
 
 impl Sync {
@@ -145,6 +173,7 @@ fn cloexec_others(keep: &[RawFd]) {
 
 /// Entry point of `husk-agent __init`. Never returns.
 pub fn main() -> ! {
+    STARTED_US.get_or_init(now_us);
     let [init_fd, sync_fd, start_fd, console_fd] = fds();
     if init_fd < 0 || sync_fd < 0 {
         eprintln!("husk-agent {INIT_ARG} is started by the agent, not by hand");
@@ -195,11 +224,14 @@ fn run(
     let config: InitConfig =
         serde_json::from_slice(&buf).map_err(|e| RunnerError::Config(e.to_string()))?;
     let sys = LinuxSyscall;
+    let mut stages = Stages::default();
+    stages.mark("config");
 
     // Join the cgroups first so everything below is accounted.
     for procs in &config.cgroup_procs {
         sys.write_file(procs, b"0")?;
     }
+    stages.mark("cgroup");
     // Open every namespace before joining any: joining the mount namespace
     // changes what /proc/PID/ns paths resolve to.
     let mut joins = Vec::new();
@@ -220,6 +252,7 @@ fn run(
     if !flags.is_empty() {
         sys.unshare(flags)?;
     }
+    stages.mark("namespaces");
 
     // SAFETY: this process is single-threaded (fresh exec, no runtime started).
     match unsafe { nix::unistd::fork() }.map_err(|e| RunnerError::Os("fork", e))? {
@@ -229,10 +262,12 @@ fn run(
         }
         ForkResult::Child => {}
     }
+    stages.mark("fork");
     match config.mode {
         InitMode::Container(c) => {
             exec::prepare_session();
             rootfs::setup(&sys, &c.spec, &c.rootfs, &c.rootfs_dir, &c.host_devices)?;
+            stages.mark("rootfs");
             if c.tty {
                 console::setup(console.as_ref().ok_or(RunnerError::NoConsole)?)?;
             }
@@ -243,6 +278,8 @@ fn run(
                 &c.extra_env,
             )?;
             exec::drop_privileges(&plan)?;
+            stages.mark("process");
+            sync.send(&SyncMsg::Stages(stages.0));
             sync.send(&SyncMsg::Ready);
             let mut start = start.ok_or(RunnerError::NotStarted)?;
             let mut byte = [0u8; 1];

@@ -221,6 +221,7 @@ impl Manager {
             pid: 0,
             stop_signal,
         };
+        let prepared = began.elapsed();
         let resp = match agent
             .create_container(&id, spec, rootfs, config.stdin, config.tty)
             .await
@@ -248,7 +249,15 @@ impl Manager {
         if md.attempt > 0 {
             crate::metrics::global().container_restart(&prec.handler);
         }
-        tracing::info!(pod = pod_id, container = %id, name = %md.name, "container created");
+        // Where the time went: huskd's part (image, spec, share, rootfs) and the agent's.
+        tracing::info!(
+            pod = pod_id,
+            container = %id,
+            name = %md.name,
+            prepare_ms = prepared.as_millis() as u64,
+            total_ms = began.elapsed().as_millis() as u64,
+            "container created"
+        );
         Ok(id)
     }
 
@@ -293,6 +302,7 @@ impl Manager {
         c.persist(&self.store)?;
         drop(_g);
         pod.first_container_phase(Phase::FirstContainerStart, began);
+        tracing::info!(container = %id, total_ms = began.elapsed().as_millis() as u64, "container started");
         self.spawn_supervisor(pod, c.clone(), agent);
         Ok(())
     }
