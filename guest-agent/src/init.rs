@@ -65,7 +65,8 @@ const MOUNTS: &[(&str, &str, &str, MsFlags, Option<&str>)] = &[
     ),
     // favordynmods: moving a process into a cgroup (every container's runner, the sandbox
     // holder) then takes no RCU grace period, ≈ 30 ms each in a TCG guest measured; forks
-    // and exits pay a little more. A kernel without it (before 6.0) mounts without.
+    // and exits pay a little more. A kernel without the option (older than the 6.x guest
+    // kernel images/ builds) mounts without it.
     (
         "cgroup2",
         "/sys/fs/cgroup",

@@ -162,7 +162,18 @@ mod tests {
         let mut mine = spawn("abc123", run.path());
         let mut theirs = spawn("abc123", other.path());
         let mut unknown = spawn("def456", run.path());
-        let found = scan(run.path());
+        // spawn() returns once the child replaced its memory (vfork's release), which can
+        // be before execve set up the new environment: /proc/PID/environ is empty until
+        // then. Scan until both of ours show their marker (a busy host took a while).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let found = scan(run.path());
+            let seen = |pid: u32| found.iter().any(|m| m.pid == pid as i32);
+            if (seen(mine.id()) && seen(unknown.id())) || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         assert!(
             found
                 .iter()
