@@ -16,17 +16,12 @@
 
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
-
 use crate::agent::Agent;
 use crate::cgroup::Cgroup;
 use crate::container::spawn;
 use crate::container::stdio;
 use crate::reaper::ExitWatch;
 use crate::runner::config::{InitConfig, InitMode, PauseInit};
-
-/// A holder being spawned, or spawned: its pid and exit.
-pub type Spare = JoinHandle<crate::error::Result<(i32, ExitWatch)>>;
 
 /// What a holder that joins and unshares nothing runs with: the only kind a spare is.
 fn plain_holder() -> InitConfig {
