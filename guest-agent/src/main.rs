@@ -184,6 +184,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let oom_watch = if watch.is_some() { "inotify" } else { "poll" };
         tokio::spawn(agent.clone().oom_monitor(watch));
+        // A VM's sandbox takes a holder spawned now (sandbox/spare.rs).
+        sandbox::spare::start(&agent).await;
         let mut server = server::serve(agent.clone(), &listen)
             .await
             .context("serve")?;
@@ -206,8 +208,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             oom_watch,
             "husk-agent ready"
         );
-        // A VM's sandbox takes a holder spawned now (sandbox/spare.rs).
-        sandbox::spare::start(&agent);
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -3,8 +3,8 @@
 //! In a VM the guest's own namespaces are the pod's: the holder joins and unshares
 //! nothing, sets no hostname and brings no interface up, so the process a CreateSandbox
 //! would spawn is the same for every pod but for its cgroup. The agent as a VM's PID 1
-//! spawns one as soon as it is ready; CreateSandbox takes it (waiting for it if it is
-//! still starting) and moves it into the pod's pause cgroup: ≈ 5 ms in a TCG guest,
+//! spawns one just before it starts serving; CreateSandbox takes it and moves it into
+//! the pod's pause cgroup: ≈ 5 ms in a TCG guest,
 //! against ≈ 45 ms for spawning one then (fork, exec, the runner's double fork; with
 //! the cgroup hierarchy mounted `favordynmods`, init.rs). A sandbox that wants
 //! namespaces of its own, a second sandbox, or a spare that failed or died: a holder is
@@ -43,18 +43,20 @@ pub fn fits(config: &InitConfig) -> bool {
         && matches!(&config.mode, InitMode::Pause(p) if p.hostname.is_none() && !p.loopback_up)
 }
 
-/// Starts spawning a spare holder (the agent as a VM's PID 1, with no sandbox yet).
-pub fn start(agent: &Arc<Agent>) {
+/// Spawns a spare holder (the agent as a VM's PID 1, with no sandbox yet), before the
+/// agent serves: a pooled VM is then idle once it answers, and a claim's short `Check`
+/// never races the spawn.
+pub async fn start(agent: &Arc<Agent>) {
     if !agent.config.is_init {
         return;
     }
-    let a = agent.clone();
-    let task = tokio::spawn(async move {
+    let spawned = async {
         let (child, _io) = stdio::make(false, false)?;
-        let s = spawn::spawn(&a.exe, &a.reaper, &plain_holder(), child, false).await?;
+        let s = spawn::spawn(&agent.exe, &agent.reaper, &plain_holder(), child, false).await?;
         Ok((s.pid, s.exit))
-    });
-    *crate::sync::lock(&agent.spare_holder) = Some(task);
+    }
+    .await;
+    *crate::sync::lock(&agent.spare_holder) = Some(tokio::spawn(async move { spawned }));
 }
 
 /// The spare holder, moved into `cgroup`, if there is one alive; None otherwise (the
