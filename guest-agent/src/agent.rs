@@ -29,8 +29,8 @@ pub struct AgentConfig {
     pub is_init: bool,
 }
 
-/// A namespace holder being spawned ahead of its sandbox.
-pub type SpareHolder = tokio::task::JoinHandle<Result<(i32, crate::reaper::ExitWatch)>>;
+/// A namespace holder spawned ahead of its sandbox: its pid and exit.
+pub type SpareHolder = (i32, crate::reaper::ExitWatch);
 
 pub struct Agent {
     pub config: AgentConfig,
@@ -45,8 +45,7 @@ pub struct Agent {
     pub oom: OomQueue,
     /// Woken when a container is added (the OOM monitor then watches its cgroup).
     pub containers_added: tokio::sync::Notify,
-    /// A sandbox holder spawned ahead of CreateSandbox (its pid and exit, once spawned;
-    /// `sandbox/spare.rs`, VM only).
+    /// A sandbox holder spawned ahead of CreateSandbox (`sandbox/spare.rs`, VM only).
     pub spare_holder: Mutex<Option<SpareHolder>>,
 }
 

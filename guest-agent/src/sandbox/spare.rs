@@ -53,24 +53,21 @@ pub async fn start(agent: &Arc<Agent>) {
     let spawned = async {
         let (child, _io) = stdio::make(false, false)?;
         let s = spawn::spawn(&agent.exe, &agent.reaper, &plain_holder(), child, false).await?;
-        Ok((s.pid, s.exit))
+        crate::error::Result::Ok((s.pid, s.exit))
     }
     .await;
-    *crate::sync::lock(&agent.spare_holder) = Some(tokio::spawn(async move { spawned }));
+    match spawned {
+        Ok(holder) => *crate::sync::lock(&agent.spare_holder) = Some(holder),
+        Err(e) => {
+            tracing::warn!(error = %e, "spare sandbox holder failed: sandboxes spawn their own")
+        }
+    }
 }
 
 /// The spare holder, moved into `cgroup`, if there is one alive; None otherwise (the
 /// caller spawns its own). A spare that cannot be moved is killed.
 pub async fn take(agent: &Agent, cgroup: &Cgroup) -> Option<(i32, ExitWatch)> {
-    let task = crate::sync::lock(&agent.spare_holder).take()?;
-    let (pid, exit) = match task.await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "spare sandbox holder failed: spawning one");
-            return None;
-        }
-        Err(_) => return None,
-    };
+    let (pid, exit) = crate::sync::lock(&agent.spare_holder).take()?;
     if exit.borrow().is_some() {
         tracing::warn!(pid, "spare sandbox holder died: spawning one");
         return None;
@@ -87,10 +84,8 @@ pub async fn take(agent: &Agent, cgroup: &Cgroup) -> Option<(i32, ExitWatch)> {
 
 /// Kills the spare holder, if any (a sandbox that wants namespaces of its own).
 pub async fn discard(agent: &Agent) {
-    let task = crate::sync::lock(&agent.spare_holder).take();
-    if let Some(t) = task
-        && let Ok(Ok((pid, exit))) = t.await
-    {
+    let spare = crate::sync::lock(&agent.spare_holder).take();
+    if let Some((pid, exit)) = spare {
         discard_pid(pid, exit).await;
     }
 }
