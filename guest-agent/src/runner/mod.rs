@@ -88,24 +88,13 @@ struct Sync {
 #[derive(Default)]
 struct Stages(Vec<(String, u64)>);
 
-/// CLOCK_MONOTONIC in µs.
-fn now_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
-}
-
-/// When `runner::main` began (µs, CLOCK_MONOTONIC; a forked child keeps it).
-static STARTED_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+/// When `runner::main` began (a forked child keeps it: same memory, same clock).
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 impl Stages {
     fn mark(&mut self, name: &str) {
-        let t0 = *STARTED_US.get_or_init(now_us);
-        self.0.push((name.to_string(), now_us().saturating_sub(t0)));
+        let since = STARTED.get_or_init(std::time::Instant::now).elapsed();
+        self.0.push((name.to_string(), since.as_micros() as u64));
     }
 }
 
@@ -173,7 +162,7 @@ fn cloexec_others(keep: &[RawFd]) {
 
 /// Entry point of `husk-agent __init`. Never returns.
 pub fn main() -> ! {
-    STARTED_US.get_or_init(now_us);
+    STARTED.get_or_init(std::time::Instant::now);
     let [init_fd, sync_fd, start_fd, console_fd] = fds();
     if init_fd < 0 || sync_fd < 0 {
         eprintln!("husk-agent {INIT_ARG} is started by the agent, not by hand");
