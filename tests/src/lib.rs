@@ -47,8 +47,36 @@ pub fn free_port() -> u16 {
 macro_rules! require {
     ($cond:expr, $why:expr) => {
         if !$cond {
-            eprintln!("skipped: {}", $why);
+            $crate::skipped(&$why);
             return;
         }
     };
+}
+
+/// Says that the running test did not run and why: on stderr, and as a line (`test: why`) in
+/// the file `HUSK_SKIP_LOG` names, which tests/run.sh lists at the end as not run (libtest
+/// counts a test that returned early as passed, and hides its output).
+pub fn skipped(why: &dyn std::fmt::Display) {
+    eprintln!("skipped: {why}");
+    if let Some(path) = std::env::var_os("HUSK_SKIP_LOG") {
+        use std::io::Write;
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        let exe = std::env::current_exe().ok();
+        let bin = exe
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bin = bin
+            .rsplit_once('-')
+            .map_or(bin.as_str(), |(b, _)| b)
+            .to_string();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{bin}::{test}: {why}");
+        }
+    }
 }

@@ -5,6 +5,9 @@
 //! - symlinks planted in the pod's virtio-fs share root, pointing at a host mount point and a
 //!   host file, must not make RemoveContainer/RemovePodSandbox unmount or touch them;
 //! - a setuid binary, a FIFO and a device node made in a host-directory volume are refused;
+//! - a guest that stops answering (its container unbinds the guest's vsock driver): stats
+//!   answer within their deadline from the last sample, other pods and huskd's own calls go
+//!   on, and the pod is still stopped and removed with its VM;
 //! - CRI input that names host paths (`log_path` with `..` or absolute, a seccomp profile
 //!   that is a FIFO or `/dev/zero`) and invalid UTF-8 are InvalidArgument, with nothing made.
 //!
@@ -15,10 +18,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use husk_host::sandbox::stats::STATS_DEADLINE;
 use husk_proto::cri;
 use husk_tests::cri_env::CriEnv;
 use husk_tests::require;
 use husk_tests::runtime::{VM_HANDLERS, VM_NEEDS as NEEDS, guest, vm_env_ok as env_ok, vm_handler};
+use husk_tests::runtime::{eventually, info, pod_status};
 use tonic::Code;
 
 async fn vm_env() -> CriEnv {
@@ -324,6 +329,140 @@ async fn volume_special_files_and_host_path_inputs_are_refused() {
         std::fs::read(vol.join("tool")).is_ok(),
         "the volume is intact"
     );
+}
+
+/// The guest goes silent on purpose: a privileged container unbinds the guest kernel's vsock
+/// driver, so the agent can neither answer nor be reached, while the VM runs on. huskd must
+/// not wait on it: stats within their deadline (the pod's last sample), another pod's stats
+/// fresh, `Version`/`ListPodSandbox` fast, and Stop/RemovePodSandbox still end the VM.
+#[tokio::test]
+async fn a_guest_that_stops_answering_stalls_nothing() {
+    require!(env_ok(), NEEDS);
+    let e = vm_env().await;
+    let (acfg, bcfg) = (privileged_pod(e.pod("silent")), e.pod("bystander"));
+    let apod = e
+        .run_pod(&acfg)
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    let bpod = e
+        .run_pod(&bcfg)
+        .await
+        .unwrap_or_else(|err| panic!("run pod: {err:?}\n{}", e.d.log()));
+    let ac = e
+        .run(
+            &apod,
+            &privileged(e.ctr("attacker", &["sleep", "100000"])),
+            &acfg,
+        )
+        .await;
+    let bc = e.run(&bpod, &e.ctr("b", &["sleep", "100000"]), &bcfg).await;
+    let vmm = info(&pod_status(&e.c, &apod).await.unwrap().info)["agentPid"]
+        .as_i64()
+        .unwrap() as i32;
+    let ts = |s: &cri::ContainerStats| s.cpu.as_ref().unwrap().timestamp;
+    let before_a = ts(&e.container_stats(&ac).await.unwrap().stats.unwrap());
+    let before_b = ts(&e.container_stats(&bc).await.unwrap().stats.unwrap());
+
+    // The unbind runs a second after the exec returned (the exec itself rides on vsock).
+    let drv = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport";
+    let script = format!(
+        "ls -d {drv}/virtio* >/dev/null || exit 3; \
+         setsid sh -c 'sleep 1; for d in {drv}/virtio*; do echo ${{d##*/}} > {drv}/unbind; done' \
+         </dev/null >/dev/null 2>&1 & exit 0"
+    );
+    let r = e.exec(&ac, &["sh", "-c", &script], 30).await.unwrap();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "no vsock driver to unbind in the guest: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // Silent: an ExecSync no longer gets through, and it ends at its own timeout (kubelet's
+    // exec probes), not at the agent's RPC deadline.
+    eventually(
+        "the guest stops answering",
+        Duration::from_secs(30),
+        || async {
+            let t = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(20), e.exec(&ac, &["true"], 3)).await;
+            let r = r.unwrap_or_else(|_| panic!("ExecSync (timeout 3 s) hung on a silent guest"));
+            let took = t.elapsed();
+            eprintln!(
+                "ExecSync: {:?} after {took:?}",
+                r.as_ref().map(|r| r.exit_code)
+            );
+            assert!(
+                took < Duration::from_secs(8),
+                "ExecSync with timeout 3 s took {took:?}"
+            );
+            match r {
+                Ok(_) => false,
+                Err(s) => {
+                    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+                    true
+                }
+            }
+        },
+    )
+    .await;
+
+    let bound = STATS_DEADLINE + Duration::from_millis(1500);
+    let t = Instant::now();
+    let l = e.list_container_stats(None).await.unwrap();
+    let took = t.elapsed();
+    eprintln!("ListContainerStats with a silent guest: {took:?} (deadline {STATS_DEADLINE:?})");
+    assert!(
+        took < bound,
+        "ListContainerStats took {took:?} with a silent guest"
+    );
+    let by_id = |id: &str| {
+        ts(l.iter()
+            .find(|s| s.attributes.as_ref().unwrap().id == id)
+            .unwrap())
+    };
+    assert_eq!(by_id(&ac), before_a, "the silent pod: its last sample");
+    assert!(by_id(&bc) > before_b, "the other pod: a fresh sample");
+
+    // huskd's own calls do not wait on the guest.
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        e.list_pods(None).await;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let p99 = lat[lat.len() - 1];
+    eprintln!("ListPodSandbox with a silent guest: max of 20 {p99:?}");
+    assert!(p99 < Duration::from_secs(1), "ListPodSandbox took {p99:?}");
+
+    // Stop and remove still end the VM, well within kubelet's 2 minutes per call: the agent's
+    // part of the stop is bounded as a whole (15 s), not by the RPC deadline per call.
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(120), e.stop_and_remove_pod(&apod))
+        .await
+        .unwrap_or_else(|_| panic!("stop/remove of a silent pod hung\n{}", e.d.log()));
+    let took = t.elapsed();
+    eprintln!("Stop + RemovePodSandbox of the silent pod: {took:?}");
+    assert!(
+        took < Duration::from_secs(45),
+        "stop + remove took {took:?}\n{}",
+        e.d.log()
+    );
+    eventually(
+        "the silent pod's VM is gone",
+        Duration::from_secs(30),
+        || async {
+            !Path::new(&format!("/proc/{vmm}")).exists()
+                || std::fs::read_to_string(format!("/proc/{vmm}/environ"))
+                    .map_or(true, |env| !env.contains(&apod))
+        },
+    )
+    .await;
+    assert!(
+        !e.list_pods(None).await.iter().any(|p| p.id == apod),
+        "the silent pod is still listed"
+    );
+    e.stop_and_remove_pod(&bpod).await;
 }
 
 /// Raw protobuf bytes both ways (to send what a well-behaved client cannot).

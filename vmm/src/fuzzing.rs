@@ -21,6 +21,7 @@ use crate::devices::virtio::fs::device::FsDevice;
 use crate::devices::virtio::fs::passthrough::PassthroughFs;
 use crate::devices::virtio::fs::server::Server;
 use crate::devices::virtio::net::{FrameIo, NetDevice};
+use crate::devices::virtio::vsock::muxer;
 use crate::devices::virtio::vsock::packet::{self, VsockHeader};
 use crate::devices::virtio::vsock::{VsockDevice, VsockMuxer};
 use crate::devices::virtio::{DeviceChannel, Interrupt, TransportMsg};
@@ -33,11 +34,12 @@ const QUEUE_STRIDE: u64 = 0x1000;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
-/// Bounds the muxer target holds the muxer to: whatever a guest sends, the packets waiting for
-/// it and the connections it holds stay below these (issue 18: nothing the guest fills grows
-/// without bound).
-pub const MUXER_MAX_QUEUED: usize = 64 * 1024;
-pub const MUXER_MAX_CONNS: usize = 4096;
+/// Bounds the muxer target holds the muxer to, the muxer's own: whatever a guest sends, the
+/// packets waiting for it (control packets, plus each connection queued once for its data) and
+/// the connections it holds stay within these (issue 18: nothing the guest fills grows without
+/// bound). A weakened bound in the muxer fails the target.
+pub const MUXER_MAX_QUEUED: usize = muxer::MAX_CTRL_RX + muxer::MAX_CONNECTIONS;
+pub const MUXER_MAX_CONNS: usize = muxer::MAX_CONNECTIONS;
 
 /// Reads the fuzzer's bytes front to back; past the end everything reads as 0.
 pub struct Input<'a> {
@@ -741,10 +743,7 @@ pub fn vsock_muxer(data: &[u8]) {
             "muxer holds {} connections",
             d.connections
         );
-        assert!(
-            d.buffered_bytes
-                <= d.connections * crate::devices::virtio::vsock::muxer::CONN_BUF_ALLOC as usize
-        );
+        assert!(d.buffered_bytes <= d.connections * muxer::CONN_BUF_ALLOC as usize);
     }
 }
 

@@ -235,6 +235,18 @@ fn control_socket_status_stop_and_kill() {
 /// no_new_privs, in a root holding /usr, its binary, its kernel, /dev (with kvm) and /proc.
 #[test]
 fn jailed_vmm_boots_and_stops() {
+    jailed_vmm(false);
+}
+
+/// The same with the in-process virtio-fs server (`--keep-fs-caps`, `--fs`): the event-loop
+/// thread, which serves the file system, keeps `FS_CAPS` and nothing more; the vCPU threads,
+/// where the guest's MMIO and port writes are decoded, hold no capability at all.
+#[test]
+fn jailed_vmm_keeps_file_capabilities_off_its_vcpu_threads() {
+    jailed_vmm(true);
+}
+
+fn jailed_vmm(fs: bool) {
     if !kvm_usable() {
         return;
     }
@@ -257,13 +269,19 @@ fn jailed_vmm_boots_and_stops() {
         .arg(&root)
         .args(["--ro", GUEST_PVH, "--dev", "kvm"])
         .arg("--rw")
-        .arg(&socks)
-        .args(["--", VMM])
-        .args(args(
-            GUEST_PVH,
-            "husk.wait",
-            &["--control-socket", &path_str(&sock)],
-        ));
+        .arg(&socks);
+    let share = tmp_path(&dir, "share");
+    let fs_spec = format!("tag=share0,dir={}", share.display());
+    let mut extra = vec!["--control-socket".to_string(), path_str(&sock)];
+    if fs {
+        std::fs::create_dir(&share).expect("share dir");
+        std::os::unix::fs::chown(&share, Some(UID), Some(UID)).expect("chown");
+        cmd.arg("--keep-fs-caps").arg("--rw").arg(&share);
+        extra.extend(["--fs".to_string(), fs_spec]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    cmd.args(["--", VMM])
+        .args(args(GUEST_PVH, "husk.wait", &extra));
     let mut vm = Vm::spawn_cmd(&mut cmd);
     vm.expect_line("waiting for ctrl-alt-del");
     let j = common::jail_of(vm.child.id());
@@ -274,7 +292,15 @@ fn jailed_vmm_boots_and_stops() {
             j.seccomp.as_str(),
             j.cap_eff.as_str()
         ),
-        ("1", "2", "0000000000000000"),
+        (
+            "1",
+            "2",
+            if fs {
+                "000000000000001f"
+            } else {
+                "0000000000000000"
+            }
+        ),
         "{j:?}"
     );
     common::assert_jail_root(&j);
@@ -282,23 +308,35 @@ fn jailed_vmm_boots_and_stops() {
     // thread's (which allows no KVM ioctl), and no thread runs unfiltered.
     let pid = vm.child.id();
     let filters = |task: &str| {
-        let st = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+        let st = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status"))
+            .expect("task status");
         let f = |k: &str| {
             st.lines()
                 .find(|l| l.starts_with(k))
                 .map(|l| l[k.len()..].trim().to_string())
                 .unwrap_or_default()
         };
-        (f("Name:"), f("Seccomp_filters:"), f("Seccomp:"))
+        (
+            f("Name:"),
+            f("Seccomp_filters:"),
+            f("Seccomp:"),
+            f("CapEff:"),
+        )
     };
-    let tasks: Vec<(String, String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .map(|e| filters(&e.file_name().to_string_lossy()))
-        .collect();
-    assert!(
-        tasks.contains(&("vcpu0".into(), "1".into(), "2".into())),
-        "{tasks:?}"
+    let tasks: Vec<(String, String, String, String)> =
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .flatten()
+            .map(|e| filters(&e.file_name().to_string_lossy()))
+            .collect();
+    let vcpu = tasks
+        .iter()
+        .find(|t| t.0 == "vcpu0")
+        .expect("a vcpu0 thread");
+    assert_eq!((vcpu.1.as_str(), vcpu.2.as_str()), ("1", "2"), "{tasks:?}");
+    assert_eq!(
+        vcpu.3, "0000000000000000",
+        "a vCPU thread holds no capability: {tasks:?}"
     );
     assert!(tasks.iter().all(|t| t.1 == "1" && t.2 == "2"), "{tasks:?}");
     assert_eq!(filters(&pid.to_string()).1, "1", "{tasks:?}");

@@ -153,9 +153,19 @@ const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
 const BPF_CGROUP_DEVICE: u32 = 6;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
+/// Loads `prog`. The verifier writes its log only when asked, and writing it costs more than
+/// checking a program this small: the first try asks for none, a failed one is loaded again
+/// with the log for the error message.
 fn load(prog: &[Insn]) -> Result<OwnedFd, BpfError> {
+    match load_with_log(prog, false) {
+        Ok(fd) => Ok(fd),
+        Err(_) => load_with_log(prog, true),
+    }
+}
+
+fn load_with_log(prog: &[Insn], with_log: bool) -> Result<OwnedFd, BpfError> {
     let license = c"Apache-2.0";
-    let mut log = vec![0u8; 1 << 16];
+    let mut log = vec![0u8; if with_log { 1 << 16 } else { 0 }];
     let mut name = [0u8; 16];
     name[..10].copy_from_slice(b"husk_devcg");
     let attr = ProgLoadAttr {
@@ -163,9 +173,9 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, BpfError> {
         insn_cnt: prog.len() as u32,
         insns: prog.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        log_level: 1,
+        log_level: u32::from(with_log),
         log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
+        log_buf: if with_log { log.as_mut_ptr() as u64 } else { 0 },
         prog_name: name,
         expected_attach_type: BPF_CGROUP_DEVICE,
         ..Default::default()
@@ -196,9 +206,30 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, BpfError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Programs already loaded, by their instructions: nearly every container has the same
+/// device rules (the defaults), and one loaded program may be attached to any number of
+/// cgroups. At most [`CACHED`] programs are kept (a program is a few hundred bytes of
+/// kernel memory); the oldest goes first.
+static LOADED: std::sync::Mutex<Vec<(Vec<Insn>, std::sync::Arc<OwnedFd>)>> =
+    std::sync::Mutex::new(Vec::new());
+const CACHED: usize = 8;
+
+fn loaded(prog: Vec<Insn>) -> Result<std::sync::Arc<OwnedFd>, BpfError> {
+    let mut cache = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, fd)) = cache.iter().find(|(p, _)| *p == prog) {
+        return Ok(fd.clone());
+    }
+    let fd = std::sync::Arc::new(load(&prog)?);
+    if cache.len() >= CACHED {
+        cache.remove(0);
+    }
+    cache.push((prog, fd.clone()));
+    Ok(fd)
+}
+
 /// Load the filter for `rules` and attach it to the cgroup directory `dir`.
 pub fn attach(dir: &Path, rules: &[DeviceRule]) -> Result<(), BpfError> {
-    let prog = load(&program(rules))?;
+    let prog = loaded(program(rules))?;
     let cgroup =
         std::fs::File::open(dir).map_err(|e| BpfError::Open(dir.display().to_string(), e))?;
     let attr = ProgAttachAttr {
@@ -341,6 +372,19 @@ mod tests {
             "linux": {"devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]}}))
             .expect("spec");
         load(&program(&super::super::devices::rules(&spec))).expect("default program loads");
+        // Loaded once, attached many times.
+        let a = loaded(program(&super::super::devices::rules(&spec))).expect("load");
+        let b = loaded(program(&super::super::devices::rules(&spec))).expect("cached");
+        assert!(
+            std::sync::Arc::ptr_eq(&a, &b),
+            "the same rules, the same program"
+        );
+        // A program the verifier refuses: its reason comes back (the load is retried with
+        // the log the first try does without).
+        match load(&[insn(MOV_K, 0, 0, 0, 1)]) {
+            Err(BpfError::Load(_, why)) => assert!(why.len() > 2, "no verifier log: {why:?}"),
+            other => panic!("a program without exit loaded: {other:?}"),
+        }
 
         let dir = root.join(format!("husk-bpf-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir cgroup");

@@ -41,10 +41,13 @@ impl V2 {
         {
             let control = cur.join("cgroup.subtree_control");
             if let Ok(available) = std::fs::read_to_string(cur.join("cgroup.controllers")) {
-                for c in CONTROLLERS
-                    .iter()
-                    .filter(|c| available.split_whitespace().any(|a| a == **c))
-                {
+                // Each write to subtree_control takes the cgroup lock and walks the subtree,
+                // even for a controller already on: only the missing ones are written.
+                let on = std::fs::read_to_string(&control).unwrap_or_default();
+                for c in CONTROLLERS.iter().filter(|c| {
+                    available.split_whitespace().any(|a| a == **c)
+                        && !on.split_whitespace().any(|a| a == **c)
+                }) {
                     // Best effort: a controller may be busy in a threaded subtree.
                     let _ = std::fs::write(&control, format!("+{c}"));
                 }
@@ -212,6 +215,17 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(root.path().join("cgroup.subtree_control")).expect("r"),
             "+pids"
+        );
+        // Controllers already on are not written again (each write walks the subtree).
+        std::fs::write(
+            root.path().join("cgroup.subtree_control"),
+            "cpu memory pids",
+        )
+        .expect("w");
+        h.create(Path::new("husk/pod/c2")).expect("create");
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("cgroup.subtree_control")).expect("r"),
+            "cpu memory pids"
         );
         let res: LinuxResources = serde_json::from_value(serde_json::json!({
             "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0"},

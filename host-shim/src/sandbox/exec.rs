@@ -53,35 +53,67 @@ impl Manager {
             RuntimeError::FailedPrecondition(format!("pod sandbox {} has no agent", pod.id))
         })?;
         let exec_id = format!("exec-{}", &new_id()[..16]);
-        agent
-            .exec(id, &exec_id, serde_json::json!({ "args": cmd }))
-            .await
-            .map_err(|e| RuntimeError::agent("exec", e))?;
-        let run = run_to_end(&agent, id, &exec_id);
-        let result = if timeout.is_zero() {
-            run.await
-        } else {
-            match tokio::time::timeout(timeout, run).await {
+        // With a timeout the whole call is bounded, starting the process included: a guest
+        // that stops answering gets DeadlineExceeded after `timeout` (+ at most KILL_GRACE to
+        // kill what it started), never the agent's 30 s RPC deadline per step.
+        let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
+        let timed_out = || {
+            RuntimeError::DeadlineExceeded(format!(
+                "exec in {id}: timeout {}s exceeded, the process was killed",
+                timeout.as_secs_f64()
+            ))
+        };
+        let start = agent.exec(id, &exec_id, serde_json::json!({ "args": cmd }));
+        let started = match deadline {
+            None => start.await,
+            Some(d) => match tokio::time::timeout_at(d, start).await {
                 Ok(r) => r,
                 Err(_) => {
-                    let _ = agent.signal(id, &exec_id, libc::SIGKILL, false).await;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        agent.wait(id, &exec_id, Duration::from_secs(5)),
-                    )
-                    .await;
-                    Err(RuntimeError::DeadlineExceeded(format!(
-                        "exec in {id}: timeout {}s exceeded, the process was killed",
-                        timeout.as_secs_f64()
-                    )))
+                    // The process may have started as the deadline fired.
+                    reap_in_background(&agent, id, &exec_id, true);
+                    return Err(timed_out());
                 }
-            }
+            },
+        };
+        started.map_err(|e| RuntimeError::agent("exec", e))?;
+        let run = run_to_end(&agent, id, &exec_id);
+        let result = match deadline {
+            None => run.await,
+            Some(d) => match tokio::time::timeout_at(d, run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = tokio::time::timeout(KILL_GRACE, async {
+                        let _ = agent.signal(id, &exec_id, libc::SIGKILL, false).await;
+                        let _ = agent.wait(id, &exec_id, KILL_GRACE).await;
+                    })
+                    .await;
+                    reap_in_background(&agent, id, &exec_id, false);
+                    return Err(timed_out());
+                }
+            },
         };
         if let Err(e) = agent.remove_process(id, &exec_id).await {
             tracing::debug!(container = id, exec = %exec_id, error = %e, "remove exec process");
         }
         result
     }
+}
+
+/// How long a timed-out ExecSync waits for its process to be killed before it answers.
+const KILL_GRACE: Duration = Duration::from_secs(3);
+
+/// Kills (if `kill`) and forgets an exec process without holding up the reply: the agent may
+/// be slow or silent (each call is bounded by the agent's own RPC deadline).
+fn reap_in_background(agent: &Agent, id: &str, exec_id: &str, kill: bool) {
+    let (agent, id, exec_id) = (agent.clone(), id.to_string(), exec_id.to_string());
+    tokio::spawn(async move {
+        if kill {
+            let _ = agent.signal(&id, &exec_id, libc::SIGKILL, false).await;
+        }
+        if let Err(e) = agent.remove_process(&id, &exec_id).await {
+            tracing::debug!(container = %id, exec = %exec_id, error = %e, "remove exec process");
+        }
+    });
 }
 
 async fn run_to_end(agent: &Agent, id: &str, exec_id: &str) -> Result<ExecOutput> {

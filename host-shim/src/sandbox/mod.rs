@@ -12,6 +12,7 @@ mod beneath;
 mod container;
 mod error;
 pub mod exec;
+pub mod fanout;
 mod helper_log;
 mod inventory;
 pub mod kind;
@@ -176,7 +177,7 @@ impl Container {
             log: Mutex::new(None),
             persist_lock: Mutex::new(()),
             sample: Default::default(),
-            output: tokio::sync::broadcast::channel(256).0,
+            output: fanout::channel(),
         })
     }
 

@@ -29,6 +29,9 @@ pub struct PodView {
 
 /// How long a stopping agent gets to tear its sandbox down before SIGKILL.
 const AGENT_GRACE: Duration = Duration::from_secs(3);
+/// How long StopPodSandbox waits for the agent to stop the pod's containers and tear its
+/// sandbox down before it stops the sandbox (the VM) without it.
+const STOP_AGENT_BUDGET: Duration = Duration::from_secs(15);
 /// How long the cgroups of a dead pod may stay busy (its processes dying).
 pub(super) const CGROUP_WAIT: Duration = Duration::from_secs(5);
 
@@ -407,20 +410,36 @@ impl Manager {
         let pod = self.pod(id)?;
         let id: &str = &pod.id;
         let _g = pod.lifecycle.lock().await;
-        for c in pod.containers() {
-            if let Err(e) = self.stop_container_inner(&pod, &c, 0).await {
-                tracing::warn!(container = %c.id, error = %e, "stop container of a stopping pod");
+        // What the agent is asked (stop each container, tear the sandbox down) is bounded as a
+        // whole: a guest that stops answering must not hold the stop for the agent's RPC
+        // deadline per call. Past the bound the VM is stopped anyway, and containers not seen
+        // exiting are recorded as stopped with the sandbox (below).
+        let agent_part = async {
+            for c in pod.containers() {
+                if let Err(e) = self.stop_container_inner(&pod, &c, 0).await {
+                    tracing::warn!(container = %c.id, error = %e, "stop container of a stopping pod");
+                }
             }
+            if let Some(agent) = pod.agent()
+                && pod.agent_alive()
+                && let Err(e) = agent.destroy_sandbox(id).await
+            {
+                tracing::warn!(pod = id, error = %e, "destroy sandbox");
+            }
+        };
+        if tokio::time::timeout(STOP_AGENT_BUDGET, agent_part)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pod = id,
+                budget_s = STOP_AGENT_BUDGET.as_secs(),
+                "the agent did not finish stopping the pod in time; stopping its sandbox without it"
+            );
         }
         let rec = pod.record();
         if pod.agent().is_some() {
             crate::metrics::global().sandbox_exit(&rec.handler, ExitReason::Stopped);
-        }
-        if let Some(agent) = pod.agent()
-            && pod.agent_alive()
-            && let Err(e) = agent.destroy_sandbox(id).await
-        {
-            tracing::warn!(pod = id, error = %e, "destroy sandbox");
         }
         if let Some(p) = &rec.agent {
             pod.kind.shutdown(p, AGENT_GRACE).await;

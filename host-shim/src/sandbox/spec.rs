@@ -595,6 +595,23 @@ pub fn container_spec(
             .iter()
             .any(|c| Path::new(&c.container_path) == m.destination())
     });
+    // A privileged container gets /sys and its cgroup file system writable, as containerd
+    // gives them (its CRI: `WithWriteableSysfs`, `WithWriteableCgroupfs`).
+    if sc.privileged {
+        for m in mounts
+            .iter_mut()
+            .filter(|m| matches!(m.typ().as_deref(), Some("sysfs" | "cgroup" | "cgroup2")))
+        {
+            let options = m
+                .options()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| if o == "ro" { "rw".to_string() } else { o })
+                .collect();
+            m.set_options(Some(options));
+        }
+    }
     for m in &config.mounts {
         let propagation = match cri::MountPropagation::try_from(m.propagation)
             .unwrap_or(cri::MountPropagation::PropagationPrivate)
@@ -1001,6 +1018,32 @@ mod tests {
         let mut v: Vec<Capability> = b.iter().copied().collect();
         v.sort_by_key(|c| husk_proto::caps::number(&c.to_string()));
         v
+    }
+
+    #[test]
+    fn privileged_containers_get_sysfs_writable_as_containerd_gives_it() {
+        let host = husk_proto::caps::ALL;
+        let sys = |privileged: bool| {
+            let sc = cri::LinuxContainerSecurityContext {
+                privileged,
+                ..Default::default()
+            };
+            let spec = sc_spec(sc, image(), host).unwrap();
+            let m = spec
+                .mounts()
+                .clone()
+                .unwrap()
+                .into_iter()
+                .find(|m| m.destination() == Path::new("/sys"))
+                .expect("a /sys mount");
+            m.options().clone().unwrap_or_default()
+        };
+        let (p, u) = (sys(true), sys(false));
+        assert!(
+            p.iter().any(|o| o == "rw") && !p.iter().any(|o| o == "ro"),
+            "{p:?}"
+        );
+        assert!(u.iter().any(|o| o == "ro"), "{u:?}");
     }
 
     #[test]

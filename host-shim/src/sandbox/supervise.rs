@@ -231,11 +231,7 @@ async fn copy(
     fanout: tokio::sync::broadcast::Sender<OutputChunk>,
 ) {
     let stderr = stream == Stream::Stderr;
-    let fan = |r: &[u8]| {
-        if !r.is_empty() && fanout.receiver_count() > 0 {
-            let _ = fanout.send(OutputChunk::Data(stream, bytes::Bytes::copy_from_slice(r)));
-        }
-    };
+    let fan = |r: &[u8]| super::fanout::send(&fanout, stream, r);
     loop {
         let at = log.position(stream);
         match agent.read(&id, "", stderr, Some(at), POLL_TIMEOUT).await {

@@ -246,6 +246,15 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
+                // Capabilities are per thread: the event loop keeps the file server's
+                // (`FS_CAPS`, with `--fs`), a vCPU thread, where the guest's port and MMIO
+                // writes are decoded, keeps none, before the guest runs here.
+                if let Err(e) = crate::confine::set_caps(&[], false) {
+                    shared
+                        .exit
+                        .exit(ExitReason::Error(format!("vcpu capabilities: {e}")));
+                    return;
+                }
                 // This thread's own list (the main thread installs its own after starting
                 // the vCPUs), before the guest runs here.
                 if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Vcpu, false) {
