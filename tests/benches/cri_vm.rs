@@ -128,12 +128,35 @@ async fn main() -> anyhow::Result<()> {
 fn phase_medians(log: &str) -> String {
     use std::collections::BTreeMap;
     let mut by: BTreeMap<String, BTreeMap<String, Vec<u64>>> = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains("pod sandbox ready")) {
+    for line in log.lines() {
         let field = |k: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(k))
                 .map(|v| v.trim_matches('"').to_string())
         };
+        // huskd's own view of the container calls that follow (all handlers together).
+        let call = if line.contains("container created") {
+            Some("CreateContainer")
+        } else if line.contains("container started") {
+            Some("StartContainer")
+        } else {
+            None
+        };
+        if let Some(call) = call {
+            for k in ["prepare_ms=", "total_ms="] {
+                if let Some(ms) = field(k).and_then(|v| v.parse().ok()) {
+                    by.entry(call.to_string())
+                        .or_default()
+                        .entry(k.trim_end_matches("_ms=").to_string())
+                        .or_default()
+                        .push(ms);
+                }
+            }
+            continue;
+        }
+        if !line.contains("pod sandbox ready") {
+            continue;
+        }
         let (Some(h), Some(p)) = (field("handler="), field("phases=")) else {
             continue;
         };
@@ -149,7 +172,9 @@ fn phase_medians(log: &str) -> String {
             }
         }
     }
-    let mut out = String::from("RunPodSandbox phases, median ms (pods):\n");
+    let mut out = String::from(
+        "RunPodSandbox phases by handler, and huskd's container calls, median ms (count):\n",
+    );
     for (h, phases) in by {
         let row: Vec<String> = phases
             .into_iter()
