@@ -170,6 +170,23 @@ async fn readonly_rootfs_is_enforced_and_writable_one_is_private() {
     );
 }
 
+/// The runner runs with ASLR off (the same layout in every runner, for QEMU/TCG's translation
+/// cache); what it execs must not inherit that: a container's persona is the default one.
+#[tokio::test]
+async fn containers_get_address_space_randomisation_back() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let (out, err, code) = a
+        .output(&unique("aslr"), &spec(&["cat", "/proc/self/personality"]))
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "00000000",
+        "ADDR_NO_RANDOMIZE (0x0040000) leaked into the container"
+    );
+}
+
 #[tokio::test]
 async fn pid_namespace_hostname_and_etc_files() {
     require_root!();

@@ -136,7 +136,7 @@ pub async fn spawn(
         cmd.env("RUST_LOG", filter);
     }
     let keep = child_fds.clone();
-    // SAFETY: only fcntl (async-signal-safe) between fork and exec.
+    // SAFETY: only fcntl and personality (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             for fd in keep.iter().copied().filter(|f| *f >= 0) {
@@ -144,6 +144,12 @@ pub async fn spawn(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // The runner is laid out at the same addresses every time: under TCG, QEMU
+            // keeps translated code per virtual address, so a runner at a random base
+            // re-translated all of its code in every container start (≈ 100–200 ms of a
+            // TCG guest's CPU). The runner gives ASLR back to what it execs
+            // (`runner::restore_aslr`); the agent itself keeps its own.
+            libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
             Ok(())
         });
     }

@@ -160,9 +160,23 @@ fn cloexec_others(keep: &[RawFd]) {
     }
 }
 
+/// The agent starts the runner with `ADDR_NO_RANDOMIZE` (the same layout in every runner,
+/// see `container::spawn`); the flag is inherited over execve, so the runner clears it before
+/// it execs anything: containers, exec'd processes and the holder get ASLR as usual.
+pub fn restore_aslr() {
+    // SAFETY: personality with 0xffffffff only reads the persona.
+    let persona = unsafe { libc::personality(0xffff_ffff) };
+    let no_aslr = libc::ADDR_NO_RANDOMIZE;
+    if persona >= 0 && persona & no_aslr != 0 {
+        // SAFETY: personality with a persona value; clears one flag.
+        unsafe { libc::personality((persona & !no_aslr) as libc::c_ulong) };
+    }
+}
+
 /// Entry point of `husk-agent __init`. Never returns.
 pub fn main() -> ! {
     STARTED.get_or_init(std::time::Instant::now);
+    restore_aslr();
     let [init_fd, sync_fd, start_fd, console_fd] = fds();
     if init_fd < 0 || sync_fd < 0 {
         eprintln!("husk-agent {INIT_ARG} is started by the agent, not by hand");
