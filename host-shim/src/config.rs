@@ -43,7 +43,7 @@
 //! vmm_binary = ""                     # husk-vmm ("" = next to huskd, else $PATH)
 //! hotplug_slots = 8                   # QEMU PCIe root ports for image disks added later
 //! tcg_tb_mib = 32                     # QEMU/TCG translation cache per VM (0 = QEMU's default)
-//! free_page_reporting = false         # QEMU: virtio-balloon free page reporting
+//! free_page_reporting = false         # virtio-balloon free page reporting (QEMU and husk-vmm)
 //! jail = true                         # VMM and helpers jailed (docs/security.md)
 //! jail_uid_base = 1879048192          # pod n's processes run as uid = gid = base + n ...
 //! jail_uid_count = 65536              # ... n < count (held in <run_dir>/jail-uids)
@@ -259,7 +259,8 @@ pub struct VmConfig {
     pub jail_uid_count: u32,
     /// QEMU/TCG translation cache per VM, MiB (0: QEMU's default, which grows up to 1 GiB).
     pub tcg_tb_mib: u32,
-    /// QEMU: a virtio-balloon device with free page reporting (guest-freed pages go back).
+    /// A virtio-balloon device with free page reporting (guest-freed pages go back), on
+    /// QEMU and on husk-vmm.
     pub free_page_reporting: bool,
     /// Warm VMs booted ahead of the pods that will use them (`sandbox::vm::pool`).
     pub pool: PoolConfig,

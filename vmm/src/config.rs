@@ -146,6 +146,10 @@ pub struct VmConfig {
     /// How long the guest gets to shut down after Ctrl-Alt-Del (SIGTERM or `stop`).
     #[serde(default = "default_stop_grace")]
     pub stop_grace_ms: u64,
+    /// A virtio-balloon device with free page reporting: pages the guest frees go back to
+    /// the host (`devices::virtio::balloon`).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 fn default_stop_grace() -> u64 {

@@ -58,6 +58,9 @@ struct Cli {
     /// Print the time from process start to the guest's first boot-timer port write (stderr).
     #[arg(long)]
     boot_timer: bool,
+    /// virtio-balloon with free page reporting: pages the guest frees go back to the host.
+    #[arg(long)]
+    balloon: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -264,8 +267,10 @@ fn build_config(cli: Cli) -> anyhow::Result<VmConfig> {
             serial: SerialConfig::Stdout,
             control_socket: None,
             stop_grace_ms: 5000,
+            balloon: false,
         },
     };
+    cfg.balloon |= cli.balloon;
     if let Some(k) = cli.kernel {
         cfg.kernel = k;
     }

@@ -13,6 +13,7 @@ use crate::config::{SerialConfig, VmConfig, derive_mac, parse_mac};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::lock;
 use crate::devices::serial::{LineWriter, PendingFlush};
+use crate::devices::virtio::balloon::{self, BalloonDevice};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
 use crate::devices::virtio::fs::{self, device::FsDevice, device::FsDeviceError};
 use crate::devices::virtio::net::{self, NetDevice, Tap, TapError};
@@ -216,7 +217,7 @@ pub fn run(cfg: &VmConfig, opts: RunOptions) -> Result<ExitReason, VmmError> {
 }
 
 /// Creates the configured virtio devices, in the order vsock, disks, disk slots, file systems,
-/// network interfaces. Returns the disk slots (for the control socket).
+/// network interfaces, balloon. Returns the disk slots (for the control socket).
 fn attach_virtio_devices(
     cfg: &VmConfig,
     vm: &Vm,
@@ -292,6 +293,20 @@ fn attach_virtio_devices(
             clone_evts(&slot.queue_evts)?,
         );
         dm.attach_virtio(&slot, net::device_info(mac), mem, Arc::new(Mutex::new(dev)))?;
+    }
+    if cfg.balloon {
+        let slot = dm.allocate_virtio(&vm.fd, balloon::NUM_QUEUES)?;
+        let dev = BalloonDevice::new(
+            slot.channel.clone(),
+            slot.interrupt.clone(),
+            clone_evts(&slot.queue_evts)?,
+        );
+        dm.attach_virtio(
+            &slot,
+            balloon::device_info(),
+            mem,
+            Arc::new(Mutex::new(dev)),
+        )?;
     }
     Ok(slots)
 }

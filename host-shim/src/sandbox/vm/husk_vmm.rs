@@ -92,6 +92,10 @@ pub(super) fn start(s: &Start<'_>) -> Result<(ProcRef, Vec<ProcRef>), RuntimeErr
         .arg(sock.join("control.sock"))
         // Empty read-only virtio-blk slots for image disks (filled by `rootfs`).
         .args(["--disk-slots", &cfg.hotplug_slots.to_string()]);
+    if cfg.free_page_reporting {
+        // Pages the guest frees go back to the host (virtio-balloon free page reporting).
+        cmd.arg("--balloon");
+    }
     mark(&mut cmd, id, run_dir);
     let ns = nic
         .map(|n| net::nic(&mut cmd, n, uid.is_some()))

@@ -3,6 +3,7 @@
 //! halves meet through a `DeviceChannel` (activate/reset messages) and an `Interrupt`, so a vCPU
 //! never waits for device I/O.
 
+pub mod balloon;
 pub mod block;
 pub mod fs;
 #[cfg(test)]
