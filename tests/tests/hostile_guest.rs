@@ -395,10 +395,17 @@ async fn a_guest_that_stops_answering_stalls_nothing() {
                 took < Duration::from_secs(8),
                 "ExecSync with timeout 3 s took {took:?}"
             );
+            // QEMU's vhost-user vsock keeps the connection and the guest never answers
+            // (DeadlineExceeded at the timeout); husk-vmm's own vsock device is reset when
+            // the driver goes and closes it (Unavailable at once). Either way an error, in
+            // time.
             match r {
                 Ok(_) => false,
                 Err(s) => {
-                    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+                    assert!(
+                        matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable),
+                        "{s:?}"
+                    );
                     true
                 }
             }
