@@ -105,6 +105,15 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
         1,
         "pause cgroup procs {procs:?}\n{log}"
     );
+    // The holder lives as long as the pod: it keeps address-space randomisation (runners
+    // for containers start without it, spawn.rs).
+    // Without randomisation x86-64 loads a PIE at 0x555555554000 (ELF_ET_DYN_BASE).
+    let holder = procs.trim();
+    let maps = std::fs::read_to_string(format!("/proc/{holder}/maps")).unwrap_or_default();
+    assert!(
+        !maps.is_empty() && !maps.starts_with("555555554000-"),
+        "holder {holder} at the fixed base:\n{maps}"
+    );
 
     // A long-running container, then SIGTERM: the agent tears down and "powers off".
     a.run(&unique("sleeper"), &spec(&["sleep", "1000"])).await;

@@ -136,6 +136,8 @@ pub async fn spawn(
         cmd.env("RUST_LOG", filter);
     }
     let keep = child_fds.clone();
+    // A pod's namespace holder lives as long as the pod and runs once per VM: it keeps ASLR.
+    let fixed_layout = !matches!(config.mode, crate::runner::InitMode::Pause(_));
     // SAFETY: only fcntl and personality (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -149,7 +151,9 @@ pub async fn spawn(
             // re-translated all of its code in every container start (≈ 100–200 ms of a
             // TCG guest's CPU). The runner gives ASLR back to what it execs
             // (`runner::restore_aslr`); the agent itself keeps its own.
-            libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
+            if fixed_layout {
+                libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
+            }
             Ok(())
         });
     }

@@ -162,7 +162,8 @@ fn cloexec_others(keep: &[RawFd]) {
 
 /// The agent starts the runner with `ADDR_NO_RANDOMIZE` (the same layout in every runner,
 /// see `container::spawn`); the flag is inherited over execve, so the runner clears it before
-/// it execs anything: containers, exec'd processes and the holder get ASLR as usual.
+/// it execs anything: container processes and exec'd commands get ASLR as usual. (The pod's
+/// namespace holder is started without the flag: it lives as long as the pod.)
 pub fn restore_aslr() {
     // SAFETY: personality with 0xffffffff only reads the persona.
     let persona = unsafe { libc::personality(0xffff_ffff) };
