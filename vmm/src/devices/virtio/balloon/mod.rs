@@ -43,7 +43,7 @@ pub struct BalloonDevice {
     interrupt: Arc<Interrupt>,
     queue_evts: Vec<EventFd>,
     active: Option<(GuestMemoryMmap, Vec<Queue>)>,
-    /// Bytes of guest RAM given back to the host so far (for the log and the tests).
+    /// Bytes of guest RAM given back to the host so far (what the tests check).
     reported_bytes: u64,
 }
 
@@ -109,7 +109,11 @@ fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> u64 {
     let Some(end) = addr.0.checked_add(len) else {
         return 0;
     };
-    let (start, end) = (addr.0.next_multiple_of(PAGE), end / PAGE * PAGE);
+    // A start in the last page of the address space has no next page boundary.
+    let Some(start) = addr.0.checked_next_multiple_of(PAGE) else {
+        return 0;
+    };
+    let end = end / PAGE * PAGE;
     if start >= end {
         return 0;
     }

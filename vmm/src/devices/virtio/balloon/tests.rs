@@ -106,6 +106,8 @@ fn hostile_reports_drop_nothing_but_whole_guest_pages() {
     );
     // An address that overflows.
     assert_eq!(discard(&mem, GuestAddress(u64::MAX - 10), 0x1000), 0);
+    // A start in the last page of the address space (no next page boundary).
+    assert_eq!(discard(&mem, GuestAddress(u64::MAX - 4000), 100), 0);
 }
 
 #[test]
