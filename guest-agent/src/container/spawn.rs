@@ -148,8 +148,8 @@ pub async fn spawn(
             }
             // The runner is laid out at the same addresses every time: under TCG, QEMU
             // keeps translated code per virtual address, so a runner at a random base
-            // re-translated all of its code in every container start (≈ 100–200 ms of a
-            // TCG guest's CPU). The runner gives ASLR back to what it execs
+            // re-translated all of its code in every container start (its first stages
+            // took ≈ 60–110 ms instead of ≈ 15–35). The runner gives ASLR back to what it execs
             // (`runner::restore_aslr`); the agent itself keeps its own.
             if fixed_layout {
                 libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);

@@ -92,9 +92,7 @@ impl Manager {
                 }
             },
         };
-        if let Err(e) = agent.remove_process(id, &exec_id).await {
-            tracing::debug!(container = id, exec = %exec_id, error = %e, "remove exec process");
-        }
+        forget(&agent, id, &exec_id).await;
         result
     }
 }
@@ -110,10 +108,15 @@ fn reap_in_background(agent: &Agent, id: &str, exec_id: &str, kill: bool) {
         if kill {
             let _ = agent.signal(&id, &exec_id, libc::SIGKILL, false).await;
         }
-        if let Err(e) = agent.remove_process(&id, &exec_id).await {
-            tracing::debug!(container = %id, exec = %exec_id, error = %e, "remove exec process");
-        }
+        forget(&agent, &id, &exec_id).await;
     });
+}
+
+/// Drops the agent's record of an exec process (best effort: logged when it fails).
+async fn forget(agent: &Agent, id: &str, exec_id: &str) {
+    if let Err(e) = agent.remove_process(id, exec_id).await {
+        tracing::debug!(container = id, exec = %exec_id, error = %e, "remove exec process");
+    }
 }
 
 async fn run_to_end(agent: &Agent, id: &str, exec_id: &str) -> Result<ExecOutput> {
