@@ -41,6 +41,7 @@ pub fn sandbox_config(r: &pb::CreateSandboxRequest) -> SandboxConfig {
         shm_size: r.shm_size,
         cgroup_parent: r.cgroup_parent.clone(),
         resources: r.resources.clone(),
+        keep_spare: false,
     }
 }
 

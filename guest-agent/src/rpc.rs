@@ -108,6 +108,18 @@ impl pb::Agent for AgentService {
         })
     }
 
+    async fn rehearse(&self, _: &TtrpcContext, r: pb::RehearseRequest) -> R<pb::RehearseResponse> {
+        tracing::info!("Rehearse");
+        let took = sandbox::rehearsal::run(&self.agent, &r.oci_spec)
+            .await
+            .map_err(status)?;
+        tracing::info!(elapsed_ms = took.as_millis() as u64, "rehearsal done");
+        Ok(pb::RehearseResponse {
+            elapsed_ms: took.as_millis().min(u32::MAX as u128) as u32,
+            ..Default::default()
+        })
+    }
+
     async fn shutdown(&self, _: &TtrpcContext, _: pb::Empty) -> R<pb::Empty> {
         tracing::info!("Shutdown requested");
         // Answer first; the SIGTERM path then destroys the sandbox and, as a

@@ -1491,3 +1491,24 @@ async fn no_fds_leak_into_containers() {
     );
     a.remove(&busy, true).await.expect("remove");
 }
+
+/// Rehearse (a pooled VM's warm-up) is for a guest's agent before any sandbox: a host
+/// agent refuses it, and so does any agent serving a sandbox.
+#[tokio::test]
+async fn rehearse_is_refused_outside_a_fresh_guest() {
+    require_root!();
+    let a = TestAgent::with_sandbox().await;
+    let e = a
+        .client
+        .rehearse(
+            ctx(),
+            &pb::RehearseRequest {
+                oci_spec: br#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/"}}"#
+                    .to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("a host agent with a sandbox");
+    assert_eq!(code(&e), Code::FAILED_PRECONDITION, "{e:?}");
+}

@@ -287,6 +287,10 @@ pub struct PoolConfig {
     /// only), so a pod's first container of one of them starts without a disk hot-plug.
     /// Every pod that claims such a VM can read these images: list public ones.
     pub images: Vec<String>,
+    /// After its boot a pooled VM rehearses a pod start (a throwaway sandbox and
+    /// container, see the agent's `Rehearse`): under TCG its pod's first container then
+    /// runs on code QEMU has already translated.
+    pub rehearse: bool,
 }
 
 impl Default for PoolConfig {
@@ -299,6 +303,7 @@ impl Default for PoolConfig {
             vcpus: 0,
             memory_mib: 0,
             images: Vec::new(),
+            rehearse: true,
         }
     }
 }

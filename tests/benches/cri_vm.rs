@@ -17,6 +17,9 @@
 //! `HUSK_BENCH_POOL_IMAGES=1` gives the pool the bench's image (`[runtime.vm.pool] images`):
 //! each pooled VM then holds its disk before a pod asks. `HUSK_BENCH_COLD=0` leaves the
 //! cold column out (the pool's column and containerd's only).
+//! `HUSK_BENCH_REHEARSE=0` turns the pooled VMs' rehearsal of a pod start off (`rehearse`).
+//! `HUSK_BENCH_SETTLE=1` waits for a full pool before each sequential pod (each finds a
+//! warm VM and no refill boot beside it).
 //!
 //! After the table: the median of each RunPodSandbox phase per handler, from huskd's
 //! "pod sandbox ready" lines (where a pod's start went).
@@ -45,6 +48,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         String::new()
     };
+    let pool_images = if std::env::var("HUSK_BENCH_REHEARSE").is_ok_and(|v| v == "0") {
+        format!("{pool_images}rehearse = false\n")
+    } else {
+        pool_images
+    };
     let cfg = format!(
         "[runtime]\ndefault_handler = \"{handler}\"\n[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"{accel}\" }}\n\
          husk-qemu-pool = {{ kind = \"qemu\", accel = \"{accel}\" }}\n\
@@ -66,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         parallel,
         idle,
         host_network,
+        settle: std::env::var_os("HUSK_BENCH_SETTLE").is_some(),
     };
     let fail = |err: anyhow::Error| anyhow::anyhow!("{err:#}\n{}", e.d.log());
     let mut cols: Vec<(String, Report)> = vec![];

@@ -301,3 +301,89 @@ async fn vm_pool_attaches_configured_images_before_a_pod_asks() {
         e.stop_and_remove_pod(p).await;
     }
 }
+
+/// A pooled VM rehearses a pod start after its boot (a throwaway sandbox and container in
+/// the guest, so QEMU/TCG has translated that code before a pod needs it), and nothing of
+/// the rehearsal is left for the pod that claims it: no mount, cgroup, state or process,
+/// and the pod's sandbox still gets the spare namespace holder.
+#[tokio::test]
+async fn vm_pool_rehearses_a_pod_start_and_keeps_nothing_of_it() {
+    require!(env_ok(), NEEDS);
+    let e = env(1).await;
+    wait_ready(&e, 1).await;
+    // Pid namespace POD: in a VM that is the guest's own, so the container sees the
+    // agent as PID 1 (and, privileged, its mounts and root).
+    let pod_ns = cri::NamespaceOption {
+        pid: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    let mut cfg = e.pod("rehearsed");
+    cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            privileged: true,
+            namespace_options: Some(pod_ns.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let p = e.run_pod(&cfg).await.unwrap();
+    assert_eq!(pool_stats(&e).await["claimed"], 1, "a pooled VM");
+    let console = e.d.run_dir().join("vm").join(&p[..16]).join("console.log");
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        log.contains("rehearsal done"),
+        "the pooled VM rehearsed before the claim: {}",
+        console.display()
+    );
+    let mut ctr = e.ctr("look", &["sleep", "1000"]);
+    ctr.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            privileged: true,
+            namespace_options: Some(pod_ns),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let c = e.run(&p, &ctr, &cfg).await;
+    // The guest's agent, its mounts, state and cgroups, seen from the pod.
+    let comm = e.sh(&c, "cat /proc/1/cmdline | tr '\\0' ' '").await;
+    assert!(comm.starts_with("/init"), "PID 1 is the agent: {comm:?}");
+    let mounts = e.sh(&c, "cat /proc/1/mountinfo").await;
+    assert!(
+        !mounts.contains("rehearsal"),
+        "a rehearsal mount is left:\n{mounts}"
+    );
+    assert!(
+        mounts.contains(&p),
+        "the pod's own sandbox mounts are there:\n{mounts}"
+    );
+    let state = e.sh(&c, "ls /proc/1/root/run/husk-agent").await;
+    assert!(
+        !state.contains("rehearsal"),
+        "rehearsal state is left: {state}"
+    );
+    let cgroups = e.sh(&c, "ls /proc/1/root/sys/fs/cgroup/husk").await;
+    assert!(
+        !cgroups.contains("rehearsal"),
+        "a rehearsal cgroup is left: {cgroups}"
+    );
+    // Processes: the agent, the pod's holder, this container's sleep and the exec'd sh;
+    // no rehearsal holder or container.
+    let procs = e
+        .sh(
+            &c,
+            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done | grep -v '^$'",
+        )
+        .await;
+    let holders = procs.lines().filter(|l| l.contains("__init")).count();
+    assert_eq!(holders, 1, "one namespace holder, the pod's:\n{procs}");
+    assert!(!procs.contains("__rehearsal"), "{procs}");
+    // The pod's sandbox took the holder spawned ahead (the rehearsal left it alone).
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let created = log
+        .lines()
+        .find(|l| l.contains("sandbox created") && l.contains(&p))
+        .unwrap_or_else(|| panic!("no sandbox created line for {p} in {}", console.display()));
+    assert!(created.contains("spare_used=true"), "{created}");
+    e.stop_and_remove_pod(&p).await;
+}

@@ -107,6 +107,7 @@ pub fn prepare_process(
         Some(s) => Some((seccomp::compile(s)?, seccomp::flags(s))),
         None => None,
     };
+    super::mark("process.seccomp_compile");
     let rlimits = process
         .rlimits()
         .iter()
@@ -181,6 +182,7 @@ pub fn drop_privileges(plan: &ExecPlan) -> Result<()> {
     {
         seccomp::load(filter, *flags)?;
     }
+    super::mark("process.seccomp_load");
     caps::keep_caps(true)?;
     let groups: Vec<Gid> = plan
         .user

@@ -36,6 +36,8 @@ use crate::syscall::{LinuxSyscall, Syscall, SyscallError};
 pub const FDS_ENV: &str = "_HUSK_RUNNER_FDS";
 /// argv[1] of the runner.
 pub const INIT_ARG: &str = "__init";
+/// argv[1] of a pooled VM's rehearsal container (`sandbox::rehearsal`): exits 0.
+pub const REHEARSAL_ARG: &str = "__rehearsal";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,18 +86,31 @@ struct Sync {
     file: File,
 }
 
-/// The runner's stages so far: (name, µs since `runner::main` began).
-#[derive(Default)]
-struct Stages(Vec<(String, u64)>);
+/// The runner's stages so far: (name, µs since `runner::main` began). The runner is
+/// single-threaded; a forked child keeps the list and the clock (same memory).
+static STAGES: std::sync::Mutex<Vec<(&'static str, u64)>> = std::sync::Mutex::new(Vec::new());
 
-/// When `runner::main` began (a forked child keeps it: same memory, same clock).
+/// More marks than any runner makes (a bound, not a budget).
+const MAX_STAGES: usize = 64;
+
+/// When `runner::main` began.
 static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
-impl Stages {
-    fn mark(&mut self, name: &str) {
-        let since = STARTED.get_or_init(std::time::Instant::now).elapsed();
-        self.0.push((name.to_string(), since.as_micros() as u64));
+/// Marks the end of a runner stage (sent to the agent before Ready, which logs it).
+pub(crate) fn mark(name: &'static str) {
+    let since = STARTED.get_or_init(std::time::Instant::now).elapsed();
+    if let Ok(mut s) = STAGES.lock()
+        && s.len() < MAX_STAGES
+    {
+        s.push((name, since.as_micros() as u64));
     }
+}
+
+fn take_stages() -> Vec<(String, u64)> {
+    STAGES
+        .lock()
+        .map(|mut s| s.drain(..).map(|(n, t)| (n.to_string(), t)).collect())
+        .unwrap_or_default()
 }
 
 impl Sync {
@@ -228,14 +243,13 @@ fn run(
     let config: InitConfig =
         serde_json::from_slice(&buf).map_err(|e| RunnerError::Config(e.to_string()))?;
     let sys = LinuxSyscall;
-    let mut stages = Stages::default();
-    stages.mark("config");
+    mark("config");
 
     // Join the cgroups first so everything below is accounted.
     for procs in &config.cgroup_procs {
         sys.write_file(procs, b"0")?;
     }
-    stages.mark("cgroup");
+    mark("cgroup");
     // Open every namespace before joining any: joining the mount namespace
     // changes what /proc/PID/ns paths resolve to.
     let mut joins = Vec::new();
@@ -256,7 +270,7 @@ fn run(
     if !flags.is_empty() {
         sys.unshare(flags)?;
     }
-    stages.mark("namespaces");
+    mark("namespaces");
 
     // SAFETY: this process is single-threaded (fresh exec, no runtime started).
     match unsafe { nix::unistd::fork() }.map_err(|e| RunnerError::Os("fork", e))? {
@@ -266,12 +280,12 @@ fn run(
         }
         ForkResult::Child => {}
     }
-    stages.mark("fork");
+    mark("fork");
     match config.mode {
         InitMode::Container(c) => {
             exec::prepare_session();
             rootfs::setup(&sys, &c.spec, &c.rootfs, &c.rootfs_dir, &c.host_devices)?;
-            stages.mark("rootfs");
+            mark("rootfs");
             if c.tty {
                 console::setup(console.as_ref().ok_or(RunnerError::NoConsole)?)?;
             }
@@ -282,8 +296,8 @@ fn run(
                 &c.extra_env,
             )?;
             exec::drop_privileges(&plan)?;
-            stages.mark("process");
-            sync.send(&SyncMsg::Stages(stages.0));
+            mark("process");
+            sync.send(&SyncMsg::Stages(take_stages()));
             sync.send(&SyncMsg::Ready);
             let mut start = start.ok_or(RunnerError::NotStarted)?;
             let mut byte = [0u8; 1];

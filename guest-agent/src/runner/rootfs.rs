@@ -226,6 +226,7 @@ pub fn setup(
         )?;
     }
 
+    super::mark("rootfs.root");
     let mut dev_mounted = false;
     for m in spec.mounts().as_deref().unwrap_or_default() {
         if m.destination() == Path::new("/dev") {
@@ -251,6 +252,7 @@ pub fn setup(
             }
         })?;
     }
+    super::mark("rootfs.mounts");
     if dev_mounted {
         setup_dev(sys, dir, host_devices)?;
     }
@@ -263,6 +265,7 @@ pub fn setup(
     }
 
     sys.pivot_root(dir)?;
+    super::mark("rootfs.pivot_root");
     if shared_root {
         // The root the spec asked for (runc re-applies it after pivot_root too).
         sys.mount(None, Path::new("/"), None, prop, None)?;

@@ -230,9 +230,10 @@ async fn build(
         }),
     };
     let cgrouped = began.elapsed();
-    let spare = match super::spare::fits(&config) {
-        true => super::spare::take(agent, &cgroup).await,
-        false => {
+    let spare = match (c.keep_spare, super::spare::fits(&config)) {
+        (true, _) => None,
+        (false, true) => super::spare::take(agent, &cgroup).await,
+        (false, false) => {
             super::spare::discard(agent).await;
             None
         }

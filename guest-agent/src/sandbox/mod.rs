@@ -4,6 +4,7 @@
 //! [`lifecycle`] creates, configures and destroys it.
 
 pub mod lifecycle;
+pub mod rehearsal;
 pub mod spare;
 
 use std::collections::HashMap;
@@ -35,6 +36,8 @@ pub struct SandboxConfig {
     pub cgroup_parent: String,
     /// LinuxResources JSON for the pod cgroup (empty = none).
     pub resources: Vec<u8>,
+    /// Spawn a holder of its own and leave the spare holder for the pod (a rehearsal).
+    pub keep_spare: bool,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -175,6 +175,10 @@ enum BenchCmd {
         /// Pods on the host network (a baseline without CNI, e.g. another CRI runtime).
         #[arg(long)]
         host_network: bool,
+        /// Before each sequential pod, wait until the handler's warm pool is full again
+        /// (each pod gets a pooled VM, no refill boot runs beside it).
+        #[arg(long)]
+        settle: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -324,6 +328,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                     parallel,
                     idle,
                     host_network,
+                    settle,
                     json,
                     cmd,
                 },
@@ -336,6 +341,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 parallel,
                 idle,
                 host_network,
+                settle,
             };
             let r = bench::cri(&c, &args.socket, &o).await?;
             print_report(json, &r, r.markdown())?;

@@ -35,6 +35,9 @@ pub struct BenchOptions {
     pub idle: usize,
     /// Pods on the host network (a namespace-sandbox or runc baseline without CNI).
     pub host_network: bool,
+    /// Before each sequential pod, wait until the handler's pool is full again: every pod
+    /// then finds a warm VM and no refill boot runs beside it.
+    pub settle: bool,
 }
 
 /// Milliseconds, p50 and p99.
@@ -427,6 +430,9 @@ impl Bench<'_> {
 
         let (mut ready, mut running) = (vec![], vec![]);
         for n in 0..self.o.runs {
+            if self.o.settle {
+                self.wait_pool_full().await;
+            }
             let (pod, r, c) = self.pod_to_running(&format!("seq-{n}")).await?;
             ready.push(r.as_secs_f64() * 1e3);
             running.push(c.as_secs_f64() * 1e3);

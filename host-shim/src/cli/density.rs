@@ -557,6 +557,7 @@ pub async fn density(
         parallel: 0,
         idle: 0,
         host_network: o.host_network,
+        settle: false,
     };
     let d = Density {
         b: Bench {

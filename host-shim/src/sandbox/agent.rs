@@ -125,6 +125,17 @@ impl Agent {
         Ok(self.client.create_sandbox(ctx(timeout), &req).await?)
     }
 
+    /// A pooled VM's rehearsal of a pod start (`spec`: a default container's OCI spec);
+    /// the guest's time for it.
+    pub async fn rehearse(&self, spec: Vec<u8>, timeout: Duration) -> Result<Duration> {
+        let req = pb::RehearseRequest {
+            oci_spec: spec,
+            ..Default::default()
+        };
+        let r = self.client.rehearse(ctx(timeout), &req).await?;
+        Ok(Duration::from_millis(u64::from(r.elapsed_ms)))
+    }
+
     pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {
         let req = pb::DestroySandboxRequest {
             sandbox_id: id.into(),

@@ -167,6 +167,8 @@ pub struct VmPool {
     budget: Arc<Budget>,
     /// Images attached to each pooled VM after its boot (`images` in the config).
     images: Vec<String>,
+    /// Each pooled VM rehearses a pod start after its boot (`rehearse`).
+    rehearse: bool,
     state: Mutex<State>,
     wake: tokio::sync::Notify,
 }
@@ -204,6 +206,7 @@ impl VmPool {
             cgroup_root: cgroup_root.trim_matches('/').to_string(),
             budget,
             images: cfg.images.clone(),
+            rehearse: cfg.rehearse,
             state: Mutex::new(State::default()),
             wake: tokio::sync::Notify::new(),
         })
@@ -420,8 +423,8 @@ impl VmPool {
         };
         let t = Instant::now();
         let mut r = self.vm.launch(&id, &spec).await;
-        if let Ok((proc, _)) = &r
-            && let Err(e) = self.attach_images(&id, proc).await
+        if let Ok((proc, agent)) = &r
+            && let Err(e) = self.prepare(&id, proc, agent).await
         {
             // Such a VM is of no use as it is: it counts as a failed boot.
             self.vm.shutdown(proc, Duration::ZERO).await;
@@ -477,6 +480,27 @@ impl VmPool {
         self.wake.notify_one();
     }
 
+    /// After the boot: the image disks, then the rehearsal.
+    async fn prepare(
+        &self,
+        id: &str,
+        proc: &AgentProcess,
+        agent: &Agent,
+    ) -> Result<(), RuntimeError> {
+        self.attach_images(id, proc).await?;
+        if self.rehearse {
+            let took = agent
+                .rehearse(rehearsal_spec()?, self.vm.setup_timeout())
+                .await
+                .map_err(|e| RuntimeError::Agent {
+                    what: "rehearse a pod start",
+                    source: e,
+                })?;
+            tracing::debug!(handler = %self.handler, pod = %id, guest_ms = took.as_millis() as u64, "pooled VM rehearsed a pod start");
+        }
+        Ok(())
+    }
+
     /// Attaches the disks of the configured images that are pulled; an image not
     /// (yet) on the node is left out.
     async fn attach_images(&self, id: &str, proc: &AgentProcess) -> Result<(), RuntimeError> {
@@ -496,6 +520,42 @@ impl VmPool {
         }
         Ok(())
     }
+}
+
+/// The OCI spec of the rehearsal's container: what huskd gives a default container (the
+/// runtime's default seccomp profile, capabilities, masked and read-only paths); the
+/// agent sets its rootfs and process.
+fn rehearsal_spec() -> Result<Vec<u8>, RuntimeError> {
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "rehearsal".into(),
+            attempt: 0,
+        }),
+        command: vec!["/init".into()],
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let image = serde_json::json!({ "config": {} });
+    let spec = super::super::spec::container_spec(
+        &config,
+        &cri::PodSandboxConfig::default(),
+        &image,
+        None,
+        husk_proto::caps::ALL,
+    )?;
+    serde_json::to_vec(&spec).map_err(|source| RuntimeError::Json {
+        what: "rehearsal spec",
+        source,
+    })
 }
 
 /// A locally administered unicast MAC from a pod id.
