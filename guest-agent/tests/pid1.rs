@@ -55,18 +55,7 @@ async fn agent_as_pid1_mounts_runs_reaps_and_powers_off() {
     };
     a.client.create_sandbox(ctx(), &req).await.expect("sandbox");
     // A guest agent that serves a sandbox never rehearses (that is for pooled VMs).
-    let e = a
-        .client
-        .rehearse(
-            ctx(),
-            &pb::RehearseRequest {
-                oci_spec: br#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/"}}"#
-                    .to_vec(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect_err("a sandbox exists");
+    let e = a.rehearse().await.expect_err("a sandbox exists");
     assert_eq!(common::code(&e), ttrpc::Code::FAILED_PRECONDITION, "{e:?}");
     let id = unique("pid1");
     let (out, err, code) = a

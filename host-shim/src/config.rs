@@ -287,10 +287,13 @@ pub struct PoolConfig {
     /// only), so a pod's first container of one of them starts without a disk hot-plug.
     /// Every pod that claims such a VM can read these images: list public ones.
     pub images: Vec<String>,
-    /// After its boot a pooled VM rehearses a pod start (a throwaway sandbox and
-    /// container, see the agent's `Rehearse`): under TCG its pod's first container then
-    /// runs on code QEMU has already translated.
-    pub rehearse: bool,
+    /// Pod starts a pooled VM rehearses after its boot (a throwaway sandbox and container
+    /// each, see the agent's `Rehearse`; 0: none): under TCG its pod's first container then
+    /// runs on code QEMU has already translated. One by default: a second pass (it
+    /// translates again what QEMU's mid-rehearsal cache flush dropped) makes a single start
+    /// faster at p50 but leaves the 32 MiB cache nearly full, so a pod start flushes it
+    /// more often: worse p99 and bursts (SPECIFICATION.md).
+    pub rehearsals: u32,
 }
 
 impl Default for PoolConfig {
@@ -303,7 +306,7 @@ impl Default for PoolConfig {
             vcpus: 0,
             memory_mib: 0,
             images: Vec::new(),
-            rehearse: true,
+            rehearsals: 1,
         }
     }
 }

@@ -17,7 +17,7 @@
 //! `HUSK_BENCH_POOL_IMAGES=1` gives the pool the bench's image (`[runtime.vm.pool] images`):
 //! each pooled VM then holds its disk before a pod asks. `HUSK_BENCH_COLD=0` leaves the
 //! cold column out (the pool's column and containerd's only).
-//! `HUSK_BENCH_REHEARSE=0` turns the pooled VMs' rehearsal of a pod start off (`rehearse`).
+//! `HUSK_BENCH_REHEARSALS=N` sets the pod starts each pooled VM rehearses (`rehearsals`).
 //! `HUSK_BENCH_SETTLE=1` waits for a full pool before each sequential pod (each finds a
 //! warm VM and no refill boot beside it).
 //!
@@ -48,10 +48,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         String::new()
     };
-    let pool_images = if std::env::var("HUSK_BENCH_REHEARSE").is_ok_and(|v| v == "0") {
-        format!("{pool_images}rehearse = false\n")
-    } else {
-        pool_images
+    let pool_images = match std::env::var("HUSK_BENCH_REHEARSALS") {
+        Ok(n) => format!("{pool_images}rehearsals = {}\n", n.parse::<u32>()?),
+        Err(_) => pool_images,
     };
     let cfg = format!(
         "[runtime]\ndefault_handler = \"{handler}\"\n[runtime.handlers]\nhusk = \"vm\"\nhusk-qemu = {{ kind = \"qemu\", accel = \"{accel}\" }}\n\

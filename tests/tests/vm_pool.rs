@@ -311,6 +311,13 @@ async fn vm_pool_rehearses_a_pod_start_and_keeps_nothing_of_it() {
     require!(env_ok(), NEEDS);
     let e = env(1).await;
     wait_ready(&e, 1).await;
+    // The waiting VM's cgroup has the least CPU weight (its boot and rehearsal ran on
+    // what pods leave); the claim gives the default back.
+    let waiting = marked(&e.d.run_dir())
+        .first()
+        .map(|m| m.2.clone())
+        .expect("the pooled VM's processes");
+    assert_eq!(cpu_weight(&format!("husk/{waiting}")), Some(Weight::Least));
     // Pid namespace POD: in a VM that is the guest's own, so the container sees the
     // agent as PID 1 (and, privileged, its mounts and root).
     let pod_ns = cri::NamespaceOption {
@@ -328,6 +335,8 @@ async fn vm_pool_rehearses_a_pod_start_and_keeps_nothing_of_it() {
     });
     let p = e.run_pod(&cfg).await.unwrap();
     assert_eq!(pool_stats(&e).await["claimed"], 1, "a pooled VM");
+    assert_eq!(p, waiting, "the pod took the pooled VM's id");
+    assert_eq!(cpu_weight(&format!("husk/{p}")), Some(Weight::Default));
     let console = e.d.run_dir().join("vm").join(&p[..16]).join("console.log");
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(
@@ -386,4 +395,27 @@ async fn vm_pool_rehearses_a_pod_start_and_keeps_nothing_of_it() {
         .unwrap_or_else(|| panic!("no sandbox created line for {p} in {}", console.display()));
     assert!(created.contains("spare_used=true"), "{created}");
     e.stop_and_remove_pod(&p).await;
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Weight {
+    Least,
+    Default,
+    Other(String),
+}
+
+/// The CPU weight of host cgroup `rel` (v1 cpu.shares or v2 cpu.weight), if it has one.
+fn cpu_weight(rel: &str) -> Option<Weight> {
+    let root = Path::new("/sys/fs/cgroup");
+    let (file, least, default) = if root.join("cgroup.procs").exists() {
+        (root.join(rel).join("cpu.weight"), "1", "100")
+    } else {
+        (root.join("cpu").join(rel).join("cpu.shares"), "2", "1024")
+    };
+    let v = std::fs::read_to_string(file).ok()?;
+    Some(match v.trim() {
+        x if x == least => Weight::Least,
+        x if x == default => Weight::Default,
+        x => Weight::Other(x.to_string()),
+    })
 }

@@ -417,6 +417,20 @@ impl TestAgent {
             .await
     }
 
+    /// Rehearse (a pooled VM's warm-up) with a minimal spec.
+    pub async fn rehearse(&self) -> ttrpc::Result<pb::RehearseResponse> {
+        self.client
+            .rehearse(
+                ctx(),
+                &pb::RehearseRequest {
+                    oci_spec: br#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/"}}"#
+                        .to_vec(),
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
     /// Run `args` to completion: (stdout, stderr, exit code).
     pub async fn output(&self, id: &str, spec: &serde_json::Value) -> (String, String, i32) {
         self.run(id, spec).await;

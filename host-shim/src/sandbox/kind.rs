@@ -28,6 +28,9 @@ pub struct LaunchSpec<'a> {
     pub start: &'a crate::metrics::PodStart,
     /// VM sandboxes: (vCPUs, MiB) instead of the size from `config` (a pooled VM's).
     pub vm_size: Option<(u32, u32)>,
+    /// VM sandboxes: background work (a pooled VM's boot): its cgroup gets the least CPU
+    /// weight, so it runs on what pods leave (a claim gives the default back).
+    pub background: bool,
 }
 
 /// How a pod's agent is launched, found again and stopped.

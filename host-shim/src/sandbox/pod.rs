@@ -294,6 +294,7 @@ impl Manager {
                     network: vm_nic.as_ref(),
                     start: &start,
                     vm_size: None,
+                    background: false,
                 };
                 match kind_impl.launch(id, &launch).await {
                     Ok(x) => x,

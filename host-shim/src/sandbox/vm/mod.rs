@@ -29,6 +29,7 @@ use super::helper_log::tail;
 use super::orphans::{crash_point, mark};
 use backend::Backend;
 pub use error::{BootFailure, VmError};
+pub(super) use process::CpuWeight;
 pub use process::LOG_MAX_BYTES;
 use process::{PodLogs, kill_wait, place_in_cgroup};
 use qemu::qmp;
@@ -292,6 +293,13 @@ impl VmSandbox {
         })
     }
 
+    /// The CPU weight of the cgroup `cgroup` (a pooled VM's while it boots and waits).
+    pub fn set_cpu_weight(cgroup: &str, weight: CpuWeight, id: &str) {
+        if let Err(e) = process::set_cpu_weight(cgroup, weight) {
+            tracing::warn!(pod = id, cgroup, ?weight, error = %e, "VM cgroup CPU weight not set");
+        }
+    }
+
     /// Moves a VM's processes (VMM and helpers) into `cgroup` (a pooled VM joining its pod).
     pub fn join_cgroup(p: &AgentProcess, cgroup: &str, id: &str) {
         for r in Self::procs(p) {
@@ -373,6 +381,9 @@ impl SandboxKind for VmSandbox {
             if let Err(e) = place_in_cgroup(p.pid, spec.cgroup_parent) {
                 tracing::warn!(pod = id, pid = p.pid, error = %e, "VMM process not placed in the pod cgroup");
             }
+        }
+        if spec.background {
+            Self::set_cpu_weight(spec.cgroup_parent, CpuWeight::Background, id);
         }
         tracing::info!(
             pod = id,

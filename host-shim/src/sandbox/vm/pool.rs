@@ -30,7 +30,7 @@ use super::super::agent::Agent;
 use super::super::error::RuntimeError;
 use super::super::kind::{LaunchSpec, SandboxKind, remove_cgroup_tree_patiently};
 use super::super::state::{AgentProcess, new_id};
-use super::VmSandbox;
+use super::{CpuWeight, VmSandbox};
 use crate::config::PoolConfig;
 use crate::network::tap::VmNic;
 
@@ -167,8 +167,8 @@ pub struct VmPool {
     budget: Arc<Budget>,
     /// Images attached to each pooled VM after its boot (`images` in the config).
     images: Vec<String>,
-    /// Each pooled VM rehearses a pod start after its boot (`rehearse`).
-    rehearse: bool,
+    /// Pod starts each pooled VM rehearses after its boot (`rehearsals`).
+    rehearsals: u32,
     state: Mutex<State>,
     wake: tokio::sync::Notify,
 }
@@ -206,7 +206,7 @@ impl VmPool {
             cgroup_root: cgroup_root.trim_matches('/').to_string(),
             budget,
             images: cfg.images.clone(),
-            rehearse: cfg.rehearse,
+            rehearsals: cfg.rehearsals,
             state: Mutex::new(State::default()),
             wake: tokio::sync::Notify::new(),
         })
@@ -254,6 +254,7 @@ impl VmPool {
                 }
             };
             self.wake.notify_one();
+            VmSandbox::set_cpu_weight(&self.cgroup_of(&vm.id), CpuWeight::Default, &vm.id);
             let ok = vm.fingerprint == now
                 && self.vm.alive(&vm.proc)
                 && vm.agent.check(CLAIM_CHECK).await.is_ok();
@@ -420,6 +421,9 @@ impl VmPool {
             network: Some(&nic),
             start: &start,
             vm_size: Some(self.size),
+            // A refill runs on the CPU pods leave (its siblings in the cgroup tree): its
+            // boot and rehearsal must not slow pods starting beside it.
+            background: true,
         };
         let t = Instant::now();
         let mut r = self.vm.launch(&id, &spec).await;
@@ -480,7 +484,7 @@ impl VmPool {
         self.wake.notify_one();
     }
 
-    /// After the boot: the image disks, then the rehearsal.
+    /// After the boot: the image disks, then the rehearsals.
     async fn prepare(
         &self,
         id: &str,
@@ -488,7 +492,7 @@ impl VmPool {
         agent: &Agent,
     ) -> Result<(), RuntimeError> {
         self.attach_images(id, proc).await?;
-        if self.rehearse {
+        for _ in 0..self.rehearsals {
             let took = agent
                 .rehearse(rehearsal_spec()?, self.vm.setup_timeout())
                 .await

@@ -228,6 +228,39 @@ pub(super) fn place_in_cgroup(pid: i32, parent: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A cgroup's CPU weight against its siblings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuWeight {
+    /// The least there is (v1 `cpu.shares` 2, v2 `cpu.weight` 1): runs on what its
+    /// siblings leave.
+    Background,
+    /// The kernel's default (v1 1024, v2 100).
+    Default,
+}
+
+/// Sets the CPU weight of `<hierarchy>/<parent>` (v1: the cpu hierarchy; v2: the unified
+/// tree, the cpu controller enabled on the way), creating the directories.
+pub(super) fn set_cpu_weight(parent: &str, weight: CpuWeight) -> std::io::Result<()> {
+    let parent = parent.trim_matches('/');
+    let root = Path::new("/sys/fs/cgroup");
+    let (dir, file, value) = if root.join("cgroup.procs").exists() {
+        enable_v2_controllers(root, parent)?;
+        let v = match weight {
+            CpuWeight::Background => "1",
+            CpuWeight::Default => "100",
+        };
+        (root.join(parent), "cpu.weight", v)
+    } else {
+        let v = match weight {
+            CpuWeight::Background => "2",
+            CpuWeight::Default => "1024",
+        };
+        (root.join("cpu").join(parent), "cpu.shares", v)
+    };
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(file), value)
+}
+
 /// Controllers a pod's v2 cgroup accounts with (memory.current, cpu.stat, pids.current, io.stat).
 const V2_CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
 
