@@ -352,7 +352,7 @@ pub fn cri_oci(data: &[u8]) {
         let _ = crate::sandbox::spec::validate_resources(r);
     }
     let _ = crate::sandbox::spec::stop_signal(&image);
-    let _ = crate::sandbox::spec::container_spec(&config, &pod, &image, Some(-999), u64::MAX);
+    let _ = crate::sandbox::spec::container_spec(&config, &pod, &image, Some(-999), u64::MAX, true);
 }
 
 /// The agent's replies as huskd's ttrpc client decodes them: a fake agent answers each

@@ -376,6 +376,18 @@ async fn vm_pool_rehearses_a_pod_start_and_keeps_nothing_of_it() {
         !cgroups.contains("rehearsal"),
         "a rehearsal cgroup is left: {cgroups}"
     );
+    // The guest's cgroup2 keeps `favordynmods` (cgroup moves without an RCU grace period)
+    // through the rehearsal's container and this privileged one: containers mount cgroup2
+    // in a cgroup namespace of their own, or bind the guest's (a new mount in the initial
+    // namespace would re-apply its options to the whole hierarchy).
+    let cg2 = e
+        .sh(&c, "grep ' - cgroup2 ' /proc/1/mountinfo | head -n 1")
+        .await;
+    assert!(cg2.contains("favordynmods"), "{cg2}");
+    // An unprivileged container has a cgroup namespace of its own (containerd's rule on
+    // cgroup v2).
+    let plain = e.run(&p, &e.ctr("plain", &["sleep", "1000"]), &cfg).await;
+    assert_eq!(e.sh(&plain, "cat /proc/self/cgroup").await.trim(), "0::/");
     // Processes: the agent, the pod's holder, this container's sleep and the exec'd sh;
     // no rehearsal holder or container.
     let procs = e

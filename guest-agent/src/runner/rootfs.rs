@@ -4,7 +4,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
-use oci_spec::runtime::{Mount, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 use super::config::RootfsMount;
 use crate::syscall::{Syscall, SyscallError};
@@ -227,12 +227,19 @@ pub fn setup(
     }
 
     super::mark("rootfs.root");
+    // Without a cgroup namespace of its own the container's cgroup2 mount would be made in
+    // the initial one, where a new mount re-applies its options to the whole hierarchy
+    // (the guest's `favordynmods`, a host's `nsdelegate`, `memory_recursiveprot`): the
+    // mounted hierarchy is bound instead, the same view.
+    let own_cgroup_ns = linux
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup));
     let mut dev_mounted = false;
     for m in spec.mounts().as_deref().unwrap_or_default() {
         if m.destination() == Path::new("/dev") {
             dev_mounted = true;
         }
-        mount_one(sys, dir, m).map_err(|e| {
+        mount_one(sys, dir, m, own_cgroup_ns).map_err(|e| {
             // The kernel refusing a spec mount (unknown option or fs type, a
             // file over a directory) is a bad request, not a broken machine.
             let refused = matches!(
@@ -312,7 +319,7 @@ pub fn sysctl_path(key: &str) -> Result<PathBuf> {
     Ok(Path::new("/proc/sys").join(parts.join("/")))
 }
 
-fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount) -> Result<()> {
+fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount, own_cgroup_ns: bool) -> Result<()> {
     let dest = m.destination();
     if !dest.is_absolute() {
         return Err(RootfsError::RelativeDestination(dest.display().to_string()));
@@ -365,6 +372,9 @@ fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount) -> Result<()> {
                     tracing::warn!(dest = %dest.display(), "skipping cgroup mount on a cgroup v1 host");
                     return Ok(());
                 }
+                if !own_cgroup_ns {
+                    return bind_cgroup_root(sys, &target, &opts);
+                }
                 "cgroup2"
             }
             other => other,
@@ -382,6 +392,31 @@ fn mount_one(sys: &dyn Syscall, root: &Path, m: &Mount) -> Result<()> {
     }
     if !opts.propagation.is_empty() {
         sys.mount(None, &target, None, opts.propagation, None)?;
+    }
+    Ok(())
+}
+
+/// The mounted unified hierarchy bound at `target` with the mount's flags (see `setup`).
+fn bind_cgroup_root(sys: &dyn Syscall, target: &Path, opts: &MountOptions) -> Result<()> {
+    sys.create_dir_all(target)?;
+    sys.mount(
+        Some(Path::new("/sys/fs/cgroup")),
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    if !opts.flags.is_empty() {
+        sys.mount(
+            None,
+            target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | opts.flags,
+            None,
+        )?;
+    }
+    if !opts.propagation.is_empty() {
+        sys.mount(None, target, None, opts.propagation, None)?;
     }
     Ok(())
 }
@@ -548,6 +583,63 @@ mod tests {
         assert_eq!(
             secure_join(root.path(), Path::new("/../../a/./b")),
             root.path().join("a/b")
+        );
+    }
+
+    /// The cgroup2 mount: a new one in the container's own cgroup namespace, else the
+    /// mounted hierarchy bound (a new mount in the initial cgroup namespace would re-apply
+    /// its options to the whole hierarchy, turning the guest's `favordynmods` off).
+    #[test]
+    fn cgroup_mount_is_new_only_in_a_cgroup_namespace_of_its_own() {
+        let cgroup_mount = |own_ns: bool| {
+            let sys = RecordingSyscall::default();
+            sys.files
+                .borrow_mut()
+                .insert(PathBuf::from("/sys/fs/cgroup/cgroup.controllers"));
+            let mut namespaces = vec![serde_json::json!({"type": "mount"})];
+            if own_ns {
+                namespaces.push(serde_json::json!({"type": "cgroup"}));
+            }
+            let s = spec(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "mounts": [{"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}],
+                "linux": {"namespaces": namespaces}
+            }));
+            let rootfs = RootfsMount::Bind { path: "/r".into() };
+            setup(&sys, &s, &rootfs, Path::new("/run/c/rootfs"), &[]).expect("setup");
+            sys.mounts()
+                .into_iter()
+                .filter(|m| m.1 == Path::new("/run/c/rootfs/sys/fs/cgroup"))
+                .collect::<Vec<_>>()
+        };
+        let ro = MsFlags::MS_NOSUID
+            | MsFlags::MS_NOEXEC
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_RELATIME
+            | MsFlags::MS_RDONLY;
+        let own = cgroup_mount(true);
+        assert_eq!(own.len(), 1, "{own:?}");
+        assert_eq!(own[0].0.as_deref(), Some(Path::new("cgroup")));
+        assert_eq!(own[0].2.as_deref(), Some("cgroup2"));
+        let shared = cgroup_mount(false);
+        assert_eq!(
+            shared,
+            vec![
+                (
+                    Some(PathBuf::from("/sys/fs/cgroup")),
+                    PathBuf::from("/run/c/rootfs/sys/fs/cgroup"),
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC
+                ),
+                (
+                    None,
+                    PathBuf::from("/run/c/rootfs/sys/fs/cgroup"),
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | ro
+                ),
+            ],
+            "no cgroup2 mount of its own"
         );
     }
 

@@ -112,9 +112,12 @@ impl Manager {
         // Off the executor: a seccomp `localhost/` profile is read from disk.
         let mut spec = {
             let all_caps = all_capabilities(pod.kind.agent_in_guest())?;
+            // A guest's cgroups are v2; husk-ns containers live in the host's.
+            let cgroup_v2 = pod.kind.agent_in_guest()
+                || std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
             let (c, p, min) = (config.clone(), pod.config.clone(), self.min_oom_score_adj());
             tokio::task::spawn_blocking(move || {
-                spec::container_spec(&c, &p, &image_config, min, all_caps)
+                spec::container_spec(&c, &p, &image_config, min, all_caps, cgroup_v2)
             })
             .await
             .map_err(|source| RuntimeError::Task {

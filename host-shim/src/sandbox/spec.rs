@@ -432,13 +432,15 @@ fn devices(
 /// `min_oom_score_adj`: clamp the container's oom_score_adj to at least this
 /// (containerd's `restrict_oom_score_adj`, for hosts where root may not lower it).
 /// `all_caps`: what "all capabilities" means for this pod (privileged, `ALL`), a mask of
-/// [`husk_proto::caps`].
+/// [`husk_proto::caps`]. `cgroup_v2`: the sandbox's cgroups are the unified hierarchy (a VM
+/// guest always; husk-ns on a cgroup v2 host).
 pub fn container_spec(
     config: &cri::ContainerConfig,
     pod: &cri::PodSandboxConfig,
     image_config: &serde_json::Value,
     min_oom_score_adj: Option<i32>,
     all_caps: u64,
+    cgroup_v2: bool,
 ) -> Result<Spec> {
     let img = &image_config["config"];
     let sc = config
@@ -662,6 +664,15 @@ pub fn container_spec(
         }
         _ => {}
     }
+    // A cgroup namespace of its own on cgroup v2, unless privileged, as containerd gives it:
+    // the container sees its own cgroup as /sys/fs/cgroup and "0::/" in /proc/self/cgroup.
+    // (It also keeps the container's cgroup2 mount out of the initial cgroup namespace,
+    // where a mount re-applies its options to the whole hierarchy.)
+    if cgroup_v2 && !sc.privileged {
+        let mut cg = LinuxNamespace::default();
+        cg.set_typ(LinuxNamespaceType::Cgroup);
+        namespaces.push(cg);
+    }
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_namespaces(Some(namespaces));
     let mut resources = linux_resources(&res)?;
@@ -750,6 +761,7 @@ mod tests {
             &image(),
             None,
             husk_proto::caps::ALL,
+            true,
         )
         .unwrap();
         let p = s.process().as_ref().unwrap();
@@ -794,6 +806,7 @@ mod tests {
             &image(),
             None,
             husk_proto::caps::ALL,
+            true,
         )
         .unwrap();
         let p = s.process().as_ref().unwrap();
@@ -845,6 +858,7 @@ mod tests {
                 &image(),
                 min,
                 husk_proto::caps::ALL,
+                true,
             )
             .unwrap()
             .process()
@@ -908,7 +922,8 @@ mod tests {
                 &Default::default(),
                 &image(),
                 None,
-                husk_proto::caps::ALL
+                husk_proto::caps::ALL,
+                true
             )
             .is_err()
         );
@@ -930,7 +945,8 @@ mod tests {
                 &Default::default(),
                 &image(),
                 None,
-                husk_proto::caps::ALL
+                husk_proto::caps::ALL,
+                true
             )
             .is_err()
         );
@@ -953,6 +969,7 @@ mod tests {
             &image(),
             None,
             husk_proto::caps::ALL,
+            true,
         )
         .unwrap();
         let l = s.linux().as_ref().unwrap();
@@ -966,7 +983,8 @@ mod tests {
                 &Default::default(),
                 &image(),
                 None,
-                husk_proto::caps::ALL
+                husk_proto::caps::ALL,
+                true
             )
             .is_err()
         );
@@ -976,7 +994,8 @@ mod tests {
                 &Default::default(),
                 &image(),
                 None,
-                husk_proto::caps::ALL
+                husk_proto::caps::ALL,
+                true
             )
             .is_err()
         );
@@ -986,7 +1005,8 @@ mod tests {
                 &Default::default(),
                 &image(),
                 None,
-                husk_proto::caps::ALL
+                husk_proto::caps::ALL,
+                true
             )
             .is_err()
         );
@@ -1003,7 +1023,7 @@ mod tests {
                 resources: None,
             })
         });
-        container_spec(&c, &Default::default(), &image, None, all)
+        container_spec(&c, &Default::default(), &image, None, all, true)
     }
 
     fn bounding(s: &Spec) -> Vec<Capability> {
@@ -1018,6 +1038,50 @@ mod tests {
         let mut v: Vec<Capability> = b.iter().copied().collect();
         v.sort_by_key(|c| husk_proto::caps::number(&c.to_string()));
         v
+    }
+
+    /// containerd's rule: on cgroup v2 a container gets a cgroup namespace of its own unless
+    /// it is privileged; on cgroup v1 none does.
+    #[test]
+    fn cgroup_namespace_on_v2_unless_privileged() {
+        let has_cgroupns = |privileged: bool, v2: bool| {
+            let c = config(|c| {
+                c.linux = Some(cri::LinuxContainerConfig {
+                    security_context: Some(cri::LinuxContainerSecurityContext {
+                        privileged,
+                        ..Default::default()
+                    }),
+                    resources: None,
+                })
+            });
+            let pod = if privileged {
+                cri::PodSandboxConfig {
+                    linux: Some(cri::LinuxPodSandboxConfig {
+                        security_context: Some(cri::LinuxSandboxSecurityContext {
+                            privileged: true,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            } else {
+                cri::PodSandboxConfig::default()
+            };
+            let s = container_spec(&c, &pod, &image(), None, husk_proto::caps::ALL, v2).unwrap();
+            s.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
+        };
+        assert!(has_cgroupns(false, true));
+        assert!(!has_cgroupns(true, true));
+        assert!(!has_cgroupns(false, false));
+        assert!(!has_cgroupns(true, false));
     }
 
     #[test]

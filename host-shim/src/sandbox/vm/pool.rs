@@ -555,6 +555,7 @@ fn rehearsal_spec() -> Result<Vec<u8>, RuntimeError> {
         &image,
         None,
         husk_proto::caps::ALL,
+        true,
     )?;
     serde_json::to_vec(&spec).map_err(|source| RuntimeError::Json {
         what: "rehearsal spec",
