@@ -25,6 +25,12 @@ pub(super) fn make_pools(
     vm_of: impl Fn(&str) -> Option<Arc<VmSandbox>>,
 ) -> BTreeMap<String, Arc<VmPool>> {
     let budget = Budget::new(cfg.vm.pool.memory_budget_mib);
+    // Pooled VMs without a rehearsal spec do not rehearse (it cannot fail for the fixed
+    // config it is made from; logged if it ever does).
+    let rehearsal = rehearsal_spec().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "rehearsal spec: pooled VMs do not rehearse");
+        Vec::new()
+    });
     cfg.handlers
         .iter()
         .filter(|(_, h)| h.kind.is_vm())
@@ -40,11 +46,49 @@ pub(super) fn make_pools(
                     netns.to_path_buf(),
                     &cfg.cgroup_parent,
                     budget.clone(),
+                    rehearsal.clone(),
                 );
                 (name.clone(), pool)
             })
         })
         .collect()
+}
+
+/// The OCI spec of the rehearsal's container: what huskd gives a default container (the
+/// runtime's default seccomp profile, capabilities, masked and read-only paths); the
+/// agent sets its rootfs and process.
+fn rehearsal_spec() -> Result<Vec<u8>, super::RuntimeError> {
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "rehearsal".into(),
+            attempt: 0,
+        }),
+        command: vec!["/init".into()],
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let image = serde_json::json!({ "config": {} });
+    let spec = super::spec::container_spec(
+        &config,
+        &cri::PodSandboxConfig::default(),
+        &image,
+        None,
+        husk_proto::caps::ALL,
+        true,
+    )?;
+    serde_json::to_vec(&spec).map_err(|source| super::RuntimeError::Json {
+        what: "rehearsal spec",
+        source,
+    })
 }
 
 impl Manager {

@@ -167,8 +167,10 @@ pub struct VmPool {
     budget: Arc<Budget>,
     /// Images attached to each pooled VM after its boot (`images` in the config).
     images: Vec<String>,
-    /// Pod starts each pooled VM rehearses after its boot (`rehearsals`).
+    /// Pod starts each pooled VM rehearses after its boot (`rehearsals`), and the OCI
+    /// spec of the rehearsal's container (made by the pod machinery, `pooled.rs`).
     rehearsals: u32,
+    rehearsal_spec: Vec<u8>,
     state: Mutex<State>,
     wake: tokio::sync::Notify,
 }
@@ -183,6 +185,7 @@ impl VmPool {
         netns: PathBuf,
         cgroup_root: &str,
         budget: Arc<Budget>,
+        rehearsal_spec: Vec<u8>,
     ) -> Arc<Self> {
         let size = (
             if cfg.vcpus == 0 {
@@ -206,7 +209,12 @@ impl VmPool {
             cgroup_root: cgroup_root.trim_matches('/').to_string(),
             budget,
             images: cfg.images.clone(),
-            rehearsals: cfg.rehearsals,
+            rehearsals: if rehearsal_spec.is_empty() {
+                0
+            } else {
+                cfg.rehearsals
+            },
+            rehearsal_spec,
             state: Mutex::new(State::default()),
             wake: tokio::sync::Notify::new(),
         })
@@ -494,7 +502,7 @@ impl VmPool {
         self.attach_images(id, proc).await?;
         for _ in 0..self.rehearsals {
             let took = agent
-                .rehearse(rehearsal_spec()?, self.vm.setup_timeout())
+                .rehearse(self.rehearsal_spec.clone(), self.vm.setup_timeout())
                 .await
                 .map_err(|e| RuntimeError::Agent {
                     what: "rehearse a pod start",
@@ -524,43 +532,6 @@ impl VmPool {
         }
         Ok(())
     }
-}
-
-/// The OCI spec of the rehearsal's container: what huskd gives a default container (the
-/// runtime's default seccomp profile, capabilities, masked and read-only paths); the
-/// agent sets its rootfs and process.
-fn rehearsal_spec() -> Result<Vec<u8>, RuntimeError> {
-    let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: "rehearsal".into(),
-            attempt: 0,
-        }),
-        command: vec!["/init".into()],
-        linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                seccomp: Some(cri::SecurityProfile {
-                    profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let image = serde_json::json!({ "config": {} });
-    let spec = super::super::spec::container_spec(
-        &config,
-        &cri::PodSandboxConfig::default(),
-        &image,
-        None,
-        husk_proto::caps::ALL,
-        true,
-    )?;
-    serde_json::to_vec(&spec).map_err(|source| RuntimeError::Json {
-        what: "rehearsal spec",
-        source,
-    })
 }
 
 /// A locally administered unicast MAC from a pod id.
